@@ -1,0 +1,111 @@
+"""Batched experts: E two-layer MLPs stored as (E, d, h) / (E, h, d) tensors and run as one grouped
+matrix product per projection over tokens already sorted by expert."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu-tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def activation_fn(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: torch._grouped_mm's backward
+    rejects the zero-stride (expanded) gradient that e.g. ``y.sum().backward()`` sends."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _grouped_mm_usable(x: Tensor, w: Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        ok_dtype = x.dtype == torch.bfloat16
+    elif x.device.type == "cpu":
+        ok_dtype = x.dtype in (torch.float32, torch.bfloat16)
+    else:
+        return False
+    align = 16 // x.element_size()  # 16-byte aligned strides
+    return ok_dtype and w.dtype == x.dtype and x.shape[-1] % align == 0 and w.shape[-1] % align == 0
+
+
+def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, use_grouped_mm: bool = True) -> Tensor:
+    """Rows of ``x`` (N, a) come in E consecutive groups of sizes ``counts``; group e is multiplied by
+    ``w[e]`` (a, b). One grouped GEMM where the build supports it, a loop over groups otherwise."""
+    if use_grouped_mm and _grouped_mm_usable(x, w):
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        return _ContiguousGrad.apply(torch._grouped_mm(x.contiguous(), w.contiguous(), offs=offs))
+    sizes = counts.tolist()
+    parts = [xe @ w[e] for e, xe in enumerate(torch.split(x, sizes)) if sizes[e] > 0]
+    return torch.cat(parts) if parts else x.new_zeros(0, w.shape[-1])
+
+
+class Experts(nn.Module):
+    """E experts ``x -> act(x W1_e + b1_e) W2_e + b2_e``; fc1 weight comes from ``fc1_weight()`` so a
+    router that reparameterises experts (ERMoE) can substitute its own through ``Router.wrap_experts``."""
+
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int, activation: str = "gelu"):
+        super().__init__()
+        self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
+        self.activation = activation
+        self.act = activation_fn(activation)
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
+        self.b1 = nn.Parameter(torch.empty(num_experts, d_hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
+        self.b2 = nn.Parameter(torch.empty(num_experts, d_model))
+        self.use_grouped_mm = True
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, per expert."""
+        for w, b, fan_in in ((self.w1, self.b1, self.d_model), (self.w2, self.b2, self.d_hidden)):
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def fc1_weight(self) -> Tensor:
+        return self.w1
+
+    @torch.no_grad()
+    def load_dense(self, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None) -> None:
+        """Upcycle: every expert becomes a copy of a dense MLP given in nn.Linear layout (out, in)."""
+        if fc1_weight.shape != (self.d_hidden, self.d_model) or fc2_weight.shape != (self.d_model, self.d_hidden):
+            raise ValueError(
+                f"dense MLP shapes fc1 {tuple(fc1_weight.shape)} / fc2 {tuple(fc2_weight.shape)} do not match "
+                f"experts of d_model={self.d_model}, d_hidden={self.d_hidden}"
+            )
+        self.w1.copy_(fc1_weight.t().unsqueeze(0).expand_as(self.w1))
+        self.w2.copy_(fc2_weight.t().unsqueeze(0).expand_as(self.w2))
+        self.b1.copy_(fc1_bias if fc1_bias is not None else torch.zeros(self.d_hidden))
+        self.b2.copy_(fc2_bias if fc2_bias is not None else torch.zeros(self.d_model))
+
+    def params_per_expert(self) -> int:
+        return sum(p.numel() for p in self.parameters()) // self.num_experts
+
+    def forward(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
+        n = x_sorted.shape[0]
+        w1 = self.fc1_weight().to(x_sorted.dtype)
+        h = grouped_matmul(x_sorted, w1, counts, self.use_grouped_mm)
+        h = h + torch.repeat_interleave(self.b1.to(h.dtype), counts, dim=0, output_size=n)
+        h = self.act(h)
+        y = grouped_matmul(h, self.w2.to(h.dtype), counts, self.use_grouped_mm)
+        return y + torch.repeat_interleave(self.b2.to(y.dtype), counts, dim=0, output_size=n)

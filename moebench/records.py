@@ -1,0 +1,197 @@
+"""Run records on disk, written atomically so a crash never leaves a half-written file behind.
+
+A run lives in ``<results>/<grid>/<run_id>/``:
+
+- ``spec.yaml``     the fully resolved run spec (see ``moebench.grid``)
+- ``status.json``   {"state": queued|running|done|failed, "reason": str|null, "updated": iso time,
+                     "attempts": int, "owner": "host:pid" of the process running it}
+- ``metrics.jsonl`` one JSON object per evaluation:
+                     {"step": int, "train_loss": float, "lr": float,
+                      "metrics": {task metric -> float},
+                      "routing": {"mean": {stat -> float}, "per_layer": [{"layer": str, stat -> float,
+                                  "counts": [int per expert]}]}}
+- ``final.json``    {"run_id", "grid", "task", "router", "label", "seed", "sweep": {axis: value},
+                     "headline": {"name": str, "value": float, "higher_is_better": bool},
+                     "metrics": {task metric -> float},
+                     "routing": {"mean": {...}, "per_layer": [{..., "counts": [...],
+                                 "label_by_expert": [[count per expert] per label], "labels": [str]}]},
+                     "cost": {"params_total", "params_active", "flops_per_token", "wall_time_s",
+                              "tokens_per_s", "peak_memory_mb"},
+                     "env": environment_info()}
+- ``checkpoint.pt`` latest training state (removed once the run is done)
+
+Routing stat names are those of ``moebench.metrics``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import yaml
+
+STATES = ("queued", "running", "done", "failed")
+
+
+class CorruptRecordError(RuntimeError):
+    """A record file exists but cannot be parsed (half-written by an old crash or edited by hand)."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_write_yaml(path, obj) -> None:
+    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=True))
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def read_json(path) -> dict | None:
+    """None if the file is missing; CorruptRecordError if it exists but is not valid JSON."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptRecordError(f"{path}: not valid JSON ({err}); delete it or rerun the run") from err
+
+
+def append_jsonl(path, obj) -> None:
+    """Append one line and fsync. A torn last line from a crash is skipped by ``read_jsonl``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj, sort_keys=True, default=_json_default) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:  # torn final line: the run was killed mid-append
+                break
+            raise CorruptRecordError(f"{path}:{i + 1}: not valid JSON ({err})") from err
+    return rows
+
+
+def write_status(run_dir, state: str, reason: str | None = None, **extra) -> dict:
+    if state not in STATES:
+        raise ValueError(f"status state must be one of {STATES}, got {state!r}")
+    old = read_status_safe(run_dir) or {}
+    status = {
+        **{k: v for k, v in old.items() if k not in ("state", "reason")},
+        **extra,
+        "state": state,
+        "reason": reason,
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(Path(run_dir) / "status.json", status)
+    return status
+
+
+def read_status(run_dir) -> dict | None:
+    return read_json(Path(run_dir) / "status.json")
+
+
+def read_status_safe(run_dir) -> dict | None:
+    try:
+        return read_status(run_dir)
+    except CorruptRecordError:
+        return None
+
+
+def read_spec(run_dir) -> dict | None:
+    path = Path(run_dir) / "spec.yaml"
+    if not path.exists():
+        return None
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise CorruptRecordError(f"{path}: not valid YAML ({err})") from err
+
+
+def environment_info() -> dict:
+    """What a reader needs to reproduce a number: commit, library versions, hardware."""
+    import torch
+
+    libs = {}
+    for name in ("torch", "torchvision", "timm", "open_clip_torch", "numpy", "pandas", "submitit", "moebench"):
+        try:
+            libs[name] = version(name)
+        except PackageNotFoundError:
+            libs[name] = None
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    return {
+        "git_commit": git_commit(),
+        "libraries": libs,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "hostname": socket.gethostname(),
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the moebench source tree (with '-dirty' when it has uncommitted changes)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

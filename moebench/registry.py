@@ -1,0 +1,106 @@
+"""Name -> class registries for routers and tasks.
+
+Routers and tasks register themselves with a decorator in their own module, so adding one is one new
+file. Third-party packages add entries through the ``moebench.routers`` / ``moebench.tasks``
+entry-point groups; the built-in ``routers`` / ``tasks`` packages are imported lazily on first lookup.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+import re
+from importlib.metadata import entry_points
+from typing import Callable, Iterator
+
+_NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+class UnknownNameError(KeyError):
+    """Raised for a name that is not registered; the message lists the known names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+class Registry:
+    """A kebab-case name -> object table, filled by ``@registry.register("name")``."""
+
+    def __init__(self, kind: str, builtin_package: str, entry_point_group: str):
+        self.kind = kind
+        self.builtin_package = builtin_package
+        self.entry_point_group = entry_point_group
+        self._entries: dict[str, object] = {}
+        self._descriptions: dict[str, str] = {}
+        self._loaded = False
+
+    def register(self, name: str, description: str | None = None) -> Callable:
+        if not _NAME_RE.match(name):
+            raise ValueError(f"{self.kind} name {name!r} must be kebab-case (e.g. 'softmax-topk')")
+
+        def decorator(obj):
+            if name in self._entries and self._entries[name] is not obj:
+                old = self._entries[name]
+                raise ValueError(
+                    f"{self.kind} {name!r} is registered twice: {old.__module__}.{old.__qualname__} "
+                    f"and {obj.__module__}.{obj.__qualname__}; rename one of them"
+                )
+            self._entries[name] = obj
+            self._descriptions[name] = description or _first_line(obj.__doc__)
+            obj.registry_name = name
+            return obj
+
+        return decorator
+
+    def load(self) -> None:
+        """Import the built-in modules and the entry points once, so they register themselves."""
+        if self._loaded:
+            return
+        self._loaded = True
+        package = importlib.import_module(self.builtin_package)
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{self.builtin_package}.{info.name}")
+        for ep in entry_points(group=self.entry_point_group):
+            obj = ep.load()
+            if getattr(obj, "registry_name", None) is None:  # a plain class: register under ep.name
+                self.register(ep.name)(obj)
+
+    def get(self, name: str):
+        self.load()
+        if name not in self._entries:
+            known = sorted(self._entries)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(known)}. "
+                f"To add one, register it with @{self.kind.upper()}S.register('name') "
+                f"(or the '{self.entry_point_group}' entry-point group)."
+            )
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        self.load()
+        return sorted(self._entries)
+
+    def describe(self) -> list[tuple[str, str]]:
+        self.load()
+        return [(n, self._descriptions[n]) for n in sorted(self._entries)]
+
+    def __contains__(self, name: str) -> bool:
+        self.load()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n")[0].strip()
+
+
+ROUTERS = Registry("router", "routers", "moebench.routers")
+TASKS = Registry("task", "tasks", "moebench.tasks")
+
+register_router = ROUTERS.register
+register_task = TASKS.register

@@ -1,0 +1,158 @@
+"""The router's answer (`Routing`), what a router may read (`RoutingContext`), the `Router` base class,
+and the capacity / drop logic every router shares.
+
+One flat form covers every routing family: a list of (token, expert, weight) assignment pairs. A
+token-choice top-k router emits T*k pairs, expert-choice emits E*C pairs, a capacity limit removes
+pairs. The MoE layer only ever sees this form, so it needs no per-router code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class RoutingContext:
+    """Optional extras a router may read. ``context`` is the token's attention output (T, d) for routers
+    that declare ``needs_context``; ``positions`` (T,) index tokens within their sequence;
+    ``token_ids`` (T,) exist only for text."""
+
+    positions: Tensor | None = None
+    token_ids: Tensor | None = None
+    context: Tensor | None = None
+    training: bool = False
+
+
+@dataclass
+class Routing:
+    """Assignments as flat (N,) tensors plus losses and statistics.
+
+    ``slot`` is each pair's rank within its token's choices (0 = the token's first choice); the layer's
+    capacity logic fills experts slot-major ("k-major") so first choices are never dropped for a
+    second choice. ``stats`` holds detached per-token tensors for metrics: ``scores`` (T, E) router
+    probabilities or scores, and any router-specific counters (e.g. ``fallback``)."""
+
+    token: Tensor
+    expert: Tensor
+    weight: Tensor
+    num_tokens: int
+    num_experts: int
+    slot: Tensor | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    dropped: int = 0
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.token.numel())
+
+    def counts(self) -> Tensor:
+        """Tokens assigned to each expert (after any drops), shape (E,)."""
+        return torch.bincount(self.expert, minlength=self.num_experts)
+
+
+def topk_routing(indices: Tensor, weights: Tensor, num_experts: int, **extra) -> Routing:
+    """Build a Routing from per-token choices ``indices`` (T, k) and gate ``weights`` (T, k)."""
+    num_tokens, k = indices.shape
+    token = torch.arange(num_tokens, device=indices.device).repeat_interleave(k)
+    slot = torch.arange(k, device=indices.device).repeat(num_tokens)
+    return Routing(
+        token=token,
+        expert=indices.reshape(-1),
+        weight=weights.reshape(-1),
+        num_tokens=num_tokens,
+        num_experts=num_experts,
+        slot=slot,
+        **extra,
+    )
+
+
+def expert_capacity(num_tokens: int, pairs_per_token: float, num_experts: int, capacity_factor: float) -> int:
+    """Slots per expert: ceil(factor * T * k / E), at least 1 and never above T."""
+    if capacity_factor is None or capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor!r}")
+    cap = math.ceil(capacity_factor * num_tokens * pairs_per_token / num_experts)
+    return max(1, min(num_tokens, cap))
+
+
+def apply_capacity(routing: Routing, capacity_factor: float | None) -> Routing:
+    """Keep at most C pairs per expert, filling slot-major: every token's first choice is placed before
+    any second choice, and within a slot earlier tokens first. Dropped pairs are removed and counted."""
+    if capacity_factor is None or routing.num_pairs == 0:
+        return routing
+    pairs_per_token = routing.num_pairs / max(routing.num_tokens, 1)
+    cap = expert_capacity(routing.num_tokens, pairs_per_token, routing.num_experts, capacity_factor)
+    slot = routing.slot if routing.slot is not None else torch.zeros_like(routing.token)
+    priority = slot * routing.num_tokens + routing.token
+    # Sort by (expert, priority) with one stable key; the rank inside each expert's block is the slot used.
+    key = routing.expert * (priority.max() + 1) + priority
+    order = torch.argsort(key, stable=True)
+    expert_sorted = routing.expert[order]
+    counts = torch.bincount(expert_sorted, minlength=routing.num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=order.device) - starts[expert_sorted]
+    keep_sorted = rank < cap
+    keep = torch.empty_like(keep_sorted)
+    keep[order] = keep_sorted
+    dropped = int((~keep).sum())
+    if dropped == 0:
+        return routing
+    return Routing(
+        token=routing.token[keep],
+        expert=routing.expert[keep],
+        weight=routing.weight[keep],
+        num_tokens=routing.num_tokens,
+        num_experts=routing.num_experts,
+        slot=None if routing.slot is None else routing.slot[keep],
+        aux_losses=routing.aux_losses,
+        stats=routing.stats,
+        dropped=routing.dropped + dropped,
+    )
+
+
+class Router(nn.Module):
+    """Base class: ``forward(x (T, d) float32, ctx) -> Routing``.
+
+    Subclasses set ``needs_context`` when they read ``ctx.context``, may override ``after_step()``
+    (called after each optimiser step), ``flops_per_token()`` (the router's own cost, counted in the
+    run's active FLOPs) and ``wrap_experts()`` (the one declared hook through which a router may own
+    the experts' parameterisation, as ERMoE does). ``default_capacity_factor`` returns the capacity the
+    router wants when the layer is given none (Switch: 1.25 train / 2.0 eval)."""
+
+    needs_context: bool = False
+    token_choice: bool = True
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 2):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(
+                f"top_k={top_k} is invalid for num_experts={num_experts}: choose 1 <= top_k <= num_experts"
+            )
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.top_k = top_k
+
+    @property
+    def active_experts_per_token(self) -> float:
+        """Average expert evaluations per token, which sets the expert width under FLOP matching."""
+        return float(self.top_k)
+
+    def flops_per_token(self) -> float:
+        return 0.0
+
+    def after_step(self) -> None:
+        pass
+
+    def wrap_experts(self, experts: nn.Module) -> nn.Module:
+        return experts
+
+    def default_capacity_factor(self, training: bool) -> float | None:
+        return None
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}"

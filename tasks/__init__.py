@@ -1,0 +1,1 @@
+"""Built-in task adapters: one module each, each registers itself with ``@register_task``."""
