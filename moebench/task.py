@@ -1,0 +1,83 @@
+"""The task adapter contract: what the one training loop (`moebench.train`) needs from a task.
+
+A task turns its options into datasets (real public format, or the small offline default), a model
+(dense, or MoE through `moebench.moefy`), a loss and an evaluation with a named headline metric.
+It also labels tokens for the specialisation metric (class / tissue / ...)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+
+class Task:
+    """Subclass, set the class attributes, register with ``@register_task("name")``.
+
+    ``__init__(**options)`` takes the grid's ``task_args``; an unknown option must raise a
+    ``TypeError`` naming it and the known ones (``check_options`` does that)."""
+
+    headline: str = ""              # key of evaluate()'s dict that leaderboards rank by
+    higher_is_better: bool = True
+    label_kind: str = "class"       # what token_labels() means: class | tissue | item | ...
+    default_model: dict = {}        # model config used when the grid gives none
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    # -- data --------------------------------------------------------------------------------------
+    def datasets(self) -> tuple[Dataset, Dataset]:
+        """(train, eval) datasets; built once and cached on disk where building is slow."""
+        raise NotImplementedError
+
+    def collate_fn(self):
+        """A DataLoader collate function, or None for the default."""
+        return None
+
+    # -- model -------------------------------------------------------------------------------------
+    def build_model(self, model: dict, moe: dict | None) -> nn.Module:
+        """The task's model from the run spec's ``model`` section; ``moe`` None means the dense
+        baseline, otherwise it holds moefy's arguments (blocks, num_experts, router, router_args,
+        d_hidden, capacity_factor, upcycle)."""
+        raise NotImplementedError
+
+    # -- steps -------------------------------------------------------------------------------------
+    def forward(self, model: nn.Module, batch) -> Any:
+        """Model outputs for a batch already on the model's device."""
+        raise NotImplementedError
+
+    def loss(self, outputs, batch) -> Tensor:
+        """Scalar task loss; the trainer adds the MoE layers' auxiliary losses."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, device: torch.device) -> dict[str, float]:
+        """Task metrics over the eval loader; must contain ``self.headline``."""
+        raise NotImplementedError
+
+    def batch_size(self, batch) -> int:
+        """Samples in a batch (for throughput)."""
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return int(first.shape[0])
+
+    # -- specialisation ----------------------------------------------------------------------------
+    label_names: list[str] = []
+
+    def token_labels(self, batch, layer_name: str, tokens_per_sample: int) -> Tensor | None:
+        """Integer label (index into ``label_names``) of every token the MoE layer ``layer_name`` saw
+        for this batch, shape (batch, tokens_per_sample), -1 where a token has no label; None when
+        this layer's tokens carry no label."""
+        return None
+
+    # -- helpers -----------------------------------------------------------------------------------
+    @classmethod
+    def check_options(cls, options: dict, known: dict) -> dict:
+        """Merge ``options`` over defaults ``known``; an unknown key is an error naming the known ones."""
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(
+                f"task {getattr(cls, 'registry_name', cls.__name__)!r} got unknown option(s) {unknown}; "
+                f"known options: {sorted(known)}"
+            )
+        return {**known, **options}
