@@ -1,0 +1,128 @@
+"""`moebench bench layer`: forward+backward time of an MoE layer against a dense FFN doing the same
+active FLOPs per token (hidden width k * d_hidden), measured side by side in one process.
+
+Ratios, not absolute times, are the result: both sides share the machine, threads and allocator, so
+the ratio isolates what routing and dispatch cost. Medians of interleaved repeats resist noise."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layer import MoELayer
+
+
+class DenseFFN(nn.Module):
+    """The dense baseline: Linear(d, width) -> GELU -> Linear(width, d)."""
+
+    def __init__(self, d_model: int, width: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_model, width), nn.Linear(width, d_model)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class DenseSwiGLU(nn.Module):
+    """Dense equivalent of a Mixtral expert set: SwiGLU of width k * d_hidden, no biases."""
+
+    def __init__(self, d_model: int, width: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, width, bias=False)
+        self.w3 = nn.Linear(d_model, width, bias=False)
+        self.w2 = nn.Linear(width, d_model, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _step_time(module: nn.Module, x: torch.Tensor) -> float:
+    """One forward + backward with loss = sum, in seconds (synchronised on GPU)."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = module(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.float().sum().backward()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_side_by_side(modules: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per forward+backward for each module, interleaving them each repeat."""
+    for _ in range(warmup):
+        for m in modules.values():
+            _step_time(m, x)
+    samples = {name: [] for name in modules}
+    for _ in range(repeats):
+        for name, m in modules.items():
+            samples[name].append(_step_time(m, x))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _mixtral_peer(d_model: int, d_hidden: int, num_experts: int, k: int):
+    """The Mixtral sparse MoE block of `transformers` (optional peer row), or None if not installed."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    cfg = MixtralConfig(hidden_size=d_model, intermediate_size=d_hidden, num_local_experts=num_experts,
+                        num_experts_per_tok=k, router_jitter_noise=0.0)
+    return MixtralSparseMoeBlock(cfg)
+
+
+def bench_layer(routers: list[str], num_experts: int, ks: list[int], tokens: int, d_model: int, d_hidden: int,
+                dtype: torch.dtype = torch.float32, device: str = "cpu", repeats: int = 15,
+                peers: bool = True) -> list[dict]:
+    torch.manual_seed(0)
+    x = torch.randn(tokens, d_model, device=device, dtype=dtype)
+    rows = []
+    for k in ks:
+        modules: dict[str, nn.Module] = {"dense": DenseFFN(d_model, k * d_hidden)}
+        for name in routers:
+            modules[name] = MoELayer(d_model, d_hidden, num_experts, router=name, router_args={"top_k": k})
+        mixtral = _mixtral_peer(d_model, d_hidden, num_experts, k) if peers else None
+        if mixtral is not None:
+            modules["mixtral (transformers)"] = mixtral
+            modules["dense swiglu"] = DenseSwiGLU(d_model, k * d_hidden)
+        for m in modules.values():
+            m.to(device=device, dtype=dtype).train()
+        times = time_side_by_side(modules, x.unsqueeze(0), repeats)
+        for name, seconds in times.items():
+            base = times["dense swiglu"] if name.startswith("mixtral") else times["dense"]
+            rows.append({"router": name, "E": num_experts, "k": k, "T": tokens, "d": d_model, "d_hidden": d_hidden,
+                         "dtype": str(dtype).replace("torch.", ""), "device": device,
+                         "ms": round(seconds * 1e3, 2), "ratio_to_dense": round(seconds / base, 3)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["router", "E", "k", "T", "d", "d_hidden", "dtype", "ms", "ratio_to_dense"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def cli_bench_layer(args) -> int:
+    from .registry import ROUTERS
+
+    routers = [r for r in args.routers.split(",") if r]
+    for r in routers:
+        ROUTERS.get(r)  # clear error for an unknown name before any timing
+    rows = bench_layer(routers, args.experts, [int(k) for k in args.top_k.split(",")], args.tokens, args.d_model,
+                       args.d_hidden, getattr(torch, args.dtype), args.device, args.repeats, peers=not args.no_peers)
+    print(format_table(rows))
+    print(json.dumps(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
