@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moebench.registry import register_router
@@ -25,7 +26,7 @@ class SoftmaxTopK(Router):
         return 2.0 * self.d_model * self.num_experts
 
     def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:
-        probs = torch.softmax(self.gate(x), dim=-1)
+        probs = torch.softmax(F.linear(x, self.gate.weight.float()), dim=-1)  # float32 even in a bf16 model
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         weights = top_p / top_p.sum(-1, keepdim=True)
         return topk_routing(top_i, weights, self.num_experts, stats={"scores": probs.detach()})
