@@ -13,6 +13,7 @@ ACTIVATIONS = {
     "gelu-tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
+    "quick-gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP
 }
 
 
