@@ -1,0 +1,574 @@
+"""The one training / evaluation loop every task uses.
+
+Why one loop: routers are compared under identical conditions only if everything around them (data
+order, optimiser, schedule, precision, evaluation, statistics) is the same code.
+
+- Reproducible: seeds torch / numpy / random; the data order is a pure function of (seed, step), so a
+  resumed run draws exactly the batches an uninterrupted one would; deterministic algorithms on CPU.
+- Loss = task loss + the MoE layers' auxiliary losses; ``after_step()`` of every MoE layer after each
+  optimiser step. AdamW, linear warmup then cosine decay to 0, gradient clipping, bf16 autocast on CUDA.
+- Every ``eval_every`` steps and at the end: task metrics, routing statistics over the eval set, and
+  stability on a fixed probe batch (the first ``probe_size`` eval samples); one line of
+  ``metrics.jsonl`` each (schema in ``moebench.records``).
+- ``checkpoint.pt`` (atomic) every ``checkpoint_every`` steps and at each evaluation; a rerun resumes
+  from it and ends with the same metrics as an uninterrupted run.
+- NaN / inf / loss above ``max_loss``: the run stops with status failed ("diverged at step 37:
+  loss=nan"); no exception escapes.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from . import metrics as M
+from .layer import MoELayer
+from .records import append_jsonl, atomic_write_json, environment_info, read_jsonl, write_status
+from .spec import resolve_spec, run_id as spec_run_id
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN / inf or exceeded ``train.max_loss``."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# small helpers
+
+def to_device(batch, device, non_blocking: bool = False):
+    """Move every tensor inside a (nested) tuple / list / dict batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(to_device(b, device, non_blocking) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device, non_blocking) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    return batch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), so (seed, epoch) pairs never collide in practice."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h ^= (int(p) + 0x9E3779B97F4A7C15 + ((h << 6) & (2**64 - 1)) + (h >> 2)) & (2**64 - 1)
+        h = (h * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+        h ^= h >> 31
+    return h & (2**63 - 1)
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of epoch ``epoch`` from a permutation seeded by (seed, epoch), starting at batch
+    ``start``; incomplete last batches are dropped so every step has the same batch size."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
+        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size - self.start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 1))
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for b in range(self.start, self.n // self.batch_size):
+            yield perm[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def _worker_init(worker_id: int) -> None:
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def train_batches(dataset: Dataset, batch_size: int, seed: int, start_step: int, num_workers: int = 0,
+                  collate_fn=None, pin_memory: bool = False):
+    """Infinite iterator over training batches; batch number ``s`` (0-based) depends only on (seed, s)."""
+    n = len(dataset)
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"the training set has {n} samples, fewer than train.batch_size={batch_size}; "
+            f"lower train.batch_size or enlarge the task's training set"
+        )
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=EpochBatchSampler(n, batch_size, seed, epoch, offset),
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            pin_memory=pin_memory,
+            worker_init_fn=_worker_init if num_workers else None,
+            generator=torch.Generator().manual_seed(_mix(seed, epoch, 2)),  # never touch the global RNG
+        )
+        for batch in loader:
+            yield batch
+            step += 1
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the base lr for optimiser step ``step`` (0-based): linear warmup from 1/warmup to
+    1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices; no decay on biases (incl. experts' b1 / b2), norms (1-D) and what
+    the model lists in ``no_weight_decay()`` (timm's convention, e.g. pos_embed)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if p.ndim < 2 or leaf in ("bias", "b1", "b2") or name in skip or leaf in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@contextlib.contextmanager
+def deterministic(device: torch.device):
+    """Deterministic algorithms on CPU for the duration (restored after, as the flag is global)."""
+    if device.type != "cpu":
+        yield
+        return
+    old, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old, warn_only=old_warn)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: max allocated by torch; CPU: the process's peak resident set size (Linux ru_maxrss)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+    except (ImportError, OSError):
+        return float("nan")
+
+
+def model_cost(model: nn.Module) -> dict:
+    """params_total; params_active = non-MoE params + each MoE layer's active_params(); flops_per_token
+    = 2 * (weights of every nn.Linear outside MoE layers) + each MoE layer's flops_per_token() (its
+    visited experts plus its router). An estimate per token of the blocks: attention score / softmax
+    FLOPs, convolutions (patch embeddings) and elementwise ops are not counted."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    moe_params = {id(p) for layer in layers for p in layer.parameters()}
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    non_moe = sum(p.numel() for pid, p in {id(p): p for p in model.parameters()}.items() if pid not in moe_params)
+    active = non_moe + sum(layer.active_params() for layer in layers)
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside)
+    flops = 2.0 * linear + sum(layer.flops_per_token() for layer in layers)
+    return {"params_total": int(total), "params_active": float(active), "flops_per_token": float(flops)}
+
+
+class _TokenCounter:
+    """Tokens per sample, read from the first forward of the first MoE layer (or first block)."""
+
+    def __init__(self, model: nn.Module):
+        self.per_sample: float | None = None
+        self.module = next((m for m in model.modules() if isinstance(m, MoELayer)), None)
+        if self.module is None and hasattr(model, "blocks") and len(model.blocks) > 0:
+            self.module = model.blocks[0]
+        self.batch_size = None
+        self.handle = self.module.register_forward_hook(self._hook) if self.module is not None else None
+
+    def _hook(self, module, inputs, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, torch.Tensor) and out.dim() >= 2 and self.batch_size:
+            self.per_sample = out.shape[:-1].numel() / self.batch_size
+        self.close()
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metrics lines written after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    rows = read_jsonl(path)
+    kept = [r for r in rows if int(r.get("step", 0)) <= last_step]
+    if len(kept) == len(rows):
+        return
+    import json
+
+    from .records import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+def train(task, spec: dict, run_dir, device=None, progress: bool | None = None,
+          on_step: Callable[[int], None] | None = None) -> dict:
+    """Train and evaluate ``task`` as ``spec`` says, recording into ``run_dir``; returns the final record
+    (also written to ``final.json``), or ``{"state": "failed", "reason": ...}`` after a divergence
+    (status.json says so too). ``on_step(step)`` runs after each completed step (tests use it to
+    interrupt a run)."""
+    spec = resolve_spec(spec)
+    rid = spec_run_id(spec)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = spec["train"]
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and t["amp"] in ("auto", True) else None
+    if progress is None:
+        progress = sys.stderr.isatty()
+    with deterministic(device):
+        return _Trainer(task, spec, rid, run_dir, device, amp_dtype, progress, on_step).run()
+
+
+class _Trainer:
+    def __init__(self, task, spec, rid, run_dir, device, amp_dtype, progress, on_step):
+        self.task, self.spec, self.rid, self.run_dir = task, spec, rid, run_dir
+        self.t = spec["train"]
+        self.device, self.amp_dtype, self.progress, self.on_step = device, amp_dtype, progress, on_step
+        self.ckpt_path = run_dir / CHECKPOINT
+        self.metrics_path = run_dir / "metrics.jsonl"
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- setup -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        t, seed = self.t, self.spec["seed"]
+        seed_everything(seed)
+        self.train_ds, self.eval_ds = self.task.datasets()
+        seed_everything(seed)  # model init must not depend on how much RNG the data build used
+        model_cfg = {**dict(getattr(self.task, "default_model", {}) or {}), **self.spec["model"]}
+        self.model_cfg = model_cfg
+        self.model = self.task.build_model(model_cfg, self.spec["moe"]).to(self.device)
+        self.layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, MoELayer)]
+        self.opt = torch.optim.AdamW(param_groups(self.model, t["weight_decay"]), lr=t["lr"])
+        steps, warmup = t["steps"], t["warmup_steps"]
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, steps, warmup))
+        collate = self.task.collate_fn()
+        self.collate = collate
+        pin = self.device.type == "cuda"
+        self.eval_loader = DataLoader(self.eval_ds, batch_size=t["eval_batch_size"], shuffle=False,
+                                      num_workers=t["num_workers"], collate_fn=collate, pin_memory=pin)
+        self.probe_size = min(t["probe_size"], len(self.eval_ds))
+        # state that a checkpoint carries
+        self.step = 0
+        self.probe_history: list[dict[str, np.ndarray]] = []
+        self.probe_steps: list[int] = []
+        self.interval = {"loss_sum": 0.0, "aux_sum": 0.0, "n": 0}
+        self.elapsed = 0.0
+        self.train_time = 0.0
+        self.samples_seen = 0
+        self.tokens_seen = 0.0
+        self.tokens_per_sample: float | None = None
+        self.peak_mb = 0.0
+        self.last_eval: dict | None = None
+
+    def state(self) -> dict:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "run_id": self.rid,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": _rng_state(),
+            "probe_history": [{k: torch.from_numpy(v) for k, v in h.items()} for h in self.probe_history],
+            "probe_steps": list(self.probe_steps),
+            "interval": dict(self.interval),
+            "elapsed_s": self.elapsed + (time.perf_counter() - self.t0),
+            "train_time_s": self.train_time,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_sample": self.tokens_per_sample,
+            "peak_memory_mb": max(self.peak_mb, peak_memory_mb(self.device)),
+            "last_eval": self.last_eval,
+        }
+
+    def save(self) -> None:
+        _atomic_torch_save(self.state(), self.ckpt_path)
+
+    def load(self) -> bool:
+        """Resume from checkpoint.pt when there is one; otherwise start clean (dropping old metrics)."""
+        if not self.ckpt_path.exists():
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()
+            return False
+        try:
+            ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise RuntimeError(
+                f"{self.ckpt_path} cannot be read ({type(err).__name__}: {err}); delete it to restart the run"
+            ) from err
+        if ck.get("version") != CHECKPOINT_VERSION or ck.get("run_id") != self.rid:
+            raise RuntimeError(
+                f"{self.ckpt_path} belongs to run {ck.get('run_id')!r} (checkpoint version "
+                f"{ck.get('version')}), not {self.rid!r}; delete it to restart the run"
+            )
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"])
+        self.step = int(ck["step"])
+        self.probe_history = [{k: v.numpy() for k, v in h.items()} for h in ck["probe_history"]]
+        self.probe_steps = list(ck["probe_steps"])
+        self.interval = dict(ck["interval"])
+        self.elapsed = float(ck["elapsed_s"])
+        self.train_time = float(ck["train_time_s"])
+        self.samples_seen = int(ck["samples_seen"])
+        self.tokens_seen = float(ck["tokens_seen"])
+        self.tokens_per_sample = ck["tokens_per_sample"]
+        self.peak_mb = float(ck["peak_memory_mb"])
+        self.last_eval = ck["last_eval"]
+        _truncate_metrics(self.metrics_path, self.step)
+        return True
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        model, task = self.model, self.task
+        model.eval()
+        try:
+            with self.autocast():
+                metrics = task.evaluate(model, self.eval_loader, self.device)
+                routing = {"mean": {}, "per_layer": []}
+                if self.layers:
+                    acc = M.RoutingStatsAccumulator(model, task, keep_top1=self.probe_size)
+                    with acc:
+                        for batch in self.eval_loader:
+                            task.forward(model, to_device(batch, self.device))
+                            acc.update(batch)
+                    per_layer = acc.per_layer()
+                    if self.probe_size:
+                        top1 = acc.top1()
+                        prev = self.probe_history[-1] if self.probe_history else None
+                        for d in per_layer:
+                            if prev is not None and d["layer"] in prev and prev[d["layer"]].size == top1[d["layer"]].size:
+                                d["switch_rate"] = M.switch_rate(prev[d["layer"]], top1[d["layer"]])
+                        self.probe_history.append(top1)
+                        self.probe_steps.append(self.step)
+                    routing = {"mean": M.mean_over_layers(per_layer), "per_layer": per_layer}
+        finally:
+            model.train()
+        if task.headline not in metrics:
+            raise KeyError(
+                f"task {type(task).__name__}.evaluate() returned {sorted(metrics)} without its headline "
+                f"metric {task.headline!r}; return it or fix the task's `headline`"
+            )
+        metrics = {k: float(v) for k, v in metrics.items()}
+        n = self.interval["n"]
+        line = {
+            "step": self.step,
+            "train_loss": self.interval["loss_sum"] / n if n else None,
+            "aux_loss": self.interval["aux_sum"] / n if n else None,
+            "lr": self.opt.param_groups[0]["lr"] if self.step == 0 else self.last_lr,
+            "metrics": metrics,
+            "routing": {
+                "mean": routing["mean"],
+                "per_layer": [{k: v for k, v in d.items() if k not in ("label_by_expert", "labels")}
+                              for d in routing["per_layer"]],
+            },
+            "elapsed_s": self.elapsed + (time.perf_counter() - self.t0),
+        }
+        append_jsonl(self.metrics_path, line)
+        self.interval = {"loss_sum": 0.0, "aux_sum": 0.0, "n": 0}
+        self.last_eval = {"step": self.step, "metrics": metrics, "routing": routing}
+        return line
+
+    # -- training ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.t0 = time.perf_counter()
+        self.setup()
+        resumed = self.load()
+        self.t0 = time.perf_counter()
+        t = self.t
+        steps, eval_every, ckpt_every = t["steps"], t["eval_every"], t["checkpoint_every"]
+        self.last_lr = self.opt.param_groups[0]["lr"]
+        counter = _TokenCounter(self.model) if self.tokens_per_sample is None else None
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, initial=self.step, desc=self.rid, dynamic_ncols=True, file=sys.stderr)
+        batches = train_batches(self.train_ds, t["batch_size"], self.spec["seed"], self.step,
+                                t["num_workers"], self.collate, self.device.type == "cuda")
+        self.model.train()
+        try:
+            while self.step < steps:
+                tic = time.perf_counter()
+                batch = to_device(next(batches), self.device, non_blocking=True)
+                bs = self.task.batch_size(batch)
+                if counter is not None:
+                    counter.batch_size = bs
+                with self.autocast():
+                    outputs = self.task.forward(self.model, batch)
+                    task_loss = self.task.loss(outputs, batch).float()
+                aux = sum((m.aux_loss.float() for _, m in self.layers), torch.zeros((), device=self.device))
+                loss = task_loss + aux
+                loss_value = float(loss.detach())
+                step = self.step + 1
+                max_loss = t["max_loss"]
+                if not math.isfinite(loss_value) or (max_loss is not None and loss_value > max_loss):
+                    what = f"loss={loss_value:.6g}" if math.isfinite(loss_value) else f"loss={loss_value}"
+                    limit = f" > max_loss={max_loss:g}" if math.isfinite(loss_value) else ""
+                    raise Diverged(f"diverged at step {step}: {what}{limit}")
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if t["grad_clip"] and t["grad_clip"] > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["grad_clip"])
+                self.last_lr = self.opt.param_groups[0]["lr"]
+                self.opt.step()
+                self.sched.step()
+                for _, m in self.layers:
+                    m.after_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.step = step
+                self.train_time += time.perf_counter() - tic
+                if counter is not None and counter.per_sample is not None:
+                    self.tokens_per_sample, counter = counter.per_sample, None
+                self.samples_seen += bs
+                self.tokens_seen += bs * (self.tokens_per_sample or 1.0)
+                self.interval["loss_sum"] += float(task_loss.detach())
+                self.interval["aux_sum"] += float(aux.detach())
+                self.interval["n"] += 1
+                is_eval = step == steps or (eval_every > 0 and step % eval_every == 0)
+                if is_eval:
+                    line = self.evaluate()
+                    if bar is not None:
+                        bar.set_postfix({self.task.headline: f"{line['metrics'][self.task.headline]:.4g}"}, refresh=False)
+                if is_eval or (ckpt_every > 0 and step % ckpt_every == 0):
+                    self.save()
+                if bar is not None:
+                    bar.update(1)
+                    if step % 10 == 0:
+                        bar.set_description(f"{self.rid} loss {loss_value:.4f}", refresh=False)
+                if self.on_step is not None:
+                    self.on_step(step)
+        except Diverged as err:
+            reason = str(err)
+            write_status(self.run_dir, "failed", reason)
+            if not t["keep_checkpoint"] and self.ckpt_path.exists():
+                self.ckpt_path.unlink()
+            return {"state": "failed", "reason": reason, "run_id": self.rid, "step": self.step + 1}
+        finally:
+            if bar is not None:
+                bar.close()
+            if counter is not None:
+                counter.close()
+            batches.close()
+        if self.last_eval is None or self.last_eval["step"] != self.step:
+            self.evaluate()  # resumed exactly at the end without a recorded evaluation
+        final = self.final_record()
+        atomic_write_json(self.run_dir / "final.json", final)
+        if not t["keep_checkpoint"] and self.ckpt_path.exists():
+            self.ckpt_path.unlink()
+        return final
+
+    def final_record(self) -> dict:
+        spec, task = self.spec, self.task
+        ev = self.last_eval
+        metrics = ev["metrics"]
+        per_layer = [dict(d) for d in ev["routing"]["per_layer"]]
+        for d in per_layer:
+            hist = [h[d["layer"]] for h in self.probe_history if d["layer"] in h]
+            if hist and len(hist) == len(self.probe_steps) and all(h.size == hist[-1].size for h in hist):
+                d["final_switch"] = M.final_switch(hist)
+                d["final_switch_mean"] = float(np.mean(d["final_switch"][:-1])) if len(hist) > 1 else None
+                d["settle_fraction"] = M.settle_fraction(hist, self.probe_steps, spec["train"]["steps"])
+        routing = {"mean": M.mean_over_layers(per_layer), "per_layer": per_layer,
+                   "final_switch_steps": list(self.probe_steps)}
+        cost = model_cost(self.model)
+        elapsed = self.elapsed + (time.perf_counter() - self.t0)
+        cost.update({
+            "wall_time_s": elapsed,
+            "train_time_s": self.train_time,
+            "tokens_per_s": self.tokens_seen / self.train_time if self.train_time > 0 else None,
+            "samples_per_s": self.samples_seen / self.train_time if self.train_time > 0 else None,
+            "tokens_per_sample": self.tokens_per_sample,
+            "peak_memory_mb": max(self.peak_mb, peak_memory_mb(self.device)),
+        })
+        env = environment_info()
+        env.update({"train_device": str(self.device), "amp": None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", "")})
+        moe = spec["moe"]
+        return {
+            "run_id": self.rid,
+            "grid": spec["grid"],
+            "task": spec["task"],
+            "router": "dense" if moe is None else moe["router"],
+            "label": spec["label"],
+            "seed": spec["seed"],
+            "sweep": spec["sweep"],
+            "match": spec["match"],
+            "model": self.model_cfg,
+            "steps": self.step,
+            "headline": {"name": task.headline, "value": metrics[task.headline],
+                         "higher_is_better": bool(task.higher_is_better)},
+            "metrics": metrics,
+            "routing": routing,
+            "cost": cost,
+            "env": env,
+        }

@@ -1,0 +1,207 @@
+"""Toy task: classify short sequences of Gaussian-mixture tokens, in seconds on a CPU.
+
+Each of K mixture components has a fixed random mean in R^in_dim. A sequence of class y has
+``seq_len`` tokens; each token comes from component y with probability ``purity`` and from a uniformly
+drawn component otherwise, plus isotropic noise. The label is y, so the model must pool evidence over
+tokens. Every token's component is its specialisation label: an expert that specialises on a
+component gives high mutual information between expert choice and label.
+
+It exists to test the training loop, grids, launchers and SLURM end to end, not to rank routers."""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from moebench.registry import register_task
+from moebench.task import Task
+
+DEFAULT_OPTIONS = {
+    "num_train": 2048,
+    "num_eval": 512,
+    "num_classes": 4,
+    "seq_len": 16,
+    "in_dim": 8,
+    "separation": 2.0,   # std of the component means
+    "noise": 1.0,        # std of the token noise
+    "purity": 0.5,       # share of a sequence's tokens drawn from its own class's component
+    "data_seed": 0,
+}
+
+PRESETS = {
+    # size: (task_args, model, moe defaults, train)
+    "tiny": (
+        {"num_train": 512, "num_eval": 256},
+        {},
+        {"num_experts": 4},
+        {"steps": 60, "batch_size": 32, "lr": 3e-3, "warmup_steps": 5, "eval_every": 20,
+         "checkpoint_every": 20, "probe_size": 32},
+    ),
+    "quick": (
+        {},
+        {},
+        {"num_experts": 4},
+        {"steps": 300, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100,
+         "checkpoint_every": 100, "probe_size": 64},
+    ),
+    "full": (
+        {"num_train": 16384, "num_eval": 2048},
+        {"dim": 64, "depth": 4, "num_heads": 4},
+        {"num_experts": 8},
+        {"steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "eval_every": 250,
+         "checkpoint_every": 250, "probe_size": 128},
+    ),
+}
+
+
+class ToyTransformer(nn.Module):
+    """Linear token embedding + learned positions, timm ``Block``s, mean pooling, linear head.
+    ``.blocks`` is an ``nn.Sequential`` of timm blocks so ``moebench.moefy`` can MoE-fy their MLPs."""
+
+    def __init__(self, in_dim: int, seq_len: int, num_classes: int, dim: int = 32, depth: int = 2,
+                 num_heads: int = 2, mlp_ratio: float = 2.0):
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        self.embed = nn.Linear(in_dim, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, seq_len, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) + self.pos_embed[:, : x.shape[1]]
+        h = self.blocks(h)
+        return self.head(self.norm(h).mean(1))
+
+
+def _select_blocks(blocks, depth: int) -> list[int]:
+    if blocks == "all":
+        return list(range(depth))
+    if isinstance(blocks, int) and not isinstance(blocks, bool):
+        blocks = [blocks]
+    if not isinstance(blocks, (list, tuple)):
+        raise ValueError(f"moe.blocks must be 'all' or a list of block indices, got {blocks!r}")
+    out = []
+    for b in blocks:
+        if not -depth <= b < depth:
+            raise ValueError(f"moe.blocks index {b} is out of range for a model with {depth} blocks")
+        out.append(b % depth)
+    return sorted(set(out))
+
+
+def moefy_fallback(model: nn.Module, blocks="all", num_experts: int = 8, router: str = "softmax-topk",
+                   router_args: dict | None = None, d_hidden: int | None = None,
+                   capacity_factor: float | None = None, upcycle: bool = False) -> nn.Module:
+    """Replace ``block.mlp`` of the chosen timm blocks with a `MoELayer` (used only until / unless
+    ``moebench.moefy`` is importable). Hooks the attention output in as routing context."""
+    from moebench.layer import MoELayer
+
+    for i in _select_blocks(blocks, len(model.blocks)):
+        block = model.blocks[i]
+        mlp = block.mlp
+        d_model, dense_hidden = mlp.fc1.in_features, mlp.fc1.out_features
+        layer = MoELayer(d_model, d_hidden or dense_hidden, num_experts, router, router_args, capacity_factor)
+        if upcycle:
+            if (d_hidden or dense_hidden) != dense_hidden:
+                raise ValueError(f"moe.upcycle needs d_hidden equal to the dense MLP's {dense_hidden}, got {d_hidden}")
+            layer.experts.load_dense(mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+        block.mlp = layer
+        if layer.router.needs_context:
+            def hook(module, inputs, output, layer=layer):
+                layer.pending_context = output
+            block.attn.register_forward_hook(hook)
+    return model
+
+
+@register_task("toy", "Gaussian-mixture token sequences, 2 timm blocks: seconds on CPU (tests, smoke runs)")
+class ToyTask(Task):
+    """Classify which mixture component dominates a sequence; tokens labelled by their component."""
+
+    headline = "accuracy"
+    higher_is_better = True
+    label_kind = "component"
+    default_model = {"dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.opts = self.check_options(options, DEFAULT_OPTIONS)
+        o = self.opts
+        if o["num_classes"] < 2 or o["seq_len"] < 1 or o["in_dim"] < 1:
+            raise ValueError(f"toy task needs num_classes >= 2, seq_len >= 1, in_dim >= 1; got {o}")
+        if not 0.0 <= o["purity"] <= 1.0:
+            raise ValueError(f"toy task option purity must be in [0, 1], got {o['purity']}")
+        self.label_names = [f"component{i}" for i in range(o["num_classes"])]
+        self._datasets = None
+
+    @classmethod
+    def preset(cls, size: str):
+        """(task_args, model, moe defaults, train) for ``moebench train --size``: tiny | quick | full."""
+        if size not in PRESETS:
+            raise ValueError(f"toy task has no size {size!r}; choose one of {sorted(PRESETS)}")
+        return tuple(dict(part) for part in PRESETS[size])
+
+    # -- data --------------------------------------------------------------------------------------
+    def _make(self, n: int, g: torch.Generator, means: torch.Tensor):
+        o = self.opts
+        k, t = o["num_classes"], o["seq_len"]
+        y = torch.randint(k, (n,), generator=g)
+        own = torch.rand(n, t, generator=g) < o["purity"]
+        other = torch.randint(k, (n, t), generator=g)
+        comp = torch.where(own, y[:, None], other)
+        x = means[comp] + o["noise"] * torch.randn(n, t, o["in_dim"], generator=g)
+        return TensorDataset(x.float(), y, comp)
+
+    def datasets(self):
+        if self._datasets is None:
+            o = self.opts
+            g = torch.Generator().manual_seed(int(o["data_seed"]))
+            means = o["separation"] * torch.randn(o["num_classes"], o["in_dim"], generator=g)
+            self._datasets = (self._make(o["num_train"], g, means), self._make(o["num_eval"], g, means))
+        return self._datasets
+
+    # -- model -------------------------------------------------------------------------------------
+    def build_model(self, model: dict, moe: dict | None) -> nn.Module:
+        cfg = self.check_options(model, self.default_model)
+        net = ToyTransformer(self.opts["in_dim"], self.opts["seq_len"], self.opts["num_classes"],
+                             dim=int(cfg["dim"]), depth=int(cfg["depth"]), num_heads=int(cfg["num_heads"]),
+                             mlp_ratio=float(cfg["mlp_ratio"]))
+        if moe is not None:
+            try:
+                from moebench.moefy import moefy
+            except ImportError:
+                moefy = moefy_fallback
+            moefy(net, **moe)  # in place
+        return net
+
+    # -- steps -------------------------------------------------------------------------------------
+    def forward(self, model, batch):
+        return model(batch[0])
+
+    def loss(self, outputs, batch):
+        return F.cross_entropy(outputs.float(), batch[1])
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, device):
+        from moebench.train import to_device
+
+        correct, loss_sum, n = 0, 0.0, 0
+        for batch in loader:
+            batch = to_device(batch, device)
+            logits = self.forward(model, batch).float()
+            loss_sum += float(F.cross_entropy(logits, batch[1], reduction="sum"))
+            correct += int((logits.argmax(-1) == batch[1]).sum())
+            n += int(batch[1].numel())
+        return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
+
+    def token_labels(self, batch, layer_name, tokens_per_sample):
+        comp = batch[2]
+        if tokens_per_sample != comp.shape[1]:
+            return None
+        return comp
