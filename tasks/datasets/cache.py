@@ -41,6 +41,7 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)          # mkstemp makes 0600; a shared cache must stay readable by others
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
