@@ -252,9 +252,12 @@ def normalized_mutual_information(label_by_expert) -> float | None:
 # accumulation over an evaluation pass
 
 #: per-layer scalar stats written to metrics.jsonl / final.json; `mean` averages each over layers.
+#: balance = switch_balance(), margin = top1_margin(), mutual_info(_norm) = (normalized_)mutual_information(),
+#: switch_rate = switch_rate() against the previous evaluation's probe assignments.
 LAYER_STATS = (
-    "load_cv", "max_mean", "norm_entropy", "gini", "dead_experts", "drop_rate", "switch_balance",
-    "gate_entropy", "top1_margin", "fallback_rate", "unrouted_rate", "mi", "mi_norm", "switch_rate",
+    "load_cv", "max_mean", "norm_entropy", "gini", "dead_experts", "drop_rate", "balance",
+    "gate_entropy", "margin", "fallback_rate", "unrouted_rate", "mutual_info", "mutual_info_norm",
+    "switch_rate",
 )
 
 
@@ -447,15 +450,15 @@ class RoutingStatsAccumulator:
             d["dead_experts"] = dead_experts(a.counts) if a.tokens else None
             d["drop_rate"] = drop_rate(a.dropped, a.pairs)
             st = a.scored_tokens
-            d["switch_balance"] = switch_balance_from_sums(a.top1_counts, a.score_sums, st) if st else None
+            d["balance"] = switch_balance_from_sums(a.top1_counts, a.score_sums, st) if st else None
             d["gate_entropy"] = a.entropy_sum / st if st else None
-            d["top1_margin"] = a.margin_sum / st if st else None
+            d["margin"] = a.margin_sum / st if st else None
             fb_w = a.extra_weights.get("fallback", 0.0)
             d["fallback_rate"] = a.extra_sums["fallback"] / fb_w if fb_w else None
             d["unrouted_rate"] = unrouted_rate(a.unrouted, a.tokens)
             lbe = a.label_by_expert
-            d["mi"] = mutual_information(lbe) if lbe is not None else None
-            d["mi_norm"] = normalized_mutual_information(lbe) if lbe is not None else None
+            d["mutual_info"] = mutual_information(lbe) if lbe is not None else None
+            d["mutual_info_norm"] = normalized_mutual_information(lbe) if lbe is not None else None
             d["switch_rate"] = None  # filled by the trainer from the probe history
             for key in sorted(a.extra_sums):
                 if key == "fallback":

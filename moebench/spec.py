@@ -14,7 +14,8 @@ Schema (all keys; missing ones take the defaults below)::
     label: str           display name ("ermoe-context", "dense"); default: the router name or "dense"
     seed: int
     train: {steps, batch_size, lr, weight_decay, warmup_steps, eval_every, grad_clip, amp,
-            checkpoint_every, max_loss, num_workers, eval_batch_size, probe_size, keep_checkpoint}
+            checkpoint_every, max_loss, num_workers, eval_batch_size, probe_size, keep_checkpoint,
+            deterministic}
     sweep: dict          axis -> value (informational)
     match: dict          what the grid matched (informational)
 """
@@ -45,6 +46,8 @@ DEFAULT_TRAIN: dict[str, Any] = {
     "eval_batch_size": None,    # null: batch_size
     "probe_size": 64,           # eval samples whose top-1 experts are tracked for stability; 0: off
     "keep_checkpoint": False,   # keep checkpoint.pt after the run is done
+    "deterministic": "auto",    # auto (CPU only) | true | false: deterministic kernels; on CUDA they
+                                # make reruns and resumes bit-identical at some speed cost
 }
 
 DEFAULT_MOE: dict[str, Any] = {
@@ -209,6 +212,10 @@ def resolve_train(train) -> dict:
                                 "train.eval_batch_size", 1)
     t["probe_size"] = _int(t["probe_size"], "train.probe_size", 0)
     t["keep_checkpoint"] = _bool(t["keep_checkpoint"], "train.keep_checkpoint")
+    det = t["deterministic"]
+    if det != "auto":
+        det = _bool(det, "train.deterministic (auto, true or false)")
+    t["deterministic"] = det
     return t
 
 

@@ -4,7 +4,8 @@ Why one loop: routers are compared under identical conditions only if everything
 order, optimiser, schedule, precision, evaluation, statistics) is the same code.
 
 - Reproducible: seeds torch / numpy / random; the data order is a pure function of (seed, step), so a
-  resumed run draws exactly the batches an uninterrupted one would; deterministic algorithms on CPU.
+  resumed run draws exactly the batches an uninterrupted one would; deterministic kernels on CPU
+  (and on CUDA with ``train.deterministic: true``), so a resumed run ends bit-identical.
 - Loss = task loss + the MoE layers' auxiliary losses; ``after_step()`` of every MoE layer after each
   optimiser step. AdamW, linear warmup then cosine decay to 0, gradient clipping, bf16 autocast on CUDA.
 - Every ``eval_every`` steps and at the end: task metrics, routing statistics over the eval set, and
@@ -151,17 +152,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 @contextlib.contextmanager
-def deterministic(device: torch.device):
-    """Deterministic algorithms on CPU for the duration (restored after, as the flag is global)."""
-    if device.type != "cpu":
+def deterministic(device: torch.device, mode="auto"):
+    """Deterministic kernels for the duration (the flags are global, so they are restored after).
+    ``auto``: on CPU only (free there); ``True`` on CUDA too (cuBLAS workspace config, cuDNN
+    deterministic: reruns and resumes become bit-identical, some kernels get slower)."""
+    on = mode is True or (mode == "auto" and device.type == "cpu")
+    if not on:
         yield
         return
     old, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    old_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(old, warn_only=old_warn)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old_cudnn
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -278,7 +287,7 @@ def train(task, spec: dict, run_dir, device=None, progress: bool | None = None,
     amp_dtype = torch.bfloat16 if device.type == "cuda" and t["amp"] in ("auto", True) else None
     if progress is None:
         progress = sys.stderr.isatty()
-    with deterministic(device):
+    with deterministic(device, t["deterministic"]):
         return _Trainer(task, spec, rid, run_dir, device, amp_dtype, progress, on_step).run()
 
 
@@ -539,8 +548,15 @@ class _Trainer:
                 d["final_switch"] = M.final_switch(hist)
                 d["final_switch_mean"] = float(np.mean(d["final_switch"][:-1])) if len(hist) > 1 else None
                 d["settle_fraction"] = M.settle_fraction(hist, self.probe_steps, spec["train"]["steps"])
-        routing = {"mean": M.mean_over_layers(per_layer), "per_layer": per_layer,
-                   "final_switch_steps": list(self.probe_steps)}
+        curves = [d["final_switch"] for d in per_layer if "final_switch" in d]
+        per_eval = [float(np.mean(col)) for col in zip(*curves)] if curves else []
+        routing = {
+            "mean": M.mean_over_layers(per_layer),
+            "per_layer": per_layer,
+            # StableMoE's curve averaged over layers; `mean` excludes the last evaluation (0 by definition)
+            "final_switch": {"steps": list(self.probe_steps), "per_eval": per_eval,
+                             "mean": float(np.mean(per_eval[:-1])) if len(per_eval) > 1 else None},
+        }
         cost = model_cost(self.model)
         elapsed = self.elapsed + (time.perf_counter() - self.t0)
         cost.update({

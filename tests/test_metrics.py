@@ -159,13 +159,13 @@ def test_accumulator_counts_labels_and_probe():
     assert a["counts"] == [4, 4, 4, 4] and a["tokens"] == 16
     assert a["load_cv"] == 0.0 and a["norm_entropy"] == pytest.approx(1.0) and a["dead_experts"] == 0
     assert a["drop_rate"] == 0.0 and a["unrouted_rate"] == 0.0
-    assert a["gate_entropy"] == pytest.approx(0.0) and a["top1_margin"] == pytest.approx(1.0)
-    assert a["switch_balance"] == pytest.approx(1.0)
+    assert a["gate_entropy"] == pytest.approx(0.0) and a["margin"] == pytest.approx(1.0)
+    assert a["balance"] == pytest.approx(1.0)
     assert a["label_by_expert"] == (4 * np.eye(4, dtype=int)).tolist()
     assert a["labels"] == task.label_names
-    assert a["mi"] == pytest.approx(math.log(4)) and a["mi_norm"] == pytest.approx(1.0)
-    assert "label_by_expert" not in b and b["mi"] is None  # all -1: skipped
-    assert res["mean"]["mi"] == pytest.approx(math.log(4))  # only layer a defines it
+    assert a["mutual_info"] == pytest.approx(math.log(4)) and a["mutual_info_norm"] == pytest.approx(1.0)
+    assert "label_by_expert" not in b and b["mutual_info"] is None  # all -1: skipped
+    assert res["mean"]["mutual_info"] == pytest.approx(math.log(4))  # only layer a defines it
     assert res["mean"]["load_cv"] == 0.0
     # probe: first 3 samples (the whole first batch, one sample of the second) = 12 tokens
     top1 = acc.top1()

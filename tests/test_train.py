@@ -78,6 +78,9 @@ def test_spec_errors_name_field_and_fix():
         resolve_spec({**make_spec(), "label": "a/b"})
     with pytest.raises(SpecError, match="moe is null"):
         apply_override(make_spec("dense"), "moe.num_experts=4")
+    with pytest.raises(SpecError, match="train.deterministic"):
+        resolve_spec({**make_spec(), "train": {"deterministic": "sometimes"}})
+    assert resolve_spec(make_spec())["train"]["deterministic"] == "auto"
     s = apply_override(make_spec(), "train.lr=3e-4")
     assert s["train"]["lr"] == pytest.approx(3e-4)
 
@@ -126,8 +129,11 @@ def test_toy_learns_and_writes_schema_conformant_records(tmp_path):
     layer = final["routing"]["per_layer"][0]
     assert len(layer["label_by_expert"]) == 4 and len(layer["labels"]) == 4
     assert layer["final_switch"][-1] == 0.0 and len(layer["final_switch"]) == 3
-    assert final["routing"]["final_switch_steps"] == [20, 40, 60]
-    assert final["routing"]["mean"]["mi"] > 0.05  # experts pick up the token components
+    fs = final["routing"]["final_switch"]
+    assert fs["steps"] == [20, 40, 60] and fs["per_eval"][-1] == 0.0
+    assert fs["mean"] == pytest.approx(sum(fs["per_eval"][:2]) / 2)
+    assert fs["mean"] == pytest.approx(final["routing"]["mean"]["final_switch_mean"])
+    assert final["routing"]["mean"]["mutual_info"] > 0.05  # experts pick up the token components
     cost = final["cost"]
     for key in ("params_total", "params_active", "flops_per_token", "wall_time_s", "tokens_per_s",
                 "peak_memory_mb"):
