@@ -1,0 +1,144 @@
+"""`moebench report`: run records -> leaderboards (Markdown, CSV, LaTeX), plots (PNG, PDF) and one
+self-contained report.html.
+
+Pieces: ``report_load`` reads records, ``report_tables`` aggregates and lays out tables,
+``report_render`` writes tables per format, ``report_plots`` draws, ``report_html`` assembles the page.
+Missing runs are detected from ``<results>/<grid>/expected.json`` written by the launcher (see
+``report_load``)."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .report_load import RecordSet, load_record_set, load_records  # noqa: F401  (public API)
+from .report_render import Table, to_latex, to_markdown
+from .report_tables import (leaderboard_frame, leaderboard_tables, paired_frame, paired_table, rank_frame,
+                            rank_table, unfinished_table)
+
+FORMATS = ("md", "csv", "html", "tex")
+BASELINE = "softmax-topk"
+
+
+class ReportError(RuntimeError):
+    """Nothing to report, or a bad request (unknown format)."""
+
+
+@dataclass
+class Report:
+    """Everything the writers need: the records, the numeric frames and the display tables."""
+
+    rs: RecordSet
+    leaderboard: pd.DataFrame
+    ranks: pd.DataFrame
+    paired: pd.DataFrame
+    bench_tables: list[tuple[str, Table]]
+    overall: list[Table]
+    unfinished: Table | None
+    summary: list[str]
+
+
+def build_report(results_dir, baseline: str = BASELINE) -> Report:
+    rs = load_record_set(results_dir)
+    if rs.runs.empty:
+        raise ReportError(f"no run records under {rs.root} (looked for <grid>/<run_id>/ folders holding "
+                          f"spec.yaml, status.json, final.json or metrics.jsonl); run a grid first or pass "
+                          f"the results folder it wrote to")
+    lb = leaderboard_frame(rs)
+    ranks = rank_frame(lb)
+    paired = paired_frame(rs, lb, baseline) if not lb.empty else pd.DataFrame()
+    bench_tables = list(zip(lb["bench"].drop_duplicates(), leaderboard_tables(lb))) if not lb.empty else []
+    overall = []
+    if not ranks.empty:
+        overall.append(rank_table(ranks, lb))
+    if not lb.empty:
+        if not paired.empty:
+            overall.append(paired_table(paired, baseline))
+        elif baseline not in set(lb["label"]):
+            rs.problems.append(f"no runs labelled {baseline!r}: the paired comparison against it is skipped")
+        else:
+            rs.problems.append(f"no task has finished seeds of both {baseline} and another router at the same "
+                               f"sweep point: the paired comparison is skipped")
+    states = rs.runs["state"].value_counts()
+    summary = [f"Results folder: {rs.root}",
+               f"{len(rs.runs)} runs: " + ", ".join(f"{n} {s}" for s, n in states.sort_index().items()),
+               "Missing runs: " + (f"from expected.json of grid(s) {', '.join(sorted(rs.grids_with_expected))}"
+                                   if rs.grids_with_expected else
+                                   "no expected.json found, so only seeds that other routers of the same task "
+                                   "have are detected")]
+    return Report(rs, lb, ranks, paired, bench_tables, overall, unfinished_table(rs.runs), summary)
+
+
+def write_report(results_dir, out_dir=None, formats=FORMATS, baseline: str = BASELINE, plots: bool = True) -> Path:
+    """Write the report into ``out_dir`` (default ``<results_dir>/report``) and return that folder.
+    Plots (``plots/*.png|pdf``) are drawn when ``plots`` and the formats include md or html, which show
+    them; csv / tex alone skip the slow part."""
+    formats = tuple(formats)
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ReportError(f"unknown report format(s) {unknown}; choose from {', '.join(FORMATS)}")
+    rep = build_report(results_dir, baseline)
+    out = Path(out_dir) if out_dir is not None else Path(results_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    if plots and {"md", "html"} & set(formats):
+        from .report_plots import write_plots  # seaborn / matplotlib only when drawing
+
+        figures = write_plots(rep.rs, rep.leaderboard, out / "plots")
+    if "csv" in formats:
+        _write_csvs(rep, out)
+    if "md" in formats:
+        (out / "leaderboard.md").write_text(_markdown(rep, figures, out), encoding="utf-8")
+    if "tex" in formats:
+        (out / "leaderboard.tex").write_text(_latex(rep), encoding="utf-8")
+    if "html" in formats:
+        from .report_html import render_page
+
+        page = render_page(f"moebench report: {Path(results_dir).resolve().name}", rep.summary, rep.rs.problems,
+                           rep.bench_tables, rep.overall, figures, [rep.unfinished] if rep.unfinished else [])
+        (out / "report.html").write_text(page, encoding="utf-8")
+    return out
+
+
+def _write_csvs(rep: Report, out: Path) -> None:
+    rep.leaderboard.to_csv(out / "leaderboard.csv", index=False)
+    rep.ranks.to_csv(out / "ranks.csv", index=False)
+    rep.paired.to_csv(out / "paired.csv", index=False)
+    rep.rs.runs.drop(columns=["sweep"], errors="ignore").to_csv(out / "runs.csv", index=False)
+
+
+def _markdown(rep: Report, figures, out: Path) -> str:
+    parts = ["# moebench leaderboard", "", *[f"{s}  " for s in rep.summary], ""]
+    if rep.rs.problems:
+        parts += ["## Problems with records", "", *[f"- {' '.join(p.split())}" for p in rep.rs.problems], ""]
+    if rep.overall:
+        parts += ["## Across tasks", ""] + [to_markdown(t) for t in rep.overall]
+    for bench, table in rep.bench_tables:
+        parts += [f"## Task: {bench}", "", to_markdown(table)]
+        parts += [f"![{f.caption}]({f.png.relative_to(out).as_posix()})" for f in figures if f.bench == bench]
+        parts.append("")
+    if rep.unfinished:
+        parts.append(to_markdown(rep.unfinished, level=2))
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _latex(rep: Report) -> str:
+    head = ["% moebench leaderboard tables; needs \\usepackage{booktabs,graphicx}", ""]
+    tables = rep.overall + [t for _, t in rep.bench_tables]
+    return "\n".join(head) + "\n".join(to_latex(t) for t in tables)
+
+
+def cli_report(args) -> int:
+    formats = [f.strip() for f in str(args.format).split(",") if f.strip()]
+    try:
+        out = write_report(args.results, args.out, formats)
+    except (ReportError, FileNotFoundError) as err:
+        print(f"moebench report: {err}", file=sys.stderr)
+        return 2
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    print(f"wrote {len(files)} files to {out}:")
+    for p in files:
+        print(f"  {p.relative_to(out)}")
+    return 0

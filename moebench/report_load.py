@@ -1,0 +1,288 @@
+"""Read every run record under a results folder into pandas frames, without ever crashing on a bad
+record: unreadable files become a listed problem and a run in state ``corrupt``.
+
+``results`` may be one grid (``results/<grid>/<run_id>/``) or a parent of several grids. The grid of a
+run is the name of the folder holding its run folder (the layout ``results/<grid>/<run_id>``).
+
+Missing runs: the launcher writes ``<results>/<grid>/expected.json``, a JSON list of
+``{"run_id", "label", "task", "seed", "sweep"}``, one per run the grid expands to. A listed run with
+no record folder becomes a row in state ``missing``; without the file, missing runs are detected only
+as seeds that other routers of the same task have and this one lacks.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .records import CorruptRecordError, read_json, read_jsonl, read_spec, read_status
+
+RECORD_FILES = ("spec.yaml", "status.json", "final.json", "metrics.jsonl")
+EXPECTED_FILE = "expected.json"
+ROUTING_STATS = ("load_cv", "max_mean", "norm_entropy", "gini", "dead_experts", "drop_rate", "balance",
+                 "gate_entropy", "margin", "fallback_rate", "unrouted_rate", "switch_rate", "mutual_info",
+                 "mutual_info_norm")
+COST_KEYS = ("params_total", "params_active", "flops_per_token", "wall_time_s", "tokens_per_s", "peak_memory_mb")
+ID_COLS = ("grid", "run_id", "bench", "task", "label", "variant", "seed")
+NOT_DONE = ("failed", "missing", "queued", "running", "corrupt")
+
+
+@dataclass
+class RecordSet:
+    """All records under one results folder: ``runs`` (one row per run), ``layers`` (one row per run
+    and MoE layer, from final.json), ``evals`` (one row per run and evaluation, from metrics.jsonl),
+    ``problems`` (human-readable lines about unreadable or inconsistent records)."""
+
+    root: Path
+    runs: pd.DataFrame
+    layers: pd.DataFrame
+    evals: pd.DataFrame
+    problems: list[str] = field(default_factory=list)
+    grids_with_expected: set[str] = field(default_factory=set)
+
+
+def load_records(results_dir) -> pd.DataFrame:
+    """One row per run (done, failed, queued, running, corrupt, or missing from expected.json)."""
+    return load_record_set(results_dir).runs
+
+
+def load_record_set(results_dir) -> RecordSet:
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results folder {root} does not exist; run a grid first (`moebench run`) "
+                                f"or pass the folder that holds <grid>/<run_id>/ record folders")
+    runs, layers, evals, problems = [], [], [], []
+    for run_dir in sorted(find_run_dirs(root)):
+        row, lay, ev, probs = _read_run(run_dir)
+        runs.append(row)
+        layers += lay
+        evals += ev
+        problems += probs
+    grids_with_expected = set()
+    for exp_path in find_expected_files(root):
+        grids_with_expected.add(exp_path.parent.name)
+        missing, probs = _missing_runs(exp_path, {r["run_id"] for r in runs})
+        runs += missing
+        problems += probs
+    frame = _finish_runs(pd.DataFrame(runs), problems)
+    _fill_switch_from_evals(frame, evals)
+    lay_frame, ev_frame = (_attach_ids(pd.DataFrame(x), frame) for x in (layers, evals))
+    return RecordSet(root, frame, lay_frame, ev_frame, problems, grids_with_expected)
+
+
+def find_run_dirs(root: Path, max_depth: int = 3):
+    """Folders holding at least one record file, down to results/<grid>/<run_id> (and one level more)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if any(name in filenames for name in RECORD_FILES):
+            dirnames[:] = []
+            yield here
+            continue
+        depth = len(here.relative_to(root).parts)
+        dirnames[:] = [] if depth >= max_depth else sorted(d for d in dirnames if not d.startswith("."))
+
+
+def find_expected_files(root: Path) -> list[Path]:
+    return sorted(p for p in [root / EXPECTED_FILE, *root.glob(f"*/{EXPECTED_FILE}")] if p.is_file())
+
+
+def _safe(read, path, problems):
+    try:
+        return read(path)
+    except CorruptRecordError as err:
+        problems.append(str(err))
+        return CorruptRecordError
+
+
+def _name(value):
+    """Spec entries may be a plain name or a dict with a name."""
+    if isinstance(value, dict):
+        return value.get("name")
+    return value
+
+
+def _read_run(run_dir: Path):
+    problems: list[str] = []
+    spec = _safe(read_spec, run_dir, problems)
+    status = _safe(read_status, run_dir, problems)
+    final = _safe(read_json, run_dir / "final.json", problems)
+    metrics = _safe(read_jsonl, run_dir / "metrics.jsonl", problems)
+    spec_ok = spec if isinstance(spec, dict) else {}
+    final_ok = final if isinstance(final, dict) else {}
+    status_ok = status if isinstance(status, dict) else {}
+
+    state, reason = status_ok.get("state"), status_ok.get("reason")
+    if final is CorruptRecordError:
+        state, reason = "corrupt", "final.json is not valid JSON; delete it and rerun the run"
+    elif state is None and final_ok:
+        state = "done"
+    elif state == "done" and not final_ok:
+        state, reason = "corrupt", "status says done but final.json is missing; rerun the run"
+        problems.append(f"{run_dir}: {reason}")
+    elif not final_ok and (status is CorruptRecordError or spec is CorruptRecordError):
+        bad = "status.json is not valid JSON" if status is CorruptRecordError else "spec.yaml is not valid YAML"
+        state, reason = "corrupt", f"{bad}; rerun the run (or delete its folder)"
+    elif state is None:
+        state, reason = "queued", reason or "no status.json yet"
+
+    sweep = final_ok.get("sweep") or spec_ok.get("sweep") or {}
+    moe = spec_ok.get("moe")
+    headline = final_ok.get("headline") or {}
+    row = {
+        "grid": run_dir.parent.name,
+        "run_id": final_ok.get("run_id") or run_dir.name,
+        "run_dir": str(run_dir),
+        "task": _name(final_ok.get("task") or spec_ok.get("task")),
+        "label": _name(final_ok.get("label") or spec_ok.get("label") or final_ok.get("router")),
+        "router": final_ok.get("router") or (_name(moe.get("router")) if isinstance(moe, dict) else "dense"),
+        "seed": final_ok.get("seed", spec_ok.get("seed")),
+        "sweep": dict(sweep),
+        "state": state,
+        "reason": reason,
+        "headline_name": headline.get("name"),
+        "headline_value": _num(headline.get("value")),
+        "higher_is_better": headline.get("higher_is_better"),
+    }
+    routing = final_ok.get("routing") or {}
+    for key, value in (routing.get("mean") or {}).items():
+        row[key] = _num(value)
+    row["final_switch"] = _final_switch(routing.get("final_switch"))
+    for key, value in (final_ok.get("cost") or {}).items():
+        row[key] = _num(value)
+    for key, value in (final_ok.get("metrics") or {}).items():
+        row[f"metric.{key}"] = _num(value)
+    if row["label"] is None and state != "missing":
+        problems.append(f"{run_dir}: no readable spec.yaml or final.json, so its router and task are unknown")
+
+    layers = []
+    for i, layer in enumerate(routing.get("per_layer") or []):
+        entry = {"run_id": row["run_id"], "layer_idx": i, "layer": str(layer.get("layer", f"layer{i}"))}
+        for key, value in layer.items():
+            if key in ("counts", "label_by_expert", "labels"):
+                entry[key] = value
+            elif key != "layer":
+                entry[key] = _num(value)
+        layers.append(entry)
+    evals = []
+    for line in metrics if isinstance(metrics, list) else []:
+        entry = {"run_id": row["run_id"], "step": line.get("step"), "train_loss": _num(line.get("train_loss")),
+                 "lr": _num(line.get("lr"))}
+        for key, value in (line.get("metrics") or {}).items():
+            entry[f"metric.{key}"] = _num(value)
+        for key, value in ((line.get("routing") or {}).get("mean") or {}).items():
+            entry[key] = _num(value)
+        evals.append(entry)
+    return row, layers, evals, problems
+
+
+def _num(value) -> float:
+    """A float, NaN for anything that is not a number (None, strings, nested lists)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    return math.nan
+
+
+def _final_switch(value) -> float:
+    """StableMoE's fluctuation as one number: final.json's {"steps", "per_eval", "mean"} gives its mean;
+    a bare per-evaluation list gives the mean without the last entry (0 by definition)."""
+    if isinstance(value, dict):
+        value = value.get("mean")
+    if isinstance(value, list):
+        vals = [_num(v) for v in value[:-1]]
+        vals = [v for v in vals if not math.isnan(v)]
+        return sum(vals) / len(vals) if vals else math.nan
+    return _num(value)
+
+
+def _missing_runs(path: Path, present: set[str]):
+    problems: list[str] = []
+    try:
+        listed = read_json(path)
+    except CorruptRecordError as err:
+        return [], [f"{err} (missing runs cannot be detected for this grid)"]
+    if not isinstance(listed, list):
+        return [], [f"{path}: expected a JSON list of runs, got {type(listed).__name__}; "
+                    f"the launcher must write [{{run_id, label, task, seed, sweep}}, ...]"]
+    rows = []
+    for entry in listed:
+        if not isinstance(entry, dict) or "run_id" not in entry:
+            problems.append(f"{path}: entry {entry!r} has no run_id; skipped")
+            continue
+        if entry["run_id"] in present:
+            continue
+        rows.append({"grid": path.parent.name, "run_id": entry["run_id"], "run_dir": None,
+                     "task": _name(entry.get("task")), "label": _name(entry.get("label")),
+                     "router": None, "seed": entry.get("seed"), "sweep": dict(entry.get("sweep") or {}),
+                     "state": "missing", "reason": "listed in expected.json but no record folder exists"})
+    return rows, problems
+
+
+def variant_name(sweep: dict) -> str:
+    """A sweep point as text, e.g. 'num_experts=8, top_k=1' ('' for no sweep)."""
+    return ", ".join(f"{k}={v}" for k, v in sorted((sweep or {}).items()))
+
+
+def _finish_runs(frame: pd.DataFrame, problems: list[str]) -> pd.DataFrame:
+    """Add variant, bench and sweep columns; fill headline name / direction for runs without one."""
+    base = ["grid", "run_id", "run_dir", "task", "label", "router", "seed", "sweep", "state", "reason",
+            "headline_name", "headline_value", "higher_is_better"]
+    for col in base:
+        if col not in frame:
+            frame[col] = pd.Series(dtype=object if col not in ("headline_value",) else float)
+    if frame.empty:
+        frame["variant"] = pd.Series(dtype=object)
+        frame["bench"] = pd.Series(dtype=object)
+        return frame
+    frame["variant"] = frame["sweep"].map(variant_name)
+    for axis in sorted({k for s in frame["sweep"] for k in s}):
+        frame[f"sweep.{axis}"] = frame["sweep"].map(lambda s, a=axis: s.get(a))
+    grids_per_task = frame.dropna(subset=["task"]).groupby("task")["grid"].nunique()
+    frame["bench"] = [
+        None if t is None or (isinstance(t, float) and math.isnan(t))
+        else (t if grids_per_task.get(t, 1) <= 1 else f"{t} [{g}]")
+        for t, g in zip(frame["task"], frame["grid"])
+    ]
+    for bench, g in frame.dropna(subset=["bench"]).groupby("bench"):
+        names = g["headline_name"].dropna().unique()
+        dirs = g["higher_is_better"].dropna().unique()
+        if len(names) > 1 or len(dirs) > 1:
+            problems.append(f"task {bench}: runs disagree on the headline metric {list(names)} / "
+                            f"higher_is_better {list(dirs)}; the first is used")
+        if len(names):
+            frame.loc[g.index, "headline_name"] = names[0]
+        if len(dirs):
+            frame.loc[g.index, "higher_is_better"] = bool(dirs[0])
+    dup = frame[frame["state"] == "done"].duplicated(subset=["bench", "label", "variant", "seed"], keep=False)
+    for _, r in frame[dup.reindex(frame.index, fill_value=False)].iterrows():
+        problems.append(f"{r['run_dir']}: duplicate of {r['bench']} / {r['label']} / seed {r['seed']} "
+                        f"({r['variant'] or 'no sweep'}); the seed's runs are averaged")
+    return frame.sort_values(["bench", "label", "variant", "seed"], na_position="last", kind="stable",
+                             key=lambda s: s.astype(str) if s.name != "seed" else s).reset_index(drop=True)
+
+
+def _fill_switch_from_evals(frame: pd.DataFrame, evals: list[dict]) -> None:
+    """Stability at the last evaluation: final.json's switch_rate, else the last metrics.jsonl value."""
+    if frame.empty:
+        return
+    last = {}
+    for e in evals:
+        if not math.isnan(e.get("switch_rate", math.nan)):
+            last[e["run_id"]] = e["switch_rate"]
+    if "switch_rate" not in frame:
+        frame["switch_rate"] = math.nan
+    fill = frame["run_id"].map(last)
+    frame["switch_rate"] = frame["switch_rate"].where(frame["switch_rate"].notna(), fill).astype(float)
+
+
+def _attach_ids(part: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Repeat the run's identity (grid, bench, label, variant, seed, state) on per-layer / per-eval rows."""
+    ids = ["run_id", "grid", "bench", "task", "label", "variant", "seed", "state"]
+    if part.empty:
+        return pd.DataFrame(columns=ids)
+    ident = runs[ids].drop_duplicates("run_id")
+    return part.merge(ident, on="run_id", how="left")

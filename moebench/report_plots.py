@@ -1,0 +1,317 @@
+"""Seaborn figures for the report, sized for a paper column (3.5 in wide), saved as PNG and PDF.
+
+Figures are built on ``matplotlib.figure.Figure`` (no pyplot), so plotting never touches a GUI
+backend or global figure state."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib import transforms
+from matplotlib.figure import Figure
+
+from .report_load import RecordSet
+from .report_tables import entry_name
+
+WIDTH = 3.5  # inches: one paper column
+DPI = 200
+RC = {"font.size": 7, "axes.labelsize": 7, "axes.titlesize": 7.5, "figure.titlesize": 7.5, "xtick.labelsize": 6.5,
+      "ytick.labelsize": 6.5, "legend.fontsize": 6.5, "legend.title_fontsize": 6.5, "pdf.fonttype": 42,
+      "axes.titleweight": "normal", "lines.linewidth": 1.2}
+MARKERS = "osD^vPX*<>p"
+
+
+@dataclass
+class Plot:
+    bench: str
+    kind: str       # headline | tradeoff | cost | stability | load | specialisation
+    caption: str
+    png: Path
+    pdf: Path
+
+
+class Plotter:
+    """Draws every figure for a record set into ``out_dir`` with one colour and marker per router."""
+
+    def __init__(self, rs: RecordSet, lb: pd.DataFrame, out_dir: Path):
+        self.rs, self.lb, self.out = rs, lb, Path(out_dir)
+        labels = sorted(set(rs.runs["label"].dropna()))
+        pal = sns.color_palette("colorblind" if len(labels) <= 10 else "husl", max(len(labels), 1))
+        self.color = {lab: pal[i] for i, lab in enumerate(labels)}
+        if "dense" in self.color:
+            self.color["dense"] = (0.35, 0.35, 0.35)
+        self.marker = {lab: MARKERS[i % len(MARKERS)] for i, lab in enumerate(labels)}
+
+    def all(self) -> list[Plot]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        plots: list[Plot] = []
+        with sns.axes_style("whitegrid"), mpl.rc_context(RC):
+            for bench, lb_b in self.lb.groupby("bench", sort=True):
+                runs_b = self.rs.runs[(self.rs.runs["bench"] == bench) & (self.rs.runs["state"] == "done")]
+                runs_b = runs_b[runs_b["headline_value"].notna()]
+                if runs_b.empty:
+                    continue
+                for make in (self.headline, self.tradeoff, self.cost, self.stability, self.load, self.specialisation):
+                    plots += make(bench, lb_b, runs_b)
+        return plots
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _save(self, fig: Figure, bench: str, kind: str, caption: str, suffix: str = "") -> Plot:
+        stem = _slug(f"{kind}_{bench}" + (f"_{suffix}" if suffix else ""))
+        png, pdf = self.out / f"{stem}.png", self.out / f"{stem}.pdf"
+        fig.savefig(png, dpi=DPI)   # no tight bbox: the file keeps the exact column width
+        fig.savefig(pdf)
+        return Plot(bench, kind, caption, png, pdf)
+
+    def _legend_below(self, ax, fig: Figure, n: int) -> None:
+        """Legend under the axes, outside them; the constrained layout makes room within the width."""
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="outside lower center", ncol=2 if n > 1 else 1,
+                       frameon=False, handletextpad=0.3, columnspacing=1.0)
+
+    def _entries(self, lb_b: pd.DataFrame) -> list[tuple[str, str, bool]]:
+        return [(r["label"], r["variant"], bool(r["complete"])) for _, r in lb_b.iterrows() if r["n_done"] > 0]
+
+    # -- figures -----------------------------------------------------------------------------------
+    def headline(self, bench, lb_b, runs_b) -> list[Plot]:
+        entries = self._entries(lb_b)
+        name, hib = _headline(lb_b)
+        fig = _figure((WIDTH, 0.7 + 0.24 * len(entries)))
+        ax = fig.subplots()
+        rng = np.random.default_rng(0)
+        for y, (label, variant, complete) in enumerate(entries):
+            vals = runs_b[(runs_b["label"] == label) & (runs_b["variant"] == variant)]["headline_value"].to_numpy()
+            sd = vals.std(ddof=1) if len(vals) > 1 else 0.0
+            ax.errorbar(vals.mean(), y, xerr=sd, fmt=self.marker[label], color=self.color[label], ms=4, capsize=2,
+                        zorder=3)
+            ax.scatter(vals, y + rng.uniform(-0.18, 0.18, len(vals)), s=5, color=self.color[label], alpha=0.45,
+                       linewidths=0, zorder=2)
+        ax.set_yticks(range(len(entries)))
+        ax.set_yticklabels([entry_name(lab, var) + ("*" if not ok else "") for lab, var, ok in entries])
+        ax.set_ylim(len(entries) - 0.5, -0.5)
+        ax.set_xlabel(metric_label(name, bench, hib, runs_b["headline_value"]))
+        incomplete = not all(ok for *_, ok in entries)
+        fig.suptitle(f"{bench}: mean ± s.d. over seeds" + ("; * incomplete" if incomplete else ""))
+        return [self._save(fig, bench, "headline", f"{bench}: headline metric per router, mean ± sample s.d. "
+                                                   f"over seeds, one dot per seed.")]
+
+    def _scatter_vs(self, bench, lb_b, runs_b, xcol, xlabel, kind, caption, xscale=1.0) -> list[Plot]:
+        name, hib = _headline(lb_b)
+        entries = [(lab, var) for lab, var, _ in self._entries(lb_b)]
+        have = runs_b[runs_b[xcol].notna()] if xcol in runs_b else runs_b.iloc[:0]
+        if have.empty:
+            return []
+        fig = _figure((WIDTH, 2.1 + 0.13 * math.ceil(len(entries) / 2)))
+        ax = fig.subplots()
+        points = []
+        for label, variant in entries:
+            g = runs_b[(runs_b["label"] == label) & (runs_b["variant"] == variant)]
+            x, y = g[xcol].to_numpy(dtype=float) / xscale, g["headline_value"].to_numpy(dtype=float)
+            if np.isnan(x).all():
+                ax.axhline(np.nanmean(y), color=self.color[label], ls="--", lw=1,
+                           label=f"{entry_name(label, variant)} (no MoE layers)")
+            else:
+                points.append((label, variant, x, y))
+        dodge = _dodge([np.nanmean(x) for *_, x, _ in points])
+        for (label, variant, x, y), dx in zip(points, dodge):
+            shift = transforms.offset_copy(ax.transData, fig=fig, x=dx, units="points")
+            sx = np.nanstd(x, ddof=1) if np.isfinite(x).sum() > 1 else 0.0
+            sy = np.nanstd(y, ddof=1) if len(y) > 1 else 0.0
+            ax.scatter(x, y, s=6, color=self.color[label], alpha=0.4, linewidths=0, transform=shift)
+            ax.errorbar(np.nanmean(x), np.nanmean(y), xerr=sx, yerr=sy, fmt=self.marker[label], ms=4, capsize=2,
+                        color=self.color[label], label=entry_name(label, variant), transform=shift)
+            corners = [(np.nanmean(x) + a * sx, np.nanmean(y) + b * sy) for a in (-1, 1) for b in (-1, 1)]
+            ax.update_datalim(np.vstack([np.column_stack([x, y]), corners]))  # shifted artists skip autoscale
+        if any(dodge):  # keep the outermost shifted markers inside the axes
+            ax.margins(x=0.05 + max(abs(d) for d in dodge) / (0.8 * WIDTH * 72))
+        ax.autoscale_view()
+        if any(dodge):
+            caption += " Routers at the same x are drawn side by side (a few points apart) so none hides another."
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric_label(name, bench, hib, runs_b["headline_value"]))
+        fig.suptitle(bench)
+        self._legend_below(ax, fig, len(entries))
+        return [self._save(fig, bench, kind, caption)]
+
+    def tradeoff(self, bench, lb_b, runs_b) -> list[Plot]:
+        return self._scatter_vs(bench, lb_b, runs_b, "load_cv", "Load CV across experts (std/mean; 0 = balanced)",
+                                "tradeoff", f"{bench}: headline metric against load imbalance (CV of expert "
+                                            f"loads), mean ± s.d. over seeds; small dots are seeds.")
+
+    def cost(self, bench, lb_b, runs_b) -> list[Plot]:
+        if "flops_per_token" not in runs_b or runs_b["flops_per_token"].isna().all():
+            return []
+        top = runs_b["flops_per_token"].max()
+        scale, prefix = next(((s, p) for s, p in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")) if top >= s),
+                             (1.0, ""))
+        return self._scatter_vs(bench, lb_b, runs_b, "flops_per_token", f"Active compute ({prefix}FLOPs per token)",
+                                "cost", f"{bench}: headline metric against active FLOPs per token (router "
+                                        f"included), mean ± s.d. over seeds.", xscale=scale)
+
+    def stability(self, bench, lb_b, runs_b) -> list[Plot]:
+        ev = self.rs.evals
+        if ev.empty or "switch_rate" not in ev:
+            return []
+        ev = ev[ev["run_id"].isin(runs_b["run_id"]) & ev["switch_rate"].notna()].copy()
+        if ev.empty:
+            return []
+        ev["entry"] = [entry_name(a, b) for a, b in zip(ev["label"], ev["variant"])]
+        ev["switch_pct"] = 100 * ev["switch_rate"]
+        seen = set(ev["entry"])
+        order = [entry_name(lab, var) for lab, var, _ in self._entries(lb_b) if entry_name(lab, var) in seen]
+        palette = {entry_name(lab, var): self.color[lab] for lab, var, _ in self._entries(lb_b)}
+        fig = _figure((WIDTH, 2.0 + 0.13 * math.ceil(len(order) / 2)))
+        ax = fig.subplots()
+        sns.lineplot(data=ev, x="step", y="switch_pct", hue="entry", hue_order=order, palette=palette,
+                     style="entry", style_order=order, markers=True, dashes=False, markersize=3,
+                     errorbar="sd", ax=ax, legend=True)
+        ax.get_legend().remove()
+        ax.set_xlabel("Training step")
+        ax.set_ylabel("Top-1 switch rate\n(% of probe tokens)")
+        ax.set_ylim(bottom=0)
+        fig.suptitle(f"{bench}: routing stability (mean ± s.d.)")
+        self._legend_below(ax, fig, len(order))
+        return [self._save(fig, bench, "stability", f"{bench}: share of fixed probe tokens whose top-1 expert "
+                                                    f"changed since the previous evaluation.")]
+
+    def load(self, bench, lb_b, runs_b) -> list[Plot]:
+        lay = self.rs.layers
+        if lay.empty or "counts" not in lay:
+            return []
+        lay = lay[lay["run_id"].isin(runs_b["run_id"])]
+        lay = lay[lay["counts"].map(lambda c: isinstance(c, list) and len(c) > 0)]
+        plots = []
+        entries = [(lab, var) for lab, var, _ in self._entries(lb_b)]
+        for (idx, layer), part in lay.groupby(["layer_idx", "layer"], sort=True):
+            rows, names = [], []
+            for label, variant in entries:
+                g = part[(part["label"] == label) & (part["variant"] == variant)]
+                if g.empty:
+                    continue
+                shares = [100 * np.sort(np.asarray(c, float))[::-1] / max(np.sum(c), 1) for c in g["counts"]]
+                width = max(len(s) for s in shares)
+                mat = np.full((len(shares), width), np.nan)
+                for i, s in enumerate(shares):
+                    mat[i, :len(s)] = s
+                rows.append(np.nanmean(mat, axis=0))
+                names.append(entry_name(label, variant))
+            if not rows:
+                continue
+            width = max(len(r) for r in rows)
+            data = pd.DataFrame([np.pad(r, (0, width - len(r)), constant_values=np.nan) for r in rows],
+                                index=names, columns=range(1, width + 1))
+            fig = _figure((WIDTH, max(1.7, 0.75 + 0.22 * len(names))))  # room for the colour-bar label
+            ax = fig.subplots()
+            sns.heatmap(data, ax=ax, cmap="rocket_r", vmin=0, annot=width <= 8, fmt=".0f",
+                        annot_kws={"fontsize": 5.5}, linewidths=0.3, linecolor="white",
+                        cbar_kws={"label": "Share of tokens (%)", "pad": 0.02})
+            ax.set_xlabel(f"Expert, sorted by load within each run (uniform = {100 / width:.1f}%)")
+            ax.set_ylabel("")
+            ax.tick_params(axis="y", rotation=0)
+            fig.suptitle(f"{bench}: expert load, layer {layer}")
+            plots.append(self._save(fig, bench, "load", f"{bench}, layer {layer}: share of tokens per expert, "
+                                                        f"experts sorted by load in each run (expert indices are "
+                                                        f"not comparable across seeds), averaged over seeds.",
+                                    suffix=f"{idx}_{layer}"))
+        return plots
+
+    def specialisation(self, bench, lb_b, runs_b) -> list[Plot]:
+        lay = self.rs.layers
+        if lay.empty or "label_by_expert" not in lay:
+            return []
+        lay = lay[lay["run_id"].isin(runs_b["run_id"])]
+        lay = lay[lay["label_by_expert"].map(lambda m: isinstance(m, list) and len(m) > 0)]
+        plots = []
+        for label, variant in [(lab, var) for lab, var, _ in self._entries(lb_b)]:
+            g = lay[(lay["label"] == label) & (lay["variant"] == variant)]
+            if g.empty:
+                continue
+            seed = g["seed"].min()
+            g = g[g["seed"] == seed].sort_values("layer_idx")
+            r = g.iloc[-1]
+            mat = np.asarray(r["label_by_expert"], dtype=float)
+            names = r.get("labels")
+            if not isinstance(names, list) or len(names) != len(mat):  # names absent or not one per row
+                names = [str(i) for i in range(len(mat))]
+            names = [n if len(str(n)) <= 16 else str(n)[:15] + "…" for n in names]
+            keep = np.argsort(-mat.sum(1))[:20] if len(mat) > 20 else np.arange(len(mat))
+            keep = np.sort(keep)
+            mat, names = mat[keep], [names[i] for i in keep]
+            share = 100 * mat / np.maximum(mat.sum(1, keepdims=True), 1)
+            data = pd.DataFrame(share, index=names, columns=range(share.shape[1]))
+            fig = _figure((WIDTH, max(2.0, 0.8 + 0.2 * len(names))))
+            ax = fig.subplots()
+            small = share.shape[1] <= 8 and len(names) <= 12
+            sns.heatmap(data, ax=ax, cmap="mako_r", vmin=0, vmax=100, annot=small, fmt=".0f",
+                        annot_kws={"fontsize": 5.5}, linewidths=0.3, linecolor="white",
+                        cbar_kws={"label": "Label's tokens (%)", "pad": 0.02})
+            ax.set_xlabel("Expert index")
+            ax.set_ylabel("Label")
+            ax.tick_params(axis="y", rotation=0)
+            mi = r.get("mutual_info", math.nan)
+            mi_txt = "" if pd.isna(mi) else f", MI {mi:.2f} nats"
+            more = f" (top 20 of {len(r['label_by_expert'])} labels)" if len(r["label_by_expert"]) > 20 else ""
+            fig.suptitle(f"{bench}: {entry_name(label, variant)}\nlayer {r['layer']}, seed {int(seed)}{mi_txt}{more}")
+            plots.append(self._save(fig, bench, "specialisation",
+                                    f"{bench}, {entry_name(label, variant)}: where each label's tokens go "
+                                    f"(rows sum to 100%), last MoE layer, seed {int(seed)}.",
+                                    suffix=entry_name(label, variant)))
+        return plots
+
+
+def _dodge(xs: list[float], step: float = 5.0) -> list[float]:
+    """Sideways offsets in points for markers sharing an x value (to 3 significant digits)."""
+    keys = [f"{x:.3g}" for x in xs]
+    offsets = []
+    for i, k in enumerate(keys):
+        same = [j for j, kk in enumerate(keys) if kk == k]
+        offsets.append((same.index(i) - (len(same) - 1) / 2) * step if len(same) > 1 else 0.0)
+    return offsets
+
+
+def _figure(size) -> Figure:
+    """A figure whose constrained layout keeps labels and legend inside the column width."""
+    return Figure(figsize=size, layout="constrained")
+
+
+def _headline(lb_b: pd.DataFrame) -> tuple[str, bool]:
+    name = lb_b["headline_name"].dropna().iloc[0] if lb_b["headline_name"].notna().any() else "headline"
+    hib = bool(lb_b["higher_is_better"].dropna().iloc[0]) if lb_b["higher_is_better"].notna().any() else True
+    return name, hib
+
+
+_PRETTY = {"top1": "Top-1 accuracy", "top5": "Top-5 accuracy", "acc": "Accuracy", "accuracy": "Accuracy",
+           "mae": "MAE", "mse": "MSE", "rmse": "RMSE", "mean_r1": "Mean R@1", "r1": "R@1", "recall@1": "R@1",
+           "mean_recall@1": "Mean R@1", "r@1": "R@1", "loss": "Loss"}
+
+
+def metric_label(name: str, task: str, hib: bool, values) -> str:
+    """Axis label with units: accuracy / recall as fraction or %, brain-age errors in years."""
+    key = str(name).lower()
+    pretty = _PRETTY.get(key, str(name).replace("_", " "))
+    unit = None
+    if re.search(r"acc|top\d|r@?\d|recall", key):
+        finite = pd.Series(values, dtype=float).dropna()
+        unit = "%" if len(finite) and finite.max() > 1.0 else "fraction"
+    elif re.search(r"mae|rmse|error", key) and re.search(r"age|brain", f"{task} {key}".lower()):
+        unit = "years"
+    direction = "higher is better" if hib else "lower is better"
+    return f"{pretty} ({unit}; {direction})" if unit else f"{pretty} ({direction})"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def write_plots(rs: RecordSet, lb: pd.DataFrame, out_dir) -> list[Plot]:
+    """Every figure for the record set; returns what was written, in report order."""
+    if lb.empty:
+        return []
+    return Plotter(rs, lb, out_dir).all()
