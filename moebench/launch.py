@@ -1,0 +1,603 @@
+"""Run a grid with submitit: local subprocesses by default, SLURM job arrays on a cluster, in-process
+for debugging; skip what is done, resume what was interrupted, report what is broken.
+
+Why it looks like this:
+
+- **Idempotent**: a run is identified by its spec (``moebench.spec.run_id``), so running a grid again
+  skips runs whose ``status.json`` says done *and* whose ``final.json`` reads back; an interrupted run
+  (status running, but no live process holds its lock) is resubmitted and the runner resumes it from
+  its ``checkpoint.pt``; a failed run is rerun only with ``retry_failed``. An unreadable (half-written
+  or hand-edited) ``status.json`` / ``final.json`` is reported, set aside under ``.stale/`` and the run
+  is done again.
+- **One owner per run**: the process that trains a run holds an exclusive ``fcntl.flock`` on
+  ``<run_dir>/.lock`` for the whole run (taken here, around ``moebench.runner.execute``). The kernel
+  drops the lock when that process dies, so "locked" means "a live process is on it": two grids (or
+  two launchers of one grid) writing into one results folder never train the same run twice; the
+  second one reports it as "running elsewhere". flock works on local disks and NFSv4; on a shared
+  file system without lock support two launchers must not share a results folder.
+- **Preemption**: the submitted callable is a ``submitit.helpers.Checkpointable``; on preemption or
+  timeout SLURM signals it, submitit pickles the call again and requeues it, and the new attempt
+  resumes from the runner's latest periodic checkpoint. Each attempt appends a line to
+  ``<run_dir>/jobs.jsonl`` (job id, host, pid, ``SLURM_RESTART_COUNT``) so the history is visible.
+- **Multi-GPU** (``executor.gpus_per_node > 1``): one task per GPU; each task exports the
+  torch.distributed environment from ``submitit.JobEnvironment`` (MASTER_ADDR / PORT, RANK,
+  WORLD_SIZE, LOCAL_RANK) and calls ``init_process_group`` before ``execute``; only global rank 0
+  takes the run lock. Untested here (no GPUs): the runner must make rank 0 the only writer.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import records
+
+LOCK_NAME = ".lock"
+JOBS_LOG = "jobs.jsonl"
+STALE_DIR = ".stale"
+SUMMARY_STATES = ("done", "running", "failed", "queued")
+
+
+# -- run ownership -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def run_lock(run_dir, wait_s: float = 0.0):
+    """Yield True while holding the exclusive lock of ``run_dir``, False if another process holds it
+    (after retrying for ``wait_s`` seconds, which rides over a launcher's brief probe)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    got = False
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                got = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.2)
+        if got:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{socket.gethostname()}:{os.getpid()}\n".encode())
+        yield got
+    finally:
+        if got:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def lock_held(run_dir) -> bool:
+    """True when a live process holds the run's lock (probes by trying to take it for an instant)."""
+    path = Path(run_dir) / LOCK_NAME
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the lock if we took it
+    return False
+
+
+# -- reading a run's state ---------------------------------------------------------------------------
+def run_dir_of(spec: dict, results) -> Path:
+    from .spec import run_id
+
+    return Path(results) / spec["grid"] / run_id(spec)
+
+
+def inspect(run_dir) -> dict:
+    """The run's state as the launcher sees it: ``state`` (new, queued, running, interrupted, done,
+    failed, corrupt), ``reason``, ``attempts`` and, when corrupt, ``corrupt`` (what is unreadable)."""
+    run_dir = Path(run_dir)
+    out = {"state": "new", "reason": None, "attempts": 0, "corrupt": None}
+    try:
+        status = records.read_status(run_dir)
+    except records.CorruptRecordError as err:
+        return {**out, "state": "corrupt", "corrupt": str(err)}
+    if status is None:
+        return {**out, "state": "running" if lock_held(run_dir) else "new"}
+    if not isinstance(status, dict) or status.get("state") not in records.STATES:
+        return {**out, "state": "corrupt",
+                "corrupt": f"{run_dir / 'status.json'}: no valid 'state' (one of {', '.join(records.STATES)})"}
+    out.update(state=status["state"], reason=status.get("reason"), attempts=status.get("attempts") or 0)
+    if status["state"] == "done":
+        try:
+            final = records.read_json(run_dir / "final.json")
+        except records.CorruptRecordError as err:
+            return {**out, "state": "corrupt", "corrupt": str(err)}
+        if not isinstance(final, dict):
+            return {**out, "state": "corrupt",
+                    "corrupt": f"{run_dir / 'final.json'}: missing although status.json says done"}
+    elif status["state"] in ("running", "queued") and not lock_held(run_dir):
+        if status["state"] == "running":
+            out.update(state="interrupted", reason="no live process holds the run (killed or crashed)")
+    elif status["state"] == "queued" and lock_held(run_dir):
+        out["state"] = "running"
+    return out
+
+
+def _set_aside(run_dir: Path, names) -> Path | None:
+    """Move unusable record files to ``.stale/<time>/`` (kept for inspection, out of the reader's way)."""
+    present = [n for n in names if (run_dir / n).exists()]
+    if not present:
+        return None
+    dest = run_dir / STALE_DIR / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
+    dest.mkdir(parents=True, exist_ok=True)
+    for n in present:
+        os.replace(run_dir / n, dest / n)
+    return dest
+
+
+def _prepare(run_dir: Path) -> str | None:
+    """Under the run's lock: make the record consistent before (re)running. Returns why it skipped,
+    or None to run. Done and readable -> skip. Unreadable status/final -> set aside. With no checkpoint
+    to resume from, old metrics lines are set aside too, so a restart from step 0 never duplicates
+    them (with a checkpoint, the runner resumes and keeps the lines up to its step)."""
+    state = inspect(run_dir)
+    if state["state"] == "done":
+        return "already done"
+    if state["state"] == "corrupt":
+        _set_aside(run_dir, ["status.json", "final.json"])
+    if not (run_dir / "checkpoint.pt").exists():
+        _set_aside(run_dir, ["final.json", "metrics.jsonl"])
+    return None
+
+
+# -- the submitted callable --------------------------------------------------------------------------
+def _execute(spec: dict, results) -> dict:
+    from .runner import execute
+
+    return execute(spec, results)
+
+
+def _job_env() -> dict:
+    info = {"host": socket.gethostname(), "pid": os.getpid(),
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        info.update(job_id=env.job_id, cluster=env.cluster, global_rank=env.global_rank, num_tasks=env.num_tasks)
+    except RuntimeError:  # not inside a submitit job (a direct call)
+        info.update(job_id=None, cluster=None, global_rank=0, num_tasks=1)
+    return info
+
+
+def run_one(spec: dict, results, threads: int | None = None, lock_wait_s: float = 5.0, execute=None) -> dict:
+    """Run one spec as its owner: lock, re-check, tidy the record, log the attempt, execute.
+    Returns {"run_id", "state", "reason"}; state "skipped" when done already or running elsewhere."""
+    from .spec import run_id
+
+    execute = execute or _execute
+    rid = run_id(spec)
+    run_dir = Path(results) / spec["grid"] / rid
+    env = _job_env()
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    if env["num_tasks"] > 1:  # multi-GPU: one process per GPU (see the module docstring)
+        import torch.distributed as dist
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export()
+        if not dist.is_initialized():
+            import torch
+
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if env["global_rank"] != 0:
+            execute(spec, results)
+            return {"run_id": rid, "state": "worker", "reason": None}
+    with run_lock(run_dir, wait_s=lock_wait_s) as got:
+        if not got:
+            return {"run_id": rid, "state": "skipped", "reason": "running elsewhere"}
+        why = _prepare(run_dir)
+        if why:
+            return {"run_id": rid, "state": "skipped", "reason": why}
+        records.append_jsonl(run_dir / JOBS_LOG, env)
+        try:
+            execute(spec, results)
+        except Exception as err:  # the runner records its own failures; this is for the rest
+            status = records.read_status_safe(run_dir) or {}
+            if status.get("state") != "failed":
+                records.write_status(run_dir, "failed", f"{type(err).__name__}: {err}",
+                                     traceback=traceback.format_exc(limit=20))
+        state = inspect(run_dir)
+    return {"run_id": rid, "state": state["state"], "reason": state["reason"]}
+
+
+try:
+    import submitit as _submitit
+
+    _Checkpointable = _submitit.helpers.Checkpointable
+except ImportError:  # pragma: no cover - submitit is a dependency
+    _Checkpointable = object
+
+
+class RunJob(_Checkpointable):
+    """What submitit runs for one spec. Checkpointable: on preemption / timeout, submitit calls
+    ``checkpoint`` (inherited: resubmit this same call) and requeues; training resumes from the
+    runner's latest checkpoint, so nothing but the steps since it is lost."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads
+
+    def __call__(self, spec: dict, results: str) -> dict:
+        return run_one(spec, results, threads=self.threads)
+
+
+# -- executors ---------------------------------------------------------------------------------------
+def slurm_available() -> bool:
+    """``sbatch`` is on PATH and the controller answers (an installed but stopped SLURM does not count)."""
+    if not shutil.which("sbatch"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=15).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def choose_cluster(requested: str | None, grid_cluster: str = "auto") -> str:
+    """CLI choice, else the grid's, where ``auto`` means slurm if a SLURM controller answers, else local."""
+    cluster = requested or grid_cluster or "auto"
+    if cluster == "auto":
+        cluster = "slurm" if slurm_available() else "local"
+    if cluster == "slurm" and not shutil.which("sbatch"):
+        raise RuntimeError("cluster slurm requested but `sbatch` is not on PATH; run on a SLURM login node, "
+                           "start the one-node cluster with scripts/local-slurm.sh, or use --cluster local")
+    return cluster
+
+
+def max_workers(ex: dict, n_runs: int) -> int:
+    """Local parallelism: the grid's max_workers, else as many runs as cores allow at cpus_per_task each."""
+    if ex.get("max_workers"):
+        return max(1, min(ex["max_workers"], n_runs))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n_runs, cores // max(1, ex.get("cpus_per_task") or 1)))
+
+
+def make_executor(cluster: str, folder: Path, ex: dict, grid_name: str):
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    gpus = ex.get("gpus_per_node") or 0
+    params = {"timeout_min": int(math.ceil(ex.get("time_min") or 60)), "name": f"moebench-{grid_name}"}
+    if cluster == "slurm":
+        params.update(cpus_per_task=ex.get("cpus_per_task") or 1,
+                      slurm_array_parallelism=ex.get("array_parallelism") or 64)
+        if gpus:
+            params.update(gpus_per_node=gpus, tasks_per_node=gpus)
+        if ex.get("mem_gb"):
+            params["mem_gb"] = ex["mem_gb"]
+        if ex.get("partition"):
+            params["slurm_partition"] = ex["partition"]
+        if ex.get("sbatch_extra"):
+            params["slurm_additional_parameters"] = dict(ex["sbatch_extra"])
+    elif cluster == "local" and gpus:
+        params.update(gpus_per_node=gpus, tasks_per_node=gpus)
+    executor.update_parameters(**params)
+    return executor
+
+
+def _squeue_ids() -> set[str] | None:
+    """Job ids SLURM still knows (pending, running, requeued); None if squeue cannot be asked."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return {line.strip() for line in out.stdout.splitlines() if line.strip()}
+
+
+# -- the grid loop -----------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.now().strftime("%H:%M:%S")
+
+
+class _Progress:
+    """Prints one line per run state change, read from the run directories."""
+
+    def __init__(self, runs: list[dict], log):
+        self.runs, self.log = runs, log
+        self.last = {r["run_id"]: "done" for r in runs if r["why"] == "done"}  # the header counted them
+        self.width = max((len(r["run_id"]) for r in runs), default=10)
+
+    def poll(self) -> None:
+        for i, r in enumerate(self.runs, 1):
+            st = inspect(r["run_dir"])
+            shown = st["state"]
+            if r.get("outcome") == "elsewhere":
+                shown = "running elsewhere"
+            if self.last.get(r["run_id"]) != shown:
+                old = self.last.get(r["run_id"])
+                self.last[r["run_id"]] = shown
+                extra = f" ({st['reason']})" if st["reason"] and shown in ("failed", "corrupt") else ""
+                arrow = f"{old} -> {shown}" if old else shown
+                self.log(f"[{_now()}] [{i}/{len(self.runs)}] {r['run_id'].ljust(self.width)} {arrow}{extra}")
+
+
+def plan(specs: list[dict], results, retry_failed: bool = False) -> list[dict]:
+    """What to do with each run: ``action`` skip (done / failed without retry / running elsewhere)
+    or run, with ``why``."""
+    from .spec import run_id
+
+    out = []
+    for spec in specs:
+        rid = run_id(spec)
+        run_dir = Path(results) / spec["grid"] / rid
+        st = inspect(run_dir)
+        action, why = "run", {"new": "new", "queued": "queued earlier, never started",
+                              "interrupted": "interrupted: resume from its checkpoint"}.get(st["state"])
+        if st["state"] == "done":
+            action, why = "skip", "done"
+        elif st["state"] == "running":
+            action, why = "skip", "running elsewhere"
+        elif st["state"] == "failed":
+            action, why = ("run", f"retry after failure: {st['reason']}") if retry_failed else \
+                ("skip", f"failed ({st['reason']}); rerun with --retry-failed")
+        elif st["state"] == "corrupt":
+            why = f"corrupt record, rerun: {st['corrupt']}"
+        out.append({"spec": spec, "run_id": rid, "run_dir": run_dir, "action": action, "why": why,
+                    "state": st["state"]})
+    return out
+
+
+def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool = False,
+             retry_failed: bool = False, report: bool = True, poll_s: float | None = None, log=print) -> dict:
+    """Expand ``grid`` (path or shipped name), run what is not done, print progress and a summary,
+    then write the report. Returns {"grid", "results", "runs": [{run_id, label, seed, state, reason}],
+    "counts": {state: n}, "report": path or None}."""
+    from . import grid as gridmod
+
+    g = gridmod.load(grid)
+    specs = gridmod.expand(g)
+    results = Path(results)
+    grid_dir = results / g["name"]
+    ex = g["executor"]
+    cluster = choose_cluster(cluster, ex.get("cluster"))
+    runs = plan(specs, results, retry_failed)
+    todo = [r for r in runs if r["action"] == "run"]
+    log(f"grid {g['name']}: {len(runs)} runs -> {grid_dir} ({cluster}); "
+        f"{sum(r['why'] == 'done' for r in runs)} done already, {len(todo)} to run")
+    for r in runs:
+        if r["why"] != "done" and (r["action"] == "skip" or r["state"] != "new"):
+            log(f"  {r['run_id']}: {'skip' if r['action'] == 'skip' else 'run'}: {r['why']}")
+    if dry_run:
+        for r in todo:
+            log(f"  would run {r['run_id']} ({r['why']})")
+        return {"grid": g["name"], "results": str(grid_dir), "runs": _rows(runs), "counts": _counts(runs),
+                "report": None}
+
+    for r in todo:  # mark queued, under the lock so a run finishing elsewhere is never overwritten
+        with run_lock(r["run_dir"]) as got:
+            if not got:
+                r["action"], r["outcome"] = "skip", "elsewhere"
+            elif inspect(r["run_dir"])["state"] == "done":
+                r["action"] = "skip"
+            else:
+                if not (r["run_dir"] / "spec.yaml").exists():
+                    records.atomic_write_yaml(r["run_dir"] / "spec.yaml", r["spec"])
+                if r["state"] != "corrupt":
+                    records.write_status(r["run_dir"], "queued")
+    todo = [r for r in todo if r["action"] == "run"]
+    write_expected(grid_dir, runs)
+    progress = _Progress(runs, log)
+    progress.poll()
+    if todo:
+        _submit_and_wait(todo, cluster, ex, grid_dir, g["name"], results, progress,
+                         poll_s if poll_s is not None else (5.0 if cluster == "slurm" else 1.0), log)
+    progress.poll()
+    rows = _rows(runs)
+    log(format_table(rows, title=f"grid {g['name']} summary"))
+    out = {"grid": g["name"], "results": str(grid_dir), "runs": rows, "counts": _counts(runs), "report": None}
+    if report:
+        out["report"] = _write_report(grid_dir, log)
+    return out
+
+
+def write_expected(grid_dir: Path, runs: list[dict]) -> None:
+    """``<grid>/expected.json``: every run the grid expands to, so the report can list missing ones."""
+    records.atomic_write_json(grid_dir / "expected.json", [
+        {"run_id": r["run_id"], "label": r["spec"]["label"], "task": r["spec"]["task"],
+         "seed": r["spec"]["seed"], "sweep": r["spec"]["sweep"]} for r in runs])
+
+
+def _submit_and_wait(todo, cluster, ex, grid_dir, name, results, progress, poll_s, log) -> None:
+    folder = grid_dir / ".submitit"
+    executor = make_executor(cluster, folder, ex, name)
+    job_fn = RunJob(threads=ex.get("cpus_per_task") if cluster != "debug" else None)
+    if cluster == "debug":  # in-process, one after the other, so a debugger can step in
+        for r in todo:
+            job = executor.submit(job_fn, r["spec"], str(results))
+            _finish(r, job, log)
+            progress.poll()
+        return
+    pending = list(todo)
+    running: list[tuple[dict, object]] = []
+    if cluster == "slurm":
+        jobs = executor.map_array(job_fn, [r["spec"] for r in pending], [str(results)] * len(pending))
+        running = list(zip(pending, jobs))
+        pending = []
+        log(f"[{_now()}] submitted {len(jobs)} runs as SLURM array {jobs[0].job_id.split('_')[0]} "
+            f"(at most {ex.get('array_parallelism')} at once); logs in {folder}")
+    limit = max_workers(ex, len(todo)) if cluster == "local" else len(todo)
+    missing: dict[str, int] = {}
+    while pending or running:
+        while pending and len(running) < limit:
+            r = pending.pop(0)
+            running.append((r, executor.submit(job_fn, r["spec"], str(results))))
+        time.sleep(poll_s)
+        progress.poll()
+        alive = _squeue_ids() if cluster == "slurm" else None
+        still = []
+        for r, job in running:
+            # SLURM: the result file, or squeue (without accounting, submitit's sacct check only warns)
+            finished = job.paths.result_pickle.exists() if cluster == "slurm" else job.done()
+            if not finished and alive is not None:  # a job SLURM no longer lists is over too
+                gone = job.job_id not in alive
+                missing[job.job_id] = missing.get(job.job_id, 0) + 1 if gone else 0
+                finished = missing[job.job_id] >= 3
+            if finished:
+                _finish(r, job, log)
+            else:
+                still.append((r, job))
+        running = still
+
+
+def _finish(r: dict, job, log) -> None:
+    """Collect a finished job; if it died without its run reaching a final state, record why."""
+    try:
+        if hasattr(job, "paths") and not job.paths.result_pickle.exists() and not hasattr(job, "_submission"):
+            raise RuntimeError("the job left no result (killed, cancelled or crashed)")
+        res = job.result()
+        if isinstance(res, dict) and res.get("state") == "skipped" and res.get("reason") == "running elsewhere":
+            r["outcome"] = "elsewhere"
+        err = None
+    except Exception as e:  # noqa: BLE001 - any job failure is recorded, the grid goes on
+        err = e
+    st = inspect(r["run_dir"])
+    if st["state"] in ("done", "failed") or r.get("outcome") == "elsewhere":
+        return
+    with run_lock(r["run_dir"]) as got:
+        if got and inspect(r["run_dir"])["state"] not in ("done", "failed"):
+            first = str(err).strip().splitlines()[-1][:500] if err else "the job ended but the run did not finish"
+            log_path = getattr(getattr(job, "paths", None), "stderr", None)
+            records.write_status(r["run_dir"], "failed",
+                                 f"job {job.job_id} ended without finishing the run: {first}"
+                                 + (f" (log: {log_path})" if log_path else ""))
+
+
+def _write_report(grid_dir: Path, log) -> str | None:
+    try:
+        from .report import write_report
+    except ImportError as err:
+        log(f"report skipped: moebench.report is not available ({err})")
+        return None
+    out = grid_dir / "report"
+    try:
+        write_report(grid_dir, out)
+    except Exception as err:  # noqa: BLE001 - the runs are safe on disk; say what broke
+        log(f"report failed: {type(err).__name__}: {err}; rerun it with `moebench report {grid_dir}`")
+        return None
+    log(f"report: {out}")
+    return str(out)
+
+
+# -- status tables -----------------------------------------------------------------------------------
+def _rows(runs: list[dict]) -> list[dict]:
+    rows = []
+    for r in runs:
+        st = inspect(r["run_dir"])
+        state = st["state"]
+        if r.get("outcome") == "elsewhere" and state not in ("done", "failed"):
+            state = "running"
+        rows.append({"run_id": r["run_id"], "label": r["spec"]["label"], "seed": r["spec"]["seed"],
+                     "state": state, "attempts": st["attempts"],
+                     "reason": st["corrupt"] or st["reason"] or ("running elsewhere" if r.get("outcome") == "elsewhere" else "")})
+    return rows
+
+
+def _bucket(state: str) -> str:
+    """Summary buckets: done / running / failed / queued (new, interrupted and corrupt count as queued,
+    i.e. still to run)."""
+    return state if state in SUMMARY_STATES else ("failed" if state == "failed" else "queued")
+
+
+def _counts(runs_or_rows) -> dict:
+    counts = {s: 0 for s in SUMMARY_STATES}
+    for r in runs_or_rows:
+        state = r["state"] if "spec" not in r else inspect(r["run_dir"])["state"]
+        counts[_bucket(state)] += 1
+    return counts
+
+
+def format_table(rows: list[dict], title: str = "") -> str:
+    counts = _counts(rows)
+    head = ["run_id", "label", "seed", "state", "attempts", "reason"]
+    body = [[str(r[h]) if r[h] is not None else "" for h in head] for r in rows]
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head[:-1])]
+    lines = [title] if title else []
+    lines.append("  ".join(h.ljust(w) for h, w in zip(head[:-1], widths)) + "  reason")
+    for b in body:
+        lines.append(("  ".join(c.ljust(w) for c, w in zip(b[:-1], widths)) + "  " + b[-1]).rstrip())
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items()) + f" (of {len(rows)})")
+    return "\n".join(lines)
+
+
+def _grid_dirs(path: Path) -> list[Path]:
+    """``path`` itself if it holds run folders, else its (non-hidden) sub-folders that do."""
+    def has_runs(p: Path) -> bool:
+        return any((c / "status.json").exists() or (c / "spec.yaml").exists()
+                   for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
+
+    if not path.is_dir():
+        return []
+    if has_runs(path):
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and has_runs(p))
+
+
+def status_rows(grid_dir: Path) -> list[dict]:
+    rows = []
+    for run_dir in sorted(p for p in grid_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not ((run_dir / "status.json").exists() or (run_dir / "spec.yaml").exists()):
+            continue
+        st = inspect(run_dir)
+        try:
+            spec = records.read_spec(run_dir) or {}
+        except records.CorruptRecordError as err:
+            spec, st = {}, {**st, "state": "corrupt", "corrupt": st["corrupt"] or str(err)}
+        rows.append({"run_id": run_dir.name, "label": spec.get("label", "?"), "seed": spec.get("seed", "?"),
+                     "state": st["state"], "attempts": st["attempts"],
+                     "reason": st["corrupt"] or st["reason"] or ""})
+    return rows
+
+
+def cli_status(args) -> int:
+    root = Path(args.results)
+    dirs = _grid_dirs(root)
+    if not dirs:
+        print(f"no runs under {root} (expected {root}/<grid>/<run_id>/status.json)", file=sys.stderr)
+        return 1
+    bad = 0
+    for d in dirs:
+        rows = status_rows(d)
+        print(format_table(rows, title=f"grid {d.name} ({d})"))
+        corrupt = [r for r in rows if r["state"] == "corrupt"]
+        for r in corrupt:
+            print(f"corrupt record: {r['run_id']}: {r['reason']} (rerunning the grid sets it aside and reruns it)")
+        bad += sum(r["state"] in ("failed", "corrupt") for r in rows)
+        print()
+    return 1 if bad else 0
+
+
+def cli_run(args) -> int:
+    from .grid import GridError
+
+    try:
+        out = run_grid(args.grid, cluster=args.cluster, results=args.results, dry_run=args.dry_run,
+                       retry_failed=args.retry_failed, report=not args.no_report)
+    except (GridError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return 0
+    return 0 if out["counts"]["failed"] == 0 and out["counts"]["queued"] == 0 else 1

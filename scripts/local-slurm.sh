@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Start a one-node SLURM cluster on this (Debian) machine, for the `slurm` tests and for trying
+# `moebench run --cluster slurm` without a real cluster.
+#
+# Why: the SLURM path (job arrays, preemption -> requeue -> resume) can only be tested against a real
+# slurmctld/slurmd pair. This script installs them if missing, writes a munge key and a slurm.conf
+# with this host as the only node (its real CPU count and memory, from `slurmd -C`), starts munged,
+# slurmctld and slurmd, and waits until `sinfo` shows the node up.
+#
+# Idempotent: safe to rerun. If the daemons already run with the same slurm.conf it only checks the
+# node; if the config changed, it restarts them. Exits non-zero with the reason when it cannot start.
+# Needs root (apt-get, daemons running as root: SlurmUser=root).
+#
+# Environment: SLURM_CONF_DIR (default /etc/slurm), LOCAL_SLURM_WAIT_S (default 60),
+#              LOCAL_SLURM_PARTITION (default debug).
+set -uo pipefail
+
+CONF_DIR="${SLURM_CONF_DIR:-/etc/slurm}"
+CONF="$CONF_DIR/slurm.conf"
+WAIT_S="${LOCAL_SLURM_WAIT_S:-60}"
+PARTITION="${LOCAL_SLURM_PARTITION:-debug}"
+LOG_DIR=/var/log/slurm
+RUN_DIR=/run/slurm-local
+
+say() { echo "local-slurm: $*" >&2; }
+die() { say "ERROR: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (installs packages and starts daemons as SlurmUser=root)"
+
+# -- 1. packages -----------------------------------------------------------------------------------
+missing=()
+for pair in slurmctld:/usr/sbin/slurmctld slurmd:/usr/sbin/slurmd slurm-client:/usr/bin/sinfo munge:/usr/sbin/munged; do
+  pkg="${pair%%:*}" bin="${pair#*:}"
+  [ -x "$bin" ] || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "installing ${missing[*]}"
+  command -v apt-get >/dev/null || die "apt-get not found: install ${missing[*]} by hand (Debian/Ubuntu packages)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null 2>&1 || say "apt-get update failed; trying the install anyway"
+  apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 || die "apt-get install ${missing[*]} failed"
+fi
+
+# -- 2. munge --------------------------------------------------------------------------------------
+id munge >/dev/null 2>&1 || die "user 'munge' does not exist (the munge package creates it); reinstall munge"
+mkdir -p /etc/munge /var/log/munge /var/lib/munge /run/munge
+if [ ! -s /etc/munge/munge.key ]; then
+  say "creating /etc/munge/munge.key"
+  dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none || die "cannot write /etc/munge/munge.key"
+fi
+chown -R munge:munge /etc/munge /var/log/munge /var/lib/munge /run/munge
+chmod 0700 /etc/munge /var/log/munge /var/lib/munge
+chmod 0755 /run/munge
+chmod 0400 /etc/munge/munge.key
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+  say "starting munged"
+  pkill_pidfile() { [ -s "$1" ] && kill "$(cat "$1")" 2>/dev/null; rm -f "$1"; }
+  pkill_pidfile /run/munge/munged.pid
+  runuser -u munge -- /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force 2>/dev/null \
+    || die "munged did not start (see /var/log/munge/munged.log)"
+  for _ in $(seq 1 20); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.5; done
+  munge -n 2>/dev/null | unmunge >/dev/null 2>&1 || die "munge credentials do not round-trip (see /var/log/munge/munged.log)"
+fi
+
+# -- 3. slurm.conf ---------------------------------------------------------------------------------
+host="$(hostname -s)"
+[ -n "$host" ] || die "hostname -s is empty; set a hostname"
+getent hosts "$host" >/dev/null 2>&1 || die "host name '$host' does not resolve; add it to /etc/hosts"
+node_line="$(slurmd -C 2>/dev/null | head -n 1)"
+case "$node_line" in
+  NodeName=*) ;;
+  *) die "slurmd -C did not describe this node (got: '$node_line')" ;;
+esac
+mem_mb="$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$node_line")"
+cpus="$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$node_line")"
+[ -n "$mem_mb" ] && [ -n "$cpus" ] || die "cannot read CPUs / RealMemory from: $node_line"
+mkdir -p "$CONF_DIR" "$LOG_DIR" /var/spool/slurmctld /var/spool/slurmd "$RUN_DIR"
+new_conf="$(mktemp)"
+trap 'rm -f "$new_conf"' EXIT
+cat >"$new_conf" <<EOF
+# Written by moebench scripts/local-slurm.sh: a one-node cluster for tests. Rerun the script to refresh.
+ClusterName=moebench-local
+SlurmctldHost=$host
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=$RUN_DIR/slurmctld.pid
+SlurmdPidFile=$RUN_DIR/slurmd.pid
+SlurmctldLogFile=$LOG_DIR/slurmctld.log
+SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmctldPort=6817
+SlurmdPort=6818
+# no cgroups (containers / gVisor have none usable): track processes through /proc, no task binding
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+MpiDefault=none
+# preempted / timed-out jobs may requeue themselves (submitit does), and a rebooted node comes back
+JobRequeue=1
+ReturnToService=2
+SlurmdTimeout=300
+InactiveLimit=0
+KillWait=30
+MinJobAge=300
+$node_line State=UNKNOWN
+PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+EOF
+sed -i 's/ UpTime=[^ ]*//' "$new_conf"
+
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+changed=0
+if ! cmp -s "$new_conf" "$CONF"; then
+  changed=1
+  install -m 0644 "$new_conf" "$CONF" || die "cannot write $CONF"
+  say "wrote $CONF ($host: $cpus CPUs, $mem_mb MB)"
+fi
+[ -f "$CONF_DIR/cgroup.conf" ] || echo "CgroupPlugin=autodetect" >"$CONF_DIR/cgroup.conf"
+
+stop() {  # stop a daemon by its pid file, waiting for it to go
+  local pidfile="$1" pid
+  running "$pidfile" || return 0
+  pid="$(cat "$pidfile")"
+  kill "$pid" 2>/dev/null
+  for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.5; done
+  kill -9 "$pid" 2>/dev/null
+}
+if [ "$changed" = 1 ]; then
+  stop "$RUN_DIR/slurmd.pid"
+  stop "$RUN_DIR/slurmctld.pid"
+fi
+
+# -- 4. daemons ------------------------------------------------------------------------------------
+if ! running "$RUN_DIR/slurmctld.pid"; then
+  say "starting slurmctld"
+  /usr/sbin/slurmctld -f "$CONF" >>"$LOG_DIR/slurmctld.start.log" 2>&1 \
+    || die "slurmctld did not start: $(tail -n 5 "$LOG_DIR/slurmctld.log" 2>/dev/null)"
+fi
+for _ in $(seq 1 30); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.5; done
+scontrol ping 2>/dev/null | grep -q UP \
+  || die "slurmctld does not answer 'scontrol ping': $(tail -n 5 "$LOG_DIR/slurmctld.log" 2>/dev/null)"
+if ! running "$RUN_DIR/slurmd.pid"; then
+  say "starting slurmd"
+  /usr/sbin/slurmd -f "$CONF" >>"$LOG_DIR/slurmd.start.log" 2>&1 \
+    || die "slurmd did not start: $(tail -n 5 "$LOG_DIR/slurmd.log" 2>/dev/null)"
+fi
+
+# -- 5. wait for the node --------------------------------------------------------------------------
+state=""
+for i in $(seq 1 "$((WAIT_S * 2))"); do
+  state="$(sinfo -h -N -n "$host" -o '%T' 2>/dev/null | head -n 1)"
+  case "$state" in
+    idle|mixed|allocated|completing) break ;;
+    down*|drain*|drained*|fail*)
+      # a node left down by an earlier run comes back with `resume`
+      scontrol update NodeName="$host" State=RESUME >/dev/null 2>&1 || true ;;
+  esac
+  sleep 0.5
+done
+case "$state" in
+  idle) say "ready: node $host idle in partition $PARTITION ($cpus CPUs, $mem_mb MB)" ;;
+  mixed|allocated|completing) say "ready: node $host up ($state: jobs are running) in partition $PARTITION" ;;
+  *) die "node $host is '${state:-unknown}' after ${WAIT_S}s, not idle: $(sinfo -h -N -o '%N %T %E' 2>&1 | head -n 3); logs in $LOG_DIR" ;;
+esac

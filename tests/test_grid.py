@@ -1,0 +1,254 @@
+"""Grid files: validation messages, deterministic expansion, stable run ids, sweeps, FLOP / parameter
+matching, refusal of unmatchable grids, and `moebench grid show`. Uses the toy task (tiny models)."""
+from __future__ import annotations
+
+import copy
+from fractions import Fraction
+
+import pytest
+import yaml
+
+from moebench import grid as gridmod
+from moebench.cli import main
+from moebench.grid import GridError
+from moebench.spec import run_id
+
+BASE = {
+    "name": "toy-test",
+    "task": "toy",
+    "task_args": {"num_train": 64, "num_eval": 32},
+    "model": {"dim": 32, "depth": 2},
+    "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 32},
+    "train": {"steps": 4, "batch_size": 8},
+    "seeds": [0, 1],
+    "routers": ["dense", "softmax-topk", "switch", "expert-choice",
+                {"name": "softmax-topk", "label": "top1", "args": {"top_k": 1}}],
+}
+
+
+def write(tmp_path, grid: dict, name: str = "g.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+def error_of(tmp_path, grid: dict) -> str:
+    path = write(tmp_path, grid)
+    with pytest.raises(GridError) as info:
+        gridmod.expand(path)
+    return str(info.value)
+
+
+def with_(**changes) -> dict:
+    g = copy.deepcopy(BASE)
+    for dotted, value in changes.items():
+        node = g
+        *head, last = dotted.split("__")
+        for key in head:
+            node = node[key]
+        node[last] = value
+    return g
+
+
+# -- validation ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grid, path, expected", [
+    (with_(moe__num_experts="eight"), "moe.num_experts", "expected a positive integer, got 'eight' (str)"),
+    (with_(train__lr=-1), "train.lr", "expected a number > 0"),
+    (with_(seeds=[0, 0]), "seeds", "expected a non-empty list of distinct integers"),
+    (with_(executor={"cluster": "kubernetes"}), "executor.cluster", "expected one of auto, local, slurm, debug"),
+    (with_(routers=["dense", {"name": "switch", "args": [1]}]), "routers[1].args", "expected a mapping"),
+    (with_(routers=["dense", "switch", {"name": "softmax-topk", "label": "bad", "args": {"top_k": 9}}]),
+     "routers[2].args.top_k", "top_k=9 is invalid for num_experts=4"),
+    (with_(sweep={"moe.num_experts": [4, "x"]}), "sweep.moe.num_experts[1]", "expected a positive integer"),
+    (with_(match="flops"), "match", "expected one of active_flops, params, none"),
+])
+def test_errors_name_file_key_path_and_expected_type(tmp_path, grid, path, expected):
+    msg = error_of(tmp_path, grid)
+    assert msg.startswith(f"{tmp_path / 'g.yaml'}: {path}: "), msg
+    assert expected in msg
+
+
+def test_task_block_paths_are_named(tmp_path):
+    grid = {k: v for k, v in BASE.items() if k not in ("task", "task_args", "model")}
+    grid["tasks"] = [{"task": "toy"}, {"task": "toy", "task_args": [1, 2]}]
+    msg = error_of(tmp_path, grid)
+    assert ": tasks[1].task_args: expected a mapping, got [1, 2] (list)" in msg
+
+
+@pytest.mark.parametrize("grid, path, suggestion", [
+    ({**{k: v for k, v in BASE.items() if k != "routers"}, "rooters": ["dense"]}, "rooters", "routers"),
+    (with_(moe={"blocks": [-1], "num_expert": 4}), "moe.num_expert", "num_experts"),
+    (with_(routers=[{"name": "softmax-topk", "args": {"topk": 1}}]), "routers[0].args.topk", "top_k"),
+    (with_(train={"step": 3}), "train.step", "steps"),
+])
+def test_unknown_keys_are_rejected_with_the_closest_known_key(tmp_path, grid, path, suggestion):
+    msg = error_of(tmp_path, grid)
+    assert f": {path}: " in msg and f"did you mean {suggestion!r}" in msg, msg
+
+
+def test_unknown_router_and_task_carry_the_registry_error(tmp_path):
+    msg = error_of(tmp_path, with_(routers=["dense", "swich"]))
+    assert ": routers[1].name: unknown router 'swich'. Did you mean 'switch'?" in msg
+    msg = error_of(tmp_path, with_(task="toyy"))
+    assert ": task: unknown task 'toyy'. Did you mean 'toy'?" in msg
+
+
+def test_duplicate_labels_are_refused(tmp_path):
+    msg = error_of(tmp_path, with_(routers=["switch", {"name": "switch", "args": {"jitter": 0.0}, "label": "switch"}]))
+    assert "routers[1].label: label 'switch' is already used by routers[0]" in msg
+
+
+def test_shipped_grid_names_resolve_and_unknown_names_are_explained():
+    assert gridmod.resolve_path("toy") == gridmod.GRIDS_DIR / "toy.yaml"
+    with pytest.raises(GridError, match="Did you mean 'toy'"):
+        gridmod.resolve_path("tyo")
+
+
+def test_every_shipped_grid_validates():
+    for name in gridmod.shipped_grids():
+        g = gridmod.load(name)
+        assert g["name"] and g["routers"] and g["tasks"], name
+
+
+# -- expansion -----------------------------------------------------------------------------------------
+def test_expansion_is_deterministic_and_run_ids_stable_under_key_order(tmp_path):
+    a = gridmod.expand(write(tmp_path, BASE, "a.yaml"))
+    reordered = dict(reversed(list(copy.deepcopy(BASE).items())))
+    reordered["moe"] = dict(reversed(list(reordered["moe"].items())))
+    b = gridmod.expand(write(tmp_path, reordered, "b.yaml"))
+    assert a == b
+    ids = [run_id(s) for s in a]
+    assert ids == [run_id(s) for s in gridmod.expand(write(tmp_path, BASE, "a.yaml"))]
+    assert len(set(ids)) == len(ids) == 5 * 2
+    # order: router entry, then seed
+    assert [(s["label"], s["seed"]) for s in a[:4]] == [("dense", 0), ("dense", 1), ("softmax-topk", 0),
+                                                       ("softmax-topk", 1)]
+    # a changed budget is a different run
+    c = gridmod.expand(write(tmp_path, with_(train__steps=5), "c.yaml"))
+    assert not set(ids) & {run_id(s) for s in c}
+
+
+def test_sweep_is_a_product_and_the_dense_baseline_is_not_repeated(tmp_path):
+    grid = with_(seeds=[0], routers=["dense", "softmax-topk", "uniform"],
+                 sweep={"moe.num_experts": [4, 8], "train.lr": [0.001, 0.003]})
+    specs = gridmod.expand(write(tmp_path, grid))
+    moe = [s for s in specs if s["moe"]]
+    assert sorted((s["label"], s["moe"]["num_experts"], s["train"]["lr"]) for s in moe) == sorted(
+        (r, e, lr) for r in ("softmax-topk", "uniform") for e in (4, 8) for lr in (0.001, 0.003))
+    dense = [s for s in specs if s["moe"] is None]
+    assert sorted(s["train"]["lr"] for s in dense) == [0.001, 0.003]  # the moe axis does not apply to it
+    assert all("moe.num_experts" not in s["sweep"] for s in dense)
+    assert all(set(s["sweep"]) == {"moe.num_experts", "train.lr"} for s in moe)
+
+
+def test_router_args_axis_and_explicit_args_conflict(tmp_path):
+    grid = with_(routers=["softmax-topk", "uniform"], sweep={"router_args.top_k": [1, 2]})
+    specs = gridmod.expand(write(tmp_path, grid))
+    assert sorted((s["label"], s["moe"]["router_args"]["top_k"], s["moe"]["d_hidden"]) for s in specs) == sorted(
+        (r, k, 64 // k) for r in ("softmax-topk", "uniform") for k in (1, 2) for _ in (0, 1))
+    msg = error_of(tmp_path, with_(routers=[{"name": "softmax-topk", "args": {"top_k": 1}}],
+                                   sweep={"router_args.top_k": [1, 2]}))
+    assert "routers[0].args.top_k: also swept by sweep.router_args.top_k" in msg
+
+
+def test_a_preset_fills_in_what_the_grid_leaves_out(tmp_path):
+    from tasks.toy import PRESETS
+
+    grid = {"name": "p", "task": "toy", "preset": "tiny", "train": {"steps": 7}, "routers": ["softmax-topk"],
+            "moe": {"blocks": [-1], "d_hidden": 32}}
+    (spec,) = gridmod.expand(write(tmp_path, grid))
+    task_args, _, moe, train = PRESETS["tiny"]
+    assert spec["task_args"] == task_args
+    assert spec["moe"]["num_experts"] == moe["num_experts"]
+    assert spec["train"]["steps"] == 7 and spec["train"]["batch_size"] == train["batch_size"]
+    msg = error_of(tmp_path, {**grid, "preset": "huge"})
+    assert ": preset: toy task has no size 'huge'" in msg
+
+
+# -- matching ------------------------------------------------------------------------------------------
+def test_active_flop_matching_gives_top1_experts_twice_the_width(tmp_path):
+    specs = gridmod.expand(write(tmp_path, BASE))
+    width = {s["label"]: s["moe"]["d_hidden"] for s in specs if s["moe"]}
+    assert width == {"softmax-topk": 32, "switch": 64, "expert-choice": 32, "top1": 64}
+    moe = [s for s in specs if s["moe"]]
+    flops = {s["match"]["expert_flops_per_token"] for s in moe}
+    assert flops == {2 * 4 * 32 * 32}  # k * (2 matmuls * 2 FLOPs) * d_model * width, the same for all
+    for s in moe:
+        m = s["match"]
+        assert m["mode"] == "active_flops"
+        assert m["reference"] == {"router": "softmax-topk", "active_experts": 2.0, "d_hidden": 32}
+        assert Fraction(m["active_experts_per_token"]) * m["d_hidden"] == 64
+        assert m["router_flops_per_token"] == 2 * 32 * 4  # a linear gate: reported, not matched
+    dense = [s for s in specs if s["moe"] is None]
+    assert dense and all("own MLP width" in s["match"]["dense"] for s in dense)
+
+
+def test_expert_choice_capacity_counts_as_its_active_experts(tmp_path):
+    grid = with_(routers=[{"name": "expert-choice", "label": "ec1", "args": {"capacity": 1}},
+                          {"name": "expert-choice", "label": "ec4", "args": {"capacity": 4}}])
+    width = {s["label"]: s["moe"]["d_hidden"] for s in gridmod.expand(write(tmp_path, grid))}
+    assert width == {"ec1": 64, "ec4": 16}
+
+
+def test_unmatchable_grid_is_refused_with_the_reason_and_working_widths(tmp_path):
+    grid = with_(routers=["softmax-topk", "switch", {"name": "expert-choice", "label": "ec3", "args": {"capacity": 3}}])
+    msg = error_of(tmp_path, grid)
+    assert ": moe.d_hidden: cannot match run 'ec3'" in msg
+    assert "runs 3 experts per token" in msg and "not an integer multiple of 4" in msg
+    assert "one of 24, 36, 48" in msg  # each works for top-2 (x1), switch (x2) and ec3 (x2/3)
+    fixed = copy.deepcopy(grid)
+    fixed["moe"]["d_hidden"] = 36
+    widths = {s["label"]: s["moe"]["d_hidden"] for s in gridmod.expand(write(tmp_path, fixed))}
+    assert widths == {"softmax-topk": 36, "switch": 72, "ec3": 24}
+    # match: none takes the widths as given
+    loose = {s["label"]: s["moe"]["d_hidden"] for s in gridmod.expand(write(tmp_path, {**grid, "match": "none"}))}
+    assert loose == {"softmax-topk": 32, "switch": 32, "ec3": 32}
+
+
+def test_upcycling_with_unequal_matched_widths_is_refused(tmp_path):
+    msg = error_of(tmp_path, with_(moe={"blocks": [-1], "num_experts": 4, "d_hidden": None, "upcycle": True}))
+    assert ": moe.upcycle: " in msg and "widths [64, 128]" in msg
+
+
+def test_null_width_means_the_dense_mlp_width(tmp_path):
+    grid = with_(routers=["softmax-topk"], moe={"blocks": [-1], "num_experts": 4, "d_hidden": None})
+    (spec, _) = gridmod.expand(write(tmp_path, grid))
+    assert spec["moe"]["d_hidden"] == 64  # the toy model's dim 32 x mlp_ratio 2
+
+
+def test_parameter_matching_keeps_experts_times_width(tmp_path):
+    grid = with_(match="params", seeds=[0], routers=["softmax-topk"], sweep={"moe.num_experts": [2, 4, 8]})
+    specs = gridmod.expand(write(tmp_path, grid))
+    assert {s["moe"]["num_experts"]: s["moe"]["d_hidden"] for s in specs} == {2: 64, 4: 32, 8: 16}
+    assert all(s["match"]["reference"] == {"num_experts": 4, "d_hidden": 32} for s in specs)
+
+
+def test_router_width_override_is_refused_under_matching(tmp_path):
+    msg = error_of(tmp_path, with_(routers=[{"name": "switch", "moe": {"d_hidden": 8}}]))
+    assert ": routers[0].moe.d_hidden: with match: active_flops the width is set by matching" in msg
+
+
+# -- grid show -----------------------------------------------------------------------------------------
+def test_grid_show_prints_one_row_per_run_with_costs(tmp_path, capsys):
+    path = write(tmp_path, with_(seeds=[0], sweep={"moe.num_experts": [4, 8]}))
+    assert main(["grid", "show", str(path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "9 runs, match: active_flops" in lines[0]  # dense once + 4 routers x 2 sweep values
+    head = lines[1].split()
+    assert head == ["run_id", "task", "label", "seed", "moe.num_experts", "d_hidden", "mlp_flops/tok",
+                    "router_flops/tok", "params", "active_params"]
+    rows = {r.split()[0]: r.split() for r in lines[3:12]}
+    for spec in gridmod.expand(path):
+        row = rows[run_id(spec)]
+        assert row[2] == spec["label"]
+    switch8 = next(r for r in rows.values() if r[2] == "switch" and r[4] == "8")
+    assert switch8[5] == "64" and switch8[6] == "8.7k"  # 1 x 4 x 32 x 64 expert + 2 x 32 x 8 router FLOPs
+    dense = next(r for r in rows.values() if r[2] == "dense")
+    assert dense[4:9] == ["-", "64", "(dense)", "8.19k", "0"]  # its own MLP: 2 x 2 x 32 x 64, no router
+
+
+def test_grid_show_reports_errors_without_a_traceback(tmp_path, capsys):
+    path = write(tmp_path, with_(routers=["swich"]))
+    assert main(["grid", "show", str(path)]) == 2
+    assert "routers[0].name: unknown router 'swich'" in capsys.readouterr().err
