@@ -89,7 +89,10 @@ def bench_layer(routers: list[str], num_experts: int, ks: list[int], tokens: int
     for k in ks:
         modules: dict[str, nn.Module] = {"dense": DenseFFN(d_model, k * d_hidden)}
         for name in routers:
-            modules[name] = MoELayer(d_model, d_hidden, num_experts, router=name, router_args={"top_k": k})
+            try:
+                modules[name] = MoELayer(d_model, d_hidden, num_experts, router=name, router_args={"top_k": k})
+            except ValueError as err:  # e.g. Switch is top-1 only: no row at this k
+                print(f"skip {name} at k={k}: {err}")
         mixtral = _mixtral_peer(d_model, d_hidden, num_experts, k) if peers else None
         if mixtral is not None:
             modules["mixtral (transformers)"] = mixtral

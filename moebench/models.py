@@ -208,8 +208,13 @@ class ViT3D(nn.Module):
     (so moefy sees ``model.blocks`` like a timm ViT), a linear head on the cls token."""
 
     def __init__(self, img_size, patch_size, embed_dim: int, depth: int, num_heads: int, in_chans: int = 1,
-                 mlp_ratio: float = 4.0, num_outputs: int = 1, qkv_bias: bool = True, drop_path_rate: float = 0.0):
+                 mlp_ratio: float = 4.0, num_outputs: int = 1, qkv_bias: bool = True, drop_path_rate: float = 0.0,
+                 global_pool: str = "token"):
         super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"vit3d global_pool must be 'token' (cls token) or 'avg' (mean of patch tokens), "
+                             f"got {global_pool!r}")
+        self.global_pool = global_pool
         from timm.models.vision_transformer import Block
 
         self.img_size, self.patch_size = _triple(img_size, "img_size"), _triple(patch_size, "patch_size")
@@ -250,11 +255,12 @@ class ViT3D(nn.Module):
         return self.norm(self.blocks(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x)[:, 0])
+        tokens = self.forward_features(x)
+        return self.head(tokens[:, 1:].mean(1) if self.global_pool == "avg" else tokens[:, 0])
 
 
 VIT3D_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "num_outputs",
-              "qkv_bias", "drop_path_rate")
+              "qkv_bias", "drop_path_rate", "global_pool")
 
 
 def _vit3d(cfg: dict, pretrained) -> tuple[nn.Module, str | None]:
