@@ -23,7 +23,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import metrics as M
 from .layer import MoELayer
-from .records import append_jsonl, atomic_write_json, environment_info, read_jsonl, write_status
+from .records import append_jsonl, atomic_write, atomic_write_json, environment_info, read_jsonl, write_status
 from .spec import resolve_spec, run_id as spec_run_id
 
 CHECKPOINT = "checkpoint.pt"
@@ -225,20 +224,6 @@ class _TokenCounter:
             self.handle = None
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -358,7 +343,8 @@ class _Trainer:
         }
 
     def save(self) -> None:
-        _atomic_torch_save(self.state(), self.ckpt_path)
+        state = self.state()
+        atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
 
     def load(self) -> bool:
         """Resume from checkpoint.pt when there is one; otherwise start clean (dropping old metrics)."""

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
+
+from moebench.records import atomic_write
 
 ENV_VAR = "MOEBENCH_CACHE"
 
@@ -30,23 +31,6 @@ def cache_key(params: dict, version: str) -> str:
     """Stable short hash of the parameters and version (JSON with sorted keys, so order is irrelevant)."""
     blob = json.dumps({"params": params, "version": version}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)          # mkstemp makes 0600; a shared cache must stay readable by others
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def cached(name: str, params: dict, build: Callable[[], dict], version: str,
@@ -65,5 +49,5 @@ def cached(name: str, params: dict, build: Callable[[], dict], version: str,
         except Exception as e:  # noqa: BLE001 - any unreadable entry is rebuilt
             warnings.warn(f"cache entry {path} is unreadable ({e}); rebuilding it", stacklevel=2)
     data = build()
-    atomic_write_bytes(path, lambda f: torch.save(data, f))
+    atomic_write(path, lambda f: torch.save(data, f))
     return data

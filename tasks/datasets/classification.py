@@ -11,7 +11,9 @@ import torch
 from torch.utils.data import TensorDataset
 from torchvision.datasets import FashionMNIST, ImageFolder
 
-from .cache import atomic_write_bytes, cache_dir
+from moebench.records import atomic_write
+
+from .cache import cache_dir
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -91,7 +93,7 @@ def _fashion_mnist_raw(root: Path, cache: Path) -> Path:
             with src_open() as s:
                 shutil.copyfileobj(s, f)
         try:
-            atomic_write_bytes(dst, write)
+            atomic_write(dst, write)
         except (OSError, EOFError) as e:
             raise OSError(f"cannot read Fashion-MNIST file {gz if gz.exists() else plain}: {e}; "
                           f"reinstall it with `apt-get install --reinstall dataset-fashion-mnist`") from None
