@@ -67,12 +67,10 @@ import difflib
 import functools
 import itertools
 import json
-import math
 import os
 import re
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -588,17 +586,55 @@ def _finalise(spec: dict, ctx: _Ctx) -> dict:
 # -- matching ----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _probe_cached(key: str) -> dict:
-    import torch
-
-    from .layer import moe_layers
     from .registry import TASKS
 
     cfg = json.loads(key)
-    task = TASKS.get(cfg["task"])(**cfg["task_args"])
     moe = {"blocks": cfg["blocks"], "num_experts": cfg["num_experts"], "router": REFERENCE_ROUTER,
            "router_args": {"top_k": 1}, "d_hidden": WIDTH_MULTIPLE, "capacity_factor": None, "upcycle": False}
+    # weights do not change shapes: never load a checkpoint (or reach a hub) just to measure
+    model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("pretrained", "pretrained_strict")}
+    notes = []
+    try:
+        task, task_err = TASKS.get(cfg["task"])(**cfg["task_args"]), None
+    except Exception as err:  # noqa: BLE001 - e.g. a task that reads its data in __init__
+        task, task_err = None, err
+
+    def build(moe_cfg):
+        try:
+            if task_err is not None:
+                raise task_err
+            return task.build_model(copy.deepcopy(model_cfg), copy.deepcopy(moe_cfg))
+        except Exception as err:  # noqa: BLE001 - e.g. a task that reads its data to size the model
+            if "family" not in model_cfg:
+                raise
+            from .models import build_model
+            from .moefy import moefy
+
+            note = (f"task {cfg['task']!r} could not build its model here ({type(err).__name__}: {err}); "
+                    f"measured from the model section alone")
+            if note not in notes:
+                notes.append(note)
+            net = build_model(copy.deepcopy(model_cfg))
+            if moe_cfg is not None:
+                moefy(net, **moe_cfg)
+            return net
+
+    import logging
+
+    logging.disable(logging.WARNING)  # e.g. open_clip's "no pretrained weights loaded", twice per probe
+    try:
+        return _measure(build, moe, cfg, notes)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
+    import torch
+
+    from .layer import moe_layers
+
     with torch.random.fork_rng():
-        moe_model = task.build_model(copy.deepcopy(cfg["model"]), moe)
+        moe_model = build(moe)
         layers = [(n, m) for n, m in moe_model.named_modules() if m in set(moe_layers(moe_model))]
         if not layers:
             raise GridError(f"task {cfg['task']!r} built no MoE layer for moe.blocks={cfg['blocks']}; "
@@ -608,7 +644,7 @@ def _probe_cached(key: str) -> dict:
         d_models = [m.d_model for _, m in layers]
         names = [n for n, _ in layers]
         del moe_model
-        dense_model = task.build_model(copy.deepcopy(cfg["model"]), None)
+        dense_model = build(None)
         modules = dict(dense_model.named_modules())
         dense_flops, dense_hidden = 0.0, []
         for n in names:
@@ -617,7 +653,7 @@ def _probe_cached(key: str) -> dict:
             dense_hidden.append(linears[0].out_features if linears else None)
         dense_total = sum(p.numel() for p in dense_model.parameters())
     return {"d_models": d_models, "rest_params": rest, "dense_params": dense_total,
-            "dense_mlp_flops": dense_flops, "dense_hidden": dense_hidden, "layer_names": names}
+            "dense_mlp_flops": dense_flops, "dense_hidden": dense_hidden, "layer_names": names, "notes": notes}
 
 
 def _dense_width(spec: dict, ctx: "_Ctx") -> int:
@@ -749,22 +785,40 @@ def costs(spec: dict, blocks=None) -> dict:
         return {"params_total": pr["dense_params"], "params_active": pr["dense_params"],
                 "mlp_flops_per_token": pr["dense_mlp_flops"], "router_flops_per_token": 0.0,
                 "dense_hidden": "/".join(sorted({str(h) for h in pr["dense_hidden"]}))}
+    moe = dict(spec["moe"])
+    if moe["d_hidden"] is None:
+        moe["d_hidden"] = _dense_width(spec, _Ctx("<spec>"))
+    return dict(_moe_costs(json.dumps({"d_models": pr["d_models"], "moe": moe}, sort_keys=True),
+                           pr["rest_params"]))
+
+
+@functools.lru_cache(maxsize=None)
+def _moe_costs(key: str, rest_params: int) -> dict:
+    """Counts do not depend on weight values, so the layers are built on the meta device (no memory,
+    no init work such as ERMoE's SVD); a router that cannot be built there is built on the CPU."""
     import torch
 
     from .layer import MoELayer
 
-    moe = spec["moe"]
+    cfg = json.loads(key)
+    moe = cfg["moe"]
     total = active = flops = router_flops = 0.0
-    with torch.random.fork_rng():
-        for d in pr["d_models"]:
-            layer = MoELayer(d, moe["d_hidden"] or _dense_width(spec, _Ctx("<spec>")), moe["num_experts"], moe["router"],
-                             moe["router_args"], moe["capacity_factor"])
-            total += sum(p.numel() for p in layer.parameters())
-            active += layer.active_params()
-            flops += layer.flops_per_token()
-            router_flops += layer.router.flops_per_token()
-            del layer
-    return {"params_total": int(pr["rest_params"] + total), "params_active": int(pr["rest_params"] + active),
+    for d in cfg["d_models"]:
+        def build():
+            return MoELayer(d, moe["d_hidden"], moe["num_experts"], moe["router"], moe["router_args"],
+                            moe["capacity_factor"])
+        try:
+            with torch.device("meta"):
+                layer = build()
+        except (RuntimeError, NotImplementedError):
+            with torch.random.fork_rng():
+                layer = build()
+        total += sum(p.numel() for p in layer.parameters())
+        active += layer.active_params()
+        flops += layer.flops_per_token()
+        router_flops += layer.router.flops_per_token()
+        del layer
+    return {"params_total": int(rest_params + total), "params_active": int(rest_params + active),
             "mlp_flops_per_token": flops, "router_flops_per_token": router_flops}
 
 
@@ -800,6 +854,8 @@ def show(grid: str | os.PathLike | dict) -> str:
              "  ".join(h.ljust(w) for h, w in zip(head, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    notes = sorted({n for spec in specs if spec["moe"] for n in probe(spec, ctx=_Ctx(g["file"]))["notes"]})
+    lines += [f"note: {n}" for n in notes]
     lines.append("mlp_flops/tok: FLOPs per token of the MoE blocks' MLP sub-layers (experts + router for MoE, "
                  "the dense MLP for dense); the rest of the model is the same in every run.")
     if g["match"]["mode"] == "active_flops":

@@ -331,7 +331,8 @@ class _Progress:
                 self.last[r["run_id"]] = shown
                 extra = f" ({st['reason']})" if st["reason"] and shown in ("failed", "corrupt") else ""
                 arrow = f"{old} -> {shown}" if old else shown
-                self.log(f"[{_now()}] [{i}/{len(self.runs)}] {r['run_id'].ljust(self.width)} {arrow}{extra}")
+                n = len(self.runs)
+                self.log(f"[{_now()}] [{i:>{len(str(n))}}/{n}] {r['run_id'].ljust(self.width)} {arrow}{extra}")
 
 
 def plan(specs: list[dict], results, retry_failed: bool = False) -> list[dict]:
@@ -402,7 +403,7 @@ def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool 
     progress = _Progress(runs, log)
     progress.poll()
     if todo:
-        _submit_and_wait(todo, cluster, ex, grid_dir, g["name"], results, progress,
+        _submit_and_wait(todo, cluster, ex, grid_dir, g["name"], results.resolve(), progress,
                          poll_s if poll_s is not None else (5.0 if cluster == "slurm" else 1.0), log)
     progress.poll()
     rows = _rows(runs)

@@ -252,3 +252,23 @@ def test_grid_show_reports_errors_without_a_traceback(tmp_path, capsys):
     path = write(tmp_path, with_(routers=["swich"]))
     assert main(["grid", "show", str(path)]) == 2
     assert "routers[0].name: unknown router 'swich'" in capsys.readouterr().err
+
+
+def test_quick_covers_every_router_and_dense_on_the_three_tasks_with_two_seeds():
+    from moebench.registry import ROUTERS
+
+    specs = gridmod.expand("quick")
+    assert {s["task"] for s in specs} == {"classification", "retrieval", "brain-age"}
+    for task in ("classification", "retrieval", "brain-age"):
+        mine = [s for s in specs if s["task"] == task]
+        routers = {s["moe"]["router"] if s["moe"] else "dense" for s in mine}
+        assert routers == set(ROUTERS.names()) | {"dense"}, task
+        assert {s["seed"] for s in mine} == {0, 1}
+        labels = {s["label"] for s in mine}
+        assert {"ermoe-context", "ermoe-threshold"} <= labels
+        # FLOP-matched within the task: one expert FLOP count for every MoE run
+        assert len({s["match"]["expert_flops_per_token"] for s in mine if s["moe"]}) == 1, task
+    ctx = next(s for s in specs if s["label"] == "ermoe-context")
+    assert ctx["moe"]["router_args"] == {"score": "context"}
+    thr = next(s for s in specs if s["label"] == "ermoe-threshold")
+    assert thr["moe"]["router_args"]["free_experts"] and thr["moe"]["router_args"]["threshold"] > 0

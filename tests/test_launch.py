@@ -3,7 +3,6 @@ skipping finished runs, resuming a killed grid, corrupt records, failures, --ret
 and two grids sharing one results folder."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -240,3 +239,13 @@ def test_two_grids_sharing_a_results_folder_train_a_shared_run_once(tmp_path):
         assert attempts_logged(d) == 1, label  # the shared run was trained by one grid only
         assert not (d / launch.STALE_DIR).exists()
     assert records.read_status(dirs["softmax-topk"])["attempts"] == 1
+
+
+def test_dry_run_lists_the_plan_and_touches_nothing(tmp_path, capsys):
+    path = toy_grid(tmp_path)
+    results = tmp_path / "results"
+    assert main(["run", str(path), "--cluster", "debug", "--results", str(results), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for d in run_dirs(path, results).values():
+        assert f"would run {d.name} (new)" in out
+    assert not results.exists()
