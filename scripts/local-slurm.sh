@@ -37,8 +37,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   say "installing ${missing[*]}"
   command -v apt-get >/dev/null || die "apt-get not found: install ${missing[*]} by hand (Debian/Ubuntu packages)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null 2>&1 || say "apt-get update failed; trying the install anyway"
-  apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 || die "apt-get install ${missing[*]} failed"
+  apt_log="$(mktemp /tmp/local-slurm-apt.XXXXXX)"
+  apt-get update -qq >"$apt_log" 2>&1 || say "apt-get update failed; trying the install anyway"
+  apt-get install -y -qq "${missing[@]}" >>"$apt_log" 2>&1 \
+    || die "apt-get install ${missing[*]} failed: $(tail -n 5 "$apt_log")"
+  for pair in slurmctld:/usr/sbin/slurmctld slurmd:/usr/sbin/slurmd slurm-client:/usr/bin/sinfo munge:/usr/sbin/munged; do
+    [ -x "${pair#*:}" ] || die "${pair%%:*} installed but ${pair#*:} is missing"
+  done
 fi
 
 # -- 2. munge --------------------------------------------------------------------------------------
@@ -164,7 +169,11 @@ for i in $(seq 1 "$((WAIT_S * 2))"); do
   sleep 0.5
 done
 case "$state" in
-  idle) say "ready: node $host idle in partition $PARTITION ($cpus CPUs, $mem_mb MB)" ;;
+  idle)
+    # the controller can list a node as idle before its slurmd answers: run one real job step
+    out="$(timeout 60 srun -N1 -n1 -t 1 --immediate=30 -J local-slurm-check hostname 2>&1)" \
+      || die "node $host looks idle but a test job failed: $out; logs in $LOG_DIR"
+    say "ready: node $host idle in partition $PARTITION ($cpus CPUs, $mem_mb MB); test job ran on $out" ;;
   mixed|allocated|completing) say "ready: node $host up ($state: jobs are running) in partition $PARTITION" ;;
   *) die "node $host is '${state:-unknown}' after ${WAIT_S}s, not idle: $(sinfo -h -N -o '%N %T %E' 2>&1 | head -n 3); logs in $LOG_DIR" ;;
 esac
