@@ -59,6 +59,13 @@ Matching (what every run's ``spec['match']`` records):
   ``reference_active_experts * d_hidden``; ``moebench grid show`` prints both so it is visible.
 - ``upcycle: true`` copies the dense MLP into each expert, which needs every run's width to be the
   same; a grid whose matching would give different widths is refused.
+
+Measuring: matching needs each MoE layer's d_model (and ``d_hidden: null`` the dense MLP width), so
+``expand`` builds the task's model once per (task, task_args, model, blocks, num_experts), with tiny
+experts and never loading weights. A task that reads its data to build (e.g. to count ImageNet's
+classes) falls back to ``moebench.models.build_model`` on the model section, and ``grid show`` says so.
+Order of the expanded runs: task block, sweep point (axes and values in file order), router entry,
+seed; the dense baseline appears once per point of the axes that apply to it (train/task_args/model).
 """
 from __future__ import annotations
 
@@ -172,6 +179,7 @@ class _Ctx:
 
 # -- loading -----------------------------------------------------------------------------------------
 def shipped_grids() -> list[str]:
+    """Names of the grids shipped in ``moebench/grids/`` (usable as ``moebench run NAME``)."""
     return sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
 
 
@@ -864,6 +872,7 @@ def show(grid: str | os.PathLike | dict) -> str:
 
 
 def cli_show(args) -> int:
+    """``moebench grid show GRID``: the table, or the grid error (exit 2) without a traceback."""
     try:
         print(show(args.grid))
     except GridError as err:

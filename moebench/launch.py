@@ -274,6 +274,9 @@ def max_workers(ex: dict, n_runs: int) -> int:
 
 
 def make_executor(cluster: str, folder: Path, ex: dict, grid_name: str):
+    """A submitit AutoExecutor for ``cluster`` with the grid's executor section translated to its
+    parameters (time limit, CPUs, GPUs as one task per GPU, memory, partition, array parallelism,
+    extra sbatch options); job logs and pickles go to ``folder``."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
@@ -519,7 +522,7 @@ def _rows(runs: list[dict]) -> list[dict]:
 def _bucket(state: str) -> str:
     """Summary buckets: done / running / failed / queued (new, interrupted and corrupt count as queued,
     i.e. still to run)."""
-    return state if state in SUMMARY_STATES else ("failed" if state == "failed" else "queued")
+    return state if state in SUMMARY_STATES else "queued"
 
 
 def _counts(runs_or_rows) -> dict:
@@ -531,6 +534,7 @@ def _counts(runs_or_rows) -> dict:
 
 
 def format_table(rows: list[dict], title: str = "") -> str:
+    """The status table (run, label, seed, state, attempts, reason) and a done/running/failed/queued count."""
     counts = _counts(rows)
     head = ["run_id", "label", "seed", "state", "attempts", "reason"]
     body = [[str(r[h]) if r[h] is not None else "" for h in head] for r in rows]
@@ -557,6 +561,7 @@ def _grid_dirs(path: Path) -> list[Path]:
 
 
 def status_rows(grid_dir: Path) -> list[dict]:
+    """One row per run folder of a grid folder, read from the records alone (no grid file needed)."""
     rows = []
     for run_dir in sorted(p for p in grid_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if not ((run_dir / "status.json").exists() or (run_dir / "spec.yaml").exists()):
@@ -573,6 +578,7 @@ def status_rows(grid_dir: Path) -> list[dict]:
 
 
 def cli_status(args) -> int:
+    """``moebench status [RESULTS]``: a table per grid folder; exit 1 if any run failed or is corrupt."""
     root = Path(args.results)
     dirs = _grid_dirs(root)
     if not dirs:
@@ -591,6 +597,8 @@ def cli_status(args) -> int:
 
 
 def cli_run(args) -> int:
+    """``moebench run [GRID]``: exit 0 when every run is done (or running elsewhere), 1 if any failed or
+    is left to run, 2 for a bad grid / unusable cluster."""
     from .grid import GridError
 
     try:
