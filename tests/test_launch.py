@@ -199,6 +199,9 @@ def test_a_killed_grid_resumes_and_finishes_every_run_exactly_once(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its job processes, as in a crash
             proc.wait()
     killed = mid[0]
+    deadline = time.monotonic() + 20  # SIGKILL is delivered asynchronously: let the kernel reap the jobs
+    while launch.lock_held(dirs[killed]) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert launch.inspect(dirs[killed])["state"] == "interrupted"
     finished_before = {k: (dirs[k] / "final.json").stat().st_mtime_ns for k in done}
 
