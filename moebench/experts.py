@@ -36,6 +36,26 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _GroupedBiasAdd(torch.autograd.Function):
+    """``h[rows of group e] += bias[e]`` in place on the grouped GEMM's fresh output: one pass over
+    memory, no (N, h) repeated-bias tensor; backward sums the gradient per group."""
+
+    @staticmethod
+    def forward(ctx, h, bias, sizes):
+        ctx.sizes = sizes
+        for e, part in enumerate(torch.split(h, sizes)):
+            if sizes[e]:
+                part.add_(bias[e])
+        ctx.mark_dirty(h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()  # what the grouped GEMM's backward needs (see _ContiguousGrad)
+        grad_bias = torch.stack([part.sum(0) for part in torch.split(grad, ctx.sizes)])
+        return grad, grad_bias, None
+
+
 def _grouped_mm_usable(x: Tensor, w: Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -49,12 +69,17 @@ def _grouped_mm_usable(x: Tensor, w: Tensor) -> bool:
     return ok_dtype and w.dtype == x.dtype and x.shape[-1] % align == 0 and w.shape[-1] % align == 0
 
 
-def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, use_grouped_mm: bool = True) -> Tensor:
+def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, use_grouped_mm: bool = True,
+                   contiguous_grad: bool = True) -> Tensor:
     """Rows of ``x`` (N, a) come in E consecutive groups of sizes ``counts``; group e is multiplied by
-    ``w[e]`` (a, b). One grouped GEMM where the build supports it, a loop over groups otherwise."""
+    ``w[e]`` (a, b). One grouped GEMM where the build supports it, a loop over groups otherwise.
+    ``contiguous_grad=False`` only when the caller's next op already hands back a contiguous gradient."""
     if use_grouped_mm and _grouped_mm_usable(x, w):
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(x.contiguous(), w.contiguous(), offs=offs))
+        if w.stride(-1) != 1 and w.stride(-2) != 1:  # row- or column-major (e.g. U.mT) go in as they are
+            w = w.contiguous()
+        out = torch._grouped_mm(x.contiguous(), w, offs=offs)
+        return _ContiguousGrad.apply(out) if contiguous_grad else out
     sizes = counts.tolist()
     parts = [xe @ w[e] for e, xe in enumerate(torch.split(x, sizes)) if sizes[e] > 0]
     return torch.cat(parts) if parts else x.new_zeros(0, w.shape[-1])
@@ -99,14 +124,24 @@ class Experts(nn.Module):
         self.b1.copy_(fc1_bias if fc1_bias is not None else torch.zeros(self.d_hidden))
         self.b2.copy_(fc2_bias if fc2_bias is not None else torch.zeros(self.d_model))
 
+    def fc1(self, x_sorted: Tensor, counts: Tensor, contiguous_grad: bool = True) -> Tensor:
+        """First projection without bias; a reparameterising subclass (ERMoE) overrides this alone."""
+        return grouped_matmul(x_sorted, self.fc1_weight().to(x_sorted.dtype), counts, self.use_grouped_mm,
+                              contiguous_grad)
+
     def params_per_expert(self) -> int:
         return sum(p.numel() for p in self.parameters()) // self.num_experts
 
     def forward(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
-        n = x_sorted.shape[0]
-        w1 = self.fc1_weight().to(x_sorted.dtype)
-        h = grouped_matmul(x_sorted, w1, counts, self.use_grouped_mm)
-        h = h + torch.repeat_interleave(self.b1.to(h.dtype), counts, dim=0, output_size=n)
-        h = self.act(h)
-        y = grouped_matmul(h, self.w2.to(h.dtype), counts, self.use_grouped_mm)
-        return y + torch.repeat_interleave(self.b2.to(y.dtype), counts, dim=0, output_size=n)
+        fused = x_sorted.device.type == "cpu"  # add_group_bias's CPU path makes the gradient contiguous
+        h = self.act(add_group_bias(self.fc1(x_sorted, counts, contiguous_grad=not fused), self.b1, counts))
+        y = grouped_matmul(h, self.w2.to(h.dtype), counts, self.use_grouped_mm, contiguous_grad=not fused)
+        return add_group_bias(y, self.b2, counts)
+
+
+def add_group_bias(h: Tensor, bias: Tensor, counts: Tensor) -> Tensor:
+    """Add ``bias[e]`` to the rows of group e. In place (one memory pass) on CPU, where the per-group
+    loop is cheap; on accelerators one gathered add avoids E small kernels and a host sync."""
+    if h.device.type == "cpu":
+        return _GroupedBiasAdd.apply(h, bias.to(h.dtype), counts.tolist())
+    return h + torch.repeat_interleave(bias.to(h.dtype), counts, dim=0, output_size=h.shape[0])

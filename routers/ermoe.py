@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal
 
-from moebench.experts import Experts, _ContiguousGrad, _grouped_mm_usable, activation_fn, grouped_matmul
+from moebench.experts import Experts, activation_fn, grouped_matmul
 from moebench.registry import register_router
 from moebench.routing import Router, Routing, RoutingContext, topk_routing
 
@@ -180,17 +180,14 @@ class EigenExperts(Experts):
         d, h, m = self.d_model, self.d_hidden, self.rank
         return num_rows * m * (d + h) <= self.num_experts * d * m * h + num_rows * d * h
 
-    def forward(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
-        n, dtype, gmm = x_sorted.shape[0], x_sorted.dtype, self.use_grouped_mm
-        if self.uses_factored(n):
-            vs = (self.V * self.s.unsqueeze(1)).to(dtype)  # (E, d, m): s folded into V, no per-row scale
-            h = _matmul_transposed(grouped_matmul(x_sorted, vs, counts, gmm), self.U.to(dtype), counts, gmm)
-        else:
-            h = grouped_matmul(x_sorted, self.fc1_weight().to(dtype), counts, gmm)
-        h = h + torch.repeat_interleave(self.b1.to(h.dtype), counts, dim=0, output_size=n)
-        h = self.act(h)
-        y = grouped_matmul(h, self.w2.to(h.dtype), counts, gmm)
-        return y + torch.repeat_interleave(self.b2.to(y.dtype), counts, dim=0, output_size=n)
+    def fc1(self, x_sorted: Tensor, counts: Tensor, contiguous_grad: bool = True) -> Tensor:
+        dtype, gmm = x_sorted.dtype, self.use_grouped_mm
+        if not self.uses_factored(x_sorted.shape[0]):
+            return grouped_matmul(x_sorted, self.fc1_weight().to(dtype), counts, gmm, contiguous_grad)
+        vs = (self.V * self.s.unsqueeze(1)).to(dtype)  # (E, d, m): s folded into V, no per-row scale
+        # U^T as a column-major view: no (E, m, h) copy per forward
+        return grouped_matmul(grouped_matmul(x_sorted, vs, counts, gmm), self.U.to(dtype).mT, counts, gmm,
+                              contiguous_grad)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
@@ -422,17 +419,6 @@ class ErMoERouter(Router):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, score={self.score!r}, ortho={self.ortho!r}, route_rank={self.route_rank}, "
                 f"threshold={self.threshold}, free_experts={list(self.free_experts)}, weights={self.weights!r}")
-
-
-def _matmul_transposed(z: Tensor, u: Tensor, counts: Tensor, use_grouped_mm: bool) -> Tensor:
-    """Group e of ``z`` times ``u[e]^T``. torch._grouped_mm takes the column-major view directly;
-    ``grouped_matmul`` would first copy U^T contiguous (E*h*m floats, ~15 ms per forward on CPU at
-    h=1536, m=384)."""
-    ut = u.mT
-    if use_grouped_mm and _grouped_mm_usable(z, ut):
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(z.contiguous(), ut, offs=offs))
-    return grouped_matmul(z, ut, counts, use_grouped_mm)
 
 
 def _is_real(v) -> bool:
