@@ -26,6 +26,12 @@ class Task:
     def __init__(self, **options: Any):
         self.options = options
 
+    # -- sizes ---------------------------------------------------------------------------------------
+    # A task may define ``@classmethod preset(cls, size) -> (task_args, model, moe_defaults, train)``:
+    # four dicts for the offline default at that size ("tiny" for tests, "quick" for the quick grid).
+    # ``moebench train --size`` and a grid's ``preset:`` key read it; an unknown size raises ValueError
+    # naming the known ones.
+
     # -- data --------------------------------------------------------------------------------------
     def datasets(self) -> tuple[Dataset, Dataset]:
         """(train, eval) datasets; built once and cached on disk where building is slow."""
