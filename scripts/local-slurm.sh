@@ -24,6 +24,21 @@ RUN_DIR=/run/slurm-local
 
 say() { echo "local-slurm: $*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
+# a daemon is running if its pid file names a live process with the expected name (pids get reused)
+running() {
+  local pidfile="$1" name="$2" pid
+  [ -s "$pidfile" ] || return 1
+  pid="$(cat "$pidfile")"
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]
+}
+stop() {  # stop the daemon of a pid file (only if it is that daemon), waiting for it to go
+  local pidfile="$1" name="$2" pid
+  running "$pidfile" "$name" || return 0
+  pid="$(cat "$pidfile")"
+  kill "$pid" 2>/dev/null
+  for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.5; done
+  kill -9 "$pid" 2>/dev/null
+}
 
 [ "$(id -u)" = 0 ] || die "must run as root (installs packages and starts daemons as SlurmUser=root)"
 
@@ -59,8 +74,8 @@ chmod 0755 /run/munge
 chmod 0400 /etc/munge/munge.key
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
   say "starting munged"
-  pkill_pidfile() { [ -s "$1" ] && kill "$(cat "$1")" 2>/dev/null; rm -f "$1"; }
-  pkill_pidfile /run/munge/munged.pid
+  stop /run/munge/munged.pid munged
+  rm -f /run/munge/munged.pid
   runuser -u munge -- /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force 2>/dev/null \
     || die "munged did not start (see /var/log/munge/munged.log)"
   for _ in $(seq 1 20); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.5; done
@@ -119,7 +134,6 @@ PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP OverS
 EOF
 sed -i 's/ UpTime=[^ ]*//' "$new_conf"
 
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 changed=0
 if ! cmp -s "$new_conf" "$CONF"; then
   changed=1
@@ -128,21 +142,13 @@ if ! cmp -s "$new_conf" "$CONF"; then
 fi
 [ -f "$CONF_DIR/cgroup.conf" ] || echo "CgroupPlugin=autodetect" >"$CONF_DIR/cgroup.conf"
 
-stop() {  # stop a daemon by its pid file, waiting for it to go
-  local pidfile="$1" pid
-  running "$pidfile" || return 0
-  pid="$(cat "$pidfile")"
-  kill "$pid" 2>/dev/null
-  for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.5; done
-  kill -9 "$pid" 2>/dev/null
-}
 if [ "$changed" = 1 ]; then
-  stop "$RUN_DIR/slurmd.pid"
-  stop "$RUN_DIR/slurmctld.pid"
+  stop "$RUN_DIR/slurmd.pid" slurmd
+  stop "$RUN_DIR/slurmctld.pid" slurmctld
 fi
 
 # -- 4. daemons ------------------------------------------------------------------------------------
-if ! running "$RUN_DIR/slurmctld.pid"; then
+if ! running "$RUN_DIR/slurmctld.pid" slurmctld; then
   say "starting slurmctld"
   /usr/sbin/slurmctld -f "$CONF" >>"$LOG_DIR/slurmctld.start.log" 2>&1 \
     || die "slurmctld did not start: $(tail -n 5 "$LOG_DIR/slurmctld.log" 2>/dev/null)"
@@ -150,7 +156,7 @@ fi
 for _ in $(seq 1 30); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.5; done
 scontrol ping 2>/dev/null | grep -q UP \
   || die "slurmctld does not answer 'scontrol ping': $(tail -n 5 "$LOG_DIR/slurmctld.log" 2>/dev/null)"
-if ! running "$RUN_DIR/slurmd.pid"; then
+if ! running "$RUN_DIR/slurmd.pid" slurmd; then
   say "starting slurmd"
   /usr/sbin/slurmd -f "$CONF" >>"$LOG_DIR/slurmd.start.log" 2>&1 \
     || die "slurmd did not start: $(tail -n 5 "$LOG_DIR/slurmd.log" 2>/dev/null)"

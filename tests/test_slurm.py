@@ -83,7 +83,11 @@ def test_a_preempted_job_requeues_and_resumes_from_its_checkpoint(tmp_path):
         assert time.monotonic() - t0 < 180, f"the job never checkpointed; log: {job.paths.stderr}"
         time.sleep(0.5)
     assert records.read_status(d)["state"] == "running"
-    job._interrupt()  # what SLURM preemption sends: SIGTERM then USR2 -> checkpoint -> requeue
+    # Preempt: USR2 is the signal submitit acts on (checkpoint, `scontrol requeue`, exit); early in the
+    # job it counts as preemption, not timeout. This is job._interrupt() without its back-to-back
+    # SIGTERM, which SLURM also delivers to the `scontrol requeue` child the handler has just started
+    # and can kill it (submitit ignores SIGTERM itself), failing the run in a race of the test helper.
+    subprocess.run(["scancel", job.job_id, "--signal", "USR2"], check=True, timeout=30)
     # SLURM holds a requeued job (Reason=BeginTime) for a minute or two before it starts again; lift
     # the hold once it is there (saves CI two minutes and leaves the requeue / resume path as it is).
     # If that fails, the loop below simply waits for SLURM.
