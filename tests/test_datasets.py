@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from real_format_fixtures import make_bids, make_coco, make_karpathy, make_png
 from tasks.datasets import brain, cache, classification, retrieval
 from tasks.datasets import (FASHION_MNIST_CLASSES, TISSUE_NAMES, WordTokenizer, bids_brain_age_dataset,
                             bids_brain_age_datasets, caption_for, coco_retrieval_datasets, compositional_datasets,
@@ -30,14 +31,7 @@ def _cache(tmp_path_factory, monkeypatch):
     return root
 
 
-def _png(path: Path, colour) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 6), colour).save(path)
 
-
-# ------------------------------------------------------------------------------------------------
-# cache
-# ------------------------------------------------------------------------------------------------
 def test_cache_builds_once_keys_by_params_and_leaves_no_temp_files(tmp_path):
     calls = []
 
@@ -74,7 +68,7 @@ def test_imagefolder_loads_and_validates(tmp_path):
     for split in ("train", "val"):
         for cls, colour in (("cat", "red"), ("dog", "blue")):
             for i in range(2):
-                _png(tmp_path / split / cls / f"{i}.png", colour)
+                make_png(tmp_path / split / cls / f"{i}.png", colour)
     import torchvision.transforms as T
     tr, va = imagefolder_datasets(tmp_path, T.ToTensor(), T.ToTensor())
     assert tr.classes == va.classes == ["cat", "dog"] and len(tr) == len(va) == 4
@@ -90,7 +84,7 @@ def test_imagefolder_loads_and_validates(tmp_path):
     (tmp_path / "val" / "cat" / "notes.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match="no images found under .*val"):
         imagefolder_datasets(tmp_path)
-    _png(tmp_path / "val" / "cat" / "0.png", "red")
+    make_png(tmp_path / "val" / "cat" / "0.png", "red")
     with pytest.raises(ValueError, match=r"only in train \['dog'\]"):
         imagefolder_datasets(tmp_path)
 
@@ -122,24 +116,10 @@ def test_fashion_mnist_missing_files_say_how_to_install(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # retrieval: real formats
 # ------------------------------------------------------------------------------------------------
-def _coco(root: Path, split: str, n: int = 4) -> Path:
-    images = [{"id": 100 + i, "file_name": f"{i:012d}.jpg", "height": 6, "width": 8} for i in range(n)]
-    anns, k = [], 0
-    for i in range(n):
-        for j in range(6 if i == 0 else 5):            # COCO has 5-7 captions per image
-            anns.append({"id": k, "image_id": 100 + i, "caption": f" image {i} caption {j} "})
-            k += 1
-    for im in images:
-        _png(root / f"{split}2017" / im["file_name"], (10 * int(im["id"]) % 255, 0, 0))
-    path = root / "annotations" / f"captions_{split}2017.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"info": {}, "images": images, "annotations": anns}))
-    return path
-
 
 def test_coco_captions_keep_all_captions_and_ground_truth(tmp_path):
-    _coco(tmp_path, "train")
-    _coco(tmp_path, "val")
+    make_coco(tmp_path, "train")
+    make_coco(tmp_path, "val")
     tok = WordTokenizer(["image", "caption", "0", "1"], context_length=8)
     import torchvision.transforms as T
     tr, ev = coco_retrieval_datasets(tmp_path, T.ToTensor(), T.ToTensor(), tokenizer=tok)
@@ -158,14 +138,14 @@ def test_coco_captions_keep_all_captions_and_ground_truth(tmp_path):
 
 def test_coco_captions_work_with_open_clip_tokenizer(tmp_path):
     open_clip = pytest.importorskip("open_clip")
-    _coco(tmp_path, "val")
+    make_coco(tmp_path, "val")
     paths, caps = read_coco_captions(tmp_path / "annotations" / "captions_val2017.json", tmp_path / "val2017")
     ds = retrieval.FileImageTextDataset(paths, caps, tokenizer=open_clip.get_tokenizer("ViT-B-32"))
     assert ds.tokenized_texts().shape == (21, 77)
 
 
 def test_coco_validation_errors(tmp_path):
-    ann = _coco(tmp_path, "val")
+    ann = make_coco(tmp_path, "val")
     data = json.loads(ann.read_text())
     bad = dict(data, annotations=[{"image_id": 100, "text": "x"}])
     ann.write_text(json.dumps(bad))
@@ -188,20 +168,9 @@ def test_coco_validation_errors(tmp_path):
         read_coco_captions(tmp_path / "none.json", tmp_path)
 
 
-def _karpathy(root: Path) -> Path:
-    images = []
-    for i, split in enumerate(["train", "train", "val", "test", "test", "restval"]):
-        name = f"{1000 + i}.jpg"
-        _png(root / "flickr30k-images" / name, (0, 40 * i, 0))
-        images.append({"filename": name, "imgid": i, "split": split,
-                       "sentences": [{"raw": f"photo {i} sentence {j}", "tokens": []} for j in range(5)]})
-    path = root / "dataset_flickr30k.json"
-    path.write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
-    return path
-
 
 def test_karpathy_split_selects_splits_and_keeps_five_captions(tmp_path):
-    path = _karpathy(tmp_path)
+    path = make_karpathy(tmp_path)
     tr, ev = karpathy_retrieval_datasets(path, tmp_path / "flickr30k-images")
     assert [p.name for p in tr.image_paths] == ["1000.jpg", "1001.jpg", "1005.jpg"]     # train + restval
     assert [p.name for p in ev.image_paths] == ["1003.jpg", "1004.jpg"]
@@ -212,13 +181,13 @@ def test_karpathy_split_selects_splits_and_keeps_five_captions(tmp_path):
 
 
 def test_karpathy_validation_errors(tmp_path):
-    path = _karpathy(tmp_path)
+    path = make_karpathy(tmp_path)
     data = json.loads(path.read_text())
     del data["images"][2]["split"]
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"images\[2\] lacks key\(s\) \['split'\]"):
         karpathy_retrieval_datasets(path, tmp_path / "flickr30k-images")
-    path = _karpathy(tmp_path)
+    path = make_karpathy(tmp_path)
     with pytest.raises(ValueError, match=r"no image has split in \['dev'\]; splits present: \['restval', 'test'"):
         karpathy_retrieval_datasets(path, tmp_path / "flickr30k-images", eval_split="dev")
     with pytest.raises(FileNotFoundError, match="images listed in .* are missing"):
@@ -312,27 +281,9 @@ def test_patch_cell_labels_follow_vit_order():
 # ------------------------------------------------------------------------------------------------
 # brain age: BIDS
 # ------------------------------------------------------------------------------------------------
-def _bids(root: Path, ages=("25", "60", "80"), with_image=(True, True, True)) -> Path:
-    """3 participants with 24^3 T1w volumes at 8 mm covering MNI space (a bright ball, darker core)."""
-    root.mkdir(parents=True, exist_ok=True)
-    rows = ["participant_id\tage\tsex"] + [f"sub-{i + 1:02d}\t{a}\tF" for i, a in enumerate(ages)]
-    (root / "participants.tsv").write_text("\n".join(rows) + "\n")
-    affine = np.diag([8.0, 8.0, 8.0, 1.0])
-    affine[:3, 3] = -96.0
-    ijk = np.stack(np.meshgrid(*[np.arange(24)] * 3, indexing="ij"), -1)
-    r = np.linalg.norm((ijk - 12) * 8.0, axis=-1)
-    for i, has in enumerate(with_image):
-        if not has:
-            continue
-        vol = np.where(r < 70, 100.0 * (i + 1), 0.0) - np.where(r < 20, 50.0 * (i + 1), 0.0)
-        anat = root / f"sub-{i + 1:02d}" / "anat"
-        anat.mkdir(parents=True)
-        nib.save(nib.Nifti1Image(vol.astype(np.float32), affine), anat / f"sub-{i + 1:02d}_T1w.nii.gz")
-    return root
-
 
 def test_bids_reads_resamples_and_normalises(tmp_path):
-    root = _bids(tmp_path / "bids")
+    root = make_bids(tmp_path / "bids")
     ds = bids_brain_age_dataset(root, shape=16, cache=tmp_path / "c")
     assert len(ds) == 3 and ds.participant_ids == ["sub-01", "sub-02", "sub-03"]
     assert ds.ages.tolist() == [25.0, 60.0, 80.0]
@@ -354,7 +305,7 @@ def test_bids_reads_resamples_and_normalises(tmp_path):
 
 
 def test_bids_reports_participants_without_image_or_age(tmp_path):
-    root = _bids(tmp_path / "bids", ages=("25", "n/a", "80"), with_image=(True, True, False))
+    root = make_bids(tmp_path / "bids", ages=("25", "n/a", "80"), with_image=(True, True, False))
     extra = root / "sub-09" / "anat"
     extra.mkdir(parents=True)
     (extra / "sub-09_T1w.nii.gz").write_bytes((root / "sub-01/anat/sub-01_T1w.nii.gz").read_bytes())
@@ -366,7 +317,7 @@ def test_bids_reports_participants_without_image_or_age(tmp_path):
 
 
 def test_bids_validation_errors(tmp_path):
-    root = _bids(tmp_path / "bids")
+    root = make_bids(tmp_path / "bids")
     (root / "participants.tsv").write_text("participant_id\tsex\nsub-01\tF\n")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['age'\]; columns present: \['participant_id', 'sex'\]"):
         bids_brain_age_dataset(root, shape=16, use_cache=False)
@@ -377,7 +328,7 @@ def test_bids_validation_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="participants.tsv not found.*participant_id and age"):
         bids_brain_age_dataset(root, shape=16, use_cache=False)
 
-    root = _bids(tmp_path / "bids2")
+    root = make_bids(tmp_path / "bids2")
     bad = root / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
     bad.write_bytes(bad.read_bytes()[:200])                                  # truncated download
     with pytest.raises(ValueError, match=r"cannot read NIfTI file .*sub-02_T1w\.nii\.gz"):
