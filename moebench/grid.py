@@ -307,7 +307,7 @@ def _preset(ctx: _Ctx, task: str, size, path: str) -> dict:
     from .registry import TASKS
 
     cls = TASKS.get(task)
-    if not hasattr(cls, "preset"):
+    if not getattr(cls, "presets", None):
         raise ctx.error(path, f"task {task!r} defines no presets; remove `preset:` and give task_args / model / "
                               f"train explicitly")
     try:

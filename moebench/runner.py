@@ -85,7 +85,7 @@ def spec_from_args(args) -> dict:
 
     task_cls = TASKS.get(args.task)
     task_args, model, moe_defaults, train = {}, {}, {}, {}
-    if hasattr(task_cls, "preset"):
+    if getattr(task_cls, "presets", None):
         preset = task_cls.preset(args.size)
         if not (isinstance(preset, tuple) and len(preset) == 4):
             raise SpecError(

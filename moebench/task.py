@@ -27,10 +27,18 @@ class Task:
         self.options = options
 
     # -- sizes ---------------------------------------------------------------------------------------
-    # A task may define ``@classmethod preset(cls, size) -> (task_args, model, moe_defaults, train)``:
-    # four dicts for the offline default at that size ("tiny" for tests, "quick" for the quick grid).
-    # ``moebench train --size`` and a grid's ``preset:`` key read it; an unknown size raises ValueError
-    # naming the known ones.
+    # size -> (task_args, model, moe_defaults, train): the offline default at that size ("tiny" for
+    # tests, "quick" for the quick grid). ``moebench train --size`` and a grid's ``preset:`` read it.
+    presets: dict[str, tuple[dict, dict, dict, dict]] = {}
+
+    @classmethod
+    def preset(cls, size: str) -> tuple[dict, dict, dict, dict]:
+        """Copies of the four dicts of a named size; an unknown size names the known ones."""
+        if size not in cls.presets:
+            name = getattr(cls, "registry_name", cls.__name__)
+            known = sorted(cls.presets) or "none (give task_args / model / train yourself)"
+            raise ValueError(f"task {name!r} has no size {size!r}; sizes: {known}")
+        return tuple(dict(part) for part in cls.presets[size])
 
     # -- data --------------------------------------------------------------------------------------
     def datasets(self) -> tuple[Dataset, Dataset]:

@@ -62,6 +62,7 @@ class BrainAgeTask(Task):
     higher_is_better = False
     label_kind = "tissue"
     default_model = TINY_VIT3D
+    presets = PRESETS
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -72,11 +73,6 @@ class BrainAgeTask(Task):
         self._datasets = None
         self._patch = TINY_VIT3D["patch_size"]
 
-    @classmethod
-    def preset(cls, size: str):
-        if size not in PRESETS:
-            raise ValueError(f"brain-age has no size {size!r}; choose one of {sorted(PRESETS)}")
-        return tuple(dict(p) for p in PRESETS[size])
 
     def datasets(self):
         if self._datasets is None:

@@ -48,6 +48,7 @@ class ClassificationTask(Task):
     higher_is_better = True
     label_kind = "class"
     default_model = TINY_VIT
+    presets = PRESETS
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -60,11 +61,6 @@ class ClassificationTask(Task):
             self._mixup = Mixup(mixup_alpha=self.opts["mixup"], cutmix_alpha=self.opts["cutmix"],
                                 label_smoothing=self.opts["label_smoothing"], num_classes=self.num_classes)
 
-    @classmethod
-    def preset(cls, size: str):
-        if size not in PRESETS:
-            raise ValueError(f"classification has no size {size!r}; choose one of {sorted(PRESETS)}")
-        return tuple(dict(p) for p in PRESETS[size])
 
     @property
     def offline(self) -> bool:

@@ -71,6 +71,7 @@ class RetrievalTask(Task):
     higher_is_better = True
     label_kind = "item"
     default_model = TINY_CLIP
+    presets = PRESETS
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -84,11 +85,6 @@ class RetrievalTask(Task):
 
         self.label_names = [c.lower() for c in FASHION_MNIST_CLASSES] + ["background"]
 
-    @classmethod
-    def preset(cls, size: str):
-        if size not in PRESETS:
-            raise ValueError(f"retrieval has no size {size!r}; choose one of {sorted(PRESETS)}")
-        return tuple(dict(p) for p in PRESETS[size])
 
     @property
     def offline(self) -> bool:

@@ -128,6 +128,7 @@ class ToyTask(Task):
     higher_is_better = True
     label_kind = "component"
     default_model = {"dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
+    presets = PRESETS
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -140,12 +141,6 @@ class ToyTask(Task):
         self.label_names = [f"component{i}" for i in range(o["num_classes"])]
         self._datasets = None
 
-    @classmethod
-    def preset(cls, size: str):
-        """(task_args, model, moe defaults, train) for ``moebench train --size``: tiny | quick | full."""
-        if size not in PRESETS:
-            raise ValueError(f"toy task has no size {size!r}; choose one of {sorted(PRESETS)}")
-        return tuple(dict(part) for part in PRESETS[size])
 
     # -- data --------------------------------------------------------------------------------------
     def _make(self, n: int, g: torch.Generator, means: torch.Tensor):

@@ -162,7 +162,7 @@ def test_a_preset_fills_in_what_the_grid_leaves_out(tmp_path):
     assert spec["moe"]["num_experts"] == moe["num_experts"]
     assert spec["train"]["steps"] == 7 and spec["train"]["batch_size"] == train["batch_size"]
     msg = error_of(tmp_path, {**grid, "preset": "huge"})
-    assert ": preset: toy task has no size 'huge'" in msg
+    assert ": preset: task 'toy' has no size 'huge'" in msg
 
 
 # -- matching ------------------------------------------------------------------------------------------
