@@ -56,6 +56,24 @@ class _GroupedBiasAdd(torch.autograd.Function):
         return grad, grad_bias, None
 
 
+class _GatheredBiasAdd(torch.autograd.Function):
+    """``h + bias[group_of_row]`` for accelerators: the bias gradient is one small GEMM
+    (one-hot(groups)^T @ grad) instead of index_select's backward, whose atomics into only E rows
+    cost more than the expert GEMMs themselves on an H100."""
+
+    @staticmethod
+    def forward(ctx, h, bias, group):
+        ctx.save_for_backward(group)
+        ctx.num_groups = bias.shape[0]
+        return h + bias.index_select(0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (group,) = ctx.saved_tensors
+        one_hot = torch.nn.functional.one_hot(group, ctx.num_groups).to(grad.dtype)
+        return grad.contiguous(), one_hot.T @ grad, None
+
+
 def _grouped_mm_usable(x: Tensor, w: Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -144,4 +162,5 @@ def add_group_bias(h: Tensor, bias: Tensor, counts: Tensor) -> Tensor:
     loop is cheap; on accelerators one gathered add avoids E small kernels and a host sync."""
     if h.device.type == "cpu":
         return _GroupedBiasAdd.apply(h, bias.to(h.dtype), counts.tolist())
-    return h + torch.repeat_interleave(bias.to(h.dtype), counts, dim=0, output_size=h.shape[0])
+    group = torch.repeat_interleave(torch.arange(len(counts), device=h.device), counts, output_size=h.shape[0])
+    return _GatheredBiasAdd.apply(h, bias.to(h.dtype), group)

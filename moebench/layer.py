@@ -99,7 +99,7 @@ class MoELayer(nn.Module):
 
         order = torch.argsort(routing.expert, stable=True)
         token_sorted = routing.token[order]
-        counts = torch.bincount(routing.expert, minlength=self.num_experts)
+        counts = expert_counts(routing.expert, self.num_experts)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else flat.dtype
         y_sorted = self.experts(flat[token_sorted].to(compute_dtype), counts)
         y_sorted = y_sorted * routing.weight[order].to(y_sorted.dtype).unsqueeze(1)
@@ -117,13 +117,13 @@ class MoELayer(nn.Module):
         top1 = routing.stats.get("top1")
         if top1 is None and scores is not None:
             top1 = scores.argmax(-1)
-        routed = torch.bincount(routing.token, minlength=num_tokens)
-        self.stats = {
+        routed = expert_counts(routing.token, num_tokens)
+        self.stats = {  # tensors stay on the device: no host sync in the forward pass
             "counts": counts.detach(),
             "tokens": num_tokens,
             "pairs": routing.num_pairs,
             "dropped": routing.dropped,
-            "unrouted_tokens": int((routed == 0).sum()),
+            "unrouted_tokens": (routed == 0).sum(),
             "top1": None if top1 is None else top1.detach(),
             "scores": None if scores is None else scores.detach(),
             **{k: v for k, v in routing.stats.items() if k not in ("scores", "top1")},
@@ -135,6 +135,11 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"router={self.router_name!r}, capacity_factor={self.capacity_factor}"
+
+
+def expert_counts(index: Tensor, size: int) -> Tensor:
+    """bincount without its host sync on CUDA (bincount reads the max to size its output)."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(0, index, torch.ones_like(index))
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
