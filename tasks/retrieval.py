@@ -28,15 +28,17 @@ OPTIONS = {
 
 TINY_CLIP = {
     "family": "open_clip", "name": "custom", "embed_dim": 64,
-    "vision_cfg": {"image_size": 56, "patch_size": 8, "width": 96, "layers": 4, "head_width": 32, "mlp_ratio": 4.0},
+    "vision_cfg": {"image_size": 56, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32, "mlp_ratio": 4.0},
     "text_cfg": {"width": 64, "heads": 2, "layers": 2},  # context_length / vocab_size from the tokenizer
 }
 
 PRESETS = {
     "tiny": ({"n_train": 512, "n_eval": 128}, TINY_CLIP, {"blocks": "last-2", "num_experts": 4},
              {"steps": 30, "batch_size": 64, "lr": 2e-3, "warmup_steps": 5, "eval_every": 15, "probe_size": 64}),
+    # quick: 300 steps measured mean R@1 0.032 (random: 0.001) in ~60 s of one CPU thread (softmax-topk,
+    # seed 0); 150 steps gave 0.011. 250 keeps the quick grid near 15 minutes.
     "quick": ({"n_train": 10000, "n_eval": 1000}, TINY_CLIP, {"blocks": "last-2", "num_experts": 8},
-              {"steps": 300, "batch_size": 128, "lr": 2e-3, "warmup_steps": 30, "eval_every": 100,
+              {"steps": 250, "batch_size": 64, "lr": 3e-3, "warmup_steps": 25, "eval_every": 125,
                "probe_size": 128, "weight_decay": 0.1}),
 }
 
