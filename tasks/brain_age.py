@@ -36,7 +36,7 @@ PRESETS = {
     # quick: measured MAE 8.45 y (r 0.85) vs 17.6 y for predicting the mean, 25 s on one CPU thread
     # (softmax-topk, seed 0); batch 32 at 150 steps did not learn (16.1 y), lr 2e-3 was unstable
     "quick": ({"n_train": 400, "n_eval": 100}, TINY_VIT3D, {"blocks": "last-2", "num_experts": 8},
-              {"steps": 300, "batch_size": 16, "lr": 1e-3, "warmup_steps": 30, "eval_every": 150,
+              {"steps": 300, "batch_size": 16, "lr": 1e-3, "warmup_steps": 30, "eval_every": 75,
                "probe_size": 32, "weight_decay": 0.05}),
 }
 

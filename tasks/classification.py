@@ -35,7 +35,7 @@ PRESETS = {
              {"steps": 40, "batch_size": 64, "lr": 2e-3, "warmup_steps": 5, "eval_every": 20, "probe_size": 64}),
     # quick: measured 0.81 top-1 (softmax-topk, seed 0) in ~25 s of one CPU thread
     "quick": ({"train_size": 20000, "eval_size": 2000}, TINY_VIT, {"blocks": "last-2", "num_experts": 8},
-              {"steps": 300, "batch_size": 64, "lr": 2e-3, "warmup_steps": 30, "eval_every": 100,
+              {"steps": 300, "batch_size": 64, "lr": 2e-3, "warmup_steps": 30, "eval_every": 75,
                "probe_size": 256, "weight_decay": 0.05}),
 }
 
