@@ -83,6 +83,12 @@ class Registry:
         self.load()
         return sorted(self._entries)
 
+    def builtin_names(self) -> list[str]:
+        """Names that ship with moebench (defined in the built-in package), not plugins or test doubles."""
+        self.load()
+        prefix = self.builtin_package + "."
+        return sorted(n for n, obj in self._entries.items() if obj.__module__.startswith(prefix))
+
     def describe(self) -> list[tuple[str, str]]:
         self.load()
         return [(n, self._descriptions[n]) for n in sorted(self._entries)]

@@ -34,6 +34,8 @@ def test_a_third_party_router_arrives_through_the_entry_point_group(monkeypatch)
                                _FakeEntryPoint("not-mine", "moebench.tasks", object)])
     assert reg.get("plugin-router") is PluginRouter
     assert "not-mine" not in reg.names()
+    assert "plugin-router" not in reg.builtin_names()  # shipped routers only
+    assert "softmax-topk" in R.ROUTERS.builtin_names()
     assert dict(reg.describe())["plugin-router"] == "A router shipped by another package."
 
 
