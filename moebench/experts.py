@@ -132,11 +132,7 @@ class Experts(nn.Module):
     @torch.no_grad()
     def load_dense(self, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None) -> None:
         """Upcycle: every expert becomes a copy of a dense MLP given in nn.Linear layout (out, in)."""
-        if fc1_weight.shape != (self.d_hidden, self.d_model) or fc2_weight.shape != (self.d_model, self.d_hidden):
-            raise ValueError(
-                f"dense MLP shapes fc1 {tuple(fc1_weight.shape)} / fc2 {tuple(fc2_weight.shape)} do not match "
-                f"experts of d_model={self.d_model}, d_hidden={self.d_hidden}"
-            )
+        self.check_dense_shapes(fc1_weight, fc2_weight)
         self.w1.copy_(fc1_weight.t().unsqueeze(0).expand_as(self.w1))
         self.w2.copy_(fc2_weight.t().unsqueeze(0).expand_as(self.w2))
         self.b1.copy_(fc1_bias if fc1_bias is not None else torch.zeros(self.d_hidden))
@@ -146,6 +142,14 @@ class Experts(nn.Module):
         """First projection without bias; a reparameterising subclass (ERMoE) overrides this alone."""
         return grouped_matmul(x_sorted, self.fc1_weight().to(x_sorted.dtype), counts, self.use_grouped_mm,
                               contiguous_grad)
+
+    def check_dense_shapes(self, fc1_weight: Tensor, fc2_weight: Tensor) -> None:
+        """A dense MLP can only be upcycled into experts of its own width."""
+        if fc1_weight.shape != (self.d_hidden, self.d_model) or fc2_weight.shape != (self.d_model, self.d_hidden):
+            raise ValueError(
+                f"dense MLP shapes fc1 {tuple(fc1_weight.shape)} / fc2 {tuple(fc2_weight.shape)} do not match "
+                f"experts of d_model={self.d_model}, d_hidden={self.d_hidden}"
+            )
 
     def params_per_expert(self) -> int:
         return sum(p.numel() for p in self.parameters()) // self.num_experts

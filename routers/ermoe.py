@@ -162,11 +162,7 @@ class EigenExperts(Experts):
     @torch.no_grad()
     def load_dense(self, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None) -> None:
         """Upcycle: every expert becomes the dense MLP (nn.Linear layout (out, in)), via its SVD."""
-        if fc1_weight.shape != (self.d_hidden, self.d_model) or fc2_weight.shape != (self.d_model, self.d_hidden):
-            raise ValueError(
-                f"dense MLP shapes fc1 {tuple(fc1_weight.shape)} / fc2 {tuple(fc2_weight.shape)} do not match "
-                f"experts of d_model={self.d_model}, d_hidden={self.d_hidden}"
-            )
+        self.check_dense_shapes(fc1_weight, fc2_weight)
         E = self.num_experts
         b1 = fc1_bias if fc1_bias is not None else fc1_weight.new_zeros(self.d_hidden)
         b2 = fc2_bias if fc2_bias is not None else fc2_weight.new_zeros(self.d_model)
