@@ -207,8 +207,13 @@ class _TokenCounter:
     def __init__(self, model: nn.Module):
         self.per_sample: float | None = None
         self.module = next((m for m in model.modules() if isinstance(m, MoELayer)), None)
-        if self.module is None and hasattr(model, "blocks") and len(model.blocks) > 0:
-            self.module = model.blocks[0]
+        if self.module is None:  # dense baseline: the first transformer block moefy would see (timm, CLIP, 3D)
+            try:
+                from .moefy import find_blocks
+
+                self.module = find_blocks(model)[0].block
+            except (ValueError, IndexError):
+                self.module = None
         self.batch_size = None
         self.handle = self.module.register_forward_hook(self._hook) if self.module is not None else None
 
