@@ -181,12 +181,18 @@ class Plotter:
         return [self._save(fig, bench, "stability", f"{bench}: share of fixed probe tokens whose top-1 expert "
                                                     f"changed since the previous evaluation.")]
 
-    def load(self, bench, lb_b, runs_b) -> list[Plot]:
+    def _layers_with(self, runs_b, column: str) -> pd.DataFrame:
+        """Per-layer rows of these runs that recorded a non-empty list in ``column``."""
         lay = self.rs.layers
-        if lay.empty or "counts" not in lay:
-            return []
+        if lay.empty or column not in lay:
+            return lay.iloc[0:0]
         lay = lay[lay["run_id"].isin(runs_b["run_id"])]
-        lay = lay[lay["counts"].map(lambda c: isinstance(c, list) and len(c) > 0)]
+        return lay[lay[column].map(lambda v: isinstance(v, list) and len(v) > 0)]
+
+    def load(self, bench, lb_b, runs_b) -> list[Plot]:
+        lay = self._layers_with(runs_b, "counts")
+        if lay.empty:
+            return []
         plots = []
         entries = [(lab, var) for lab, var, _ in self._entries(lb_b)]
         for (idx, layer), part in lay.groupby(["layer_idx", "layer"], sort=True):
@@ -223,11 +229,9 @@ class Plotter:
         return plots
 
     def specialisation(self, bench, lb_b, runs_b) -> list[Plot]:
-        lay = self.rs.layers
-        if lay.empty or "label_by_expert" not in lay:
+        lay = self._layers_with(runs_b, "label_by_expert")
+        if lay.empty:
             return []
-        lay = lay[lay["run_id"].isin(runs_b["run_id"])]
-        lay = lay[lay["label_by_expert"].map(lambda m: isinstance(m, list) and len(m) > 0)]
         plots = []
         for label, variant in [(lab, var) for lab, var, _ in self._entries(lb_b)]:
             g = lay[(lay["label"] == label) & (lay["variant"] == variant)]
