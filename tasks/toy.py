@@ -18,6 +18,8 @@ from torch.utils.data import TensorDataset
 from moebench.registry import register_task
 from moebench.task import Task
 
+from .common import apply_moe
+
 DEFAULT_OPTIONS = {
     "num_train": 2048,
     "num_eval": 512,
@@ -81,45 +83,6 @@ class ToyTransformer(nn.Module):
         return self.head(self.norm(h).mean(1))
 
 
-def _select_blocks(blocks, depth: int) -> list[int]:
-    if blocks == "all":
-        return list(range(depth))
-    if isinstance(blocks, int) and not isinstance(blocks, bool):
-        blocks = [blocks]
-    if not isinstance(blocks, (list, tuple)):
-        raise ValueError(f"moe.blocks must be 'all' or a list of block indices, got {blocks!r}")
-    out = []
-    for b in blocks:
-        if not -depth <= b < depth:
-            raise ValueError(f"moe.blocks index {b} is out of range for a model with {depth} blocks")
-        out.append(b % depth)
-    return sorted(set(out))
-
-
-def moefy_fallback(model: nn.Module, blocks="all", num_experts: int = 8, router: str = "softmax-topk",
-                   router_args: dict | None = None, d_hidden: int | None = None,
-                   capacity_factor: float | None = None, upcycle: bool = False) -> nn.Module:
-    """Replace ``block.mlp`` of the chosen timm blocks with a `MoELayer` (used only until / unless
-    ``moebench.moefy`` is importable). Hooks the attention output in as routing context."""
-    from moebench.layer import MoELayer
-
-    for i in _select_blocks(blocks, len(model.blocks)):
-        block = model.blocks[i]
-        mlp = block.mlp
-        d_model, dense_hidden = mlp.fc1.in_features, mlp.fc1.out_features
-        layer = MoELayer(d_model, d_hidden or dense_hidden, num_experts, router, router_args, capacity_factor)
-        if upcycle:
-            if (d_hidden or dense_hidden) != dense_hidden:
-                raise ValueError(f"moe.upcycle needs d_hidden equal to the dense MLP's {dense_hidden}, got {d_hidden}")
-            layer.experts.load_dense(mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
-        block.mlp = layer
-        if layer.router.needs_context:
-            def hook(module, inputs, output, layer=layer):
-                layer.pending_context = output
-            block.attn.register_forward_hook(hook)
-    return model
-
-
 @register_task("toy", "Gaussian-mixture token sequences, 2 timm blocks: seconds on CPU (tests, smoke runs)")
 class ToyTask(Task):
     """Classify which mixture component dominates a sequence; tokens labelled by their component."""
@@ -167,13 +130,7 @@ class ToyTask(Task):
         net = ToyTransformer(self.opts["in_dim"], self.opts["seq_len"], self.opts["num_classes"],
                              dim=int(cfg["dim"]), depth=int(cfg["depth"]), num_heads=int(cfg["num_heads"]),
                              mlp_ratio=float(cfg["mlp_ratio"]))
-        if moe is not None:
-            try:
-                from moebench.moefy import moefy
-            except ImportError:
-                moefy = moefy_fallback
-            moefy(net, **moe)  # in place
-        return net
+        return apply_moe(net, moe)
 
     # -- steps -------------------------------------------------------------------------------------
     def forward(self, model, batch):
