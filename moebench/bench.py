@@ -68,6 +68,25 @@ def time_side_by_side(modules: dict[str, nn.Module], x: torch.Tensor, repeats: i
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+class RouterOnly(nn.Module):
+    """A layer's router alone (scores, selection, gate weights, aux losses), to time what routing
+    itself costs apart from the experts; the output keeps autograd through weights and losses."""
+
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        from .routing import RoutingContext
+
+        flat = x.reshape(-1, x.shape[-1]).float()
+        routing = self.layer.router(flat, RoutingContext(training=self.training))
+        total = routing.weight.sum() + 0.0 * flat.sum()  # keeps a graph for content-blind routers
+        for loss in routing.aux_losses.values():
+            total = total + loss
+        return total
+
+
 def _mixtral_peer(d_model: int, d_hidden: int, num_experts: int, k: int):
     """The Mixtral sparse MoE block of `transformers` (optional peer row), or None if not installed."""
     try:
@@ -93,6 +112,8 @@ def bench_layer(routers: list[str], num_experts: int, ks: list[int], tokens: int
                 modules[name] = MoELayer(d_model, d_hidden, num_experts, router=name, router_args={"top_k": k})
             except ValueError as err:  # e.g. Switch is top-1 only: no row at this k
                 print(f"skip {name} at k={k}: {err}")
+        for name in [n for n in routers if n in modules]:
+            modules[f"{name} (router only)"] = RouterOnly(modules[name])
         mixtral = _mixtral_peer(d_model, d_hidden, num_experts, k) if peers else None
         if mixtral is not None:
             modules["mixtral (transformers)"] = mixtral
@@ -102,14 +123,17 @@ def bench_layer(routers: list[str], num_experts: int, ks: list[int], tokens: int
         times = time_side_by_side(modules, x.unsqueeze(0), repeats)
         for name, seconds in times.items():
             base = times["dense swiglu"] if name.startswith("mixtral") else times["dense"]
+            base_name = "dense swiglu" if name.startswith("mixtral") else "dense"
+            if name.endswith("(router only)") and "softmax-topk" in times:
+                base, base_name = times["softmax-topk"], "softmax-topk layer"  # routing's share of a layer
             rows.append({"router": name, "E": num_experts, "k": k, "T": tokens, "d": d_model, "d_hidden": d_hidden,
                          "dtype": str(dtype).replace("torch.", ""), "device": device,
-                         "ms": round(seconds * 1e3, 2), "ratio_to_dense": round(seconds / base, 3)})
+                         "ms": round(seconds * 1e3, 2), "ratio": round(seconds / base, 3), "ratio_to": base_name})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["router", "E", "k", "T", "d", "d_hidden", "dtype", "ms", "ratio_to_dense"]
+    cols = ["router", "E", "k", "T", "d", "d_hidden", "dtype", "ms", "ratio", "ratio_to"]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
