@@ -44,9 +44,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal
 
-from moebench.experts import Experts, activation_fn, grouped_matmul
-from moebench.registry import register_router
-from moebench.routing import Router, Routing, RoutingContext, topk_routing
+from moebench.core.experts import Experts, activation_fn, grouped_matmul
+from moebench.core.registry import register_router
+from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
 ORTHO_CHOICES = ("qr", "cayley", "matrix_exp", "penalty")
 SCORE_CHOICES = ("subspace", "context", "weighted")
@@ -94,7 +94,7 @@ class EigenExperts(Experts):
         """Reparameterise existing dense experts (same function, to float tolerance)."""
         for attr in ("num_experts", "d_model", "d_hidden", "b1", "w2", "b2"):
             if not hasattr(experts, attr):
-                raise TypeError(f"ermoe can only wrap moebench.experts.Experts-like modules; {type(experts).__name__} lacks {attr!r}")
+                raise TypeError(f"ermoe can only wrap moebench.core.experts.Experts-like modules; {type(experts).__name__} lacks {attr!r}")
         eig = cls(experts.num_experts, experts.d_model, experts.d_hidden,
                   getattr(experts, "activation", "gelu"), fc1_mode=fc1_mode, init=False)
         eig._set_dense(experts.fc1_weight().detach(), experts.b1.detach(), experts.w2.detach(), experts.b2.detach())
@@ -302,7 +302,7 @@ class ErMoERouter(Router):
         if self.score == "context" and context is None:
             raise ValueError(
                 "ermoe with score='context' needs the attention context (ctx.context): call the MoE layer "
-                "as layer(x, context=attn_out), or build the model with moebench.moefy"
+                "as layer(x, context=attn_out), or build the model with moebench.core.moefy"
             )
 
     def _score_from(self, px: Tensor, pc: Tensor | None, x_norm: Tensor, scale: Tensor) -> Tensor:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moebench.registry import register_router
-from moebench.routing import Router, RoutingContext, Routing, topk_routing
+from moebench.core.registry import register_router
+from moebench.core.routing import Router, RoutingContext, Routing, topk_routing
 
 _SCORE_FNS = ("sigmoid", "softmax")
 

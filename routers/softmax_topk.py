@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moebench.registry import register_router
-from moebench.routing import Router, RoutingContext, Routing, topk_routing
+from moebench.core.registry import register_router
+from moebench.core.routing import Router, RoutingContext, Routing, topk_routing
 
 
 @register_router("softmax-topk", "linear gate, softmax, top-k, weights renormalised over the k (Mixtral/GShard)")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moebench.registry import register_router
-from moebench.routing import Router, RoutingContext, Routing, topk_routing
+from moebench.core.registry import register_router
+from moebench.core.routing import Router, RoutingContext, Routing, topk_routing
 
 
 @register_router("uniform", "round-robin control: ignores content, perfectly balanced (throughput / sanity)")

@@ -1,15 +1,15 @@
 """Image classification: ImageNet-1k (any ImageFolder with train/ and val/) or, offline, Fashion-MNIST.
 
-Model: a timm ViT (any timm name, or a tiny custom config for CPU), MoE-fied by ``moebench.moefy``.
+Model: a timm ViT (any timm name, or a tiny custom config for CPU), MoE-fied by ``moebench.core.moefy``.
 Headline: top-1 accuracy (also top-5). Specialisation label: the image's class, on every token."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from moebench.models import build_model
-from moebench.registry import register_task
-from moebench.task import Task
+from moebench.core.models import build_model
+from moebench.core.registry import register_task
+from moebench.core.task import Preset, Task
 
 from .common import apply_moe, topk_correct
 
@@ -30,13 +30,20 @@ TINY_VIT = {"family": "timm", "name": "vit-custom", "img_size": 28, "patch_size"
             "global_pool": "avg", "class_token": False}
 
 PRESETS = {
-    # size: (task_args, model, moe defaults, train)
-    "tiny": ({"train_size": 1024, "eval_size": 512}, TINY_VIT, {"blocks": "last-2", "num_experts": 4},
-             {"steps": 40, "batch_size": 64, "lr": 2e-3, "warmup_steps": 5, "eval_every": 20, "probe_size": 64}),
+    "tiny": Preset(
+        task_args={"train_size": 1024, "eval_size": 512},
+        model=TINY_VIT,
+        moe={"blocks": "last-2", "num_experts": 4},
+        train={"steps": 40, "batch_size": 64, "lr": 2e-3, "warmup_steps": 5, "eval_every": 20, "probe_size": 64},
+    ),
     # quick: measured 0.81 top-1 (softmax-topk, seed 0) in ~25 s of one CPU thread
-    "quick": ({"train_size": 20000, "eval_size": 2000}, TINY_VIT, {"blocks": "last-2", "num_experts": 8},
-              {"steps": 300, "batch_size": 64, "lr": 2e-3, "warmup_steps": 30, "eval_every": 75,
-               "probe_size": 256, "weight_decay": 0.05}),
+    "quick": Preset(
+        task_args={"train_size": 20000, "eval_size": 2000},
+        model=TINY_VIT,
+        moe={"blocks": "last-2", "num_experts": 8},
+        train={"steps": 300, "batch_size": 64, "lr": 2e-3, "warmup_steps": 30, "eval_every": 75,
+               "probe_size": 256, "weight_decay": 0.05},
+    ),
 }
 
 
@@ -110,7 +117,7 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, loader, device):
-        from moebench.train import to_device
+        from moebench.training.train import to_device
 
         hits, loss_sum, n = {1: 0, 5: 0}, 0.0, 0
         for batch in loader:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 def apply_moe(net: nn.Module, moe: dict | None, **extra) -> nn.Module:
     """MoE-fy ``net`` in place with the run spec's ``moe`` section (None = dense baseline)."""
     if moe is not None:
-        from moebench.moefy import moefy
+        from moebench.core.moefy import moefy
 
         moefy(net, **{**moe, **extra})
     return net

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from moebench.models import build_model
-from moebench.registry import register_task
-from moebench.task import Task
+from moebench.core.models import build_model
+from moebench.core.registry import register_task
+from moebench.core.task import Preset, Task
 
 from .common import apply_moe, with_prefix_tokens
 
@@ -33,14 +33,22 @@ TINY_CLIP = {
 }
 
 PRESETS = {
-    "tiny": ({"n_train": 512, "n_eval": 128}, TINY_CLIP, {"blocks": "last-2", "num_experts": 4},
-             {"steps": 30, "batch_size": 64, "lr": 2e-3, "warmup_steps": 5, "eval_every": 15, "probe_size": 64}),
+    "tiny": Preset(
+        task_args={"n_train": 512, "n_eval": 128},
+        model=TINY_CLIP,
+        moe={"blocks": "last-2", "num_experts": 4},
+        train={"steps": 30, "batch_size": 64, "lr": 2e-3, "warmup_steps": 5, "eval_every": 15, "probe_size": 64},
+    ),
     # quick: 300 steps measured mean R@1 0.032 (random: 0.001) in ~60 s of one CPU thread (softmax-topk,
     # seed 0); 150 steps gave 0.011. 250 keeps the quick grid near 15 minutes; 500 eval canvases keep
     # 5 evaluations (the stability curve) cheap.
-    "quick": ({"n_train": 10000, "n_eval": 500}, TINY_CLIP, {"blocks": "last-2", "num_experts": 8},
-              {"steps": 250, "batch_size": 64, "lr": 3e-3, "warmup_steps": 25, "eval_every": 50,
-               "probe_size": 128, "weight_decay": 0.1}),
+    "quick": Preset(
+        task_args={"n_train": 10000, "n_eval": 500},
+        model=TINY_CLIP,
+        moe={"blocks": "last-2", "num_experts": 8},
+        train={"steps": 250, "batch_size": 64, "lr": 3e-3, "warmup_steps": 25, "eval_every": 50,
+               "probe_size": 128, "weight_decay": 0.1},
+    ),
 }
 
 
@@ -157,7 +165,7 @@ class RetrievalTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, loader, device):
-        from moebench.train import to_device
+        from moebench.training.train import to_device
 
         dataset = loader.dataset
         while not hasattr(dataset, "tokenized_texts") and hasattr(dataset, "dataset"):

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from moebench.registry import register_task
-from moebench.task import Task
+from moebench.core.registry import register_task
+from moebench.core.task import Preset, Task
 
 from .common import apply_moe
 
@@ -33,34 +33,33 @@ DEFAULT_OPTIONS = {
 }
 
 PRESETS = {
-    # size: (task_args, model, moe defaults, train)
-    "tiny": (
-        {"num_train": 512, "num_eval": 256},
-        {},
-        {"num_experts": 4},
-        {"steps": 60, "batch_size": 32, "lr": 3e-3, "warmup_steps": 5, "eval_every": 20,
-         "checkpoint_every": 20, "probe_size": 32},
+    "tiny": Preset(
+        task_args={"num_train": 512, "num_eval": 256},
+        model={},
+        moe={"num_experts": 4},
+        train={"steps": 60, "batch_size": 32, "lr": 3e-3, "warmup_steps": 5, "eval_every": 20,
+               "checkpoint_every": 20, "probe_size": 32},
     ),
-    "quick": (
-        {},
-        {},
-        {"num_experts": 4},
-        {"steps": 300, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100,
-         "checkpoint_every": 100, "probe_size": 64},
+    "quick": Preset(
+        task_args={},
+        model={},
+        moe={"num_experts": 4},
+        train={"steps": 300, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100,
+               "checkpoint_every": 100, "probe_size": 64},
     ),
-    "full": (
-        {"num_train": 16384, "num_eval": 2048},
-        {"dim": 64, "depth": 4, "num_heads": 4},
-        {"num_experts": 8},
-        {"steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "eval_every": 250,
-         "checkpoint_every": 250, "probe_size": 128},
+    "full": Preset(
+        task_args={"num_train": 16384, "num_eval": 2048},
+        model={"dim": 64, "depth": 4, "num_heads": 4},
+        moe={"num_experts": 8},
+        train={"steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "eval_every": 250,
+               "checkpoint_every": 250, "probe_size": 128},
     ),
 }
 
 
 class ToyTransformer(nn.Module):
     """Linear token embedding + learned positions, timm ``Block``s, mean pooling, linear head.
-    ``.blocks`` is an ``nn.Sequential`` of timm blocks so ``moebench.moefy`` can MoE-fy their MLPs."""
+    ``.blocks`` is an ``nn.Sequential`` of timm blocks so ``moebench.core.moefy`` can MoE-fy their MLPs."""
 
     def __init__(self, in_dim: int, seq_len: int, num_classes: int, dim: int = 32, depth: int = 2,
                  num_heads: int = 2, mlp_ratio: float = 2.0):
@@ -141,7 +140,7 @@ class ToyTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, loader, device):
-        from moebench.train import to_device
+        from moebench.training.train import to_device
 
         correct, loss_sum, n = 0, 0.0, 0
         for batch in loader:

@@ -1,7 +1,7 @@
 """A slow, obviously-correct reference for MoELayer's forward, to test the fast path against.
 
 The reference takes the router's answer (a `Routing`), applies the layer's effective capacity with
-`moebench.routing.apply_capacity`, runs EVERY expert densely on EVERY token with plain matrix products
+`moebench.core.routing.apply_capacity`, runs EVERY expert densely on EVERY token with plain matrix products
 (no sorting, no grouped GEMM) and sums ``weight * expert_e(x[t])`` over the surviving pairs.
 
 To compare deterministically (Switch jitters its input in training, and some routers keep state), the
@@ -15,11 +15,10 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
-import torch
 from torch import Tensor
 
-from moebench.layer import MoELayer
-from moebench.routing import Routing, apply_capacity
+from moebench.core.layer import MoELayer
+from moebench.core.routing import Routing, apply_capacity
 
 
 def effective_capacity(layer: MoELayer) -> float | None:

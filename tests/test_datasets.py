@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from real_format_fixtures import make_bids, make_coco, make_karpathy, make_png
-from tasks.datasets import brain, cache, classification, retrieval
-from tasks.datasets import (FASHION_MNIST_CLASSES, TISSUE_NAMES, WordTokenizer, bids_brain_age_dataset,
+from moebench.tasks.datasets import brain, cache, classification, retrieval
+from moebench.tasks.datasets import (FASHION_MNIST_CLASSES, TISSUE_NAMES, WordTokenizer, bids_brain_age_dataset,
                             bids_brain_age_datasets, caption_for, coco_retrieval_datasets, compositional_datasets,
                             fashion_mnist_datasets, imagefolder_datasets, karpathy_retrieval_datasets,
                             patch_cell_labels, patch_tissue_labels, read_coco_captions, synthetic_brain_cohort)

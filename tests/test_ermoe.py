@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moebench.experts import Experts
-from moebench.layer import MoELayer
-from moebench.registry import ROUTERS
-from moebench.routing import RoutingContext
-from routers.ermoe import EigenExperts, ErMoERouter
+from moebench.core.experts import Experts
+from moebench.core.layer import MoELayer
+from moebench.core.registry import ROUTERS
+from moebench.core.routing import RoutingContext
+from moebench.routers.ermoe import EigenExperts, ErMoERouter
 
 
 def _router(d=4, h=8, E=3, **kw) -> ErMoERouter:

@@ -3,7 +3,7 @@ the obvious ``h + bias[group]``, forward and backward, including empty groups.""
 import pytest
 import torch
 
-from moebench.experts import _GatheredBiasAdd, _GroupedBiasAdd
+from moebench.core.experts import _GatheredBiasAdd, _GroupedBiasAdd
 
 
 @pytest.mark.parametrize("kind", ["grouped", "gathered"])

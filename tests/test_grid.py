@@ -8,10 +8,11 @@ from fractions import Fraction
 import pytest
 import yaml
 
-from moebench import grid as gridmod
+from moebench.grids import expand as expand_mod
+from moebench.grids import schema
 from moebench.cli import main
-from moebench.grid import GridError
-from moebench.spec import run_id
+from moebench.grids.schema import GridError
+from moebench.training.spec import run_id
 
 BASE = {
     "name": "toy-test",
@@ -35,7 +36,7 @@ def write(tmp_path, grid: dict, name: str = "g.yaml"):
 def error_of(tmp_path, grid: dict) -> str:
     path = write(tmp_path, grid)
     with pytest.raises(GridError) as info:
-        gridmod.expand(path)
+        expand_mod.expand(path)
     return str(info.value)
 
 
@@ -99,39 +100,39 @@ def test_duplicate_labels_are_refused(tmp_path):
 
 
 def test_shipped_grid_names_resolve_and_unknown_names_are_explained():
-    assert gridmod.resolve_path("toy") == gridmod.GRIDS_DIR / "toy.yaml"
+    assert schema.resolve_path("toy") == schema.GRIDS_DIR / "toy.yaml"
     with pytest.raises(GridError, match="Did you mean 'toy'"):
-        gridmod.resolve_path("tyo")
+        schema.resolve_path("tyo")
 
 
 def test_every_shipped_grid_validates():
-    for name in gridmod.shipped_grids():
-        g = gridmod.load(name)
+    for name in schema.shipped_grids():
+        g = schema.load(name)
         assert g["name"] and g["routers"] and g["tasks"], name
 
 
 # -- expansion -----------------------------------------------------------------------------------------
 def test_expansion_is_deterministic_and_run_ids_stable_under_key_order(tmp_path):
-    a = gridmod.expand(write(tmp_path, BASE, "a.yaml"))
+    a = expand_mod.expand(write(tmp_path, BASE, "a.yaml"))
     reordered = dict(reversed(list(copy.deepcopy(BASE).items())))
     reordered["moe"] = dict(reversed(list(reordered["moe"].items())))
-    b = gridmod.expand(write(tmp_path, reordered, "b.yaml"))
+    b = expand_mod.expand(write(tmp_path, reordered, "b.yaml"))
     assert a == b
     ids = [run_id(s) for s in a]
-    assert ids == [run_id(s) for s in gridmod.expand(write(tmp_path, BASE, "a.yaml"))]
+    assert ids == [run_id(s) for s in expand_mod.expand(write(tmp_path, BASE, "a.yaml"))]
     assert len(set(ids)) == len(ids) == 5 * 2
     # order: router entry, then seed
     assert [(s["label"], s["seed"]) for s in a[:4]] == [("dense", 0), ("dense", 1), ("softmax-topk", 0),
                                                        ("softmax-topk", 1)]
     # a changed budget is a different run
-    c = gridmod.expand(write(tmp_path, with_(train__steps=5), "c.yaml"))
+    c = expand_mod.expand(write(tmp_path, with_(train__steps=5), "c.yaml"))
     assert not set(ids) & {run_id(s) for s in c}
 
 
 def test_sweep_is_a_product_and_the_dense_baseline_is_not_repeated(tmp_path):
     grid = with_(seeds=[0], routers=["dense", "softmax-topk", "uniform"],
                  sweep={"moe.num_experts": [4, 8], "train.lr": [0.001, 0.003]})
-    specs = gridmod.expand(write(tmp_path, grid))
+    specs = expand_mod.expand(write(tmp_path, grid))
     moe = [s for s in specs if s["moe"]]
     assert sorted((s["label"], s["moe"]["num_experts"], s["train"]["lr"]) for s in moe) == sorted(
         (r, e, lr) for r in ("softmax-topk", "uniform") for e in (4, 8) for lr in (0.001, 0.003))
@@ -143,7 +144,7 @@ def test_sweep_is_a_product_and_the_dense_baseline_is_not_repeated(tmp_path):
 
 def test_router_args_axis_and_explicit_args_conflict(tmp_path):
     grid = with_(routers=["softmax-topk", "uniform"], sweep={"router_args.top_k": [1, 2]})
-    specs = gridmod.expand(write(tmp_path, grid))
+    specs = expand_mod.expand(write(tmp_path, grid))
     assert sorted((s["label"], s["moe"]["router_args"]["top_k"], s["moe"]["d_hidden"]) for s in specs) == sorted(
         (r, k, 64 // k) for r in ("softmax-topk", "uniform") for k in (1, 2) for _ in (0, 1))
     msg = error_of(tmp_path, with_(routers=[{"name": "softmax-topk", "args": {"top_k": 1}}],
@@ -152,22 +153,22 @@ def test_router_args_axis_and_explicit_args_conflict(tmp_path):
 
 
 def test_a_preset_fills_in_what_the_grid_leaves_out(tmp_path):
-    from tasks.toy import PRESETS
+    from moebench.tasks.toy import PRESETS
 
     grid = {"name": "p", "task": "toy", "preset": "tiny", "train": {"steps": 7}, "routers": ["softmax-topk"],
             "moe": {"blocks": [-1], "d_hidden": 32}}
-    (spec,) = gridmod.expand(write(tmp_path, grid))
-    task_args, _, moe, train = PRESETS["tiny"]
-    assert spec["task_args"] == task_args
-    assert spec["moe"]["num_experts"] == moe["num_experts"]
-    assert spec["train"]["steps"] == 7 and spec["train"]["batch_size"] == train["batch_size"]
+    (spec,) = expand_mod.expand(write(tmp_path, grid))
+    tiny = PRESETS["tiny"]
+    assert spec["task_args"] == tiny.task_args
+    assert spec["moe"]["num_experts"] == tiny.moe["num_experts"]
+    assert spec["train"]["steps"] == 7 and spec["train"]["batch_size"] == tiny.train["batch_size"]
     msg = error_of(tmp_path, {**grid, "preset": "huge"})
     assert ": preset: task 'toy' has no size 'huge'" in msg
 
 
 # -- matching ------------------------------------------------------------------------------------------
 def test_active_flop_matching_gives_top1_experts_twice_the_width(tmp_path):
-    specs = gridmod.expand(write(tmp_path, BASE))
+    specs = expand_mod.expand(write(tmp_path, BASE))
     width = {s["label"]: s["moe"]["d_hidden"] for s in specs if s["moe"]}
     assert width == {"softmax-topk": 32, "switch": 64, "expert-choice": 32, "top1": 64}
     moe = [s for s in specs if s["moe"]]
@@ -186,7 +187,7 @@ def test_active_flop_matching_gives_top1_experts_twice_the_width(tmp_path):
 def test_expert_choice_capacity_counts_as_its_active_experts(tmp_path):
     grid = with_(routers=[{"name": "expert-choice", "label": "ec1", "args": {"capacity": 1}},
                           {"name": "expert-choice", "label": "ec4", "args": {"capacity": 4}}])
-    width = {s["label"]: s["moe"]["d_hidden"] for s in gridmod.expand(write(tmp_path, grid))}
+    width = {s["label"]: s["moe"]["d_hidden"] for s in expand_mod.expand(write(tmp_path, grid))}
     assert width == {"ec1": 64, "ec4": 16}
 
 
@@ -198,10 +199,10 @@ def test_unmatchable_grid_is_refused_with_the_reason_and_working_widths(tmp_path
     assert "one of 24, 36, 48" in msg  # each works for top-2 (x1), switch (x2) and ec3 (x2/3)
     fixed = copy.deepcopy(grid)
     fixed["moe"]["d_hidden"] = 36
-    widths = {s["label"]: s["moe"]["d_hidden"] for s in gridmod.expand(write(tmp_path, fixed))}
+    widths = {s["label"]: s["moe"]["d_hidden"] for s in expand_mod.expand(write(tmp_path, fixed))}
     assert widths == {"softmax-topk": 36, "switch": 72, "ec3": 24}
     # match: none takes the widths as given
-    loose = {s["label"]: s["moe"]["d_hidden"] for s in gridmod.expand(write(tmp_path, {**grid, "match": "none"}))}
+    loose = {s["label"]: s["moe"]["d_hidden"] for s in expand_mod.expand(write(tmp_path, {**grid, "match": "none"}))}
     assert loose == {"softmax-topk": 32, "switch": 32, "ec3": 32}
 
 
@@ -212,13 +213,13 @@ def test_upcycling_with_unequal_matched_widths_is_refused(tmp_path):
 
 def test_null_width_means_the_dense_mlp_width(tmp_path):
     grid = with_(routers=["softmax-topk"], moe={"blocks": [-1], "num_experts": 4, "d_hidden": None})
-    (spec, _) = gridmod.expand(write(tmp_path, grid))
+    (spec, _) = expand_mod.expand(write(tmp_path, grid))
     assert spec["moe"]["d_hidden"] == 64  # the toy model's dim 32 x mlp_ratio 2
 
 
 def test_parameter_matching_keeps_experts_times_width(tmp_path):
     grid = with_(match="params", seeds=[0], routers=["softmax-topk"], sweep={"moe.num_experts": [2, 4, 8]})
-    specs = gridmod.expand(write(tmp_path, grid))
+    specs = expand_mod.expand(write(tmp_path, grid))
     assert {s["moe"]["num_experts"]: s["moe"]["d_hidden"] for s in specs} == {2: 64, 4: 32, 8: 16}
     assert all(s["match"]["reference"] == {"num_experts": 4, "d_hidden": 32} for s in specs)
 
@@ -239,7 +240,7 @@ def test_grid_show_prints_one_row_per_run_with_costs(tmp_path, capsys):
     assert head == ["run_id", "task", "label", "seed", "moe.num_experts", "d_hidden", "mlp_flops/tok",
                     "router_flops/tok", "params", "active_params"]
     rows = {r.split()[0]: r.split() for r in lines[3:12]}
-    for spec in gridmod.expand(path):
+    for spec in expand_mod.expand(path):
         row = rows[run_id(spec)]
         assert row[2] == spec["label"]
     switch8 = next(r for r in rows.values() if r[2] == "switch" and r[4] == "8")
@@ -255,9 +256,9 @@ def test_grid_show_reports_errors_without_a_traceback(tmp_path, capsys):
 
 
 def test_quick_covers_every_router_and_dense_on_the_three_tasks_with_two_seeds():
-    from moebench.registry import ROUTERS
+    from moebench.core.registry import ROUTERS
 
-    specs = gridmod.expand("quick")
+    specs = expand_mod.expand("quick")
     assert {s["task"] for s in specs} == {"classification", "retrieval", "brain-age"}
     for task in ("classification", "retrieval", "brain-age"):
         mine = [s for s in specs if s["task"] == task]

@@ -13,10 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moebench import grid as gridmod
-from moebench import launch, records
+from moebench.training import rundir
+from moebench.grids import expand as expand_mod
+from moebench.training.rundir import run_path
+from moebench.grids.expand import expand
+from moebench.grids import launch
+from moebench.training import records
 from moebench.cli import main
-from moebench.spec import run_id
+from moebench.training.spec import run_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +44,7 @@ def toy_grid(tmp_path, name="g", routers=("dense", "softmax-topk"), steps=20, fi
 
 
 def run_dirs(grid_path, results) -> dict[str, Path]:
-    return {s["label"]: Path(results) / s["grid"] / run_id(s) for s in gridmod.expand(grid_path)}
+    return {s["label"]: run_path(results, s["grid"], run_id(s)) for s in expand(grid_path)}
 
 
 def metric_steps(run_dir: Path) -> list[int]:
@@ -48,14 +52,14 @@ def metric_steps(run_dir: Path) -> list[int]:
 
 
 def attempts_logged(run_dir: Path) -> int:
-    return len(records.read_jsonl(run_dir / launch.JOBS_LOG))
+    return len(records.read_jsonl(run_dir / rundir.JOBS_LOG))
 
 
 def test_local_grid_runs_and_a_rerun_skips_finished_runs(tmp_path):
     path = toy_grid(tmp_path)
     results = tmp_path / "results"
     lines: list[str] = []
-    out = launch.run_grid(path, cluster="local", results=results, report=False, log=lines.append)
+    out = launch.run_grid(path, cluster="local", results=results, log=lines.append)
     assert out["counts"] == {"done": 2, "running": 0, "failed": 0, "queued": 0}
     dirs = run_dirs(path, results)
     for d in dirs.values():
@@ -63,14 +67,14 @@ def test_local_grid_runs_and_a_rerun_skips_finished_runs(tmp_path):
         assert records.read_json(d / "final.json")["run_id"] == d.name
         assert metric_steps(d) == [10, 20]
         assert attempts_logged(d) == 1
-        assert records.read_jsonl(d / launch.JOBS_LOG)[0]["cluster"] == "local"
+        assert records.read_jsonl(d / rundir.JOBS_LOG)[0]["cluster"] == "local"
     assert any("queued -> running" in line for line in lines) and any("-> done" in line for line in lines)
     expected = records.read_json(results / "g" / "expected.json")
     assert sorted(e["run_id"] for e in expected) == sorted(d.name for d in dirs.values())
 
     mtimes = {k: (d / "final.json").stat().st_mtime_ns for k, d in dirs.items()}
     lines.clear()
-    again = launch.run_grid(path, cluster="local", results=results, report=False, log=lines.append)
+    again = launch.run_grid(path, cluster="local", results=results, log=lines.append)
     assert again["counts"]["done"] == 2
     assert "2 done already, 0 to run" in lines[0]
     assert {k: (d / "final.json").stat().st_mtime_ns for k, d in dirs.items()} == mtimes
@@ -80,28 +84,28 @@ def test_local_grid_runs_and_a_rerun_skips_finished_runs(tmp_path):
 def test_corrupt_records_are_reported_set_aside_and_rerun(tmp_path, capsys):
     path = toy_grid(tmp_path, routers=["softmax-topk"])
     results = tmp_path / "results"
-    launch.run_grid(path, cluster="debug", results=results, report=False, log=lambda s: None)
+    launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
     (d,) = run_dirs(path, results).values()
     good_final = (d / "final.json").read_text()
     (d / "final.json").write_text(good_final[: len(good_final) // 2])  # half-written
 
-    assert launch.inspect(d)["state"] == "corrupt"
+    assert rundir.inspect(d)["state"] == "corrupt"
     assert main(["status", str(results)]) == 1
     out = capsys.readouterr().out
     assert f"corrupt record: {d.name}: {d / 'final.json'}: not valid JSON" in out
 
     lines: list[str] = []
-    res = launch.run_grid(path, cluster="debug", results=results, report=False, log=lines.append)
+    res = launch.run_grid(path, cluster="debug", results=results, log=lines.append)
     assert any("corrupt record, rerun" in line for line in lines)
     assert res["counts"]["done"] == 1
     assert records.read_json(d / "final.json")["run_id"] == d.name
     assert metric_steps(d) == [10, 20]  # retrained from scratch, old lines set aside, not duplicated
-    stale = list((d / launch.STALE_DIR).glob("*/final.json"))
+    stale = list((d / rundir.STALE_DIR).glob("*/final.json"))
     assert len(stale) == 1 and stale[0].read_text() == good_final[: len(good_final) // 2]
 
     (d / "status.json").write_text("{\"state\": ")
-    assert launch.inspect(d)["state"] == "corrupt"
-    res = launch.run_grid(path, cluster="debug", results=results, report=False, log=lambda s: None)
+    assert rundir.inspect(d)["state"] == "corrupt"
+    res = launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
     assert res["counts"]["done"] == 1 and records.read_status(d)["state"] == "done"
     assert attempts_logged(d) == 3
 
@@ -109,7 +113,7 @@ def test_corrupt_records_are_reported_set_aside_and_rerun(tmp_path, capsys):
 def test_a_failed_run_is_recorded_the_grid_goes_on_and_retry_failed_reruns_it(tmp_path, capsys):
     path = toy_grid(tmp_path, routers=["softmax-topk"], sweep={"train.max_loss": [1e6, 1e-9]})
     results = tmp_path / "results"
-    out = launch.run_grid(path, cluster="debug", results=results, report=False, log=lambda s: None)
+    out = launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
     assert out["counts"] == {"done": 1, "running": 0, "failed": 1, "queued": 0}
     failed = next(r for r in out["runs"] if r["state"] == "failed")
     assert "max_loss" in failed["reason"]
@@ -120,7 +124,7 @@ def test_a_failed_run_is_recorded_the_grid_goes_on_and_retry_failed_reruns_it(tm
     assert "max_loss" in capsys.readouterr().out  # the status table gives the reason
 
     lines: list[str] = []
-    launch.run_grid(path, cluster="debug", results=results, report=False, log=lines.append)
+    launch.run_grid(path, cluster="debug", results=results, log=lines.append)
     assert any("rerun with --retry-failed" in line for line in lines)
     assert records.read_status(failed_dir)["attempts"] == 1
 
@@ -133,16 +137,16 @@ def test_a_failed_run_is_recorded_the_grid_goes_on_and_retry_failed_reruns_it(tm
 def test_a_run_locked_by_a_live_process_is_left_alone(tmp_path):
     path = toy_grid(tmp_path, routers=["softmax-topk"])
     results = tmp_path / "results"
-    (spec,) = gridmod.expand(path)
-    d = launch.run_dir_of(spec, results)
+    (spec,) = expand_mod.expand(path)
+    d = rundir.run_dir_of(spec, results)
     records.write_status(d, "running")
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from moebench.launch import run_lock\n"
+        "import sys, time; from moebench.training.rundir import run_lock\n"
         f"with run_lock({str(d)!r}) as got:\n    print(got, flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "True"
-        assert launch.lock_held(d) and launch.inspect(d)["state"] == "running"
+        assert rundir.lock_held(d) and rundir.inspect(d)["state"] == "running"
         (planned,) = launch.plan([spec], results)
         assert planned["action"] == "skip" and planned["why"] == "running elsewhere"
 
@@ -154,8 +158,8 @@ def test_a_run_locked_by_a_live_process_is_left_alone(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    assert not launch.lock_held(d)
-    assert launch.inspect(d)["state"] == "interrupted"  # the owner died: the next grid run resumes it
+    assert not rundir.lock_held(d)
+    assert rundir.inspect(d)["state"] == "interrupted"  # the owner died: the next grid run resumes it
 
 
 def test_auto_cluster_is_local_without_a_slurm_controller(monkeypatch):
@@ -186,7 +190,7 @@ def test_a_killed_grid_resumes_and_finishes_every_run_exactly_once(tmp_path):
         try:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
-                states = {k: launch.inspect(d)["state"] for k, d in dirs.items()}
+                states = {k: rundir.inspect(d)["state"] for k, d in dirs.items()}
                 done = [k for k, s in states.items() if s == "done"]
                 mid = [k for k, s in states.items() if s == "running" and (dirs[k] / "checkpoint.pt").exists()]
                 if done and mid:
@@ -200,12 +204,12 @@ def test_a_killed_grid_resumes_and_finishes_every_run_exactly_once(tmp_path):
             proc.wait()
     killed = mid[0]
     deadline = time.monotonic() + 20  # SIGKILL is delivered asynchronously: let the kernel reap the jobs
-    while launch.lock_held(dirs[killed]) and time.monotonic() < deadline:
+    while rundir.lock_held(dirs[killed]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert launch.inspect(dirs[killed])["state"] == "interrupted"
+    assert rundir.inspect(dirs[killed])["state"] == "interrupted"
     finished_before = {k: (dirs[k] / "final.json").stat().st_mtime_ns for k in done}
 
-    out = launch.run_grid(path, cluster="local", results=results, report=False, log=lambda s: None)
+    out = launch.run_grid(path, cluster="local", results=results, log=lambda s: None)
     assert out["counts"]["done"] == 3
     for k, d in dirs.items():
         assert metric_steps(d) == [50, 100, 150, 200, 250, 300], k  # no duplicate, none missing
@@ -236,11 +240,11 @@ def test_two_grids_sharing_a_results_folder_train_a_shared_run_once(tmp_path):
     dirs = {**run_dirs(a, results), **run_dirs(b, results)}
     assert len(dirs) == 3
     for label, d in dirs.items():
-        assert launch.inspect(d)["state"] == "done", label
+        assert rundir.inspect(d)["state"] == "done", label
         assert records.read_json(d / "final.json")["run_id"] == d.name
         assert metric_steps(d) == [10, 20], label
         assert attempts_logged(d) == 1, label  # the shared run was trained by one grid only
-        assert not (d / launch.STALE_DIR).exists()
+        assert not (d / rundir.STALE_DIR).exists()
     assert records.read_status(dirs["softmax-topk"])["attempts"] == 1
 
 

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from moebench import experts as experts_mod
-from moebench.layer import MoELayer
-from moebench.registry import ROUTERS, UnknownNameError
-from moebench.routing import Routing, apply_capacity, expert_capacity
+from moebench.core import experts as experts_mod
+from moebench.core.layer import MoELayer
+from moebench.core.registry import ROUTERS, UnknownNameError
+from moebench.core.routing import Routing, apply_capacity, expert_capacity
 try:  # tests/ is on sys.path under pytest's default import mode; a package if tests/__init__.py appears
     from reference_moe import dense_expert, fixed_routing, recorded_routing, reference_forward
 except ImportError:  # pragma: no cover

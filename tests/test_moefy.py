@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from moebench import moe_layers
-from moebench.experts import ACTIVATIONS
-from moebench.layer import MoELayer
-from moebench.models import ViT3D, build_model, count_params
-from moebench.moefy import find_blocks, moefy, select_blocks
-from moebench.registry import ROUTERS, register_router
-from moebench.routing import Router, topk_routing
+from moebench.core.experts import ACTIVATIONS
+from moebench.core.layer import MoELayer
+from moebench.core.models import ViT3D, build_model, count_params
+from moebench.core.moefy import find_blocks, moefy, select_blocks
+from moebench.core.registry import ROUTERS, register_router
+from moebench.core.routing import Router, topk_routing
 
 TIMM = {"family": "timm", "name": "vit-custom", "img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 4,
         "num_heads": 2, "num_classes": 5}

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import torch
 
-from moebench.layer import MoELayer
-from moebench.registry import ROUTERS
+from moebench.core.layer import MoELayer
+from moebench.core.registry import ROUTERS
 
 try:
     from reference_moe import recorded_routing, reference_forward

@@ -1,13 +1,13 @@
 """Registry: decorator registration, lookup errors that list the known names, entry-point plugins."""
 import pytest
 
-from moebench import registry as R
-from moebench.routing import Router
+from moebench.core import registry as R
+from moebench.core.routing import Router
 
 
 def _fresh(monkeypatch, eps=()):
     monkeypatch.setattr(R, "entry_points", lambda group: [ep for ep in eps if ep.group == group])
-    return R.Registry("router", "routers", "moebench.routers")
+    return R.Registry("router", "moebench.routers", "moebench.routers")
 
 
 class _FakeEntryPoint:

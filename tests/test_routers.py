@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from moebench.layer import MoELayer
-from moebench.registry import ROUTERS
-from moebench.routing import Router, RoutingContext
+from moebench.core.layer import MoELayer
+from moebench.core.registry import ROUTERS
+from moebench.core.routing import Router, RoutingContext
 
 e = math.e
 EVAL = RoutingContext(training=False)

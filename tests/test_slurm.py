@@ -10,8 +10,11 @@ import time
 
 import pytest
 
-from moebench import launch, records
-from moebench.spec import resolve_spec, run_id
+from moebench.training import rundir
+from moebench.training.rundir import run_path
+from moebench.grids import launch
+from moebench.training import records
+from moebench.training.spec import resolve_spec, run_id
 
 pytestmark = pytest.mark.slurm
 
@@ -60,12 +63,12 @@ def test_a_grid_runs_as_a_slurm_job_array(tmp_path):
     path.write_text(yaml.safe_dump(grid))
     results = tmp_path / "results"
     lines: list[str] = []
-    out = launch.run_grid(path, results=results, report=False, log=lines.append, poll_s=1.0)
+    out = launch.run_grid(path, results=results, log=lines.append, poll_s=1.0)
     assert out["counts"] == {"done": 2, "running": 0, "failed": 0, "queued": 0}, "\n".join(lines)
     assert any("submitted 2 runs as SLURM array" in line for line in lines)
     for row in out["runs"]:
         d = results / "slurm-e2e" / row["run_id"]
-        (job,) = records.read_jsonl(d / launch.JOBS_LOG)
+        (job,) = records.read_jsonl(d / rundir.JOBS_LOG)
         assert job["cluster"] == "slurm" and job["slurm_job_id"] and job["slurm_array_task_id"] is not None
         assert [m["step"] for m in records.read_jsonl(d / "metrics.jsonl")] == [10, 20]
         assert records.read_json(d / "final.json")["run_id"] == row["run_id"]
@@ -74,7 +77,7 @@ def test_a_grid_runs_as_a_slurm_job_array(tmp_path):
 def test_a_preempted_job_requeues_and_resumes_from_its_checkpoint(tmp_path):
     results = tmp_path / "results"
     spec = _toy_spec("slurm-preempt", steps=1500, eval_every=250, checkpoint_every=50)
-    d = results / spec["grid"] / run_id(spec)
+    d = run_path(results, spec["grid"], run_id(spec))
     executor = launch.make_executor("slurm", results / spec["grid"] / ".submitit",
                                     {"time_min": 15, "cpus_per_task": 1}, "preempt")
     job = executor.submit(launch.RunJob(threads=1), spec, str(results))
@@ -107,7 +110,7 @@ def test_a_preempted_job_requeues_and_resumes_from_its_checkpoint(tmp_path):
     elapsed = time.monotonic() - t0
     assert status["state"] == "done", status
     assert status["attempts"] == 2
-    attempts = records.read_jsonl(d / launch.JOBS_LOG)
+    attempts = records.read_jsonl(d / rundir.JOBS_LOG)
     assert [a["slurm_restart_count"] for a in attempts] == [0, 1], attempts
     assert attempts[0]["slurm_job_id"] == attempts[1]["slurm_job_id"]  # the same job, requeued
     steps = [m["step"] for m in records.read_jsonl(d / "metrics.jsonl")]

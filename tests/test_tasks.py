@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moebench.layer import moe_layers
-from moebench.registry import TASKS
+from moebench.core.layer import moe_layers
+from moebench.core.registry import TASKS
 from real_format_fixtures import make_bids, make_coco, make_png
-from tasks.brain_age import bias_correction, pearson_r
-from tasks.common import with_prefix_tokens
-from tasks.datasets import cache
-from tasks.retrieval import retrieval_recall
+from moebench.tasks.brain_age import bias_correction, pearson_r
+from moebench.tasks.common import with_prefix_tokens
+from moebench.tasks.datasets import cache
+from moebench.tasks.retrieval import retrieval_recall
 
 MOE = {"blocks": "last-2", "num_experts": 4, "router": "softmax-topk", "router_args": {"top_k": 2},
        "d_hidden": None, "capacity_factor": None, "upcycle": True}

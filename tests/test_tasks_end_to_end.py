@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from moebench.cli import main
-from tasks.datasets import cache
+from moebench.tasks.datasets import cache
 
 pytestmark = pytest.mark.slow
 HAVE_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()

@@ -8,15 +8,15 @@ import torch
 import yaml
 from torch import nn
 
-from moebench import records
+from moebench.training import records
 from moebench.cli import main
-from moebench.registry import TASKS, register_router, register_task
-from moebench.routing import Router, topk_routing
-from moebench.runner import execute
-from moebench.spec import SpecError, apply_override, resolve_spec, run_id
-from moebench.train import lr_factor, train
+from moebench.core.registry import TASKS, register_router, register_task
+from moebench.core.routing import Router, topk_routing
+from moebench.training.runner import execute
+from moebench.training.spec import SpecError, apply_override, resolve_spec, run_id
+from moebench.training.train import lr_factor, train
 
-import tasks.toy as toy
+import moebench.tasks.toy as toy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -147,12 +147,12 @@ def test_toy_learns_and_writes_schema_conformant_records(tmp_path):
 
 def test_flops_include_the_router():
     task = task_for(make_spec())
-    from moebench.train import model_cost
+    from moebench.training.train import model_cost
 
     spec = resolve_spec(make_spec())
     net = task.build_model(spec["model"], spec["moe"])
     cost = model_cost(net)
-    from moebench.layer import moe_layers
+    from moebench.core.layer import moe_layers
 
     layers = moe_layers(net)
     router = sum(m.router.flops_per_token() for m in layers)

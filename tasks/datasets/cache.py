@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from moebench.records import atomic_write
+from moebench.training.records import atomic_write
 
 ENV_VAR = "MOEBENCH_CACHE"
 

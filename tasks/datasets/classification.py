@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 from torchvision.datasets import FashionMNIST, ImageFolder
 
-from moebench.records import atomic_write
+from moebench.training.records import atomic_write
 
 from .cache import cache_dir
 

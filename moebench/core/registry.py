@@ -74,7 +74,7 @@ class Registry:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(known)}. "
-                f"To add one, register it with @{self.kind.upper()}S.register('name') "
+                f"To add one, register it with @register_{self.kind}('name') "
                 f"(or the '{self.entry_point_group}' entry-point group)."
             )
         return self._entries[name]
@@ -105,8 +105,8 @@ def _first_line(doc: str | None) -> str:
     return (doc or "").strip().split("\n")[0].strip()
 
 
-ROUTERS = Registry("router", "routers", "moebench.routers")
-TASKS = Registry("task", "tasks", "moebench.tasks")
+ROUTERS = Registry("router", "moebench.routers", "moebench.routers")
+TASKS = Registry("task", "moebench.tasks", "moebench.tasks")
 
 register_router = ROUTERS.register
 register_task = TASKS.register

@@ -51,7 +51,7 @@ DEFAULT_TRAIN: dict[str, Any] = {
 }
 
 DEFAULT_MOE: dict[str, Any] = {
-    "blocks": "all",            # which blocks become MoE (moebench.moefy's `blocks`): "all" or
+    "blocks": "all",            # which blocks become MoE (moebench.core.moefy's `blocks`): "all" or
                                 # a list of block indices (negative from the end, e.g. [-2, -1])
     "num_experts": 8,
     "router": "softmax-topk",

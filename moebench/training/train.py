@@ -10,7 +10,7 @@ order, optimiser, schedule, precision, evaluation, statistics) is the same code.
   optimiser step. AdamW, linear warmup then cosine decay to 0, gradient clipping, bf16 autocast on CUDA.
 - Every ``eval_every`` steps and at the end: task metrics, routing statistics over the eval set, and
   stability on a fixed probe batch (the first ``probe_size`` eval samples); one line of
-  ``metrics.jsonl`` each (schema in ``moebench.records``).
+  ``metrics.jsonl`` each (schema in ``moebench.training.records``).
 - ``checkpoint.pt`` (atomic) every ``checkpoint_every`` steps and at each evaluation; a rerun resumes
   from it and ends with the same metrics as an uninterrupted run.
 - NaN / inf / loss above ``max_loss``: the run stops with status failed ("diverged at step 37:
@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import metrics as M
-from .layer import MoELayer
-from .records import append_jsonl, atomic_write, atomic_write_json, environment_info, read_jsonl, write_status
-from .spec import resolve_spec, run_id as spec_run_id
+from moebench.training import metrics as M
+from moebench.core.layer import MoELayer
+from moebench.training.records import append_jsonl, atomic_write, atomic_write_json, environment_info, read_jsonl, write_status
+from moebench.training.spec import resolve_spec, run_id as spec_run_id
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -209,7 +209,7 @@ class _TokenCounter:
         self.module = next((m for m in model.modules() if isinstance(m, MoELayer)), None)
         if self.module is None:  # dense baseline: the first transformer block moefy would see (timm, CLIP, 3D)
             try:
-                from .moefy import find_blocks
+                from moebench.core.moefy import find_blocks
 
                 self.module = find_blocks(model)[0].block
             except (ValueError, IndexError):
@@ -254,7 +254,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         return
     import json
 
-    from .records import atomic_write_text
+    from moebench.training.records import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
@@ -442,7 +442,9 @@ class _Trainer:
     def run(self) -> dict:
         self.t0 = time.perf_counter()
         self.setup()
-        resumed = self.load()
+        if self.load():  # say so in the job log: a requeued or rerun job continues, it does not restart
+            print(f"moebench: run {self.rid} resumed from step {self.step} of {self.t['steps']}",
+                  file=sys.stderr, flush=True)
         self.t0 = time.perf_counter()
         t = self.t
         steps, eval_every, ckpt_every = t["steps"], t["eval_every"], t["checkpoint_every"]

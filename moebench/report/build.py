@@ -7,15 +7,14 @@ Missing runs are detected from ``<results>/<grid>/expected.json`` written by the
 ``report_load``)."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from .report_load import RecordSet, load_record_set, load_records  # noqa: F401  (public API)
-from .report_render import Table, to_latex, to_markdown
-from .report_tables import (leaderboard_frame, leaderboard_tables, paired_frame, paired_table, rank_frame,
+from moebench.report.load import RecordSet, load_record_set, load_records  # noqa: F401  (public API)
+from moebench.report.render import Table, to_latex, to_markdown
+from moebench.report.tables import (leaderboard_frame, leaderboard_tables, paired_frame, paired_table, rank_frame,
                             rank_table, unfinished_table)
 
 FORMATS = ("md", "csv", "html", "tex")
@@ -84,7 +83,7 @@ def write_report(results_dir, out_dir=None, formats=FORMATS, baseline: str = BAS
     out.mkdir(parents=True, exist_ok=True)
     figures = []
     if plots and {"md", "html"} & set(formats):
-        from .report_plots import write_plots  # seaborn / matplotlib only when drawing
+        from moebench.report.plots import write_plots  # seaborn / matplotlib only when drawing
 
         figures = write_plots(rep.rs, rep.leaderboard, out / "plots")
     if "csv" in formats:
@@ -94,7 +93,7 @@ def write_report(results_dir, out_dir=None, formats=FORMATS, baseline: str = BAS
     if "tex" in formats:
         (out / "leaderboard.tex").write_text(_latex(rep), encoding="utf-8")
     if "html" in formats:
-        from .report_html import render_page
+        from moebench.report.html import render_page
 
         page = render_page(f"moebench report: {Path(results_dir).resolve().name}", rep.summary, rep.rs.problems,
                            rep.bench_tables, rep.overall, figures, [rep.unfinished] if rep.unfinished else [])
@@ -128,17 +127,3 @@ def _latex(rep: Report) -> str:
     head = ["% moebench leaderboard tables; needs \\usepackage{booktabs,graphicx}", ""]
     tables = rep.overall + [t for _, t in rep.bench_tables]
     return "\n".join(head) + "\n".join(to_latex(t) for t in tables)
-
-
-def cli_report(args) -> int:
-    formats = [f.strip() for f in str(args.format).split(",") if f.strip()]
-    try:
-        out = write_report(args.results, args.out, formats)
-    except (ReportError, FileNotFoundError) as err:
-        print(f"moebench report: {err}", file=sys.stderr)
-        return 2
-    files = sorted(p for p in out.rglob("*") if p.is_file())
-    print(f"wrote {len(files)} files to {out}:")
-    for p in files:
-        print(f"  {p.relative_to(out)}")
-    return 0

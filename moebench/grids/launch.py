@@ -3,14 +3,14 @@ for debugging; skip what is done, resume what was interrupted, report what is br
 
 Why it looks like this:
 
-- **Idempotent**: a run is identified by its spec (``moebench.spec.run_id``), so running a grid again
+- **Idempotent**: a run is identified by its spec (``moebench.training.spec.run_id``), so running a grid again
   skips runs whose ``status.json`` says done *and* whose ``final.json`` reads back; an interrupted run
   (status running, but no live process holds its lock) is resubmitted and the runner resumes it from
   its ``checkpoint.pt``; a failed run is rerun only with ``retry_failed``. An unreadable (half-written
   or hand-edited) ``status.json`` / ``final.json`` is reported, set aside under ``.stale/`` and the run
   is done again.
 - **One owner per run**: the process that trains a run holds an exclusive ``fcntl.flock`` on
-  ``<run_dir>/.lock`` for the whole run (taken here, around ``moebench.runner.execute``). The kernel
+  ``<run_dir>/.lock`` for the whole run (taken here, around ``moebench.training.runner.execute``). The kernel
   drops the lock when that process dies, so "locked" means "a live process is on it": two grids (or
   two launchers of one grid) writing into one results folder never train the same run twice; the
   second one reports it as "running elsewhere". flock works on local disks and NFSv4; on a shared
@@ -26,121 +26,19 @@ Why it looks like this:
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import math
 import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import records
-
-LOCK_NAME = ".lock"
-JOBS_LOG = "jobs.jsonl"
-STALE_DIR = ".stale"
-SUMMARY_STATES = ("done", "running", "failed", "queued")
-
-
-# -- run ownership -----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def run_lock(run_dir, wait_s: float = 0.0):
-    """Yield True while holding the exclusive lock of ``run_dir``, False if another process holds it
-    (after retrying for ``wait_s`` seconds, which rides over a launcher's brief probe)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    got = False
-    try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                got = True
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(0.2)
-        if got:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{socket.gethostname()}:{os.getpid()}\n".encode())
-        yield got
-    finally:
-        if got:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def lock_held(run_dir) -> bool:
-    """True when a live process holds the run's lock (probes by trying to take it for an instant)."""
-    path = Path(run_dir) / LOCK_NAME
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the lock if we took it
-    return False
-
-
-# -- reading a run's state ---------------------------------------------------------------------------
-def run_dir_of(spec: dict, results) -> Path:
-    from .spec import run_id
-
-    return Path(results) / spec["grid"] / run_id(spec)
-
-
-def inspect(run_dir) -> dict:
-    """The run's state as the launcher sees it: ``state`` (new, queued, running, interrupted, done,
-    failed, corrupt), ``reason``, ``attempts`` and, when corrupt, ``corrupt`` (what is unreadable)."""
-    run_dir = Path(run_dir)
-    out = {"state": "new", "reason": None, "attempts": 0, "corrupt": None}
-    try:
-        status = records.read_status(run_dir)
-    except records.CorruptRecordError as err:
-        return {**out, "state": "corrupt", "corrupt": str(err)}
-    if status is None:
-        return {**out, "state": "running" if lock_held(run_dir) else "new"}
-    if not isinstance(status, dict) or status.get("state") not in records.STATES:
-        return {**out, "state": "corrupt",
-                "corrupt": f"{run_dir / 'status.json'}: no valid 'state' (one of {', '.join(records.STATES)})"}
-    out.update(state=status["state"], reason=status.get("reason"), attempts=status.get("attempts") or 0)
-    if status["state"] == "done":
-        try:
-            final = records.read_json(run_dir / "final.json")
-        except records.CorruptRecordError as err:
-            return {**out, "state": "corrupt", "corrupt": str(err)}
-        if not isinstance(final, dict):
-            return {**out, "state": "corrupt",
-                    "corrupt": f"{run_dir / 'final.json'}: missing although status.json says done"}
-    elif status["state"] in ("running", "queued") and not lock_held(run_dir):
-        if status["state"] == "running":
-            out.update(state="interrupted", reason="no live process holds the run (killed or crashed)")
-    elif status["state"] == "queued" and lock_held(run_dir):
-        out["state"] = "running"
-    return out
-
-
-def _set_aside(run_dir: Path, names) -> Path | None:
-    """Move unusable record files to ``.stale/<time>/`` (kept for inspection, out of the reader's way)."""
-    present = [n for n in names if (run_dir / n).exists()]
-    if not present:
-        return None
-    dest = run_dir / STALE_DIR / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
-    dest.mkdir(parents=True, exist_ok=True)
-    for n in present:
-        os.replace(run_dir / n, dest / n)
-    return dest
-
+from moebench.grids.status import _counts, _rows, format_table
+from moebench.training import records
+from moebench.training.rundir import JOBS_LOG, _set_aside, inspect, run_lock, run_path
 
 def _prepare(run_dir: Path) -> str | None:
     """Under the run's lock: make the record consistent before (re)running. Returns why it skipped,
@@ -159,7 +57,7 @@ def _prepare(run_dir: Path) -> str | None:
 
 # -- the submitted callable --------------------------------------------------------------------------
 def _execute(spec: dict, results) -> dict:
-    from .runner import execute
+    from moebench.training.runner import execute
 
     return execute(spec, results)
 
@@ -183,11 +81,11 @@ def _job_env() -> dict:
 def run_one(spec: dict, results, threads: int | None = None, lock_wait_s: float = 5.0, execute=None) -> dict:
     """Run one spec as its owner: lock, re-check, tidy the record, log the attempt, execute.
     Returns {"run_id", "state", "reason"}; state "skipped" when done already or running elsewhere."""
-    from .spec import run_id
+    from moebench.training.spec import run_id
 
     execute = execute or _execute
     rid = run_id(spec)
-    run_dir = Path(results) / spec["grid"] / rid
+    run_dir = run_path(results, spec["grid"], rid)
     env = _job_env()
     if threads:
         import torch
@@ -341,12 +239,12 @@ class _Progress:
 def plan(specs: list[dict], results, retry_failed: bool = False) -> list[dict]:
     """What to do with each run: ``action`` skip (done / failed without retry / running elsewhere)
     or run, with ``why``."""
-    from .spec import run_id
+    from moebench.training.spec import run_id
 
     out = []
     for spec in specs:
         rid = run_id(spec)
-        run_dir = Path(results) / spec["grid"] / rid
+        run_dir = run_path(results, spec["grid"], rid)
         st = inspect(run_dir)
         action, why = "run", {"new": "new", "queued": "queued earlier, never started",
                               "interrupted": "interrupted: resume from its checkpoint"}.get(st["state"])
@@ -365,14 +263,15 @@ def plan(specs: list[dict], results, retry_failed: bool = False) -> list[dict]:
 
 
 def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool = False,
-             retry_failed: bool = False, report: bool = True, poll_s: float | None = None, log=print) -> dict:
-    """Expand ``grid`` (path or shipped name), run what is not done, print progress and a summary,
-    then write the report. Returns {"grid", "results", "runs": [{run_id, label, seed, state, reason}],
-    "counts": {state: n}, "report": path or None}."""
-    from . import grid as gridmod
+             retry_failed: bool = False, poll_s: float | None = None, log=print) -> dict:
+    """Expand ``grid`` (path or shipped name), run what is not done, print progress and a summary.
+    Returns {"grid", "results", "runs": [{run_id, label, seed, state, reason}], "counts": {state: n}}.
+    The report is the caller's job (``moebench run`` writes it afterwards)."""
+    from moebench.grids.expand import expand
+    from moebench.grids.schema import load
 
-    g = gridmod.load(grid)
-    specs = gridmod.expand(g)
+    g = load(grid)
+    specs = expand(g)
     results = Path(results)
     grid_dir = results / g["name"]
     ex = g["executor"]
@@ -387,8 +286,7 @@ def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool 
     if dry_run:
         for r in todo:
             log(f"  would run {r['run_id']} ({r['why']})")
-        return {"grid": g["name"], "results": str(grid_dir), "runs": _rows(runs), "counts": _counts(runs),
-                "report": None}
+        return {"grid": g["name"], "results": str(grid_dir), "runs": _rows(runs), "counts": _counts(runs)}
 
     for r in todo:  # mark queued, under the lock so a run finishing elsewhere is never overwritten
         with run_lock(r["run_dir"]) as got:
@@ -411,10 +309,7 @@ def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool 
     progress.poll()
     rows = _rows(runs)
     log(format_table(rows, title=f"grid {g['name']} summary"))
-    out = {"grid": g["name"], "results": str(grid_dir), "runs": rows, "counts": _counts(runs), "report": None}
-    if report:
-        out["report"] = _write_report(grid_dir, log)
-    return out
+    return {"grid": g["name"], "results": str(grid_dir), "runs": rows, "counts": _counts(runs)}
 
 
 def write_expected(grid_dir: Path, runs: list[dict]) -> None:
@@ -487,126 +382,3 @@ def _finish(r: dict, job, log) -> None:
             records.write_status(r["run_dir"], "failed",
                                  f"job {job.job_id} ended without finishing the run: {first}"
                                  + (f" (log: {log_path})" if log_path else ""))
-
-
-def _write_report(grid_dir: Path, log) -> str | None:
-    try:
-        from .report import write_report
-    except ImportError as err:
-        log(f"report skipped: moebench.report is not available ({err})")
-        return None
-    out = grid_dir / "report"
-    try:
-        write_report(grid_dir, out)
-    except Exception as err:  # noqa: BLE001 - the runs are safe on disk; say what broke
-        log(f"report failed: {type(err).__name__}: {err}; rerun it with `moebench report {grid_dir}`")
-        return None
-    log(f"report: {out}")
-    return str(out)
-
-
-# -- status tables -----------------------------------------------------------------------------------
-def _rows(runs: list[dict]) -> list[dict]:
-    rows = []
-    for r in runs:
-        st = inspect(r["run_dir"])
-        state = st["state"]
-        if r.get("outcome") == "elsewhere" and state not in ("done", "failed"):
-            state = "running"
-        rows.append({"run_id": r["run_id"], "label": r["spec"]["label"], "seed": r["spec"]["seed"],
-                     "state": state, "attempts": st["attempts"],
-                     "reason": st["corrupt"] or st["reason"] or ("running elsewhere" if r.get("outcome") == "elsewhere" else "")})
-    return rows
-
-
-def _bucket(state: str) -> str:
-    """Summary buckets: done / running / failed / queued (new, interrupted and corrupt count as queued,
-    i.e. still to run)."""
-    return state if state in SUMMARY_STATES else "queued"
-
-
-def _counts(runs_or_rows) -> dict:
-    counts = {s: 0 for s in SUMMARY_STATES}
-    for r in runs_or_rows:
-        state = r["state"] if "spec" not in r else inspect(r["run_dir"])["state"]
-        counts[_bucket(state)] += 1
-    return counts
-
-
-def format_table(rows: list[dict], title: str = "") -> str:
-    """The status table (run, label, seed, state, attempts, reason) and a done/running/failed/queued count."""
-    counts = _counts(rows)
-    head = ["run_id", "label", "seed", "state", "attempts", "reason"]
-    body = [[str(r[h]) if r[h] is not None else "" for h in head] for r in rows]
-    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head[:-1])]
-    lines = [title] if title else []
-    lines.append("  ".join(h.ljust(w) for h, w in zip(head[:-1], widths)) + "  reason")
-    for b in body:
-        lines.append(("  ".join(c.ljust(w) for c, w in zip(b[:-1], widths)) + "  " + b[-1]).rstrip())
-    lines.append(", ".join(f"{n} {s}" for s, n in counts.items()) + f" (of {len(rows)})")
-    return "\n".join(lines)
-
-
-def _grid_dirs(path: Path) -> list[Path]:
-    """``path`` itself if it holds run folders, else its (non-hidden) sub-folders that do."""
-    def has_runs(p: Path) -> bool:
-        return any((c / "status.json").exists() or (c / "spec.yaml").exists()
-                   for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
-
-    if not path.is_dir():
-        return []
-    if has_runs(path):
-        return [path]
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and has_runs(p))
-
-
-def status_rows(grid_dir: Path) -> list[dict]:
-    """One row per run folder of a grid folder, read from the records alone (no grid file needed)."""
-    rows = []
-    for run_dir in sorted(p for p in grid_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not ((run_dir / "status.json").exists() or (run_dir / "spec.yaml").exists()):
-            continue
-        st = inspect(run_dir)
-        try:
-            spec = records.read_spec(run_dir) or {}
-        except records.CorruptRecordError as err:
-            spec, st = {}, {**st, "state": "corrupt", "corrupt": st["corrupt"] or str(err)}
-        rows.append({"run_id": run_dir.name, "label": spec.get("label", "?"), "seed": spec.get("seed", "?"),
-                     "state": st["state"], "attempts": st["attempts"],
-                     "reason": st["corrupt"] or st["reason"] or ""})
-    return rows
-
-
-def cli_status(args) -> int:
-    """``moebench status [RESULTS]``: a table per grid folder; exit 1 if any run failed or is corrupt."""
-    root = Path(args.results)
-    dirs = _grid_dirs(root)
-    if not dirs:
-        print(f"no runs under {root} (expected {root}/<grid>/<run_id>/status.json)", file=sys.stderr)
-        return 1
-    bad = 0
-    for d in dirs:
-        rows = status_rows(d)
-        print(format_table(rows, title=f"grid {d.name} ({d})"))
-        corrupt = [r for r in rows if r["state"] == "corrupt"]
-        for r in corrupt:
-            print(f"corrupt record: {r['run_id']}: {r['reason']} (rerunning the grid sets it aside and reruns it)")
-        bad += sum(r["state"] in ("failed", "corrupt") for r in rows)
-        print()
-    return 1 if bad else 0
-
-
-def cli_run(args) -> int:
-    """``moebench run [GRID]``: exit 0 when every run is done (or running elsewhere), 1 if any failed or
-    is left to run, 2 for a bad grid / unusable cluster."""
-    from .grid import GridError
-
-    try:
-        out = run_grid(args.grid, cluster=args.cluster, results=args.results, dry_run=args.dry_run,
-                       retry_failed=args.retry_failed, report=not args.no_report)
-    except (GridError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        return 0
-    return 0 if out["counts"]["failed"] == 0 and out["counts"]["queued"] == 0 else 1

@@ -5,16 +5,14 @@ Ratios, not absolute times, are the result: both sides share the machine, thread
 the ratio isolates what routing and dispatch cost. Medians of interleaved repeats resist noise."""
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import MoELayer
+from moebench.core.layer import MoELayer
 
 
 class DenseFFN(nn.Module):
@@ -77,7 +75,7 @@ class RouterOnly(nn.Module):
         self.layer = layer
 
     def forward(self, x):
-        from .routing import RoutingContext
+        from moebench.core.routing import RoutingContext
 
         flat = x.reshape(-1, x.shape[-1]).float()
         routing = self.layer.router(flat, RoutingContext(training=self.training))
@@ -138,18 +136,3 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
     return "\n".join(lines)
-
-
-def cli_bench_layer(args) -> int:
-    from .registry import ROUTERS
-
-    routers = [r for r in args.routers.split(",") if r]
-    for r in routers:
-        ROUTERS.get(r)  # clear error for an unknown name before any timing
-    rows = bench_layer(routers, args.experts, [int(k) for k in args.top_k.split(",")], args.tokens, args.d_model,
-                       args.d_hidden, getattr(torch, args.dtype), args.device, args.repeats, peers=not args.no_peers)
-    print(format_table(rows))
-    print(json.dumps(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return 0

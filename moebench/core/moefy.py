@@ -16,8 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .experts import ACTIVATIONS
-from .layer import MoELayer
+from moebench.core.experts import ACTIVATIONS
+from moebench.core.layer import MoELayer
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,27 @@
-"""The task adapter contract: what the one training loop (`moebench.train`) needs from a task.
+"""The task adapter contract: what the one training loop (`moebench.training.train`) needs from a task.
 
 A task turns its options into datasets (real public format, or the small offline default), a model
-(dense, or MoE through `moebench.moefy`), a loss and an evaluation with a named headline metric.
+(dense, or MoE through `moebench.core.moefy`), a loss and an evaluation with a named headline metric.
 It also labels tokens for the specialisation metric (class / tissue / ...)."""
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A task's named size: the spec sections it fills in (anything a grid or --set gives wins)."""
+
+    task_args: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    moe: dict = field(default_factory=dict)         # MoE placement defaults (blocks, num_experts, ...)
+    train: dict = field(default_factory=dict)
 
 
 class Task:
@@ -27,18 +39,22 @@ class Task:
         self.options = options
 
     # -- sizes ---------------------------------------------------------------------------------------
-    # size -> (task_args, model, moe_defaults, train): the offline default at that size ("tiny" for
-    # tests, "quick" for the quick grid). ``moebench train --size`` and a grid's ``preset:`` read it.
-    presets: dict[str, tuple[dict, dict, dict, dict]] = {}
+    # size -> Preset: the offline default at that size ("tiny" for tests, "quick" for the quick grid).
+    # ``moebench train --size`` and a grid's ``preset:`` read it.
+    presets: dict[str, Preset] = {}
 
     @classmethod
-    def preset(cls, size: str) -> tuple[dict, dict, dict, dict]:
-        """Copies of the four dicts of a named size; an unknown size names the known ones."""
+    def preset(cls, size: str) -> Preset:
+        """A deep copy of a named size; an unknown size names the known ones."""
         if size not in cls.presets:
             name = getattr(cls, "registry_name", cls.__name__)
             known = sorted(cls.presets) or "none (give task_args / model / train yourself)"
             raise ValueError(f"task {name!r} has no size {size!r}; sizes: {known}")
-        return tuple(dict(part) for part in cls.presets[size])
+        preset = cls.presets[size]
+        if not isinstance(preset, Preset):
+            raise TypeError(f"{cls.__name__}.presets[{size!r}] must be a moebench.core.task.Preset, "
+                            f"got {type(preset).__name__}")
+        return copy.deepcopy(preset)
 
     # -- data --------------------------------------------------------------------------------------
     def datasets(self) -> tuple[Dataset, Dataset]:

@@ -304,7 +304,7 @@ class RoutingStatsAccumulator:
     each layer (the probe batch for stability)."""
 
     def __init__(self, model, task=None, keep_top1: int = 0):
-        from .layer import MoELayer
+        from moebench.core.layer import MoELayer
 
         self.task = task
         self.keep_top1 = int(keep_top1)

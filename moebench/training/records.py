@@ -2,7 +2,7 @@
 
 A run lives in ``<results>/<grid>/<run_id>/``:
 
-- ``spec.yaml``     the fully resolved run spec (see ``moebench.grid``)
+- ``spec.yaml``     the fully resolved run spec (see ``moebench.training.spec``)
 - ``status.json``   {"state": queued|running|done|failed, "reason": str|null, "updated": iso time,
                      "attempts": int, "owner": "host:pid" of the process running it}
 - ``metrics.jsonl`` one JSON object per evaluation:
@@ -20,7 +20,7 @@ A run lives in ``<results>/<grid>/<run_id>/``:
                      "env": environment_info()}
 - ``checkpoint.pt`` latest training state (removed once the run is done)
 
-Routing stat names are those of ``moebench.metrics``.
+Routing stat names are those of ``moebench.training.metrics``.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .records import CorruptRecordError, read_json, read_jsonl, read_spec, read_status
+from moebench.training.records import CorruptRecordError, read_json, read_jsonl, read_spec, read_status
 
 RECORD_FILES = ("spec.yaml", "status.json", "final.json", "metrics.jsonl")
 EXPECTED_FILE = "expected.json"

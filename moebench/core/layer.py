@@ -10,9 +10,9 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from .experts import Experts
-from .registry import ROUTERS
-from .routing import RoutingContext, apply_capacity
+from moebench.core.experts import Experts
+from moebench.core.registry import ROUTERS
+from moebench.core.routing import RoutingContext, apply_capacity
 
 
 class MoELayer(nn.Module):
@@ -80,7 +80,7 @@ class MoELayer(nn.Module):
         if self.router.needs_context and context is None:
             raise ValueError(
                 f"router {self.router_name!r} needs the attention context: call the layer as "
-                f"layer(x, context=attn_out), or build the model with moebench.moefy which hooks it in"
+                f"layer(x, context=attn_out), or build the model with moebench.core.moefy which hooks it in"
             )
         if context is not None and context.shape != shape:
             raise ValueError(f"context shape {tuple(context.shape)} must equal input shape {tuple(shape)}")

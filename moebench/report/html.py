@@ -6,8 +6,8 @@ import base64
 import html
 from datetime import datetime, timezone
 
-from .report_plots import Plot
-from .report_render import Table, to_html
+from moebench.report.plots import Plot
+from moebench.report.render import Table, to_html
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;

@@ -1,7 +1,7 @@
 """Dense backbones from a model config: timm ViTs, open_clip CLIP, and a small 3D ViT for volumes.
 
 One config dict per run (the grid's ``model`` section) so every task builds models the same way; MoE is
-added afterwards by ``moebench.moefy``. Weights come from a local file (``pretrained: /path``) or, where
+added afterwards by ``moebench.core.moefy``. Weights come from a local file (``pretrained: /path``) or, where
 the machine has network, from the timm / open_clip hubs (``pretrained: true`` or a hub tag).
 """
 from __future__ import annotations

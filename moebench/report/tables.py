@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from .report_load import RecordSet
-from .report_render import Table
-from .report_stats import paired_difference
+from moebench.report.load import RecordSet
+from moebench.report.render import Table
+from moebench.report.stats import paired_difference
 
 GROUP = ["bench", "label", "variant"]
 # (column, header, better direction or None, formatter kind)

@@ -16,8 +16,8 @@ import seaborn as sns
 from matplotlib import transforms
 from matplotlib.figure import Figure
 
-from .report_load import RecordSet
-from .report_tables import entry_name
+from moebench.report.load import RecordSet
+from moebench.report.tables import entry_name
 
 WIDTH = 3.5  # inches: one paper column
 DPI = 200

@@ -1,0 +1,32 @@
+"""``moebench report``: leaderboards, paired comparisons and plots from a results folder's records."""
+from __future__ import annotations
+
+import sys
+
+from moebench.cli._help import command
+
+FORMATS = "md,csv,html,tex"
+
+
+def add_parser(sub) -> None:
+    p = command(sub, "report", "leaderboards, paired comparisons and plots from run records", func=run)
+    p.add_argument("results", nargs="?", default="results",
+                   help="a grid's results folder (e.g. results/quick), or a folder of grid folders")
+    p.add_argument("--out", default=None, help="where to write the report (default: RESULTS/report)")
+    p.add_argument("--format", default=FORMATS, help="comma-separated output formats, any of " + FORMATS)
+
+
+def run(args) -> int:
+    from moebench.report.build import ReportError, write_report
+
+    formats = [f.strip() for f in str(args.format).split(",") if f.strip()]
+    try:
+        out = write_report(args.results, args.out, formats)
+    except (ReportError, FileNotFoundError) as err:
+        print(f"moebench report: {err}", file=sys.stderr)
+        return 2
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    print(f"wrote {len(files)} files to {out}:")
+    for p in files:
+        print(f"  {p.relative_to(out)}")
+    return 0

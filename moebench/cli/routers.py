@@ -1,0 +1,19 @@
+"""``moebench routers``: the registered routers, with a one-line description each."""
+from __future__ import annotations
+
+from moebench.cli._help import command
+
+
+def add_parser(sub) -> None:
+    command(sub, "routers", "list the registered routers (built-in and plugins)", func=run)
+
+
+def run(args) -> int:
+    from moebench.core.registry import ROUTERS
+
+    rows = ROUTERS.describe()
+    width = max(len(n) for n, _ in rows)
+    print(f"{'router'.ljust(width)}  description")
+    for name, desc in rows:
+        print(f"{name.ljust(width)}  {desc}")
+    return 0

@@ -1,0 +1,59 @@
+"""``moebench run``: expand a grid, launch its runs with submitit, then write the report."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from moebench.cli._help import command
+
+DEFAULT_GRID = "quick"
+
+
+def add_parser(sub) -> None:
+    p = command(sub, "run", f"run a grid (default: {DEFAULT_GRID}), then write its report",
+                description=f"Expand a grid into matched runs, run what is not done yet (resuming interrupted "
+                            f"runs), then write RESULTS/<grid>/report/. With no GRID, runs the shipped "
+                            f"'{DEFAULT_GRID}' grid on the offline defaults.", func=run)
+    p.add_argument("grid", nargs="?", default=DEFAULT_GRID,
+                   help="a YAML grid file, or the name of a shipped grid (see `moebench grid show NAME`)")
+    p.add_argument("--cluster", choices=["local", "slurm", "debug"], default=None,
+                   help="where jobs run: local subprocesses, a SLURM job array, or in-process (debug); "
+                        "default: the grid's executor.cluster")
+    p.add_argument("--results", default="results", help="results root; runs go to RESULTS/<grid>/<run_id>/")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+    p.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before (default: skip them)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report afterwards")
+
+
+def _write_report(grid_dir: Path) -> str | None:
+    from moebench.report.build import write_report
+
+    out = grid_dir / "report"
+    try:
+        write_report(grid_dir, out)
+    except Exception as err:  # noqa: BLE001 - the runs are safe on disk; say what broke
+        print(f"report failed: {type(err).__name__}: {err}; rerun it with `moebench report {grid_dir}`",
+              file=sys.stderr)
+        return None
+    print(f"report: {out}")
+    return str(out)
+
+
+def run(args) -> int:
+    """Exit 0 when every run is done (or running elsewhere) and the report was written; 1 if any run
+    failed, is left to run, or the report could not be written; 2 for a bad grid or unusable cluster."""
+    from moebench.grids.launch import run_grid
+    from moebench.grids.schema import GridError
+
+    try:
+        out = run_grid(args.grid, cluster=args.cluster, results=args.results, dry_run=args.dry_run,
+                       retry_failed=args.retry_failed)
+    except (GridError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return 0
+    ok = out["counts"]["failed"] == 0 and out["counts"]["queued"] == 0
+    if not args.no_report and _write_report(Path(out["results"])) is None:
+        ok = False
+    return 0 if ok else 1

@@ -1,0 +1,36 @@
+"""``moebench status``: done / running / failed / queued for every run under a results folder."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from moebench.cli._help import command
+
+
+def add_parser(sub) -> None:
+    p = command(sub, "status", "state of every run under a results folder, with each failure's reason",
+                func=run)
+    p.add_argument("results", nargs="?", default="results",
+                   help="a results folder (holding <grid>/<run_id>/) or one grid's folder")
+
+
+def run(args) -> int:
+    """A table per grid folder; exit 1 if any run failed or is corrupt."""
+    from moebench.grids.status import format_table, grid_dirs, status_rows
+
+    root = Path(args.results)
+    dirs = grid_dirs(root)
+    if not dirs:
+        print(f"no runs under {root}: expected {root}/<grid>/<run_id>/status.json, or a grid folder "
+              f"{root}/<run_id>/status.json", file=sys.stderr)
+        return 1
+    bad = 0
+    for d in dirs:
+        rows = status_rows(d)
+        print(format_table(rows, title=f"grid {d.name} ({d})"))
+        for r in rows:
+            if r["state"] == "corrupt":
+                print(f"corrupt record: {r['run_id']}: {r['reason']} (rerunning the grid sets it aside and reruns it)")
+        bad += sum(r["state"] in ("failed", "corrupt") for r in rows)
+        print()
+    return 1 if bad else 0

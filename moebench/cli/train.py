@@ -1,0 +1,90 @@
+"""``moebench train``: one run, no grid; the spec comes from the task's preset plus the flags."""
+from __future__ import annotations
+
+import sys
+
+from moebench.cli._help import command
+
+SIZES = ("tiny", "quick")
+
+
+def add_parser(sub) -> None:
+    p = command(sub, "train", "train one run (no grid) and print its headline metric", func=run,
+                description="Train one run, no grid. The record goes to RESULTS/single/<run_id>/ "
+                            "(RESULTS defaults to ./results under the current folder). A rerun of the "
+                            "same spec skips it when done and resumes it when interrupted.")
+    p.add_argument("--task", required=True, help="registered task name (see `moebench tasks`)")
+    p.add_argument("--router", default="softmax-topk", help="router name (see `moebench routers`), or 'dense'")
+    p.add_argument("--router-args", default=None, help='router options as a JSON or YAML mapping, e.g. "{top_k: 1}"')
+    p.add_argument("--seed", type=int, default=0, help="the run's seed (model init, data order)")
+    p.add_argument("--size", default="quick", choices=SIZES,
+                   help="the task's preset size for its offline default: tiny (seconds, for tests) or quick")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    p.add_argument("--results", default="results", help="results root; the run goes to RESULTS/single/<run_id>/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec entry, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def spec_from_args(args) -> dict:
+    """The spec ``moebench train`` runs: the task's preset for ``--size``, then --router /
+    --router-args / --seed / --steps, then every --set. Unknown names fail here, before any record."""
+    import yaml
+
+    from moebench.core.registry import ROUTERS, TASKS
+    from moebench.training.spec import SpecError, apply_override, resolve_spec
+
+    task_cls = TASKS.get(args.task)
+    task_args, model, moe_defaults, train = {}, {}, {}, {}
+    if getattr(task_cls, "presets", None):
+        preset = task_cls.preset(args.size)
+        task_args, model, moe_defaults, train = (dict(p) for p in (preset.task_args, preset.model,
+                                                                     preset.moe, preset.train))
+    elif args.size not in (None, "quick"):
+        print(f"note: task {args.task!r} defines no preset sizes; --size {args.size} ignored", file=sys.stderr)
+    if args.router == "dense":
+        moe = None
+    else:
+        ROUTERS.get(args.router)  # a typo is an error here, not a failed run record
+        router_args = {}
+        if args.router_args:
+            try:
+                router_args = yaml.safe_load(args.router_args)
+            except yaml.YAMLError as err:
+                raise SpecError(f"--router-args {args.router_args!r} is not valid YAML / JSON: {err}") from err
+            if not isinstance(router_args, dict):
+                raise SpecError(f"--router-args must be a mapping such as \"{{top_k: 1}}\", got {args.router_args!r}")
+        moe_defaults = {k: v for k, v in moe_defaults.items() if k not in ("router", "router_args")}
+        moe = {**moe_defaults, "router": args.router, "router_args": router_args}
+    if args.steps is not None:
+        train["steps"] = args.steps
+    spec = {"grid": "single", "task": args.task, "task_args": task_args, "model": model, "moe": moe,
+            "label": args.router, "seed": args.seed, "train": train}
+    for assignment in args.set or []:
+        apply_override(spec, assignment)
+    return resolve_spec(spec)
+
+
+def run(args) -> int:
+    """Prints the headline and where the record is; exit 1 when the run failed, 2 for a bad flag."""
+    from moebench.training.runner import execute
+    from moebench.training.spec import SpecError
+
+    try:
+        spec = spec_from_args(args)
+    except (SpecError, ValueError, KeyError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = execute(spec, args.results)
+    run_dir = result["run_dir"]
+    if result["state"] != "done":
+        print(f"run {result['run_id']} failed: {result['reason']}", file=sys.stderr)
+        if run_dir:
+            print(f"record: {run_dir}", file=sys.stderr)
+        return 1
+    final = result["final"]
+    h = final["headline"]
+    arrow = "higher is better" if h["higher_is_better"] else "lower is better"
+    note = " (already done; skipped)" if result["skipped"] else ""
+    print(f"{final['task']} / {final['label']} seed {final['seed']}: {h['name']} = {h['value']:.4f} ({arrow}){note}")
+    print(f"record: {run_dir}")
+    return 0

@@ -1,0 +1,133 @@
+"""Expansion: a validated grid -> its deterministic list of resolved, matched run specs (order: task
+block, sweep point, router entry, seed). Matching itself lives in ``moebench.grids.matching``."""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+
+from moebench.grids.matching import _match
+from moebench.grids.schema import DENSE, MOE_KEYS, _Ctx, load
+
+
+def _set_path(d: dict, dotted: list[str], value) -> None:
+    for key in dotted[:-1]:
+        nxt = d.get(key)
+        if not isinstance(nxt, dict):
+            nxt = d[key] = {}
+        d = nxt
+    d[dotted[-1]] = copy.deepcopy(value)
+
+
+def _merged_train(grid: dict, block: dict) -> dict:
+    from moebench.training.spec import DEFAULT_TRAIN
+
+    return {**copy.deepcopy(DEFAULT_TRAIN), **block["preset_train"], **grid["train"], **block["train"]}
+
+
+def expand(grid: str | os.PathLike | dict) -> list[dict]:
+    """The grid's runs as resolved, matched spec dicts, in a fixed order: task block, sweep point
+    (axes in file order), router entry, seed. Deterministic: the same file gives the same list."""
+    g = grid if isinstance(grid, dict) and "tasks" in grid and "file" in grid else load(grid)
+    ctx = _Ctx(g["file"])
+    from moebench.training.spec import run_id
+
+    axes = g["sweep"]
+    points = list(itertools.product(*[[(a, v) for v in vals] for a, vals in axes])) if axes else [()]
+    specs, seen = [], {}
+    for block in g["tasks"]:
+        model_default = block["model"] if block["model"] is not None else {}  # {}: the task's default_model
+        for point in points:
+            for router in g["routers"]:
+                dense = router["name"] == DENSE
+                sweep = {}
+                task_args = copy.deepcopy(block["task_args"])
+                model = copy.deepcopy(model_default)
+                train = _merged_train(g, block)
+                moe = {**block["preset_moe"], **g["moe"], **block["moe"], **router["moe"]}
+                router_args = copy.deepcopy(router["args"])
+                for axis, value in point:
+                    head, *rest = axis.split(".")
+                    if dense and head in ("moe", "router_args"):
+                        continue  # these axes do not exist for the model without MoE
+                    sweep[axis] = copy.deepcopy(value)
+                    if head == "moe":
+                        if rest[0] in router["moe"]:
+                            raise ctx.error(f"{router['path']}.moe.{rest[0]}",
+                                            f"also swept by sweep.{axis}; remove one of the two")
+                        moe[rest[0]] = copy.deepcopy(value)
+                    elif head == "router_args":
+                        if rest[0] in router["args"]:
+                            raise ctx.error(f"{router['path']}.args.{rest[0]}",
+                                            f"also swept by sweep.{axis}; remove one of the two")
+                        router_args[rest[0]] = copy.deepcopy(value)
+                    elif head == "train":
+                        train[rest[0]] = copy.deepcopy(value)
+                    elif head == "task_args":
+                        _set_path(task_args, rest, value)
+                    else:
+                        _set_path(model, rest, value)
+                if dense:
+                    moe_spec = None
+                else:
+                    from moebench.training.spec import DEFAULT_MOE
+
+                    moe = {**{k: DEFAULT_MOE[k] for k in MOE_KEYS}, **moe}
+                    moe_spec = {
+                        "blocks": copy.deepcopy(moe["blocks"]),
+                        "num_experts": moe["num_experts"],
+                        "router": router["name"],
+                        "router_args": router_args,
+                        "d_hidden": moe.get("d_hidden"),
+                        "capacity_factor": moe.get("capacity_factor"),
+                        "upcycle": bool(moe.get("upcycle", False)),
+                    }
+                for seed in g["seeds"]:
+                    spec = {
+                        "grid": g["name"],
+                        "task": block["task"],
+                        "task_args": copy.deepcopy(task_args),
+                        "model": copy.deepcopy(model),
+                        "moe": copy.deepcopy(moe_spec),
+                        "label": router["label"],
+                        "seed": seed,
+                        "train": copy.deepcopy(train),
+                        "sweep": copy.deepcopy(sweep),
+                        "match": None,
+                    }
+                    key = json.dumps(spec, sort_keys=True)
+                    if key in seen:
+                        continue  # the dense baseline under a moe/router_args axis: one run, not one per value
+                    seen[key] = True
+                    where = router["path"] if block["path"] == "(top level)" else f"{block['path']}, {router['path']}"
+                    specs.append({"_where": where, "_router_path": router["path"],
+                                  "_ref_e": {**block["preset_moe"], **g["moe"], **block["moe"]}.get("num_experts"),
+                                  **spec})
+    _match(g, specs, ctx)
+    out = []
+    for spec in specs:
+        for key in ("_where", "_router_path", "_ref_e"):
+            spec.pop(key)
+        out.append(_finalise(spec, ctx))
+    ids = {}
+    for spec in out:
+        rid = run_id(spec)
+        if rid in ids:
+            raise ctx.error("routers", f"two runs resolve to the same spec (run id {rid}): labels "
+                                       f"{ids[rid]!r} and {spec['label']!r}; make the entries differ")
+        ids[rid] = spec["label"]
+    return out
+
+
+def _finalise(spec: dict, ctx: _Ctx) -> dict:
+    """Apply the spec module's defaults / validation, naming the grid file in any error."""
+    from moebench.training.spec import SpecError, resolve_spec
+
+    try:
+        return resolve_spec(spec)
+    except SpecError as err:
+        raise ctx.error(f"run {spec['label']!r} seed {spec['seed']}", str(err)) from None
+
+
+# -- matching ----------------------------------------------------------------------------------------

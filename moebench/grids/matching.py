@@ -1,0 +1,251 @@
+"""FLOP / parameter matching and cost counting: each MoE run's expert width, and what ``grid show``
+prints per run (see the matching rules in ``moebench.grids.schema``'s docstring)."""
+from __future__ import annotations
+
+import copy
+import re
+import functools
+import json
+from fractions import Fraction
+
+from moebench.grids.schema import REFERENCE_ROUTER, WIDTH_MULTIPLE, GridError, _Ctx
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_cached(key: str) -> dict:
+    from moebench.core.registry import TASKS
+
+    cfg = json.loads(key)
+    moe = {"blocks": cfg["blocks"], "num_experts": cfg["num_experts"], "router": REFERENCE_ROUTER,
+           "router_args": {"top_k": 1}, "d_hidden": WIDTH_MULTIPLE, "capacity_factor": None, "upcycle": False}
+    # weights do not change shapes: never load a checkpoint (or reach a hub) just to measure
+    model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("pretrained", "pretrained_strict")}
+    notes = []
+    try:
+        task, task_err = TASKS.get(cfg["task"])(**cfg["task_args"]), None
+    except Exception as err:  # noqa: BLE001 - e.g. a task that reads its data in __init__
+        task, task_err = None, err
+
+    def build(moe_cfg):
+        try:
+            if task_err is not None:
+                raise task_err
+            return task.build_model(copy.deepcopy(model_cfg), copy.deepcopy(moe_cfg))
+        except Exception as err:  # noqa: BLE001 - e.g. a task that reads its data to size the model
+            if "family" not in model_cfg:
+                raise
+            from moebench.core.models import build_model
+            from moebench.core.moefy import moefy
+
+            note = (f"task {cfg['task']!r} could not build its model here ({type(err).__name__}: {err}); "
+                    f"measured from the model section alone")
+            if note not in notes:
+                notes.append(note)
+            net = build_model(copy.deepcopy(model_cfg))
+            if moe_cfg is not None:
+                moefy(net, **moe_cfg)
+            return net
+
+    import logging
+
+    logging.disable(logging.WARNING)  # e.g. open_clip's "no pretrained weights loaded", twice per probe
+    try:
+        return _measure(build, moe, cfg, notes)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
+    import torch
+
+    from moebench.core.layer import moe_layers
+
+    with torch.random.fork_rng():
+        moe_model = build(moe)
+        layers = [(n, m) for n, m in moe_model.named_modules() if m in set(moe_layers(moe_model))]
+        if not layers:
+            raise GridError(f"task {cfg['task']!r} built no MoE layer for moe.blocks={cfg['blocks']}; "
+                            f"check the block indices against the model's depth")
+        moe_params = sum(p.numel() for _, m in layers for p in m.parameters())
+        rest = sum(p.numel() for p in moe_model.parameters()) - moe_params
+        d_models = [m.d_model for _, m in layers]
+        names = [n for n, _ in layers]
+        del moe_model
+        dense_model = build(None)
+        modules = dict(dense_model.named_modules())
+        dense_flops, dense_hidden = 0.0, []
+        for n in names:
+            linears = [m for m in modules[n].modules() if isinstance(m, torch.nn.Linear)] if n in modules else []
+            dense_flops += sum(2.0 * m.in_features * m.out_features for m in linears)
+            dense_hidden.append(linears[0].out_features if linears else None)
+        dense_total = sum(p.numel() for p in dense_model.parameters())
+    return {"d_models": d_models, "rest_params": rest, "dense_params": dense_total,
+            "dense_mlp_flops": dense_flops, "dense_hidden": dense_hidden, "layer_names": names, "notes": notes}
+
+
+def _dense_width(spec: dict, ctx: "_Ctx") -> int:
+    """The dense MLP width in the MoE blocks: what ``moe.d_hidden: null`` means."""
+    widths = set(probe(spec)["dense_hidden"])
+    if len(widths) != 1 or None in widths:
+        raise ctx.error("moe.d_hidden", f"null means the dense MLP's width, but the MLPs of blocks "
+                                        f"{spec['moe']['blocks']} have widths {sorted(map(str, widths))}; "
+                                        f"set moe.d_hidden to an integer")
+    return widths.pop()
+
+
+def probe(spec: dict, blocks=None, ctx: "_Ctx | None" = None) -> dict:
+    """What the model around the MoE layers looks like: d_model of each MoE layer, parameters outside
+    them, and the dense model's parameters and MLP FLOPs in the same blocks. Built once per
+    (task, task_args, model, blocks) and cached, with a tiny expert width so it is cheap. ``blocks``
+    places a dense spec's comparison (default: every block)."""
+    moe = spec["moe"] or {}
+    key = json.dumps({"task": spec["task"], "task_args": spec["task_args"], "model": spec["model"],
+                      "blocks": moe.get("blocks", blocks if blocks is not None else "all"),
+                      "num_experts": moe.get("num_experts", 2)}, sort_keys=True)
+    try:
+        return _probe_cached(key)
+    except GridError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any build failure is the grid's model/moe section
+        ctx = ctx or _Ctx("<grid>")
+        raise ctx.error("model / moe.blocks", f"cannot build task {spec['task']!r}'s model to measure it "
+                                              f"(task_args={spec['task_args']}, model={spec['model']}, "
+                                              f"moe.blocks={moe.get('blocks', blocks)}): "
+                                              f"{type(err).__name__}: {err}") from None
+
+
+def _router(name: str, d_model: int, num_experts: int, args: dict):
+    from moebench.core.registry import ROUTERS
+
+    return ROUTERS.get(name)(d_model=d_model, num_experts=num_experts, **copy.deepcopy(args))
+
+
+def _width_fix(ref_width: int, ratios) -> str:
+    """Reference widths near ``ref_width`` for which ``width * ratio`` is a multiple of 4 for every ratio."""
+    def ok(w: int) -> bool:
+        return all((Fraction(w) * r).denominator == 1 and (Fraction(w) * r) % WIDTH_MULTIPLE == 0 for r in ratios)
+
+    good = [w for w in range(WIDTH_MULTIPLE, 4 * ref_width + 1, WIDTH_MULTIPLE) if ok(w)]
+    good.sort(key=lambda w: (abs(w - ref_width), w))
+    return ", ".join(str(w) for w in sorted(good[:3])) or "none near it"
+
+
+def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
+    mode = g["match"]["mode"]
+    ref_a = Fraction(g["match"]["reference_active_experts"]).limit_denominator(1000)
+    planned = []
+    for spec in specs:
+        where = f"run {spec['label']!r} ({spec['_where']}, sweep {spec['sweep'] or '{}'})"
+        moe = spec["moe"]
+        if moe is None:
+            spec["match"] = {"mode": mode, "dense": "keeps the model's own MLP width (not rescaled)"}
+            continue
+        pr = probe(spec, ctx=ctx)
+        if moe["d_hidden"] is None:
+            moe["d_hidden"] = _dense_width(spec, ctx)
+        try:
+            routers = [_router(moe["router"], d, moe["num_experts"], moe["router_args"]) for d in pr["d_models"]]
+        except (TypeError, ValueError) as err:
+            named = [k for k in moe["router_args"] if re.search(rf"\b{re.escape(str(k))}\b", str(err))]
+            origin = {k: (f"sweep.router_args.{k}" if f"router_args.{k}" in spec["sweep"] else
+                          f"{spec['_router_path']}.args.{k}") for k in moe["router_args"]}
+            path = origin[named[0]] if named else f"{spec['_router_path']}.args"
+            raise ctx.error(path, f"router {moe['router']!r} rejects its options {moe['router_args']} "
+                                  f"(num_experts={moe['num_experts']}): {err}") from None
+        a = Fraction(routers[0].active_experts_per_token).limit_denominator(1000)
+        ref_width = moe["d_hidden"]
+        if mode == "active_flops":
+            ratio = ref_a / a
+            reference = {"router": REFERENCE_ROUTER, "active_experts": float(ref_a), "d_hidden": ref_width}
+            why = (f"it runs {float(a):g} experts per token, so its experts are {float(ratio):g} x the "
+                   f"reference width {ref_width} (reference: {float(ref_a):g} experts per token)")
+        elif mode == "params":
+            ref_e = spec["_ref_e"] or moe["num_experts"]
+            ratio = Fraction(ref_e, moe["num_experts"])
+            reference = {"num_experts": ref_e, "d_hidden": ref_width}
+            why = (f"it has {moe['num_experts']} experts, so each is {float(ratio):g} x the reference width "
+                   f"{ref_width} (reference: {ref_e} experts)")
+        else:
+            ratio, reference, why = Fraction(1), None, ""
+        planned.append((spec, ratio, a, routers, pr, reference, why, where))
+    all_ratios = {p[1] for p in planned}
+    for spec, ratio, a, routers, pr, reference, why, where in planned:
+        moe = spec["moe"]
+        ref_width = moe["d_hidden"]
+        width = Fraction(ref_width) * ratio
+        if mode != "none" and (width.denominator != 1 or width % WIDTH_MULTIPLE != 0):
+            raise ctx.error("moe.d_hidden", f"cannot match {where}: {why}, which gives {float(width):g}, not an "
+                                            f"integer multiple of {WIDTH_MULTIPLE} (the grouped GEMM's alignment). "
+                                            f"Fix: set moe.d_hidden to one of {_width_fix(ref_width, all_ratios)} "
+                                            f"(these work for every run of the grid), or drop this router, "
+                                            f"or use match: none")
+        moe["d_hidden"] = int(width)
+        n_layers = len(pr["d_models"])
+        spec["match"] = {
+            "mode": mode,
+            "reference": reference,
+            "active_experts_per_token": float(a),
+            "d_hidden": int(width),
+            "expert_flops_per_token": float(sum(float(a) * 4 * d * int(width) for d in pr["d_models"])),
+            "expert_params": int(sum(moe["num_experts"] * (2 * d * int(width) + int(width) + d) for d in pr["d_models"])),
+            "router_flops_per_token": float(sum(r.flops_per_token() for r in routers)),
+            "moe_layers": n_layers,
+            "note": "router FLOPs are reported, not matched" if mode == "active_flops" else
+                    ("expert biases and router-specific extras are reported, not matched" if mode == "params" else
+                     "widths as given"),
+        }
+    upcycled = [s for s in specs if s["moe"] and s["moe"]["upcycle"]]
+    widths = {s["moe"]["d_hidden"] for s in upcycled}
+    if len(widths) > 1:
+        raise ctx.error("moe.upcycle", f"upcycle: true copies the dense MLP into every expert, so every run "
+                                       f"needs the same expert width, but matching ({mode}) gives widths "
+                                       f"{sorted(widths)}; use match: none, or routers with the same active experts")
+
+
+# -- costs for `grid show` ---------------------------------------------------------------------------
+def costs(spec: dict, blocks=None) -> dict:
+    """Parameters and FLOPs per token of the MoE sub-layers of one run, building only its MoE layers
+    (the rest of the model is identical across a grid's runs and comes from the cached probe).
+    For the dense baseline, ``blocks`` says which blocks' MLPs to count (those the MoE runs replace)."""
+    pr = probe(spec, blocks)
+    if spec["moe"] is None:
+        return {"params_total": pr["dense_params"], "params_active": pr["dense_params"],
+                "mlp_flops_per_token": pr["dense_mlp_flops"], "router_flops_per_token": 0.0,
+                "dense_hidden": "/".join(sorted({str(h) for h in pr["dense_hidden"]}))}
+    moe = dict(spec["moe"])
+    if moe["d_hidden"] is None:
+        moe["d_hidden"] = _dense_width(spec, _Ctx("<spec>"))
+    return dict(_moe_costs(json.dumps({"d_models": pr["d_models"], "moe": moe}, sort_keys=True),
+                           pr["rest_params"]))
+
+
+@functools.lru_cache(maxsize=None)
+def _moe_costs(key: str, rest_params: int) -> dict:
+    """Counts do not depend on weight values, so the layers are built on the meta device (no memory,
+    no init work such as ERMoE's SVD); a router that cannot be built there is built on the CPU."""
+    import torch
+
+    from moebench.core.layer import MoELayer
+
+    cfg = json.loads(key)
+    moe = cfg["moe"]
+    total = active = flops = router_flops = 0.0
+    for d in cfg["d_models"]:
+        def build():
+            return MoELayer(d, moe["d_hidden"], moe["num_experts"], moe["router"], moe["router_args"],
+                            moe["capacity_factor"])
+        try:
+            with torch.device("meta"):
+                layer = build()
+        except (RuntimeError, NotImplementedError):
+            with torch.random.fork_rng():
+                layer = build()
+        total += sum(p.numel() for p in layer.parameters())
+        active += layer.active_params()
+        flops += layer.flops_per_token()
+        router_flops += layer.router.flops_per_token()
+        del layer
+    return {"params_total": int(rest_params + total), "params_active": int(rest_params + active),
+            "mlp_flops_per_token": flops, "router_flops_per_token": router_flops}
+
+

@@ -1,0 +1,49 @@
+"""``moebench grid show``: one row per expanded run with its matched width and costs."""
+from __future__ import annotations
+
+import os
+
+from moebench.grids.expand import expand
+from moebench.grids.matching import costs, probe
+from moebench.grids.schema import REFERENCE_ROUTER, _Ctx, _fmt, load
+
+
+def _human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def show(grid: str | os.PathLike | dict) -> str:
+    """The table `moebench grid show` prints: one row per run with its matched width and costs."""
+    g = load(grid) if not (isinstance(grid, dict) and "file" in grid) else grid
+    specs = expand(g)
+    from moebench.training.spec import run_id
+
+    axes = [a for a, _ in g["sweep"]]
+    head = ["run_id", "task", "label", "seed", *axes, "d_hidden", "mlp_flops/tok", "router_flops/tok",
+            "params", "active_params"]
+    rows = []
+    for spec in specs:
+        same = [s for s in specs if s["moe"] and all(s[k] == spec[k] for k in ("task", "task_args", "model"))]
+        c = costs(spec, blocks=same[0]["moe"]["blocks"] if same else None)
+        rows.append([run_id(spec), spec["task"], spec["label"], str(spec["seed"]),
+                     *[_fmt(spec["sweep"][a]) if a in spec["sweep"] else "-" for a in axes],
+                     str(spec["moe"]["d_hidden"]) if spec["moe"] else f"{c['dense_hidden']} (dense)",
+                     _human(c["mlp_flops_per_token"]), _human(c["router_flops_per_token"]),
+                     _human(c["params_total"]), _human(c["params_active"])])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    lines = [f"grid {g['name']} ({g['file']}): {len(specs)} runs, match: {g['match']['mode']}"
+             + (f" (reference: {REFERENCE_ROUTER} top-{g['match']['reference_active_experts']:g} "
+                f"at the grid's d_hidden)" if g["match"]["mode"] == "active_flops" else ""),
+             "  ".join(h.ljust(w) for h, w in zip(head, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    notes = sorted({n for spec in specs if spec["moe"] for n in probe(spec, ctx=_Ctx(g["file"]))["notes"]})
+    lines += [f"note: {n}" for n in notes]
+    lines.append("mlp_flops/tok: FLOPs per token of the MoE blocks' MLP sub-layers (experts + router for MoE, "
+                 "the dense MLP for dense); the rest of the model is the same in every run.")
+    if g["match"]["mode"] == "active_flops":
+        lines.append("Router FLOPs are reported, not matched. The dense baseline keeps the model's own MLP width.")
+    return "\n".join(lines)

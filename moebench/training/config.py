@@ -1,0 +1,228 @@
+"""The one schema for run specs and grid files: a dataclass per config section whose fields carry
+their type, bounds, choices and a short doc (MegaBlocks' ``Arguments``, lm-eval's ``TaskConfig``).
+
+Why one table: the spec resolver (``moebench.training.spec``) and the grid validator
+(``moebench.grids.schema``) both read these classes, so a key, a bound or a default can never be
+accepted by one and refused by the other (``tests/test_config.py`` checks it). Each caller words the
+error its own way (a spec names "spec field train.lr", a grid names its file and key path); the
+check itself, what was expected and the closest known key, come from here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_NUMERIC_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take it; larger overflows inside torch
+MAX_EXPERTS = 4096
+
+
+class ConfigError(ValueError):
+    """One bad value or key: ``path`` (e.g. ``train.lr``), what was ``expected``, the value and a hint."""
+
+    def __init__(self, path: str, expected: str, value: Any = None, hint: str = "", unknown: bool = False):
+        self.path, self.expected, self.value, self.hint, self.unknown = path, expected, value, hint, unknown
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        if self.unknown:
+            return f"unknown key {self.value!r}{self.hint}"
+        kind = "null" if self.value is None else type(self.value).__name__
+        return f"expected {self.expected}, got {self.value!r} ({kind}){self.hint}"
+
+
+def option(default, kind: str, *, minimum=None, maximum=None, strict: bool = False, nullable: bool = False,
+           choices: tuple = (), doc: str = ""):
+    """A config field: ``kind`` is int | float | bool | str | dict | blocks | choice; ``strict`` makes
+    ``minimum`` exclusive; ``nullable`` admits null; ``choices`` lists the admitted values."""
+    meta = {"kind": kind, "minimum": minimum, "maximum": maximum, "strict": strict, "nullable": nullable,
+            "choices": tuple(choices), "doc": doc}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """The training budget and loop options every run of a grid shares."""
+
+    steps: int = option(1000, "int", minimum=1, doc="optimiser steps")
+    batch_size: int = option(64, "int", minimum=1, doc="samples per step")
+    lr: float = option(1e-3, "float", minimum=0.0, strict=True, doc="peak AdamW learning rate")
+    weight_decay: float = option(0.05, "float", minimum=0.0, doc="AdamW weight decay (not on norms / biases)")
+    warmup_steps: int = option(50, "int", minimum=0, doc="linear warm-up steps, then cosine decay")
+    eval_every: int = option(200, "int", minimum=0, doc="steps between evaluations; 0: only at the end")
+    grad_clip: float = option(1.0, "float", minimum=0.0, nullable=True, doc="gradient norm clip; 0 or null: none")
+    amp: Any = option("auto", "choice", choices=("auto", True, False),
+                      doc="bf16 autocast: auto (CUDA only), true or false")
+    checkpoint_every: int = option(200, "int", minimum=0, doc="steps between checkpoints; 0: at evaluations")
+    max_loss: float = option(1e6, "float", minimum=0.0, strict=True, nullable=True,
+                             doc="a loss above this (or NaN / inf) fails the run; null: only NaN / inf")
+    num_workers: int = option(0, "int", minimum=0, doc="DataLoader worker processes")
+    eval_batch_size: int = option(None, "int", minimum=1, nullable=True, doc="null: batch_size")
+    probe_size: int = option(64, "int", minimum=0,
+                             doc="eval samples whose top-1 experts are tracked for stability; 0: off")
+    keep_checkpoint: bool = option(False, "bool", doc="keep checkpoint.pt after the run is done")
+    deterministic: Any = option("auto", "choice", choices=("auto", True, False),
+                                doc="deterministic kernels: auto (CPU only), true or false")
+
+
+@dataclass
+class MoEConfig:
+    """Where the MoE layers go and how they are built (null ``moe`` in a spec: the dense baseline)."""
+
+    blocks: Any = option("all", "blocks", doc="'all', 'last-N', 'every-N', an index or a list of indices")
+    num_experts: int = option(8, "int", minimum=1, maximum=MAX_EXPERTS, doc="experts per MoE layer")
+    router: str = option("softmax-topk", "str", doc="registered router name (see `moebench routers`)")
+    router_args: dict = option({}, "dict", doc="the router's own options")
+    d_hidden: int = option(None, "int", minimum=1, nullable=True, doc="expert hidden width; null: the dense MLP's")
+    capacity_factor: float = option(None, "float", minimum=0.0, strict=True, nullable=True,
+                                    doc="null: the router's default (dropless for most)")
+    upcycle: bool = option(False, "bool", doc="copy the dense MLP into every expert")
+
+
+@dataclass
+class ExecutorConfig:
+    """Where a grid's jobs run (submitit)."""
+
+    cluster: str = option("auto", "choice", choices=("auto", "local", "slurm", "debug"),
+                          doc="auto: SLURM when sbatch answers, else local subprocesses")
+    partition: str = option(None, "str", nullable=True, doc="SLURM partition")
+    time_min: float = option(60, "float", minimum=0.0, strict=True, doc="SLURM time limit per job, minutes")
+    cpus_per_task: int = option(1, "int", minimum=1, doc="CPU cores per job")
+    gpus_per_node: int = option(0, "int", minimum=0, doc="GPUs per job (one task per GPU)")
+    mem_gb: float = option(None, "float", minimum=0.0, strict=True, nullable=True, doc="memory per job")
+    array_parallelism: int = option(64, "int", minimum=1, doc="SLURM array jobs at once")
+    max_workers: int = option(None, "int", minimum=1, nullable=True, doc="local jobs at once; null: from the cores")
+    sbatch_extra: dict = option({}, "dict", doc="extra sbatch options, e.g. {account: ..., qos: ...}")
+
+
+def fields_of(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def defaults(cls) -> dict[str, Any]:
+    """The section's defaults as a plain dict (fresh copies of mutable ones)."""
+    return dataclasses.asdict(cls())
+
+
+def check_keys(mapping: dict, known, path: str) -> None:
+    """Raise `ConfigError` for the first key not in ``known``, naming the closest known key."""
+    known = list(known)
+    for key in mapping:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(where, "", key, f"{hint}; known keys here: {', '.join(known)}", unknown=True)
+
+
+def expected(f: dataclasses.Field) -> str:
+    """What a field admits, in words (used in every error about it)."""
+    m = f.metadata
+    kind = m["kind"]
+    if kind == "choice":
+        words = ", ".join("true" if c is True else "false" if c is False else str(c) for c in m["choices"])
+        text = f"one of {words}"
+    elif kind == "blocks":
+        text = "'all', 'last-N', 'every-N', a block index or a list of block indices"
+    elif kind == "dict":
+        text = "a mapping"
+    elif kind == "bool":
+        text = "true or false"
+    elif kind == "str":
+        text = "a string"
+    else:
+        text = "an integer" if kind == "int" else "a number"
+        lo, hi = m["minimum"], m["maximum"]
+        if lo is not None:
+            text += f" {'>' if m['strict'] else '>='} {lo:g}"
+        if hi is not None:
+            text += f" {'and ' if lo is not None else ''}<= {hi:g}"
+    return text + (" or null" if m["nullable"] else "")
+
+
+def coerce(f: dataclasses.Field, value, path: str):
+    """``value`` checked against field ``f`` and normalised (YAML 1.1's "3e-4" strings -> numbers,
+    integral floats -> ints); raises `ConfigError` naming ``path``."""
+    m = f.metadata
+    kind = m["kind"]
+    bad = ConfigError(path, expected(f), value)
+    if value is None:
+        if m["nullable"]:
+            return None
+        raise bad
+    if kind in ("int", "float"):
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, str):
+            if not _NUMERIC_TEXT.fullmatch(value.strip()):
+                raise bad
+            value = float(value)
+        if not isinstance(value, (int, float)) or value != value:  # NaN
+            raise bad
+        if kind == "int":
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise bad
+                value = int(value)
+        else:
+            value = float(value)
+        lo, hi = m["minimum"], m["maximum"]
+        if lo is not None and (value <= lo if m["strict"] else value < lo):
+            raise bad
+        if hi is not None and value > hi:
+            raise bad
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise bad
+    if kind == "choice":
+        if isinstance(value, str) and value.lower() in ("true", "false") and True in m["choices"]:
+            value = value.lower() == "true"
+        if any(value is c or (not isinstance(c, bool) and not isinstance(value, bool) and value == c)
+               for c in m["choices"]):
+            return value
+        raise bad
+    if kind == "str":
+        if isinstance(value, str) and value:
+            return value
+        raise bad
+    if kind == "dict":
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad
+    if kind == "blocks":
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(value, str) or is_int or (
+                isinstance(value, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in value)):
+            return value
+        raise bad
+    raise AssertionError(f"unknown field kind {kind!r}")
+
+
+def check_section(cls, mapping: dict, path: str) -> dict:
+    """The given keys of one section, checked and normalised (no defaults added)."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(path, "a mapping", mapping)
+    known = fields_of(cls)
+    check_keys(mapping, known, path)
+    return {k: coerce(known[k], v, f"{path}.{k}" if path else k) for k, v in mapping.items()}
+
+
+def resolve_section(cls, mapping: dict | None, path: str) -> dict:
+    """Defaults, overridden by ``mapping``'s checked values."""
+    return {**defaults(cls), **check_section(cls, mapping or {}, path)}
+
+
+def check_seed(value, path: str) -> int:
+    """A run seed: an integer in [0, 2**32 - 1]."""
+    f = dataclasses.field(metadata={"kind": "int", "minimum": 0, "maximum": MAX_SEED, "strict": False,
+                                    "nullable": False, "choices": ()})
+    return coerce(f, value, path)
