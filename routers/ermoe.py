@@ -3,7 +3,7 @@
 Paper: "ERMoE: Eigen-Reparameterized Mixture-of-Experts for Stable Routing and Interpretable
 Specialization", arXiv 2511.10971 (CVPR 2026). This is a RECONSTRUCTION from the abstract only (no
 full text, no reference code): every choice the abstract leaves open is an explicit option, with the
-defaults of ``shared/ERMOE.md``.
+defaults of ``docs/ERMOE.md`` (in this repository).
 
 Expert e (first layer in a learned orthonormal eigenbasis, second layer dense):
 
@@ -90,7 +90,7 @@ class EigenExperts(Experts):
             self.reset_parameters()
 
     @classmethod
-    def from_experts(cls, experts: Experts, fc1_mode: str = "auto") -> "EigenExperts":
+    def from_experts(cls, experts: Experts, fc1_mode: str = "auto") -> EigenExperts:
         """Reparameterise existing dense experts (same function, to float tolerance)."""
         for attr in ("num_experts", "d_model", "d_hidden", "b1", "w2", "b2"):
             if not hasattr(experts, attr):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moebench.core.registry import register_router
-from moebench.core.routing import Router, RoutingContext, Routing
+from moebench.core.routing import Router, Routing, RoutingContext
 
 
 @register_router("expert-choice", "experts pick their top-C tokens (Zhou et al. 2022): perfectly balanced, no aux loss, non-causal")

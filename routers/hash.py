@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from moebench.core.registry import register_router
-from moebench.core.routing import Router, RoutingContext, Routing, topk_routing
+from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
 _MODES = ("position", "token-id", "lsh")
 _PRIME = 2**31 - 1

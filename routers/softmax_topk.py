@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moebench.core.registry import register_router
-from moebench.core.routing import Router, RoutingContext, Routing, topk_routing
+from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
 
 @register_router("softmax-topk", "linear gate, softmax, top-k, weights renormalised over the k (Mixtral/GShard)")

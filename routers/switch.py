@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moebench.core.registry import register_router
-from moebench.core.routing import Router, RoutingContext, Routing, topk_routing
+from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
 
 def switch_balance_loss(probs: Tensor, top1: Tensor, num_experts: int) -> Tensor:

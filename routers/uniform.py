@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from moebench.core.registry import register_router
-from moebench.core.routing import Router, RoutingContext, Routing, topk_routing
+from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
 
 @register_router("uniform", "round-robin control: ignores content, perfectly balanced (throughput / sanity)")

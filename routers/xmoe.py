@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moebench.core.registry import register_router
-from moebench.core.routing import Router, RoutingContext, Routing, topk_routing
+from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
 
 @register_router("xmoe", "X-MoE (Chi et al. 2022): low-dim cosine routing with learnable temperature, Switch balance loss")

@@ -9,7 +9,6 @@ component gives high mutual information between expert choice and label.
 It exists to test the training loop, grids, launchers and SLURM end to end, not to rank routers."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

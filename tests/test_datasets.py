@@ -11,13 +11,29 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from real_format_fixtures import make_bids, make_coco, make_karpathy, make_png
-from moebench.tasks.datasets import brain, cache, classification, retrieval
-from moebench.tasks.datasets import (FASHION_MNIST_CLASSES, TISSUE_NAMES, WordTokenizer, bids_brain_age_dataset,
-                            bids_brain_age_datasets, caption_for, coco_retrieval_datasets, compositional_datasets,
-                            fashion_mnist_datasets, imagefolder_datasets, karpathy_retrieval_datasets,
-                            patch_cell_labels, patch_tissue_labels, read_coco_captions, synthetic_brain_cohort)
+
+from moebench.tasks.datasets import (
+    FASHION_MNIST_CLASSES,
+    TISSUE_NAMES,
+    WordTokenizer,
+    bids_brain_age_dataset,
+    bids_brain_age_datasets,
+    brain,
+    cache,
+    caption_for,
+    classification,
+    coco_retrieval_datasets,
+    compositional_datasets,
+    fashion_mnist_datasets,
+    imagefolder_datasets,
+    karpathy_retrieval_datasets,
+    patch_cell_labels,
+    patch_tissue_labels,
+    read_coco_captions,
+    retrieval,
+    synthetic_brain_cohort,
+)
 
 HAVE_FMNIST = Path(classification.FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz").exists()
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")

@@ -8,9 +8,9 @@ from fractions import Fraction
 import pytest
 import yaml
 
+from moebench.cli import main
 from moebench.grids import expand as expand_mod
 from moebench.grids import schema
-from moebench.cli import main
 from moebench.grids.schema import GridError
 from moebench.training.spec import run_id
 
@@ -53,14 +53,14 @@ def with_(**changes) -> dict:
 
 # -- validation ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("grid, path, expected", [
-    (with_(moe__num_experts="eight"), "moe.num_experts", "expected a positive integer, got 'eight' (str)"),
+    (with_(moe__num_experts="eight"), "moe.num_experts", "expected an integer >= 1 and <= 4096, got 'eight' (str)"),
     (with_(train__lr=-1), "train.lr", "expected a number > 0"),
     (with_(seeds=[0, 0]), "seeds", "expected a non-empty list of distinct integers"),
     (with_(executor={"cluster": "kubernetes"}), "executor.cluster", "expected one of auto, local, slurm, debug"),
     (with_(routers=["dense", {"name": "switch", "args": [1]}]), "routers[1].args", "expected a mapping"),
     (with_(routers=["dense", "switch", {"name": "softmax-topk", "label": "bad", "args": {"top_k": 9}}]),
      "routers[2].args.top_k", "top_k=9 is invalid for num_experts=4"),
-    (with_(sweep={"moe.num_experts": [4, "x"]}), "sweep.moe.num_experts[1]", "expected a positive integer"),
+    (with_(sweep={"moe.num_experts": [4, "x"]}), "sweep.moe.num_experts[1]", "expected an integer >= 1"),
     (with_(match="flops"), "match", "expected one of active_flops, params, none"),
 ])
 def test_errors_name_file_key_path_and_expected_type(tmp_path, grid, path, expected):

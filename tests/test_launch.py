@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moebench.training import rundir
-from moebench.grids import expand as expand_mod
-from moebench.training.rundir import run_path
-from moebench.grids.expand import expand
-from moebench.grids import launch
-from moebench.training import records
 from moebench.cli import main
+from moebench.grids import expand as expand_mod
+from moebench.grids import launch
+from moebench.grids.expand import expand
+from moebench.training import records, rundir
+from moebench.training.rundir import run_path
 from moebench.training.spec import run_id
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,15 +6,12 @@ import math
 
 import pytest
 import torch
+from reference_moe import dense_expert, fixed_routing, recorded_routing, reference_forward
 
 from moebench.core import experts as experts_mod
 from moebench.core.layer import MoELayer
 from moebench.core.registry import ROUTERS, UnknownNameError
 from moebench.core.routing import Routing, apply_capacity, expert_capacity
-try:  # tests/ is on sys.path under pytest's default import mode; a package if tests/__init__.py appears
-    from reference_moe import dense_expert, fixed_routing, recorded_routing, reference_forward
-except ImportError:  # pragma: no cover
-    from tests.reference_moe import dense_expert, fixed_routing, recorded_routing, reference_forward
 
 D, H, E = 16, 32, 4  # multiples of 4 floats: torch._grouped_mm's 16-byte alignment holds, so it is used
 BATCH, SEQ = 2, 12
@@ -108,7 +105,7 @@ def test_fast_path_matches_reference(name, args, grouped, training, monkeypatch)
     g_fast = grads(fast, [x] + params)
     g_ref = grads(ref, [x] + params)
     for n, a, b in zip(names, g_fast, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad of {n}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"grad of {n}: {m}")
     assert g_fast[0].abs().sum() > 0
     assert any(g.abs().sum() > 0 for g in g_fast[1:])
 

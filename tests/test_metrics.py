@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from moebench.training import metrics as M
 from moebench.core.layer import MoELayer
+from moebench.training import metrics as M
 
 
 # --- load balance -----------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def test_upcycled_model_equals_dense_model(family, router):
     model = _model(CFGS[family])
     with torch.no_grad():
         dense = _run(family, model)
-        names = moefy(model, blocks="all", num_experts=4, router=router, router_args={"top_k": 2})
+        names = moefy(model, blocks="all", num_experts=4, router=router, router_args={"top_k": 2}, upcycle=True)
         assert names.notes == [] and len(names) == len(find_blocks(model))
         moe = _run(family, model)
         torch.testing.assert_close(moe, dense, atol=1e-5, rtol=1e-5)
@@ -149,7 +149,7 @@ def test_upcycle_at_another_width_starts_fresh_and_says_so():
     model = _model(TIMM)
     with torch.no_grad():
         dense = model(_images())
-        names = moefy(model, blocks="last-2", num_experts=4, d_hidden=48)
+        names = moefy(model, blocks="last-2", num_experts=4, d_hidden=48, upcycle=True)
         assert moe_layers(model)[0].experts.w1.shape == (4, 32, 48)
         assert len(names.notes) == 1 and "d_hidden=48" in names.notes[0] and "blocks.3.mlp" in names.notes[0]
         assert (model(_images()) - dense).abs().max() > 1e-3
@@ -165,7 +165,7 @@ def test_no_upcycle_differs_from_dense():
 
 def test_quick_gelu_is_mapped_or_noted():
     cfg = {**CLIP, "quick_gelu": True}
-    names = moefy(_model(cfg), blocks="last-1", num_experts=2)
+    names = moefy(_model(cfg), blocks="last-1", num_experts=2, upcycle=True)
     if "quick-gelu" in ACTIVATIONS:
         assert names.notes == []
     else:
@@ -239,7 +239,7 @@ def test_seq_first_blocks_get_batch_first_positions_and_context():
     with torch.no_grad():
         dense = model(x)  # Transformer.forward takes (B, L, d) and transposes itself
         inputs = _capture_block_inputs(model.resblocks)
-        moefy(model, blocks="last-1", num_experts=4, router="test-context-recorder")
+        moefy(model, blocks="last-1", num_experts=4, router="test-context-recorder", upcycle=True)
         torch.testing.assert_close(model(x), dense, atol=1e-5, rtol=1e-5)
         block = model.resblocks[1]
         (seen,) = block.mlp.router.seen
@@ -264,7 +264,7 @@ def test_open_clip_towers_selection_and_encoding():
     model = _model(CLIP)
     names = moefy(model, blocks="all", num_experts=4)  # includes text block 0 (open_clip reads its dtype)
     assert [n.rsplit(".", 2)[0] for n in names] == ["visual.transformer.resblocks"] * 2 + ["transformer.resblocks"] * 3
-    assert {l.tower for l in moe_layers(model)} == {"visual", "text"}
+    assert {layer.tower for layer in moe_layers(model)} == {"visual", "text"}
     with torch.no_grad():
         assert model.encode_image(_images(3)).shape == (3, 16)
         assert model.encode_text(_text(3)).shape == (3, 16)

@@ -3,14 +3,10 @@ import re
 from pathlib import Path
 
 import torch
+from reference_moe import recorded_routing, reference_forward
 
 from moebench.core.layer import MoELayer
 from moebench.core.registry import ROUTERS
-
-try:
-    from reference_moe import recorded_routing, reference_forward
-except ImportError:  # pragma: no cover
-    from tests.reference_moe import recorded_routing, reference_forward
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

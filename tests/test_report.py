@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from moebench.cli import main
-from moebench.training.records import append_jsonl, atomic_write_json, atomic_write_yaml, write_status
 from moebench.report.build import ReportError, build_report, load_records, write_report
 from moebench.report.stats import paired_difference, t_cdf, t_quantile
+from moebench.training.records import append_jsonl, atomic_write_json, atomic_write_yaml, write_status
 
 T975_DF2 = 4.302652729911275  # Student t 97.5% quantile, 2 degrees of freedom (statistical tables)
 E = 4                         # experts per MoE layer in the fake records

@@ -72,7 +72,7 @@ def test_computes_in_float32_and_returns_valid_routing(name):
     for k, v in r.aux_losses.items():
         assert v.dim() == 0 and v.dtype == torch.float32 and torch.isfinite(v), k
     if r.slot is not None:  # token choice: each token's experts are distinct
-        for t, pairs in by_token(r).items():
+        for _t, pairs in by_token(r).items():
             experts = [p[0] for p in pairs]
             assert len(set(experts)) == len(experts)
 

@@ -10,10 +10,9 @@ import time
 
 import pytest
 
-from moebench.training import rundir
-from moebench.training.rundir import run_path
 from moebench.grids import launch
-from moebench.training import records
+from moebench.training import records, rundir
+from moebench.training.rundir import run_path
 from moebench.training.spec import resolve_spec, run_id
 
 pytestmark = pytest.mark.slurm

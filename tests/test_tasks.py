@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from real_format_fixtures import make_bids, make_coco, make_png
 
 from moebench.core.layer import moe_layers
 from moebench.core.registry import TASKS
-from real_format_fixtures import make_bids, make_coco, make_png
 from moebench.tasks.brain_age import bias_correction, pearson_r
 from moebench.tasks.common import with_prefix_tokens
 from moebench.tasks.datasets import cache

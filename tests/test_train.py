@@ -8,15 +8,14 @@ import torch
 import yaml
 from torch import nn
 
-from moebench.training import records
+import moebench.tasks.toy as toy
 from moebench.cli import main
 from moebench.core.registry import TASKS, register_router, register_task
 from moebench.core.routing import Router, topk_routing
+from moebench.training import records
 from moebench.training.runner import execute
 from moebench.training.spec import SpecError, apply_override, resolve_spec, run_id
 from moebench.training.train import lr_factor, train
-
-import moebench.tasks.toy as toy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,7 +67,7 @@ def test_run_id_is_stable_and_sensitive():
 
 
 def test_spec_errors_name_field_and_fix():
-    with pytest.raises(SpecError, match="train.steps must be >= 1"):
+    with pytest.raises(SpecError, match="train.steps must be an integer >= 1"):
         resolve_spec({**make_spec(), "train": {"steps": 0}})
     with pytest.raises(SpecError, match=r"unknown train key\(s\) 'stpes' \(did you mean 'steps'\?\)"):
         resolve_spec({**make_spec(), "train": {"stpes": 3}})

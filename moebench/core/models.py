@@ -11,6 +11,7 @@ import difflib
 import os
 import warnings
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,7 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model 'pretrained' checkpoint {path!r} does not exist; give the path of a "
                                 f"local weights file")
+    obj: Any
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         obj = load_file(path)
@@ -237,7 +239,7 @@ class ViT3D(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
+                  norm_layer=partial(nn.LayerNorm, eps=1e-6))  # type: ignore[arg-type]  # timm takes any callable
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)

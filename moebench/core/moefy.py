@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from moebench.core.config import MoEConfig, defaults
 from moebench.core.experts import ACTIVATIONS
 from moebench.core.layer import MoELayer
 
@@ -37,9 +38,14 @@ class BlockRef(NamedTuple):
     attn: nn.Module
 
 
-class MoefyResult(list):
+_MOE_DEFAULTS = defaults(MoEConfig)  # the spec's defaults: moefy(model) == a spec's moe section left empty
+
+
+class MoefyResult(list[str]):
     """Names of the replaced modules (each now a MoELayer); ``notes`` says where the result is not an
     exact upcycle of the dense model (fresh init, approximated activation, dropped MLP norm)."""
+
+    notes: list[str]
 
     def __init__(self, names=(), notes=()):
         super().__init__(names)
@@ -74,14 +80,14 @@ def select_blocks(spec, num_blocks: int, where: str = "model") -> list[int]:
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise bad("the list is empty (for a dense model leave the moe section out instead)")
-        out = set()
+        picked: set[int] = set()
         for i in spec:
             if isinstance(i, bool) or not isinstance(i, int):
                 raise bad(f"{i!r} is not an integer index")
             if not -num_blocks <= i < num_blocks:
                 raise bad(f"index {i} is out of range")
-            out.add(i % num_blocks)
-        return sorted(out)
+            picked.add(i % num_blocks)
+        return sorted(picked)
     raise bad(f"a {type(spec).__name__} is not accepted")
 
 
@@ -89,7 +95,7 @@ def select_blocks(spec, num_blocks: int, where: str = "model") -> list[int]:
 class _Stack(NamedTuple):
     tower: str            # "visual" | "text" | "model" (a single-stack model)
     prefix: str           # qualified name of the block list
-    blocks: nn.Module     # ModuleList / Sequential of blocks
+    blocks: nn.ModuleList | nn.Sequential  # the block list
     batch_first: bool     # False: blocks see (L, B, d) (open_clip with batch_first=False)
     token_embedding: nn.Module | None  # text tower: where token ids enter
 
@@ -301,13 +307,13 @@ class _WeightDtype:
 # --- moefy --------------------------------------------------------------------------------------------
 def moefy(
     model: nn.Module,
-    blocks="last-2",
-    num_experts: int = 8,
-    router: str = "softmax-topk",
+    blocks=_MOE_DEFAULTS["blocks"],
+    num_experts: int = _MOE_DEFAULTS["num_experts"],
+    router: str = _MOE_DEFAULTS["router"],
     router_args: dict | None = None,
-    d_hidden: int | None = None,
-    capacity_factor: float | None = None,
-    upcycle: bool = True,
+    d_hidden: int | None = _MOE_DEFAULTS["d_hidden"],
+    capacity_factor: float | None = _MOE_DEFAULTS["capacity_factor"],
+    upcycle: bool = _MOE_DEFAULTS["upcycle"],
     activation: str | None = None,
     tower: str = "both",
 ) -> MoefyResult:
@@ -377,8 +383,8 @@ def moefy(
 
     names = MoefyResult()
     for s, i, block, name, layer in built:
-        setattr(block, "mlp", layer)
-        layer.tower, layer.block_index = s.tower, i  # for adapters: which tower / block a layer sits in
+        block.mlp = layer
+        layer.tower, layer.block_index = s.tower, i  # type: ignore[assignment]  # for adapters: which tower / block a layer sits in
         if not s.batch_first:
             layer.register_forward_pre_hook(_SeqFirstIn(), with_kwargs=True)
             layer.register_forward_hook(_SeqFirstOut())
@@ -389,14 +395,14 @@ def moefy(
             if source is None:
                 source = _TokenIds()
                 s.token_embedding.register_forward_hook(source)
-                s.token_embedding._moefy_token_ids = source
+                s.token_embedding._moefy_token_ids = source  # type: ignore[assignment]
             layer.register_forward_pre_hook(_InjectTokenIds(source), with_kwargs=True)
         if callable(getattr(block, "get_weight_dtype", None)):
-            block.get_weight_dtype = _WeightDtype(layer)
+            block.get_weight_dtype = _WeightDtype(layer)  # type: ignore[assignment]
         names.append(f"{name}.mlp")
 
-    for note, where in notes.items():
-        shown = ", ".join(where[:4]) + (f" and {len(where) - 4} more" if len(where) > 4 else "")
+    for note, places in notes.items():
+        shown = ", ".join(places[:4]) + (f" and {len(places) - 4} more" if len(places) > 4 else "")
         names.notes.append(f"{note} ({shown})")
     for note in names.notes:
         log.warning("moefy: %s", note)

@@ -10,8 +10,8 @@ import difflib
 import importlib
 import pkgutil
 import re
+from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
-from typing import Callable, Iterator
 
 _NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 

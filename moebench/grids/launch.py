@@ -40,6 +40,7 @@ from moebench.grids.status import _counts, _rows, format_table
 from moebench.training import records
 from moebench.training.rundir import JOBS_LOG, _set_aside, inspect, run_lock, run_path
 
+
 def _prepare(run_dir: Path) -> str | None:
     """Under the run's lock: make the record consistent before (re)running. Returns why it skipped,
     or None to run. Done and readable -> skip. Unreadable status/final -> set aside. With no checkpoint

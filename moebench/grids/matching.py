@@ -3,15 +3,15 @@ prints per run (see the matching rules in ``moebench.grids.schema``'s docstring)
 from __future__ import annotations
 
 import copy
-import re
 import functools
 import json
+import re
 from fractions import Fraction
 
 from moebench.grids.schema import REFERENCE_ROUTER, WIDTH_MULTIPLE, GridError, _Ctx
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_cached(key: str) -> dict:
     from moebench.core.registry import TASKS
 
@@ -83,7 +83,7 @@ def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
             "dense_mlp_flops": dense_flops, "dense_hidden": dense_hidden, "layer_names": names, "notes": notes}
 
 
-def _dense_width(spec: dict, ctx: "_Ctx") -> int:
+def _dense_width(spec: dict, ctx: _Ctx) -> int:
     """The dense MLP width in the MoE blocks: what ``moe.d_hidden: null`` means."""
     widths = set(probe(spec)["dense_hidden"])
     if len(widths) != 1 or None in widths:
@@ -93,7 +93,7 @@ def _dense_width(spec: dict, ctx: "_Ctx") -> int:
     return widths.pop()
 
 
-def probe(spec: dict, blocks=None, ctx: "_Ctx | None" = None) -> dict:
+def probe(spec: dict, blocks=None, ctx: _Ctx | None = None) -> dict:
     """What the model around the MoE layers looks like: d_model of each MoE layer, parameters outside
     them, and the dense model's parameters and MLP FLOPs in the same blocks. Built once per
     (task, task_args, model, blocks) and cached, with a tiny expert width so it is cheap. ``blocks``
@@ -219,7 +219,7 @@ def costs(spec: dict, blocks=None) -> dict:
                            pr["rest_params"]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _moe_costs(key: str, rest_params: int) -> dict:
     """Counts do not depend on weight values, so the layers are built on the meta device (no memory,
     no init work such as ERMoE's SVD); a router that cannot be built there is built on the CPU."""
@@ -231,7 +231,7 @@ def _moe_costs(key: str, rest_params: int) -> dict:
     moe = cfg["moe"]
     total = active = flops = router_flops = 0.0
     for d in cfg["d_models"]:
-        def build():
+        def build(d=d):
             return MoELayer(d, moe["d_hidden"], moe["num_experts"], moe["router"], moe["router_args"],
                             moe["capacity_factor"])
         try:

@@ -78,30 +78,36 @@ from pathlib import Path
 
 import yaml
 
+from moebench.core.config import (
+    ConfigError,
+    ExecutorConfig,
+    MoEConfig,
+    TrainConfig,
+    check_section,
+    check_seed,
+    coerce,
+    defaults,
+    fields_of,
+)
+
 GRIDS_DIR = Path(__file__).resolve().parent / "configs"
 
 TOP_KEYS = ("name", "description", "task", "preset", "task_args", "model", "tasks", "moe", "train", "seeds",
             "routers", "sweep", "match", "executor")
 BLOCK_KEYS = ("task", "preset", "task_args", "model", "moe", "train")
-MOE_KEYS = ("blocks", "num_experts", "d_hidden", "capacity_factor", "upcycle")
+MOE_KEYS = tuple(k for k in fields_of(MoEConfig) if k not in ("router", "router_args"))  # per grid/block/router
 ROUTER_KEYS = ("name", "label", "args", "moe")
 MATCH_KEYS = ("mode", "reference_active_experts")
 MATCH_MODES = ("active_flops", "params", "none")
-EXECUTOR_KEYS = ("cluster", "partition", "time_min", "cpus_per_task", "gpus_per_node", "mem_gb",
-                 "array_parallelism", "max_workers", "sbatch_extra")
-CLUSTERS = ("auto", "local", "slurm", "debug")
-TRAIN_KEYS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "eval_every", "grad_clip",
-              "amp", "checkpoint_every", "max_loss", "num_workers", "eval_batch_size", "probe_size",
-              "keep_checkpoint")
+EXECUTOR_KEYS = tuple(fields_of(ExecutorConfig))
+CLUSTERS = fields_of(ExecutorConfig)["cluster"].metadata["choices"]
+TRAIN_KEYS = tuple(fields_of(TrainConfig))
 SWEEP_PREFIXES = ("moe", "router_args", "train", "task_args", "model")
 DENSE = "dense"
 REFERENCE_ROUTER = "softmax-topk"
 WIDTH_MULTIPLE = 4
 
-EXECUTOR_DEFAULTS = {
-    "cluster": "auto", "partition": None, "time_min": 60, "cpus_per_task": 1, "gpus_per_node": 0,
-    "mem_gb": None, "array_parallelism": 64, "max_workers": None, "sbatch_extra": {},
-}
+EXECUTOR_DEFAULTS = defaults(ExecutorConfig)
 
 # -- type checks -------------------------------------------------------------------------------------
 _INT = ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
@@ -120,20 +126,6 @@ def _opt(check):
 
 _BLOCKS = ("a list of block indices, an integer, or a string such as 'all'",
            lambda v: isinstance(v, str) or _INT[1](v) or (isinstance(v, list) and all(_INT[1](x) for x in v)))
-
-MOE_TYPES = {"blocks": _BLOCKS, "num_experts": _POS_INT, "d_hidden": _opt(_POS_INT),
-             "capacity_factor": _opt(_POS_NUM), "upcycle": _BOOL}
-TRAIN_TYPES = {"steps": _POS_INT, "batch_size": _POS_INT, "lr": _POS_NUM, "weight_decay": _NUM,
-               "warmup_steps": _NONNEG_INT, "eval_every": _NONNEG_INT,
-               "grad_clip": _opt(("a number >= 0", lambda v: _NUM[1](v) and v >= 0)),
-               "amp": ("auto, true or false", lambda v: v in ("auto", True, False)),
-               "checkpoint_every": _NONNEG_INT, "max_loss": _opt(_POS_NUM), "num_workers": _NONNEG_INT,
-               "eval_batch_size": _opt(_POS_INT), "probe_size": _NONNEG_INT, "keep_checkpoint": _BOOL}
-_NUMERIC_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-EXECUTOR_TYPES = {"cluster": ("one of " + ", ".join(CLUSTERS), lambda v: v in CLUSTERS),
-                  "partition": _opt(_STR), "time_min": _POS_NUM, "cpus_per_task": _POS_INT,
-                  "gpus_per_node": _NONNEG_INT, "mem_gb": _opt(_POS_NUM), "array_parallelism": _POS_INT,
-                  "max_workers": _opt(_POS_INT), "sbatch_extra": _MAP}
 
 
 class GridError(ValueError):
@@ -165,7 +157,16 @@ class _Ctx:
                 close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 where = f"{path}.{key}" if path else str(key)
-                raise self.error(where, f"unknown key {key!r}{hint} Known keys here: {', '.join(known)}")
+                raise self.error(where, f"unknown key {key!r}{hint}. Known keys here: {', '.join(known)}")
+
+    def section(self, cls, value, path: str) -> dict:
+        """One config section checked against the shared schema (`moebench.core.config`)."""
+        mapping = self.mapping(value, path)
+        self.keys(mapping, [k for k in fields_of(cls) if cls is not MoEConfig or k in MOE_KEYS], path)
+        try:
+            return check_section(cls, copy.deepcopy(mapping), path)
+        except ConfigError as err:
+            raise self.error(err.path, err.describe()) from None
 
     def mapping(self, value, path: str) -> dict:
         if value is None:
@@ -240,7 +241,7 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
     grid["train"] = _check_train(ctx, raw.get("train"), "train")
     grid["tasks"] = []
     for path, block in blocks:
-        p = (lambda k: f"{path}.{k}") if path else (lambda k: k)
+        p = (lambda k, path=path: f"{path}.{k}") if path else (lambda k: k)
         ctx.check(block, _MAP, path or "(top level)")
         ctx.keys(block, BLOCK_KEYS, path)
         if "task" not in block:
@@ -267,6 +268,11 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
     ctx.check(seeds, ("a non-empty list of distinct integers",
                       lambda v: isinstance(v, list) and v and all(_INT[1](s) for s in v) and len(set(v)) == len(v)),
               "seeds")
+    for i, seed in enumerate(seeds):
+        try:
+            check_seed(seed, f"seeds[{i}]")
+        except ConfigError as err:
+            raise ctx.error(err.path, err.describe()) from None
     grid["seeds"] = list(seeds)
     grid["routers"] = _check_routers(ctx, raw.get("routers"))
     grid["sweep"] = _check_sweep(ctx, raw.get("sweep"))
@@ -277,11 +283,7 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
                 raise ctx.error(f"{r['path']}.moe.d_hidden", f"with match: {grid['match']['mode']} the width is set "
                                                              f"by matching; remove it (or use match: none to set "
                                                              f"widths by hand)")
-    executor = ctx.mapping(raw.get("executor"), "executor")
-    ctx.keys(executor, EXECUTOR_KEYS, "executor")
-    for key, value in executor.items():
-        ctx.check(value, EXECUTOR_TYPES[key], f"executor.{key}")
-    grid["executor"] = {**copy.deepcopy(EXECUTOR_DEFAULTS), **copy.deepcopy(executor)}
+    grid["executor"] = {**defaults(ExecutorConfig), **ctx.section(ExecutorConfig, raw.get("executor"), "executor")}
     return grid
 
 
@@ -331,21 +333,11 @@ def _check_router_name(ctx: _Ctx, name: str, path: str) -> None:
 
 
 def _check_moe(ctx: _Ctx, value, path: str) -> dict:
-    moe = ctx.mapping(value, path)
-    ctx.keys(moe, MOE_KEYS, path)
-    for key, v in moe.items():
-        ctx.check(v, MOE_TYPES[key], f"{path}.{key}")
-    return copy.deepcopy(moe)
+    return ctx.section(MoEConfig, value, path)
 
 
 def _check_train(ctx: _Ctx, value, path: str) -> dict:
-    train = dict(ctx.mapping(value, path))
-    ctx.keys(train, TRAIN_KEYS, path)
-    for key, v in train.items():
-        if isinstance(v, str) and _NUMERIC_TEXT.fullmatch(v):  # YAML 1.1 reads 3e-4 as a string
-            train[key] = v = float(v)
-        ctx.check(v, TRAIN_TYPES[key], f"{path}.{key}")
-    return copy.deepcopy(train)
+    return ctx.section(TrainConfig, value, path)
 
 
 def _check_routers(ctx: _Ctx, value) -> list[dict]:
@@ -440,10 +432,14 @@ def _check_sweep(ctx: _Ctx, value) -> list[tuple[str, list]]:
         if parts[0] in ("moe", "train"):
             if len(parts) != 2:
                 raise ctx.error(path, f"{parts[0]} axes have one level, e.g. {parts[0]}.{parts[1]}")
-            known, types = (MOE_KEYS, MOE_TYPES) if parts[0] == "moe" else (TRAIN_KEYS, TRAIN_TYPES)
+            cls, known = (MoEConfig, MOE_KEYS) if parts[0] == "moe" else (TrainConfig, TRAIN_KEYS)
             ctx.keys({parts[1]: None}, known, parts[0] + " (sweep axis)")
+            f = fields_of(cls)[parts[1]]
             for j, v in enumerate(values):
-                ctx.check(v, types[parts[1]], f"{path}[{j}]")
+                try:
+                    values[j] = coerce(f, v, f"{path}[{j}]")
+                except ConfigError as err:
+                    raise ctx.error(err.path, err.describe()) from None
         if parts[0] == "router_args" and len(parts) != 2:
             raise ctx.error(path, "router_args axes have one level, e.g. router_args.top_k")
         axes.append((str(axis), copy.deepcopy(values)))

@@ -14,8 +14,15 @@ import pandas as pd
 
 from moebench.report.load import RecordSet, load_record_set, load_records  # noqa: F401  (public API)
 from moebench.report.render import Table, to_latex, to_markdown
-from moebench.report.tables import (leaderboard_frame, leaderboard_tables, paired_frame, paired_table, rank_frame,
-                            rank_table, unfinished_table)
+from moebench.report.tables import (
+    leaderboard_frame,
+    leaderboard_tables,
+    paired_frame,
+    paired_table,
+    rank_frame,
+    rank_table,
+    unfinished_table,
+)
 
 FORMATS = ("md", "csv", "html", "tex")
 BASELINE = "softmax-topk"

@@ -17,6 +17,7 @@ from matplotlib import transforms
 from matplotlib.figure import Figure
 
 from moebench.report.load import RecordSet
+from moebench.report.render import slug
 from moebench.report.tables import entry_name
 
 WIDTH = 3.5  # inches: one paper column
@@ -63,7 +64,7 @@ class Plotter:
 
     # -- helpers -----------------------------------------------------------------------------------
     def _save(self, fig: Figure, bench: str, kind: str, caption: str, suffix: str = "") -> Plot:
-        stem = _slug(f"{kind}_{bench}" + (f"_{suffix}" if suffix else ""))
+        stem = slug(f"{kind}_{bench}" + (f"_{suffix}" if suffix else ""))
         png, pdf = self.out / f"{stem}.png", self.out / f"{stem}.pdf"
         fig.savefig(png, dpi=DPI)   # no tight bbox: the file keeps the exact column width
         fig.savefig(pdf)
@@ -86,7 +87,7 @@ class Plotter:
         fig = _figure((WIDTH, 0.7 + 0.24 * len(entries)))
         ax = fig.subplots()
         rng = np.random.default_rng(0)
-        for y, (label, variant, complete) in enumerate(entries):
+        for y, (label, variant, _complete) in enumerate(entries):
             vals = runs_b[(runs_b["label"] == label) & (runs_b["variant"] == variant)]["headline_value"].to_numpy()
             sd = vals.std(ddof=1) if len(vals) > 1 else 0.0
             ax.errorbar(vals.mean(), y, xerr=sd, fmt=self.marker[label], color=self.color[label], ms=4, capsize=2,
@@ -309,9 +310,6 @@ def metric_label(name: str, task: str, hib: bool, values) -> str:
     direction = "higher is better" if hib else "lower is better"
     return f"{pretty} ({unit}; {direction})" if unit else f"{pretty} ({direction})"
 
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
 def write_plots(rs: RecordSet, lb: pd.DataFrame, out_dir) -> list[Plot]:

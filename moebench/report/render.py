@@ -90,3 +90,8 @@ def to_html(table: Table, level: int = 3) -> str:
     if table.notes:
         out.append('<p class="notes">' + "<br>".join(html.escape(n) for n in table.notes) + "</p>")
     return "\n".join(out) + "\n"
+
+
+def slug(text: str) -> str:
+    """A file- and label-safe form of ``text`` (plot file names, LaTeX labels): one rule everywhere."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_")

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from moebench.report.load import RecordSet
-from moebench.report.render import Table
+from moebench.report.render import Table, slug
 from moebench.report.stats import paired_difference
 
 GROUP = ["bench", "label", "variant"]
@@ -97,7 +97,7 @@ def rank_frame(lb: pd.DataFrame) -> pd.DataFrame:
     if lb.empty:
         return pd.DataFrame()
     parts = []
-    for bench, b in lb.groupby("bench", sort=True):
+    for _bench, b in lb.groupby("bench", sort=True):
         b = b[b["headline_mean"].notna()].copy()
         hib = bool(b["higher_is_better"].iloc[0]) if len(b) else True
         b["rank"] = b["headline_mean"].rank(ascending=not hib, method="average")
@@ -251,7 +251,7 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
                "same seeds. Switch % = probe tokens whose top-1 expert changed since the previous evaluation, "
                "at the last evaluation. Bold = best among complete groups.")
     return Table(title=f"Leaderboard: {bench}", columns=columns, rows=cells, bold=bold,
-                 notes=[general] + notes, label=f"tab:leaderboard-{_slug(bench)}", left=1 + show_variant)
+                 notes=[general] + notes, label=f"tab:leaderboard-{slug(bench)}", left=1 + show_variant)
 
 
 def _no_value(r) -> str:
@@ -315,7 +315,3 @@ def unfinished_table(runs: pd.DataFrame) -> Table | None:
             for _, r in bad.iterrows()]
     return Table("Runs without a result", ["Task", "Router", "Sweep", "Seed", "State", "Reason", "Run id"], rows,
                  label="tab:unfinished", left=7)
-
-
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in str(text)).strip("-")

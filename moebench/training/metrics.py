@@ -12,7 +12,7 @@ dividing by the row sum (a row summing to 0 counts as uniform); entropies in nat
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -30,10 +30,11 @@ import platform
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 import yaml
 

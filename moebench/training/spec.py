@@ -29,41 +29,20 @@ from typing import Any
 
 import yaml
 
+from moebench.core.config import (
+    ConfigError,
+    MoEConfig,
+    TrainConfig,
+    check_keys,
+    check_seed,
+    defaults,
+    resolve_section,
+)
+
 TOP_LEVEL = ("grid", "task", "task_args", "model", "moe", "label", "seed", "train", "sweep", "match")
 
-DEFAULT_TRAIN: dict[str, Any] = {
-    "steps": 1000,
-    "batch_size": 64,
-    "lr": 1e-3,
-    "weight_decay": 0.05,
-    "warmup_steps": 50,
-    "eval_every": 200,          # 0: evaluate only at the end
-    "grad_clip": 1.0,           # 0 or null: no clipping
-    "amp": "auto",              # auto | true | false; bf16 autocast, used on CUDA only
-    "checkpoint_every": 200,    # 0: checkpoint only at evaluations
-    "max_loss": 1e6,            # loss above this (or NaN / inf) fails the run; null: only NaN / inf
-    "num_workers": 0,
-    "eval_batch_size": None,    # null: batch_size
-    "probe_size": 64,           # eval samples whose top-1 experts are tracked for stability; 0: off
-    "keep_checkpoint": False,   # keep checkpoint.pt after the run is done
-    "deterministic": "auto",    # auto (CPU only) | true | false: deterministic kernels; on CUDA they
-                                # make reruns and resumes bit-identical at some speed cost
-}
-
-DEFAULT_MOE: dict[str, Any] = {
-    "blocks": "all",            # which blocks become MoE (moebench.core.moefy's `blocks`): "all" or
-                                # a list of block indices (negative from the end, e.g. [-2, -1])
-    "num_experts": 8,
-    "router": "softmax-topk",
-    "router_args": {},
-    "d_hidden": None,           # null: the dense MLP's hidden width
-    "capacity_factor": None,    # null: the router's default (dropless for most)
-    "upcycle": False,
-}
-
-# Names other modules may use for the same tables.
-TRAIN_DEFAULTS = DEFAULT_TRAIN
-MOE_DEFAULTS = DEFAULT_MOE
+DEFAULT_TRAIN: dict[str, Any] = defaults(TrainConfig)   # the tables live in moebench.core.config
+DEFAULT_MOE: dict[str, Any] = defaults(MoEConfig)
 
 DEFAULTS: dict[str, Any] = {
     "grid": "single",
@@ -85,53 +64,6 @@ class SpecError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 # field checks
 
-def _int(value, field: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise SpecError(f"spec field {field} must be an integer, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise SpecError(f"spec field {field} must be an integer, got {value!r}") from None
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise SpecError(f"spec field {field} must be an integer, got {value!r}")
-        value = int(value)
-    if not isinstance(value, int):
-        raise SpecError(f"spec field {field} must be an integer, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise SpecError(f"spec field {field} must be >= {minimum}, got {value}")
-    return value
-
-
-def _float(value, field: str, minimum: float | None = None, strict: bool = False, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or value is None:
-        raise SpecError(f"spec field {field} must be a number, got {value!r}")
-    if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-        try:
-            value = float(value)
-        except ValueError:
-            raise SpecError(f"spec field {field} must be a number, got {value!r}") from None
-    if not isinstance(value, (int, float)):
-        raise SpecError(f"spec field {field} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if value != value:
-        raise SpecError(f"spec field {field} must be a number, got NaN")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise SpecError(f"spec field {field} must be {'>' if strict else '>='} {minimum}, got {value}")
-    return value
-
-
-def _bool(value, field: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-        return value.lower() in ("true", "yes")
-    raise SpecError(f"spec field {field} must be true or false, got {value!r}")
-
-
 def _dict(value, field: str) -> dict:
     if value is None:
         return {}
@@ -150,72 +82,44 @@ def _name(value, field: str) -> str:
 
 
 def _unknown(keys, known, where: str) -> None:
-    unknown = sorted(set(keys) - set(known))
-    if unknown:
-        import difflib
-
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(str(k), list(known), n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise SpecError(f"unknown {where} key(s) {', '.join(hints)}; known keys: {', '.join(known)}")
+    try:
+        check_keys(dict.fromkeys(keys), known, "")
+    except ConfigError as err:
+        raise SpecError(f"unknown {where} key(s) {err.value!r}{err.hint}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
 # resolution
+
+def _spec_error(err: ConfigError, where: str) -> SpecError:
+    """A `ConfigError` in the spec's own words: "spec field train.lr must be ..."."""
+    if err.unknown:
+        return SpecError(f"unknown {where} key(s) {err.value!r}{err.hint}")
+    return SpecError(f"spec field {err.path} must be {err.expected}, got {err.value!r}")
+
 
 def resolve_moe(moe) -> dict | None:
     if moe is None:
         return None
     if not isinstance(moe, dict):
         raise SpecError(f"spec field moe must be null (dense baseline) or a mapping, got {moe!r}")
-    _unknown(moe, DEFAULT_MOE, "moe")
-    m = {**copy.deepcopy(DEFAULT_MOE), **copy.deepcopy(moe)}
-    blocks = m["blocks"]
-    ok = isinstance(blocks, str) or (isinstance(blocks, int) and not isinstance(blocks, bool)) or (
-        isinstance(blocks, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
-    )
-    if not ok:
-        raise SpecError(f"spec field moe.blocks must be a string (e.g. 'all'), an int or a list of block indices, got {blocks!r}")
-    m["num_experts"] = _int(m["num_experts"], "moe.num_experts", 1)
-    if not isinstance(m["router"], str) or not m["router"]:
+    try:
+        m = resolve_section(MoEConfig, copy.deepcopy(moe), "moe")
+    except ConfigError as err:
+        raise _spec_error(err, "moe") from None
+    if not m["router"]:
         raise SpecError(f"spec field moe.router must be a router name (see `moebench routers`), got {m['router']!r}")
-    m["router_args"] = _dict(m["router_args"], "moe.router_args")
-    if m["d_hidden"] is not None:
-        m["d_hidden"] = _int(m["d_hidden"], "moe.d_hidden", 1)
-    m["capacity_factor"] = _float(m["capacity_factor"], "moe.capacity_factor", 0.0, strict=True, allow_none=True)
-    m["upcycle"] = _bool(m["upcycle"], "moe.upcycle")
     return m
 
 
 def resolve_train(train) -> dict:
     train = _dict(train, "train")
-    _unknown(train, DEFAULT_TRAIN, "train")
-    t = {**DEFAULT_TRAIN, **train}
-    t["steps"] = _int(t["steps"], "train.steps", 1)
-    t["batch_size"] = _int(t["batch_size"], "train.batch_size", 1)
-    t["lr"] = _float(t["lr"], "train.lr", 0.0, strict=True)
-    t["weight_decay"] = _float(t["weight_decay"], "train.weight_decay", 0.0)
-    t["warmup_steps"] = _int(t["warmup_steps"], "train.warmup_steps", 0)
-    t["eval_every"] = _int(t["eval_every"], "train.eval_every", 0)
-    t["grad_clip"] = _float(t["grad_clip"] if t["grad_clip"] is not None else 0.0, "train.grad_clip", 0.0)
-    amp = t["amp"]
-    if isinstance(amp, str) and amp.lower() in ("true", "false"):
-        amp = amp.lower() == "true"
-    if amp not in ("auto", True, False):
-        raise SpecError(f"spec field train.amp must be auto, true or false, got {t['amp']!r}")
-    t["amp"] = amp
-    t["checkpoint_every"] = _int(t["checkpoint_every"], "train.checkpoint_every", 0)
-    t["max_loss"] = _float(t["max_loss"], "train.max_loss", 0.0, strict=True, allow_none=True)
-    t["num_workers"] = _int(t["num_workers"], "train.num_workers", 0)
-    t["eval_batch_size"] = _int(t["eval_batch_size"] if t["eval_batch_size"] is not None else t["batch_size"],
-                                "train.eval_batch_size", 1)
-    t["probe_size"] = _int(t["probe_size"], "train.probe_size", 0)
-    t["keep_checkpoint"] = _bool(t["keep_checkpoint"], "train.keep_checkpoint")
-    det = t["deterministic"]
-    if det != "auto":
-        det = _bool(det, "train.deterministic (auto, true or false)")
-    t["deterministic"] = det
+    try:
+        t = resolve_section(TrainConfig, train, "train")
+    except ConfigError as err:
+        raise _spec_error(err, "train") from None
+    t["grad_clip"] = t["grad_clip"] if t["grad_clip"] is not None else 0.0
+    t["eval_batch_size"] = t["eval_batch_size"] if t["eval_batch_size"] is not None else t["batch_size"]
     return t
 
 
@@ -236,7 +140,10 @@ def resolve_spec(spec: dict) -> dict:
     if s.get("label") is None:
         s["label"] = "dense" if s["moe"] is None else s["moe"]["router"]
     s["label"] = _name(s["label"], "label")
-    s["seed"] = _int(s["seed"], "seed", 0)
+    try:
+        s["seed"] = check_seed(s["seed"], "seed")
+    except ConfigError as err:
+        raise _spec_error(err, "seed") from None
     s["train"] = resolve_train(s.get("train"))
     s["sweep"] = _dict(s["sweep"], "sweep")
     s["match"] = _dict(s["match"], "match")

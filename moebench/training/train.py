@@ -24,18 +24,26 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from moebench.training import metrics as M
 from moebench.core.layer import MoELayer
-from moebench.training.records import append_jsonl, atomic_write, atomic_write_json, environment_info, read_jsonl, write_status
-from moebench.training.spec import resolve_spec, run_id as spec_run_id
+from moebench.training import metrics as M
+from moebench.training.records import (
+    append_jsonl,
+    atomic_write,
+    atomic_write_json,
+    environment_info,
+    read_jsonl,
+    write_status,
+)
+from moebench.training.spec import resolve_spec
+from moebench.training.spec import run_id as spec_run_id
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ class BrainAgeDataset(Dataset):
     def __getitem__(self, i: int):
         return self.volumes[i], self.ages[i], self.tissue[i].long()
 
-    def subset(self, idx: Sequence[int] | Tensor) -> "BrainAgeDataset":
+    def subset(self, idx: Sequence[int] | Tensor) -> BrainAgeDataset:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return BrainAgeDataset(self.volumes[idx], self.ages[idx], self.tissue[idx],
                                [self.participant_ids[i] for i in idx.tolist()], self.skipped)
@@ -52,7 +52,7 @@ class BrainAgeDataset(Dataset):
 # ------------------------------------------------------------------------------------------------
 # grid, template, labels
 # ------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def _mni_images():
     from nilearn import datasets
     return (datasets.load_mni152_gm_template(resolution=2), datasets.load_mni152_wm_template(resolution=2),

@@ -82,9 +82,9 @@ def _fashion_mnist_raw(root: Path, cache: Path) -> Path:
             continue
         plain, gz = root / name, root / f"{name}.gz"
         if plain.exists():
-            src_open = lambda: open(plain, "rb")  # noqa: E731
+            src_open = lambda plain=plain: open(plain, "rb")  # noqa: E731
         elif gz.exists():
-            src_open = lambda: gzip.open(gz, "rb")  # noqa: E731
+            src_open = lambda gz=gz: gzip.open(gz, "rb")  # noqa: E731
         else:
             raise FileNotFoundError(f"Fashion-MNIST file {gz} is missing; {_INSTALL_HINT}, "
                                     f"or pass root= a folder holding all of {[f + '.gz' for f in _FMNIST_FILES]}")

@@ -15,8 +15,8 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -170,7 +170,7 @@ def read_coco_captions(annotation_file, image_dir, max_captions: int | None = No
         by_id[ann["image_id"]][1].append(str(ann["caption"]).strip())
     empty = [i for i in order if not by_id[i][1]]
     if empty:
-        warnings.warn(f"{path}: {len(empty)} image(s) have no caption and are skipped, e.g. ids {empty[:5]}")
+        warnings.warn(f"{path}: {len(empty)} image(s) have no caption and are skipped, e.g. ids {empty[:5]}", stacklevel=2)
     keep = [i for i in order if by_id[i][1]]
     if not keep:
         raise ValueError(f"{path}: no image has a caption")
@@ -282,7 +282,7 @@ class WordTokenizer:
         self.context_length = context_length
 
     @classmethod
-    def for_grammar(cls, grid: int, max_items: int) -> "WordTokenizer":
+    def for_grammar(cls, grid: int, max_items: int) -> WordTokenizer:
         words = {"a", "an", "at", "and"}
         for t in ITEM_NAMES + POSITION_NAMES[grid]:
             words.update(t.split())

@@ -139,10 +139,14 @@ def expected(f: dataclasses.Field) -> str:
         text = "an integer" if kind == "int" else "a number"
         lo, hi = m["minimum"], m["maximum"]
         if lo is not None:
-            text += f" {'>' if m['strict'] else '>='} {lo:g}"
+            text += f" {'>' if m['strict'] else '>='} {_num(lo)}"
         if hi is not None:
-            text += f" {'and ' if lo is not None else ''}<= {hi:g}"
+            text += f" {'and ' if lo is not None else ''}<= {_num(hi)}"
     return text + (" or null" if m["nullable"] else "")
+
+
+def _num(x) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def coerce(f: dataclasses.Field, value, path: str):
