@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from moebench.core.registry import ROUTERS
 
-    rows = ROUTERS.describe()
+    rows = ROUTERS.listing()  # read from source: no torch import
     width = max(len(n) for n, _ in rows)
     print(f"{'router'.ljust(width)}  description")
     for name, desc in rows:

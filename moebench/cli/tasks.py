@@ -11,6 +11,6 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from moebench.core.registry import TASKS
 
-    for name, desc in TASKS.describe():
+    for name, desc in TASKS.listing():  # read from source: no torch import
         print(f"{name:16s}  {desc}")
     return 0

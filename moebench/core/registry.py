@@ -6,8 +6,10 @@ entry-point groups; the built-in ``routers`` / ``tasks`` packages are imported l
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
+import importlib.util
 import pkgutil
 import re
 from collections.abc import Callable, Iterator
@@ -93,6 +95,31 @@ class Registry:
         self.load()
         return [(n, self._descriptions[n]) for n in sorted(self._entries)]
 
+    def listing(self) -> list[tuple[str, str]]:
+        """(name, description) of every entry, like ``describe``, but without importing the built-in
+        modules (they import torch, ~2-5 s): their ``@register_<kind>("name", "description")``
+        decorators are read from the source. A module whose decorator is not plain literals is
+        imported; entry-point plugins are always imported (their source may not be at hand)."""
+        if self._loaded:
+            return self.describe()
+        found: dict[str, str] = {}
+        package = importlib.import_module(self.builtin_package)  # its __init__ is only a docstring
+        for info in pkgutil.iter_modules(package.__path__):
+            if info.name.startswith("_"):
+                continue
+            module = f"{self.builtin_package}.{info.name}"
+            static = _static_registrations(module, self.kind)
+            if static is None:
+                importlib.import_module(module)
+            else:
+                found.update(static)
+        for ep in entry_points(group=self.entry_point_group):
+            obj = ep.load()
+            if getattr(obj, "registry_name", None) is None:
+                self.register(ep.name)(obj)
+        found.update(self._descriptions)  # plugins, and anything imported or registered already
+        return sorted(found.items())
+
     def __contains__(self, name: str) -> bool:
         self.load()
         return name in self._entries
@@ -103,6 +130,40 @@ class Registry:
 
 def _first_line(doc: str | None) -> str:
     return (doc or "").strip().split("\n")[0].strip()
+
+
+def _static_registrations(module: str, kind: str) -> dict[str, str] | None:
+    """``{name: description}`` from the ``@register_<kind>(...)`` / ``@<REGISTRY>.register(...)``
+    decorators in ``module``'s source, read with ``ast`` (nothing is imported). None when the source
+    cannot be read or a decorator's arguments are not string literals: then the caller imports it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=spec.origin)
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    out: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            continue
+        for deco in node.decorator_list:
+            if not isinstance(deco, ast.Call):
+                continue
+            f = deco.func
+            if not ((isinstance(f, ast.Name) and f.id == f"register_{kind}")
+                    or (isinstance(f, ast.Attribute) and f.attr == "register")):
+                continue
+            args = list(deco.args) + [k.value for k in deco.keywords if k.arg in ("name", "description")]
+            if not args or not all(isinstance(a, ast.Constant) and isinstance(a.value, (str, type(None)))
+                                   for a in args):
+                return None
+            name, desc = args[0].value, (args[1].value if len(args) > 1 else None)
+            if not isinstance(name, str):
+                return None
+            out[name] = desc or _first_line(ast.get_docstring(node))
+    return out
 
 
 ROUTERS = Registry("router", "moebench.routers", "moebench.routers")
