@@ -18,8 +18,19 @@ def _rows(runs: list[dict]) -> list[dict]:
             state = "running"
         rows.append({"run_id": r["run_id"], "label": r["spec"]["label"], "seed": r["spec"]["seed"],
                      "state": state, "attempts": st["attempts"],
-                     "reason": st["corrupt"] or st["reason"] or ("running elsewhere" if r.get("outcome") == "elsewhere" else "")})
+                     "reason": st["corrupt"] or st["reason"]
+                     or ("running elsewhere" if r.get("outcome") == "elsewhere" else _resumed(r["run_dir"], st))})
     return rows
+
+
+def _resumed(run_dir, st: dict) -> str:
+    """"resumed from step N (attempt M)" when the latest attempt continued from a checkpoint
+    (``resumed_from`` in status.json, written by the trainer), so a requeue is visible."""
+    status = records.read_status_safe(run_dir) if st["state"] != "corrupt" else None
+    step = status.get("resumed_from") if isinstance(status, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool):
+        return ""
+    return f"resumed from step {step} (attempt {st['attempts']})"
 
 
 def _bucket(state: str) -> str:
@@ -76,6 +87,6 @@ def status_rows(grid_dir: Path) -> list[dict]:
             spec, st = {}, {**st, "state": "corrupt", "corrupt": st["corrupt"] or str(err)}
         rows.append({"run_id": run_dir.name, "label": spec.get("label", "?"), "seed": spec.get("seed", "?"),
                      "state": st["state"], "attempts": st["attempts"],
-                     "reason": st["corrupt"] or st["reason"] or ""})
+                     "reason": st["corrupt"] or st["reason"] or _resumed(run_dir, st)})
     return rows
 

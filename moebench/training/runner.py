@@ -50,7 +50,8 @@ def execute(spec: dict, results_dir="results", device=None, progress: bool | Non
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_yaml(run_dir / "spec.yaml", spec)
     attempts = int((read_status_safe(run_dir) or {}).get("attempts", 0)) + 1
-    write_status(run_dir, "running", None, owner=f"{socket.gethostname()}:{os.getpid()}", attempts=attempts)
+    write_status(run_dir, "running", None, owner=f"{socket.gethostname()}:{os.getpid()}", attempts=attempts,
+                 resumed_from=None)  # train() sets it when this attempt resumes from a checkpoint
     try:
         from moebench.core.registry import TASKS
         from moebench.training.train import train

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from moebench.core.layer import MoELayer
+from moebench.core.progress import Progress
 from moebench.training import metrics as M
 from moebench.training.records import (
     append_jsonl,
@@ -40,6 +41,7 @@ from moebench.training.records import (
     atomic_write_json,
     environment_info,
     read_jsonl,
+    read_status_safe,
     write_status,
 )
 from moebench.training.spec import resolve_spec
@@ -275,7 +277,8 @@ def train(task, spec: dict, run_dir, device=None, progress: bool | None = None,
     """Train and evaluate ``task`` as ``spec`` says, recording into ``run_dir``; returns the final record
     (also written to ``final.json``), or ``{"state": "failed", "reason": ...}`` after a divergence
     (status.json says so too). ``on_step(step)`` runs after each completed step (tests use it to
-    interrupt a run)."""
+    interrupt a run). ``progress``: None = a bar on a TTY, a line every 30 s in a log
+    (`moebench.core.progress`); True = always the bar; False = silent."""
     spec = resolve_spec(spec)
     rid = spec_run_id(spec)
     run_dir = Path(run_dir)
@@ -283,8 +286,6 @@ def train(task, spec: dict, run_dir, device=None, progress: bool | None = None,
     t = spec["train"]
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = torch.bfloat16 if device.type == "cuda" and t["amp"] in ("auto", True) else None
-    if progress is None:
-        progress = sys.stderr.isatty()
     with deterministic(device, t["deterministic"]):
         return _Trainer(task, spec, rid, run_dir, device, amp_dtype, progress, on_step).run()
 
@@ -449,20 +450,24 @@ class _Trainer:
     # -- training ----------------------------------------------------------------------------------
     def run(self) -> dict:
         self.t0 = time.perf_counter()
+        if self.progress is not False:
+            print(f"moebench: run {self.rid}: setting up (data, model) in {self.run_dir}", file=sys.stderr, flush=True)
         self.setup()
-        if self.load():  # say so in the job log: a requeued or rerun job continues, it does not restart
-            print(f"moebench: run {self.rid} resumed from step {self.step} of {self.t['steps']}",
-                  file=sys.stderr, flush=True)
+        if self.load():  # say so in the job log and status.json: a requeued job continues, it does not restart
+            attempt = (read_status_safe(self.run_dir) or {}).get("attempts")
+            print(f"moebench: run {self.rid} resumed from step {self.step} of {self.t['steps']}"
+                  + (f" (attempt {attempt})" if attempt else ""), file=sys.stderr, flush=True)
+            if (self.run_dir / "status.json").exists():
+                write_status(self.run_dir, "running", None, resumed_from=self.step)
         self.t0 = time.perf_counter()
         t = self.t
         steps, eval_every, ckpt_every = t["steps"], t["eval_every"], t["checkpoint_every"]
         self.last_lr = self.opt.param_groups[0]["lr"]
         counter = _TokenCounter(self.model) if self.tokens_per_sample is None else None
+        self.last_headline = ""
         bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, initial=self.step, desc=self.rid, dynamic_ncols=True, file=sys.stderr)
+        if self.progress is not False:
+            bar = Progress(steps, self.rid, initial=self.step, tty=True if self.progress else None, unit="step")
         batches = train_batches(self.train_ds, t["batch_size"], self.spec["seed"], self.step,
                                 t["num_workers"], self.collate, self.device.type == "cuda")
         self.model.train()
@@ -509,13 +514,13 @@ class _Trainer:
                 if is_eval:
                     line = self.evaluate()
                     if bar is not None:
-                        bar.set_postfix({self.task.headline: f"{line['metrics'][self.task.headline]:.4g}"}, refresh=False)
+                        self.last_headline = f"{self.task.headline} {line['metrics'][self.task.headline]:.4g}"
                 if is_eval or (ckpt_every > 0 and step % ckpt_every == 0):
                     self.save()
                 if bar is not None:
+                    if step % 10 == 0 or step == steps or is_eval:
+                        bar.note(f"loss {loss_value:.4f}" + (f", {self.last_headline}" if self.last_headline else ""))
                     bar.update(1)
-                    if step % 10 == 0:
-                        bar.set_description(f"{self.rid} loss {loss_value:.4f}", refresh=False)
                 if self.on_step is not None:
                     self.on_step(step)
         except Diverged as err:
@@ -526,7 +531,7 @@ class _Trainer:
             return {"state": "failed", "reason": reason, "run_id": self.rid, "step": self.step + 1}
         finally:
             if bar is not None:
-                bar.close()
+                bar.close("finished" if self.step >= steps else "stopped")
             if counter is not None:
                 counter.close()
             batches.close()
