@@ -3,6 +3,7 @@ import io
 
 import pytest
 import torch
+from test_train import Interrupt, make_spec, task_for
 
 from moebench.core import progress as P
 from moebench.grids.status import status_rows
@@ -11,7 +12,6 @@ from moebench.training.rundir import run_path
 from moebench.training.runner import execute
 from moebench.training.spec import run_id
 from moebench.training.train import train
-from test_train import Interrupt, make_spec, task_for
 
 
 def test_log_progress_prints_a_start_line_then_at_most_one_line_per_interval(monkeypatch):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moebench.core.layer import MoELayer
+from moebench.core.progress import Progress
 
 
 class DenseFFN(nn.Module):
@@ -103,6 +104,7 @@ def bench_layer(routers: list[str], num_experts: int, ks: list[int], tokens: int
     torch.manual_seed(0)
     x = torch.randn(tokens, d_model, device=device, dtype=dtype)
     rows = []
+    bar = Progress(len(ks), "bench layer (one k at a time)", every_s=5, unit="k")
     for k in ks:
         modules: dict[str, nn.Module] = {"dense": DenseFFN(d_model, k * d_hidden)}
         for name in routers:
@@ -127,6 +129,8 @@ def bench_layer(routers: list[str], num_experts: int, ks: list[int], tokens: int
             rows.append({"router": name, "E": num_experts, "k": k, "T": tokens, "d": d_model, "d_hidden": d_hidden,
                          "dtype": str(dtype).replace("torch.", ""), "device": device,
                          "ms": round(seconds * 1e3, 2), "ratio": round(seconds / base, 3), "ratio_to": base_name})
+        bar.update()
+    bar.close()
     return rows
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from moebench.cli._help import command
@@ -33,6 +34,8 @@ def run_layer(args) -> int:
     from moebench.core.registry import ROUTERS
 
     routers = [r for r in args.routers.split(",") if r]
+    print(f"moebench bench layer: {', '.join(routers)} vs dense, k = {args.top_k}, {args.repeats} timed steps each",
+          file=sys.stderr, flush=True)
     for r in routers:
         ROUTERS.get(r)  # clear error for an unknown name before any timing
     rows = bench_layer(routers, args.experts, [int(k) for k in args.top_k.split(",")], args.tokens, args.d_model,

@@ -15,6 +15,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    print(f"moebench grid show: loading {args.grid} (imports torch and the task modules: a few seconds)",
+          file=sys.stderr, flush=True)
     from moebench.grids.schema import GridError
     from moebench.grids.show import show
 

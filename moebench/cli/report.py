@@ -20,6 +20,8 @@ def run(args) -> int:
     from moebench.report.build import ReportError, write_report
 
     formats = [f.strip() for f in str(args.format).split(",") if f.strip()]
+    print(f"moebench report: reading the run records under {args.results} and drawing the plots "
+          f"(a few seconds)", file=sys.stderr, flush=True)
     try:
         out = write_report(args.results, args.out, formats)
     except (ReportError, FileNotFoundError) as err:

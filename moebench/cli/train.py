@@ -66,6 +66,8 @@ def spec_from_args(args) -> dict:
 
 def run(args) -> int:
     """Prints the headline and where the record is; exit 1 when the run failed, 2 for a bad flag."""
+    print(f"moebench train: {args.task} / {args.router}, size {args.size}: loading torch and the task",
+          file=sys.stderr, flush=True)
     from moebench.training.runner import execute
     from moebench.training.spec import SpecError
 

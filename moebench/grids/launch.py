@@ -36,6 +36,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from moebench.core.progress import LOG_EVERY_S
 from moebench.grids.status import _counts, _rows, format_table
 from moebench.training import records
 from moebench.training.rundir import JOBS_LOG, _set_aside, inspect, run_lock, run_path
@@ -215,10 +216,12 @@ def _now() -> str:
 
 
 class _Progress:
-    """Prints one line per run state change, read from the run directories."""
+    """Prints one line per run state change, read from the run directories, and a count of states
+    when nothing changed for ``LOG_EVERY_S`` (30 s), so a long run still shows signs of life."""
 
     def __init__(self, runs: list[dict], log):
         self.runs, self.log = runs, log
+        self.start = self.quiet_since = time.monotonic()
         self.last = {r["run_id"]: "done" for r in runs if r["why"] == "done"}  # the header counted them
         self.width = max((len(r["run_id"]) for r in runs), default=10)
 
@@ -235,6 +238,13 @@ class _Progress:
                 arrow = f"{old} -> {shown}" if old else shown
                 n = len(self.runs)
                 self.log(f"[{_now()}] [{i:>{len(str(n))}}/{n}] {r['run_id'].ljust(self.width)} {arrow}{extra}")
+                self.quiet_since = time.monotonic()
+        if time.monotonic() - self.quiet_since >= LOG_EVERY_S:
+            self.quiet_since = time.monotonic()
+            counts = _counts(self.runs)
+            self.log(f"[{_now()}] still working: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+                     + f" (of {len(self.runs)}; {int(time.monotonic() - self.start) // 60} min so far; "
+                       f"each run's own progress is in its job log)")
 
 
 def plan(specs: list[dict], results, retry_failed: bool = False) -> list[dict]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from moebench.core.progress import Progress
 from moebench.grids.expand import expand
 from moebench.grids.matching import costs, probe
 from moebench.grids.schema import REFERENCE_ROUTER, _Ctx, _fmt, load
@@ -25,6 +26,7 @@ def show(grid: str | os.PathLike | dict) -> str:
     head = ["run_id", "task", "label", "seed", *axes, "d_hidden", "mlp_flops/tok", "router_flops/tok",
             "params", "active_params"]
     rows = []
+    bar = Progress(len(specs), f"grid {g['name']}: costing runs", every_s=5, unit="run")
     for spec in specs:
         same = [s for s in specs if s["moe"] and all(s[k] == spec[k] for k in ("task", "task_args", "model"))]
         c = costs(spec, blocks=same[0]["moe"]["blocks"] if same else None)
@@ -33,6 +35,8 @@ def show(grid: str | os.PathLike | dict) -> str:
                      str(spec["moe"]["d_hidden"]) if spec["moe"] else f"{c['dense_hidden']} (dense)",
                      _human(c["mlp_flops_per_token"]), _human(c["router_flops_per_token"]),
                      _human(c["params_total"]), _human(c["params_active"])])
+        bar.update()
+    bar.close()
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     lines = [f"grid {g['name']} ({g['file']}): {len(specs)} runs, match: {g['match']['mode']}"
              + (f" (reference: {REFERENCE_ROUTER} top-{g['match']['reference_active_experts']:g} "
