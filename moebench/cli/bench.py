@@ -9,11 +9,16 @@ from moebench.cli._help import command
 
 
 def add_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks, timed side by side in one process",
-                           description="Benchmarks, timed side by side in one process and printed as ratios.")
-    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    bench = command(sub, "bench", "benchmarks, timed side by side in one process",
+                    description="Benchmarks, timed side by side in one process (interleaved, median of "
+                                "repeats) and printed as ratios, so the machine's speed cancels out.")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK",
+                                     help="layer: one MoE layer per router against a dense FFN")
     layer = command(bench_sub, "layer", "MoE layer vs dense FFN of equal active FLOPs (forward + backward)",
-                    func=run_layer)
+                    description="Time one MoE layer per router (forward + backward) against a dense FFN "
+                                "of the same active FLOPs per token (hidden width k x d_hidden), and each "
+                                "router alone as a share of the softmax-topk layer. Prints a table, then "
+                                "the rows as JSON.", func=run_layer)
     layer.add_argument("--routers", default="uniform,softmax-topk,ermoe", help="comma-separated router names")
     layer.add_argument("--experts", type=int, default=8, help="number of experts E")
     layer.add_argument("--top-k", default="2,1", help="comma-separated k values (experts per token)")

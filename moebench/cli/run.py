@@ -12,16 +12,20 @@ DEFAULT_GRID = "quick"
 def add_parser(sub) -> None:
     p = command(sub, "run", f"run a grid (default: {DEFAULT_GRID}), then write its report",
                 description=f"Expand a grid into matched runs, run what is not done yet (resuming interrupted "
-                            f"runs), then write RESULTS/<grid>/report/. With no GRID, runs the shipped "
-                            f"'{DEFAULT_GRID}' grid on the offline defaults.", func=run)
+                            f"runs from their checkpoints, skipping finished ones), then write "
+                            f"RESULTS/<grid>/report/. With no GRID, runs the shipped '{DEFAULT_GRID}' grid on "
+                            f"the offline defaults (CPU, minutes). Rerunning the same command is safe: it "
+                            f"picks up where the last one stopped.", func=run)
     p.add_argument("grid", nargs="?", default=DEFAULT_GRID,
                    help="a YAML grid file, or the name of a shipped grid (see `moebench grid show NAME`)")
     p.add_argument("--cluster", choices=["local", "slurm", "debug"], default=None,
                    help="where jobs run: local subprocesses, a SLURM job array, or in-process (debug); "
-                        "default: the grid's executor.cluster")
+                        "default: the grid's executor.cluster, where auto means local unless the grid "
+                        "declares executor.partition and SLURM answers")
     p.add_argument("--results", default="results", help="results root; runs go to RESULTS/<grid>/<run_id>/")
-    p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
-    p.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before (default: skip them)")
+    p.add_argument("--dry-run", action="store_true", help="print what would run and where, run nothing")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="rerun runs that failed before (by default they are skipped and listed)")
     p.add_argument("--no-report", action="store_true", help="do not write the report afterwards")
 
 

@@ -9,9 +9,13 @@ from moebench.cli._help import command
 
 def add_parser(sub) -> None:
     p = command(sub, "status", "state of every run under a results folder, with each failure's reason",
-                func=run)
+                description="One table per grid folder: each run's state (done, running, queued, "
+                            "interrupted, failed, corrupt), its attempts, and why it failed or from which "
+                            "step it resumed. Read from the run records alone; works while a grid runs. "
+                            "Exit status 1 when a run failed or its record is unreadable.", func=run)
     p.add_argument("results", nargs="?", default="results",
-                   help="a results folder (holding <grid>/<run_id>/) or one grid's folder")
+                   help="a results root holding <grid>/<run_id>/ (e.g. results), or one grid's folder "
+                        "holding <run_id>/ (e.g. results/quick)")
 
 
 def run(args) -> int:

@@ -5,7 +5,11 @@ from moebench.cli._help import command
 
 
 def add_parser(sub) -> None:
-    command(sub, "tasks", "list the registered tasks (built-in and plugins)", func=run)
+    command(sub, "tasks", "list the registered tasks (built-in and plugins)",
+            description="List every registered task with its one-line description: the built-in ones "
+                        "(moebench/tasks/) and those added through the 'moebench.tasks' entry-point "
+                        "group. Use a name as a grid's `task:` or with `moebench train --task NAME`.",
+            func=run)
 
 
 def run(args) -> int:

@@ -13,13 +13,14 @@ def add_parser(sub) -> None:
                 description="Train one run, no grid. The record goes to RESULTS/single/<run_id>/ "
                             "(RESULTS defaults to ./results under the current folder). A rerun of the "
                             "same spec skips it when done and resumes it when interrupted.")
-    p.add_argument("--task", required=True, help="registered task name (see `moebench tasks`)")
+    p.add_argument("--task", required=True, help="registered task name (see `moebench tasks`); required")
     p.add_argument("--router", default="softmax-topk", help="router name (see `moebench routers`), or 'dense'")
-    p.add_argument("--router-args", default=None, help='router options as a JSON or YAML mapping, e.g. "{top_k: 1}"')
+    p.add_argument("--router-args", default=None,
+                   help='router options as a JSON or YAML mapping, e.g. "{top_k: 1}" (default: the router\'s own)')
     p.add_argument("--seed", type=int, default=0, help="the run's seed (model init, data order)")
     p.add_argument("--size", default="quick", choices=SIZES,
                    help="the task's preset size for its offline default: tiny (seconds, for tests) or quick")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's for --size)")
     p.add_argument("--results", default="results", help="results root; the run goes to RESULTS/single/<run_id>/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec entry, e.g. --set train.lr=3e-4 (repeatable)")
