@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+SET_HELP = ("set a grid entry without editing the grid file, e.g. --set task_args.data=/data/imagenet, "
+            "--set executor.partition=gpu, --set tasks.0.task_args.root=/data/coco (VALUE is YAML; repeatable)")
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows "(default: X)" after a flag's help when there is a default worth showing (not None, False

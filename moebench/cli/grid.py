@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from moebench.cli._help import command
+from moebench.cli._help import SET_HELP, command
 
 
 def add_parser(sub) -> None:
@@ -20,16 +20,17 @@ def add_parser(sub) -> None:
                                "built once to count. Refuses placeholder paths (/path/to/...) left in the "
                                "grid; --set gives a value without editing the file.", func=run)
     show.add_argument("grid", help="a YAML grid file, or the name of a shipped grid (e.g. quick, toy, imagenet)")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
 
 
 def run(args) -> int:
     print(f"moebench grid show: loading {args.grid} (imports torch and the task modules: a few seconds)",
           file=sys.stderr, flush=True)
-    from moebench.grids.schema import GridError
+    from moebench.grids.schema import GridError, load
     from moebench.grids.show import show
 
     try:
-        print(show(args.grid))
+        print(show(load(args.grid, overrides=args.set)))
     except GridError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from moebench.cli._help import command
+from moebench.cli._help import SET_HELP, command
 
 DEFAULT_GRID = "quick"
 
@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
                    help="where jobs run: local subprocesses, a SLURM job array, or in-process (debug); "
                         "default: the grid's executor.cluster, where auto means local unless the grid "
                         "declares executor.partition and SLURM answers")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--results", default="results", help="results root; runs go to RESULTS/<grid>/<run_id>/")
     p.add_argument("--dry-run", action="store_true", help="print what would run and where, run nothing")
     p.add_argument("--retry-failed", action="store_true",
@@ -48,10 +49,10 @@ def run(args) -> int:
     """Exit 0 when every run is done (or running elsewhere) and the report was written; 1 if any run
     failed, is left to run, or the report could not be written; 2 for a bad grid or unusable cluster."""
     from moebench.grids.launch import run_grid
-    from moebench.grids.schema import GridError
+    from moebench.grids.schema import GridError, load
 
     try:
-        out = run_grid(args.grid, cluster=args.cluster, results=args.results, dry_run=args.dry_run,
+        out = run_grid(load(args.grid, overrides=args.set), cluster=args.cluster, results=args.results, dry_run=args.dry_run,
                        retry_failed=args.retry_failed)
     except (GridError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

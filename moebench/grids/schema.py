@@ -196,9 +196,15 @@ def resolve_path(grid: str | os.PathLike) -> Path:
                     f"Shipped grids: {', '.join(known)} (in {GRIDS_DIR}).")
 
 
-def load(grid: str | os.PathLike | dict, file: str | None = None) -> dict:
+def load(grid: str | os.PathLike | dict, file: str | None = None, overrides=(),
+         allow_placeholders: bool = False) -> dict:
     """Read and validate a grid; returns a normalised dict (``tasks`` always a list of blocks,
-    ``routers`` always mappings, ``match`` a mapping, ``executor`` with defaults filled in)."""
+    ``routers`` always mappings, ``match`` a mapping, ``executor`` with defaults filled in).
+    ``overrides`` are ``KEY=VALUE`` strings (``--set``) applied to the file's content first. A
+    placeholder path (``/path/to/...``) left in the grid is refused unless ``allow_placeholders``
+    (nothing could run on it). A grid that ``load`` returned already is returned as is."""
+    if isinstance(grid, dict) and "file" in grid and "executor" in grid and not overrides:
+        return grid  # normalised already (raw grids cannot have a `file` key)
     if isinstance(grid, dict):
         raw, file = copy.deepcopy(grid), file or "<grid>"
         stem = "grid"
@@ -209,7 +215,102 @@ def load(grid: str | os.PathLike | dict, file: str | None = None) -> dict:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise GridError(f"{file}: not valid YAML: {err}") from None
-    return validate(raw, file, default_name=stem)
+    if overrides:
+        raw = _unshared(raw)  # a YAML alias (&clip / *clip) must not carry one block's --set to another
+    for assignment in overrides:
+        apply_override(raw, assignment, file)
+    g = validate(raw, file, default_name=stem)
+    if not allow_placeholders:
+        refuse_placeholders(raw, file, stem)
+    return g
+
+
+PLACEHOLDER = "/path/to/"
+
+
+def apply_override(raw, assignment: str, file: str) -> None:
+    """``--set KEY=VALUE`` on a grid's content, in place: KEY is a dotted path with ``[i]`` for list
+    items (``task_args.data``, ``tasks[0].task_args.root``, ``executor.sbatch_extra.account``);
+    VALUE is read as YAML. Missing mappings on the way are created; the grid is validated after."""
+    from moebench.training.spec import SpecError, parse_value
+
+    if not isinstance(raw, dict) or "=" not in assignment:
+        raise GridError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set task_args.data=/data/imagenet")
+    path, text = assignment.split("=", 1)
+    path = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", path.strip())  # tasks.0.x is tasks[0].x
+    tokens = re.findall(r"\[(\d+)\]|([^.\[\]]+)", path)
+    keys: list[int | str] = [int(i) if i else name for i, name in tokens]
+    if not keys or _key_path(keys) != path:
+        raise GridError(f"--set {assignment!r}: KEY must be a dotted path such as task_args.data or "
+                        f"tasks.0.task_args.root")
+    try:
+        value = parse_value(text)
+    except SpecError as err:
+        raise GridError(f"--set {assignment!r}: {err}") from None
+    node = raw
+    for i, key in enumerate(keys):
+        where = _key_path(keys[: i + 1])
+        last = i == len(keys) - 1
+        if isinstance(key, int):
+            if not isinstance(node, list) or key >= len(node):
+                raise GridError(f"--set {assignment!r}: {where} does not exist in {file} "
+                                f"({_key_path(keys[:i]) or 'the top level'} is not a list that long)")
+        elif not isinstance(node, dict):
+            raise GridError(f"--set {assignment!r}: {_key_path(keys[:i])} is {node!r} in {file}, not a mapping")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+
+
+def _unshared(value):
+    """A deep copy in which no two places share an object (``copy.deepcopy`` keeps YAML aliases shared)."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
+def _key_path(keys) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".")
+
+
+def _shell_key(key: str) -> str:
+    """``tasks[0].x`` as ``tasks.0.x``: the same key for --set, without brackets the shell would glob."""
+    return re.sub(r"\[(\d+)\]", r".\1", key)
+
+
+def placeholders(raw, keys=()) -> list[tuple[str, str]]:
+    """``(key path, value)`` of every string in the grid's content that starts with ``/path/to/``."""
+    if isinstance(raw, dict):
+        return [p for k, v in raw.items() for p in placeholders(v, (*keys, str(k)))]
+    if isinstance(raw, list):
+        return [p for i, v in enumerate(raw) for p in placeholders(v, (*keys, i))]
+    if isinstance(raw, str) and raw.strip().startswith(PLACEHOLDER):
+        return [(_key_path(keys), raw)]
+    return []
+
+
+def refuse_placeholders(raw, file: str, name: str = "GRID") -> None:
+    """A GridError naming every placeholder key, the file, and the two ways to give a real value."""
+    found = placeholders(raw)
+    if not found:
+        return
+    grid = name if Path(file).parent == GRIDS_DIR else file
+    width = max(len(k) for k, _ in found)
+    example = " ".join(f"--set {_shell_key(k)}=/your/{Path(v).name}" for k, v in found[:2])
+    raise GridError(
+        f"{file}: {len(found)} placeholder path(s) still to set (nothing can run on them):\n"
+        + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in found)
+        + f"\nGive the real values without editing the shipped file, on the command line (one --set per key):\n"
+          f"  moebench grid show {grid} {example}\n"
+          f"  moebench run {grid} {example}\n"
+          f"or copy the grid, edit the copy, and use the copy's path:\n"
+          f"  cp {file} my-{Path(file).stem}.yaml; moebench run my-{Path(file).stem}.yaml"
+    )
 
 
 def validate(raw, file: str, default_name: str = "grid") -> dict:
