@@ -154,15 +154,35 @@ def slurm_available() -> bool:
         return False
 
 
-def choose_cluster(requested: str | None, grid_cluster: str = "auto") -> str:
-    """CLI choice, else the grid's, where ``auto`` means slurm if a SLURM controller answers, else local."""
-    cluster = requested or grid_cluster or "auto"
-    if cluster == "auto":
-        cluster = "slurm" if slurm_available() else "local"
+def choose_cluster(requested: str | None, grid_cluster: str = "auto", partition: str | None = None) -> str:
+    """The executor ``explain_cluster`` picks (without its reason)."""
+    return explain_cluster(requested, grid_cluster, partition)[0]
+
+
+def explain_cluster(requested: str | None, grid_cluster: str = "auto",
+                    partition: str | None = None) -> tuple[str, str]:
+    """(executor, why): the CLI's ``--cluster``, else the grid's ``executor.cluster``. ``auto`` means
+    slurm only when the grid declares ``executor.partition`` and a SLURM controller answers; else
+    local. Why not "slurm whenever sbatch answers": on a shared machine that sent a user's grid into
+    someone else's cluster, to queue behind their jobs. A cluster the user did not name is never used."""
+    if requested:
+        cluster, why = requested, f"--cluster {requested}"
+    elif grid_cluster and grid_cluster != "auto":
+        cluster, why = grid_cluster, f"the grid's executor.cluster is {grid_cluster}"
+    elif not partition:
+        cluster = "local"
+        why = "executor.cluster is auto and the grid declares no executor.partition"
+        if shutil.which("sbatch"):
+            why += "; SLURM is installed here: pass --cluster slurm (or set executor.partition) to submit to it"
+    elif slurm_available():
+        cluster, why = "slurm", f"executor.cluster is auto, the grid declares partition {partition!r} and SLURM answers"
+    else:
+        cluster = "local"
+        why = f"executor.cluster is auto and the grid declares partition {partition!r}, but no SLURM controller answers here"
     if cluster == "slurm" and not shutil.which("sbatch"):
         raise RuntimeError("cluster slurm requested but `sbatch` is not on PATH; run on a SLURM login node, "
                            "start the one-node cluster with scripts/local-slurm.sh, or use --cluster local")
-    return cluster
+    return cluster, why
 
 
 def max_workers(ex: dict, n_runs: int) -> int:
@@ -286,7 +306,8 @@ def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool 
     results = Path(results)
     grid_dir = results / g["name"]
     ex = g["executor"]
-    cluster = choose_cluster(cluster, ex.get("cluster"))
+    cluster, why = explain_cluster(cluster, ex.get("cluster"), ex.get("partition"))
+    log(f"executor: {cluster} ({why})")
     runs = plan(specs, results, retry_failed)
     todo = [r for r in runs if r["action"] == "run"]
     log(f"grid {g['name']}: {len(runs)} runs -> {grid_dir} ({cluster}); "
