@@ -89,7 +89,7 @@ class ExecutorConfig:
     """Where a grid's jobs run (submitit)."""
 
     cluster: str = option("auto", "choice", choices=("auto", "local", "slurm", "debug"),
-                          doc="auto: SLURM when sbatch answers, else local subprocesses")
+                          doc="auto: SLURM when the grid sets executor.partition and sbatch answers, else local subprocesses")
     partition: str = option(None, "str", nullable=True, doc="SLURM partition")
     time_min: float = option(60, "float", minimum=0.0, strict=True, doc="SLURM time limit per job, minutes")
     cpus_per_task: int = option(1, "int", minimum=1, doc="CPU cores per job")
