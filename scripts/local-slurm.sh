@@ -11,6 +11,12 @@
 # node; if the config changed, it restarts them. Exits non-zero with the reason when it cannot start.
 # Needs root (apt-get, daemons running as root: SlurmUser=root).
 #
+# Usage: local-slurm.sh [start]        start (or check) the cluster, as above
+#        local-slurm.sh stop [--force]  stop slurmd and slurmctld; refuses while jobs are queued or
+#                                       running (they may be someone else's) unless --force, which
+#                                       cancels them first. munged stays up (other programs may use it).
+#        local-slurm.sh status          the daemons and the node, without changing anything
+#
 # Environment: SLURM_CONF_DIR (default /etc/slurm), LOCAL_SLURM_WAIT_S (default 60),
 #              LOCAL_SLURM_PARTITION (default debug).
 set -uo pipefail
@@ -39,6 +45,53 @@ stop() {  # stop the daemon of a pid file (only if it is that daemon), waiting f
   for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.5; done
   kill -9 "$pid" 2>/dev/null
 }
+
+usage() { sed -n 's/^# Usage: //p; s/^#        \(local-slurm\)/\1/p' "$0" >&2; }
+cmd="${1:-start}"
+case "$cmd" in
+  start|stop|status) ;;
+  -h|--help|help) usage; exit 0 ;;
+  *) usage; die "unknown command '$cmd' (start, stop [--force] or status)" ;;
+esac
+
+if [ "$cmd" = status ]; then
+  for pair in slurmctld slurmd; do
+    if running "$RUN_DIR/$pair.pid" "$pair"; then say "$pair running (pid $(cat "$RUN_DIR/$pair.pid"))"
+    else say "$pair not running"; fi
+  done
+  command -v sinfo >/dev/null && sinfo -h -N -o '%N %P %T' 2>/dev/null | sed 's/^/local-slurm: node /' >&2
+  exit 0
+fi
+
+if [ "$cmd" = stop ]; then
+  force="${2:-}"
+  [ -z "$force" ] || [ "$force" = --force ] || die "stop takes only --force, got '$force'"
+  if ! running "$RUN_DIR/slurmctld.pid" slurmctld && ! running "$RUN_DIR/slurmd.pid" slurmd; then
+    say "not running (no live slurmctld / slurmd from $RUN_DIR); nothing to stop"
+    exit 0
+  fi
+  [ "$(id -u)" = 0 ] || die "must run as root to stop the daemons (they run as SlurmUser=root)"
+  jobs="$(squeue -h -o '%i %u %T %j' 2>/dev/null)"
+  if [ -n "$jobs" ]; then
+    if [ "$force" != --force ]; then
+      die "jobs are still queued or running (they may be another user's):
+$jobs
+wait for them, cancel yours with scancel, or rerun with: $0 stop --force (cancels all of them)"
+    fi
+    say "cancelling $(wc -l <<<"$jobs") job(s)"
+    squeue -h -o '%i' 2>/dev/null | xargs -r scancel 2>/dev/null || true
+    for _ in $(seq 1 90); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.5; done
+  fi
+  say "stopping slurmd and slurmctld"
+  stop "$RUN_DIR/slurmd.pid" slurmd
+  stop "$RUN_DIR/slurmctld.pid" slurmctld
+  if running "$RUN_DIR/slurmd.pid" slurmd || running "$RUN_DIR/slurmctld.pid" slurmctld; then
+    die "a daemon survived SIGTERM and SIGKILL; see $LOG_DIR"
+  fi
+  rm -f "$RUN_DIR/slurmd.pid" "$RUN_DIR/slurmctld.pid"
+  say "stopped (munged left running; $0 starts the cluster again)"
+  exit 0
+fi
 
 [ "$(id -u)" = 0 ] || die "must run as root (installs packages and starts daemons as SlurmUser=root)"
 
