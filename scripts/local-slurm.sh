@@ -65,7 +65,7 @@ fi
 
 if [ "$cmd" = stop ]; then
   force="${2:-}"
-  [ -z "$force" ] || [ "$force" = --force ] || die "stop takes only --force, got '$force'"
+  [ -z "$force" ] || [ "$force" = --force ] || { usage; die "stop takes only --force, got '$force'"; }
   if ! running "$RUN_DIR/slurmctld.pid" slurmctld && ! running "$RUN_DIR/slurmd.pid" slurmd; then
     say "not running (no live slurmctld / slurmd from $RUN_DIR); nothing to stop"
     exit 0
