@@ -237,16 +237,16 @@ def test_grid_show_prints_one_row_per_run_with_costs(tmp_path, capsys):
     lines = out.splitlines()
     assert "9 runs, match: active_flops" in lines[0]  # dense once + 4 routers x 2 sweep values
     head = lines[1].split()
-    assert head == ["run_id", "task", "label", "seed", "moe.num_experts", "d_hidden", "mlp_flops/tok",
+    assert head == ["run_id", "task", "label", "seed", "moe.num_experts", "d_hidden", "flops/tok", "mlp_flops/tok",
                     "router_flops/tok", "params", "active_params"]
     rows = {r.split()[0]: r.split() for r in lines[3:12]}
     for spec in expand_mod.expand(path):
         row = rows[run_id(spec)]
         assert row[2] == spec["label"]
     switch8 = next(r for r in rows.values() if r[2] == "switch" and r[4] == "8")
-    assert switch8[5] == "64" and switch8[6] == "8.7k"  # 1 x 4 x 32 x 64 expert + 2 x 32 x 8 router FLOPs
+    assert switch8[5] == "64" and switch8[7] == "8.7k"  # 1 x 4 x 32 x 64 expert + 2 x 32 x 8 router FLOPs
     dense = next(r for r in rows.values() if r[2] == "dense")
-    assert dense[4:9] == ["-", "64", "(dense)", "8.19k", "0"]  # its own MLP: 2 x 2 x 32 x 64, no router
+    assert dense[4:7] + dense[8:10] == ["-", "64", "(dense)", "8.19k", "0"]  # its own MLP: 2 x 2 x 32 x 64, no router
 
 
 def test_grid_show_reports_errors_without_a_traceback(tmp_path, capsys):

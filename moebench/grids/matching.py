@@ -66,8 +66,11 @@ def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
         if not layers:
             raise GridError(f"task {cfg['task']!r} built no MoE layer for moe.blocks={cfg['blocks']}; "
                             f"check the block indices against the model's depth")
+        from moebench.training.train import linear_flops_outside_moe
+
         moe_params = sum(p.numel() for _, m in layers for p in m.parameters())
         rest = sum(p.numel() for p in moe_model.parameters()) - moe_params
+        rest_flops = linear_flops_outside_moe(moe_model)
         d_models = [m.d_model for _, m in layers]
         names = [n for n, _ in layers]
         del moe_model
@@ -79,7 +82,9 @@ def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
             dense_flops += sum(2.0 * m.in_features * m.out_features for m in linears)
             dense_hidden.append(linears[0].out_features if linears else None)
         dense_total = sum(p.numel() for p in dense_model.parameters())
+        dense_model_flops = linear_flops_outside_moe(dense_model)
     return {"d_models": d_models, "rest_params": rest, "dense_params": dense_total,
+            "rest_flops": rest_flops, "dense_model_flops": dense_model_flops,
             "dense_mlp_flops": dense_flops, "dense_hidden": dense_hidden, "layer_names": names, "notes": notes}
 
 
@@ -211,12 +216,15 @@ def costs(spec: dict, blocks=None) -> dict:
     if spec["moe"] is None:
         return {"params_total": pr["dense_params"], "params_active": pr["dense_params"],
                 "mlp_flops_per_token": pr["dense_mlp_flops"], "router_flops_per_token": 0.0,
+                "flops_per_token": pr["dense_model_flops"],
                 "dense_hidden": "/".join(sorted({str(h) for h in pr["dense_hidden"]}))}
     moe = dict(spec["moe"])
     if moe["d_hidden"] is None:
         moe["d_hidden"] = _dense_width(spec, _Ctx("<spec>"))
-    return dict(_moe_costs(json.dumps({"d_models": pr["d_models"], "moe": moe}, sort_keys=True),
-                           pr["rest_params"]))
+    out = dict(_moe_costs(json.dumps({"d_models": pr["d_models"], "moe": moe}, sort_keys=True),
+                          pr["rest_params"]))
+    out["flops_per_token"] = pr["rest_flops"] + out["mlp_flops_per_token"]  # = final.json's cost.flops_per_token
+    return out
 
 
 @functools.cache

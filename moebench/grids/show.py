@@ -23,7 +23,7 @@ def show(grid: str | os.PathLike | dict) -> str:
     from moebench.training.spec import run_id
 
     axes = [a for a, _ in g["sweep"]]
-    head = ["run_id", "task", "label", "seed", *axes, "d_hidden", "mlp_flops/tok", "router_flops/tok",
+    head = ["run_id", "task", "label", "seed", *axes, "d_hidden", "flops/tok", "mlp_flops/tok", "router_flops/tok",
             "params", "active_params"]
     rows = []
     bar = Progress(len(specs), f"grid {g['name']}: costing runs", every_s=5, unit="run")
@@ -33,7 +33,7 @@ def show(grid: str | os.PathLike | dict) -> str:
         rows.append([run_id(spec), spec["task"], spec["label"], str(spec["seed"]),
                      *[_fmt(spec["sweep"][a]) if a in spec["sweep"] else "-" for a in axes],
                      str(spec["moe"]["d_hidden"]) if spec["moe"] else f"{c['dense_hidden']} (dense)",
-                     _human(c["mlp_flops_per_token"]), _human(c["router_flops_per_token"]),
+                     _human(c["flops_per_token"]), _human(c["mlp_flops_per_token"]), _human(c["router_flops_per_token"]),
                      _human(c["params_total"]), _human(c["params_active"])])
         bar.update()
     bar.close()
@@ -46,8 +46,11 @@ def show(grid: str | os.PathLike | dict) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     notes = sorted({n for spec in specs if spec["moe"] for n in probe(spec, ctx=_Ctx(g["file"]))["notes"]})
     lines += [f"note: {n}" for n in notes]
-    lines.append("mlp_flops/tok: FLOPs per token of the MoE blocks' MLP sub-layers (experts + router for MoE, "
-                 "the dense MLP for dense); the rest of the model is the same in every run.")
+    lines.append("flops/tok: the whole model's estimated forward FLOPs per token, the report's FLOPs/token: "
+                 "2 x the weights of every linear layer outside the MoE layers, plus the experts a token "
+                 "visits and the router (attention scores, convolutions and elementwise ops not counted).")
+    lines.append("mlp_flops/tok: the part of flops/tok in the MoE blocks' MLP sub-layers (experts + router; the "
+                 "dense MLP for dense), where runs differ; router_flops/tok: the router's share of it.")
     if g["match"]["mode"] == "active_flops":
         lines.append("Router FLOPs are reported, not matched. The dense baseline keeps the model's own MLP width.")
     return "\n".join(lines)

@@ -205,10 +205,15 @@ def model_cost(model: nn.Module) -> dict:
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     non_moe = sum(p.numel() for pid, p in {id(p): p for p in model.parameters()}.items() if pid not in moe_params)
     active = non_moe + sum(layer.active_params() for layer in layers)
-    inside = {id(m) for layer in layers for m in layer.modules()}
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside)
-    flops = 2.0 * linear + sum(layer.flops_per_token() for layer in layers)
+    flops = linear_flops_outside_moe(model) + sum(layer.flops_per_token() for layer in layers)
     return {"params_total": int(total), "params_active": float(active), "flops_per_token": float(flops)}
+
+
+def linear_flops_outside_moe(model: nn.Module) -> float:
+    """2 x the weights of every nn.Linear outside the MoE layers: the non-MoE part of ``flops_per_token``
+    (shared with `grid show`, so its flops/tok column and the report's FLOPs/token are one number)."""
+    inside = {id(m) for layer in model.modules() if isinstance(layer, MoELayer) for m in layer.modules()}
+    return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside)
 
 
 class _TokenCounter:
