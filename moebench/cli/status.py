@@ -25,8 +25,14 @@ def run(args) -> int:
     root = Path(args.results)
     dirs = grid_dirs(root)
     if not dirs:
-        print(f"no runs under {root}: expected {root}/<grid>/<run_id>/status.json, or a grid folder "
-              f"{root}/<run_id>/status.json", file=sys.stderr)
+        if not root.is_dir():
+            print(f"{root}: no such folder. `moebench run GRID` writes results/<grid>/<run_id>/; give "
+                  f"results (every grid) or results/<grid> (one grid)", file=sys.stderr)
+        else:
+            print(f"no run records under {root}: looked for {root}/<run_id>/status.json (a grid's folder, "
+                  f"e.g. results/quick) and {root}/<grid>/<run_id>/status.json (a results root, e.g. "
+                  f"results). Runs appear there once `moebench run` or `moebench train` starts them.",
+                  file=sys.stderr)
         return 1
     bad = 0
     for d in dirs:
