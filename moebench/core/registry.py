@@ -151,15 +151,15 @@ def _static_registrations(module: str, kind: str) -> dict[str, str] | None:
         for deco in node.decorator_list:
             if not isinstance(deco, ast.Call):
                 continue
-            f = deco.func
-            if not ((isinstance(f, ast.Name) and f.id == f"register_{kind}")
-                    or (isinstance(f, ast.Attribute) and f.attr == "register")):
+            func = deco.func
+            if not ((isinstance(func, ast.Name) and func.id == f"register_{kind}")
+                    or (isinstance(func, ast.Attribute) and func.attr == "register")):
                 continue
-            args = list(deco.args) + [k.value for k in deco.keywords if k.arg in ("name", "description")]
-            if not args or not all(isinstance(a, ast.Constant) and isinstance(a.value, (str, type(None)))
-                                   for a in args):
+            nodes = list(deco.args) + [k.value for k in deco.keywords if k.arg in ("name", "description")]
+            args = [a.value for a in nodes if isinstance(a, ast.Constant) and isinstance(a.value, (str, type(None)))]
+            if not nodes or len(args) != len(nodes):
                 return None
-            name, desc = args[0].value, (args[1].value if len(args) > 1 else None)
+            name, desc = args[0], (args[1] if len(args) > 1 else None)
             if not isinstance(name, str):
                 return None
             out[name] = desc or _first_line(ast.get_docstring(node))
