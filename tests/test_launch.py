@@ -75,7 +75,8 @@ def test_local_grid_runs_and_a_rerun_skips_finished_runs(tmp_path):
     lines.clear()
     again = launch.run_grid(path, cluster="local", results=results, log=lines.append)
     assert again["counts"]["done"] == 2
-    assert "2 done already, 0 to run" in lines[0]
+    assert lines[0] == "executor: local (--cluster local)"  # first: where, and why
+    assert "2 done already, 0 to run" in lines[1]
     assert {k: (d / "final.json").stat().st_mtime_ns for k, d in dirs.items()} == mtimes
     assert all(attempts_logged(d) == 1 for d in dirs.values())
 
