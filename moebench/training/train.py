@@ -436,7 +436,7 @@ class _Trainer:
             "metrics": metrics,
             "routing": {
                 "mean": routing["mean"],
-                "per_layer": [{k: v for k, v in d.items() if k not in ("label_by_expert", "labels")}
+                "per_layer": [{k: v for k, v in d.items() if k not in ("label_by_expert", "label_unrouted", "labels")}
                               for d in routing["per_layer"]],
             },
             "elapsed_s": self.elapsed + (time.perf_counter() - self.t0),
@@ -549,6 +549,8 @@ class _Trainer:
                 d["final_switch"] = M.final_switch(hist)
                 d["final_switch_mean"] = float(np.mean(d["final_switch"][:-1])) if len(hist) > 1 else None
                 d["settle_fraction"] = M.settle_fraction(hist, self.probe_steps, spec["train"]["steps"])
+                d["overlap_with_final"] = M.overlap_with_final(hist)
+                d["last_fluctuation_step"] = M.last_fluctuation_step(hist, self.probe_steps)
         curves = [d["final_switch"] for d in per_layer if "final_switch" in d]
         per_eval = [float(np.mean(col)) for col in zip(*curves)] if curves else []
         routing = {
