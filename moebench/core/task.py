@@ -31,6 +31,7 @@ class Task:
     ``TypeError`` naming it and the known ones (``check_options`` does that)."""
 
     headline: str = ""              # key of evaluate()'s dict that leaderboards rank by
+    version: int = 1                # bump when a change alters this class's numbers: its runs get new ids
     higher_is_better: bool = True
     label_kind: str = "class"       # what token_labels() means: class | tissue | item | ...
     default_model: dict = {}        # model config used when the grid gives none
