@@ -35,11 +35,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from moebench.core.layer import MoELayer
 from moebench.training import metrics as M
 from moebench.training.records import (
+    EVAL_ITEMS_FILE,
     append_jsonl,
     atomic_write,
     atomic_write_json,
     environment_info,
     read_jsonl,
+    write_eval_items,
     write_status,
 )
 from moebench.training.spec import resolve_spec
@@ -426,6 +428,9 @@ class _Trainer:
                 f"task {type(task).__name__}.evaluate() returned {sorted(metrics)} without its headline "
                 f"metric {task.headline!r}; return it or fix the task's `headline`"
             )
+        items = metrics.pop("items", None)
+        if items:
+            write_eval_items(self.run_dir / EVAL_ITEMS_FILE, items)
         metrics = {k: float(v) for k, v in metrics.items()}
         n = self.interval["n"]
         line = {
