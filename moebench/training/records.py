@@ -188,11 +188,23 @@ def environment_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
         "hostname": socket.gethostname(),
     }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's marketing name (Linux /proc/cpuinfo), which platform.processor() often leaves empty."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def git_commit() -> str | None:
