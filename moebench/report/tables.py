@@ -338,7 +338,7 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
             fmt_value(r.get("params_total", math.nan), "si", pscale),
             "–" if pd.isna(r.get("params_ratio", math.nan)) else f"{r['params_ratio']:.2f}",
             fmt_value(r.get("unrouted_rate", math.nan), "pct"), fmt_value(r.get("drop_rate", math.nan), "pct")])
-        if group == 1 and r["complete"]:
+        if group == 1 and r["complete"] and (_col(b, "rank_group") > 1).any():  # bold only if it singles out
             bold |= {(i, len(columns) - 9), (i, len(columns) - 8)}
     methods = set(_col(b, "ci_method").dropna()) if "ci_method" in b else set()
     how = []
