@@ -81,7 +81,7 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
                                    "no expected.json found, so only seeds that other routers of the same task "
                                    "have are detected")]
     return Report(rs, lb, ranks, paired, bench_tables, overall, unfinished_table(rs.runs), summary,
-                  key_findings(lb, paired, baseline), reproducibility(rs.runs, rs.root))
+                  key_findings(lb, paired, baseline), reproducibility(rs.runs, rs.root, lb))
 
 
 def write_report(results_dir, out_dir=None, formats=FORMATS, baseline: str = BASELINE, plots: bool = True) -> Path:

@@ -85,7 +85,7 @@ def _read(read, path):
         return None
 
 
-def reproducibility(runs: pd.DataFrame, root: Path) -> list[tuple[str, str]]:
+def reproducibility(runs: pd.DataFrame, root: Path, lb: pd.DataFrame | None = None) -> list[tuple[str, str]]:
     """(field, value) rows from the done runs' records; a field whose runs disagree lists every value
     with its count, so a mixed-commit or mixed-hardware grid is visible."""
     done = runs[(runs["state"] == "done") & runs["run_dir"].map(lambda d: isinstance(d, str))]
@@ -126,8 +126,12 @@ def reproducibility(runs: pd.DataFrame, root: Path) -> list[tuple[str, str]]:
             rows.append((f"Command ({grid})", str(src.get("command"))))
         else:
             rows.append((f"Grid {grid}", "no grid_source.json (launched before it was recorded, or by hand)"))
+    eval_n = {}
+    if lb is not None and not lb.empty and "eval_n" in lb:
+        eval_n = lb.groupby("bench")["eval_n"].max().dropna().to_dict()
     for bench, c in sorted(train.items()):
-        rows.append((f"Training ({bench})", _counts(c)))
+        n = f"; eval set {int(eval_n[bench])} items" if bench in eval_n else ""
+        rows.append((f"Training ({bench})", _counts(c) + n))
     return rows
 
 
