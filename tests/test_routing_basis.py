@@ -22,12 +22,14 @@ D, H, E = 16, 32, 4
 
 
 def _reference_top1(routing, num_tokens):
-    """Plain-Python per-token highest-weight dispatched expert (ties: lower index), -1 if none."""
-    best: dict[int, tuple[float, int]] = {}
-    for t, e, w in zip(routing.token.tolist(), routing.expert.tolist(), routing.weight.tolist()):
-        if t not in best or w > best[t][0] or (w == best[t][0] and e < best[t][1]):
-            best[t] = (w, e)
-    return [best[t][1] if t in best else -1 for t in range(num_tokens)]
+    """Plain-Python per-token highest-weight dispatched expert (ties: earlier slot, then lower index),
+    -1 if none."""
+    best: dict[int, tuple] = {}
+    slots = routing.slot.tolist() if routing.slot is not None else [0] * routing.num_pairs
+    for t, e, w, k in zip(routing.token.tolist(), routing.expert.tolist(), routing.weight.tolist(), slots):
+        if t not in best or (-w, k, e) < best[t]:
+            best[t] = (-w, k, e)
+    return [best[t][2] if t in best else -1 for t in range(num_tokens)]
 
 
 @pytest.mark.parametrize("name", ROUTERS.names())
@@ -69,6 +71,9 @@ def test_dispatched_top1_hand_case():
     weight = torch.tensor([0.4, 0.6, 0.5, 0.5, 1.0])
     # token 0: expert 1 has the larger weight; token 1: tie -> lower index 0; token 2: nowhere
     assert dispatched_top1(token, expert, weight, 4, 4).tolist() == [1, 0, -1, 1]
+    # with slots, a tie goes to the token's first choice (slot 0): token 1 chose expert 3 first
+    slot = torch.tensor([0, 1, 0, 1, 0])
+    assert dispatched_top1(token, expert, weight, 4, 4, slot).tolist() == [1, 3, -1, 1]
 
 
 class _Labelled(nn.Module):
@@ -101,19 +106,17 @@ def _per_layer(layer, x):
 
 
 def test_uniform_top2_specialisation_follows_dispatch():
-    # uniform top-2 with equal weights sends token t to experts t%4 and (t+1)%4; the tie goes to the
-    # lower index, so label l = t%4 has top-1 expert l except label 3 (experts 3 and 0) -> expert 0.
-    # The score argmax (the old basis) also said this; the point is every expert but 3 is used and the
-    # counts match the load, with no expert shown at 0 % while its load is 1/E.
+    # uniform top-2 sends token t to experts t%4 (its first choice) and (t+1)%4 with equal weights; the
+    # tie goes to the first choice, so label l = t%4 has top-1 expert l and every expert shows its
+    # 1/E. (The old score-argmax basis sent label 3 to expert 0 and showed expert 3 at 0 %.)
     layer = MoELayer(D, H, E, router="uniform", router_args={"top_k": 2}).eval()
     d = _per_layer(layer, torch.randn(2, 8, D))
-    lbe = np.array(d["label_by_expert"])
-    assert lbe.tolist() == [[4, 0, 0, 0], [0, 4, 0, 0], [0, 0, 4, 0], [4, 0, 0, 0]]
-    assert d["counts"] == [8, 8, 8, 8] and d["unrouted_rate"] == 0.0
+    assert d["label_by_expert"] == (4 * np.eye(4, dtype=int)).tolist()
+    assert d["top1_counts"] == [4, 4, 4, 4] and d["counts"] == [8, 8, 8, 8] and d["unrouted_rate"] == 0.0
+    assert d["mutual_info"] == pytest.approx(math.log(4))
     layer1 = MoELayer(D, H, E, router="uniform", router_args={"top_k": 1}).eval()
     d1 = _per_layer(layer1, torch.randn(2, 8, D))
-    assert np.array(d1["label_by_expert"]).tolist() == (4 * np.eye(4, dtype=int)).tolist()
-    assert d1["mutual_info"] == pytest.approx(math.log(4))
+    assert d1["label_by_expert"] == (4 * np.eye(4, dtype=int)).tolist()
 
 
 def test_expert_choice_unrouted_tokens_are_their_own_category():

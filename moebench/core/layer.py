@@ -117,7 +117,8 @@ class MoELayer(nn.Module):
         router's score argmax can differ from where its tokens went (ties, selection biases, expert
         choice), and every routing metric must describe the real assignment."""
         scores = routing.stats.get("scores")
-        top1 = dispatched_top1(routing.token, routing.expert, routing.weight, num_tokens, self.num_experts)
+        top1 = dispatched_top1(routing.token, routing.expert, routing.weight, num_tokens, self.num_experts,
+                               routing.slot)
         self.stats = {  # tensors stay on the device: no host sync in the forward pass
             "counts": counts.detach(),
             "tokens": num_tokens,
@@ -137,17 +138,20 @@ class MoELayer(nn.Module):
         return f"router={self.router_name!r}, capacity_factor={self.capacity_factor}"
 
 
-def dispatched_top1(token: Tensor, expert: Tensor, weight: Tensor, num_tokens: int, num_experts: int) -> Tensor:
-    """Per token, the highest-weight expert it was actually sent to (ties: the lower expert index), or
-    -1 where no pair survived ("unrouted": expert-choice leftovers, capacity drops of every choice).
-    Scatter reductions only, so no host sync on CUDA."""
+def dispatched_top1(token: Tensor, expert: Tensor, weight: Tensor, num_tokens: int, num_experts: int,
+                    slot: Tensor | None = None) -> Tensor:
+    """Per token, the highest-weight expert it was actually sent to, or -1 where no pair survived
+    ("unrouted": expert-choice leftovers, capacity drops of every choice). Equal weights go to the
+    token's earlier choice (lower ``slot``: round-robin's own expert, not always expert 0), then to
+    the lower expert index. Scatter reductions only, so no host sync on CUDA."""
     device = token.device
     w = weight.detach().float()
     best = torch.full((num_tokens,), -math.inf, device=device).scatter_reduce(0, token, w, "amax")
-    candidate = torch.where(w == best[token], expert, torch.full_like(expert, num_experts))
-    top1 = torch.full((num_tokens,), num_experts, dtype=torch.long, device=device)
-    top1 = top1.scatter_reduce(0, token, candidate.long(), "amin")
-    return torch.where(top1 == num_experts, torch.full_like(top1, -1), top1)
+    rank = expert.long() if slot is None else slot.long() * num_experts + expert.long()
+    none = 2**62  # above any slot * E + expert; a constant, so no host sync
+    candidate = torch.where(w == best[token], rank, torch.full_like(rank, none))
+    key = torch.full((num_tokens,), none, dtype=torch.long, device=device).scatter_reduce(0, token, candidate, "amin")
+    return torch.where(key == none, torch.full_like(key, -1), key % num_experts)
 
 
 def expert_counts(index: Tensor, size: int) -> Tensor:
