@@ -142,6 +142,7 @@ class BrainAgeTask(Task):
             "r": pearson_r(pred, age),
             "mae_bias_corrected": float((corrected - age).abs().mean()),
             "mae_predict_mean": float((self.age_mean - age).abs().mean()),
+            "items": {"headline": (pred - age).abs().numpy(), "abs_error": (pred - age).abs().numpy()},
         }
 
     def token_labels(self, batch, layer_name, tokens_per_sample):

@@ -119,15 +119,18 @@ class ClassificationTask(Task):
     def evaluate(self, model, loader, device):
         from moebench.training.train import to_device
 
-        hits, loss_sum, n = {1: 0, 5: 0}, 0.0, 0
+        hits, loss_sum, n, top1_hits = {1: 0, 5: 0}, 0.0, 0, []
         for batch in loader:
             batch = to_device(batch, device)
             logits = self.forward(model, batch).float()
             loss_sum += float(F.cross_entropy(logits, batch[1], reduction="sum"))
             for k, v in topk_correct(logits, batch[1]).items():
                 hits[k] += v
+            top1_hits.append((logits.argmax(-1) == batch[1]).cpu())
             n += int(batch[1].numel())
-        return {"top1": hits[1] / max(n, 1), "top5": hits[5] / max(n, 1), "loss": loss_sum / max(n, 1)}
+        correct = torch.cat(top1_hits).numpy().astype("int8") if top1_hits else None
+        return {"top1": hits[1] / max(n, 1), "top5": hits[5] / max(n, 1), "loss": loss_sum / max(n, 1),
+                "items": {"headline": correct, "correct": correct}}
 
     def token_labels(self, batch, layer_name, tokens_per_sample):
         labels = batch[1]

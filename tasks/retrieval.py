@@ -74,6 +74,23 @@ def retrieval_recall(similarity: torch.Tensor, text_to_image: torch.Tensor, ks=(
     return out
 
 
+def retrieval_items(similarity: torch.Tensor, text_to_image: torch.Tensor) -> dict:
+    """Per-item outputs: images first, then captions. ``rank`` is the retrieval rank (0 = best) of the
+    item's correct match; ``headline`` is each item's share of mean R@1 = (i2t R@1 + t2i R@1) / 2, i.e.
+    hit * N / (2 * I) for an image and hit * N / (2 * T) for a caption (N = I + T items), so its mean
+    over all items equals the headline exactly."""
+    num_images, num_texts = similarity.shape
+    owner = text_to_image.unsqueeze(0) == torch.arange(num_images).unsqueeze(1)
+    best_correct = similarity.masked_fill(~owner, float("-inf")).max(1).values
+    i2t_rank = (similarity > best_correct.unsqueeze(1)).sum(1)
+    t2i_rank = (similarity > similarity[text_to_image, torch.arange(num_texts)].unsqueeze(0)).sum(0)
+    n = num_images + num_texts
+    headline = torch.cat([(i2t_rank == 0).double() * n / (2 * num_images),
+                          (t2i_rank == 0).double() * n / (2 * num_texts)])
+    return {"headline": headline.numpy(), "rank": torch.cat([i2t_rank, t2i_rank]).numpy().astype("int32"),
+            "is_image": torch.cat([torch.ones(num_images), torch.zeros(num_texts)]).numpy().astype("int8")}
+
+
 @register_task("retrieval", "image-text retrieval: COCO / Flickr30K, offline compositional canvases; mean R@1")
 class RetrievalTask(Task):
     """CLIP-style contrastive training; mean of image->text and text->image R@1."""
@@ -180,7 +197,7 @@ class RetrievalTask(Task):
         t2i = dataset.text_to_image
         if sim.shape[0] != int(t2i.max()) + 1:
             raise ValueError("retrieval evaluation needs the whole eval set in order (no shuffling or subsetting)")
-        return retrieval_recall(sim.cpu(), t2i)
+        return {**retrieval_recall(sim.cpu(), t2i), "items": retrieval_items(sim.cpu(), t2i)}
 
     def token_labels(self, batch, layer_name, tokens_per_sample):
         if not layer_name.startswith("visual.") or len(batch) < 4:

@@ -141,14 +141,18 @@ class ToyTask(Task):
     def evaluate(self, model, loader, device):
         from moebench.training.train import to_device
 
-        correct, loss_sum, n = 0, 0.0, 0
+        correct, loss_sum, n, hits = 0, 0.0, 0, []
         for batch in loader:
             batch = to_device(batch, device)
             logits = self.forward(model, batch).float()
             loss_sum += float(F.cross_entropy(logits, batch[1], reduction="sum"))
-            correct += int((logits.argmax(-1) == batch[1]).sum())
+            hit = (logits.argmax(-1) == batch[1]).reshape(-1)
+            hits.append(hit.cpu())
+            correct += int(hit.sum())
             n += int(batch[1].numel())
-        return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
+        item_hits = torch.cat(hits).numpy().astype("int8") if hits else None
+        return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1),
+                "items": {"headline": item_hits, "correct": item_hits}}
 
     def token_labels(self, batch, layer_name, tokens_per_sample):
         comp = batch[2]

@@ -56,6 +56,14 @@ def test_retrieval_recall_on_a_hand_made_similarity_matrix():
     # text 3: image 2 (0.6) beats own 0.1, image 0 0.2 too -> rank 2; text 4: own 0.4, image 0 0.3 -> hit
     assert r["t2i_r1"] == pytest.approx(2 / 5) and r["t2i_r2"] == pytest.approx(3 / 5)
     assert r["mean_r1"] == pytest.approx((1 / 3 + 2 / 5) / 2)
+    # per-item outputs: images first (ranks 0, 1, 3), then captions (ranks 2, 0, 1, 2, 0); the headline
+    # items average to mean R@1 exactly
+    from moebench.tasks.retrieval import retrieval_items
+
+    items = retrieval_items(sim, t2i)
+    assert items["rank"].tolist() == [0, 1, 3, 2, 0, 1, 2, 0]
+    assert items["is_image"].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert items["headline"].mean() == pytest.approx(r["mean_r1"])
 
 
 def test_bias_correction_recovers_a_linear_bias_and_pearson():

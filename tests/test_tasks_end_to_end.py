@@ -40,5 +40,9 @@ def test_train_cli_writes_a_complete_record(tmp_path, task, router, headline, la
     assert labelled and all(len(layer["labels"]) == labels for layer in labelled)
     assert final["cost"]["flops_per_token"] > 0 and final["cost"]["params_total"] > final["cost"]["params_active"]
     assert final["env"]["libraries"]["torch"]
+    import numpy as np
+
+    with np.load(final_path.parent / "eval_items.npz") as items:  # per-example outputs, mean = headline
+        assert items["headline"].mean() == pytest.approx(final["headline"]["value"], rel=1e-5, abs=1e-6)
     status = json.loads((final_path.parent / "status.json").read_text())
     assert status["state"] == "done"

@@ -113,18 +113,19 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def _record_stats(self, routing, counts: Tensor, num_tokens: int) -> None:
+        """Statistics of what was dispatched (after capacity), not of the router's raw scores: a
+        router's score argmax can differ from where its tokens went (ties, selection biases, expert
+        choice), and every routing metric must describe the real assignment."""
         scores = routing.stats.get("scores")
-        top1 = routing.stats.get("top1")
-        if top1 is None and scores is not None:
-            top1 = scores.argmax(-1)
-        routed = expert_counts(routing.token, num_tokens)
+        top1 = dispatched_top1(routing.token, routing.expert, routing.weight, num_tokens, self.num_experts,
+                               routing.slot)
         self.stats = {  # tensors stay on the device: no host sync in the forward pass
             "counts": counts.detach(),
             "tokens": num_tokens,
             "pairs": routing.num_pairs,
             "dropped": routing.dropped,
-            "unrouted_tokens": (routed == 0).sum(),
-            "top1": None if top1 is None else top1.detach(),
+            "unrouted_tokens": (top1 < 0).sum(),
+            "top1": top1,
             "scores": None if scores is None else scores.detach(),
             **{k: v for k, v in routing.stats.items() if k not in ("scores", "top1")},
         }
@@ -135,6 +136,22 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"router={self.router_name!r}, capacity_factor={self.capacity_factor}"
+
+
+def dispatched_top1(token: Tensor, expert: Tensor, weight: Tensor, num_tokens: int, num_experts: int,
+                    slot: Tensor | None = None) -> Tensor:
+    """Per token, the highest-weight expert it was actually sent to, or -1 where no pair survived
+    ("unrouted": expert-choice leftovers, capacity drops of every choice). Equal weights go to the
+    token's earlier choice (lower ``slot``: round-robin's own expert, not always expert 0), then to
+    the lower expert index. Scatter reductions only, so no host sync on CUDA."""
+    device = token.device
+    w = weight.detach().float()
+    best = torch.full((num_tokens,), -math.inf, device=device).scatter_reduce(0, token, w, "amax")
+    rank = expert.long() if slot is None else slot.long() * num_experts + expert.long()
+    none = 2**62  # above any slot * E + expert; a constant, so no host sync
+    candidate = torch.where(w == best[token], rank, torch.full_like(rank, none))
+    key = torch.full((num_tokens,), none, dtype=torch.long, device=device).scatter_reduce(0, token, candidate, "amin")
+    return torch.where(key == none, torch.full_like(key, -1), key % num_experts)
 
 
 def expert_counts(index: Tensor, size: int) -> Tensor:

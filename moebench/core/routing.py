@@ -124,6 +124,8 @@ class Router(nn.Module):
 
     needs_context: bool = False
     token_choice: bool = True
+    #: bump when a change alters this router's numbers: it enters the run id, so exactly its runs rerun
+    version: int = 1
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2):
         super().__init__()

@@ -31,6 +31,7 @@ class Task:
     ``TypeError`` naming it and the known ones (``check_options`` does that)."""
 
     headline: str = ""              # key of evaluate()'s dict that leaderboards rank by
+    version: int = 1                # bump when a change alters this class's numbers: its runs get new ids
     higher_is_better: bool = True
     label_kind: str = "class"       # what token_labels() means: class | tissue | item | ...
     default_model: dict = {}        # model config used when the grid gives none
@@ -82,8 +83,14 @@ class Task:
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, device: torch.device) -> dict[str, float]:
-        """Task metrics over the eval loader; must contain ``self.headline``."""
+    def evaluate(self, model: nn.Module, loader, device: torch.device) -> dict[str, Any]:
+        """Task metrics over the eval loader (name -> float); must contain ``self.headline``.
+
+        It should also return ``"items"``: per-eval-example outputs as 1-D arrays of equal length,
+        one entry per eval item, in eval-set order, among them ``"headline"``, whose mean is exactly the
+        headline metric (e.g. 1/0 correct for accuracy, the absolute error for a MAE), plus any raw
+        outputs worth keeping (``correct``, ``abs_error``, ``rank``). The trainer writes them to the
+        run's ``eval_items.npz``; the report's paired bootstrap over eval examples reads them."""
         raise NotImplementedError
 
     def batch_size(self, batch) -> int:

@@ -101,13 +101,13 @@ def expand(grid: str | os.PathLike | dict) -> list[dict]:
                         continue  # the dense baseline under a moe/router_args axis: one run, not one per value
                     seen[key] = True
                     where = router["path"] if block["path"] == "(top level)" else f"{block['path']}, {router['path']}"
-                    specs.append({"_where": where, "_router_path": router["path"],
+                    specs.append({"_where": where, "_router_path": router["path"], "_match_mode": router.get("match"),
                                   "_ref_e": {**block["preset_moe"], **g["moe"], **block["moe"]}.get("num_experts"),
                                   **spec})
     _match(g, specs, ctx)
     out = []
     for spec in specs:
-        for key in ("_where", "_router_path", "_ref_e"):
+        for key in ("_where", "_router_path", "_ref_e", "_match_mode"):
             spec.pop(key)
         out.append(_finalise(spec, ctx))
     ids = {}

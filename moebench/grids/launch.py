@@ -333,6 +333,7 @@ def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool 
                     records.write_status(r["run_dir"], "queued")
     todo = [r for r in todo if r["action"] == "run"]
     write_expected(grid_dir, runs)
+    write_grid_source(grid_dir, g)
     progress = _Progress(runs, log)
     progress.poll()
     if todo:
@@ -342,6 +343,22 @@ def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool 
     rows = _rows(runs)
     log(format_table(rows, title=f"grid {g['name']} summary"))
     return {"grid": g["name"], "results": str(grid_dir), "runs": rows, "counts": _counts(runs)}
+
+
+def write_grid_source(grid_dir: Path, g: dict) -> None:
+    """``<grid>/grid_source.json``: the grid file, its sha256 and the command that launched it, for the
+    report's reproducibility block."""
+    import hashlib
+    import sys
+
+    file = g.get("file")
+    digest = None
+    if file and Path(file).is_file():
+        digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+    records.atomic_write_json(grid_dir / "grid_source.json", {
+        "file": str(file) if file else None, "sha256": digest,
+        "command": " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv)),
+        "launched": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
 def write_expected(grid_dir: Path, runs: list[dict]) -> None:

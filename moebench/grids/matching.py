@@ -136,12 +136,13 @@ def _width_fix(ref_width: int, ratios) -> str:
 
 
 def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
-    mode = g["match"]["mode"]
+    grid_mode = g["match"]["mode"]
     ref_a = Fraction(g["match"]["reference_active_experts"]).limit_denominator(1000)
     planned = []
     for spec in specs:
         where = f"run {spec['label']!r} ({spec['_where']}, sweep {spec['sweep'] or '{}'})"
         moe = spec["moe"]
+        mode = spec.get("_match_mode") or grid_mode  # a router entry's own match: overrides the grid's
         if moe is None:
             spec["match"] = {"mode": mode, "dense": "keeps the model's own MLP width (not rescaled)"}
             continue
@@ -172,9 +173,9 @@ def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
                    f"{ref_width} (reference: {ref_e} experts)")
         else:
             ratio, reference, why = Fraction(1), None, ""
-        planned.append((spec, ratio, a, routers, pr, reference, why, where))
+        planned.append((spec, ratio, a, routers, pr, reference, why, where, mode))
     all_ratios = {p[1] for p in planned}
-    for spec, ratio, a, routers, pr, reference, why, where in planned:
+    for spec, ratio, a, routers, pr, reference, why, where, mode in planned:
         moe = spec["moe"]
         ref_width = moe["d_hidden"]
         width = Fraction(ref_width) * ratio
@@ -203,7 +204,7 @@ def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
     widths = {s["moe"]["d_hidden"] for s in upcycled}
     if len(widths) > 1:
         raise ctx.error("moe.upcycle", f"upcycle: true copies the dense MLP into every expert, so every run "
-                                       f"needs the same expert width, but matching ({mode}) gives widths "
+                                       f"needs the same expert width, but matching ({grid_mode}) gives widths "
                                        f"{sorted(widths)}; use match: none, or routers with the same active experts")
 
 

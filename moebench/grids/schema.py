@@ -29,6 +29,7 @@ Schema (every key optional unless marked; unknown keys are rejected with the clo
       - dense
       - softmax-topk
       - {name: switch, label: switch-cf1.5, args: {...}, moe: {capacity_factor: 1.5}}
+      - {name: hash, label: hash-params, match: params}   # a control row matched another way
     sweep:                       # product over axes (dotted paths)
       moe.num_experts: [4, 8]    # moe.<key> | router_args.<key> | train.<key> | task_args.<..> | model.<..>
     match: active_flops          # active_flops (default) | params | none
@@ -54,6 +55,10 @@ Matching (what every run's ``spec['match']`` records):
   reference ``moe.num_experts * d_hidden`` (biases and router-specific extras, e.g. ERMoE's
   singular values, are reported, not matched).
 - ``none``: every run uses the width it is given.
+- A router entry's own ``match:`` (one of the modes) overrides the grid's for that entry: e.g.
+  ``{name: hash, label: hash-params, match: params}`` next to the FLOP-matched ``hash`` tells "more
+  parameters" (a top-1 router FLOP-matched to top-2 gets twice-wide experts) apart from "better
+  routing". The entry needs its own label.
 - The dense baseline keeps the model's own MLP width (it is "the model without MoE", the one a
   reader knows). It is FLOP-matched to the MoE runs exactly when that width equals
   ``reference_active_experts * d_hidden``; ``moebench grid show`` prints both so it is visible.
@@ -96,7 +101,7 @@ TOP_KEYS = ("name", "description", "task", "preset", "task_args", "model", "task
             "routers", "sweep", "match", "executor")
 BLOCK_KEYS = ("task", "preset", "task_args", "model", "moe", "train")
 MOE_KEYS = tuple(k for k in fields_of(MoEConfig) if k not in ("router", "router_args"))  # per grid/block/router
-ROUTER_KEYS = ("name", "label", "args", "moe")
+ROUTER_KEYS = ("name", "label", "args", "moe", "match")
 MATCH_KEYS = ("mode", "reference_active_experts")
 MATCH_MODES = ("active_flops", "params", "none")
 EXECUTOR_KEYS = tuple(fields_of(ExecutorConfig))
@@ -378,10 +383,11 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
     grid["routers"] = _check_routers(ctx, raw.get("routers"))
     grid["sweep"] = _check_sweep(ctx, raw.get("sweep"))
     grid["match"] = _check_match(ctx, raw.get("match", "active_flops"))
-    if grid["match"]["mode"] != "none":
-        for r in grid["routers"]:
+    for r in grid["routers"]:
+        mode = r["match"] or grid["match"]["mode"]
+        if mode != "none":
             if "d_hidden" in r["moe"]:
-                raise ctx.error(f"{r['path']}.moe.d_hidden", f"with match: {grid['match']['mode']} the width is set "
+                raise ctx.error(f"{r['path']}.moe.d_hidden", f"with match: {mode} the width is set "
                                                              f"by matching; remove it (or use match: none to set "
                                                              f"widths by hand)")
     grid["executor"] = {**defaults(ExecutorConfig), **ctx.section(ExecutorConfig, raw.get("executor"), "executor")}
@@ -474,7 +480,17 @@ def _check_routers(ctx: _Ctx, value) -> list[dict]:
             raise ctx.error(f"{path}.label", f"label {label!r} is already used by routers[{labels[label]}]; "
                                              f"labels name a row of the report, give this entry its own `label:`")
         labels[label] = i
-        out.append({"name": entry["name"], "label": label, "args": copy.deepcopy(args), "moe": moe, "path": path})
+        match = entry.get("match")
+        if match is not None:
+            if entry["name"] == DENSE:
+                raise ctx.error(f"{path}.match", "`dense` is not matched (it keeps the model's own MLP width); remove it")
+            if match not in MATCH_MODES:
+                close = difflib.get_close_matches(str(match), MATCH_MODES, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ctx.error(f"{path}.match", f"expected one of {', '.join(MATCH_MODES)} (this entry's matching, "
+                                                 f"overriding the grid's match), got {match!r}{hint}")
+        out.append({"name": entry["name"], "label": label, "args": copy.deepcopy(args), "moe": moe, "path": path,
+                    "match": match})
     return out
 
 

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from moebench.report.items import load_headline_items
 from moebench.report.load import RecordSet, load_record_set, load_records  # noqa: F401  (public API)
 from moebench.report.render import Table, to_latex, to_markdown
+from moebench.report.summary import key_findings, reproducibility
 from moebench.report.tables import (
+    add_intervals,
     leaderboard_frame,
     leaderboard_tables,
     paired_frame,
@@ -40,10 +43,12 @@ class Report:
     leaderboard: pd.DataFrame
     ranks: pd.DataFrame
     paired: pd.DataFrame
-    bench_tables: list[tuple[str, Table]]
+    bench_tables: list[tuple[str, list[Table]]]
     overall: list[Table]
     unfinished: Table | None
     summary: list[str]
+    findings: list[str]
+    repro: list[tuple[str, str]]
 
 
 def build_report(results_dir, baseline: str = BASELINE) -> Report:
@@ -52,10 +57,11 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
         raise ReportError(f"no run records under {rs.root} (looked for <grid>/<run_id>/ folders holding "
                           f"spec.yaml, status.json, final.json or metrics.jsonl); run a grid first or pass "
                           f"the results folder it wrote to")
-    lb = leaderboard_frame(rs)
+    items = load_headline_items(rs.runs, rs.problems)
+    lb = add_intervals(leaderboard_frame(rs), rs, items, baseline)
     ranks = rank_frame(lb)
-    paired = paired_frame(rs, lb, baseline) if not lb.empty else pd.DataFrame()
-    bench_tables = list(zip(lb["bench"].drop_duplicates(), leaderboard_tables(lb))) if not lb.empty else []
+    paired = paired_frame(rs, lb, baseline, items=items) if not lb.empty else pd.DataFrame()
+    bench_tables = leaderboard_tables(lb) if not lb.empty else []
     overall = []
     if not ranks.empty:
         overall.append(rank_table(ranks, lb))
@@ -74,7 +80,8 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
                                    if rs.grids_with_expected else
                                    "no expected.json found, so only seeds that other routers of the same task "
                                    "have are detected")]
-    return Report(rs, lb, ranks, paired, bench_tables, overall, unfinished_table(rs.runs), summary)
+    return Report(rs, lb, ranks, paired, bench_tables, overall, unfinished_table(rs.runs), summary,
+                  key_findings(lb, paired, baseline), reproducibility(rs.runs, rs.root, lb))
 
 
 def write_report(results_dir, out_dir=None, formats=FORMATS, baseline: str = BASELINE, plots: bool = True) -> Path:
@@ -103,7 +110,8 @@ def write_report(results_dir, out_dir=None, formats=FORMATS, baseline: str = BAS
         from moebench.report.html import render_page
 
         page = render_page(f"moebench report: {Path(results_dir).resolve().name}", rep.summary, rep.rs.problems,
-                           rep.bench_tables, rep.overall, figures, [rep.unfinished] if rep.unfinished else [])
+                           rep.bench_tables, rep.overall, figures, [rep.unfinished] if rep.unfinished else [],
+                           findings=rep.findings, repro=rep.repro)
         (out / "report.html").write_text(page, encoding="utf-8")
     return out
 
@@ -117,12 +125,16 @@ def _write_csvs(rep: Report, out: Path) -> None:
 
 def _markdown(rep: Report, figures, out: Path) -> str:
     parts = ["# moebench leaderboard", "", *[f"{s}  " for s in rep.summary], ""]
+    if rep.findings:
+        parts += ["## Key findings", "", *[f"- {f}" for f in rep.findings], ""]
+    if rep.repro:
+        parts += ["## Reproducibility", "", *[f"- **{k}:** {v}" for k, v in rep.repro], ""]
     if rep.rs.problems:
         parts += ["## Problems with records", "", *[f"- {' '.join(p.split())}" for p in rep.rs.problems], ""]
     if rep.overall:
         parts += ["## Across tasks", ""] + [to_markdown(t) for t in rep.overall]
-    for bench, table in rep.bench_tables:
-        parts += [f"## Task: {bench}", "", to_markdown(table)]
+    for bench, tables in rep.bench_tables:
+        parts += [f"## Task: {bench}", ""] + [to_markdown(t) for t in tables]
         parts += [f"![{f.caption}]({f.png.relative_to(out).as_posix()})" for f in figures if f.bench == bench]
         parts.append("")
     if rep.unfinished:
@@ -132,5 +144,5 @@ def _markdown(rep: Report, figures, out: Path) -> str:
 
 def _latex(rep: Report) -> str:
     head = ["% moebench leaderboard tables; needs \\usepackage{booktabs,graphicx}", ""]
-    tables = rep.overall + [t for _, t in rep.bench_tables]
+    tables = rep.overall + [t for _, ts in rep.bench_tables for t in ts]
     return "\n".join(head) + "\n".join(to_latex(t) for t in tables)

@@ -7,49 +7,81 @@ import html
 from datetime import datetime, timezone
 
 from moebench.report.plots import Plot
-from moebench.report.render import Table, to_html
+from moebench.report.render import Table, slug, to_html
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1320px;margin:1.5em auto;
      padding:0 1em;color:#222;line-height:1.4}
 table{border-collapse:collapse;margin:.5em 0;font-size:13px}
-th,td{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right;white-space:nowrap}
+th,td{border-bottom:1px solid #ddd;padding:3px 7px;text-align:right;white-space:nowrap}
+th{white-space:normal;vertical-align:bottom;max-width:9em}
 th.l,td.l{text-align:left}
 thead th{border-bottom:2px solid #444}
-.notes{font-size:12px;color:#555;max-width:1000px}
+.notes{font-size:12px;color:#555;max-width:1100px}
 .problems{background:#fff4e5;border-left:4px solid #e69500;padding:.5em 1em;font-size:13px}
-figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top;max-width:520px}
-figure img{width:100%;max-width:520px}
+.findings{background:#eef6ee;border-left:4px solid #3a7d44;padding:.5em 1em}
+.repro td{text-align:left;white-space:normal;font-size:12px}
+nav ul{columns:2;font-size:14px}
+figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top;max-width:620px}
+figure img{width:100%;max-width:620px}
+figure.wide{max-width:100%}
+figure.wide img{max-width:100%;width:auto}
 figcaption{font-size:12px;color:#444}
+details{margin:.5em 0}
+summary{cursor:pointer;font-weight:600}
 .wrap{overflow-x:auto}
 """
 
 
 def _figure(plot: Plot) -> str:
     data = base64.b64encode(plot.png.read_bytes()).decode("ascii")
-    return (f'<figure><img alt="{html.escape(plot.caption)}" src="data:image/png;base64,{data}">'
+    wide = ' class="wide"' if plot.kind in ("specialisation", "stability", "load") else ""
+    return (f'<figure{wide}><img alt="{html.escape(plot.caption)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{html.escape(plot.caption)} "
             f'(<code>{html.escape(plot.pdf.name)}</code>)</figcaption></figure>')
 
 
-def render_page(title: str, summary: list[str], problems: list[str], per_bench: list[tuple[str, Table]],
-                overall: list[Table], plots: list[Plot], extra: list[Table]) -> str:
+def _anchor(text: str) -> str:
+    return "sec-" + slug(text)
+
+
+def render_page(title: str, summary: list[str], problems: list[str], per_bench: list[tuple[str, list[Table]]],
+                overall: list[Table], plots: list[Plot], extra: list[Table], findings: list[str] | None = None,
+                repro: list[tuple[str, str]] | None = None) -> str:
+    sections = (["Key findings"] if findings else []) + (["Reproducibility"] if repro else []) + \
+        (["Problems with records"] if problems else []) + (["Across tasks"] if overall else []) + \
+        [f"Task: {b}" for b, _ in per_bench] + [t.title for t in extra]
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
            f"<h1>{html.escape(title)}</h1>",
            f"<p>{'<br>'.join(html.escape(s) for s in summary)}<br>Generated "
-           f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.</p>"]
+           f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.</p>",
+           "<nav><b>Contents</b><ul>" + "".join(f'<li><a href="#{_anchor(s)}">{html.escape(s)}</a></li>'
+                                               for s in sections) + "</ul></nav>"]
+    if findings:
+        out.append(f'<h2 id="{_anchor("Key findings")}">Key findings</h2><div class="findings">'
+                   + "".join(f"<p>{html.escape(f)}</p>" for f in findings) + "</div>")
+    if repro:
+        out.append(f'<h2 id="{_anchor("Reproducibility")}">Reproducibility</h2><table class="repro"><tbody>'
+                   + "".join(f'<tr><td class="l"><b>{html.escape(k)}</b></td><td class="l">{html.escape(v)}</td></tr>'
+                             for k, v in repro) + "</tbody></table>")
     if problems:
-        out.append('<div class="problems"><b>Problems with records</b><ul>'
+        out.append(f'<div class="problems" id="{_anchor("Problems with records")}"><b>Problems with records</b><ul>'
                    + "".join(f"<li>{html.escape(p)}</li>" for p in problems) + "</ul></div>")
     if overall:
-        out.append("<h2>Across tasks</h2>")
+        out.append(f'<h2 id="{_anchor("Across tasks")}">Across tasks</h2>')
         out += [f'<div class="wrap">{to_html(t)}</div>' for t in overall]
-    for bench, table in per_bench:
-        out.append(f"<h2>Task: {html.escape(bench)}</h2>")
-        out.append(f'<div class="wrap">{to_html(table)}</div>')
-        out += [_figure(p) for p in plots if p.bench == bench]
+    for bench, tables in per_bench:
+        out.append(f'<h2 id="{_anchor("Task: " + bench)}">Task: {html.escape(bench)}</h2>')
+        out += [f'<div class="wrap">{to_html(t)}</div>' for t in tables]
+        mine = [p for p in plots if p.bench == bench]
+        out += [_figure(p) for p in mine if p.kind not in ("specialisation", "load")]
+        folded = [p for p in mine if p.kind in ("specialisation", "load")]
+        if folded:
+            out.append("<details><summary>Per-expert load and specialisation heatmaps "
+                       f"({len(folded)} figure{'s' if len(folded) > 1 else ''})</summary>"
+                       + "".join(_figure(p) for p in folded) + "</details>")
     for t in extra:
-        out.append(f'<div class="wrap">{to_html(t, level=2)}</div>')
+        out.append(f'<div class="wrap" id="{_anchor(t.title)}">{to_html(t, level=2)}</div>')
     out.append("</body></html>")
     return "\n".join(out) + "\n"

@@ -161,7 +161,8 @@ def _read_run(run_dir: Path):
     for i, layer in enumerate(routing.get("per_layer") or []):
         entry = {"run_id": row["run_id"], "layer_idx": i, "layer": str(layer.get("layer", f"layer{i}"))}
         for key, value in layer.items():
-            if key in ("counts", "label_by_expert", "labels"):
+            if key in ("counts", "label_by_expert", "label_unrouted", "top1_counts", "labels",
+                       "final_switch", "overlap_with_final"):
                 entry[key] = value
             elif key != "layer":
                 entry[key] = _num(value)

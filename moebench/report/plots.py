@@ -13,14 +13,16 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from matplotlib import transforms
 from matplotlib.figure import Figure
 
 from moebench.report.load import RecordSet
 from moebench.report.render import slug
 from moebench.report.tables import entry_name
 
+BASELINE = "softmax-topk"  # the reference router the headline plot marks
+
 WIDTH = 3.5  # inches: one paper column
+WIDE = 7.0   # inches: the full page width, for small multiples
 DPI = 200
 RC = {"font.size": 7, "axes.labelsize": 7, "axes.titlesize": 7.5, "figure.titlesize": 7.5, "xtick.labelsize": 6.5,
       "ytick.labelsize": 6.5, "legend.fontsize": 6.5, "legend.title_fontsize": 6.5, "pdf.fonttype": 42,
@@ -58,7 +60,8 @@ class Plotter:
                 runs_b = runs_b[runs_b["headline_value"].notna()]
                 if runs_b.empty:
                     continue
-                for make in (self.headline, self.tradeoff, self.cost, self.stability, self.load, self.specialisation):
+                for make in (self.headline, self.tradeoff, self.pareto_flops, self.pareto_params, self.stability,
+                             self.load, self.specialisation):
                     plots += make(bench, lb_b, runs_b)
         return plots
 
@@ -84,26 +87,33 @@ class Plotter:
     def headline(self, bench, lb_b, runs_b) -> list[Plot]:
         entries = self._entries(lb_b)
         name, hib = _headline(lb_b)
-        fig = _figure((WIDTH, 0.7 + 0.24 * len(entries)))
+        fig = _figure((WIDTH, 0.8 + 0.24 * len(entries)))
         ax = fig.subplots()
         rng = np.random.default_rng(0)
-        for y, (label, variant, _complete) in enumerate(entries):
+        ticks = []
+        for y, (label, variant, complete) in enumerate(entries):
             vals = runs_b[(runs_b["label"] == label) & (runs_b["variant"] == variant)]["headline_value"].to_numpy()
-            sd = vals.std(ddof=1) if len(vals) > 1 else 0.0
-            ax.errorbar(vals.mean(), y, xerr=sd, fmt=self.marker[label], color=self.color[label], ms=4, capsize=2,
-                        zorder=3)
+            row = lb_b[(lb_b["label"] == label) & (lb_b["variant"] == variant)].iloc[0]
+            lo, hi = row.get("ci_low", math.nan), row.get("ci_high", math.nan)
+            mean = vals.mean()
+            xerr = None if pd.isna(lo) else [[mean - lo], [hi - mean]]
+            ax.errorbar(mean, y, xerr=xerr, fmt=self.marker[label], color=self.color[label], ms=4, capsize=2, zorder=3)
             ax.scatter(vals, y + rng.uniform(-0.18, 0.18, len(vals)), s=5, color=self.color[label], alpha=0.45,
                        linewidths=0, zorder=2)
+            ticks.append(f"{entry_name(label, variant)}{'' if complete else '*'} (n={len(vals)})")
+            if label == BASELINE:
+                ax.axvline(mean, color=self.color[label], ls="--", lw=0.8, zorder=1)
         ax.set_yticks(range(len(entries)))
-        ax.set_yticklabels([entry_name(lab, var) + ("*" if not ok else "") for lab, var, ok in entries])
+        ax.set_yticklabels(ticks)
         ax.set_ylim(len(entries) - 0.5, -0.5)
         ax.set_xlabel(metric_label(name, bench, hib, runs_b["headline_value"]))
         incomplete = not all(ok for *_, ok in entries)
-        fig.suptitle(f"{bench}: mean ± s.d. over seeds" + ("; * incomplete" if incomplete else ""))
-        return [self._save(fig, bench, "headline", f"{bench}: headline metric per router, mean ± sample s.d. "
-                                                   f"over seeds, one dot per seed.")]
+        fig.suptitle(f"{bench}: mean with 95% CI; n = seeds" + ("; * incomplete" if incomplete else ""))
+        return [self._save(fig, bench, "headline", f"{bench}: headline metric per router, mean with its 95% "
+                                                   f"interval (as in the leaderboard), one dot per seed; dashed "
+                                                   f"line = the {BASELINE} baseline's mean.")]
 
-    def _scatter_vs(self, bench, lb_b, runs_b, xcol, xlabel, kind, caption, xscale=1.0) -> list[Plot]:
+    def _scatter_vs(self, bench, lb_b, runs_b, xcol, xlabel, kind, caption, xscale=1.0, pareto=False) -> list[Plot]:
         name, hib = _headline(lb_b)
         entries = [(lab, var) for lab, var, _ in self._entries(lb_b)]
         have = runs_b[runs_b[xcol].notna()] if xcol in runs_b else runs_b.iloc[:0]
@@ -120,21 +130,17 @@ class Plotter:
                            label=f"{entry_name(label, variant)} (no MoE layers)")
             else:
                 points.append((label, variant, x, y))
-        dodge = _dodge([np.nanmean(x) for *_, x, _ in points])
-        for (label, variant, x, y), dx in zip(points, dodge):
-            shift = transforms.offset_copy(ax.transData, fig=fig, x=dx, units="points")
+        means = []
+        for label, variant, x, y in points:  # true positions only: overlapping routers differ by marker
             sx = np.nanstd(x, ddof=1) if np.isfinite(x).sum() > 1 else 0.0
             sy = np.nanstd(y, ddof=1) if len(y) > 1 else 0.0
-            ax.scatter(x, y, s=6, color=self.color[label], alpha=0.4, linewidths=0, transform=shift)
+            ax.scatter(x, y, s=6, color=self.color[label], alpha=0.4, linewidths=0)
             ax.errorbar(np.nanmean(x), np.nanmean(y), xerr=sx, yerr=sy, fmt=self.marker[label], ms=4, capsize=2,
-                        color=self.color[label], label=entry_name(label, variant), transform=shift)
-            corners = [(np.nanmean(x) + a * sx, np.nanmean(y) + b * sy) for a in (-1, 1) for b in (-1, 1)]
-            ax.update_datalim(np.vstack([np.column_stack([x, y]), corners]))  # shifted artists skip autoscale
-        if any(dodge):  # keep the outermost shifted markers inside the axes
-            ax.margins(x=0.05 + max(abs(d) for d in dodge) / (0.8 * WIDTH * 72))
-        ax.autoscale_view()
-        if any(dodge):
-            caption += " Routers at the same x are drawn side by side (a few points apart) so none hides another."
+                        color=self.color[label], label=entry_name(label, variant), mfc="none" if label != BASELINE else None)
+            means.append((float(np.nanmean(x)), float(np.nanmean(y))))
+        if pareto and len(means) > 1:
+            front = _pareto_front(means, hib)
+            ax.plot(*zip(*front), color="0.4", lw=0.8, ls=":", zorder=1, label="Pareto front")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric_label(name, bench, hib, runs_b["headline_value"]))
         fig.suptitle(bench)
@@ -146,15 +152,23 @@ class Plotter:
                                 "tradeoff", f"{bench}: headline metric against load imbalance (CV of expert "
                                             f"loads), mean ± s.d. over seeds; small dots are seeds.")
 
-    def cost(self, bench, lb_b, runs_b) -> list[Plot]:
-        if "flops_per_token" not in runs_b or runs_b["flops_per_token"].isna().all():
+    def _pareto(self, bench, lb_b, runs_b, col, what, kind) -> list[Plot]:
+        if col not in runs_b or runs_b[col].isna().all():
             return []
-        top = runs_b["flops_per_token"].max()
+        top = runs_b[col].max()
         scale, prefix = next(((s, p) for s, p in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")) if top >= s),
                              (1.0, ""))
-        return self._scatter_vs(bench, lb_b, runs_b, "flops_per_token", f"Active compute ({prefix}FLOPs per token)",
-                                "cost", f"{bench}: headline metric against active FLOPs per token (router "
-                                        f"included), mean ± s.d. over seeds.", xscale=scale)
+        return self._scatter_vs(bench, lb_b, runs_b, col, what.format(p=prefix), kind,
+                                f"{bench}: headline metric against {what.format(p=prefix).lower()}, mean ± s.d. "
+                                f"over seeds; dotted = Pareto front (no router is both cheaper and better).",
+                                xscale=scale, pareto=True)
+
+    def pareto_flops(self, bench, lb_b, runs_b) -> list[Plot]:
+        return self._pareto(bench, lb_b, runs_b, "flops_per_token", "Active compute ({p}FLOPs per token)",
+                            "pareto_flops")
+
+    def pareto_params(self, bench, lb_b, runs_b) -> list[Plot]:
+        return self._pareto(bench, lb_b, runs_b, "params_total", "Total parameters ({p})", "pareto_params")
 
     def stability(self, bench, lb_b, runs_b) -> list[Plot]:
         ev = self.rs.evals
@@ -167,20 +181,26 @@ class Plotter:
         ev["switch_pct"] = 100 * ev["switch_rate"]
         seen = set(ev["entry"])
         order = [entry_name(lab, var) for lab, var, _ in self._entries(lb_b) if entry_name(lab, var) in seen]
-        palette = {entry_name(lab, var): self.color[lab] for lab, var, _ in self._entries(lb_b)}
-        fig = _figure((WIDTH, 2.0 + 0.13 * math.ceil(len(order) / 2)))
-        ax = fig.subplots()
-        sns.lineplot(data=ev, x="step", y="switch_pct", hue="entry", hue_order=order, palette=palette,
-                     style="entry", style_order=order, markers=True, dashes=False, markersize=3,
-                     errorbar="sd", ax=ax, legend=True)
-        ax.get_legend().remove()
-        ax.set_xlabel("Training step")
-        ax.set_ylabel("Top-1 switch rate\n(% of probe tokens)")
-        ax.set_ylim(bottom=0)
-        fig.suptitle(f"{bench}: routing stability (mean ± s.d.)")
-        self._legend_below(ax, fig, len(order))
+        colour = {entry_name(lab, var): self.color[lab] for lab, var, _ in self._entries(lb_b)}
+        cols = min(4, len(order))
+        rows = math.ceil(len(order) / cols)
+        fig = _figure((WIDE, 0.5 + 1.3 * rows))
+        axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+        top = float(ev["switch_pct"].max()) if len(ev) else 1.0
+        for ax, entry in zip(axes, order):
+            e = ev[ev["entry"] == entry].groupby("step")["switch_pct"]
+            m, sd = e.mean(), e.std(ddof=1).fillna(0)
+            ax.fill_between(m.index, (m - sd).clip(lower=0), m + sd, color=colour[entry], alpha=0.2, lw=0)
+            ax.plot(m.index, m.to_numpy(), marker="o", ms=2.5, color=colour[entry])
+            ax.set_title(entry)
+            ax.set_ylim(-0.03 * max(top, 1.0), max(top * 1.05, 1.0))  # a 0 line stays visible
+        for ax in axes[len(order):]:
+            ax.set_visible(False)
+        fig.supxlabel("Training step", fontsize=7)
+        fig.supylabel("Top-1 switch rate (% of probe tokens)", fontsize=7)
+        fig.suptitle(f"{bench}: routing stability, mean ± s.d. over seeds")
         return [self._save(fig, bench, "stability", f"{bench}: share of fixed probe tokens whose top-1 expert "
-                                                    f"changed since the previous evaluation.")]
+                                                    f"changed since the previous evaluation, one panel per router.")]
 
     def _layers_with(self, runs_b, column: str) -> pd.DataFrame:
         """Per-layer rows of these runs that recorded a non-empty list in ``column``."""
@@ -216,9 +236,10 @@ class Plotter:
                                 index=names, columns=range(1, width + 1))
             fig = _figure((WIDTH, max(1.7, 0.75 + 0.22 * len(names))))  # room for the colour-bar label
             ax = fig.subplots()
-            sns.heatmap(data, ax=ax, cmap="rocket_r", vmin=0, annot=width <= 8, fmt=".0f",
-                        annot_kws={"fontsize": 5.5}, linewidths=0.3, linecolor="white",
-                        cbar_kws={"label": "Share of tokens (%)", "pad": 0.02})
+            uniform = 100 / width  # one fixed scale for every load figure: white = uniform, 0 .. 2x uniform
+            sns.heatmap(data, ax=ax, cmap="RdBu_r", center=uniform, vmin=0, vmax=2 * uniform, annot=width <= 8,
+                        fmt=".1f", annot_kws={"fontsize": 5.5}, linewidths=0.3, linecolor="white",
+                        cbar_kws={"label": "Share of tokens (%); white = 1/E", "pad": 0.02})
             ax.set_xlabel(f"Expert, sorted by load within each run (uniform = {100 / width:.1f}%)")
             ax.set_ylabel("")
             ax.tick_params(axis="y", rotation=0)
@@ -233,52 +254,62 @@ class Plotter:
         lay = self._layers_with(runs_b, "label_by_expert")
         if lay.empty:
             return []
-        plots = []
+        panels = []
         for label, variant in [(lab, var) for lab, var, _ in self._entries(lb_b)]:
             g = lay[(lay["label"] == label) & (lay["variant"] == variant)]
             if g.empty:
                 continue
             seed = g["seed"].min()
-            g = g[g["seed"] == seed].sort_values("layer_idx")
-            r = g.iloc[-1]
+            r = g[g["seed"] == seed].sort_values("layer_idx").iloc[-1]
+            panels.append((entry_name(label, variant), int(seed), r))
+        if not panels:
+            return []
+        cols = min(4, len(panels))
+        rows = math.ceil(len(panels) / cols)
+        n_labels = min(20, max(len(p[2]["label_by_expert"]) for p in panels))
+        fig = _figure((WIDE, 0.6 + rows * (0.6 + 0.16 * n_labels)))
+        axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+        for k, (ax, (entry, _seed, r)) in enumerate(zip(axes, panels)):
             mat = np.asarray(r["label_by_expert"], dtype=float)
+            unrouted = r.get("label_unrouted")
+            extra = isinstance(unrouted, list) and len(unrouted) == len(mat) and sum(unrouted) > 0
+            if extra:  # unrouted tokens are their own column
+                mat = np.hstack([mat, np.asarray(unrouted, dtype=float)[:, None]])
             names = r.get("labels")
-            if not isinstance(names, list) or len(names) != len(mat):  # names absent or not one per row
+            if not isinstance(names, list) or len(names) != len(mat):
                 names = [str(i) for i in range(len(mat))]
-            names = [n if len(str(n)) <= 16 else str(n)[:15] + "…" for n in names]
-            keep = np.argsort(-mat.sum(1))[:20] if len(mat) > 20 else np.arange(len(mat))
-            keep = np.sort(keep)
+            names = [n if len(str(n)) <= 12 else str(n)[:11] + "…" for n in names]
+            keep = np.sort(np.argsort(-mat.sum(1))[:20]) if len(mat) > 20 else np.arange(len(mat))
             mat, names = mat[keep], [names[i] for i in keep]
             share = 100 * mat / np.maximum(mat.sum(1, keepdims=True), 1)
-            data = pd.DataFrame(share, index=names, columns=range(share.shape[1]))
-            fig = _figure((WIDTH, max(2.0, 0.8 + 0.2 * len(names))))
-            ax = fig.subplots()
-            small = share.shape[1] <= 8 and len(names) <= 12
-            sns.heatmap(data, ax=ax, cmap="mako_r", vmin=0, vmax=100, annot=small, fmt=".0f",
-                        annot_kws={"fontsize": 5.5}, linewidths=0.3, linecolor="white",
+            columns = [str(i) for i in range(share.shape[1] - extra)] + (["none"] if extra else [])
+            sns.heatmap(pd.DataFrame(share, index=names, columns=columns), ax=ax, cmap="mako_r", vmin=0, vmax=100,
+                        annot=False, linewidths=0.2, linecolor="white", cbar=k == len(panels) - 1,
                         cbar_kws={"label": "Label's tokens (%)", "pad": 0.02})
-            ax.set_xlabel("Expert index")
-            ax.set_ylabel("Label")
-            ax.tick_params(axis="y", rotation=0)
             mi = r.get("mutual_info", math.nan)
-            mi_txt = "" if pd.isna(mi) else f", MI {mi:.2f} nats"
-            more = f" (top 20 of {len(r['label_by_expert'])} labels)" if len(r["label_by_expert"]) > 20 else ""
-            fig.suptitle(f"{bench}: {entry_name(label, variant)}\nlayer {r['layer']}, seed {int(seed)}{mi_txt}{more}")
-            plots.append(self._save(fig, bench, "specialisation",
-                                    f"{bench}, {entry_name(label, variant)}: where each label's tokens go "
-                                    f"(rows sum to 100%), last MoE layer, seed {int(seed)}.",
-                                    suffix=entry_name(label, variant)))
-        return plots
+            ax.set_title(f"{entry}" + ("" if pd.isna(mi) else f" (MI {mi:.2f})"))
+            ax.set_xlabel("Expert (none = unrouted)" if extra else "Expert")
+            ax.tick_params(axis="y", rotation=0, labelsize=5.5)
+            ax.tick_params(axis="x", labelsize=5.5)
+            if k % cols:
+                ax.set_yticklabels([])
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+        layer = panels[0][2]["layer"]
+        fig.suptitle(f"{bench}: where each label's tokens go (dispatched top-1), last MoE layer {layer}, lowest seed")
+        return [self._save(fig, bench, "specialisation",
+                           f"{bench}: per router, the share of each label's tokens whose highest-weight dispatched "
+                           f"expert is each expert (rows sum to 100%; 'none' = unrouted), last MoE layer, lowest seed.")]
 
 
-def _dodge(xs: list[float], step: float = 5.0) -> list[float]:
-    """Sideways offsets in points for markers sharing an x value (to 3 significant digits)."""
-    keys = [f"{x:.3g}" for x in xs]
-    offsets = []
-    for i, k in enumerate(keys):
-        same = [j for j, kk in enumerate(keys) if kk == k]
-        offsets.append((same.index(i) - (len(same) - 1) / 2) * step if len(same) > 1 else 0.0)
-    return offsets
+def _pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
+    """Points no other point beats on both cost (x, lower better) and quality (y), sorted by cost."""
+    better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
+    front = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1])):
+        if not front or better(y, front[-1][1]):
+            front.append((x, y))
+    return front
 
 
 def _figure(size) -> Figure:

@@ -9,9 +9,18 @@ import math
 import numpy as np
 import pandas as pd
 
+from moebench.report.items import seed_matrix
 from moebench.report.load import RecordSet
 from moebench.report.render import Table, slug
-from moebench.report.stats import paired_difference
+from moebench.report.stats import (
+    bootstrap_mean,
+    holm,
+    minimum_detectable_effect,
+    paired_bootstrap,
+    paired_difference,
+    rank_groups,
+    t_quantile,
+)
 
 GROUP = ["bench", "label", "variant"]
 # (column, header, better direction or None, formatter kind)
@@ -28,7 +37,8 @@ STAT_COLUMNS = [
     ("params_total", "Params ({p})", None, "si"),
     ("tokens_per_s", "Tokens/s ({p}) ↑", "higher", "si"),
 ]
-MEAN_COLUMNS = [c for c, *_ in STAT_COLUMNS] + ["gini", "balance", "gate_entropy", "margin", "fallback_rate",
+DIAG_EXTRA = ["max_vio", "min_load_share", "max_load_share", "near_dead_experts", "last_fluctuation_step"]
+MEAN_COLUMNS = [c for c, *_ in STAT_COLUMNS] + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "margin", "fallback_rate",
                                                  "unrouted_rate", "mutual_info_norm", "final_switch", "settle_fraction",
                                                  "wall_time_s", "peak_memory_mb"]
 
@@ -113,11 +123,55 @@ def rank_frame(lb: pd.DataFrame) -> pd.DataFrame:
     return wide.sort_values("avg_rank", kind="stable").reset_index()
 
 
-def paired_frame(rs: RecordSet, lb: pd.DataFrame, baseline: str = "softmax-topk", level: float = 0.95) -> pd.DataFrame:
+def add_intervals(lb: pd.DataFrame, rs: RecordSet, items: dict, baseline: str, level: float = 0.95) -> pd.DataFrame:
+    """Per group: the headline's CI (bootstrap over seeds and eval items when every finished seed has
+    per-example outputs, else a t interval over seeds), eval-set size and its standard error, rank group
+    within the task, active-FLOPs overhead over dense (%) and total parameters / the baseline's."""
+    if lb.empty:
+        return lb
+    lb = lb.copy()
+    runs = rs.runs
+    for col in ("ci_low", "ci_high", "eval_n", "eval_se", "flops_overhead", "params_ratio"):
+        lb[col] = math.nan
+    lb["ci_method"] = ""
+    for i, r in lb.iterrows():
+        g = runs[(runs["bench"] == r["bench"]) & (runs["label"] == r["label"]) & (runs["variant"] == r["variant"])]
+        seeds, m = seed_matrix(g, items)
+        if m is not None and len(seeds) == r["n_done"]:
+            iv = bootstrap_mean(m, level)
+            lb.loc[i, ["ci_low", "ci_high", "eval_n"]] = [iv.ci_low, iv.ci_high, m.shape[1]]
+            lb.loc[i, "eval_se"] = float(m.mean(0).std(ddof=1) / math.sqrt(m.shape[1])) if m.shape[1] > 1 else math.nan
+            lb.loc[i, "ci_method"] = "bootstrap"
+        elif r["n_done"] >= 2 and not math.isnan(r["headline_std"]):
+            half = t_quantile(0.5 + level / 2, r["n_done"] - 1) * r["headline_std"] / math.sqrt(r["n_done"])
+            lb.loc[i, ["ci_low", "ci_high"]] = [r["headline_mean"] - half, r["headline_mean"] + half]
+            lb.loc[i, "ci_method"] = "t"
+    lb["rank_group"] = math.nan
+    for _, b in lb.groupby(["bench", "variant"], sort=False):
+        hib = bool(b["higher_is_better"].dropna().iloc[0]) if b["higher_is_better"].notna().any() else True
+        groups = rank_groups([(i, r["headline_mean"], r["ci_low"], r["ci_high"]) for i, r in b.iterrows()], hib)
+        for i, grp in groups.items():
+            lb.loc[i, "rank_group"] = grp
+        dense = b[b["label"] == "dense"]["flops_per_token"].dropna() if "flops_per_token" in b else pd.Series(dtype=float)
+        ref = b[b["label"] == baseline]["params_total"].dropna() if "params_total" in b else pd.Series(dtype=float)
+        if len(dense) and dense.iloc[0] > 0:
+            lb.loc[b.index, "flops_overhead"] = 100 * (b["flops_per_token"] / dense.iloc[0] - 1)
+        if len(ref) and ref.iloc[0] > 0:
+            lb.loc[b.index, "params_ratio"] = b["params_total"] / ref.iloc[0]
+    return lb
+
+
+def paired_frame(rs: RecordSet, lb: pd.DataFrame, baseline: str = "softmax-topk", level: float = 0.95,
+                 items: dict | None = None) -> pd.DataFrame:
     """Each router minus ``baseline`` on the headline metric over the seeds both finished, per task and
-    sweep point: mean difference, paired-t CI, p value and a verdict that respects higher_is_better."""
-    done = rs.runs[(rs.runs["state"] == "done") & rs.runs["headline_value"].notna()].dropna(subset=["bench"])
-    per_seed = done.groupby(GROUP + ["seed"])["headline_value"].mean()
+    sweep point. With per-example outputs for every matched seed: a paired bootstrap over seeds and eval
+    items; otherwise a paired t test over seeds. p values are Holm-corrected across the routers of a
+    task (and sweep point); the verdict (better / worse / n.s.) uses the corrected p and respects
+    higher_is_better. ``mde`` is the minimum detectable effect (80 % power, two-sided ``1 - level``)
+    for that comparison's standard error."""
+    items = items or {}
+    runs = rs.runs[(rs.runs["state"] == "done") & rs.runs["headline_value"].notna()].dropna(subset=["bench"])
+    per_seed = runs.groupby(GROUP + ["seed"])["headline_value"].mean()
     rows = []
     for _, r in lb.iterrows():
         if r["label"] == baseline:
@@ -131,20 +185,42 @@ def paired_frame(rs: RecordSet, lb: pd.DataFrame, baseline: str = "softmax-topk"
         seeds = sorted(set(a.index) & set(b.index))
         if not seeds:
             continue
-        res = paired_difference(a.loc[seeds].to_numpy(), b.loc[seeds].to_numpy(), level)
-        hib = bool(r["higher_is_better"]) if r["higher_is_better"] is not None else True
-        if res.n < 2 or math.isnan(res.ci_low):
-            verdict = "n<2"
-        elif res.ci_low > 0 or res.ci_high < 0:
-            verdict = "better" if (res.mean > 0) == hib else "worse"
+        ga = runs[(runs["bench"] == r["bench"]) & (runs["label"] == r["label"]) & (runs["variant"] == r["variant"])]
+        gb = runs[(runs["bench"] == r["bench"]) & (runs["label"] == baseline) & (runs["variant"] == r["variant"])]
+        sa, ma = seed_matrix(ga, items, set(seeds))
+        sb, mb = seed_matrix(gb, items, set(seeds))
+        if ma is not None and mb is not None and sa == sb == seeds and ma.shape == mb.shape:
+            iv = paired_bootstrap(ma, mb, level)
+            method, n_items = "bootstrap", ma.shape[1]
+            mean, sd, lo, hi, p, se = iv.mean, math.nan, iv.ci_low, iv.ci_high, iv.p_value, iv.se
         else:
-            verdict = "n.s."
+            res = paired_difference(a.loc[seeds].to_numpy(), b.loc[seeds].to_numpy(), level)
+            method, n_items = "t", math.nan
+            mean, sd, lo, hi, p = res.mean, res.sd, res.ci_low, res.ci_high, res.p_value
+            se = res.sd / math.sqrt(res.n) if res.n >= 2 else math.nan
+        hib = bool(r["higher_is_better"]) if r["higher_is_better"] is not None else True
         rows.append({"bench": r["bench"], "label": r["label"], "variant": r["variant"], "baseline": baseline,
-                     "headline_name": r["headline_name"], "higher_is_better": hib, "n_pairs": res.n,
-                     "seeds": " ".join(_seed(s) for s in seeds), "diff_mean": res.mean, "diff_sd": res.sd,
-                     "ci_low": res.ci_low, "ci_high": res.ci_high, "level": level, "p_value": res.p_value,
-                     "verdict": verdict})
-    return pd.DataFrame(rows)
+                     "headline_name": r["headline_name"], "higher_is_better": hib, "n_pairs": len(seeds),
+                     "n_items": n_items, "method": method,
+                     "seeds": " ".join(_seed(s) for s in seeds), "diff_mean": mean, "diff_sd": sd,
+                     "diff_se": se, "ci_low": lo, "ci_high": hi, "level": level, "p_value": p,
+                     "mde": minimum_detectable_effect(se, 1 - level) if not math.isnan(se) else math.nan})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame["p_holm"] = math.nan
+    for _, g in frame.groupby(["bench", "variant"], sort=False):
+        frame.loc[g.index, "p_holm"] = holm(g["p_value"].tolist())
+    verdicts = []
+    for _, r in frame.iterrows():
+        if r["method"] == "t" and (r["n_pairs"] < 2 or math.isnan(r["ci_low"])):
+            verdicts.append("n<2")
+        elif r["p_holm"] < 1 - level and (r["ci_low"] > 0 or r["ci_high"] < 0):
+            verdicts.append("better" if (r["diff_mean"] > 0) == r["higher_is_better"] else "worse")
+        else:
+            verdicts.append("n.s.")
+    frame["verdict"] = verdicts
+    return frame
 
 
 # ---------------------------------------------------------------------------------------------- display
@@ -207,51 +283,137 @@ def _bold_best(rows_vals: list[tuple[int, float, bool]], texts: list[str], direc
     return {i for i, _, _ in pool if texts[i] == texts[best[0]]}
 
 
-def leaderboard_tables(lb: pd.DataFrame) -> list[Table]:
-    tables = []
+def leaderboard_tables(lb: pd.DataFrame) -> list[tuple[str, list[Table]]]:
+    """Per task: the core leaderboard (headline with CI and rank group, cost matching, unrouted /
+    dropped tokens) and the routing diagnostics table."""
+    out = []
     for bench, b in lb.groupby("bench", sort=False):
-        tables.append(_leaderboard_table(bench, b.reset_index(drop=True)))
-    return tables
+        b = b.reset_index(drop=True)
+        out.append((bench, [_leaderboard_table(bench, b), _diagnostics_table(bench, b)]))
+    return out
+
+
+def _col(b: pd.DataFrame, key: str) -> pd.Series:
+    return b[key] if key in b else pd.Series([math.nan] * len(b), index=b.index)
+
+
+def _hides_tokens(b: pd.DataFrame) -> list[bool]:
+    """Rows whose balance / drop numbers look better because tokens were left out (unrouted or dropped):
+    such a value is never set in bold."""
+    un, dr = _col(b, "unrouted_rate").fillna(0), _col(b, "drop_rate").fillna(0)
+    return [bool(u > 0 or d > 0) for u, d in zip(un, dr)]
+
+
+def _ci_text(mean: float, lo: float, hi: float) -> str:
+    if math.isnan(mean):
+        return "–"
+    d = _decimals(mean)
+    return f"{mean:.{d}f}" if math.isnan(lo) else f"{mean:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
 
 
 def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
     hib = bool(b["higher_is_better"].dropna().iloc[0]) if b["higher_is_better"].notna().any() else True
     name = b["headline_name"].dropna().iloc[0] if b["headline_name"].notna().any() else "headline"
     show_variant = (b["variant"] != "").any()
-    columns = ["Router"] + (["Sweep"] if show_variant else []) + ["Seeds", f"{name} {'↑' if hib else '↓'}"]
-    cells = [[r["label"]] + ([r["variant"]] if show_variant else []) for _, r in b.iterrows()]
-    notes, bold = [], set()
+    pscale, pprefix = _si_scale(_col(b, "params_total").to_numpy(dtype=float))
+    columns = ["Router"] + (["Sweep"] if show_variant else []) + [
+        "Seeds", f"{name} {'↑' if hib else '↓'} (95% CI)", "Rank group", "Eval n", "Eval SE",
+        "FLOPs vs dense (%)", f"Params ({pprefix})".replace(" ()", ""), "Params × ref", "Unrouted (%)", "Dropped (%)"]
+    cells, notes, bold = [], [], set()
     for i, (_, r) in enumerate(b.iterrows()):
         seeds = f"{r['n_done']}/{r['n_expected']}"
         if not r["complete"]:
             notes.append(f"[{len(notes) + 1}] {entry_name(r['label'], r['variant'])}: "
                          f"{r['n_done']}/{r['n_expected']} seeds averaged; {r['problems'] or 'incomplete'}.")
             seeds += f" [{len(notes)}]"
-        head = mean_std(r["headline_mean"], r["headline_std"]) if r["n_done"] else _no_value(r)
-        cells[i] += [seeds, head]
-    eligible = [(i, r["headline_mean"], bool(r["complete"])) for i, (_, r) in enumerate(b.iterrows())]
-    col = len(columns) - 1
-    means = [mean_std(m, math.nan) for m in b["headline_mean"]]  # ties judged on the shown mean, not the std
-    bold |= {(i, col) for i in _bold_best(eligible, means, "higher" if hib else "lower")}
-    for key, header, direction, kind in STAT_COLUMNS:
+        head = _ci_text(r["headline_mean"], r.get("ci_low", math.nan), r.get("ci_high", math.nan)) \
+            if r["n_done"] else _no_value(r)
+        group = r.get("rank_group", math.nan)
+        fo = r.get("flops_overhead", math.nan)
+        cells.append([r["label"]] + ([r["variant"]] if show_variant else []) + [
+            seeds, head, "–" if pd.isna(group) else str(int(group)),
+            "–" if pd.isna(r.get("eval_n", math.nan)) else str(int(r["eval_n"])),
+            fmt_value(r.get("eval_se", math.nan), "auto"),
+            "–" if pd.isna(fo) else f"{fo:+.1f}",
+            fmt_value(r.get("params_total", math.nan), "si", pscale),
+            "–" if pd.isna(r.get("params_ratio", math.nan)) else f"{r['params_ratio']:.2f}",
+            fmt_value(r.get("unrouted_rate", math.nan), "pct"), fmt_value(r.get("drop_rate", math.nan), "pct")])
+        if group == 1 and r["complete"] and (_col(b, "rank_group") > 1).any():  # bold only if it singles out
+            bold |= {(i, len(columns) - 9), (i, len(columns) - 8)}
+    methods = set(_col(b, "ci_method").dropna()) if "ci_method" in b else set()
+    how = []
+    if "bootstrap" in methods:
+        how.append("bootstrap: 2000 two-level resamples of seeds and eval items (percentile interval)")
+    if "t" in methods:
+        how.append("t: mean ± t(n−1) · sd/√n over seeds (runs without per-example outputs)")
+    general = ("Headline = mean over the seeds that finished, with its 95% CI (" + "; ".join(how or ["none"]) + "). "
+               "Rank group 1 (bold) = the best router and every router whose interval overlaps it; group 2 "
+               "starts at the best of the rest, and so on. Eval n = eval items per run; Eval SE = standard "
+               "error of the headline over those items (seed-averaged). FLOPs vs dense = active FLOPs per "
+               "token over the dense model's (+ = costlier). Params × ref = total parameters / the "
+               "reference router's. Unrouted = tokens sent to no expert; Dropped = (token, expert) "
+               "assignments removed by the capacity limit.")
+    return Table(title=f"Leaderboard: {bench}", columns=columns, rows=cells, bold=bold,
+                 notes=[general] + notes, label=f"tab:leaderboard-{slug(bench)}", left=1 + show_variant)
+
+
+# (column, header, better direction or None, formatter kind)
+DIAG_COLUMNS = [
+    ("load_cv", "Load CV ↓", "lower", "f3"),
+    ("max_vio", "MaxVio ↓", "lower", "f2"),
+    ("min_load_share", "Min load (%)", None, "pct"),
+    ("max_load_share", "Max load (%)", None, "pct"),
+    ("near_dead_experts", "Near-dead experts ↓", "lower", "f1"),
+    ("dead_experts", "Dead experts ↓", "lower", "f1"),
+    ("unrouted_rate", "Unrouted (%) ↓", "lower", "pct"),
+    ("drop_rate", "Dropped (%) ↓", "lower", "pct"),
+    ("switch_rate", "Switch (%) ↓", "lower", "pct"),
+    ("final_switch", "Overlap w/ final (%) ↑", "higher", "overlap"),
+    ("last_fluctuation_step", "Last fluctuation (step)", None, "f0"),
+    ("mutual_info", "MI (nats) ↑", "higher", "f3"),
+    ("tokens_per_s", "Tokens/s ({p}) ↑", "higher", "si"),
+]
+_BALANCE_KEYS = {"load_cv", "max_vio", "near_dead_experts", "dead_experts", "unrouted_rate", "drop_rate"}
+
+
+def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
+    show_variant = (b["variant"] != "").any()
+    columns = ["Router"] + (["Sweep"] if show_variant else [])
+    cells = [[r["label"]] + ([r["variant"]] if show_variant else []) for _, r in b.iterrows()]
+    bold: set[tuple[int, int]] = set()
+    hides = _hides_tokens(b)
+    for key, header, direction, kind in DIAG_COLUMNS:
         if key not in b or b[key].isna().all():
             continue
+        vals = b[key].astype(float)
+        if kind == "overlap":  # mean over evaluations of the share matching the final routing = 1 - final_switch
+            vals, kind = 1 - vals, "pct"
         scale = 1.0
         if kind == "si":
-            scale, prefix = _si_scale(b[key].to_numpy(dtype=float))
-            header = header.replace("{p}", prefix).replace("()", "").replace("  ", " ").strip()
+            scale, prefix = _si_scale(vals.to_numpy(dtype=float))
+            header = header.replace("{p}", prefix).replace(" ()", "")
         columns.append(header)
-        texts = [fmt_value(v, kind, scale) for v in b[key]]
+        texts = [fmt_value(v, kind, scale) for v in vals]
         for i, t in enumerate(texts):
             cells[i].append(t)
         if direction:
-            eligible = [(i, float(v), bool(b["complete"].iloc[i])) for i, v in enumerate(b[key])]
+            eligible = [(i, float(v), bool(b["complete"].iloc[i]) and not (key in _BALANCE_KEYS and hides[i]))
+                        for i, v in enumerate(vals)]
+            if key in _BALANCE_KEYS:  # a row that leaves tokens out never wins a balance column
+                eligible = [e for e in eligible if e[2]]
             bold |= {(i, len(columns) - 1) for i in _bold_best(eligible, texts, direction)}
-    general = ("Mean ± sample std (ddof=1) over the seeds that finished; other columns are means over the "
-               "same seeds. Switch % = probe tokens whose top-1 expert changed since the previous evaluation, "
-               "at the last evaluation. Bold = best among complete groups.")
-    return Table(title=f"Leaderboard: {bench}", columns=columns, rows=cells, bold=bold,
-                 notes=[general] + notes, label=f"tab:leaderboard-{slug(bench)}", left=1 + show_variant)
+    notes = ["Means over seeds and MoE layers, from the experts tokens were actually dispatched to. Load = "
+             "routed (token, expert) pairs per expert: CV = std/mean; MaxVio = max/mean − 1; min / max "
+             "load = the least / most loaded expert's share (uniform = 100/E %); near-dead = experts "
+             "under 1 % of the uniform share. Switch = probe tokens whose top-1 expert changed since the "
+             "previous evaluation; overlap w/ final = probe tokens whose top-1 equals the final "
+             "checkpoint's, averaged over evaluations (LibMoE); last fluctuation = the last evaluation "
+             "step at which any probe token changed expert (StableMoE). MI = mutual information between "
+             "the token's label and its top-1 expert, unrouted tokens as their own category. Bold = best "
+             "among complete groups; a row with unrouted or dropped tokens is never bold in a balance "
+             "column."]
+    return Table(title=f"Routing diagnostics: {bench}", columns=columns, rows=cells, bold=bold, notes=notes,
+                 label=f"tab:diagnostics-{slug(bench)}", left=1 + show_variant)
 
 
 def _no_value(r) -> str:
@@ -288,19 +450,26 @@ def rank_table(ranks: pd.DataFrame, lb: pd.DataFrame) -> Table:
 def paired_table(paired: pd.DataFrame, baseline: str) -> Table:
     show_variant = not paired.empty and (paired["variant"] != "").any()
     columns = ["Task", "Router"] + (["Sweep"] if show_variant else []) + \
-              [f"Δ vs {baseline}", "95% CI", "Seeds", "p", "Verdict"]
+              [f"Δ vs {baseline}", "95% CI", "Seeds", "Eval n", "Method", "p", "p (Holm)", "MDE", "Verdict"]
     rows, bold = [], set()
     for i, (_, r) in enumerate(paired.iterrows()):
         d = _decimals(r["diff_mean"]) + 1 if r["diff_mean"] != 0 else 3
         ci = "–" if math.isnan(r["ci_low"]) else f"[{r['ci_low']:+.{d}f}, {r['ci_high']:+.{d}f}]"
         p = "–" if math.isnan(r["p_value"]) else f"{r['p_value']:.3f}"
+        ph = "–" if math.isnan(r["p_holm"]) else f"{r['p_holm']:.3f}"
+        mde = "–" if math.isnan(r["mde"]) else f"{r['mde']:.{d}f}"
+        n_items = "–" if pd.isna(r["n_items"]) else str(int(r["n_items"]))
         rows.append([r["bench"], r["label"]] + ([r["variant"]] if show_variant else []) +
-                    [f"{r['diff_mean']:+.{d}f}", ci, str(r["n_pairs"]), p, r["verdict"]])
+                    [f"{r['diff_mean']:+.{d}f}", ci, str(r["n_pairs"]), n_items, r["method"], p, ph, mde, r["verdict"]])
         if r["verdict"] == "better":
-            bold |= {(i, len(columns) - 5), (i, len(columns) - 1)}
-    notes = [f"Δ = router − {baseline} on the task's headline metric, averaged over the seeds both finished; "
-             f"95% CI from a paired t test with n−1 degrees of freedom. better / worse: the CI excludes 0 "
-             f"(direction from the metric's higher-is-better); n.s.: it does not; n<2: too few matched seeds."]
+            bold |= {(i, len(columns) - 9), (i, len(columns) - 1)}
+    notes = [f"Δ = router − {baseline} on the task's headline metric, over the seeds both finished. Method "
+             f"bootstrap: 2000 paired resamples of seeds and eval items (the same items for both routers), "
+             f"percentile 95% CI and two-sided p; t: paired t test over seeds (runs without per-example "
+             f"outputs). p (Holm) = Holm-corrected across the routers of a task. better / worse: corrected "
+             f"p < 0.05 and the CI excludes 0; n.s. otherwise; n<2: too few matched seeds. MDE = minimum "
+             f"detectable effect, 2.8 × the difference's standard error (80 % power, α = 0.05, before "
+             f"correction): a smaller true difference is likely to read n.s."]
     return Table(f"Paired comparison against {baseline}", columns, rows, bold, notes, "tab:paired",
                  left=2 + show_variant)
 

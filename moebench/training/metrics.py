@@ -102,6 +102,29 @@ def dead_experts(counts) -> int:
     return int((_counts(counts) == 0).sum())
 
 
+def near_dead_experts(counts, share_of_uniform: float = 0.01) -> int:
+    """Experts receiving less than ``share_of_uniform`` (1 %) of the uniform share 1/E of the routed
+    pairs: alive on paper, useless in practice. Counts dead experts too."""
+    c = _counts(counts)
+    total = c.sum()
+    if total == 0:
+        return int(c.size)
+    return int((c / total < share_of_uniform / c.size).sum())
+
+
+def max_violation(counts) -> float | None:
+    """MaxVio (Wang et al. 2024): max(c) / mean(c) - 1; 0 = perfectly balanced."""
+    m = max_mean_load(counts)
+    return None if m is None else m - 1.0
+
+
+def load_share_range(counts) -> tuple[float, float] | None:
+    """(min, max) share of routed pairs over experts, each in [0, 1] (uniform = 1/E both)."""
+    c = _counts(counts)
+    total = c.sum()
+    return None if total == 0 else (float(c.min() / total), float(c.max() / total))
+
+
 def drop_rate(dropped: int, pairs: int) -> float | None:
     """dropped / (pairs + dropped): share of (token, expert) assignments removed by the capacity limit;
     ``pairs`` counts the assignments kept."""
@@ -194,6 +217,30 @@ def final_switch(history: Sequence) -> list[float]:
     return out
 
 
+def overlap_with_final(history: Sequence) -> list[float]:
+    """LibMoE's routing overlap: for each evaluation, the share of probe tokens whose dispatched top-1
+    expert equals the final checkpoint's (1 - `final_switch`; the last entry is 1)."""
+    return [1.0 - v for v in final_switch(history)]
+
+
+def last_fluctuation_step(history: Sequence, steps: Sequence[int]) -> int | None:
+    """StableMoE's fluctuation end: the step of the last evaluation at which any probe token's top-1
+    expert changed from the evaluation before; after it the routing is frozen. The first step when
+    nothing ever changed; None without history."""
+    if len(history) == 0:
+        return None
+    if len(history) != len(steps):
+        raise ValueError(f"last_fluctuation_step: {len(history)} top-1 vectors but {len(steps)} steps")
+    last = 0
+    for i in range(1, len(history)):
+        a, b = _np(history[i - 1]).reshape(-1), _np(history[i]).reshape(-1)
+        if a.shape != b.shape:
+            raise ValueError(f"last_fluctuation_step: top-1 vectors differ in length ({a.shape} vs {b.shape})")
+        if (a != b).any():
+            last = i
+    return int(steps[last])
+
+
 def settle_fraction(history: Sequence, steps: Sequence[int], total_steps: int | None = None) -> float | None:
     """Mean over probe tokens of the step after which the token's top-1 never changes again (the step
     of the first evaluation from which it always equals the final assignment), divided by the last
@@ -255,7 +302,8 @@ def normalized_mutual_information(label_by_expert) -> float | None:
 #: balance = switch_balance(), margin = top1_margin(), mutual_info(_norm) = (normalized_)mutual_information(),
 #: switch_rate = switch_rate() against the previous evaluation's probe assignments.
 LAYER_STATS = (
-    "load_cv", "max_mean", "norm_entropy", "gini", "dead_experts", "drop_rate", "balance",
+    "load_cv", "max_mean", "max_vio", "min_load_share", "max_load_share", "norm_entropy", "gini",
+    "dead_experts", "near_dead_experts", "drop_rate", "balance",
     "gate_entropy", "margin", "fallback_rate", "unrouted_rate", "mutual_info", "mutual_info_norm",
     "switch_rate",
 )
@@ -277,6 +325,7 @@ class _LayerAcc:
         self.extra_sums: dict[str, float] = {}
         self.extra_weights: dict[str, float] = {}
         self.label_by_expert: np.ndarray | None = None
+        self.label_unrouted: np.ndarray | None = None
         self.top1: list[np.ndarray] = []
         self.top1_kept = 0
 
@@ -379,9 +428,8 @@ class RoutingStatsAccumulator:
             else:
                 a.margin_sum += float(p.shape[0])
         if top1 is not None:
-            t1 = _np(top1).astype(np.int64).reshape(-1)
-            if scores is not None:
-                a.top1_counts += np.bincount(t1, minlength=a.e)[: a.e]
+            t1 = _np(top1).astype(np.int64).reshape(-1)  # dispatched top-1; -1 = unrouted
+            a.top1_counts += np.bincount(t1[t1 >= 0], minlength=a.e)[: a.e]
             self._fold_labels(a, name, t1, tokens, batch, batch_size)
             if self.keep_top1 and batch_size and tokens % batch_size == 0:
                 per_sample = tokens // batch_size
@@ -425,11 +473,17 @@ class RoutingStatsAccumulator:
         num_labels = max(len(self.label_names), int(lab[keep].max()) + 1)
         if a.label_by_expert is None:
             a.label_by_expert = np.zeros((num_labels, a.e), dtype=np.int64)
+            a.label_unrouted = np.zeros(num_labels, dtype=np.int64)
         elif a.label_by_expert.shape[0] < num_labels:
             grown = np.zeros((num_labels, a.e), dtype=np.int64)
             grown[: a.label_by_expert.shape[0]] = a.label_by_expert
             a.label_by_expert = grown
-        np.add.at(a.label_by_expert, (lab[keep], top1[keep]), 1)
+            grown_u = np.zeros(num_labels, dtype=np.int64)
+            grown_u[: a.label_unrouted.shape[0]] = a.label_unrouted
+            a.label_unrouted = grown_u
+        routed = keep & (top1 >= 0)
+        np.add.at(a.label_by_expert, (lab[routed], top1[routed]), 1)
+        np.add.at(a.label_unrouted, lab[keep & (top1 < 0)], 1)
 
     # -- results -----------------------------------------------------------------------------------
     def top1(self) -> dict[str, np.ndarray]:
@@ -445,9 +499,13 @@ class RoutingStatsAccumulator:
             d: dict = {"layer": name}
             d["load_cv"] = load_cv(a.counts) if a.counts.sum() else None
             d["max_mean"] = max_mean_load(a.counts) if a.counts.sum() else None
+            d["max_vio"] = max_violation(a.counts) if a.counts.sum() else None
+            share = load_share_range(a.counts) if a.counts.sum() else None
+            d["min_load_share"], d["max_load_share"] = share if share else (None, None)
             d["norm_entropy"] = norm_entropy(a.counts) if a.counts.sum() else None
             d["gini"] = gini(a.counts) if a.counts.sum() else None
             d["dead_experts"] = dead_experts(a.counts) if a.tokens else None
+            d["near_dead_experts"] = near_dead_experts(a.counts) if a.tokens else None
             d["drop_rate"] = drop_rate(a.dropped, a.pairs)
             st = a.scored_tokens
             d["balance"] = switch_balance_from_sums(a.top1_counts, a.score_sums, st) if st else None
@@ -456,7 +514,8 @@ class RoutingStatsAccumulator:
             fb_w = a.extra_weights.get("fallback", 0.0)
             d["fallback_rate"] = a.extra_sums["fallback"] / fb_w if fb_w else None
             d["unrouted_rate"] = unrouted_rate(a.unrouted, a.tokens)
-            lbe = a.label_by_expert
+            # unrouted tokens are their own category: MI over (label, expert or "unrouted")
+            lbe = None if a.label_by_expert is None else np.hstack([a.label_by_expert, a.label_unrouted[:, None]])
             d["mutual_info"] = mutual_information(lbe) if lbe is not None else None
             d["mutual_info_norm"] = normalized_mutual_information(lbe) if lbe is not None else None
             d["switch_rate"] = None  # filled by the trainer from the probe history
@@ -467,8 +526,11 @@ class RoutingStatsAccumulator:
                 d[out_key] = a.extra_sums[key] / a.extra_weights[key] if a.extra_weights[key] else None
             d["tokens"] = a.tokens
             d["counts"] = a.counts.tolist()
+            d["top1_counts"] = a.top1_counts.tolist()  # dispatched top-1 per expert (unrouted excluded)
+            d["unrouted_tokens"] = a.unrouted
             if lbe is not None:
-                d["label_by_expert"] = lbe.tolist()
+                d["label_by_expert"] = a.label_by_expert.tolist()
+                d["label_unrouted"] = a.label_unrouted.tolist()
                 n = lbe.shape[0]
                 names = self.label_names[:n] + [str(i) for i in range(len(self.label_names), n)]
                 d["labels"] = names

@@ -18,6 +18,9 @@ A run lives in ``<results>/<grid>/<run_id>/``:
                      "cost": {"params_total", "params_active", "flops_per_token", "wall_time_s",
                               "tokens_per_s", "peak_memory_mb"},
                      "env": environment_info()}
+- ``eval_items.npz`` per-eval-example outputs of the latest evaluation (the task's ``items``:
+                     ``headline`` whose mean is the headline metric, plus raw ``correct`` /
+                     ``abs_error`` / ``rank``), for the report's paired bootstrap
 - ``checkpoint.pt`` latest training state (removed once the run is done)
 
 Routing stat names are those of ``moebench.training.metrics``.
@@ -185,11 +188,23 @@ def environment_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
         "hostname": socket.gethostname(),
     }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's marketing name (Linux /proc/cpuinfo), which platform.processor() often leaves empty."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def git_commit() -> str | None:
@@ -204,3 +219,36 @@ def git_commit() -> str | None:
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+EVAL_ITEMS_FILE = "eval_items.npz"
+
+
+def write_eval_items(path, items: dict) -> None:
+    """Per-eval-example arrays (1-D, equal length) as a compressed .npz, written atomically."""
+    import io
+
+    import numpy as np
+
+    arrays = {k: np.asarray(v).reshape(-1) for k, v in items.items() if v is not None}
+    sizes = {k: a.size for k, a in arrays.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"eval items must all have one entry per eval example; got sizes {sizes}")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_eval_items(path) -> dict | None:
+    """The arrays of an eval_items.npz; None when absent; `CorruptRecordError` when unreadable (it is
+    untrusted input: no pickles are loaded)."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as err:  # zipfile / ValueError / OSError: all mean "not a readable npz"
+        raise CorruptRecordError(f"{path} is not a readable .npz file ({err}); rerun the run") from err

@@ -18,6 +18,9 @@ Schema (all keys; missing ones take the defaults below)::
             deterministic}
     sweep: dict          axis -> value (informational)
     match: dict          what the grid matched (informational)
+    versions: dict       {suite, task, router}: the result-affecting versions of the code that runs it
+                         (filled in from moebench.version and the task's / router's ``version``), so
+                         a fix that changes numbers changes the run id and reruns exactly those runs
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from moebench.core.config import (
     resolve_section,
 )
 
-TOP_LEVEL = ("grid", "task", "task_args", "model", "moe", "label", "seed", "train", "sweep", "match")
+TOP_LEVEL = ("grid", "task", "task_args", "model", "moe", "label", "seed", "train", "sweep", "match", "versions")
 
 DEFAULT_TRAIN: dict[str, Any] = defaults(TrainConfig)   # the tables live in moebench.core.config
 DEFAULT_MOE: dict[str, Any] = defaults(MoEConfig)
@@ -147,11 +150,38 @@ def resolve_spec(spec: dict) -> dict:
     s["train"] = resolve_train(s.get("train"))
     s["sweep"] = _dict(s["sweep"], "sweep")
     s["match"] = _dict(s["match"], "match")
+    s["versions"] = resolve_versions(s.get("versions"), s["task"], None if s["moe"] is None else s["moe"]["router"])
     try:
         canonical_json(s)
     except (TypeError, ValueError) as err:
         raise SpecError(f"spec must contain only plain YAML values (str, number, bool, null, list, dict): {err}") from err
     return s
+
+
+def code_versions(task: str, router: str | None) -> dict:
+    """The versions that decide a run's numbers: the suite's, the task class's and the router class's
+    ``version`` (1 unless the class bumps it). An unregistered name has no version (None)."""
+    from moebench.core.registry import ROUTERS, TASKS
+    from moebench.version import __version__
+
+    def version_of(registry, name):
+        if name is None or name not in registry:
+            return None
+        return getattr(registry.get(name), "version", 1)
+
+    return {"suite": __version__, "task": version_of(TASKS, task), "router": version_of(ROUTERS, router)}
+
+
+def resolve_versions(value, task: str, router: str | None) -> dict:
+    """A spec read back from a record keeps the versions it ran with; a new spec gets the current ones."""
+    if value is None:
+        return code_versions(task, router)
+    if not isinstance(value, dict) or set(value) != {"suite", "task", "router"}:
+        raise SpecError(
+            f"spec field versions must be a mapping with keys suite, task, router (the code versions a "
+            f"record ran with), got {value!r}; leave it out to use the current versions"
+        )
+    return copy.deepcopy(value)
 
 
 def canonical_json(spec: dict) -> str:

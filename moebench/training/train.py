@@ -36,12 +36,14 @@ from moebench.core.layer import MoELayer
 from moebench.core.progress import Progress
 from moebench.training import metrics as M
 from moebench.training.records import (
+    EVAL_ITEMS_FILE,
     append_jsonl,
     atomic_write,
     atomic_write_json,
     environment_info,
     read_jsonl,
     read_status_safe,
+    write_eval_items,
     write_status,
 )
 from moebench.training.spec import resolve_spec
@@ -432,6 +434,9 @@ class _Trainer:
                 f"task {type(task).__name__}.evaluate() returned {sorted(metrics)} without its headline "
                 f"metric {task.headline!r}; return it or fix the task's `headline`"
             )
+        items = metrics.pop("items", None)
+        if items:
+            write_eval_items(self.run_dir / EVAL_ITEMS_FILE, items)
         metrics = {k: float(v) for k, v in metrics.items()}
         n = self.interval["n"]
         line = {
@@ -442,7 +447,7 @@ class _Trainer:
             "metrics": metrics,
             "routing": {
                 "mean": routing["mean"],
-                "per_layer": [{k: v for k, v in d.items() if k not in ("label_by_expert", "labels")}
+                "per_layer": [{k: v for k, v in d.items() if k not in ("label_by_expert", "label_unrouted", "labels")}
                               for d in routing["per_layer"]],
             },
             "elapsed_s": self.elapsed + (time.perf_counter() - self.t0),
@@ -559,6 +564,8 @@ class _Trainer:
                 d["final_switch"] = M.final_switch(hist)
                 d["final_switch_mean"] = float(np.mean(d["final_switch"][:-1])) if len(hist) > 1 else None
                 d["settle_fraction"] = M.settle_fraction(hist, self.probe_steps, spec["train"]["steps"])
+                d["overlap_with_final"] = M.overlap_with_final(hist)
+                d["last_fluctuation_step"] = M.last_fluctuation_step(hist, self.probe_steps)
         curves = [d["final_switch"] for d in per_layer if "final_switch" in d]
         per_eval = [float(np.mean(col)) for col in zip(*curves)] if curves else []
         routing = {

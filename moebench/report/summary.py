@@ -1,0 +1,141 @@
+"""The top of the report: what it found (key findings) and how to reproduce it (reproducibility block).
+
+Findings are generated from the same frames the tables show, so every sentence restates a number a
+reader can find below; the reproducibility block reads what the runs recorded (final.json's env,
+spec.yaml, the launcher's grid_source.json), never what the machine building the report has."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from moebench.training.records import CorruptRecordError, read_json, read_spec
+
+FLOPS_TOLERANCE_PCT = 1.0   # active-FLOPs overhead over dense worth calling a confound
+PARAMS_TOLERANCE = 1.10     # total-parameter ratio to the reference worth calling a confound
+
+
+def _fmt(x: float) -> str:
+    a = abs(x)
+    return f"{x:.1f}" if a >= 100 else f"{x:.2f}" if a >= 1 else f"{x:.3f}"
+
+
+def key_findings(lb: pd.DataFrame, paired: pd.DataFrame, baseline: str) -> list[str]:
+    """One short paragraph per task: the best rank group, who beats / loses to the baseline after Holm
+    correction, the minimum detectable effect, and the confounds (extra FLOPs, extra parameters,
+    unrouted or dropped tokens)."""
+    out = []
+    if lb.empty:
+        return out
+    for bench, b in lb.groupby("bench", sort=False):
+        name = b["headline_name"].dropna().iloc[0] if b["headline_name"].notna().any() else "headline"
+        parts = []
+        for variant, v in b.groupby("variant", sort=False):
+            where = f" ({variant})" if variant else ""
+            best = v[v.get("rank_group", pd.Series(dtype=float)) == 1] if "rank_group" in v else v.iloc[:0]
+            if len(best):
+                members = ", ".join(f"{r['label']} {_fmt(r['headline_mean'])}" for _, r in best.iterrows())
+                parts.append(f"Best group on {name}{where}: {members} (intervals overlap the best's; "
+                             f"{len(best)} of {len(v)} routers).")
+            else:
+                parts.append(f"No confidence intervals on {name}{where}: too few seeds and no per-example outputs, "
+                             f"so no rank groups.")
+            pv = paired[(paired["bench"] == bench) & (paired["variant"] == variant)] if not paired.empty else paired
+            if len(pv):
+                better = pv[pv["verdict"] == "better"]
+                worse = pv[pv["verdict"] == "worse"]
+                say = lambda f: ", ".join(f"{r['label']} ({r['diff_mean']:+.3g})" for _, r in f.iterrows())  # noqa: E731
+                parts.append(f"Beats {baseline} after Holm correction: {say(better) or 'none'}; "
+                             f"worse than {baseline}: {say(worse) or 'none'}.")
+                mde = pv["mde"].dropna()
+                if len(mde):
+                    seeds = int(pv["n_pairs"].max())
+                    items = pv["n_items"].dropna()
+                    n_items = f" × {int(items.max())} eval items" if len(items) else ""
+                    parts.append(f"With {seeds} seed(s){n_items}, differences below about {_fmt(mde.median())} "
+                                 f"{name} are unlikely to be detected (median minimum detectable effect, 80 % power).")
+        conf = []
+        for _, r in b.iterrows():
+            fo, pr = r.get("flops_overhead", math.nan), r.get("params_ratio", math.nan)
+            un, dr = r.get("unrouted_rate", math.nan), r.get("drop_rate", math.nan)
+            bits = []
+            if not pd.isna(fo) and abs(fo) > FLOPS_TOLERANCE_PCT:
+                bits.append(f"{fo:+.1f} % active FLOPs vs dense")
+            if not pd.isna(pr) and pr > PARAMS_TOLERANCE:
+                bits.append(f"{pr:.2f}× the reference's parameters")
+            if not pd.isna(un) and un > 0:
+                bits.append(f"{100 * un:.1f} % tokens unrouted")
+            if not pd.isna(dr) and dr > 0:
+                bits.append(f"{100 * dr:.1f} % assignments dropped")
+            if bits:
+                conf.append(f"{r['label']}{' (' + r['variant'] + ')' if r['variant'] else ''}: {', '.join(bits)}")
+        parts.append("Confounds: " + ("; ".join(conf) if conf else "none (all routers matched within "
+                                      f"{FLOPS_TOLERANCE_PCT:g} % FLOPs and {PARAMS_TOLERANCE:g}× parameters, no token left out)")
+                     + ".")
+        out.append(f"{bench}: " + " ".join(parts))
+    return out
+
+
+def _read(read, path):
+    try:
+        return read(path)
+    except CorruptRecordError:
+        return None
+
+
+def reproducibility(runs: pd.DataFrame, root: Path, lb: pd.DataFrame | None = None) -> list[tuple[str, str]]:
+    """(field, value) rows from the done runs' records; a field whose runs disagree lists every value
+    with its count, so a mixed-commit or mixed-hardware grid is visible."""
+    done = runs[(runs["state"] == "done") & runs["run_dir"].map(lambda d: isinstance(d, str))]
+    fields: dict[str, Counter] = {k: Counter() for k in (
+        "Commit", "Packages", "Python", "Device", "CPU", "CPU cores / torch threads", "Train device / AMP")}
+    train: dict[str, Counter] = {}
+    for _, r in done.iterrows():
+        final = _read(read_json, Path(r["run_dir"]) / "final.json") or {}
+        env = final.get("env") or {}
+        if env:
+            commit = env.get("git_commit") or "unknown"
+            fields["Commit"][commit + ("" if commit == "unknown" else
+                                       (" (dirty: uncommitted changes)" if commit.endswith("-dirty") else " (clean)"))] += 1
+            libs = env.get("libraries") or {}
+            fields["Packages"][", ".join(f"{k} {v}" for k, v in sorted(libs.items()) if v)] += 1
+            fields["Python"][str(env.get("python"))] += 1
+            fields["Device"][str(env.get("device"))] += 1
+            fields["CPU"][str(env.get("cpu_model") or env.get("processor"))] += 1
+            fields["CPU cores / torch threads"][f"{env.get('cpu_count')} / {env.get('torch_threads')}"] += 1
+            fields["Train device / AMP"][f"{env.get('train_device')} / {env.get('amp')}"] += 1
+        spec = _read(read_spec, Path(r["run_dir"])) or {}
+        t = spec.get("train") or {}
+        if t:
+            key = str(r["bench"])
+            train.setdefault(key, Counter())[
+                f"steps {t.get('steps')}, batch {t.get('batch_size')}, lr {t.get('lr')}, "
+                f"eval batch {t.get('eval_batch_size')}"] += 1
+    rows = []
+    for k, c in fields.items():
+        if c:
+            rows.append((k, _counts(c)))
+    for grid in sorted(set(done["grid"])):
+        src = _read(read_json, root / grid / "grid_source.json") if (root / grid).is_dir() else None
+        if src is None and root.name == grid:
+            src = _read(read_json, root / "grid_source.json")
+        if src:
+            rows.append((f"Grid {grid}", f"{src.get('file')} (sha256 {str(src.get('sha256'))[:16]}…)"))
+            rows.append((f"Command ({grid})", str(src.get("command"))))
+        else:
+            rows.append((f"Grid {grid}", "no grid_source.json (launched before it was recorded, or by hand)"))
+    eval_n = {}
+    if lb is not None and not lb.empty and "eval_n" in lb:
+        eval_n = lb.groupby("bench")["eval_n"].max().dropna().to_dict()
+    for bench, c in sorted(train.items()):
+        n = f"; eval set {int(eval_n[bench])} items" if bench in eval_n else ""
+        rows.append((f"Training ({bench})", _counts(c) + n))
+    return rows
+
+
+def _counts(c: Counter) -> str:
+    if len(c) == 1:
+        return next(iter(c))
+    return "; ".join(f"{v} ({n} runs)" for v, n in c.most_common())
