@@ -18,6 +18,8 @@ from typing import Any
 _NUMERIC_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take it; larger overflows inside torch
 MAX_EXPERTS = 4096
+# moebench.core.experts.ACTIVATIONS' names (this module stays torch-free; tests/test_config.py checks they agree)
+EXPERT_ACTIVATIONS = ("gelu", "gelu-tanh", "relu", "silu", "quick-gelu", "swiglu", "geglu")
 
 
 class ConfigError(ValueError):
@@ -82,6 +84,11 @@ class MoEConfig:
     capacity_factor: float = option(None, "float", minimum=0.0, strict=True, nullable=True,
                                     doc="null: the router's default (dropless for most)")
     upcycle: bool = option(False, "bool", doc="copy the dense MLP into every expert")
+    activation: str = option(None, "choice", nullable=True, choices=EXPERT_ACTIVATIONS,
+                             doc="expert activation; swiglu / geglu: gated experts (Mixtral); null: the dense MLP's")
+    shared_experts: int = option(0, "int", minimum=0, maximum=MAX_EXPERTS,
+                                 doc="always-on experts added to the routed output (DeepSeek-MoE, Qwen2-MoE)")
+    shared_expert_gate: bool = option(False, "bool", doc="scale the shared experts by sigmoid(x w) (Qwen2-MoE)")
 
 
 @dataclass

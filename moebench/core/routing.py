@@ -1,9 +1,11 @@
 """The router's answer (`Routing`), what a router may read (`RoutingContext`), the `Router` base class,
 and the capacity / drop logic every router shares.
 
-One flat form covers every routing family: a list of (token, expert, weight) assignment pairs. A
-token-choice top-k router emits T*k pairs, expert-choice emits E*C pairs, a capacity limit removes
-pairs. The MoE layer only ever sees this form, so it needs no per-router code.
+One flat form covers every routing family that sends tokens: a list of (token, expert, weight)
+assignment pairs. A token-choice top-k router emits T*k pairs, expert-choice emits E*C pairs, a
+capacity limit removes pairs. The one other form is dense: routers that send weighted MIXTURES of
+tokens (Soft MoE) give ``dispatch`` / ``combine`` matrices instead (see `Routing`). The MoE layer
+handles exactly these two forms, so it needs no per-router code.
 """
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ from torch import Tensor, nn
 class RoutingContext:
     """Optional extras a router may read. ``context`` is the token's attention output (T, d) for routers
     that declare ``needs_context``; ``positions`` (T,) index tokens within their sequence;
-    ``token_ids`` (T,) exist only for text."""
+    ``token_ids`` (T,) exist only for text; ``seq_len`` is the tokens per sequence (the T tokens are
+    T / seq_len sequences laid out one after another)."""
 
     positions: Tensor | None = None
     token_ids: Tensor | None = None
     context: Tensor | None = None
     training: bool = False
+    seq_len: int | None = None
 
 
 @dataclass
@@ -33,7 +37,13 @@ class Routing:
     ``slot`` is each pair's rank within its token's choices (0 = the token's first choice); the layer's
     capacity logic fills experts slot-major ("k-major") so first choices are never dropped for a
     second choice. ``stats`` holds detached per-token tensors for metrics: ``scores`` (T, E) router
-    probabilities or scores, and any router-specific counters (e.g. ``fallback``)."""
+    probabilities or scores, and any router-specific counters (e.g. ``fallback``).
+
+    Dense form (Soft MoE): ``dispatch`` and ``combine`` of shape (B, N, M) for B sequences of N tokens
+    and M = E * S slots, slot m belonging to expert m // S. Slot inputs are
+    ``slots[b] = dispatch[b]^T x[b]``, each expert runs on its B * S slots, and
+    ``y[b] = combine[b] @ slot_outputs[b]``. The flat lists are then empty; ``counts()`` gives the slots
+    each expert processed."""
 
     token: Tensor
     expert: Tensor
@@ -44,13 +54,34 @@ class Routing:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] = field(default_factory=dict)
     dropped: int = 0
+    dispatch: Tensor | None = None
+    combine: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.dispatch is None) != (self.combine is None):
+            raise ValueError("a dense Routing needs both dispatch and combine (shape (B, N, E * slots))")
+        if self.dispatch is not None:
+            shape = tuple(self.dispatch.shape)
+            if (len(shape) != 3 or tuple(self.combine.shape) != shape or shape[0] * shape[1] != self.num_tokens
+                    or shape[2] % self.num_experts):
+                raise ValueError(f"dense Routing: dispatch {shape} and combine {tuple(self.combine.shape)} must both "
+                                 f"be (B, N, E * slots) with B * N = {self.num_tokens} tokens and "
+                                 f"E = {self.num_experts}")
+
+    @property
+    def is_dense(self) -> bool:
+        return self.dispatch is not None
 
     @property
     def num_pairs(self) -> int:
         return int(self.token.numel())
 
     def counts(self) -> Tensor:
-        """Tokens assigned to each expert (after any drops), shape (E,)."""
+        """Tokens assigned to each expert (after any drops), shape (E,); for the dense form the slots
+        each expert processed."""
+        if self.dispatch is not None:
+            per_expert = self.dispatch.shape[0] * self.dispatch.shape[2] // self.num_experts
+            return torch.full((self.num_experts,), per_expert, dtype=torch.long, device=self.dispatch.device)
         return torch.bincount(self.expert, minlength=self.num_experts)
 
 
