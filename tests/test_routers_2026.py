@@ -1,0 +1,226 @@
+"""Hand-computed cases for the 2026 additions: gated and shared experts, deepseek-v3, soft-moe, top-p
+(and the properties that define each). Equality with `transformers` lives in tests/test_peers.py."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from reference_moe import fixed_routing
+
+from moebench.core.config import EXPERT_ACTIVATIONS
+from moebench.core.experts import ACTIVATIONS, Experts
+from moebench.core.layer import MoELayer
+from moebench.core.registry import ROUTERS
+from moebench.core.routing import Routing, RoutingContext
+
+EVAL = RoutingContext(training=False)
+TRAIN = RoutingContext(training=True)
+e = math.e
+
+
+def build(name, d, num_experts, **kw):
+    torch.manual_seed(0)
+    return ROUTERS.get(name)(d_model=d, num_experts=num_experts, **kw)
+
+
+def set_gate(router, weight):
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+
+
+def silu(v):
+    return v / (1 + math.exp(-v))
+
+
+def pairs(routing):
+    return {(t, ex): w for t, ex, w in zip(routing.token.tolist(), routing.expert.tolist(), routing.weight.tolist())}
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "soft-moe", "top-p"])
+def test_registered_with_paper_and_formula(name):
+    doc = __import__(ROUTERS.get(name).__module__, fromlist=["_"]).__doc__
+    assert "20" in doc and "=" in doc
+    assert name in ROUTERS.names()
+
+
+# --- gated experts ----------------------------------------------------------------------------------
+
+def test_config_lists_the_experts_activations():
+    assert set(EXPERT_ACTIVATIONS) == set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("act,gate_fn", [("swiglu", silu), ("geglu", lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2))))])
+def test_gated_expert_hand_case(act, gate_fn):
+    # d = 2, h = 1: W1 = [W_gate | W_up] = [[1, 2], [0, 1]], W2 = [[2, -1]]; x = (1, 1): gate 1, up 3
+    ex = Experts(1, 2, 1, act)
+    assert ex.w1.shape == (1, 2, 2) and ex.gated
+    with torch.no_grad():
+        ex.w1.copy_(torch.tensor([[[1.0, 2.0], [0.0, 1.0]]]))
+        ex.w2.copy_(torch.tensor([[[2.0, -1.0]]]))
+        ex.b1.zero_()
+        ex.b2.zero_()
+    y = ex(torch.tensor([[1.0, 1.0]]), torch.tensor([1]))
+    h = gate_fn(1.0) * 3.0
+    torch.testing.assert_close(y, torch.tensor([[2 * h, -h]]))
+    # 3 matrices of d x h instead of 2: 3/2 the FLOPs and the matrix parameters
+    assert Experts(4, 8, 16, act).flops_per_expert() == 1.5 * Experts(4, 8, 16, "gelu").flops_per_expert()
+
+
+def test_gated_experts_cannot_upcycle_a_dense_mlp():
+    with pytest.raises(ValueError, match="cannot upcycle a dense.*swiglu"):
+        Experts(2, 4, 8, "swiglu").load_dense(torch.randn(8, 4), None, torch.randn(4, 8), None)
+
+
+# --- shared experts ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("act", ["gelu", "swiglu"])
+@pytest.mark.parametrize("gate", [False, True])
+def test_shared_experts_are_n_always_on_experts(act, gate):
+    d, h, n = 8, 4, 3
+    layer = MoELayer(d, h, 4, router="softmax-topk", activation=act, shared_experts=n, shared_expert_gate=gate)
+    x = torch.randn(5, d)
+    no_pairs = Routing(token=torch.zeros(0, dtype=torch.long), expert=torch.zeros(0, dtype=torch.long),
+                       weight=torch.zeros(0), num_tokens=5, num_experts=4)
+    with fixed_routing(layer, no_pairs):
+        y = layer(x)
+    mlp = layer.shared.mlp
+    w1, b1 = mlp.w1[0], mlp.b1[0]
+    expected = mlp.b2[0].expand(5, d).clone()
+    for j in range(n):  # the N experts of width h, one by one (gated: [gates | ups], each N*h wide)
+        cols = torch.arange(j * h, (j + 1) * h)
+        if act == "swiglu":
+            cols = torch.cat([cols, cols + n * h])
+        hid = mlp.act(x @ w1[:, cols] + b1[cols])
+        expected = expected + hid @ mlp.w2[0][j * h:(j + 1) * h]
+    if gate:
+        expected = torch.sigmoid(x @ layer.shared.gate.weight[0]).unsqueeze(1) * expected
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    # every token pays for the shared experts
+    plain = MoELayer(d, h, 4, router="softmax-topk", activation=act)
+    extra = n * plain.experts.flops_per_expert() + (2 * d if gate else 0)
+    assert layer.flops_per_token() == pytest.approx(plain.flops_per_token() + extra)
+
+
+# --- deepseek-v3 ------------------------------------------------------------------------------------
+
+def _logit(p):
+    return math.log(p / (1 - p))
+
+
+def test_deepseek_v3_group_limited_hand_case():
+    # 4 experts in 2 groups {0, 1}, {2, 3}; one group allowed; top-2. Scores (.6, .6 | .9, .1):
+    # group sums of top-2 are 1.2 and 1.0, so group 0 wins although expert 2 is the single best.
+    r = build("deepseek-v3", 1, 4, top_k=2, num_groups=2, group_top_k=1, scaling=2.5)
+    set_gate(r, [[_logit(0.6)], [_logit(0.6)], [_logit(0.9)], [_logit(0.1)]])
+    x = torch.ones(1, 1)
+    assert pairs(r(x, EVAL)) == {(0, 0): pytest.approx(1.25), (0, 1): pytest.approx(1.25)}
+    # the bias moves selection only: +0.5 on expert 3 gives group 1 the sum 1.5 > 1.2; weights stay unbiased
+    r.expert_bias = torch.tensor([0.0, 0.0, 0.0, 0.5])
+    assert pairs(r(x, EVAL)) == {(0, 2): pytest.approx(2.5 * 0.9), (0, 3): pytest.approx(2.5 * 0.1)}
+    # without the group limit the best two are 2 and 0/1 (.9 and .6)
+    free = build("deepseek-v3", 1, 4, top_k=2, num_groups=1)
+    set_gate(free, [[_logit(0.6)], [_logit(0.5)], [_logit(0.9)], [_logit(0.1)]])
+    assert pairs(free(x, EVAL)) == {(0, 2): pytest.approx(0.9 / 1.5), (0, 0): pytest.approx(0.6 / 1.5)}
+    assert r(x, EVAL).aux_losses == {}
+
+
+def test_deepseek_v3_bias_update_is_loss_free():
+    r = build("deepseek-v3", 2, 4, top_k=1, num_groups=1, update_rate=0.1)
+    set_gate(r, [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [-1.0, -1.0]])
+    x = torch.tensor([[3.0, 0.0], [3.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    r(x, TRAIN)  # loads (3, 1, 0, 0), mean 1
+    r.after_step()
+    torch.testing.assert_close(r.expert_bias, torch.tensor([-0.1, 0.0, 0.1, 0.1]))
+    assert "expert_bias" not in dict(r.named_parameters())
+
+
+def test_deepseek_v3_defaults_and_errors():
+    r = build("deepseek-v3", 8, 8)
+    assert (r.num_groups, r.group_top_k, r.scaling) == (4, 2, 1.0)
+    assert build("deepseek-v3", 8, 6).num_groups == 1
+    with pytest.raises(ValueError, match="num_groups=3 must be a positive divisor of num_experts=8"):
+        build("deepseek-v3", 8, 8, num_groups=3)
+    with pytest.raises(ValueError, match="top_k=4 exceeds the experts of the 1 allowed groups"):
+        build("deepseek-v3", 8, 8, top_k=4, num_groups=4, group_top_k=1)
+
+
+# --- soft-moe ---------------------------------------------------------------------------------------
+
+def test_soft_moe_hand_case():
+    # one sequence of 2 tokens, 2 experts x 1 slot, Phi = I, no normalisation: logits = X
+    r = build("soft-moe", 2, 2, normalize=False)
+    with torch.no_grad():
+        r.phi.copy_(torch.eye(2))
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    out = r(x, RoutingContext(seq_len=2))
+    a, b = e / (e + 1), e**2 / (e**2 + 1)
+    # dispatch: softmax over tokens (columns); combine: softmax over slots (rows)
+    torch.testing.assert_close(out.dispatch[0], torch.tensor([[a, 1 - b], [1 - a, b]]))
+    torch.testing.assert_close(out.combine[0], torch.tensor([[a, 1 - a], [1 - b, b]]))
+    assert out.num_pairs == 0 and out.counts().tolist() == [1, 1]
+    # through the layer with identity experts (relu, W = I, no bias, positive inputs): y = C D^T X
+    layer = MoELayer(2, 2, 2, router="soft-moe", router_args={"normalize": False}, activation="relu")
+    with torch.no_grad():
+        layer.router.phi.copy_(torch.eye(2))
+        layer.experts.w1.copy_(torch.eye(2).expand(2, 2, 2))
+        layer.experts.w2.copy_(torch.eye(2).expand(2, 2, 2))
+        layer.experts.b1.zero_()
+        layer.experts.b2.zero_()
+    y = layer(x.unsqueeze(0))[0]
+    slots = [(a * 1, (1 - a) * 2), ((1 - b) * 1, b * 2)]
+    expected = [[a * slots[0][0] + (1 - a) * slots[1][0], a * slots[0][1] + (1 - a) * slots[1][1]],
+                [(1 - b) * slots[0][0] + b * slots[1][0], (1 - b) * slots[0][1] + b * slots[1][1]]]
+    torch.testing.assert_close(y, torch.tensor(expected))
+    assert layer.stats["counts"].tolist() == [1, 1] and layer.stats["dropped"] == 0
+
+
+def test_soft_moe_mixes_within_a_sequence_only_and_counts_slots():
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 4, router="soft-moe", router_args={"slots_per_expert": 3})
+    x = torch.randn(2, 6, 8)
+    y = layer(x)
+    x2 = x.clone()
+    x2[1] = torch.randn(6, 8)
+    torch.testing.assert_close(layer(x2)[0], y[0])  # sequence 0 does not see sequence 1
+    assert layer.stats["counts"].tolist() == [6, 6, 6, 6]  # 2 sequences x 3 slots per expert
+    # FLOP matching: E * S slot evaluations per sequence of N tokens = E * S / N experts per token
+    assert layer.router.active_experts_per_token == pytest.approx(4 * 3 / 6)
+    assert layer.flops_per_token() == pytest.approx(2 * layer.experts.flops_per_expert() + 3 * 2 * 8 * 12)
+    fresh = build("soft-moe", 8, 4, slots_per_expert=2)
+    with pytest.raises(ValueError, match="set router_args.tokens_per_sequence"):
+        fresh.active_experts_per_token
+    assert build("soft-moe", 8, 4, slots_per_expert=2, tokens_per_sequence=16).active_experts_per_token == 0.5
+    with pytest.raises(ValueError, match="slots_per_expert must be a positive integer"):
+        build("soft-moe", 8, 4, slots_per_expert=0)
+
+
+# --- top-p ------------------------------------------------------------------------------------------
+
+def test_top_p_hand_case():
+    r = build("top-p", 3, 3, p=0.6, dynamic_weight=0.1, balance_weight=0.0)
+    set_gate(r, torch.eye(3))
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.7, 0.2]])
+    out = r(probs.log(), EVAL)
+    # token 0: 0.5 < 0.6 so expert 1 joins (0.8 >= 0.6); token 1: 0.7 alone reaches 0.6
+    assert pairs(out) == {(0, 0): pytest.approx(0.5), (0, 1): pytest.approx(0.3), (1, 1): pytest.approx(0.7)}
+    assert out.slot.tolist() == [0, 1, 0]
+    entropy = [-sum(p * math.log(p) for p in row) for row in probs.tolist()]
+    torch.testing.assert_close(out.aux_losses["dynamic"], torch.tensor(0.1 * sum(entropy) / 2))
+    assert float(out.stats["experts_per_token"]) == 1.5
+    assert r.active_experts_per_token == 1.5  # measured, not assumed
+    capped = build("top-p", 3, 3, p=1.0, max_k=2)
+    set_gate(capped, torch.eye(3))
+    assert capped(probs.log(), EVAL).num_pairs == 4
+
+
+def test_top_p_active_experts_prefers_evaluation_mean():
+    r = build("top-p", 4, 4, expected_experts=2.5)
+    assert r.active_experts_per_token == 2.5  # nothing seen yet: the declared value grids match to
+    a = r(torch.randn(10, 4), TRAIN)
+    b = r(torch.randn(6, 4), TRAIN)
+    assert r.active_experts_per_token == pytest.approx((a.num_pairs + b.num_pairs) / 16)
+    out = r(torch.randn(8, 4) * 3, EVAL)
+    assert r.active_experts_per_token == pytest.approx(out.num_pairs / 8)
+    with pytest.raises(ValueError, match="p must be in"):
+        build("top-p", 4, 4, p=0.0)
