@@ -189,7 +189,7 @@ def test_soft_moe_mixes_within_a_sequence_only_and_counts_slots():
     assert layer.flops_per_token() == pytest.approx(2 * layer.experts.flops_per_expert() + 3 * 2 * 8 * 12)
     fresh = build("soft-moe", 8, 4, slots_per_expert=2)
     with pytest.raises(ValueError, match="set router_args.tokens_per_sequence"):
-        fresh.active_experts_per_token
+        _ = fresh.active_experts_per_token
     assert build("soft-moe", 8, 4, slots_per_expert=2, tokens_per_sequence=16).active_experts_per_token == 0.5
     with pytest.raises(ValueError, match="slots_per_expert must be a positive integer"):
         build("soft-moe", 8, 4, slots_per_expert=0)
