@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moebench.core.measured import ExpertsPerTokenMeter
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext
 
@@ -42,15 +43,11 @@ class TopPRouter(Router):
         self.dynamic_weight, self.balance_weight = float(dynamic_weight), float(balance_weight)
         self.expected_experts = float(expected_experts)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
-        # [tokens, pairs] seen in evaluation and in training forwards, for the honest mean
-        self.register_buffer("seen", torch.zeros(2, 2, dtype=torch.float64), persistent=False)
+        self.meter = ExpertsPerTokenMeter()
 
     @property
     def active_experts_per_token(self) -> float:
-        for tokens, pairs in (self.seen[0].tolist(), self.seen[1].tolist()):
-            if tokens > 0:
-                return pairs / tokens
-        return self.expected_experts
+        return self.meter.mean(self.expected_experts)
 
     def flops_per_token(self) -> float:
         return 2.0 * self.d_model * self.num_experts
@@ -67,9 +64,7 @@ class TopPRouter(Router):
         expert = order[token, slot]
         weight = probs[token, expert]
         num_tokens = x.shape[0]
-        with torch.no_grad():
-            self.seen[0 if not ctx.training else 1] += torch.tensor(
-                [num_tokens, token.numel()], dtype=torch.float64, device=self.seen.device)
+        self.meter.add(num_tokens, token.numel(), ctx.training)
         f = torch.bincount(expert, minlength=self.num_experts).float() / max(token.numel(), 1)
         aux = {
             "balance": self.balance_weight * self.num_experts * (f * probs.mean(0)).sum(),

@@ -224,3 +224,111 @@ def test_top_p_active_experts_prefers_evaluation_mean():
     assert r.active_experts_per_token == pytest.approx(out.num_pairs / 8)
     with pytest.raises(ValueError, match="p must be in"):
         build("top-p", 4, 4, p=0.0)
+
+
+# --- remoe ------------------------------------------------------------------------------------------
+
+def test_remoe_hand_case_and_adaptive_l1():
+    r = build("remoe", 3, 3, top_k=1, lambda_init=0.01, alpha=2.0)
+    set_gate(r, torch.eye(3))
+    x = torch.tensor([[1.0, -1.0, 2.0]])
+    out = r(x, TRAIN)
+    assert pairs(out) == {(0, 0): 1.0, (0, 2): 2.0}  # ReLU gates, only the positive ones run
+    # f = E / (k T) * active counts = 3 * (1, 0, 1); reg = lambda * (1 * 3 + 2 * 3)
+    torch.testing.assert_close(out.aux_losses["l1"], torch.tensor(0.01 * 9))
+    assert float(out.stats["sparsity"]) == pytest.approx(1 / 3)
+    r.after_step()  # sparsity 1/3 < target 1 - 1/3: lambda doubles
+    assert float(r.l1_weight) == pytest.approx(0.02)
+    r(torch.tensor([[-1.0, -1.0, 2.0]]), TRAIN)  # sparsity 2/3 = target: unchanged
+    r.after_step()
+    assert float(r.l1_weight) == pytest.approx(0.02)
+    r(-torch.ones(1, 3), TRAIN)  # all zero: too sparse, lambda halves
+    r.after_step()
+    assert float(r.l1_weight) == pytest.approx(0.01)
+    r(x, EVAL)
+    r.after_step()
+    assert float(r.l1_weight) == pytest.approx(0.01), "evaluation forwards do not steer lambda"
+    assert r.active_experts_per_token == 2.0  # measured in evaluation: 2 experts for that token
+
+
+def test_remoe_l1_drives_sparsity_toward_target():
+    torch.manual_seed(0)
+    r = build("remoe", 8, 8, top_k=2, lambda_init=1e-3, alpha=1.2)
+    opt = torch.optim.SGD(r.parameters(), lr=0.5)
+    x = torch.randn(256, 8) + 1.0  # a shared mean direction the gates can turn away from
+    start = float(r(x, EVAL).stats["sparsity"])
+    for _ in range(150):
+        out = r(x, TRAIN)
+        opt.zero_grad()
+        out.aux_losses["l1"].backward()
+        opt.step()
+        r.after_step()
+    end = float(r(x, EVAL).stats["sparsity"])
+    assert start < 0.65 and abs(end - 0.75) < abs(start - 0.75) and end > 0.65, (start, end)
+
+
+# --- null experts -----------------------------------------------------------------------------------
+
+def test_null_experts_hand_case():
+    d = 4
+    layer = MoELayer(d, 8, 2, router="softmax-topk", null_experts=4)  # experts 2..5: zero, copy, constant x2
+    assert layer.null.kinds == ["zero", "copy", "constant", "constant"]
+    assert layer.router.num_experts == 6 and layer.experts.num_experts == 2
+    x = torch.randn(3, d)
+    with torch.no_grad():
+        layer.null.vectors.copy_(torch.arange(2 * d, dtype=torch.float32).reshape(2, d))
+        layer.null.mix.zero_()  # a = softmax(0) = (1/2, 1/2)
+    routing = Routing(token=torch.tensor([0, 1, 2, 2]), expert=torch.tensor([2, 3, 5, 0]),
+                      weight=torch.tensor([0.9, 0.5, 0.25, 0.75]), num_tokens=3, num_experts=6,
+                      slot=torch.tensor([0, 0, 0, 1]))
+    with fixed_routing(layer, routing):
+        y = layer(x)
+    ex = layer.experts
+    expert0 = ex.act(x[2] @ ex.w1[0] + ex.b1[0]) @ ex.w2[0] + ex.b2[0]
+    torch.testing.assert_close(y[0], torch.zeros(d))  # zero expert
+    torch.testing.assert_close(y[1], 0.5 * x[1])  # copy expert
+    torch.testing.assert_close(y[2], 0.25 * (0.5 * x[2] + 0.5 * layer.null.vectors[1]) + 0.75 * expert0)
+    assert layer.stats["counts"].tolist() == [1, 0]
+    assert float(layer.stats["null_share"]) == 0.75
+    # FLOPs: only the real experts a token visited (1 of 3 tokens here), not k = 2
+    assert layer.real_experts_per_token() == pytest.approx(1 / 3)
+
+
+# --- the layer options against the slow reference ---------------------------------------------------
+
+LAYER_OPTIONS = [
+    ("softmax-topk", {}, {"activation": "swiglu"}),
+    ("softmax-topk", {}, {"activation": "geglu", "shared_experts": 2}),
+    ("deepseek-v3", {}, {"activation": "swiglu", "shared_experts": 1, "shared_expert_gate": True}),
+    ("softmax-topk", {"top_k": 3}, {"null_experts": 4}),
+    ("switch", {}, {"null_experts": 3, "shared_experts": 1}),
+    ("soft-moe", {"slots_per_expert": 2}, {"activation": "swiglu", "shared_experts": 1}),
+]
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-mm", "fallback"])
+@pytest.mark.parametrize("name,args,options", LAYER_OPTIONS)
+def test_layer_options_match_reference(name, args, options, grouped):
+    from reference_moe import recorded_routing, reference_forward
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, router=name, router_args=args, **options).train()
+    layer.experts.use_grouped_mm = grouped
+    if layer.null is not None:
+        with torch.no_grad():
+            layer.null.mix.normal_()
+    x = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    with recorded_routing(layer) as routings:
+        fast = layer(x)
+    ref = reference_forward(layer, x, routings[0])
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    params = [x] + [p for p in layer.parameters() if p.requires_grad]
+    g_fast = torch.autograd.grad(fast.sum(), params, retain_graph=True, allow_unused=True)
+    g_ref = torch.autograd.grad(ref.sum(), params, retain_graph=True, allow_unused=True)
+    for a, b in zip(g_fast, g_ref):
+        if a is None or b is None:
+            assert a is None and b is None or (a if a is not None else b).abs().sum() == 0
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    if layer.null is not None:
+        assert any(int(ex) >= 4 for ex in routings[0].expert), "the case must route some pairs to null experts"

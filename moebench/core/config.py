@@ -89,6 +89,8 @@ class MoEConfig:
     shared_experts: int = option(0, "int", minimum=0, maximum=MAX_EXPERTS,
                                  doc="always-on experts added to the routed output (DeepSeek-MoE, Qwen2-MoE)")
     shared_expert_gate: bool = option(False, "bool", doc="scale the shared experts by sigmoid(x w) (Qwen2-MoE)")
+    null_experts: int = option(0, "int", minimum=0, maximum=MAX_EXPERTS,
+                               doc="zero / copy / constant experts added to the router's pool (MoE++)")
 
 
 @dataclass

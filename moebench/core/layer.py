@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from moebench.core.dense_dispatch import dense_dispatch
 from moebench.core.experts import Experts
+from moebench.core.null_experts import NullExperts
 from moebench.core.registry import ROUTERS
 from moebench.core.routing import RoutingContext, apply_capacity
 from moebench.core.shared_experts import SharedExperts
@@ -34,6 +35,7 @@ class MoELayer(nn.Module):
         activation: str = "gelu",
         shared_experts: int = 0,
         shared_expert_gate: bool = False,
+        null_experts: int = 0,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
@@ -52,10 +54,11 @@ class MoELayer(nn.Module):
             if reserved in args:
                 raise ValueError(f"router_args must not set {reserved!r}: the layer fills it in")
         try:
-            self.router = router_cls(d_model=d_model, num_experts=num_experts, **args)
+            self.router = router_cls(d_model=d_model, num_experts=num_experts + null_experts, **args)
         except TypeError as err:
             raise TypeError(f"bad router_args for router {router!r}: {err}") from err
         self.experts = self.router.wrap_experts(Experts(num_experts, d_model, d_hidden, activation))
+        self.null = NullExperts(null_experts, num_experts, d_model) if null_experts else None
         self.shared = SharedExperts(shared_experts, d_model, d_hidden, activation, shared_expert_gate) \
             if shared_experts else None
         self.aux_loss: Tensor = torch.zeros(())
@@ -67,13 +70,21 @@ class MoELayer(nn.Module):
         """Active FLOPs per token (2 per multiply-add): the experts each token visits plus the router."""
         expert = self.experts.flops_per_expert()
         shared = self.shared.flops_per_token() if self.shared is not None else 0.0
-        return self.router.active_experts_per_token * expert + self.router.flops_per_token() + shared
+        shared += self.null.flops_per_token() if self.null is not None else 0.0  # upper bound, small
+        return self.real_experts_per_token() * expert + self.router.flops_per_token() + shared
+
+    def real_experts_per_token(self) -> float:
+        """Expert evaluations per token; with null experts, the measured real ones (the router's count
+        before any data)."""
+        routed = self.router.active_experts_per_token
+        return routed if self.null is None else self.null.meter.mean(routed)
 
     def active_params(self) -> float:
         """Parameters touched per token: router + the average number of experts a token visits (+ shared)."""
         router = sum(p.numel() for p in self.router.parameters())
         shared = self.shared.params() if self.shared is not None else 0
-        return router + self.router.active_experts_per_token * self.experts.params_per_expert() + shared
+        null = sum(p.numel() for p in self.null.parameters()) if self.null is not None else 0
+        return router + self.real_experts_per_token() * self.experts.params_per_expert() + shared + null
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, context: Tensor | None = None, token_ids: Tensor | None = None) -> Tensor:
@@ -105,6 +116,9 @@ class MoELayer(nn.Module):
             routing = self.router(flat.float(), ctx)
         capacity = self.capacity_factor if self.capacity_factor is not None else self.router.default_capacity_factor(self.training)
         routing = apply_capacity(routing, capacity)
+        null_out = None
+        if self.null is not None:
+            routing, null_out = self.null.split(routing, flat, self.training)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else flat.dtype
 
         if routing.is_dense:
@@ -119,6 +133,8 @@ class MoELayer(nn.Module):
             out = out.index_add(0, token_sorted, y_sorted)
         if self.shared is not None:
             out = out + self.shared(flat.to(compute_dtype)).to(out.dtype)
+        if null_out is not None:
+            out = out + null_out.to(out.dtype)
 
         losses = list(routing.aux_losses.values())
         self.aux_loss = torch.stack(losses).sum() if losses else flat.new_zeros((), dtype=torch.float32)

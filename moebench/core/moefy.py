@@ -318,6 +318,7 @@ def moefy(
     tower: str = "both",
     shared_experts: int = _MOE_DEFAULTS["shared_experts"],
     shared_expert_gate: bool = _MOE_DEFAULTS["shared_expert_gate"],
+    null_experts: int = _MOE_DEFAULTS["null_experts"],
 ) -> MoefyResult:
     """Replace the MLPs of the chosen blocks (``blocks`` applied per tower) by MoELayers, in place.
 
@@ -358,7 +359,7 @@ def moefy(
             act_name = activation
         layer = MoELayer(d_model, hidden, num_experts, router=router, router_args=router_args,
                          capacity_factor=capacity_factor, activation=act_name, shared_experts=shared_experts,
-                         shared_expert_gate=shared_expert_gate)
+                         shared_expert_gate=shared_expert_gate, null_experts=null_experts)
         if upcycle:
             if getattr(layer.experts, "gated", False):
                 layer_notes.append(f"upcycle skipped: {act_name} experts are gated and the dense MLP is not, "

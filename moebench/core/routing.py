@@ -60,7 +60,7 @@ class Routing:
     def __post_init__(self) -> None:
         if (self.dispatch is None) != (self.combine is None):
             raise ValueError("a dense Routing needs both dispatch and combine (shape (B, N, E * slots))")
-        if self.dispatch is not None:
+        if self.dispatch is not None and self.combine is not None:
             shape = tuple(self.dispatch.shape)
             if (len(shape) != 3 or tuple(self.combine.shape) != shape or shape[0] * shape[1] != self.num_tokens
                     or shape[2] % self.num_experts):

@@ -144,7 +144,8 @@ def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
         if moe["d_hidden"] is None:
             moe["d_hidden"] = _dense_width(spec, ctx)
         try:
-            routers = [_router(moe["router"], d, moe["num_experts"], moe["router_args"]) for d in pr["d_models"]]
+            routers = [_router(moe["router"], d, moe["num_experts"] + moe.get("null_experts", 0), moe["router_args"])
+                       for d in pr["d_models"]]
         except (TypeError, ValueError) as err:
             named = [k for k in moe["router_args"] if re.search(rf"\b{re.escape(str(k))}\b", str(err))]
             origin = {k: (f"sweep.router_args.{k}" if f"router_args.{k}" in spec["sweep"] else
@@ -255,7 +256,8 @@ def _moe_costs(key: str, rest_params: int) -> dict:
             return MoELayer(d, moe["d_hidden"], moe["num_experts"], moe["router"], moe["router_args"],
                             moe["capacity_factor"], activation=moe.get("activation") or "gelu",
                             shared_experts=moe.get("shared_experts", 0),
-                            shared_expert_gate=moe.get("shared_expert_gate", False))
+                            shared_expert_gate=moe.get("shared_expert_gate", False),
+                            null_experts=moe.get("null_experts", 0))
         try:
             with torch.device("meta"):
                 layer = build()

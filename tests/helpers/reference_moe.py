@@ -90,6 +90,23 @@ def dense_reference(layer: MoELayer, flat: Tensor, routing: Routing) -> Tensor:
     return torch.cat(out)
 
 
+def null_reference(layer: MoELayer, flat: Tensor, kept: Routing) -> Tensor:
+    """Null experts pair by pair: zero adds nothing, copy adds w * x, constant adds w * (a1 x + a2 v)."""
+    out = flat.new_zeros(flat.shape)
+    null = layer.null
+    for t, ex, w in zip(kept.token.tolist(), kept.expert.tolist(), kept.weight):
+        if ex < layer.num_experts:
+            continue
+        kind = null.kinds[ex - layer.num_experts]
+        if kind == "copy":
+            out[t] = out[t] + w * flat[t]
+        elif kind == "constant":
+            c = null.kinds[:ex - layer.num_experts].count("constant")
+            a = torch.softmax(null.mix[c] @ flat[t], dim=0)
+            out[t] = out[t] + w * (a[0] * flat[t] + a[1] * null.vectors[c])
+    return out
+
+
 def reference_forward(layer: MoELayer, x: Tensor, routing: Routing) -> Tensor:
     """out[t] = sum over kept pairs (t, e, w) of w * expert_e(x[t]) (+ the shared experts); ``routing``
     is before capacity."""
@@ -107,6 +124,8 @@ def reference_forward(layer: MoELayer, x: Tensor, routing: Routing) -> Tensor:
             tokens = kept.token[mask]
             weights = kept.weight[mask].to(y_e.dtype)
             out = out.index_add(0, tokens, weights.unsqueeze(1) * y_e[tokens])
+        if layer.null is not None:
+            out = out + null_reference(layer, flat, kept)
     if layer.shared is not None:
         out = out + shared_reference(layer, flat)
     return out.reshape(shape)
