@@ -332,3 +332,53 @@ def test_layer_options_match_reference(name, args, options, grouped):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     if layer.null is not None:
         assert any(int(ex) >= 4 for ex in routings[0].expert), "the case must route some pairs to null experts"
+
+
+# --- base / sinkhorn --------------------------------------------------------------------------------
+
+def test_base_assignment_hand_case_and_optimality():
+    from itertools import product
+
+    from moebench.routers.base import balanced_assignment
+
+    # every token prefers expert 0; with capacity 1 the best total gives expert 0 to token 1 (largest margin)
+    scores = torch.tensor([[1.0, 0.9], [1.0, 0.0]])
+    assert balanced_assignment(scores, 1, eps=1e-4).tolist() == [1, 0]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):  # against brute force: 6 tokens, 3 experts, capacity 2
+        s = torch.randn(6, 3, generator=g)
+        a = balanced_assignment(s, 2, eps=1e-5)
+        assert torch.bincount(a, minlength=3).max() <= 2
+        best = max(sum(float(s[t, p[t]]) for t in range(6)) for p in product(range(3), repeat=6)
+                   if max(p.count(ex) for ex in range(3)) <= 2)
+        assert sum(float(s[t, a[t]]) for t in range(6)) >= best - 6e-5
+
+
+def test_base_router_balanced_in_training_greedy_in_eval():
+    r = build("base", 2, 2)
+    set_gate(r, torch.eye(2))
+    x = torch.tensor([[1.0, 0.9], [1.0, 0.0], [2.0, 0.0], [0.5, 0.0]])
+    train = r(x, TRAIN)
+    assert train.counts().tolist() == [2, 2]
+    assert train.expert.tolist() == [1, 0, 0, 1]  # token 0 and 3 lose the least by moving
+    torch.testing.assert_close(train.weight, torch.sigmoid(torch.tensor([0.9, 1.0, 2.0, 0.0])))
+    assert r(x, EVAL).expert.tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="top-1 by definition"):
+        build("base", 2, 2, top_k=2)
+
+
+def test_sinkhorn_balances_a_skewed_router():
+    from moebench.routers.sinkhorn import sinkhorn
+
+    logits = torch.tensor([[2.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 0.0]])
+    p = sinkhorn(logits, 50)
+    torch.testing.assert_close(p.sum(1), torch.ones(4))
+    torch.testing.assert_close(p.sum(0), torch.full((2,), 2.0))
+    r = build("sinkhorn", 2, 2, iterations=50)
+    set_gate(r, torch.eye(2))
+    out = r(logits, TRAIN)
+    assert out.counts().tolist() == [2, 2]  # greedy would send all four to expert 0
+    assert out.expert.tolist() == [0, 1, 0, 1]
+    probs = torch.softmax(logits, -1)
+    torch.testing.assert_close(out.weight, probs[torch.arange(4), out.expert])  # raw probabilities
+    assert r(logits, EVAL).expert.tolist() == [0, 0, 0, 0]
