@@ -303,6 +303,8 @@ LAYER_OPTIONS = [
     ("softmax-topk", {"top_k": 3}, {"null_experts": 4}),
     ("switch", {}, {"null_experts": 3, "shared_experts": 1}),
     ("soft-moe", {"slots_per_expert": 2}, {"activation": "swiglu", "shared_experts": 1}),
+    ("softmax-topk", {}, {"capacity_factor": 0.5, "capacity_policy": "priority"}),
+    ("switch", {}, {"capacity_policy": "priority", "null_experts": 2}),
 ]
 
 
@@ -382,3 +384,60 @@ def test_sinkhorn_balances_a_skewed_router():
     probs = torch.softmax(logits, -1)
     torch.testing.assert_close(out.weight, probs[torch.arange(4), out.expert])  # raw probabilities
     assert r(logits, EVAL).expert.tolist() == [0, 0, 0, 0]
+
+
+# --- capacity policy (V-MoE batch-prioritised routing) -----------------------------------------------
+
+def test_priority_capacity_keeps_confident_tokens():
+    from moebench.core.routing import apply_capacity
+
+    # 4 tokens all to expert 0 (top-1), capacity ceil(0.5 * 4 / 2) = 1: position keeps token 0,
+    # priority keeps the token with the highest top gate score (token 2)
+    scores = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.9, 0.1], [0.55, 0.45]])
+    routing = Routing(token=torch.arange(4), expert=torch.zeros(4, dtype=torch.long), weight=scores[:, 0],
+                      num_tokens=4, num_experts=2, slot=torch.zeros(4, dtype=torch.long), stats={"scores": scores})
+    assert apply_capacity(routing, 0.5).token.tolist() == [0]
+    assert apply_capacity(routing, 0.5, "priority").token.tolist() == [2]
+    assert apply_capacity(routing, 1.0, "priority").token.tolist() == [1, 2]
+    # k-major still holds: a confident token's second choice loses to any first choice
+    two = Routing(token=torch.tensor([0, 0, 1]), expert=torch.tensor([1, 0, 0]), weight=torch.ones(3),
+                  num_tokens=2, num_experts=2, slot=torch.tensor([0, 1, 0]),
+                  stats={"scores": torch.tensor([[0.2, 0.8], [0.6, 0.4]])})
+    assert sorted(zip(*[t.tolist() for t in (apply_capacity(two, 0.5, "priority").token,
+                                             apply_capacity(two, 0.5, "priority").expert)])) == [(0, 1), (1, 0)]
+    with pytest.raises(ValueError, match="capacity policy 'random' is unknown"):
+        apply_capacity(routing, 0.5, "random")
+    layer = MoELayer(4, 8, 2, router="softmax-topk", router_args={"top_k": 1}, capacity_factor=0.5,
+                     capacity_policy="priority")
+    with fixed_routing(layer, routing):
+        layer(torch.randn(4, 4))
+    assert layer.stats["counts"].tolist() == [1, 0] and layer.stats["dropped"] == 3
+
+
+# --- global-batch balance loss -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["switch", "softmax-topk"])
+def test_global_batch_balance_accumulates_over_micro_batches(name):
+    kw = {"top_k": 1, "balance_weight": 1.0}
+    if name == "switch":
+        kw.update(jitter=0.0, z_weight=0.0)
+    micro, glob = build(name, 2, 2, **kw), build(name, 2, 2, balance_scope="global", **kw)
+    for r in (micro, glob):
+        set_gate(r, torch.eye(2))
+    a = torch.tensor([[3.0, 0.0], [3.0, 0.0]])  # micro-batch 1: both tokens to expert 0
+    b = torch.tensor([[0.0, 3.0], [0.0, 3.0]])  # micro-batch 2: both to expert 1
+    p_b = torch.softmax(b, -1).mean(0)
+    glob(a, TRAIN)
+    got = glob(b, TRAIN).aux_losses["balance"]
+    # global f over both micro-batches = (1/2, 1/2); micro f = (0, 1)
+    torch.testing.assert_close(got, 2 * (0.5 * p_b).sum())
+    torch.testing.assert_close(micro(b, TRAIN).aux_losses["balance"], 2 * p_b[1])
+    glob.after_step()  # a new step starts from zero
+    torch.testing.assert_close(glob(b, TRAIN).aux_losses["balance"], 2 * p_b[1])
+    torch.testing.assert_close(glob(b, EVAL).aux_losses["balance"], 2 * p_b[1])
+    with pytest.raises(ValueError, match="balance_scope 'batch' is unknown"):
+        build(name, 2, 2, balance_scope="batch")
+
+
+def test_softmax_topk_has_no_balance_loss_by_default():
+    assert build("softmax-topk", 4, 4)(torch.randn(3, 4), TRAIN).aux_losses == {}

@@ -84,6 +84,9 @@ class MoEConfig:
     capacity_factor: float = option(None, "float", minimum=0.0, strict=True, nullable=True,
                                     doc="null: the router's default (dropless for most)")
     upcycle: bool = option(False, "bool", doc="copy the dense MLP into every expert")
+    capacity_policy: str = option("position", "choice", choices=("position", "priority"),
+                                  doc="which pairs a full expert keeps: earlier tokens, or higher top gate "
+                                      "score (V-MoE batch-prioritised routing)")
     activation: str = option(None, "choice", nullable=True, choices=EXPERT_ACTIVATIONS,
                              doc="expert activation; swiglu / geglu: gated experts (Mixtral); null: the dense MLP's")
     shared_experts: int = option(0, "int", minimum=0, maximum=MAX_EXPERTS,

@@ -14,7 +14,7 @@ from moebench.core.dense_dispatch import dense_dispatch
 from moebench.core.experts import Experts
 from moebench.core.null_experts import NullExperts
 from moebench.core.registry import ROUTERS
-from moebench.core.routing import RoutingContext, apply_capacity
+from moebench.core.routing import CAPACITY_POLICIES, RoutingContext, apply_capacity
 from moebench.core.shared_experts import SharedExperts
 
 
@@ -36,6 +36,7 @@ class MoELayer(nn.Module):
         shared_experts: int = 0,
         shared_expert_gate: bool = False,
         null_experts: int = 0,
+        capacity_policy: str = "position",
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
@@ -47,6 +48,9 @@ class MoELayer(nn.Module):
             )
         self.d_model, self.d_hidden, self.num_experts = d_model, d_hidden, num_experts
         self.capacity_factor = capacity_factor
+        if capacity_policy not in CAPACITY_POLICIES:
+            raise ValueError(f"MoELayer capacity_policy must be one of {list(CAPACITY_POLICIES)}, got {capacity_policy!r}")
+        self.capacity_policy = capacity_policy
         self.router_name = router
         router_cls = ROUTERS.get(router)
         args = dict(router_args or {})
@@ -115,7 +119,7 @@ class MoELayer(nn.Module):
         with autocast_off:
             routing = self.router(flat.float(), ctx)
         capacity = self.capacity_factor if self.capacity_factor is not None else self.router.default_capacity_factor(self.training)
-        routing = apply_capacity(routing, capacity)
+        routing = apply_capacity(routing, capacity, self.capacity_policy)
         null_out = None
         if self.null is not None:
             routing, null_out = self.null.split(routing, flat, self.training)

@@ -319,6 +319,7 @@ def moefy(
     shared_experts: int = _MOE_DEFAULTS["shared_experts"],
     shared_expert_gate: bool = _MOE_DEFAULTS["shared_expert_gate"],
     null_experts: int = _MOE_DEFAULTS["null_experts"],
+    capacity_policy: str = _MOE_DEFAULTS["capacity_policy"],
 ) -> MoefyResult:
     """Replace the MLPs of the chosen blocks (``blocks`` applied per tower) by MoELayers, in place.
 
@@ -359,7 +360,8 @@ def moefy(
             act_name = activation
         layer = MoELayer(d_model, hidden, num_experts, router=router, router_args=router_args,
                          capacity_factor=capacity_factor, activation=act_name, shared_experts=shared_experts,
-                         shared_expert_gate=shared_expert_gate, null_experts=null_experts)
+                         shared_expert_gate=shared_expert_gate, null_experts=null_experts,
+                         capacity_policy=capacity_policy)
         if upcycle:
             if getattr(layer.experts, "gated", False):
                 layer_notes.append(f"upcycle skipped: {act_name} experts are gated and the dense MLP is not, "

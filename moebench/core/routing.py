@@ -109,15 +109,24 @@ def expert_capacity(num_tokens: int, pairs_per_token: float, num_experts: int, c
     return max(1, min(num_tokens, cap))
 
 
-def apply_capacity(routing: Routing, capacity_factor: float | None) -> Routing:
+CAPACITY_POLICIES = ("position", "priority")
+
+
+def apply_capacity(routing: Routing, capacity_factor: float | None, policy: str = "position") -> Routing:
     """Keep at most C pairs per expert, filling slot-major: every token's first choice is placed before
-    any second choice, and within a slot earlier tokens first. Dropped pairs are removed and counted."""
+    any second choice. Within a slot, ``position`` takes earlier tokens first; ``priority`` (V-MoE's
+    batch-prioritised routing, Riquelme et al. 2021) takes tokens in order of their top gate score
+    (``stats['scores']``' row maximum, else the token's largest pair weight), so confident tokens are the
+    last to be dropped. Dropped pairs are removed and counted."""
+    if policy not in CAPACITY_POLICIES:
+        raise ValueError(f"capacity policy {policy!r} is unknown; choose one of {list(CAPACITY_POLICIES)}")
     if capacity_factor is None or routing.num_pairs == 0:
         return routing
     pairs_per_token = routing.num_pairs / max(routing.num_tokens, 1)
     cap = expert_capacity(routing.num_tokens, pairs_per_token, routing.num_experts, capacity_factor)
     slot = routing.slot if routing.slot is not None else torch.zeros_like(routing.token)
-    priority = slot * routing.num_tokens + routing.token
+    token_rank = routing.token if policy == "position" else _priority_rank(routing)[routing.token]
+    priority = slot * routing.num_tokens + token_rank
     # Sort by (expert, priority) with one stable key; the rank inside each expert's block is the slot used.
     key = routing.expert * (priority.max() + 1) + priority
     order = torch.argsort(key, stable=True)
@@ -142,6 +151,20 @@ def apply_capacity(routing: Routing, capacity_factor: float | None) -> Routing:
         stats=routing.stats,
         dropped=routing.dropped + dropped,
     )
+
+
+def _priority_rank(routing: Routing) -> Tensor:
+    """Each token's rank (0 = first served) by decreasing top gate score; ties by position."""
+    scores = routing.stats.get("scores")
+    if scores is not None and scores.shape[0] == routing.num_tokens:
+        top = scores.detach().float().max(-1).values
+    else:
+        top = torch.full((routing.num_tokens,), -math.inf, device=routing.token.device)
+        top = top.scatter_reduce(0, routing.token, routing.weight.detach().float(), reduce="amax")
+    order = torch.argsort(-top, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return rank
 
 
 class Router(nn.Module):

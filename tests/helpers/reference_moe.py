@@ -116,7 +116,7 @@ def reference_forward(layer: MoELayer, x: Tensor, routing: Routing) -> Tensor:
     if routing.is_dense:
         out = dense_reference(layer, flat, routing)
     else:
-        kept = apply_capacity(routing, effective_capacity(layer))
+        kept = apply_capacity(routing, effective_capacity(layer), getattr(layer, "capacity_policy", "position"))
         out = flat.new_zeros(num_tokens, shape[-1])
         for e in range(layer.num_experts):
             y_e = dense_expert(layer, e, flat)  # (T, d): expert e on every token
