@@ -14,8 +14,10 @@ sequence only (never across the batch).
 
 FLOP matching: the experts cost E * S expert evaluations per sequence, i.e. E * S / N experts per token
 (``active_experts_per_token``). A grid sets ``tokens_per_sequence`` (N) so this is known before any
-data is seen; S is then chosen so E * S / N equals the reference's experts per token (e.g. N = 65,
-E = 8: S = 16 gives 1.97). Without it the count uses the last sequence length seen. The router's own cost,
+data is seen (a forward with another length is refused); S is then chosen so E * S / N equals the
+reference's experts per token (e.g. N = 16, E = 8: S = 4 gives 2). Without it the count uses the last
+sequence length seen. One setting fits one sequence length, so a grid mixing tasks (or CLIP's two
+towers) cannot FLOP-match soft-moe with one set of options. The router's own cost,
 logits + dispatch + combine, is 3 * 2 * d * M FLOPs per token (``flops_per_token``).
 """
 from __future__ import annotations
@@ -65,6 +67,9 @@ class SoftMoERouter(Router):
         n = ctx.seq_len or num_tokens
         if num_tokens % n:
             raise ValueError(f"soft-moe: {num_tokens} tokens are not whole sequences of {n}")
+        if self.tokens_per_sequence is not None and n != self.tokens_per_sequence:
+            raise ValueError(f"soft-moe was declared with tokens_per_sequence={self.tokens_per_sequence} (its FLOP "
+                             f"count) but sees sequences of {n} tokens; set router_args.tokens_per_sequence: {n}")
         self.seen_seq_len = n
         xb = x.float().reshape(num_tokens // n, n, self.d_model)
         phi = self.phi.float()

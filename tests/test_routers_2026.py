@@ -441,3 +441,21 @@ def test_global_batch_balance_accumulates_over_micro_batches(name):
 
 def test_softmax_topk_has_no_balance_loss_by_default():
     assert build("softmax-topk", 4, 4)(torch.randn(3, 4), TRAIN).aux_losses == {}
+
+
+# --- the routers-all grid -------------------------------------------------------------------------------
+
+def test_routers_all_grid_covers_every_router_flop_matched():
+    from moebench.grids import expand as expand_mod
+
+    specs = expand_mod.expand("routers-all")
+    routers = {s["moe"]["router"] if s["moe"] else "dense" for s in specs}
+    assert routers == set(ROUTERS.builtin_names()) | {"dense"}
+    assert {s["seed"] for s in specs} == {0, 1, 2}
+    assert len({s["match"]["expert_flops_per_token"] for s in specs if s["moe"]}) == 1
+    by_label = {s["label"]: s for s in specs if s["seed"] == 0}
+    assert by_label["shared1-top1"]["moe"]["shared_experts"] == 1
+    assert by_label["shared1-top1"]["moe"]["d_hidden"] == 128  # 1 shared + top-1 = 2 experts per token
+    assert by_label["null-experts"]["moe"]["null_experts"] == 4
+    assert by_label["switch-priority"]["moe"]["capacity_policy"] == "priority"
+    assert by_label["soft-moe"]["match"]["active_experts_per_token"] == 2.0

@@ -24,6 +24,8 @@ class ExpertsPerTokenMeter(nn.Module):
         row[1] += pairs
 
     def mean(self, default: float) -> float:
+        if self.seen.is_meta:  # built on the meta device to count costs: nothing was ever run
+            return default
         for tokens, pairs in self.seen.tolist():
             if tokens > 0:
                 return pairs / tokens
