@@ -290,6 +290,7 @@ def test_null_experts_hand_case():
     torch.testing.assert_close(y[2], 0.25 * (0.5 * x[2] + 0.5 * layer.null.vectors[1]) + 0.75 * expert0)
     assert layer.stats["counts"].tolist() == [1, 0]
     assert float(layer.stats["null_share"]) == 0.75
+    assert layer.stats["scores"] is None or layer.stats["scores"].shape[1] == 2
     # FLOPs: only the real experts a token visited (1 of 3 tokens here), not k = 2
     assert layer.real_experts_per_token() == pytest.approx(1 / 3)
 

@@ -10,7 +10,9 @@ kinds in this order: the first is a zero expert, the second a copy expert, the r
     constant:  E(x) = a1 x + a2 v,   [a1, a2] = softmax(W_c x),  v and W_c (2 x d) learned per expert
 
 A pair (t, e, w) to a null expert adds w * E(x_t) without touching the expert GEMMs. The layer's
-FLOPs count only the real experts a token visits (measured share of null choices)."""
+FLOPs count only the real experts a token visits (measured share of null choices). The routing
+statistics cover the real experts (scores restricted to their columns) plus ``null_share``, the share
+of chosen pairs that went to null experts."""
 from __future__ import annotations
 
 import torch
@@ -43,6 +45,11 @@ class NullExperts(nn.Module):
         """Upper bound on the constant experts' own cost (W_c and the mix), if a token picked them all."""
         return float(self.vectors.shape[0] * (2 * 2 * self.vectors.shape[1] + 3 * self.vectors.shape[1]))
 
+    def _real_scores(self, stats: dict) -> dict:
+        """Scores over the real experts only: the statistics are per real expert (counts, loads)."""
+        scores = stats.get("scores")
+        return {} if scores is None else {"scores": scores[:, :self.num_real]}
+
     def split(self, routing: Routing, x: Tensor, training: bool) -> tuple[Routing, Tensor]:
         """(the routing restricted to real experts, the null experts' summed output (T, d))."""
         real = routing.expert < self.num_real
@@ -66,6 +73,7 @@ class NullExperts(nn.Module):
         kept = Routing(token=routing.token[real], expert=routing.expert[real], weight=routing.weight[real],
                        num_tokens=routing.num_tokens, num_experts=self.num_real,
                        slot=None if routing.slot is None else routing.slot[real], aux_losses=routing.aux_losses,
-                       stats={**routing.stats, "null_share": (~real).float().mean() if real.numel() else x.new_zeros(())},
+                       stats={**routing.stats, **self._real_scores(routing.stats),
+                              "null_share": (~real).float().mean() if real.numel() else x.new_zeros(())},
                        dropped=routing.dropped)
         return kept, out
