@@ -65,6 +65,9 @@ class TrainConfig:
                              doc="a loss above this (or NaN / inf) fails the run; null: only NaN / inf")
     num_workers: int = option(0, "int", minimum=0, doc="DataLoader worker processes")
     eval_batch_size: int = option(None, "int", minimum=1, nullable=True, doc="null: batch_size")
+    interventions: bool = option(False, "bool",
+                                 doc="at the end, also evaluate with each expert dropped, each token's top-1 "
+                                     "dropped, and at capacity factors 0.5/1/1.5/2 (E x layers + 5 evaluations)")
     probe_size: int = option(64, "int", minimum=0,
                              doc="eval samples whose top-1 experts are tracked for stability; 0: off")
     keep_checkpoint: bool = option(False, "bool", doc="keep checkpoint.pt after the run is done")

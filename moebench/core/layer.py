@@ -68,6 +68,7 @@ class MoELayer(nn.Module):
         self.aux_loss: Tensor = torch.zeros(())
         self.stats: dict = {}
         self.pending_context: Tensor | None = None  # set by a hook on the block's attention (moefy)
+        self.intervention = None  # Routing -> Routing after capacity (moebench.training.interventions)
 
     # --- cost -------------------------------------------------------------------------------------
     def flops_per_token(self) -> float:
@@ -120,6 +121,8 @@ class MoELayer(nn.Module):
             routing = self.router(flat.float(), ctx)
         capacity = self.capacity_factor if self.capacity_factor is not None else self.router.default_capacity_factor(self.training)
         routing = apply_capacity(routing, capacity, self.capacity_policy)
+        if self.intervention is not None:
+            routing = self.intervention(routing)
         null_out = None
         if self.null is not None:
             routing, null_out = self.null.split(routing, flat, self.training)
