@@ -95,6 +95,9 @@ class EigenExperts(Experts):
         for attr in ("num_experts", "d_model", "d_hidden", "b1", "w2", "b2"):
             if not hasattr(experts, attr):
                 raise TypeError(f"ermoe can only wrap moebench.core.experts.Experts-like modules; {type(experts).__name__} lacks {attr!r}")
+        if getattr(experts, "gated", False):
+            raise ValueError(f"ermoe reparameterises a single fc1, not gated {experts.activation!r} experts; "
+                             f"use a non-gated moe.activation (or null) with router ermoe")
         eig = cls(experts.num_experts, experts.d_model, experts.d_hidden,
                   getattr(experts, "activation", "gelu"), fc1_mode=fc1_mode, init=False)
         eig._set_dense(experts.fc1_weight().detach(), experts.b1.detach(), experts.w2.detach(), experts.b2.detach())

@@ -3,6 +3,11 @@
     p = softmax(x W_g)            W_g: d x E, no bias, float32
     S = top-k(p)                  the k largest probabilities
     w_i = p_i / sum_{j in S} p_j  weights renormalised over the k (Mixtral)
+
+Optional balance loss (``balance_weight`` > 0; off by default): alpha * E * sum_i f_i P_i with f_i the
+share of the T*k chosen pairs that go to expert i and P_i the mean probability (GShard / Switch), f over
+the micro-batch or, with ``balance_scope='global'``, over the global batch (Qiu et al. 2025; see
+moebench.core.balance).
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moebench.core.balance import BalanceFrequencies
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
@@ -18,9 +24,17 @@ from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 class SoftmaxTopK(Router):
     """Linear gate, softmax in float32, top-k, weights renormalised over the chosen k."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 2):
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, balance_weight: float = 0.0,
+                 balance_scope: str = "micro"):
         super().__init__(d_model, num_experts, top_k)
+        if not balance_weight >= 0:
+            raise ValueError(f"softmax-topk option balance_weight must be >= 0, got {balance_weight!r}")
+        self.balance_weight = float(balance_weight)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.frequencies = BalanceFrequencies(num_experts, balance_scope)
+
+    def after_step(self) -> None:
+        self.frequencies.reset()
 
     def flops_per_token(self) -> float:
         return 2.0 * self.d_model * self.num_experts
@@ -29,4 +43,8 @@ class SoftmaxTopK(Router):
         probs = torch.softmax(F.linear(x, self.gate.weight.float()), dim=-1)  # float32 even in a bf16 model
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         weights = top_p / top_p.sum(-1, keepdim=True)
-        return topk_routing(top_i, weights, self.num_experts, stats={"scores": probs.detach()})
+        aux = {}
+        if self.balance_weight > 0:
+            f = self.frequencies(top_i, ctx.training)
+            aux["balance"] = self.balance_weight * self.num_experts * (f * probs.mean(0)).sum()
+        return topk_routing(top_i, weights, self.num_experts, aux_losses=aux, stats={"scores": probs.detach()})

@@ -6,7 +6,9 @@ z-loss of ST-MoE (Zoph et al. 2022).
     p     = softmax(l)
     e(t)  = argmax_i p_i(t)                  one expert per token
     w(t)  = p_{e(t)}(t)                      the raw probability (not renormalised), so the gate learns
-    balance = alpha * E * sum_i f_i P_i      f_i: fraction of tokens whose argmax is i,
+    balance = alpha * E * sum_i f_i P_i      f_i: fraction of tokens whose argmax is i (in this batch, or
+                                             over the global batch with ``balance_scope='global'``: Qiu et
+                                             al. 2025, see moebench.core.balance),
                                              P_i: mean router probability of expert i  (uniform -> alpha)
     z       = beta * mean_t (logsumexp_i l_i(t))^2
 
@@ -20,13 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moebench.core.balance import BalanceFrequencies
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
 
-def switch_balance_loss(probs: Tensor, top1: Tensor, num_experts: int) -> Tensor:
-    """E * sum_i f_i P_i, equal to 1 when routing is perfectly uniform (unweighted)."""
-    f = torch.bincount(top1, minlength=num_experts).to(probs.dtype) / max(top1.numel(), 1)
+def switch_balance_loss(probs: Tensor, top1: Tensor, num_experts: int, f: Tensor | None = None) -> Tensor:
+    """E * sum_i f_i P_i, equal to 1 when routing is perfectly uniform (unweighted); ``f`` overrides the
+    frequencies counted from ``top1`` (e.g. global-batch ones)."""
+    if f is None:
+        f = torch.bincount(top1, minlength=num_experts).to(probs.dtype) / max(top1.numel(), 1)
     p = probs.mean(0)
     return num_experts * (f * p).sum()
 
@@ -51,6 +56,7 @@ class SwitchRouter(Router):
         jitter: float = 1e-2,
         capacity_factor: float | None = 1.25,
         eval_capacity_factor: float | None = 2.0,
+        balance_scope: str = "micro",
     ):
         if top_k != 1:
             raise ValueError(
@@ -69,6 +75,10 @@ class SwitchRouter(Router):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.frequencies = BalanceFrequencies(num_experts, balance_scope)
+
+    def after_step(self) -> None:
+        self.frequencies.reset()
 
     def default_capacity_factor(self, training: bool) -> float | None:
         return self.capacity_factor if training else self.eval_capacity_factor
@@ -85,7 +95,8 @@ class SwitchRouter(Router):
         probs = torch.softmax(logits, dim=-1)
         top_p, top_i = probs.max(dim=-1, keepdim=True)
         aux = {
-            "balance": self.balance_weight * switch_balance_loss(probs, top_i.squeeze(1), self.num_experts),
+            "balance": self.balance_weight * switch_balance_loss(
+                probs, top_i.squeeze(1), self.num_experts, self.frequencies(top_i, ctx.training)),
             "z": self.z_weight * torch.logsumexp(logits, dim=-1).pow(2).mean(),
         }
         return topk_routing(top_i, top_p, self.num_experts, aux_losses=aux, stats={"scores": probs.detach()})

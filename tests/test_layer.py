@@ -27,6 +27,12 @@ EXTRA_CASES = [
     ("loss-free", {"score_fn": "softmax", "top_k": 1}),
     ("expert-choice", {"capacity": 1}),
     ("xmoe", {"top_k": 1}),
+    ("softmax-topk", {"balance_weight": 0.01, "balance_scope": "global"}),
+    ("switch", {"balance_scope": "global"}),
+    ("deepseek-v3", {"num_groups": 2, "group_top_k": 1}),
+    ("soft-moe", {"slots_per_expert": 2}),
+    ("top-p", {"p": 0.8, "max_k": 3}),
+    ("sinkhorn", {"top_k": 2}),
 ]
 
 

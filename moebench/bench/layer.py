@@ -5,6 +5,7 @@ Ratios, not absolute times, are the result: both sides share the machine, thread
 the ratio isolates what routing and dispatch cost. Medians of interleaved repeats resist noise."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -81,6 +82,8 @@ class RouterOnly(nn.Module):
         flat = x.reshape(-1, x.shape[-1]).float()
         routing = self.layer.router(flat, RoutingContext(training=self.training))
         total = routing.weight.sum() + 0.0 * flat.sum()  # keeps a graph for content-blind routers
+        if routing.is_dense:  # soft routing: its dispatch / combine weights are the router's output
+            total = total + routing.dispatch.sum() + routing.combine.sum()
         for loss in routing.aux_losses.values():
             total = total + loss
         return total
@@ -98,6 +101,22 @@ def _mixtral_peer(d_model: int, d_hidden: int, num_experts: int, k: int):
     return MixtralSparseMoeBlock(cfg)
 
 
+def router_args_at(name: str, k: int, tokens: int, num_experts: int) -> dict:
+    """Options that give router ``name`` k experts per token: ``top_k`` where it has one; Soft MoE gets
+    k * T / E slots per expert (the bench input is one sequence of T tokens); others (top-p, whose count
+    is its own) get none."""
+    import inspect
+
+    from moebench.core.registry import ROUTERS
+
+    params = inspect.signature(ROUTERS.get(name).__init__).parameters
+    if "top_k" in params:
+        return {"top_k": k}
+    if "slots_per_expert" in params:
+        return {"slots_per_expert": max(1, math.ceil(k * tokens / num_experts))}
+    return {}
+
+
 def bench_layer(routers: list[str], num_experts: int, ks: list[int], tokens: int, d_model: int, d_hidden: int,
                 dtype: torch.dtype = torch.float32, device: str = "cpu", repeats: int = 15,
                 peers: bool = True) -> list[dict]:
@@ -109,7 +128,8 @@ def bench_layer(routers: list[str], num_experts: int, ks: list[int], tokens: int
         modules: dict[str, nn.Module] = {"dense": DenseFFN(d_model, k * d_hidden)}
         for name in routers:
             try:
-                modules[name] = MoELayer(d_model, d_hidden, num_experts, router=name, router_args={"top_k": k})
+                modules[name] = MoELayer(d_model, d_hidden, num_experts, router=name,
+                                         router_args=router_args_at(name, k, tokens, num_experts))
             except ValueError as err:  # e.g. Switch is top-1 only: no row at this k
                 print(f"skip {name} at k={k}: {err}")
         for name in [n for n in routers if n in modules]:

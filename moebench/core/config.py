@@ -18,6 +18,8 @@ from typing import Any
 _NUMERIC_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take it; larger overflows inside torch
 MAX_EXPERTS = 4096
+# moebench.core.experts.ACTIVATIONS' names (this module stays torch-free; tests/test_config.py checks they agree)
+EXPERT_ACTIVATIONS = ("gelu", "gelu-tanh", "relu", "silu", "quick-gelu", "swiglu", "geglu")
 
 
 class ConfigError(ValueError):
@@ -63,6 +65,9 @@ class TrainConfig:
                              doc="a loss above this (or NaN / inf) fails the run; null: only NaN / inf")
     num_workers: int = option(0, "int", minimum=0, doc="DataLoader worker processes")
     eval_batch_size: int = option(None, "int", minimum=1, nullable=True, doc="null: batch_size")
+    interventions: bool = option(False, "bool",
+                                 doc="at the end, also evaluate with each expert dropped, each token's top-1 "
+                                     "dropped, and at capacity factors 0.5/1/1.5/2 (E x layers + 5 evaluations)")
     probe_size: int = option(64, "int", minimum=0,
                              doc="eval samples whose top-1 experts are tracked for stability; 0: off")
     keep_checkpoint: bool = option(False, "bool", doc="keep checkpoint.pt after the run is done")
@@ -82,6 +87,16 @@ class MoEConfig:
     capacity_factor: float = option(None, "float", minimum=0.0, strict=True, nullable=True,
                                     doc="null: the router's default (dropless for most)")
     upcycle: bool = option(False, "bool", doc="copy the dense MLP into every expert")
+    capacity_policy: str = option("position", "choice", choices=("position", "priority"),
+                                  doc="which pairs a full expert keeps: earlier tokens, or higher top gate "
+                                      "score (V-MoE batch-prioritised routing)")
+    activation: str = option(None, "choice", nullable=True, choices=EXPERT_ACTIVATIONS,
+                             doc="expert activation; swiglu / geglu: gated experts (Mixtral); null: the dense MLP's")
+    shared_experts: int = option(0, "int", minimum=0, maximum=MAX_EXPERTS,
+                                 doc="always-on experts added to the routed output (DeepSeek-MoE, Qwen2-MoE)")
+    shared_expert_gate: bool = option(False, "bool", doc="scale the shared experts by sigmoid(x w) (Qwen2-MoE)")
+    null_experts: int = option(0, "int", minimum=0, maximum=MAX_EXPERTS,
+                               doc="zero / copy / constant experts added to the router's pool (MoE++)")
 
 
 @dataclass

@@ -15,6 +15,16 @@ ACTIVATIONS = {
     "silu": F.silu,
     "quick-gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP
 }
+# Gated (GLU) experts, expert(x) = (act(x W_gate) * (x W_up)) W_down (Shazeer 2020, "GLU Variants Improve
+# Transformer"; Mixtral, DeepSeek, Qwen-MoE). W_gate and W_up are stored side by side as one fc1 of width
+# 2h ([gate | up]), so fc1 stays ONE grouped GEMM and the activation takes the 2h-wide product.
+GATED = {"swiglu": F.silu, "geglu": F.gelu}
+ACTIVATIONS.update({name: (lambda gate_act: lambda h: _glu(h, gate_act))(fn) for name, fn in GATED.items()})
+
+
+def _glu(h: Tensor, gate_act) -> Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return gate_act(gate) * up
 
 
 def activation_fn(name: str):
@@ -105,15 +115,18 @@ def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, use_grouped_mm: bool = 
 
 class Experts(nn.Module):
     """E experts ``x -> act(x W1_e + b1_e) W2_e + b2_e``; fc1 weight comes from ``fc1_weight()`` so a
-    router that reparameterises experts (ERMoE) can substitute its own through ``Router.wrap_experts``."""
+    router that reparameterises experts (ERMoE) can substitute its own through ``Router.wrap_experts``.
+    With a gated activation (``swiglu`` / ``geglu``) W1_e is [W_gate | W_up], of width 2 * d_hidden."""
 
     def __init__(self, num_experts: int, d_model: int, d_hidden: int, activation: str = "gelu"):
         super().__init__()
         self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
         self.activation = activation
         self.act = activation_fn(activation)
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
-        self.b1 = nn.Parameter(torch.empty(num_experts, d_hidden))
+        self.gated = activation in GATED
+        fc1_width = 2 * d_hidden if self.gated else d_hidden
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, fc1_width))
+        self.b1 = nn.Parameter(torch.empty(num_experts, fc1_width))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model))
         self.use_grouped_mm = True
@@ -129,9 +142,17 @@ class Experts(nn.Module):
     def fc1_weight(self) -> Tensor:
         return self.w1
 
+    def flops_per_expert(self) -> float:
+        """Matmul FLOPs of one expert on one token (2 per multiply-add): fc1 (twice as wide when gated)
+        and fc2."""
+        return 2.0 * self.d_model * self.d_hidden * (3 if getattr(self, "gated", False) else 2)
+
     @torch.no_grad()
     def load_dense(self, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None) -> None:
         """Upcycle: every expert becomes a copy of a dense MLP given in nn.Linear layout (out, in)."""
+        if self.gated:
+            raise ValueError(f"cannot upcycle a dense (non-gated) MLP into {self.activation!r} experts; "
+                             f"set moe.activation to null (the dense MLP's) or moe.upcycle to false")
         self.check_dense_shapes(fc1_weight, fc2_weight)
         self.w1.copy_(fc1_weight.t().unsqueeze(0).expand_as(self.w1))
         self.w2.copy_(fc2_weight.t().unsqueeze(0).expand_as(self.w2))

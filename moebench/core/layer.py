@@ -10,9 +10,12 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
+from moebench.core.dense_dispatch import dense_dispatch
 from moebench.core.experts import Experts
+from moebench.core.null_experts import NullExperts
 from moebench.core.registry import ROUTERS
-from moebench.core.routing import RoutingContext, apply_capacity
+from moebench.core.routing import CAPACITY_POLICIES, RoutingContext, apply_capacity
+from moebench.core.shared_experts import SharedExperts
 
 
 class MoELayer(nn.Module):
@@ -30,6 +33,10 @@ class MoELayer(nn.Module):
         router_args: dict | None = None,
         capacity_factor: float | None = None,
         activation: str = "gelu",
+        shared_experts: int = 0,
+        shared_expert_gate: bool = False,
+        null_experts: int = 0,
+        capacity_policy: str = "position",
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
@@ -41,6 +48,9 @@ class MoELayer(nn.Module):
             )
         self.d_model, self.d_hidden, self.num_experts = d_model, d_hidden, num_experts
         self.capacity_factor = capacity_factor
+        if capacity_policy not in CAPACITY_POLICIES:
+            raise ValueError(f"MoELayer capacity_policy must be one of {list(CAPACITY_POLICIES)}, got {capacity_policy!r}")
+        self.capacity_policy = capacity_policy
         self.router_name = router
         router_cls = ROUTERS.get(router)
         args = dict(router_args or {})
@@ -48,24 +58,38 @@ class MoELayer(nn.Module):
             if reserved in args:
                 raise ValueError(f"router_args must not set {reserved!r}: the layer fills it in")
         try:
-            self.router = router_cls(d_model=d_model, num_experts=num_experts, **args)
+            self.router = router_cls(d_model=d_model, num_experts=num_experts + null_experts, **args)
         except TypeError as err:
             raise TypeError(f"bad router_args for router {router!r}: {err}") from err
         self.experts = self.router.wrap_experts(Experts(num_experts, d_model, d_hidden, activation))
+        self.null = NullExperts(null_experts, num_experts, d_model) if null_experts else None
+        self.shared = SharedExperts(shared_experts, d_model, d_hidden, activation, shared_expert_gate) \
+            if shared_experts else None
         self.aux_loss: Tensor = torch.zeros(())
         self.stats: dict = {}
         self.pending_context: Tensor | None = None  # set by a hook on the block's attention (moefy)
+        self.intervention = None  # Routing -> Routing after capacity (moebench.training.interventions)
 
     # --- cost -------------------------------------------------------------------------------------
     def flops_per_token(self) -> float:
         """Active FLOPs per token (2 per multiply-add): the experts each token visits plus the router."""
-        expert = 2 * 2 * self.d_model * self.d_hidden
-        return self.router.active_experts_per_token * expert + self.router.flops_per_token()
+        expert = self.experts.flops_per_expert()
+        shared = self.shared.flops_per_token() if self.shared is not None else 0.0
+        shared += self.null.flops_per_token() if self.null is not None else 0.0  # upper bound, small
+        return self.real_experts_per_token() * expert + self.router.flops_per_token() + shared
+
+    def real_experts_per_token(self) -> float:
+        """Expert evaluations per token; with null experts, the measured real ones (the router's count
+        before any data)."""
+        routed = self.router.active_experts_per_token
+        return routed if self.null is None else self.null.meter.mean(routed)
 
     def active_params(self) -> float:
-        """Parameters touched per token: router + the average number of experts a token visits."""
+        """Parameters touched per token: router + the average number of experts a token visits (+ shared)."""
         router = sum(p.numel() for p in self.router.parameters())
-        return router + self.router.active_experts_per_token * self.experts.params_per_expert()
+        shared = self.shared.params() if self.shared is not None else 0
+        null = sum(p.numel() for p in self.null.parameters()) if self.null is not None else 0
+        return router + self.real_experts_per_token() * self.experts.params_per_expert() + shared + null
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, context: Tensor | None = None, token_ids: Tensor | None = None) -> Tensor:
@@ -90,21 +114,34 @@ class MoELayer(nn.Module):
             token_ids=None if token_ids is None else token_ids.reshape(num_tokens),
             context=None if context is None else context.reshape(num_tokens, self.d_model).float(),
             training=self.training,
+            seq_len=seq_len,
         )
         autocast_off = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
         with autocast_off:
             routing = self.router(flat.float(), ctx)
         capacity = self.capacity_factor if self.capacity_factor is not None else self.router.default_capacity_factor(self.training)
-        routing = apply_capacity(routing, capacity)
-
-        order = torch.argsort(routing.expert, stable=True)
-        token_sorted = routing.token[order]
-        counts = expert_counts(routing.expert, self.num_experts)
+        routing = apply_capacity(routing, capacity, self.capacity_policy)
+        if self.intervention is not None:
+            routing = self.intervention(routing)
+        null_out = None
+        if self.null is not None:
+            routing, null_out = self.null.split(routing, flat, self.training)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else flat.dtype
-        y_sorted = self.experts(flat[token_sorted].to(compute_dtype), counts)
-        y_sorted = y_sorted * routing.weight[order].to(y_sorted.dtype).unsqueeze(1)
-        out = torch.zeros(num_tokens, self.d_model, dtype=y_sorted.dtype, device=x.device)
-        out = out.index_add(0, token_sorted, y_sorted)
+
+        if routing.is_dense:
+            out, counts = dense_dispatch(self.experts, flat, routing, compute_dtype)
+        else:
+            order = torch.argsort(routing.expert, stable=True)
+            token_sorted = routing.token[order]
+            counts = expert_counts(routing.expert, self.num_experts)
+            y_sorted = self.experts(flat[token_sorted].to(compute_dtype), counts)
+            y_sorted = y_sorted * routing.weight[order].to(y_sorted.dtype).unsqueeze(1)
+            out = torch.zeros(num_tokens, self.d_model, dtype=y_sorted.dtype, device=x.device)
+            out = out.index_add(0, token_sorted, y_sorted)
+        if self.shared is not None:
+            out = out + self.shared(flat.to(compute_dtype)).to(out.dtype)
+        if null_out is not None:
+            out = out + null_out.to(out.dtype)
 
         losses = list(routing.aux_losses.values())
         self.aux_loss = torch.stack(losses).sum() if losses else flat.new_zeros((), dtype=torch.float32)

@@ -316,6 +316,10 @@ def moefy(
     upcycle: bool = _MOE_DEFAULTS["upcycle"],
     activation: str | None = None,
     tower: str = "both",
+    shared_experts: int = _MOE_DEFAULTS["shared_experts"],
+    shared_expert_gate: bool = _MOE_DEFAULTS["shared_expert_gate"],
+    null_experts: int = _MOE_DEFAULTS["null_experts"],
+    capacity_policy: str = _MOE_DEFAULTS["capacity_policy"],
 ) -> MoefyResult:
     """Replace the MLPs of the chosen blocks (``blocks`` applied per tower) by MoELayers, in place.
 
@@ -355,9 +359,14 @@ def moefy(
         else:
             act_name = activation
         layer = MoELayer(d_model, hidden, num_experts, router=router, router_args=router_args,
-                         capacity_factor=capacity_factor, activation=act_name)
+                         capacity_factor=capacity_factor, activation=act_name, shared_experts=shared_experts,
+                         shared_expert_gate=shared_expert_gate, null_experts=null_experts,
+                         capacity_policy=capacity_policy)
         if upcycle:
-            if hidden != width:
+            if getattr(layer.experts, "gated", False):
+                layer_notes.append(f"upcycle skipped: {act_name} experts are gated and the dense MLP is not, "
+                                   f"so experts start from fresh init")
+            elif hidden != width:
                 layer_notes.append(f"upcycle skipped: d_hidden={hidden} differs from the dense MLP width {width}, "
                                    f"so experts start from fresh init")
             elif not hasattr(layer.experts, "load_dense"):

@@ -1,9 +1,11 @@
 """The router's answer (`Routing`), what a router may read (`RoutingContext`), the `Router` base class,
 and the capacity / drop logic every router shares.
 
-One flat form covers every routing family: a list of (token, expert, weight) assignment pairs. A
-token-choice top-k router emits T*k pairs, expert-choice emits E*C pairs, a capacity limit removes
-pairs. The MoE layer only ever sees this form, so it needs no per-router code.
+One flat form covers every routing family that sends tokens: a list of (token, expert, weight)
+assignment pairs. A token-choice top-k router emits T*k pairs, expert-choice emits E*C pairs, a
+capacity limit removes pairs. The one other form is dense: routers that send weighted MIXTURES of
+tokens (Soft MoE) give ``dispatch`` / ``combine`` matrices instead (see `Routing`). The MoE layer
+handles exactly these two forms, so it needs no per-router code.
 """
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ from torch import Tensor, nn
 class RoutingContext:
     """Optional extras a router may read. ``context`` is the token's attention output (T, d) for routers
     that declare ``needs_context``; ``positions`` (T,) index tokens within their sequence;
-    ``token_ids`` (T,) exist only for text."""
+    ``token_ids`` (T,) exist only for text; ``seq_len`` is the tokens per sequence (the T tokens are
+    T / seq_len sequences laid out one after another)."""
 
     positions: Tensor | None = None
     token_ids: Tensor | None = None
     context: Tensor | None = None
     training: bool = False
+    seq_len: int | None = None
 
 
 @dataclass
@@ -33,7 +37,13 @@ class Routing:
     ``slot`` is each pair's rank within its token's choices (0 = the token's first choice); the layer's
     capacity logic fills experts slot-major ("k-major") so first choices are never dropped for a
     second choice. ``stats`` holds detached per-token tensors for metrics: ``scores`` (T, E) router
-    probabilities or scores, and any router-specific counters (e.g. ``fallback``)."""
+    probabilities or scores, and any router-specific counters (e.g. ``fallback``).
+
+    Dense form (Soft MoE): ``dispatch`` and ``combine`` of shape (B, N, M) for B sequences of N tokens
+    and M = E * S slots, slot m belonging to expert m // S. Slot inputs are
+    ``slots[b] = dispatch[b]^T x[b]``, each expert runs on its B * S slots, and
+    ``y[b] = combine[b] @ slot_outputs[b]``. The flat lists are then empty; ``counts()`` gives the slots
+    each expert processed."""
 
     token: Tensor
     expert: Tensor
@@ -44,13 +54,34 @@ class Routing:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] = field(default_factory=dict)
     dropped: int = 0
+    dispatch: Tensor | None = None
+    combine: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.dispatch is None) != (self.combine is None):
+            raise ValueError("a dense Routing needs both dispatch and combine (shape (B, N, E * slots))")
+        if self.dispatch is not None and self.combine is not None:
+            shape = tuple(self.dispatch.shape)
+            if (len(shape) != 3 or tuple(self.combine.shape) != shape or shape[0] * shape[1] != self.num_tokens
+                    or shape[2] % self.num_experts):
+                raise ValueError(f"dense Routing: dispatch {shape} and combine {tuple(self.combine.shape)} must both "
+                                 f"be (B, N, E * slots) with B * N = {self.num_tokens} tokens and "
+                                 f"E = {self.num_experts}")
+
+    @property
+    def is_dense(self) -> bool:
+        return self.dispatch is not None
 
     @property
     def num_pairs(self) -> int:
         return int(self.token.numel())
 
     def counts(self) -> Tensor:
-        """Tokens assigned to each expert (after any drops), shape (E,)."""
+        """Tokens assigned to each expert (after any drops), shape (E,); for the dense form the slots
+        each expert processed."""
+        if self.dispatch is not None:
+            per_expert = self.dispatch.shape[0] * self.dispatch.shape[2] // self.num_experts
+            return torch.full((self.num_experts,), per_expert, dtype=torch.long, device=self.dispatch.device)
         return torch.bincount(self.expert, minlength=self.num_experts)
 
 
@@ -78,15 +109,24 @@ def expert_capacity(num_tokens: int, pairs_per_token: float, num_experts: int, c
     return max(1, min(num_tokens, cap))
 
 
-def apply_capacity(routing: Routing, capacity_factor: float | None) -> Routing:
+CAPACITY_POLICIES = ("position", "priority")
+
+
+def apply_capacity(routing: Routing, capacity_factor: float | None, policy: str = "position") -> Routing:
     """Keep at most C pairs per expert, filling slot-major: every token's first choice is placed before
-    any second choice, and within a slot earlier tokens first. Dropped pairs are removed and counted."""
+    any second choice. Within a slot, ``position`` takes earlier tokens first; ``priority`` (V-MoE's
+    batch-prioritised routing, Riquelme et al. 2021) takes tokens in order of their top gate score
+    (``stats['scores']``' row maximum, else the token's largest pair weight), so confident tokens are the
+    last to be dropped. Dropped pairs are removed and counted."""
+    if policy not in CAPACITY_POLICIES:
+        raise ValueError(f"capacity policy {policy!r} is unknown; choose one of {list(CAPACITY_POLICIES)}")
     if capacity_factor is None or routing.num_pairs == 0:
         return routing
     pairs_per_token = routing.num_pairs / max(routing.num_tokens, 1)
     cap = expert_capacity(routing.num_tokens, pairs_per_token, routing.num_experts, capacity_factor)
     slot = routing.slot if routing.slot is not None else torch.zeros_like(routing.token)
-    priority = slot * routing.num_tokens + routing.token
+    token_rank = routing.token if policy == "position" else _priority_rank(routing)[routing.token]
+    priority = slot * routing.num_tokens + token_rank
     # Sort by (expert, priority) with one stable key; the rank inside each expert's block is the slot used.
     key = routing.expert * (priority.max() + 1) + priority
     order = torch.argsort(key, stable=True)
@@ -111,6 +151,20 @@ def apply_capacity(routing: Routing, capacity_factor: float | None) -> Routing:
         stats=routing.stats,
         dropped=routing.dropped + dropped,
     )
+
+
+def _priority_rank(routing: Routing) -> Tensor:
+    """Each token's rank (0 = first served) by decreasing top gate score; ties by position."""
+    scores = routing.stats.get("scores")
+    if scores is not None and scores.shape[0] == routing.num_tokens:
+        top = scores.detach().float().max(-1).values
+    else:
+        top = torch.full((routing.num_tokens,), -math.inf, device=routing.token.device)
+        top = top.scatter_reduce(0, routing.token, routing.weight.detach().float(), reduce="amax")
+    order = torch.argsort(-top, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return rank
 
 
 class Router(nn.Module):

@@ -82,6 +82,8 @@ def expand(grid: str | os.PathLike | dict) -> list[dict]:
                         "d_hidden": moe.get("d_hidden"),
                         "capacity_factor": moe.get("capacity_factor"),
                         "upcycle": bool(moe.get("upcycle", False)),
+                        **{k: copy.deepcopy(moe[k]) for k in MOE_KEYS
+                           if k not in ("blocks", "num_experts", "d_hidden", "capacity_factor", "upcycle")},
                     }
                 for seed in g["seeds"]:
                     spec = {

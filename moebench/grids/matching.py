@@ -150,7 +150,8 @@ def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
         if moe["d_hidden"] is None:
             moe["d_hidden"] = _dense_width(spec, ctx)
         try:
-            routers = [_router(moe["router"], d, moe["num_experts"], moe["router_args"]) for d in pr["d_models"]]
+            routers = [_router(moe["router"], d, moe["num_experts"] + moe.get("null_experts", 0), moe["router_args"])
+                       for d in pr["d_models"]]
         except (TypeError, ValueError) as err:
             named = [k for k in moe["router_args"] if re.search(rf"\b{re.escape(str(k))}\b", str(err))]
             origin = {k: (f"sweep.router_args.{k}" if f"router_args.{k}" in spec["sweep"] else
@@ -159,11 +160,12 @@ def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
             raise ctx.error(path, f"router {moe['router']!r} rejects its options {moe['router_args']} "
                                   f"(num_experts={moe['num_experts']}): {err}") from None
         a = Fraction(routers[0].active_experts_per_token).limit_denominator(1000)
+        a += moe.get("shared_experts", 0)  # always-on experts cost as much as routed ones
         ref_width = moe["d_hidden"]
         if mode == "active_flops":
-            ratio = ref_a / a
+            ratio = ref_a / (a * _gated_factor(moe))
             reference = {"router": REFERENCE_ROUTER, "active_experts": float(ref_a), "d_hidden": ref_width}
-            why = (f"it runs {float(a):g} experts per token, so its experts are {float(ratio):g} x the "
+            why = (f"it runs {float(a):g} experts per token{_gated_why(moe)}, so its experts are {float(ratio):g} x the "
                    f"reference width {ref_width} (reference: {float(ref_a):g} experts per token)")
         elif mode == "params":
             ref_e = spec["_ref_e"] or moe["num_experts"]
@@ -192,8 +194,12 @@ def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
             "reference": reference,
             "active_experts_per_token": float(a),
             "d_hidden": int(width),
-            "expert_flops_per_token": float(sum(float(a) * 4 * d * int(width) for d in pr["d_models"])),
-            "expert_params": int(sum(moe["num_experts"] * (2 * d * int(width) + int(width) + d) for d in pr["d_models"])),
+            "expert_flops_per_token": float(sum(float(a * _gated_factor(moe)) * 4 * d * int(width)
+                                                for d in pr["d_models"])),
+            "expert_params": int(sum(moe["num_experts"] * _expert_params(d, int(width), moe)
+                                     + (_expert_params(d, moe["shared_experts"] * int(width), moe)
+                                        if moe.get("shared_experts") else 0)
+                                     for d in pr["d_models"])),
             "router_flops_per_token": float(sum(r.flops_per_token() for r in routers)),
             "moe_layers": n_layers,
             "note": "router FLOPs are reported, not matched" if mode == "active_flops" else
@@ -206,6 +212,21 @@ def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
         raise ctx.error("moe.upcycle", f"upcycle: true copies the dense MLP into every expert, so every run "
                                        f"needs the same expert width, but matching ({grid_mode}) gives widths "
                                        f"{sorted(widths)}; use match: none, or routers with the same active experts")
+
+
+def _gated_factor(moe: dict) -> Fraction:
+    """A gated (swiglu / geglu) expert has three d x h matrices, not two: 3/2 the FLOPs at equal width."""
+    return Fraction(3, 2) if moe.get("activation") in ("swiglu", "geglu") else Fraction(1)
+
+
+def _expert_params(d: int, width: int, moe: dict) -> int:
+    """fc1 (2 * width wide when gated) and fc2, with biases."""
+    fc1 = 2 * width if _gated_factor(moe) != 1 else width
+    return d * fc1 + fc1 + width * d + d
+
+
+def _gated_why(moe: dict) -> str:
+    return f" of gated {moe['activation']} experts (3/2 the FLOPs at equal width)" if _gated_factor(moe) != 1 else ""
 
 
 # -- costs for `grid show` ---------------------------------------------------------------------------
@@ -242,7 +263,10 @@ def _moe_costs(key: str, rest_params: int) -> dict:
     for d in cfg["d_models"]:
         def build(d=d):
             return MoELayer(d, moe["d_hidden"], moe["num_experts"], moe["router"], moe["router_args"],
-                            moe["capacity_factor"])
+                            moe["capacity_factor"], activation=moe.get("activation") or "gelu",
+                            shared_experts=moe.get("shared_experts", 0),
+                            shared_expert_gate=moe.get("shared_expert_gate", False),
+                            null_experts=moe.get("null_experts", 0))
         try:
             with torch.device("meta"):
                 layer = build()

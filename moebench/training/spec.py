@@ -184,9 +184,19 @@ def resolve_versions(value, task: str, router: str | None) -> dict:
     return copy.deepcopy(value)
 
 
+# Keys added after 0.1.0: left out of the run id while at their default, so every earlier run keeps its id.
+ID_OPTIONAL = {"moe": {"activation": None, "shared_experts": 0, "shared_expert_gate": False, "null_experts": 0,
+                       "capacity_policy": "position"},
+               "train": {"interventions": False}}
+
+
 def canonical_json(spec: dict) -> str:
     """Sorted-key, whitespace-free JSON of ``spec`` without ``grid`` (the part that affects results)."""
     body = {k: v for k, v in spec.items() if k != "grid"}
+    for section, optional in ID_OPTIONAL.items():
+        if isinstance(body.get(section), dict):
+            body[section] = {k: v for k, v in body[section].items()
+                             if not (k in optional and v == optional[k] and type(v) is type(optional[k]))}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 

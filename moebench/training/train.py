@@ -553,6 +553,21 @@ class _Trainer:
             self.ckpt_path.unlink()
         return final
 
+    @torch.no_grad()
+    def interventions(self) -> dict:
+        """Expert ablation, drop-top-1 and the capacity sweep (moebench.training.interventions)."""
+        from moebench.training.interventions import measure
+
+        def headline() -> float:
+            self.model.eval()
+            try:
+                with self.autocast():
+                    return float(self.task.evaluate(self.model, self.eval_loader, self.device)[self.task.headline])
+            finally:
+                self.model.train()
+
+        return measure(self.layers, headline, bool(self.task.higher_is_better))
+
     def final_record(self) -> dict:
         spec, task = self.spec, self.task
         ev = self.last_eval
@@ -605,4 +620,5 @@ class _Trainer:
             "routing": routing,
             "cost": cost,
             "env": env,
+            **({"interventions": self.interventions()} if spec["train"].get("interventions") and self.layers else {}),
         }

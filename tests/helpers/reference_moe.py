@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor
 
 from moebench.core.layer import MoELayer
@@ -63,17 +64,68 @@ def dense_expert(layer: MoELayer, e: int, x: Tensor) -> Tensor:
     return h @ ex.w2[e] + ex.b2[e]
 
 
+def shared_reference(layer: MoELayer, x: Tensor) -> Tensor:
+    """The shared experts on every row of x: g(x) * (act(x W1 + b1) W2 + b2), g = sigmoid gate or 1."""
+    mlp = layer.shared.mlp
+    y = mlp.act(x @ mlp.w1[0] + mlp.b1[0]) @ mlp.w2[0] + mlp.b2[0]
+    if layer.shared.gate is not None:
+        y = (x @ layer.shared.gate.weight[0]).sigmoid().unsqueeze(1) * y
+    return y
+
+
+def dense_reference(layer: MoELayer, flat: Tensor, routing: Routing) -> Tensor:
+    """Soft MoE, slot by slot: slot m of sequence b = sum_n dispatch[b, n, m] x[b, n]; it runs through
+    expert m // S; out[b, n] = sum_m combine[b, n, m] * slot_output[b, m]."""
+    b, n, m = routing.dispatch.shape
+    per_expert = m // layer.num_experts
+    xb = flat.reshape(b, n, -1)
+    out = []
+    for i in range(b):
+        acc = flat.new_zeros(n, flat.shape[-1])
+        for slot in range(m):
+            mixed = (routing.dispatch[i, :, slot].unsqueeze(1) * xb[i]).sum(0, keepdim=True)
+            y = dense_expert(layer, slot // per_expert, mixed)
+            acc = acc + routing.combine[i, :, slot].unsqueeze(1) * y
+        out.append(acc)
+    return torch.cat(out)
+
+
+def null_reference(layer: MoELayer, flat: Tensor, kept: Routing) -> Tensor:
+    """Null experts pair by pair: zero adds nothing, copy adds w * x, constant adds w * (a1 x + a2 v)."""
+    out = flat.new_zeros(flat.shape)
+    null = layer.null
+    for t, ex, w in zip(kept.token.tolist(), kept.expert.tolist(), kept.weight):
+        if ex < layer.num_experts:
+            continue
+        kind = null.kinds[ex - layer.num_experts]
+        if kind == "copy":
+            out[t] = out[t] + w * flat[t]
+        elif kind == "constant":
+            c = null.kinds[:ex - layer.num_experts].count("constant")
+            a = torch.softmax(null.mix[c] @ flat[t], dim=0)
+            out[t] = out[t] + w * (a[0] * flat[t] + a[1] * null.vectors[c])
+    return out
+
+
 def reference_forward(layer: MoELayer, x: Tensor, routing: Routing) -> Tensor:
-    """out[t] = sum over kept pairs (t, e, w) of w * expert_e(x[t]); ``routing`` is before capacity."""
+    """out[t] = sum over kept pairs (t, e, w) of w * expert_e(x[t]) (+ the shared experts); ``routing``
+    is before capacity."""
     shape = x.shape
     num_tokens = math.prod(shape[:-1])
     flat = x.reshape(num_tokens, shape[-1])
-    kept = apply_capacity(routing, effective_capacity(layer))
-    out = flat.new_zeros(num_tokens, shape[-1])
-    for e in range(layer.num_experts):
-        y_e = dense_expert(layer, e, flat)  # (T, d): expert e on every token
-        mask = kept.expert == e
-        tokens = kept.token[mask]
-        weights = kept.weight[mask].to(y_e.dtype)
-        out = out.index_add(0, tokens, weights.unsqueeze(1) * y_e[tokens])
+    if routing.is_dense:
+        out = dense_reference(layer, flat, routing)
+    else:
+        kept = apply_capacity(routing, effective_capacity(layer), getattr(layer, "capacity_policy", "position"))
+        out = flat.new_zeros(num_tokens, shape[-1])
+        for e in range(layer.num_experts):
+            y_e = dense_expert(layer, e, flat)  # (T, d): expert e on every token
+            mask = kept.expert == e
+            tokens = kept.token[mask]
+            weights = kept.weight[mask].to(y_e.dtype)
+            out = out.index_add(0, tokens, weights.unsqueeze(1) * y_e[tokens])
+        if layer.null is not None:
+            out = out + null_reference(layer, flat, kept)
+    if layer.shared is not None:
+        out = out + shared_reference(layer, flat)
     return out.reshape(shape)
