@@ -173,6 +173,9 @@ def test_soft_moe_hand_case():
                 [(1 - b) * slots[0][0] + b * slots[1][0], (1 - b) * slots[0][1] + b * slots[1][1]]]
     torch.testing.assert_close(y, torch.tensor(expected))
     assert layer.stats["counts"].tolist() == [1, 1] and layer.stats["dropped"] == 0
+    # routing statistics: every token reaches the experts (none unrouted); its top-1 is the expert
+    # carrying most of its combine weight (a > 1/2 for token 0 on expert 0, b > 1/2 for token 1 on 1)
+    assert int(layer.stats["unrouted_tokens"]) == 0 and layer.stats["top1"].tolist() == [0, 1]
 
 
 def test_soft_moe_mixes_within_a_sequence_only_and_counts_slots():

@@ -154,8 +154,12 @@ class MoELayer(nn.Module):
         router's score argmax can differ from where its tokens went (ties, selection biases, expert
         choice), and every routing metric must describe the real assignment."""
         scores = routing.stats.get("scores")
-        top1 = dispatched_top1(routing.token, routing.expert, routing.weight, num_tokens, self.num_experts,
-                               routing.slot)
+        if routing.is_dense:  # every token reaches every expert's slots: its top-1 carries most combine weight
+            combine = routing.combine.detach().float().reshape(num_tokens, self.num_experts, -1)
+            top1 = combine.sum(-1).argmax(-1)
+        else:
+            top1 = dispatched_top1(routing.token, routing.expert, routing.weight, num_tokens, self.num_experts,
+                                   routing.slot)
         self.stats = {  # tensors stay on the device: no host sync in the forward pass
             "counts": counts.detach(),
             "tokens": num_tokens,
