@@ -51,6 +51,10 @@ def run(args) -> int:
     except (GridError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. a full disk while writing the plan; name the file, no traceback
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: cannot write the grid's records{where}: {err.strerror or err}", file=sys.stderr)
+        return 1
     if args.dry_run:
         return 0
     ok = out["counts"]["failed"] == 0 and out["counts"]["queued"] == 0

@@ -38,19 +38,25 @@ from pathlib import Path
 
 from moebench.grids.status import _counts, _rows, format_table
 from moebench.training import records
-from moebench.training.rundir import JOBS_LOG, _set_aside, inspect, run_lock, run_path
+from moebench.training.rundir import JOBS_LOG, _set_aside, check_inside, inspect, run_lock, run_path
 
 
 def _prepare(run_dir: Path) -> str | None:
     """Under the run's lock: make the record consistent before (re)running. Returns why it skipped,
-    or None to run. Done and readable -> skip. Unreadable status/final -> set aside. With no checkpoint
+    or None to run. Done and consistent -> skip. Unreadable or inconsistent status/final/spec -> set
+    aside (see ``rundir.record_problem``); killed writes' temp files -> deleted. With no checkpoint
     to resume from, old metrics lines are set aside too, so a restart from step 0 never duplicates
     them (with a checkpoint, the runner resumes and keeps the lines up to its step)."""
     state = inspect(run_dir)
     if state["state"] == "done":
         return "already done"
+    records.remove_temp_files(run_dir)  # left by a killed write; we hold the lock, so no writer is live
     if state["state"] == "corrupt":
-        _set_aside(run_dir, ["status.json", "final.json"])
+        _set_aside(run_dir, ["status.json", "final.json", "spec.yaml"])
+    try:
+        records.read_jsonl(run_dir / "metrics.jsonl")  # a torn tail is cut back by the trainer on resume
+    except records.CorruptRecordError:  # a bad line inside: the history is gone, so start from zero
+        _set_aside(run_dir, ["metrics.jsonl", "checkpoint.pt"])
     if not (run_dir / "checkpoint.pt").exists():
         _set_aside(run_dir, ["final.json", "metrics.jsonl"])
     return None
@@ -87,6 +93,10 @@ def run_one(spec: dict, results, threads: int | None = None, lock_wait_s: float 
     execute = execute or _execute
     rid = run_id(spec)
     run_dir = run_path(results, spec["grid"], rid)
+    try:
+        check_inside(results, run_dir)
+    except records.UnsafeRecordError as err:  # a planted link: write nothing through it
+        return {"run_id": rid, "state": "failed", "reason": str(err)}
     env = _job_env()
     if threads:
         import torch
@@ -237,9 +247,11 @@ class _Progress:
                 self.log(f"[{_now()}] [{i:>{len(str(n))}}/{n}] {r['run_id'].ljust(self.width)} {arrow}{extra}")
 
 
-def plan(specs: list[dict], results, retry_failed: bool = False) -> list[dict]:
+def plan(specs: list[dict], results, retry_failed: bool = False, max_retries: int = 2) -> list[dict]:
     """What to do with each run: ``action`` skip (done / failed without retry / running elsewhere)
-    or run, with ``why``."""
+    or run, with ``why``. A run that failed for the machine's sake (killed, out of memory, disk full;
+    ``retryable`` in its status) is resumed while it has had at most ``max_retries`` retries; a run
+    that failed for the router's sake (divergence, a bug) only with ``retry_failed``."""
     from moebench.training.spec import run_id
 
     out = []
@@ -253,9 +265,13 @@ def plan(specs: list[dict], results, retry_failed: bool = False) -> list[dict]:
             action, why = "skip", "done"
         elif st["state"] == "running":
             action, why = "skip", "running elsewhere"
+        elif st["state"] == "failed" and st["retryable"] and st["attempts"] <= max_retries:
+            action, why = "run", (f"retry {st['attempts']} of {max_retries} after an infrastructure failure: "
+                                  f"{st['reason']}")
         elif st["state"] == "failed":
+            gave_up = f" after {st['attempts']} attempts (executor.max_retries={max_retries})" if st["retryable"] else ""
             action, why = ("run", f"retry after failure: {st['reason']}") if retry_failed else \
-                ("skip", f"failed ({st['reason']}); rerun with --retry-failed")
+                ("skip", f"failed ({st['reason']}){gave_up}; rerun with --retry-failed")
         elif st["state"] == "corrupt":
             why = f"corrupt record, rerun: {st['corrupt']}"
         out.append({"spec": spec, "run_id": rid, "run_dir": run_dir, "action": action, "why": why,
@@ -277,7 +293,7 @@ def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool 
     grid_dir = results / g["name"]
     ex = g["executor"]
     cluster = choose_cluster(cluster, ex.get("cluster"))
-    runs = plan(specs, results, retry_failed)
+    runs = plan(specs, results, retry_failed, ex.get("max_retries", 2))
     todo = [r for r in runs if r["action"] == "run"]
     log(f"grid {g['name']}: {len(runs)} runs -> {grid_dir} ({cluster}); "
         f"{sum(r['why'] == 'done' for r in runs)} done already, {len(todo)} to run")
@@ -382,4 +398,5 @@ def _finish(r: dict, job, log) -> None:
             log_path = getattr(getattr(job, "paths", None), "stderr", None)
             records.write_status(r["run_dir"], "failed",
                                  f"job {job.job_id} ended without finishing the run: {first}"
-                                 + (f" (log: {log_path})" if log_path else ""))
+                                 + (f" (log: {log_path})" if log_path else ""),
+                                 retryable=True)  # killed, OOM or node loss: the next run resumes it
