@@ -67,8 +67,8 @@ def spec_from_args(args) -> dict:
 def run(args) -> int:
     """Prints the headline and where the record is; exit 1 when the run failed, 2 for a bad flag."""
     from moebench.training.records import UnsafeRecordError
-    from moebench.training.runner import execute
     from moebench.training.rundir import check_inside, run_lock, run_path
+    from moebench.training.runner import execute
     from moebench.training.spec import SpecError, run_id
 
     try:

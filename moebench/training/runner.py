@@ -24,7 +24,6 @@ from moebench.training.records import (
 from moebench.training.rundir import check_inside, record_problem, run_path
 from moebench.training.spec import SpecError, resolve_spec, run_id
 
-
 MIN_FREE_MB = 100  # below this a run does not start: a checkpoint or record write would fail half-way
 
 

@@ -36,13 +36,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from moebench.core.layer import MoELayer
 from moebench.training import metrics as M
 from moebench.training.records import (
+    STATES,
     _json_default,
     append_jsonl,
     atomic_write,
     atomic_write_json,
     atomic_write_text,
     environment_info,
-    STATES,
     read_jsonl,
     read_status_safe,
     remove_temp_files,
