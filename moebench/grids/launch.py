@@ -114,21 +114,25 @@ def run_one(spec: dict, results, threads: int | None = None, lock_wait_s: float 
         if env["global_rank"] != 0:
             execute(spec, results)
             return {"run_id": rid, "state": "worker", "reason": None}
-    with run_lock(run_dir, wait_s=lock_wait_s) as got:
-        if not got:
-            return {"run_id": rid, "state": "skipped", "reason": "running elsewhere"}
-        why = _prepare(run_dir)
-        if why:
-            return {"run_id": rid, "state": "skipped", "reason": why}
-        records.append_jsonl(run_dir / JOBS_LOG, env)
-        try:
-            execute(spec, results)
-        except Exception as err:  # the runner records its own failures; this is for the rest
-            status = records.read_status_safe(run_dir) or {}
-            if status.get("state") != "failed":
-                records.write_status(run_dir, "failed", f"{type(err).__name__}: {err}",
-                                     traceback=traceback.format_exc(limit=20))
-        state = inspect(run_dir)
+    try:
+        with run_lock(run_dir, wait_s=lock_wait_s) as got:
+            if not got:
+                return {"run_id": rid, "state": "skipped", "reason": "running elsewhere"}
+            why = _prepare(run_dir)
+            if why:
+                return {"run_id": rid, "state": "skipped", "reason": why}
+            records.append_jsonl(run_dir / JOBS_LOG, env)
+            try:
+                execute(spec, results)
+            except Exception as err:  # the runner records its own failures; this is for the rest
+                status = records.read_status_safe(run_dir) or {}
+                if status.get("state") != "failed":
+                    records.write_status(run_dir, "failed", f"{type(err).__name__}: {err}",
+                                         traceback=traceback.format_exc(limit=20))
+            state = inspect(run_dir)
+    except records.UnsafeRecordError as err:  # a planted link (.lock, jobs.jsonl): refused, never followed
+        records.write_status(run_dir, "failed", str(err), retryable=False)  # atomic: replaces, never follows
+        return {"run_id": rid, "state": "failed", "reason": str(err)}
     return {"run_id": rid, "state": state["state"], "reason": state["reason"]}
 
 

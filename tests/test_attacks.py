@@ -1,0 +1,367 @@
+"""A results folder is untrusted input: each test plants one attack or one kind of damage and checks
+that it is refused (no file created, no link target changed) or caught and redone."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from moebench.cli import main
+from moebench.core.registry import TASKS
+from moebench.grids import launch
+from moebench.grids.expand import expand
+from moebench.grids.schema import GridError, load
+from moebench.training import records, rundir, runner
+from moebench.training.records import UnsafeRecordError
+from moebench.training.rundir import run_path
+from moebench.training.spec import SpecError, apply_override, resolve_spec, run_id
+from moebench.training.train import train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def toy_spec(steps=8, **train_opts):
+    return resolve_spec({
+        "grid": "t", "task": "toy", "task_args": {"num_train": 64, "num_eval": 32},
+        "model": {"dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+        "moe": {"blocks": "all", "num_experts": 4, "router": "softmax-topk", "router_args": {}},
+        "seed": 0, "train": {"steps": steps, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "eval_every": 4,
+                             "checkpoint_every": 4, "probe_size": 8, **train_opts}})
+
+
+def task_for(spec):
+    return TASKS.get(spec["task"])(**spec["task_args"])
+
+
+def comparable(final):
+    return {k: v for k, v in final.items() if k not in ("cost", "env")}
+
+
+def toy_grid(tmp_path, routers=("softmax-topk",), **extra):
+    grid = {"name": "g", "task": "toy", "task_args": {"num_train": 64, "num_eval": 32},
+            "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 16},
+            "train": {"steps": 8, "batch_size": 16, "eval_every": 4, "checkpoint_every": 4, "probe_size": 8,
+                      "warmup_steps": 2},
+            "seeds": [0], "routers": list(routers), "executor": {"time_min": 5, "cpus_per_task": 1}, **extra}
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+def only_run_dir(grid_path, results):
+    (spec,) = expand(grid_path)
+    return run_path(results, spec["grid"], run_id(spec))
+
+
+# --- 1. checkpoints -----------------------------------------------------------------------------------
+class _Plant:
+    """Unpickling this creates a file: what a planted checkpoint could do with weights_only=False."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_a_planted_pickle_checkpoint_runs_no_code_and_is_set_aside(tmp_path, capsys):
+    spec = toy_spec()
+    rid = run_id(spec)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    created = tmp_path / "pwned"
+    torch.save({"version": 1, "run_id": rid, "step": 4, "x": _Plant(created)}, run_dir / "checkpoint.pt")
+    final = train(task_for(spec), spec, run_dir, progress=False)
+    assert not created.exists()
+    assert "cannot be resumed" in capsys.readouterr().err
+    assert comparable(final) == comparable(train(task_for(spec), spec, tmp_path / "clean", progress=False))
+    (stale,) = (run_dir / ".stale").glob("*/checkpoint.pt")
+    torch.load(stale, weights_only=False)  # the plant is live: the old loader would have run it
+    assert created.exists()
+
+
+def test_an_unreadable_checkpoint_restarts_the_run_from_zero_with_the_reason(tmp_path):
+    spec = toy_spec()
+    results = tmp_path / "results"
+    run_dir = run_path(results, "t", run_id(spec))
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 torn zip")
+    (run_dir / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half a checkpoint")  # a killed atomic write
+    records.atomic_write_yaml(run_dir / "spec.yaml", spec)
+    records.write_status(run_dir, "running", None, attempts=1)
+    res = runner.execute(spec, results, progress=False)
+    assert res["state"] == "done"
+    status = records.read_status(run_dir)
+    assert status["state"] == "done" and "restarted from step 0" in status["note"]
+    assert [r["step"] for r in records.read_jsonl(run_dir / "metrics.jsonl")] == [4, 8]
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_a_torn_metrics_tail_is_cut_before_resuming(tmp_path):
+    spec = toy_spec()
+
+    class Stop(Exception):
+        pass
+
+    def stop(step):
+        if step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(task_for(spec), spec, tmp_path / "cut", progress=False, on_step=stop)
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "metr')  # killed in the middle of an append
+    resumed = train(task_for(spec), spec, tmp_path / "cut", progress=False)
+    full = train(task_for(spec), spec, tmp_path / "full", progress=False)
+    assert comparable(resumed) == comparable(full)
+    lines = records.read_jsonl(tmp_path / "cut" / "metrics.jsonl", strict=True)
+    assert [r["step"] for r in lines] == [4, 8]
+
+
+# --- 2. symlinks --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [".lock", "jobs.jsonl"])
+def test_a_planted_link_in_a_run_folder_is_refused_and_its_target_unchanged(tmp_path, name):
+    path = toy_grid(tmp_path)
+    results = tmp_path / "results"
+    run_dir = only_run_dir(path, results)
+    run_dir.mkdir(parents=True)
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    os.symlink(target, run_dir / name)
+    (spec,) = expand(path)
+    out = launch.run_one(spec, results, lock_wait_s=0)
+    assert out["state"] == "failed" and "symbolic link" in out["reason"]
+    assert target.read_text() == "keep me\n"
+    assert not (run_dir / "final.json").exists()
+
+
+def test_a_planted_metrics_or_stale_link_is_never_written_through(tmp_path):
+    spec = toy_spec()
+    results = tmp_path / "results"
+    run_dir = run_path(results, "t", run_id(spec))
+    run_dir.mkdir(parents=True)
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(target, run_dir / "metrics.jsonl")
+    os.symlink(outside, run_dir / ".stale")
+    os.symlink(target, run_dir / "checkpoint.pt")
+    with pytest.raises(UnsafeRecordError):
+        records.append_jsonl(run_dir / "metrics.jsonl", {"step": 1})
+    assert runner.execute(spec, results, progress=False)["state"] == "done"
+    assert target.read_text() == "keep me\n" and not list(outside.iterdir())
+
+
+def test_a_run_folder_linked_outside_the_results_root_is_refused(tmp_path):
+    path = toy_grid(tmp_path)
+    results = tmp_path / "results"
+    run_dir = only_run_dir(path, results)
+    run_dir.parent.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, run_dir)
+    (spec,) = expand(path)
+    assert "symbolic link" in launch.run_one(spec, results)["reason"]
+    assert "symbolic link" in runner.execute(spec, results, progress=False)["reason"]
+    assert rundir.inspect(run_dir)["state"] == "corrupt"
+    assert not list(elsewhere.iterdir())
+
+
+# --- 3. executor strings ------------------------------------------------------------------------------
+@pytest.mark.parametrize("executor, key", [
+    ({"partition": "x\ntouch F #"}, "executor.partition"),
+    ({"sbatch_extra": {"qos": "x\ntouch F #"}}, "executor.sbatch_extra.qos"),
+    ({"sbatch_extra": {"qos\ntouch F #": "x"}}, "executor.sbatch_extra.qos\ntouch F #"),
+    ({"sbatch_extra": {"account": "a\rb"}}, "executor.sbatch_extra.account"),
+])
+def test_control_characters_in_executor_strings_are_refused(tmp_path, monkeypatch, executor, key):
+    monkeypatch.chdir(tmp_path)
+    path = toy_grid(tmp_path, executor=executor)
+    with pytest.raises(GridError, match="without newlines or control characters") as err:
+        load(path)
+    assert f": {key}: " in str(err.value)
+    assert main(["run", str(path), "--cluster", "slurm", "--results", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "F").exists() and not (tmp_path / "r").exists()
+
+
+def test_plain_executor_strings_still_pass(tmp_path):
+    g = load(toy_grid(tmp_path, executor={"partition": "gpu", "sbatch_extra": {"qos": "high", "nodes": 1}}))
+    assert g["executor"]["partition"] == "gpu" and g["executor"]["max_retries"] == 2
+
+
+# --- 4. one validator ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def done_grid(tmp_path_factory):
+    """One finished two-run grid, copied by each test that damages it."""
+    tmp = tmp_path_factory.mktemp("done")
+    path = toy_grid(tmp, routers=("softmax-topk", "dense"))
+    launch.run_grid(path, cluster="debug", results=tmp / "results", log=lambda s: None)
+    return path, tmp / "results"
+
+
+def _copy(done_grid, tmp_path):
+    path, results = done_grid
+    shutil.copytree(results, tmp_path / "results")
+    dirs = {s["label"]: run_path(tmp_path / "results", s["grid"], run_id(s)) for s in expand(path)}
+    return path, tmp_path / "results", dirs
+
+
+DAMAGE = {
+    "empty final.json": lambda d, o: records.atomic_write_json(d / "final.json", {}),
+    "final.json of another run": lambda d, o: shutil.copy(o / "final.json", d / "final.json"),
+    "torn metrics tail": lambda d, o: (d / "metrics.jsonl").write_bytes((d / "metrics.jsonl").read_bytes()[:-9]),
+    "spec.yaml of another run": lambda d, o: shutil.copy(o / "spec.yaml", d / "spec.yaml"),
+    "spec.yaml not YAML": lambda d, o: (d / "spec.yaml").write_text("seed: [unclosed\n"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_record_is_caught_by_status_launcher_and_report(tmp_path, capsys, done_grid, damage):
+    from moebench.report.load import load_record_set
+
+    path, results, dirs = _copy(done_grid, tmp_path)
+    d, other = dirs["softmax-topk"], dirs["dense"]
+    DAMAGE[damage](d, other)
+    assert rundir.inspect(d)["state"] == "corrupt"
+    assert main(["status", str(results)]) == 1
+    assert f"corrupt record: {d.name}: " in capsys.readouterr().out
+    rs = load_record_set(results / "g")
+    row = rs.runs.set_index("run_id").loc[d.name]
+    assert row["state"] == "corrupt" and (rs.runs["state"] == "done").sum() == 1  # never counted
+    out = launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
+    assert out["counts"]["done"] == 2  # the status message's promise: set aside and rerun
+    assert rundir.record_problem(d) is None and list((d / rundir.STALE_DIR).iterdir())
+
+
+def test_a_failed_run_with_an_invalid_spec_is_rerun_as_status_says(tmp_path, capsys, done_grid):
+    path, results, dirs = _copy(done_grid, tmp_path)
+    d = dirs["softmax-topk"]
+    records.write_status(d, "failed", "diverged at step 3: loss=nan")
+    (d / "spec.yaml").write_text("seed: [unclosed\n")
+    main(["status", str(results)])
+    assert "rerunning the grid sets it aside and reruns it" in capsys.readouterr().out
+    assert launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)["counts"]["done"] == 2
+
+
+# --- 5. retries and the run lock ----------------------------------------------------------------------
+def test_a_killed_job_is_resumed_up_to_max_retries_and_divergence_is_not(tmp_path):
+    path = toy_grid(tmp_path, executor={"time_min": 5, "max_retries": 1})
+    results = tmp_path / "results"
+    d = only_run_dir(path, results)
+    (spec,) = expand(path)
+    for attempts, action in ((1, "run"), (2, "skip")):
+        records.atomic_write_yaml(d / "spec.yaml", resolve_spec(spec))
+        records.write_status(d, "failed", "job 7 ended without finishing the run: killed", attempts=attempts,
+                             retryable=True)
+        (r,) = launch.plan([spec], results, max_retries=1)
+        assert r["action"] == action, r["why"]
+    records.write_status(d, "failed", "diverged at step 3: loss=nan", attempts=1, retryable=False)
+    assert launch.plan([spec], results, max_retries=1)[0]["action"] == "skip"
+
+
+@pytest.mark.slow
+def test_a_job_killed_by_a_signal_resumes_on_the_next_run(tmp_path):
+    import signal
+    import time
+
+    path = toy_grid(tmp_path, train={"steps": 150, "batch_size": 16, "eval_every": 10, "checkpoint_every": 5,
+                                     "probe_size": 8, "warmup_steps": 2})
+    results = tmp_path / "results"
+    d = only_run_dir(path, results)
+    killed = []
+
+    def kill_on_start(line):  # SIGKILL the job (an OOM kill looks the same) after its first evaluation
+        if "-> running" in line and not killed:
+            pid = int((d / ".lock").read_text().split(":")[1])
+            deadline = time.monotonic() + 60
+            while not records.read_jsonl(d / "metrics.jsonl") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    first = launch.run_grid(path, cluster="local", results=results, log=kill_on_start, poll_s=0.05)
+    assert killed and first["counts"]["failed"] == 1
+    st = rundir.inspect(d)
+    assert st["retryable"] and "ended without finishing" in st["reason"]
+    again = launch.run_grid(path, cluster="local", results=results, log=lambda s: None, poll_s=0.2)
+    assert again["counts"]["done"] == 1
+    assert len(records.read_jsonl(d / rundir.JOBS_LOG)) == 2  # both attempts recorded
+    assert [r["step"] for r in records.read_jsonl(d / "metrics.jsonl", strict=True)] == list(range(10, 151, 10))
+
+
+def test_moebench_train_waits_for_no_one_else_on_its_run(tmp_path, capsys):
+    argv = ["train", "--task", "toy", "--size", "tiny", "--steps", "4", "--results", str(tmp_path)]
+    from moebench.cli import build_parser
+    from moebench.cli.train import spec_from_args
+
+    spec = spec_from_args(build_parser().parse_args(argv))
+    d = run_path(tmp_path, "single", run_id(spec))
+    with rundir.run_lock(d) as got:
+        assert got
+        assert main(argv) == 1
+    assert "being trained by another process" in capsys.readouterr().err
+    assert not (d / "metrics.jsonl").exists()
+
+
+# --- 6. disk full -------------------------------------------------------------------------------------
+def test_too_little_free_space_fails_the_run_naming_the_disk_and_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "MIN_FREE_MB", 10**12)
+    res = runner.execute(toy_spec(), tmp_path, progress=False)
+    assert res["state"] == "failed" and res["reason"].startswith("disk full: only ")
+    assert "mounted at /" in res["reason"] and str(tmp_path) in res["reason"]
+    assert rundir.inspect(res["run_dir"])["retryable"]
+
+
+def test_moebench_run_exits_non_zero_when_the_report_cannot_be_written(tmp_path, monkeypatch, done_grid, capsys):
+    import moebench.report.build as build
+
+    path, results, _ = _copy(done_grid, tmp_path)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(results / "g" / "report" / "index.html"))
+
+    monkeypatch.setattr(build, "write_report", full)
+    assert main(["run", str(path), "--cluster", "debug", "--results", str(results)]) == 1
+    assert "report failed: OSError" in capsys.readouterr().err
+
+
+# --- 8. bad inputs ------------------------------------------------------------------------------------
+def test_a_yaml_tag_in_an_override_names_the_key():
+    with pytest.raises(SpecError, match=r"override train\.lr: cannot parse value '!!python/object:os.system"):
+        apply_override({}, "train.lr=!!python/object:os.system {}")
+
+
+def test_a_truncated_jpeg_names_its_file(tmp_path):
+    from PIL import Image
+
+    from moebench.tasks.datasets.classification import imagefolder_datasets
+
+    for split in ("train", "val"):
+        p = tmp_path / split / "cat" / "0.jpg"
+        p.parent.mkdir(parents=True)
+        Image.new("RGB", (64, 64), "red").save(p, quality=95)
+    bad = tmp_path / "train" / "cat" / "0.jpg"
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    tr, _ = imagefolder_datasets(tmp_path)
+    with pytest.raises(OSError, match=f"cannot read image {bad}"):
+        tr[0]
+
+
+def test_records_never_contain_non_json_numbers_from_checkpoints(tmp_path):
+    """The checkpoint holds plain types only: it loads with weights_only=True."""
+    spec = toy_spec(keep_checkpoint=True)
+    train(task_for(spec), spec, tmp_path, progress=False)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["run_id"] == run_id(spec) and json.dumps(ck["last_eval"])
