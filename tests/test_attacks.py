@@ -365,3 +365,72 @@ def test_records_never_contain_non_json_numbers_from_checkpoints(tmp_path):
     train(task_for(spec), spec, tmp_path, progress=False)
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ck["run_id"] == run_id(spec) and json.dumps(ck["last_eval"])
+
+
+# --- 7. stop and cancel -------------------------------------------------------------------------------
+def test_sigint_during_training_checkpoints_and_a_rerun_ends_identical(tmp_path):
+    import signal
+
+    from moebench.training.stop import Stopped
+
+    spec = toy_spec(steps=12, checkpoint_every=100)
+
+    def interrupt(step):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # what `moebench cancel` sends; no KeyboardInterrupt
+
+    with pytest.raises(Stopped, match="at step 6 of 12"):
+        train(task_for(spec), spec, tmp_path / "cut", progress=False, on_step=interrupt)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 6  # saved on stop
+    resumed = train(task_for(spec), spec, tmp_path / "cut", progress=False)
+    assert comparable(resumed) == comparable(train(task_for(spec), spec, tmp_path / "full", progress=False))
+
+
+def test_moebench_cancel_asks_the_process_holding_a_run_to_stop(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "g" / "softmax-topk-s0-0123456789"
+    run_dir.mkdir(parents=True)
+    records.write_status(run_dir, "running")
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from moebench.training.rundir import run_lock
+from moebench.training.stop import STOP_REQUESTED, stop_on_signals
+with run_lock({str(run_dir)!r}) as got, stop_on_signals():
+    print("locked", flush=True)
+    while not STOP_REQUESTED.is_set():
+        time.sleep(0.05)
+    print("stopped cleanly", flush=True)
+"""], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    assert main(["cancel", str(tmp_path), "g"]) == 0
+    assert f"g/{run_dir.name}: asked pid {holder.pid} to checkpoint and exit" in capsys.readouterr().out
+    assert holder.stdout.readline().strip() == "stopped cleanly"
+    assert holder.wait(timeout=30) == 0
+    deadline = time.monotonic() + 10
+    while rundir.lock_held(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert main(["cancel", str(tmp_path)]) == 0
+    assert "nothing is training" in capsys.readouterr().out
+
+
+def test_moebench_cancel_scancels_recorded_slurm_jobs(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from moebench.grids import launch as launch_mod
+
+    grid = tmp_path / "g"
+    (grid / "r1").mkdir(parents=True)
+    records.write_status(grid / "r1", "running")
+    records.append_jsonl(grid / "r1" / rundir.JOBS_LOG, {"slurm_job_id": "41"})
+    (grid / ".submitit").mkdir()
+    (grid / ".submitit" / "57_submitted.pkl").write_bytes(b"")
+    (grid / ".submitit" / "12_submitted.pkl").write_bytes(b"")  # finished: squeue no longer lists it
+    monkeypatch.setattr(launch_mod, "_squeue_ids", lambda: {"41", "57_0", "57_1", "99"})
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    assert main(["cancel", str(tmp_path)]) == 0
+    assert calls == [["scancel", "41", "57"]]
+    assert "cancelled SLURM job(s) 41, 57" in capsys.readouterr().out

@@ -44,10 +44,14 @@ def run(args) -> int:
     failed, is left to run, or the report could not be written; 2 for a bad grid or unusable cluster."""
     from moebench.grids.launch import run_grid
     from moebench.grids.schema import GridError
+    from moebench.training.stop import Stopped
 
     try:
         out = run_grid(args.grid, cluster=args.cluster, results=args.results, dry_run=args.dry_run,
                        retry_failed=args.retry_failed)
+    except Stopped as err:  # SIGINT / SIGTERM: the jobs checkpointed; no report of a half-run grid
+        print(f"{err}", file=sys.stderr)
+        return 130
     except (GridError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

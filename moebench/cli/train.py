@@ -90,6 +90,9 @@ def run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     run_dir = result["run_dir"]
+    if result["state"] == "stopped":
+        print(f"run {result['run_id']} {result['reason']}; record: {run_dir}", file=sys.stderr)
+        return 130
     if result["state"] != "done":
         print(f"run {result['run_id']} failed: {result['reason']}", file=sys.stderr)
         if run_dir:

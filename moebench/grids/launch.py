@@ -38,7 +38,8 @@ from pathlib import Path
 
 from moebench.grids.status import _counts, _rows, format_table
 from moebench.training import records
-from moebench.training.rundir import JOBS_LOG, _set_aside, check_inside, inspect, run_lock, run_path
+from moebench.training.rundir import JOBS_LOG, _set_aside, ask_to_stop, check_inside, inspect, run_lock, run_path
+from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
 
 
 def _prepare(run_dir: Path) -> str | None:
@@ -345,13 +346,39 @@ def _submit_and_wait(todo, cluster, ex, grid_dir, name, results, progress, poll_
     executor = make_executor(cluster, folder, ex, name)
     job_fn = RunJob(threads=ex.get("cpus_per_task") if cluster != "debug" else None)
     if cluster == "debug":  # in-process, one after the other, so a debugger can step in
-        for r in todo:
-            job = executor.submit(job_fn, r["spec"], str(results))
-            _finish(r, job, log)
-            progress.poll()
+        with stop_on_signals():
+            for r in todo:
+                job = executor.submit(job_fn, r["spec"], str(results))
+                _finish(r, job, log)
+                progress.poll()
+                if STOP_REQUESTED.is_set():
+                    raise Stopped("stopped by a signal; rerun the same command to resume")
         return
     pending = list(todo)
     running: list[tuple[dict, object]] = []
+    with stop_on_signals():
+        _wait(pending, running, executor, job_fn, cluster, ex, folder, todo, results, progress, poll_s, log)
+
+
+def _stop_jobs(running, cluster, log, wait_s: float = 120.0) -> None:
+    """SIGINT / SIGTERM reached the launcher: ask every running local job to checkpoint and exit, wait
+    for them (``wait_s`` at most), then cancel what is left; SLURM jobs keep running (``moebench cancel``
+    stops them). Raises `Stopped`, so ``moebench run`` exits non-zero and a rerun resumes."""
+    if cluster == "slurm":
+        raise Stopped("stopped by a signal; the SLURM jobs keep running (stop them with `moebench cancel`)")
+    asked = [pid for r, _ in running if (pid := ask_to_stop(r["run_dir"]))]
+    log(f"[{_now()}] stopping: asked {len(asked)} running job(s) to checkpoint and exit")
+    deadline = time.monotonic() + wait_s
+    while any(not job.done() for _, job in running) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for _, job in running:
+        if not job.done():
+            job.cancel(check=False)
+    raise Stopped(f"stopped by a signal; {len(running)} job(s) checkpointed; rerun the same command to resume")
+
+
+def _wait(pending, running, executor, job_fn, cluster, ex, folder, todo, results, progress, poll_s, log) -> None:
+    """Submit (at most ``max_workers`` local jobs at once, or one SLURM array) and collect until done."""
     if cluster == "slurm":
         jobs = executor.map_array(job_fn, [r["spec"] for r in pending], [str(results)] * len(pending))
         running = list(zip(pending, jobs))
@@ -361,6 +388,8 @@ def _submit_and_wait(todo, cluster, ex, grid_dir, name, results, progress, poll_
     limit = max_workers(ex, len(todo)) if cluster == "local" else len(todo)
     missing: dict[str, int] = {}
     while pending or running:
+        if STOP_REQUESTED.is_set():
+            _stop_jobs(running, cluster, log)
         while pending and len(running) < limit:
             r = pending.pop(0)
             running.append((r, executor.submit(job_fn, r["spec"], str(results))))

@@ -87,6 +87,34 @@ def lock_held(run_dir) -> bool:
     return False
 
 
+def lock_owner(run_dir) -> tuple[str, int] | None:
+    """(host, pid) of the live process holding the run's lock, as it wrote them; None when unheld."""
+    if not lock_held(run_dir):
+        return None
+    try:
+        fd = records.open_nofollow(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+        with os.fdopen(fd, "r") as f:
+            host, _, pid = f.read(200).strip().rpartition(":")
+        return host, int(pid)
+    except (OSError, ValueError, records.UnsafeRecordError):
+        return None
+
+
+def ask_to_stop(run_dir) -> int | None:
+    """Send SIGINT to the process training the run when it runs on this host: it checkpoints after its
+    current step and exits (``moebench.training.stop``). Returns its pid, or None when none was asked."""
+    import signal
+
+    owner = lock_owner(run_dir)
+    if owner is None or owner[0] != socket.gethostname():
+        return None
+    try:
+        os.kill(owner[1], signal.SIGINT)
+    except ProcessLookupError:
+        return None
+    return owner[1]
+
+
 # -- reading a run's state ---------------------------------------------------------------------------
 def run_dir_of(spec: dict, results) -> Path:
     """The folder of ``spec``'s run under ``results``."""

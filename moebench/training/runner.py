@@ -23,6 +23,7 @@ from moebench.training.records import (
 )
 from moebench.training.rundir import check_inside, record_problem, run_path
 from moebench.training.spec import SpecError, resolve_spec, run_id
+from moebench.training.stop import Stopped
 
 MIN_FREE_MB = 100  # below this a run does not start: a checkpoint or record write would fail half-way
 
@@ -119,6 +120,8 @@ def execute(spec: dict, results_dir="results", device=None, progress: bool | Non
 
         task = TASKS.get(spec["task"])(**spec["task_args"])
         result = train(task, spec, run_dir, device=device, progress=progress)
+    except Stopped as err:  # status stays "running": with the lock gone it reads as interrupted
+        return {**out, "state": "stopped", "reason": str(err)}
     except Exception as err:  # a failing run must not stop the grid
         reason = _reason(err, run_dir)
         with contextlib.suppress(OSError):

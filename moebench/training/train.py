@@ -51,6 +51,7 @@ from moebench.training.records import (
 from moebench.training.rundir import _set_aside
 from moebench.training.spec import resolve_spec
 from moebench.training.spec import run_id as spec_run_id
+from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -58,6 +59,8 @@ CHECKPOINT_VERSION = 1
 
 class Diverged(RuntimeError):
     """The loss became NaN / inf or exceeded ``train.max_loss``."""
+
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -301,7 +304,7 @@ def train(task, spec: dict, run_dir, device=None, progress: bool | None = None,
     amp_dtype = torch.bfloat16 if device.type == "cuda" and t["amp"] in ("auto", True) else None
     if progress is None:
         progress = sys.stderr.isatty()
-    with deterministic(device, t["deterministic"]):
+    with deterministic(device, t["deterministic"]), stop_on_signals():
         return _Trainer(task, spec, rid, run_dir, device, amp_dtype, progress, on_step).run()
 
 
@@ -553,6 +556,9 @@ class _Trainer:
                         bar.set_description(f"{self.rid} loss {loss_value:.4f}", refresh=False)
                 if self.on_step is not None:
                     self.on_step(step)
+                if STOP_REQUESTED.is_set() and step < steps:
+                    self.save()
+                    raise Stopped(f"stopped by a signal at step {step} of {steps}; checkpointed, a rerun resumes it")
         except Diverged as err:
             reason = str(err)
             write_status(self.run_dir, "failed", reason)
