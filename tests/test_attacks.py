@@ -2,6 +2,7 @@
 that it is refused (no file created, no link target changed) or caught and redone."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -434,3 +435,163 @@ def test_moebench_cancel_scancels_recorded_slurm_jobs(tmp_path, monkeypatch, cap
     assert main(["cancel", str(tmp_path)]) == 0
     assert calls == [["scancel", "41", "57"]]
     assert "cancelled SLURM job(s) 41, 57" in capsys.readouterr().out
+
+
+# --- 9. slow adversarial probes -----------------------------------------------------------------------
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+
+def _records_of(dirs):
+    """What must not depend on interruptions: every metrics line (less timing) and the final record."""
+    return {k: (_strip(records.read_jsonl(d / "metrics.jsonl", strict=True)),
+                comparable(records.read_json(d / "final.json"))) for k, d in dirs.items()}
+
+
+@pytest.mark.slow
+def test_sigkill_at_seeded_random_moments_then_a_rerun_gives_identical_records(tmp_path):
+    """Kill the launcher, its job processes, or both, at moments drawn from a seeded generator; a plain
+    rerun must finish every run exactly once with records identical to an uninterrupted grid."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    train_opts = {"steps": 60, "batch_size": 16, "eval_every": 20, "checkpoint_every": 10, "probe_size": 8,
+                  "warmup_steps": 2}
+    ref_path = toy_grid(tmp_path / "ref" if (tmp_path / "ref").mkdir() is None else None,
+                        routers=("softmax-topk", "dense"), train=train_opts)
+    launch.run_grid(ref_path, cluster="debug", results=tmp_path / "ref" / "results", log=lambda s: None)
+    ref_dirs = {s["label"]: run_path(tmp_path / "ref" / "results", "g", run_id(s)) for s in expand(ref_path)}
+    reference = _records_of(ref_dirs)
+
+    rng = random.Random(1234)
+    kills, checked = [], 0
+    for trial, target in enumerate(("launcher", "jobs", "both")):
+        (tmp_path / f"t{trial}").mkdir()
+        path = toy_grid(tmp_path / f"t{trial}", routers=("softmax-topk", "dense"),
+                        train=train_opts, executor={"time_min": 5, "max_workers": 1})
+        results = tmp_path / f"t{trial}" / "results"
+        dirs = {s["label"]: run_path(results, "g", run_id(s)) for s in expand(path)}
+        proc = subprocess.Popen([sys.executable, "-m", "moebench", "run", str(path), "--cluster", "local",
+                                 "--results", str(results), "--no-report"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        # a moment after the first job started training, so there is something to kill mid-way
+        deadline = time.monotonic() + 120
+        while not any(rundir.lock_held(d) for d in dirs.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 2.0))
+        owners = [o[1] for d in dirs.values() if (o := rundir.lock_owner(d))]
+        if target in ("jobs", "both"):
+            for pid in owners:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if target in ("launcher", "both"):
+            os.kill(proc.pid, signal.SIGKILL)
+        kills.append((target, len(owners)))
+        if target == "jobs":
+            proc.wait(timeout=300)  # the launcher records the killed job and goes on
+        else:
+            proc.wait()
+        deadline = time.monotonic() + 120  # orphaned jobs of a killed launcher finish on their own
+        while any(rundir.lock_held(d) for d in dirs.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out = launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
+        assert out["counts"]["done"] == 2, (target, out["runs"])
+        assert _records_of(dirs) == reference, target
+        checked += len(dirs)
+    print(f"kill trials: {len(kills)} {kills}; records checked: {checked}")
+    assert len(kills) == 3 and checked == 6
+
+
+def _crash_in_write(kind: str, nth: int, spec, results):
+    """Fork; the child trains ``spec`` and dies (os._exit, no cleanup) half-way through its ``nth``
+    write of ``kind``, leaving what a kill would: a temp file, or a torn line."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:
+        count = {"n": 0}
+        real_atomic, real_append = records.atomic_write, records.append_jsonl
+
+        def atomic(path, write):
+            if os.path.basename(path) == kind:
+                count["n"] += 1
+                if count["n"] == nth:
+                    import tempfile
+                    fd, _ = tempfile.mkstemp(prefix=f".{kind}.", suffix=".tmp", dir=os.path.dirname(path))
+                    os.write(fd, b"half")
+                    os._exit(9)
+            return real_atomic(path, write)
+
+        def append(path, obj):
+            if os.path.basename(path) == kind:
+                count["n"] += 1
+                if count["n"] == nth:
+                    with open(path, "a") as f:
+                        f.write(json.dumps(obj)[:20])
+                    os._exit(9)
+            return real_append(path, obj)
+
+        import moebench.training.train as train_mod
+        for mod in (records, train_mod, runner, launch):
+            for name, fn in (("atomic_write", atomic), ("append_jsonl", append)):
+                if hasattr(mod, name):
+                    setattr(mod, name, fn)
+        records.atomic_write_bytes.__globals__["atomic_write"] = atomic
+        launch.run_one(spec, results)
+    finally:
+        os._exit(0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, nth", [("checkpoint.pt", 2), ("metrics.jsonl", 2), ("status.json", 2),
+                                       ("final.json", 1), ("jobs.jsonl", 1)])
+def test_a_crash_in_the_middle_of_each_kind_of_write_is_redone_identically(tmp_path, kind, nth):
+    spec = toy_spec(steps=12)
+    ref = runner.execute(spec, tmp_path / "ref", progress=False)["final"]
+    results = tmp_path / "results"
+    _crash_in_write(kind, nth, spec, results)
+    d = run_path(results, "t", run_id(spec))
+    assert rundir.inspect(d)["state"] != "done"  # the crash really happened before the end
+    out = launch.run_one(spec, results)
+    assert out["state"] == "done", out
+    assert comparable(records.read_json(d / "final.json")) == comparable(ref)
+    ref_lines = records.read_jsonl(tmp_path / "ref" / "t" / run_id(spec) / "metrics.jsonl")
+    assert _strip(records.read_jsonl(d / "metrics.jsonl", strict=True)) == _strip(ref_lines)
+    assert not list(d.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_2mib_tmpfs_results_folder_fails_clearly_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a 2 MiB tmpfs here ({res.stderr.strip() or 'mount failed'})")
+    try:
+        path = toy_grid(tmp_path, routers=("softmax-topk", "dense"))
+        assert main(["run", str(path), "--cluster", "debug", "--results", str(mnt)]) == 1
+        runs = [d for d in (mnt / "g").iterdir() if (d / "status.json").exists()]
+        st = [rundir.inspect(d) for d in runs]
+        assert len(st) == 2 and all(s["state"] == "failed" and s["retryable"] for s in st)
+        assert all(s["reason"].startswith("disk full: only ") and f"mounted at {mnt}" in s["reason"] for s in st)
+        # below the start threshold, a real ENOSPC in the middle of the run: still a clear reason
+        monkeypatch.setattr(runner, "MIN_FREE_MB", 0)
+        with open(mnt / "ballast", "wb") as f:
+            with contextlib.suppress(OSError):
+                f.write(b"\0" * (2 * 2**20))
+        code = main(["run", str(path), "--cluster", "debug", "--results", str(mnt)])
+        err = capsys.readouterr().err
+        assert code == 1 and "Traceback" not in err
+        for d in runs:
+            s = rundir.inspect(d)
+            assert s["state"] != "done", s
+            if s["state"] == "failed":
+                assert "disk full" in s["reason"], s["reason"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
