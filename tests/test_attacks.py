@@ -272,36 +272,6 @@ def test_a_killed_job_is_resumed_up_to_max_retries_and_divergence_is_not(tmp_pat
     assert launch.plan([spec], results, max_retries=1)[0]["action"] == "skip"
 
 
-@pytest.mark.slow
-def test_a_job_killed_by_a_signal_resumes_on_the_next_run(tmp_path):
-    import signal
-    import time
-
-    path = toy_grid(tmp_path, train={"steps": 150, "batch_size": 16, "eval_every": 10, "checkpoint_every": 5,
-                                     "probe_size": 8, "warmup_steps": 2})
-    results = tmp_path / "results"
-    d = only_run_dir(path, results)
-    killed = []
-
-    def kill_on_start(line):  # SIGKILL the job (an OOM kill looks the same) after its first evaluation
-        if "-> running" in line and not killed:
-            pid = int((d / ".lock").read_text().split(":")[1])
-            deadline = time.monotonic() + 60
-            while not records.read_jsonl(d / "metrics.jsonl") and time.monotonic() < deadline:
-                time.sleep(0.02)
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    first = launch.run_grid(path, cluster="local", results=results, log=kill_on_start, poll_s=0.05)
-    assert killed and first["counts"]["failed"] == 1
-    st = rundir.inspect(d)
-    assert st["retryable"] and "ended without finishing" in st["reason"]
-    again = launch.run_grid(path, cluster="local", results=results, log=lambda s: None, poll_s=0.2)
-    assert again["counts"]["done"] == 1
-    assert len(records.read_jsonl(d / rundir.JOBS_LOG)) == 2  # both attempts recorded
-    assert [r["step"] for r in records.read_jsonl(d / "metrics.jsonl", strict=True)] == list(range(10, 151, 10))
-
-
 def test_moebench_train_waits_for_no_one_else_on_its_run(tmp_path, capsys):
     argv = ["train", "--task", "toy", "--size", "tiny", "--steps", "4", "--results", str(tmp_path)]
     from moebench.cli import build_parser
@@ -458,10 +428,10 @@ def test_sigkill_at_seeded_random_moments_then_a_rerun_gives_identical_records(t
     import sys
     import time
 
-    train_opts = {"steps": 60, "batch_size": 16, "eval_every": 20, "checkpoint_every": 10, "probe_size": 8,
+    train_opts = {"steps": 40, "batch_size": 16, "eval_every": 20, "checkpoint_every": 10, "probe_size": 8,
                   "warmup_steps": 2}
-    ref_path = toy_grid(tmp_path / "ref" if (tmp_path / "ref").mkdir() is None else None,
-                        routers=("softmax-topk", "dense"), train=train_opts)
+    (tmp_path / "ref").mkdir()
+    ref_path = toy_grid(tmp_path / "ref", routers=("softmax-topk",), train=train_opts)
     launch.run_grid(ref_path, cluster="debug", results=tmp_path / "ref" / "results", log=lambda s: None)
     ref_dirs = {s["label"]: run_path(tmp_path / "ref" / "results", "g", run_id(s)) for s in expand(ref_path)}
     reference = _records_of(ref_dirs)
@@ -470,39 +440,47 @@ def test_sigkill_at_seeded_random_moments_then_a_rerun_gives_identical_records(t
     kills, checked = [], 0
     for trial, target in enumerate(("launcher", "jobs", "both")):
         (tmp_path / f"t{trial}").mkdir()
-        path = toy_grid(tmp_path / f"t{trial}", routers=("softmax-topk", "dense"),
+        path = toy_grid(tmp_path / f"t{trial}", routers=("softmax-topk",),
                         train=train_opts, executor={"time_min": 5, "max_workers": 1})
         results = tmp_path / f"t{trial}" / "results"
         dirs = {s["label"]: run_path(results, "g", run_id(s)) for s in expand(path)}
         proc = subprocess.Popen([sys.executable, "-m", "moebench", "run", str(path), "--cluster", "local",
                                  "--results", str(results), "--no-report"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        # a moment after the first job started training, so there is something to kill mid-way
         deadline = time.monotonic() + 120
         while not any(rundir.lock_held(d) for d in dirs.values()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 2.0))
-        owners = [o[1] for d in dirs.values() if (o := rundir.lock_owner(d))]
-        if target in ("jobs", "both"):
+        time.sleep(rng.uniform(0.0, 1.5))
+        owners: list[int] = []
+        while not owners and time.monotonic() < deadline:  # kill while a job trains, not between jobs
+            owners = [o[1] for d in dirs.values() if (o := rundir.lock_owner(d))]
+            time.sleep(0.02)
+        if target == "jobs":  # an OOM kill or a lost node looks like this to the launcher
             for pid in owners:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        if target in ("launcher", "both"):
+        elif target == "launcher":
             os.kill(proc.pid, signal.SIGKILL)
-        kills.append((target, len(owners)))
-        if target == "jobs":
-            proc.wait(timeout=300)  # the launcher records the killed job and goes on
         else:
-            proc.wait()
-        deadline = time.monotonic() + 120  # orphaned jobs of a killed launcher finish on their own
-        while any(rundir.lock_held(d) for d in dirs.values()) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its job processes, as in a crash
+        kills.append((target, len(owners)))
+        proc.wait(timeout=300)
+        deadline = time.monotonic() + 180  # a killed launcher's orphaned jobs finish on their own
+        with contextlib.suppress(ProcessLookupError):
+            while time.monotonic() < deadline:
+                os.killpg(proc.pid, 0)
+                time.sleep(0.1)
+        if target == "jobs":
+            killed = [d for d in dirs.values() if rundir.inspect(d)["state"] == "failed"]
+            assert killed and all(rundir.inspect(d)["retryable"] for d in killed)
         out = launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
-        assert out["counts"]["done"] == 2, (target, out["runs"])
+        assert out["counts"]["done"] == len(dirs), (target, out["runs"])
         assert _records_of(dirs) == reference, target
+        if target == "jobs":
+            assert all(len(records.read_jsonl(d / rundir.JOBS_LOG)) == 2 for d in killed)  # both attempts
         checked += len(dirs)
     print(f"kill trials: {len(kills)} {kills}; records checked: {checked}")
-    assert len(kills) == 3 and checked == 6
+    assert len(kills) == 3 and checked == 3 and all(n > 0 for _, n in kills)
 
 
 def _crash_in_write(kind: str, nth: int, spec, results):
