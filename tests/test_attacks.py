@@ -573,3 +573,38 @@ def test_a_2mib_tmpfs_results_folder_fails_clearly_and_exits_non_zero(tmp_path, 
                 assert "disk full" in s["reason"], s["reason"]
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_sigterm_to_moebench_run_stops_its_local_jobs_cleanly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = toy_grid(tmp_path, train={"steps": 5000, "batch_size": 16, "eval_every": 10, "checkpoint_every": 0,
+                                     "probe_size": 8, "warmup_steps": 2})
+    results = tmp_path / "results"
+    d = only_run_dir(path, results)
+    proc = subprocess.Popen([sys.executable, "-m", "moebench", "run", str(path), "--cluster", "local",
+                             "--results", str(results), "--no-report"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not records.read_jsonl(d / "metrics.jsonl") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rundir.lock_held(d)
+        proc.send_signal(signal.SIGTERM)  # the launcher only: it must stop its jobs itself
+        assert proc.wait(timeout=120) == 130
+        assert "checkpointed" in proc.stderr.read()
+        time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)  # no job process outlives the launcher
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not rundir.lock_held(d) and rundir.inspect(d)["state"] == "interrupted"
+    logs = "".join(p.read_text() for p in (results / "g" / ".submitit").rglob("*.err"))
+    assert "stopped by a signal at step" in logs
+    step = int(logs.split("stopped by a signal at step ")[1].split()[0])
+    assert torch.load(d / "checkpoint.pt", weights_only=True)["step"] == step  # saved on the way out

@@ -131,10 +131,15 @@ def spec_problem(run_dir, require_resolvable: bool = True) -> str | None:
     """Why ``spec.yaml`` cannot be trusted (unparsable, not a valid spec, or its hash is not the folder
     name), or None; a missing spec.yaml is no problem here (the launcher writes it before a run).
     ``require_resolvable=False`` (the report) accepts a spec the current schema cannot resolve, e.g.
-    one written by an older version, but never one that resolves to another run id."""
+    one written by an older version, and a folder not named like a run id (hand-made records); a
+    folder the launcher named (``<label>-s<seed>-<10 hex>``) must still hash to its name."""
+    import re
+
     from moebench.training.spec import run_id
 
     run_dir = Path(run_dir)
+    if not require_resolvable and not re.fullmatch(r".+-s\d+-[0-9a-f]{10}", run_dir.name):
+        return None
     path = run_dir / "spec.yaml"
     try:
         spec = records.read_spec(run_dir)

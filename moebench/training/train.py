@@ -558,7 +558,9 @@ class _Trainer:
                     self.on_step(step)
                 if STOP_REQUESTED.is_set() and step < steps:
                     self.save()
-                    raise Stopped(f"stopped by a signal at step {step} of {steps}; checkpointed, a rerun resumes it")
+                    why = f"stopped by a signal at step {step} of {steps}; checkpointed, a rerun resumes it"
+                    print(f"moebench: run {self.rid} {why}", file=sys.stderr, flush=True)
+                    raise Stopped(why)
         except Diverged as err:
             reason = str(err)
             write_status(self.run_dir, "failed", reason)
