@@ -18,7 +18,14 @@ A run lives in ``<results>/<grid>/<run_id>/``:
                      "cost": {"params_total", "params_active", "flops_per_token", "wall_time_s",
                               "tokens_per_s", "peak_memory_mb"},
                      "env": environment_info()}
-- ``checkpoint.pt`` latest training state (removed once the run is done)
+- ``checkpoint.pt`` latest training state (removed once the run is done); tensors and plain containers
+                     only, loaded with ``weights_only=True``
+- ``jobs.jsonl``    one line per attempt (host, pid, job ids); ``.lock`` the owner's flock
+- ``.stale/<time>/`` records set aside as unreadable or inconsistent (see ``rundir.record_problem``)
+
+status.json may also hold ``retryable`` (the last failure was the machine's: killed, OOM, disk full)
+and ``note`` (e.g. why a checkpoint was set aside). Every record path is opened without following
+symbolic links (``open_nofollow``; atomic writes replace a link, never write through it).
 
 Routing stat names are those of ``moebench.training.metrics``.
 """
