@@ -287,12 +287,14 @@ def test_moebench_train_waits_for_no_one_else_on_its_run(tmp_path, capsys):
 
 
 # --- 6. disk full -------------------------------------------------------------------------------------
-def test_too_little_free_space_fails_the_run_naming_the_disk_and_path(tmp_path, monkeypatch):
+def test_too_little_free_space_fails_the_run_naming_the_disk_and_path(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runner, "MIN_FREE_MB", 10**12)
     res = runner.execute(toy_spec(), tmp_path, progress=False)
     assert res["state"] == "failed" and res["reason"].startswith("disk full: only ")
     assert "mounted at /" in res["reason"] and str(tmp_path) in res["reason"]
     assert rundir.inspect(res["run_dir"])["retryable"]
+    assert main(["status", str(tmp_path)]) == 1
+    assert "infrastructure failure: the next `moebench run` resumes it" in capsys.readouterr().out
 
 
 def test_moebench_run_exits_non_zero_when_the_report_cannot_be_written(tmp_path, monkeypatch, done_grid, capsys):
