@@ -399,7 +399,8 @@ class _Trainer:
                 raise ValueError(f"it belongs to run {got!r} (checkpoint version {version}), not {self.rid!r}")
             self._restore(ck)
         except Exception as err:  # noqa: BLE001 - whatever is wrong with it, it is not resumable
-            self.restart_from_zero(f"{self.ckpt_path.name} cannot be resumed ({type(err).__name__}: {err})")
+            first = (str(err).strip().splitlines() or [""])[0][:300]  # torch's weights_only errors run long
+            self.restart_from_zero(f"{self.ckpt_path.name} cannot be resumed ({type(err).__name__}: {first})")
             return False
         _truncate_metrics(self.metrics_path, self.step)
         return True
