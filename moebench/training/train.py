@@ -54,13 +54,11 @@ from moebench.training.spec import run_id as spec_run_id
 from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: plain types only (weights_only); a version-1 checkpoint restarts its run
 
 
 class Diverged(RuntimeError):
     """The loss became NaN / inf or exceeded ``train.max_loss``."""
-
-
 
 
 # ----------------------------------------------------------------------------------------------------
