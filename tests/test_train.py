@@ -207,7 +207,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, router):
     assert not (run / "checkpoint.pt").exists()
 
 
-def test_checkpoint_of_another_run_is_refused(tmp_path):
+def test_checkpoint_of_another_run_is_set_aside_and_the_run_restarts(tmp_path, capsys):
     spec = make_spec(steps=8, eval_every=4, checkpoint_every=4)
 
     def stop(step):
@@ -215,10 +215,15 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(task_for(spec), spec, tmp_path, progress=False, on_step=stop)
+        train(task_for(spec), spec, tmp_path / "run", progress=False, on_step=stop)
     other = {**spec, "seed": 3}
-    with pytest.raises(RuntimeError, match="belongs to run .*delete it"):
-        train(task_for(other), other, tmp_path, progress=False)
+    resumed = train(task_for(other), other, tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    assert "belongs to run 'softmax-topk-s0-" in err and "restarted from step 0" in err
+    clean = train(task_for(other), other, tmp_path / "clean", progress=False)
+    assert comparable(resumed) == comparable(clean)  # started from zero, not from the other run's weights
+    assert [r["step"] for r in records.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [4, 8]
+    assert len(list((tmp_path / "run" / ".stale").glob("*/checkpoint.pt"))) == 1
 
 
 # --- failures -----------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moebench.cli import bench, grid, report, routers, run, status, tasks, train
+from moebench.cli import bench, cancel, grid, report, routers, run, status, tasks, train
 from moebench.version import __version__
 
-COMMANDS = (run, grid, status, report, train, routers, tasks, bench)
+COMMANDS = (run, grid, status, cancel, report, train, routers, tasks, bench)
 
 DESCRIPTION = """\
 Compare Mixture-of-Experts routers under matched conditions (same data, seeds, budget and active

@@ -50,13 +50,21 @@ def run(args) -> int:
     failed, is left to run, or the report could not be written; 2 for a bad grid or unusable cluster."""
     from moebench.grids.launch import run_grid
     from moebench.grids.schema import GridError, load
+    from moebench.training.stop import Stopped
 
     try:
         out = run_grid(load(args.grid, overrides=args.set), cluster=args.cluster, results=args.results, dry_run=args.dry_run,
                        retry_failed=args.retry_failed)
+    except Stopped as err:  # SIGINT / SIGTERM: the jobs checkpointed; no report of a half-run grid
+        print(f"{err}", file=sys.stderr)
+        return 130
     except (GridError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. a full disk while writing the plan; name the file, no traceback
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: cannot write the grid's records{where}: {err.strerror or err}", file=sys.stderr)
+        return 1
     if args.dry_run:
         return 0
     ok = out["counts"]["failed"] == 0 and out["counts"]["queued"] == 0

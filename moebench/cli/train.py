@@ -69,16 +69,33 @@ def run(args) -> int:
     """Prints the headline and where the record is; exit 1 when the run failed, 2 for a bad flag."""
     print(f"moebench train: {args.task} / {args.router}, size {args.size}: loading torch and the task",
           file=sys.stderr, flush=True)
+    from moebench.training.records import UnsafeRecordError
+    from moebench.training.rundir import check_inside, run_lock, run_path
     from moebench.training.runner import execute
-    from moebench.training.spec import SpecError
+    from moebench.training.spec import SpecError, run_id
 
     try:
         spec = spec_from_args(args)
     except (SpecError, ValueError, KeyError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = execute(spec, args.results)
+    run_dir = run_path(args.results, spec["grid"], run_id(spec))
+    try:
+        check_inside(args.results, run_dir)
+        with run_lock(run_dir) as got:  # the launcher's lock: one process trains a run, never two
+            if not got:
+                print(f"error: run {run_dir.name} is being trained by another process (it holds "
+                      f"{run_dir / '.lock'}); wait for it, or see `moebench status {args.results}`",
+                      file=sys.stderr)
+                return 1
+            result = execute(spec, args.results)
+    except UnsafeRecordError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     run_dir = result["run_dir"]
+    if result["state"] == "stopped":
+        print(f"run {result['run_id']} {result['reason']}; record: {run_dir}", file=sys.stderr)
+        return 130
     if result["state"] != "done":
         print(f"run {result['run_id']} failed: {result['reason']}", file=sys.stderr)
         if run_dir:

@@ -20,6 +20,7 @@ MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take it; larger over
 MAX_EXPERTS = 4096
 # moebench.core.experts.ACTIVATIONS' names (this module stays torch-free; tests/test_config.py checks they agree)
 EXPERT_ACTIVATIONS = ("gelu", "gelu-tanh", "relu", "silu", "quick-gelu", "swiglu", "geglu")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a newline in an executor string is a new batch-script line
 
 
 class ConfigError(ValueError):
@@ -37,11 +38,12 @@ class ConfigError(ValueError):
 
 
 def option(default, kind: str, *, minimum=None, maximum=None, strict: bool = False, nullable: bool = False,
-           choices: tuple = (), doc: str = ""):
+           choices: tuple = (), doc: str = "", flat: bool = False):
     """A config field: ``kind`` is int | float | bool | str | dict | blocks | choice; ``strict`` makes
-    ``minimum`` exclusive; ``nullable`` admits null; ``choices`` lists the admitted values."""
+    ``minimum`` exclusive; ``nullable`` admits null; ``choices`` lists the admitted values; ``flat``
+    (dicts) admits only one level of plain string / number keys and values (they become shell lines)."""
     meta = {"kind": kind, "minimum": minimum, "maximum": maximum, "strict": strict, "nullable": nullable,
-            "choices": tuple(choices), "doc": doc}
+            "choices": tuple(choices), "doc": doc, "flat": flat}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -112,7 +114,9 @@ class ExecutorConfig:
     mem_gb: float = option(None, "float", minimum=0.0, strict=True, nullable=True, doc="memory per job")
     array_parallelism: int = option(64, "int", minimum=1, doc="SLURM array jobs at once")
     max_workers: int = option(None, "int", minimum=1, nullable=True, doc="local jobs at once; null: from the cores")
-    sbatch_extra: dict = option({}, "dict", doc="extra sbatch options, e.g. {account: ..., qos: ...}")
+    sbatch_extra: dict = option({}, "dict", flat=True, doc="extra sbatch options, e.g. {account: ..., qos: ...}")
+    max_retries: int = option(2, "int", minimum=0,
+                              doc="times a job killed by a signal, OOM or node loss is resumed by a rerun")
 
 
 def fields_of(cls) -> dict[str, dataclasses.Field]:
@@ -211,12 +215,21 @@ def coerce(f: dataclasses.Field, value, path: str):
         raise bad
     if kind == "str":
         if isinstance(value, str) and value:
-            return value
+            return _no_control(value, path)
         raise bad
     if kind == "dict":
-        if isinstance(value, dict):
-            return dict(value)
-        raise bad
+        if not isinstance(value, dict):
+            raise bad
+        if m.get("flat"):
+            for k, v in value.items():
+                where = f"{path}.{k}"
+                if not isinstance(k, str) or not k:
+                    raise ConfigError(where, "a non-empty string key", k)
+                _no_control(k, where)
+                if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                    raise ConfigError(where, "a string or a number", v)
+                _no_control(str(v), where)
+        return dict(value)
     if kind == "blocks":
         is_int = isinstance(value, int) and not isinstance(value, bool)
         if isinstance(value, str) or is_int or (
@@ -224,6 +237,16 @@ def coerce(f: dataclasses.Field, value, path: str):
             return value
         raise bad
     raise AssertionError(f"unknown field kind {kind!r}")
+
+
+def _no_control(text: str, path: str) -> str:
+    """``text`` unless it holds a newline or another control character (refused: executor strings are
+    written into SLURM batch scripts, where a newline starts a new command)."""
+    bad = _CONTROL.search(text)
+    if bad:
+        raise ConfigError(path, f"a string without newlines or control characters (found {bad.group()!r})",
+                          text, "; remove it")
+    return text
 
 
 def check_section(cls, mapping: dict, path: str) -> dict:

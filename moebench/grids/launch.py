@@ -39,19 +39,26 @@ from pathlib import Path
 from moebench.core.progress import LOG_EVERY_S
 from moebench.grids.status import _counts, _rows, format_table
 from moebench.training import records
-from moebench.training.rundir import JOBS_LOG, _set_aside, inspect, run_lock, run_path
+from moebench.training.rundir import JOBS_LOG, _set_aside, ask_to_stop, check_inside, inspect, run_lock, run_path
+from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
 
 
 def _prepare(run_dir: Path) -> str | None:
     """Under the run's lock: make the record consistent before (re)running. Returns why it skipped,
-    or None to run. Done and readable -> skip. Unreadable status/final -> set aside. With no checkpoint
+    or None to run. Done and consistent -> skip. Unreadable or inconsistent status/final/spec -> set
+    aside (see ``rundir.record_problem``); killed writes' temp files -> deleted. With no checkpoint
     to resume from, old metrics lines are set aside too, so a restart from step 0 never duplicates
     them (with a checkpoint, the runner resumes and keeps the lines up to its step)."""
     state = inspect(run_dir)
     if state["state"] == "done":
         return "already done"
+    records.remove_temp_files(run_dir)  # left by a killed write; we hold the lock, so no writer is live
     if state["state"] == "corrupt":
-        _set_aside(run_dir, ["status.json", "final.json"])
+        _set_aside(run_dir, ["status.json", "final.json", "spec.yaml"])
+    try:
+        records.read_jsonl(run_dir / "metrics.jsonl")  # a torn tail is cut back by the trainer on resume
+    except records.CorruptRecordError:  # a bad line inside: the history is gone, so start from zero
+        _set_aside(run_dir, ["metrics.jsonl", "checkpoint.pt"])
     if not (run_dir / "checkpoint.pt").exists():
         _set_aside(run_dir, ["final.json", "metrics.jsonl"])
     return None
@@ -88,6 +95,10 @@ def run_one(spec: dict, results, threads: int | None = None, lock_wait_s: float 
     execute = execute or _execute
     rid = run_id(spec)
     run_dir = run_path(results, spec["grid"], rid)
+    try:
+        check_inside(results, run_dir)
+    except records.UnsafeRecordError as err:  # a planted link: write nothing through it
+        return {"run_id": rid, "state": "failed", "reason": str(err)}
     env = _job_env()
     if threads:
         import torch
@@ -105,21 +116,25 @@ def run_one(spec: dict, results, threads: int | None = None, lock_wait_s: float 
         if env["global_rank"] != 0:
             execute(spec, results)
             return {"run_id": rid, "state": "worker", "reason": None}
-    with run_lock(run_dir, wait_s=lock_wait_s) as got:
-        if not got:
-            return {"run_id": rid, "state": "skipped", "reason": "running elsewhere"}
-        why = _prepare(run_dir)
-        if why:
-            return {"run_id": rid, "state": "skipped", "reason": why}
-        records.append_jsonl(run_dir / JOBS_LOG, env)
-        try:
-            execute(spec, results)
-        except Exception as err:  # the runner records its own failures; this is for the rest
-            status = records.read_status_safe(run_dir) or {}
-            if status.get("state") != "failed":
-                records.write_status(run_dir, "failed", f"{type(err).__name__}: {err}",
-                                     traceback=traceback.format_exc(limit=20))
-        state = inspect(run_dir)
+    try:
+        with run_lock(run_dir, wait_s=lock_wait_s) as got:
+            if not got:
+                return {"run_id": rid, "state": "skipped", "reason": "running elsewhere"}
+            why = _prepare(run_dir)
+            if why:
+                return {"run_id": rid, "state": "skipped", "reason": why}
+            records.append_jsonl(run_dir / JOBS_LOG, env)
+            try:
+                execute(spec, results)
+            except Exception as err:  # the runner records its own failures; this is for the rest
+                status = records.read_status_safe(run_dir) or {}
+                if status.get("state") != "failed":
+                    records.write_status(run_dir, "failed", f"{type(err).__name__}: {err}",
+                                         traceback=traceback.format_exc(limit=20))
+            state = inspect(run_dir)
+    except records.UnsafeRecordError as err:  # a planted link (.lock, jobs.jsonl): refused, never followed
+        records.write_status(run_dir, "failed", str(err), retryable=False)  # atomic: replaces, never follows
+        return {"run_id": rid, "state": "failed", "reason": str(err)}
     return {"run_id": rid, "state": state["state"], "reason": state["reason"]}
 
 
@@ -267,9 +282,11 @@ class _Progress:
                        f"each run's own progress is in its job log)")
 
 
-def plan(specs: list[dict], results, retry_failed: bool = False) -> list[dict]:
+def plan(specs: list[dict], results, retry_failed: bool = False, max_retries: int = 2) -> list[dict]:
     """What to do with each run: ``action`` skip (done / failed without retry / running elsewhere)
-    or run, with ``why``."""
+    or run, with ``why``. A run that failed for the machine's sake (killed, out of memory, disk full;
+    ``retryable`` in its status) is resumed while it has had at most ``max_retries`` retries; a run
+    that failed for the router's sake (divergence, a bug) only with ``retry_failed``."""
     from moebench.training.spec import run_id
 
     out = []
@@ -283,9 +300,13 @@ def plan(specs: list[dict], results, retry_failed: bool = False) -> list[dict]:
             action, why = "skip", "done"
         elif st["state"] == "running":
             action, why = "skip", "running elsewhere"
+        elif st["state"] == "failed" and st["retryable"] and st["attempts"] <= max_retries:
+            action, why = "run", (f"retry {st['attempts']} of {max_retries} after an infrastructure failure: "
+                                  f"{st['reason']}")
         elif st["state"] == "failed":
+            gave_up = f" after {st['attempts']} attempts (executor.max_retries={max_retries})" if st["retryable"] else ""
             action, why = ("run", f"retry after failure: {st['reason']}") if retry_failed else \
-                ("skip", f"failed ({st['reason']}); rerun with --retry-failed")
+                ("skip", f"failed ({st['reason']}){gave_up}; rerun with --retry-failed")
         elif st["state"] == "corrupt":
             why = f"corrupt record, rerun: {st['corrupt']}"
         out.append({"spec": spec, "run_id": rid, "run_dir": run_dir, "action": action, "why": why,
@@ -308,7 +329,7 @@ def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool 
     ex = g["executor"]
     cluster, why = explain_cluster(cluster, ex.get("cluster"), ex.get("partition"))
     log(f"executor: {cluster} ({why})")
-    runs = plan(specs, results, retry_failed)
+    runs = plan(specs, results, retry_failed, ex.get("max_retries", 2))
     todo = [r for r in runs if r["action"] == "run"]
     log(f"grid {g['name']}: {len(runs)} runs -> {grid_dir} ({cluster}); "
         f"{sum(r['why'] == 'done' for r in runs)} done already, {len(todo)} to run")
@@ -373,13 +394,39 @@ def _submit_and_wait(todo, cluster, ex, grid_dir, name, results, progress, poll_
     executor = make_executor(cluster, folder, ex, name)
     job_fn = RunJob(threads=ex.get("cpus_per_task") if cluster != "debug" else None)
     if cluster == "debug":  # in-process, one after the other, so a debugger can step in
-        for r in todo:
-            job = executor.submit(job_fn, r["spec"], str(results))
-            _finish(r, job, log)
-            progress.poll()
+        with stop_on_signals():
+            for r in todo:
+                job = executor.submit(job_fn, r["spec"], str(results))
+                _finish(r, job, log)
+                progress.poll()
+                if STOP_REQUESTED.is_set():
+                    raise Stopped("stopped by a signal; rerun the same command to resume")
         return
     pending = list(todo)
     running: list[tuple[dict, object]] = []
+    with stop_on_signals():
+        _wait(pending, running, executor, job_fn, cluster, ex, folder, todo, results, progress, poll_s, log)
+
+
+def _stop_jobs(running, cluster, log, wait_s: float = 120.0) -> None:
+    """SIGINT / SIGTERM reached the launcher: ask every running local job to checkpoint and exit, wait
+    for them (``wait_s`` at most), then cancel what is left; SLURM jobs keep running (``moebench cancel``
+    stops them). Raises `Stopped`, so ``moebench run`` exits non-zero and a rerun resumes."""
+    if cluster == "slurm":
+        raise Stopped("stopped by a signal; the SLURM jobs keep running (stop them with `moebench cancel`)")
+    asked = [pid for r, _ in running if (pid := ask_to_stop(r["run_dir"]))]
+    log(f"[{_now()}] stopping: asked {len(asked)} running job(s) to checkpoint and exit")
+    deadline = time.monotonic() + wait_s
+    while any(not job.done() for _, job in running) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for _, job in running:
+        if not job.done():
+            job.cancel(check=False)
+    raise Stopped(f"stopped by a signal; {len(running)} job(s) checkpointed; rerun the same command to resume")
+
+
+def _wait(pending, running, executor, job_fn, cluster, ex, folder, todo, results, progress, poll_s, log) -> None:
+    """Submit (at most ``max_workers`` local jobs at once, or one SLURM array) and collect until done."""
     if cluster == "slurm":
         jobs = executor.map_array(job_fn, [r["spec"] for r in pending], [str(results)] * len(pending))
         running = list(zip(pending, jobs))
@@ -389,6 +436,8 @@ def _submit_and_wait(todo, cluster, ex, grid_dir, name, results, progress, poll_
     limit = max_workers(ex, len(todo)) if cluster == "local" else len(todo)
     missing: dict[str, int] = {}
     while pending or running:
+        if STOP_REQUESTED.is_set():
+            _stop_jobs(running, cluster, log)
         while pending and len(running) < limit:
             r = pending.pop(0)
             running.append((r, executor.submit(job_fn, r["spec"], str(results))))
@@ -430,4 +479,5 @@ def _finish(r: dict, job, log) -> None:
             log_path = getattr(getattr(job, "paths", None), "stderr", None)
             records.write_status(r["run_dir"], "failed",
                                  f"job {job.job_id} ended without finishing the run: {first}"
-                                 + (f" (log: {log_path})" if log_path else ""))
+                                 + (f" (log: {log_path})" if log_path else ""),
+                                 retryable=True)  # killed, OOM or node loss: the next run resumes it

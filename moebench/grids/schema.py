@@ -35,7 +35,7 @@ Schema (every key optional unless marked; unknown keys are rejected with the clo
     match: active_flops          # active_flops (default) | params | none
                                  # or {mode: active_flops, reference_active_experts: 2}
     executor: {cluster: auto, partition: null, time_min: 60, cpus_per_task: 1, gpus_per_node: 0,
-               mem_gb: null, array_parallelism: 64, max_workers: null, sbatch_extra: {}}
+               mem_gb: null, array_parallelism: 64, max_workers: null, sbatch_extra: {}, max_retries: 2}
 
 Precedence, most specific last: spec defaults < task preset < grid-level moe/train < task block's
 moe/train < router entry's moe < sweep value.

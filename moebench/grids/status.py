@@ -9,6 +9,14 @@ from moebench.training.rundir import inspect
 SUMMARY_STATES = ("done", "running", "failed", "queued")
 
 
+def _reason(st: dict) -> str:
+    """The state's reason, saying when a failure is the machine's (a rerun resumes it)."""
+    text = st["corrupt"] or st["reason"] or ""
+    if st["state"] == "failed" and st.get("retryable"):
+        text += " (infrastructure failure: the next `moebench run` resumes it, up to executor.max_retries)"
+    return text
+
+
 def _rows(runs: list[dict]) -> list[dict]:
     rows = []
     for r in runs:
@@ -18,7 +26,7 @@ def _rows(runs: list[dict]) -> list[dict]:
             state = "running"
         rows.append({"run_id": r["run_id"], "label": r["spec"]["label"], "seed": r["spec"]["seed"],
                      "state": state, "attempts": st["attempts"],
-                     "reason": st["corrupt"] or st["reason"]
+                     "reason": _reason(st)
                      or ("running elsewhere" if r.get("outcome") == "elsewhere" else _resumed(r["run_dir"], st))})
     return rows
 
@@ -87,6 +95,6 @@ def status_rows(grid_dir: Path) -> list[dict]:
             spec, st = {}, {**st, "state": "corrupt", "corrupt": st["corrupt"] or str(err)}
         rows.append({"run_id": run_dir.name, "label": spec.get("label", "?"), "seed": spec.get("seed", "?"),
                      "state": st["state"], "attempts": st["attempts"],
-                     "reason": st["corrupt"] or st["reason"] or _resumed(run_dir, st)})
+                     "reason": _reason(st) or _resumed(run_dir, st)})
     return rows
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from moebench.training.records import CorruptRecordError, read_json, read_jsonl, read_spec, read_status
+from moebench.training.rundir import record_problem
 
 RECORD_FILES = ("spec.yaml", "status.json", "final.json", "metrics.jsonl")
 EXPECTED_FILE = "expected.json"
@@ -113,10 +114,16 @@ def _read_run(run_dir: Path):
     spec_ok = spec if isinstance(spec, dict) else {}
     final_ok = final if isinstance(final, dict) else {}
     status_ok = status if isinstance(status, dict) else {}
+    damage = record_problem(run_dir, require_resolvable=False) if final_ok else None
+    if damage:  # e.g. a final.json copied from another run: never counted, listed as a problem
+        final_ok, metrics = {}, []
 
     state, reason = status_ok.get("state"), status_ok.get("reason")
     if final is CorruptRecordError:
         state, reason = "corrupt", "final.json is not valid JSON; delete it and rerun the run"
+    elif damage:
+        state, reason = "corrupt", f"{damage}; rerunning the grid sets it aside and reruns it"
+        problems.append(f"{run_dir}: {reason}")
     elif state is None and final_ok:
         state = "done"
     elif state == "done" and not final_ok:

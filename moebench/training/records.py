@@ -21,12 +21,20 @@ A run lives in ``<results>/<grid>/<run_id>/``:
 - ``eval_items.npz`` per-eval-example outputs of the latest evaluation (the task's ``items``:
                      ``headline`` whose mean is the headline metric, plus raw ``correct`` /
                      ``abs_error`` / ``rank``), for the report's paired bootstrap
-- ``checkpoint.pt`` latest training state (removed once the run is done)
+- ``checkpoint.pt`` latest training state (removed once the run is done); tensors and plain containers
+                     only, loaded with ``weights_only=True``
+- ``jobs.jsonl``    one line per attempt (host, pid, job ids); ``.lock`` the owner's flock
+- ``.stale/<time>/`` records set aside as unreadable or inconsistent (see ``rundir.record_problem``)
+
+status.json may also hold ``retryable`` (the last failure was the machine's: killed, OOM, disk full)
+and ``note`` (e.g. why a checkpoint was set aside). Every record path is opened without following
+symbolic links (``open_nofollow``; atomic writes replace a link, never write through it).
 
 Routing stat names are those of ``moebench.training.metrics``.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -46,6 +54,10 @@ STATES = ("queued", "running", "done", "failed")
 
 class CorruptRecordError(RuntimeError):
     """A record file exists but cannot be parsed (half-written by an old crash or edited by hand)."""
+
+
+class UnsafeRecordError(RuntimeError):
+    """A record path is a symbolic link (or a run folder leads outside its results root): refused."""
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
@@ -105,31 +117,63 @@ def read_json(path) -> dict | None:
         raise CorruptRecordError(f"{path}: not valid JSON ({err}); delete it or rerun the run") from err
 
 
+def open_nofollow(path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symlink at ``path`` (a planted link must not redirect our writes to
+    its target); the error names the path."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafeRecordError(f"{path} is a symbolic link; refusing to write through it "
+                                    f"(remove the link; run folders hold plain files only)") from err
+        raise
+
+
 def append_jsonl(path, obj) -> None:
     """Append one line and fsync. A torn last line from a crash is skipped by ``read_jsonl``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
+    fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(json.dumps(obj, sort_keys=True, default=_json_default) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def read_jsonl(path) -> list[dict]:
+def remove_temp_files(folder) -> list[str]:
+    """Delete what a killed ``atomic_write`` left behind (``.<name>.<random>.tmp``); returns their names.
+    Call only while owning the folder (its run lock), so no live writer's file is removed."""
+    gone = []
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+            gone.append(p.name)
+    return gone
+
+
+def read_jsonl(path, strict: bool = False) -> list[dict]:
+    """The JSON lines of ``path``. A torn final line (killed mid-append) is skipped, or with ``strict``
+    (validating a finished record) raises CorruptRecordError like any other unparsable line."""
     path = Path(path)
     if not path.exists():
         return []
     rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CorruptRecordError(f"{path}: not UTF-8 text ({err})") from err
+    lines = text.splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            if i == len(lines) - 1:  # torn final line: the run was killed mid-append
+            if i == len(lines) - 1 and not strict:  # torn final line: the run was killed mid-append
                 break
             raise CorruptRecordError(f"{path}:{i + 1}: not valid JSON ({err})") from err
+    if strict and text and not text.endswith("\n"):
+        raise CorruptRecordError(f"{path}:{len(lines)}: last line is torn (no newline); rerun the run")
     return rows
 
 

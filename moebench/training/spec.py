@@ -216,7 +216,8 @@ def parse_value(text: str):
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise SpecError(f"cannot parse value {text!r} as YAML: {err}") from err
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"cannot parse value {text!r} as YAML: {problem}") from err
     if isinstance(value, str):
         try:
             return float(value) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value) else value
@@ -251,5 +252,8 @@ def apply_override(spec: dict, assignment: str) -> dict:
         if not isinstance(node[k], dict):
             raise SpecError(f"override {assignment!r}: {'.'.join(keys[: i + 1])} is {node[k]!r}, not a mapping")
         node = node[k]
-    node[keys[-1]] = parse_value(text)
+    try:
+        node[keys[-1]] = parse_value(text)
+    except SpecError as err:
+        raise SpecError(f"override {path.strip()}: {err}; give a plain value, e.g. {path.strip()}=3e-4") from None
     return spec

@@ -19,6 +19,7 @@ order, optimiser, schedule, precision, evaluation, statistics) is the same code.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -37,20 +38,26 @@ from moebench.core.progress import Progress
 from moebench.training import metrics as M
 from moebench.training.records import (
     EVAL_ITEMS_FILE,
+    STATES,
+    _json_default,
     append_jsonl,
     atomic_write,
     atomic_write_json,
+    atomic_write_text,
     environment_info,
     read_jsonl,
     read_status_safe,
+    remove_temp_files,
     write_eval_items,
     write_status,
 )
+from moebench.training.rundir import _set_aside
 from moebench.training.spec import resolve_spec
 from moebench.training.spec import run_id as spec_run_id
+from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: plain types only (weights_only); a version-1 checkpoint restarts its run
 
 
 class Diverged(RuntimeError):
@@ -247,7 +254,11 @@ class _TokenCounter:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors and plain containers only, so the checkpoint loads with weights_only."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -255,23 +266,28 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _plain(obj):
+    """``obj`` as JSON-able plain types (numpy scalars / arrays -> floats / lists, tuples -> lists): what a
+    checkpoint loaded with ``weights_only=True`` may hold, and what final.json would hold anyway."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metrics lines written after the checkpoint we resume from (they will be redone)."""
+    """Drop metrics lines written after the checkpoint we resume from (they will be redone), and a torn
+    last line (killed mid-append), so the next append never glues onto a fragment."""
     if not path.exists():
         return
     rows = read_jsonl(path)
     kept = [r for r in rows if int(r.get("step", 0)) <= last_step]
-    if len(kept) == len(rows):
+    if len(kept) == len(rows) and path.read_bytes().endswith(b"\n"):
         return
-    import json
-
-    from moebench.training.records import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
@@ -293,7 +309,7 @@ def train(task, spec: dict, run_dir, device=None, progress: bool | None = None,
     t = spec["train"]
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = torch.bfloat16 if device.type == "cuda" and t["amp"] in ("auto", True) else None
-    with deterministic(device, t["deterministic"]):
+    with deterministic(device, t["deterministic"]), stop_on_signals():
         return _Trainer(task, spec, rid, run_dir, device, amp_dtype, progress, on_step).run()
 
 
@@ -360,7 +376,7 @@ class _Trainer:
             "tokens_seen": self.tokens_seen,
             "tokens_per_sample": self.tokens_per_sample,
             "peak_memory_mb": max(self.peak_mb, peak_memory_mb(self.device)),
-            "last_eval": self.last_eval,
+            "last_eval": _plain(self.last_eval),
         }
 
     def save(self) -> None:
@@ -368,22 +384,44 @@ class _Trainer:
         atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
 
     def load(self) -> bool:
-        """Resume from checkpoint.pt when there is one; otherwise start clean (dropping old metrics)."""
-        if not self.ckpt_path.exists():
-            if self.metrics_path.exists():
+        """Resume from checkpoint.pt when there is one; otherwise start clean (dropping old metrics).
+        The checkpoint is untrusted input (anyone who can write to a shared results folder can plant
+        one), so it loads with ``weights_only=True``: tensors and plain containers, never code. One that
+        cannot be read, or belongs to another run, is set aside under ``.stale/`` and the run restarts
+        from step 0, saying why in the job log and in status.json's ``note``."""
+        remove_temp_files(self.run_dir)  # left by a write that was killed; we own the folder now
+        if not self.ckpt_path.exists() and not self.ckpt_path.is_symlink():
+            if self.metrics_path.exists() or self.metrics_path.is_symlink():
                 self.metrics_path.unlink()
             return False
         try:
-            ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise RuntimeError(
-                f"{self.ckpt_path} cannot be read ({type(err).__name__}: {err}); delete it to restart the run"
-            ) from err
-        if ck.get("version") != CHECKPOINT_VERSION or ck.get("run_id") != self.rid:
-            raise RuntimeError(
-                f"{self.ckpt_path} belongs to run {ck.get('run_id')!r} (checkpoint version "
-                f"{ck.get('version')}), not {self.rid!r}; delete it to restart the run"
-            )
+            if self.ckpt_path.is_symlink():
+                raise ValueError("it is a symbolic link")
+            ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+            if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION or ck.get("run_id") != self.rid:
+                got = ck.get("run_id") if isinstance(ck, dict) else None
+                version = ck.get("version") if isinstance(ck, dict) else None
+                raise ValueError(f"it belongs to run {got!r} (checkpoint version {version}), not {self.rid!r}")
+            self._restore(ck)
+        except Exception as err:  # noqa: BLE001 - whatever is wrong with it, it is not resumable
+            first = (str(err).strip().splitlines() or [""])[0][:300]  # torch's weights_only errors run long
+            self.restart_from_zero(f"{self.ckpt_path.name} cannot be resumed ({type(err).__name__}: {first})")
+            return False
+        _truncate_metrics(self.metrics_path, self.step)
+        return True
+
+    def restart_from_zero(self, why: str) -> None:
+        """Set the checkpoint and metrics aside, rebuild the start state, and log why."""
+        dest = _set_aside(self.run_dir, [CHECKPOINT, "metrics.jsonl"])
+        note = f"{why}; set aside to {dest} and restarted from step 0"
+        print(f"moebench: run {self.rid}: {note}", file=sys.stderr, flush=True)
+        if (self.run_dir / "status.json").exists():
+            status = read_status_safe(self.run_dir) or {}
+            if status.get("state") in STATES:
+                write_status(self.run_dir, status["state"], status.get("reason"), note=note)
+        self.setup()  # a half-applied state_dict must not leak into the fresh start
+
+    def _restore(self, ck: dict) -> None:
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
@@ -399,8 +437,6 @@ class _Trainer:
         self.tokens_per_sample = ck["tokens_per_sample"]
         self.peak_mb = float(ck["peak_memory_mb"])
         self.last_eval = ck["last_eval"]
-        _truncate_metrics(self.metrics_path, self.step)
-        return True
 
     # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -454,7 +490,7 @@ class _Trainer:
         }
         append_jsonl(self.metrics_path, line)
         self.interval = {"loss_sum": 0.0, "aux_sum": 0.0, "n": 0}
-        self.last_eval = {"step": self.step, "metrics": metrics, "routing": routing}
+        self.last_eval = _plain({"step": self.step, "metrics": metrics, "routing": routing})
         return line
 
     # -- training ----------------------------------------------------------------------------------
@@ -533,6 +569,11 @@ class _Trainer:
                     bar.update(1)
                 if self.on_step is not None:
                     self.on_step(step)
+                if STOP_REQUESTED.is_set() and step < steps:
+                    self.save()
+                    why = f"stopped by a signal at step {step} of {steps}; checkpointed, a rerun resumes it"
+                    print(f"moebench: run {self.rid} {why}", file=sys.stderr, flush=True)
+                    raise Stopped(why)
         except Diverged as err:
             reason = str(err)
             write_status(self.run_dir, "failed", reason)

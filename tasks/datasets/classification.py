@@ -50,7 +50,7 @@ def imagefolder_datasets(root, transform_train=None, transform_eval=None) -> tup
                 f"(the ImageNet ImageFolder layout; for ImageNet's flat val/ folder, move each image "
                 f"into a folder named after its class, e.g. with the valprep.sh script)")
         try:
-            splits[split] = ImageFolder(str(d), transform=tf)
+            splits[split] = ImageFolder(str(d), transform=tf, loader=load_rgb)
         except FileNotFoundError as e:
             raise FileNotFoundError(
                 f"no images found under {d} ({e}); expected one sub-folder per class holding image files "
@@ -62,6 +62,18 @@ def imagefolder_datasets(root, transform_train=None, transform_eval=None) -> tup
         raise ValueError(f"train/ and val/ under {root} have different class folders: only in train {only_t[:10]}, "
                          f"only in val {only_v[:10]}; both splits need the same set of class folders")
     return splits["train"], splits["val"]
+
+
+def load_rgb(path: str):
+    """torchvision's loader, but a truncated or unreadable image names its file (PIL's 'image file is
+    truncated' does not), so one bad file among a million can be found."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f, Image.open(f) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise OSError(f"cannot read image {path}: {e}; re-download it or remove it from the folder") from None
 
 
 def _img_ext() -> list[str]:
