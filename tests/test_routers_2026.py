@@ -465,16 +465,16 @@ def test_routers_all_grid_covers_every_router_flop_matched():
     assert by_label["soft-moe"]["match"]["active_experts_per_token"] == 2.0
 
 
-def test_new_schema_keys_keep_earlier_run_ids():
-    """The 2026 moe / train keys at their defaults leave run ids as 0.1.0 computed them (ids below from
-    the 0.1.0 code), and a non-default value makes a new run."""
+def test_new_schema_keys_leave_run_ids_alone_at_their_defaults():
+    """A spec that spells a 2026 moe / train key at its default names the same run as one that leaves
+    it out (so adding an option reruns nothing), and a non-default value makes a new run."""
     from moebench.grids import expand as expand_mod
-    from moebench.training.spec import run_id
+    from moebench.training.spec import ID_OPTIONAL, run_id
 
-    specs = expand_mod.expand("toy")
-    ids = [run_id(s) for s in specs]
-    assert ids[:3] == ["dense-s0-0fc84feabe", "softmax-topk-s0-dd996c1278", "uniform-s0-39cc444ffe"]
-    spec = specs[1]
-    changed = {**spec, "moe": {**spec["moe"], "shared_experts": 1}}
-    assert run_id(changed) != ids[1]
-    assert run_id({**spec, "moe": {**spec["moe"], "capacity_policy": "position"}}) == ids[1]
+    spec = expand_mod.expand("toy")[1]
+    assert spec["moe"] is not None
+    bare = {**spec, "moe": {k: v for k, v in spec["moe"].items() if k not in ID_OPTIONAL["moe"]},
+            "train": {k: v for k, v in spec["train"].items() if k not in ID_OPTIONAL["train"]}}
+    assert run_id(bare) == run_id(spec)
+    assert run_id({**spec, "moe": {**spec["moe"], "capacity_policy": "position"}}) == run_id(spec)
+    assert run_id({**spec, "moe": {**spec["moe"], "shared_experts": 1}}) != run_id(spec)
