@@ -103,6 +103,12 @@ def test_the_launcher_pretrains_once_per_seed_and_runs_start_from_its_weights(tm
     assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
     fresh = task.build_model({}, None)
     assert not all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
+    # ... and the upcycled softmax-topk run computes what the pretrained dense model computes
+    topk = next(s for s in specs if s["label"] == "softmax-topk" and s["seed"] == 1)
+    x = task.datasets()[1].tensors[0][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(task.build_model(topk["model"], topk["moe"]).eval()(x), net.eval()(x),
+                                   atol=2e-5, rtol=1e-5)
     # a second launch trains nothing again
     lines.clear()
     launch.run_grid(path, cluster="debug", results=results, log=lines.append)
