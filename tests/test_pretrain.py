@@ -159,3 +159,32 @@ def test_weights_extraction_never_unpickles_objects(tmp_path, monkeypatch):
     (d / "other.pt").rename(d / CHECKPOINT)
     assert extract_weights(d) is False
     assert not (tmp_path / "PWNED").exists() and not (d / WEIGHTS).exists()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_an_interrupted_pretrain_is_resumed_from_its_checkpoint(tmp_path):
+    from moebench.training.train import train
+
+    path = write(tmp_path, grid(tmp_path, routers=("softmax-topk",), seeds=[0]))
+    results = tmp_path / "results"
+    (_, [p]) = expand_with_pretrain(path, results=results)
+    d = pretrain_dir(results, p["spec"])
+    d.mkdir(parents=True)
+    records.atomic_write_yaml(d / "spec.yaml", p["spec"])
+    records.write_status(d, "running")
+
+    def die(step):
+        if step == 4:
+            raise _Killed
+
+    with pytest.raises(_Killed):  # killed after step 4; its last checkpoint is at step 3
+        train(TASKS.get("toy")(num_train=128, num_eval=64), p["spec"], d, on_step=die)
+    assert rundir.inspect(d)["state"] == "interrupted"
+    lines: list[str] = []
+    out = launch.run_grid(path, cluster="debug", results=results, log=lines.append)
+    assert any("interrupted: resume from its checkpoint" in line for line in lines)
+    assert out["counts"]["done"] == 1 and (d / WEIGHTS).is_file()
+    assert [row["step"] for row in records.read_jsonl(d / "metrics.jsonl")] == [3, 6, 8]

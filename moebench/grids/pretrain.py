@@ -140,6 +140,9 @@ def pretrain_phase(pretrains: list[dict], results, cluster: str, ex: dict, grid_
     todo = [r for r in runs if r["action"] == "run"]
     log(f"pretrain: {len(runs)} dense runs (one per task block and seed) -> {root / PRETRAIN_GRID}; "
         f"{sum(r['why'] == 'done' for r in runs)} done already, {len(todo)} to run first")
+    for r in runs:
+        if r["why"] != "done" and (r["action"] == "skip" or r["state"] != "new"):
+            log(f"  {r['run_id']}: {'skip' if r['action'] == 'skip' else 'run'}: {r['why']}")
     if dry_run:
         for r in todo:
             log(f"  would pretrain {r['run_id']} ({r['why']})")
