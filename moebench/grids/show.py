@@ -42,7 +42,8 @@ def show(grid: str | os.PathLike | dict) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     if pretrains:
         lines.append(f"pretrain (run first, once per task block and seed; every run above with the same task and "
-                     f"seed starts from its weights): {len(pretrains)} dense runs")
+                     f"seed starts from its weights): {len(pretrains)} dense runs; paths as under "
+                     f"`moebench run --results results` (another results folder gives other run ids)")
         for p in pretrains:
             ps = p["spec"]
             lines.append(f"  {run_id(ps)}  {ps['task']}  seed {ps['seed']}  {ps['train']['steps']} steps  "
