@@ -1,4 +1,5 @@
-"""Image classification: ImageNet-1k (any ImageFolder with train/ and val/) or, offline, Fashion-MNIST.
+"""Image classification: ImageNet-1k (any ImageFolder with train/ and val/), CIFAR-10 / CIFAR-100
+(torchvision's on-disk format under ``root``) or, offline, Fashion-MNIST.
 
 Model: a timm ViT (any timm name, or a tiny custom config for CPU), MoE-fied by ``moebench.core.moefy``.
 Headline: top-1 accuracy (also top-5). Specialisation label: the image's class, on every token."""
@@ -14,11 +15,13 @@ from moebench.core.task import Preset, Task
 from .common import apply_moe, topk_correct
 
 OPTIONS = {
-    "data": "fashion-mnist",   # or the path of an ImageFolder root holding train/ and val/
+    "data": "fashion-mnist",   # cifar10 | cifar100 (with root), or the path of an ImageFolder root (train/, val/)
+    "root": None,              # cifar10 / cifar100: the folder holding cifar-10-batches-py/ or cifar-100-python/
     "train_size": None,        # None = all
     "eval_size": None,
     "data_seed": 0,
-    "img_size": 224,           # ImageFolder only: timm transforms at this resolution
+    "img_size": None,          # ImageFolder: timm transforms at this resolution (null: 224);
+                               # CIFAR: resize the 32 px images to it (null: keep 32)
     "mixup": 0.0,              # timm Mixup alpha (0 = off); cutmix / label smoothing below
     "cutmix": 0.0,
     "label_smoothing": 0.0,
@@ -47,9 +50,9 @@ PRESETS = {
 }
 
 
-@register_task("classification", "image classification: ImageNet ImageFolder, offline Fashion-MNIST; top-1")
+@register_task("classification", "image classification: ImageNet ImageFolder, CIFAR-10/100, offline Fashion-MNIST; top-1")
 class ClassificationTask(Task):
-    """Top-1 / top-5 on ImageFolder data (ImageNet layout) or offline Fashion-MNIST."""
+    """Top-1 / top-5 on ImageFolder data (ImageNet layout), CIFAR-10/100 or offline Fashion-MNIST."""
 
     headline = "top1"
     higher_is_better = True
@@ -60,6 +63,9 @@ class ClassificationTask(Task):
     def __init__(self, **options):
         super().__init__(**options)
         self.opts = self.check_options(options, OPTIONS)
+        if self.opts["root"] is not None and not self.cifar:
+            raise ValueError(f"classification task_args.root is only read for data cifar10 / cifar100 (got data "
+                             f"{self.opts['data']!r}); remove root, or set data: cifar10 / cifar100")
         self._datasets = None
         self._mixup = None
         if self.opts["mixup"] or self.opts["cutmix"]:
@@ -74,7 +80,18 @@ class ClassificationTask(Task):
         return self.opts["data"] == "fashion-mnist"
 
     @property
+    def cifar(self) -> str | None:
+        """``cifar10`` / ``cifar100`` when the data is CIFAR, else None."""
+        from .datasets import CIFAR_NUM_CLASSES
+
+        return self.opts["data"] if self.opts["data"] in CIFAR_NUM_CLASSES else None
+
+    @property
     def num_classes(self) -> int:
+        from .datasets import CIFAR_NUM_CLASSES
+
+        if self.cifar:
+            return CIFAR_NUM_CLASSES[self.cifar]
         return 10 if self.offline else len(self.datasets()[0].classes)
 
     def datasets(self):
@@ -85,13 +102,20 @@ class ClassificationTask(Task):
 
                 self._datasets = fashion_mnist_datasets(train_size=o["train_size"], eval_size=o["eval_size"],
                                                         seed=o["data_seed"])
+            elif self.cifar:
+                from .datasets import cifar_datasets
+
+                self._datasets = cifar_datasets(o["root"], self.cifar, train_size=o["train_size"],
+                                                eval_size=o["eval_size"], seed=o["data_seed"],
+                                                img_size=o["img_size"] or 32)
             else:
                 from timm.data import create_transform
 
                 from .datasets import imagefolder_datasets
 
-                train_tf = create_transform(o["img_size"], is_training=True, auto_augment=o["auto_augment"])
-                eval_tf = create_transform(o["img_size"], is_training=False)
+                size = o["img_size"] or 224
+                train_tf = create_transform(size, is_training=True, auto_augment=o["auto_augment"])
+                eval_tf = create_transform(size, is_training=False)
                 self._datasets = _subsets(imagefolder_datasets(o["data"], train_tf, eval_tf), o)
             self.label_names = list(self._datasets[0].classes)
         return self._datasets

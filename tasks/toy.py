@@ -124,10 +124,16 @@ class ToyTask(Task):
 
     # -- model -------------------------------------------------------------------------------------
     def build_model(self, model: dict, moe: dict | None) -> nn.Module:
+        model = dict(model)
+        weights, strict = model.pop("pretrained", None), model.pop("pretrained_strict", True)
         cfg = self.check_options(model, self.default_model)
         net = ToyTransformer(self.opts["in_dim"], self.opts["seq_len"], self.opts["num_classes"],
                              dim=int(cfg["dim"]), depth=int(cfg["depth"]), num_heads=int(cfg["num_heads"]),
                              mlp_ratio=float(cfg["mlp_ratio"]))
+        if weights:  # local weights (e.g. a grid's dense pretrain), as `model.pretrained` means elsewhere
+            from moebench.core.models import load_checkpoint
+
+            load_checkpoint(net, str(weights), strict=bool(strict))
         return apply_moe(net, moe)
 
     # -- steps -------------------------------------------------------------------------------------

@@ -268,3 +268,22 @@ def check_seed(value, path: str) -> int:
     f = dataclasses.field(metadata={"kind": "int", "minimum": 0, "maximum": MAX_SEED, "strict": False,
                                     "nullable": False, "choices": ()})
     return coerce(f, value, path)
+
+
+PRETRAIN_DOC = ("a grid's `pretrain:` section: the dense model of the same architecture trained first, once per "
+                "seed, that every run of the block starts from; any train key (steps required) overriding the "
+                "block's train section; null: no pretraining")
+
+
+def check_pretrain(mapping, path: str) -> dict | None:
+    """A ``pretrain:`` section checked against `TrainConfig` (the pretraining run is an ordinary dense
+    run with its own budget), ``steps`` required; None stays None (no pretraining)."""
+    if mapping is None:
+        return None
+    if not isinstance(mapping, dict):
+        raise ConfigError(path, "a mapping of train keys with at least `steps` (or null: no pretraining)", mapping)
+    out = check_section(TrainConfig, mapping, path)
+    if "steps" not in out:
+        raise ConfigError(f"{path}.steps", "an integer >= 1 (the dense pretraining budget)", None,
+                          "; e.g. pretrain: {steps: 300}")
+    return out

@@ -8,6 +8,7 @@ import json
 import os
 
 from moebench.grids.matching import _match
+from moebench.grids.pretrain import DEFAULT_RESULTS, dependent_model, pretrain_spec, weights_path
 from moebench.grids.schema import DENSE, MOE_KEYS, _Ctx, load
 
 
@@ -26,16 +27,23 @@ def _merged_train(grid: dict, block: dict) -> dict:
     return {**copy.deepcopy(DEFAULT_TRAIN), **block["preset_train"], **grid["train"], **block["train"]}
 
 
-def expand(grid: str | os.PathLike | dict) -> list[dict]:
+def expand(grid: str | os.PathLike | dict, results=DEFAULT_RESULTS) -> list[dict]:
     """The grid's runs as resolved, matched spec dicts, in a fixed order: task block, sweep point
-    (axes in file order), router entry, seed. Deterministic: the same file gives the same list."""
+    (axes in file order), router entry, seed. Deterministic: the same file gives the same list.
+    ``results`` only matters for blocks with ``pretrain:`` (their runs load weights from under it)."""
+    return expand_with_pretrain(grid, results)[0]
+
+
+def expand_with_pretrain(grid: str | os.PathLike | dict, results=DEFAULT_RESULTS) -> tuple[list[dict], list[dict]]:
+    """``expand``'s runs, plus the dense pretraining runs they depend on, as ``[{"spec", "weights"}]``
+    (one per task block, sweep point of task_args / model, and seed; see ``moebench.grids.pretrain``)."""
     g = grid if isinstance(grid, dict) and "tasks" in grid and "file" in grid else load(grid)
     ctx = _Ctx(g["file"])
     from moebench.training.spec import run_id
 
     axes = g["sweep"]
     points = list(itertools.product(*[[(a, v) for v in vals] for a, vals in axes])) if axes else [()]
-    specs, seen = [], {}
+    specs, seen, pretrains = [], {}, {}
     for block in g["tasks"]:
         model_default = block["model"] if block["model"] is not None else {}  # {}: the task's default_model
         for point in points:
@@ -86,11 +94,16 @@ def expand(grid: str | os.PathLike | dict) -> list[dict]:
                            if k not in ("blocks", "num_experts", "d_hidden", "capacity_factor", "upcycle")},
                     }
                 for seed in g["seeds"]:
+                    run_model = copy.deepcopy(model)
+                    if block["pretrain"] is not None:
+                        weights = _pretrain_for(ctx, block, task_args, model, seed, _merged_train(g, block),
+                                                results, pretrains)
+                        run_model = dependent_model(model, weights)
                     spec = {
                         "grid": g["name"],
                         "task": block["task"],
                         "task_args": copy.deepcopy(task_args),
-                        "model": copy.deepcopy(model),
+                        "model": run_model,
                         "moe": copy.deepcopy(moe_spec),
                         "label": router["label"],
                         "seed": seed,
@@ -119,7 +132,21 @@ def expand(grid: str | os.PathLike | dict) -> list[dict]:
             raise ctx.error("routers", f"two runs resolve to the same spec (run id {rid}): labels "
                                        f"{ids[rid]!r} and {spec['label']!r}; make the entries differ")
         ids[rid] = spec["label"]
-    return out
+    return out, list(pretrains.values())
+
+
+def _pretrain_for(ctx: _Ctx, block: dict, task_args: dict, model: dict, seed: int, train: dict, results,
+                  pretrains: dict) -> str:
+    """The weights path of the block's dense pretraining run for this seed (recorded once in ``pretrains``)."""
+    from moebench.training.spec import SpecError
+
+    try:
+        spec = pretrain_spec(block["task"], task_args, model, seed, train, block["pretrain"])
+    except SpecError as err:
+        raise ctx.error(f"{block['path']}: pretrain (seed {seed})", str(err)) from None
+    weights = weights_path(results, spec)
+    pretrains.setdefault(weights, {"spec": spec, "weights": weights})
+    return weights
 
 
 def _finalise(spec: dict, ctx: _Ctx) -> dict:

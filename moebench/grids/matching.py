@@ -104,7 +104,8 @@ def probe(spec: dict, blocks=None, ctx: _Ctx | None = None) -> dict:
     (task, task_args, model, blocks) and cached, with a tiny expert width so it is cheap. ``blocks``
     places a dense spec's comparison (default: every block)."""
     moe = spec["moe"] or {}
-    key = json.dumps({"task": spec["task"], "task_args": spec["task_args"], "model": spec["model"],
+    model = {k: v for k, v in spec["model"].items() if k not in ("pretrained", "pretrained_strict")}  # shapes only
+    key = json.dumps({"task": spec["task"], "task_args": spec["task_args"], "model": model,
                       "blocks": moe.get("blocks", blocks if blocks is not None else "all"),
                       "num_experts": moe.get("num_experts", 2)}, sort_keys=True)
     try:

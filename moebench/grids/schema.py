@@ -24,6 +24,11 @@ Schema (every key optional unless marked; unknown keys are rejected with the clo
       capacity_factor: null      # null = dropless (or the router's own default, e.g. Switch)
       upcycle: false             # copy the dense MLP into every expert
     train: {steps: ..., batch_size: ..., lr: ..., ...}   # budget, shared by all runs (moebench.training.spec)
+    pretrain: {steps: 300, ...}  # optional (grid level or per task block; null: none): a dense model of the
+                                 # same architecture trained first, once per seed, cached content-addressed
+                                 # under <results>/.pretrain/; every run of the block (dense included) starts
+                                 # from its weights (model.pretrained). Keys: train keys overriding `train`.
+                                 # See moebench.grids.pretrain.
     seeds: [0, 1]
     routers:                     # a name, or a mapping; `dense` = the model without MoE
       - dense
@@ -88,6 +93,7 @@ from moebench.core.config import (
     ExecutorConfig,
     MoEConfig,
     TrainConfig,
+    check_pretrain,
     check_section,
     check_seed,
     coerce,
@@ -97,9 +103,9 @@ from moebench.core.config import (
 
 GRIDS_DIR = Path(__file__).resolve().parent / "configs"
 
-TOP_KEYS = ("name", "description", "task", "preset", "task_args", "model", "tasks", "moe", "train", "seeds",
-            "routers", "sweep", "match", "executor")
-BLOCK_KEYS = ("task", "preset", "task_args", "model", "moe", "train")
+TOP_KEYS = ("name", "description", "task", "preset", "task_args", "model", "tasks", "moe", "train", "pretrain",
+            "seeds", "routers", "sweep", "match", "executor")
+BLOCK_KEYS = ("task", "preset", "task_args", "model", "moe", "train", "pretrain")
 MOE_KEYS = tuple(k for k in fields_of(MoEConfig) if k not in ("router", "router_args"))  # per grid/block/router
 ROUTER_KEYS = ("name", "label", "args", "moe", "match")
 MATCH_KEYS = ("mode", "reference_active_experts")
@@ -345,6 +351,7 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
         blocks = [("", {k: raw[k] for k in ("task", "preset", "task_args", "model") if k in raw})]
     grid["moe"] = _check_moe(ctx, raw.get("moe"), "moe")
     grid["train"] = _check_train(ctx, raw.get("train"), "train")
+    grid["pretrain"] = _check_pretrain(ctx, raw.get("pretrain"), "pretrain")
     grid["tasks"] = []
     for path, block in blocks:
         p = (lambda k, path=path: f"{path}.{k}") if path else (lambda k: k)
@@ -367,6 +374,9 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
             "preset_train": pre["train"],
             "moe": _check_moe(ctx, block.get("moe") if path else None, p("moe")),
             "train": _check_train(ctx, block.get("train") if path else None, p("train")),
+            # a block's own `pretrain:` (null included) replaces the grid's
+            "pretrain": _check_pretrain(ctx, block["pretrain"], p("pretrain")) if path and "pretrain" in block
+            else grid["pretrain"],
             "path": path or "(top level)",
         })
 
@@ -445,6 +455,15 @@ def _check_moe(ctx: _Ctx, value, path: str) -> dict:
 
 def _check_train(ctx: _Ctx, value, path: str) -> dict:
     return ctx.section(TrainConfig, value, path)
+
+
+def _check_pretrain(ctx: _Ctx, value, path: str) -> dict | None:
+    if isinstance(value, dict):
+        ctx.keys(value, TRAIN_KEYS, path)
+    try:
+        return check_pretrain(copy.deepcopy(value), path)
+    except ConfigError as err:
+        raise ctx.error(err.path, err.describe()) from None
 
 
 def _check_routers(ctx: _Ctx, value) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from moebench.core.progress import Progress
-from moebench.grids.expand import expand
+from moebench.grids.expand import expand_with_pretrain
 from moebench.grids.matching import costs, probe
 from moebench.grids.schema import REFERENCE_ROUTER, _Ctx, _fmt, load
 
@@ -19,7 +19,7 @@ def _human(n: float) -> str:
 def show(grid: str | os.PathLike | dict) -> str:
     """The table `moebench grid show` prints: one row per run with its matched width and costs."""
     g = load(grid) if not (isinstance(grid, dict) and "file" in grid) else grid
-    specs = expand(g)
+    specs, pretrains = expand_with_pretrain(g)
     from moebench.training.spec import run_id
 
     axes = [a for a, _ in g["sweep"]]
@@ -44,6 +44,14 @@ def show(grid: str | os.PathLike | dict) -> str:
              "  ".join(h.ljust(w) for h, w in zip(head, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    if pretrains:
+        lines.append(f"pretrain (run first, once per task block and seed; every run above with the same task and "
+                     f"seed starts from its weights): {len(pretrains)} dense runs; paths as under "
+                     f"`moebench run --results results` (another results folder gives other run ids)")
+        for p in pretrains:
+            ps = p["spec"]
+            lines.append(f"  {run_id(ps)}  {ps['task']}  seed {ps['seed']}  {ps['train']['steps']} steps  "
+                         f"-> {p['weights']}")
     notes = sorted({n for spec in specs if spec["moe"] for n in probe(spec, ctx=_Ctx(g["file"]))["notes"]})
     lines += [f"note: {n}" for n in notes]
     lines.append("flops/tok: the whole model's estimated forward FLOPs per token, the report's FLOPs/token: "

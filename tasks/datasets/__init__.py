@@ -1,7 +1,8 @@
 """Datasets for the built-in tasks, data only (no models, no registration): each task has a reader for
 its real public format and a small offline default that builds on a CPU in seconds.
 
-* classification: ``imagefolder_datasets`` (ImageNet layout), ``fashion_mnist_datasets`` (offline).
+* classification: ``imagefolder_datasets`` (ImageNet layout), ``cifar_datasets`` (CIFAR-10/100, torchvision's
+  pickled batches), ``fashion_mnist_datasets`` (offline).
 * retrieval: ``coco_retrieval_datasets``, ``karpathy_retrieval_datasets`` (Flickr30K / COCO Karpathy),
   ``compositional_datasets`` (offline: Fashion-MNIST items at named positions).
 * brain age: ``bids_brain_age_datasets`` (BIDS T1w + participants.tsv), ``synthetic_brain_age_datasets``
@@ -21,10 +22,13 @@ from .brain import (
 )
 from .cache import cache_dir, cached
 from .classification import (
+                    CIFAR_NUM_CLASSES,
                     FASHION_MNIST_CLASSES,
                     FASHION_MNIST_MEAN,
                     FASHION_MNIST_STD,
+                    CifarDataset,
                     ClassificationTensorDataset,
+                    cifar_datasets,
                     fashion_mnist_datasets,
                     imagefolder_datasets,
                     load_fashion_mnist,

@@ -1,14 +1,16 @@
-"""Image classification data: the ImageNet ImageFolder layout (real format) and Fashion-MNIST (the
+"""Image classification data: the ImageNet ImageFolder layout (real format), CIFAR-10 / CIFAR-100 in
+torchvision's on-disk format (pickled batches, read with a restricted unpickler), and Fashion-MNIST (the
 offline default, shipped by the Debian package ``dataset-fashion-mnist``)."""
 from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import FashionMNIST, ImageFolder
 
 from moebench.training.records import atomic_write
@@ -148,4 +150,127 @@ def fashion_mnist_datasets(root=FASHION_MNIST_ROOT, train_size: int | None = Non
             images, labels = images[idx], labels[idx]
         x = (images.float().div(255.0).sub(FASHION_MNIST_MEAN).div(FASHION_MNIST_STD)).unsqueeze(1)
         out.append(ClassificationTensorDataset(x, labels.long(), FASHION_MNIST_CLASSES))
+    return out[0], out[1]
+
+
+# -- CIFAR-10 / CIFAR-100 (torchvision's on-disk format) --------------------------------------------------
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+CIFAR_FILES = {"cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta", "labels",
+                           "label_names"),
+               "cifar100": (["train"], ["test"], "meta", "fine_labels", "fine_label_names")}
+CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+# Per-channel mean / std of the CIFAR training pixels in [0, 1] (the usual published values).
+CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
+CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
+_CIFAR_HINT = ("torchvision's download format: torchvision.datasets.CIFAR10(root, download=True) on a machine "
+               "with network, then copy the folder")
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches, which are dicts of numpy arrays, lists and strings, and nothing else.
+
+    Why restricted: a pickle can run any code while loading, and a data folder is untrusted input. The
+    only globals a CIFAR batch needs are numpy's array reconstruction; anything else is refused, so a
+    tampered file fails with an error instead of executing."""
+
+    # _codecs.encode only turns a str into bytes: Python 3 pickles (protocol 2) spell array bytes that way
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only numpy arrays, "
+                                     f"lists and strings")
+
+
+def read_cifar_batch(path) -> dict:
+    """One pickled CIFAR file as a dict with str keys (Python 2 pickles: bytes decoded as latin-1)."""
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated, tampered or not a pickle at all
+        raise ValueError(f"CIFAR file {path} is not a valid CIFAR batch ({type(e).__name__}: {e}); "
+                         f"expected {_CIFAR_HINT}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"CIFAR file {path} holds a {type(obj).__name__}, not the dict of a CIFAR batch")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def cifar_folder(root, kind: str) -> Path:
+    """The folder holding the batches: ``root/cifar-10-batches-py`` (or ``cifar-100-python``), or
+    ``root`` itself when it is that folder."""
+    if kind not in CIFAR_FOLDERS:
+        raise ValueError(f"CIFAR kind must be one of {sorted(CIFAR_FOLDERS)}, got {kind!r}")
+    if root is None:
+        raise ValueError(f"{kind} needs task_args.root: the folder holding {CIFAR_FOLDERS[kind]}/ ({_CIFAR_HINT})")
+    root = Path(root).expanduser()
+    folder = root if root.name == CIFAR_FOLDERS[kind] else root / CIFAR_FOLDERS[kind]
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{kind} folder {folder} does not exist; task_args.root must hold "
+                                f"{CIFAR_FOLDERS[kind]}/ ({_CIFAR_HINT})")
+    return folder
+
+
+def load_cifar(root, kind: str, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """One CIFAR split: (uint8 images (N, 3, 32, 32), labels long (N,), class names)."""
+    import numpy as np
+
+    folder = cifar_folder(root, kind)
+    train_files, test_files, meta_file, label_key, names_key = CIFAR_FILES[kind]
+    meta = read_cifar_batch(folder / meta_file) if (folder / meta_file).is_file() else {}
+    classes = [str(c) for c in meta.get(names_key, [])] or [str(i) for i in range(CIFAR_NUM_CLASSES[kind])]
+    images, labels = [], []
+    for name in train_files if train else test_files:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{kind} file {path} is missing; {folder} must hold "
+                                    f"{train_files + test_files + [meta_file]} ({_CIFAR_HINT})")
+        batch = read_cifar_batch(path)
+        data, lab = batch.get("data"), batch.get(label_key)
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{path}: 'data' must be a uint8 array (N, 3072), got "
+                             f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+        lab = np.asarray(lab if lab is not None else [], dtype=np.int64)
+        if lab.shape != (data.shape[0],) or (lab.size and (lab.min() < 0 or lab.max() >= len(classes))):
+            raise ValueError(f"{path}: '{label_key}' must hold {data.shape[0]} labels in [0, {len(classes)})")
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        labels.append(torch.from_numpy(lab))
+    return torch.cat(images), torch.cat(labels), classes
+
+
+class CifarDataset(Dataset):
+    """CIFAR images kept as uint8 (a 50k split is 150 MB, not 600 MB of floats), normalised and, when
+    ``img_size`` is not 32, resized bilinearly per item (a pretrained ViT-B/16 wants 224 px)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], mean, std,
+                 img_size: int = 32):
+        self.images, self.labels, self.classes, self.img_size = images, labels, list(classes), int(img_size)
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = (self.images[i].float().div(255.0) - self.mean) / self.std
+        if self.img_size != x.shape[-1]:
+            x = torch.nn.functional.interpolate(x[None], size=(self.img_size, self.img_size), mode="bilinear",
+                                                align_corners=False)[0]
+        return x, self.labels[i]
+
+
+def cifar_datasets(root, kind: str = "cifar10", train_size: int | None = None, eval_size: int | None = None,
+                   seed: int = 0, img_size: int = 32) -> tuple[CifarDataset, CifarDataset]:
+    """(train, test) CIFAR-10 / CIFAR-100 from torchvision's on-disk format; ``train_size`` /
+    ``eval_size`` take seeded random subsets (as for Fashion-MNIST)."""
+    out = []
+    for train, size, s in ((True, train_size, seed), (False, eval_size, seed + 1)):
+        images, labels, classes = load_cifar(root, kind, train)
+        idx = _subset(len(labels), size, s)
+        if idx is not None:
+            images, labels = images[idx], labels[idx]
+        out.append(CifarDataset(images, labels, classes, CIFAR_MEAN[kind], CIFAR_STD[kind], img_size))
     return out[0], out[1]

@@ -59,3 +59,45 @@ def make_bids(root: Path, ages=("25", "60", "80"), with_image=(True, True, True)
         anat.mkdir(parents=True)
         nib.save(nib.Nifti1Image(vol.astype(np.float32), affine), anat / f"sub-{i + 1:02d}_T1w.nii.gz")
     return root
+
+
+def make_cifar(root: Path, kind: str = "cifar10", per_batch: int = 6, n_test: int = 5) -> Path:
+    """A small CIFAR folder in torchvision's on-disk format: pickled dicts of a uint8 'data' array
+    (N, 3072) and a label list, like the real files (5 training batches + test for CIFAR-10, train +
+    test for CIFAR-100, and the meta file with the class names). Pixel (0, 0) of the red channel
+    holds the image's index so tests can tell images apart."""
+    import pickle
+
+    folder = root / ("cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True, exist_ok=True)
+    n_classes = 10 if kind == "cifar10" else 100
+    rng = np.random.default_rng(0)
+    index = 0
+
+    def batch(n: int) -> dict:
+        nonlocal index
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        data[:, 0] = np.arange(index, index + n) % 256
+        index += n
+        labels = [int(i) % n_classes for i in range(index - n, index)]
+        key = "labels" if kind == "cifar10" else "fine_labels"
+        out = {"batch_label": "fixture", "data": data, key: labels, "filenames": [f"{i}.png" for i in range(n)]}
+        if kind == "cifar100":
+            out["coarse_labels"] = [x % 20 for x in labels]
+        return out
+
+    def dump(name: str, obj) -> None:
+        with open(folder / name, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+
+    if kind == "cifar10":
+        for i in range(1, 6):
+            dump(f"data_batch_{i}", batch(per_batch))
+        dump("test_batch", batch(n_test))
+        dump("batches.meta", {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072})
+    else:
+        dump("train", batch(5 * per_batch))
+        dump("test", batch(n_test))
+        dump("meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
+                      "coarse_label_names": [f"coarse{i}" for i in range(20)]})
+    return folder

@@ -1,0 +1,187 @@
+"""The pretrain stage: a dense model trained first, once per seed, that every run of a grid block
+starts from (the pretrained regime: upcycle its MLPs into experts, or add adapters to it).
+
+Why a stage and not a flag: sparse upcycling, V-MoE, Soft MoE, EMoE and ERMoE all start from a
+trained dense model; from random weights an eigenbasis router routes on noise. The dense model is an
+ordinary dense run (same task, task_args, model and seed; its own train budget from ``pretrain:``),
+so it is trained, checkpointed, resumed, failed and reported exactly like any run, by the same code:
+
+- **Content-addressed cache.** Its spec is resolved like any run's; its run id (a hash of the
+  resolved spec, which carries the code version in ``match``) names its folder
+  ``<results>/.pretrain/pretrain/<run_id>/``. Grids sharing a results folder (``quick`` and
+  ``quick-adapter``) share it, and a routers-only change of a grid never retrains it. The folder is
+  hidden, so reports and ``moebench status results`` do not list it as a grid
+  (``moebench status results/.pretrain`` does).
+- **Dependency.** ``moebench.grids.launch.run_grid`` runs the pretraining runs first (one phase, through
+  the same submitit executor: local subprocesses or a SLURM array), then the runs that need them. A
+  pretraining run that failed or did not finish holds back its dependants with the reason; the
+  next ``moebench run`` resumes it from its checkpoint (``--retry-failed`` reruns a failed one).
+- **Loading** goes through the existing ``model.pretrained: /path`` path (``moebench.core.models``):
+  every dependent run's spec gets ``model.pretrained: <results>/.pretrain/pretrain/<id>/weights.pt``,
+  so its run id differs from the from-scratch run and names the exact weights. The path is spelled
+  as the results folder was given (relative stays relative), so moving a whole project keeps ids.
+- **Weights file.** The pretraining run keeps its last checkpoint; the launcher extracts the model's
+  state dict into ``weights.pt`` (reading the checkpoint with ``weights_only=True`` and numpy's array
+  reconstruction allowed, nothing else: results folders are untrusted input) and removes the checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+from moebench.training.rundir import _set_aside, inspect, run_lock, run_path
+from moebench.training.spec import resolve_spec, run_id
+
+DEFAULT_RESULTS = "results"   # `moebench run --results`' default: what `grid show` assumes
+PRETRAIN_DIR = ".pretrain"    # under the results root, shared by every grid there
+PRETRAIN_GRID = "pretrain"    # the spec's `grid`: folders <results>/.pretrain/pretrain/<run_id>/
+PRETRAIN_LABEL = "pretrain"
+WEIGHTS = "weights.pt"
+CHECKPOINT = "checkpoint.pt"
+
+
+def pretrain_spec(task: str, task_args: dict, model: dict, seed: int, train: dict, overrides: dict) -> dict:
+    """The resolved spec of the dense pretraining run for one (task, task_args, model, seed):
+    ``train`` (the block's) with ``overrides`` (its ``pretrain:`` section) on top; it keeps its checkpoint
+    so the weights can be extracted. The code version goes into ``match`` (hashed like the rest)."""
+    from moebench.version import __version__
+
+    return resolve_spec({
+        "grid": PRETRAIN_GRID, "task": task, "task_args": copy.deepcopy(task_args), "model": copy.deepcopy(model),
+        "moe": None, "label": PRETRAIN_LABEL, "seed": seed,
+        "train": {**copy.deepcopy(train), **copy.deepcopy(overrides), "keep_checkpoint": True},
+        "sweep": {}, "match": {"stage": "dense pretrain", "code_version": __version__},
+    })
+
+
+def pretrain_root(results) -> Path:
+    return Path(results) / PRETRAIN_DIR
+
+
+def pretrain_dir(results, spec: dict) -> Path:
+    return run_path(pretrain_root(results), spec["grid"], run_id(spec))
+
+
+def weights_path(results, spec: dict) -> str:
+    """Where the pretraining run's weights land; spelled as ``results`` is (relative stays relative)."""
+    return os.fspath(pretrain_dir(results, spec) / WEIGHTS)
+
+
+def dependent_model(model: dict, weights: str) -> dict:
+    """A dependent run's model section: the same model, loaded strictly from the dense weights."""
+    out = {k: copy.deepcopy(v) for k, v in model.items() if k != "pretrained_strict"}
+    out["pretrained"] = weights
+    return out
+
+
+# -- weights ------------------------------------------------------------------------------------------
+def _read_checkpoint_model(path: Path) -> dict:
+    """The ``model`` state dict of a training checkpoint, read with ``weights_only=True``: tensors,
+    plain containers and numpy arrays (the checkpoint's RNG state) only, never arbitrary objects."""
+    import numpy as np
+    import torch
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    state = ck.get("model") if isinstance(ck, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no model state dict under 'model'")
+    return state
+
+
+def extract_weights(run_dir) -> bool:
+    """Make ``<run_dir>/weights.pt`` from the finished run's checkpoint (once; atomic); True when the
+    weights file is there afterwards."""
+    import torch
+
+    from moebench.training.records import atomic_write
+
+    run_dir = Path(run_dir)
+    if (run_dir / WEIGHTS).is_file():
+        return True
+    ckpt = run_dir / CHECKPOINT
+    if not ckpt.is_file():
+        return False
+    try:
+        state = _read_checkpoint_model(ckpt)
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint: the run is trained again
+        return False
+    atomic_write(run_dir / WEIGHTS, lambda f: torch.save(state, f))
+    ckpt.unlink()
+    return True
+
+
+# -- the launcher's phase -----------------------------------------------------------------------------
+def pretrain_phase(pretrains: list[dict], results, cluster: str, ex: dict, grid_name: str,
+                   retry_failed: bool = False, dry_run: bool = False, poll_s: float = 1.0, log=print) -> dict:
+    """Run the dense pretraining runs that are not done yet (through the grid's executor) and wait.
+    Returns ``{weights path: why it is not available}`` for each one that did not finish, so the
+    launcher can hold back its dependants instead of starting them from missing weights."""
+    from moebench.grids import launch
+    from moebench.training import records
+
+    if not pretrains:
+        return {}
+    root = pretrain_root(results)
+    specs = [p["spec"] for p in pretrains]
+    for spec in specs:  # done but without weights (deleted, or the launcher died before extracting): redo
+        d = run_path(root, spec["grid"], run_id(spec))
+        if inspect(d)["state"] == "done" and not extract_weights(d) and not dry_run:
+            with run_lock(d) as got:
+                if got:
+                    _set_aside(d, ["status.json", "final.json", CHECKPOINT])
+    runs = launch.plan(specs, root, retry_failed)
+    todo = [r for r in runs if r["action"] == "run"]
+    log(f"pretrain: {len(runs)} dense runs (one per task block and seed) -> {root / PRETRAIN_GRID}; "
+        f"{sum(r['why'] == 'done' for r in runs)} done already, {len(todo)} to run first")
+    for r in runs:
+        if r["why"] != "done" and (r["action"] == "skip" or r["state"] != "new"):
+            log(f"  {r['run_id']}: {'skip' if r['action'] == 'skip' else 'run'}: {r['why']}")
+    if dry_run:
+        for r in todo:
+            log(f"  would pretrain {r['run_id']} ({r['why']})")
+        return {}
+    for r in todo:  # as run_grid does: mark queued under the lock
+        with run_lock(r["run_dir"]) as got:
+            if not got:
+                r["action"], r["outcome"] = "skip", "elsewhere"
+            elif inspect(r["run_dir"])["state"] != "done":
+                if not (r["run_dir"] / "spec.yaml").exists():
+                    records.atomic_write_yaml(r["run_dir"] / "spec.yaml", r["spec"])
+                if r["state"] != "corrupt":
+                    records.write_status(r["run_dir"], "queued")
+            else:
+                r["action"] = "skip"
+    todo = [r for r in todo if r["action"] == "run"]
+    progress = launch._Progress(runs, log)
+    progress.poll()
+    if todo:
+        launch._submit_and_wait(todo, cluster, ex, root / PRETRAIN_GRID, f"{grid_name}-pretrain", root.resolve(),
+                                progress, poll_s, log)
+    progress.poll()
+    blocked = {}
+    by_weights = {p["weights"]: p for p in pretrains}
+    for w, p in by_weights.items():
+        d = run_path(root, p["spec"]["grid"], run_id(p["spec"]))
+        st = inspect(d)
+        if st["state"] == "done" and extract_weights(d):
+            continue
+        why = f"{st['state']}" + (f": {st['reason']}" if st["reason"] else "")
+        if st["state"] == "failed" and not retry_failed:
+            why += "; fix it and rerun with --retry-failed"
+        blocked[w] = f"its dense pretrain {run_id(p['spec'])} is {why}"
+    return blocked
+
+
+def hold_back(runs: list[dict], blocked: dict) -> None:
+    """Skip (with the reason) every planned run whose pretrained weights are not there."""
+    for r in runs:
+        w = (r["spec"].get("model") or {}).get("pretrained")
+        if r["action"] == "run" and isinstance(w, str) and w in blocked:
+            r["action"], r["why"] = "skip", f"waits: {blocked[w]}"

@@ -1,0 +1,190 @@
+"""The pretrain stage: a grid's `pretrain:` section, its expansion into one dense pretraining run per
+task block and seed, the launcher running it first (debug cluster, toy task), dependants starting
+from its weights, held back when it fails, and the weights file read without unpickling objects."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import yaml
+
+from moebench.core.registry import TASKS
+from moebench.grids import launch
+from moebench.grids.expand import expand, expand_with_pretrain
+from moebench.grids.pretrain import CHECKPOINT, WEIGHTS, extract_weights, pretrain_dir
+from moebench.grids.schema import GridError, load
+from moebench.training import records, rundir
+from moebench.training.spec import run_id
+
+
+def grid(tmp_path, name="g", routers=("dense", "softmax-topk", "hash"), **extra) -> dict:
+    g = {
+        "name": name,
+        "task": "toy",
+        "task_args": {"num_train": 128, "num_eval": 64},
+        "moe": {"blocks": [-1], "num_experts": 4, "upcycle": True},
+        "train": {"steps": 6, "batch_size": 16, "eval_every": 3, "checkpoint_every": 3, "probe_size": 16,
+                  "warmup_steps": 1},
+        "pretrain": {"steps": 8, "lr": 3e-3},
+        "seeds": [0, 1],
+        "routers": list(routers),
+        "match": "none",
+        "executor": {"time_min": 10, "cpus_per_task": 1},
+    }
+    g.update(extra)
+    return g
+
+
+def write(tmp_path, g: dict):
+    path = tmp_path / f"{g['name']}.yaml"
+    path.write_text(yaml.safe_dump(g, sort_keys=False))
+    return path
+
+
+def test_pretrain_section_is_checked_against_the_train_schema(tmp_path):
+    with pytest.raises(GridError, match=r"pretrain\.stepz.*did you mean 'steps'"):
+        load(grid(tmp_path, pretrain={"stepz": 3}))
+    with pytest.raises(GridError, match=r"pretrain\.steps"):
+        load(grid(tmp_path, pretrain={"lr": 1e-3}))
+    with pytest.raises(GridError, match=r"pretrain\.lr"):
+        load(grid(tmp_path, pretrain={"steps": 3, "lr": -1}))
+
+
+def test_a_block_can_switch_the_grids_pretrain_off(tmp_path):
+    g = grid(tmp_path)
+    g.pop("task")
+    g.pop("task_args")
+    g["tasks"] = [{"task": "toy", "task_args": {"num_train": 128, "num_eval": 64}},
+                  {"task": "toy", "task_args": {"num_train": 96, "num_eval": 64}, "pretrain": None}]
+    specs, pretrains = expand_with_pretrain(g)
+    assert {p["spec"]["task_args"]["num_train"] for p in pretrains} == {128}
+    assert all("pretrained" not in s["model"] for s in specs if s["task_args"]["num_train"] == 96)
+    assert all("pretrained" in s["model"] for s in specs if s["task_args"]["num_train"] == 128)
+
+
+def test_one_pretrain_per_seed_shared_by_every_router_and_named_in_every_spec(tmp_path):
+    g = grid(tmp_path)
+    specs, pretrains = expand_with_pretrain(g, results="res")
+    assert sorted(p["spec"]["seed"] for p in pretrains) == [0, 1]
+    by_seed = {p["spec"]["seed"]: p for p in pretrains}
+    for spec in specs:  # the dense row too: the pretrained model fine-tuned for the same budget
+        assert spec["model"]["pretrained"] == by_seed[spec["seed"]]["weights"]
+        assert spec["model"]["pretrained"].startswith("res/.pretrain/pretrain/")
+    pre = by_seed[0]["spec"]
+    assert pre["moe"] is None and pre["train"]["steps"] == 8 and pre["train"]["lr"] == 3e-3
+    assert pre["train"]["batch_size"] == 16  # the block's train section under the overrides
+    # the same grid from scratch has other run ids; other routers keep the same pretraining runs
+    scratch = {run_id(s) for s in expand({**g, "pretrain": None}, results="res")}
+    assert not scratch & {run_id(s) for s in specs}
+    _, fewer = expand_with_pretrain(grid(tmp_path, routers=("switch",)), results="res")
+    assert [run_id(p["spec"]) for p in fewer] == [run_id(p["spec"]) for p in pretrains]
+    # a different pretraining budget is a different cache entry, and different dependants
+    _, longer = expand_with_pretrain(grid(tmp_path, pretrain={"steps": 9}), results="res")
+    assert not {run_id(p["spec"]) for p in longer} & {run_id(p["spec"]) for p in pretrains}
+
+
+def test_the_launcher_pretrains_once_per_seed_and_runs_start_from_its_weights(tmp_path):
+    path = write(tmp_path, grid(tmp_path))
+    results = tmp_path / "results"
+    lines: list[str] = []
+    out = launch.run_grid(path, cluster="debug", results=results, log=lines.append)
+    assert out["counts"]["done"] == 6
+    specs, pretrains = expand_with_pretrain(path, results=results)
+    for p in pretrains:
+        d = pretrain_dir(results, p["spec"])
+        assert (d / WEIGHTS).is_file() and not (d / CHECKPOINT).exists()
+        assert len(records.read_jsonl(d / rundir.JOBS_LOG)) == 1
+    # the dependent dense model is the pretrained one, before fine-tuning
+    task = TASKS.get("toy")(num_train=128, num_eval=64)
+    dense = next(s for s in specs if s["label"] == "dense" and s["seed"] == 1)
+    net = task.build_model(dense["model"], None)
+    saved = torch.load(dense["model"]["pretrained"], weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+    fresh = task.build_model({}, None)
+    assert not all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
+    # ... and the upcycled softmax-topk run computes what the pretrained dense model computes
+    topk = next(s for s in specs if s["label"] == "softmax-topk" and s["seed"] == 1)
+    x = task.datasets()[1].tensors[0][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(task.build_model(topk["model"], topk["moe"]).eval()(x), net.eval()(x),
+                                   atol=2e-5, rtol=1e-5)
+    # a second launch trains nothing again
+    lines.clear()
+    launch.run_grid(path, cluster="debug", results=results, log=lines.append)
+    assert any("2 done already, 0 to run first" in line for line in lines)
+    for p in pretrains:
+        assert len(records.read_jsonl(pretrain_dir(results, p["spec"]) / rundir.JOBS_LOG)) == 1
+
+
+def test_a_failed_pretrain_holds_back_its_dependants_with_the_reason(tmp_path):
+    g = grid(tmp_path, routers=("dense", "softmax-topk"), seeds=[0], pretrain={"steps": 4, "max_loss": 1e-9})
+    path = write(tmp_path, g)
+    results = tmp_path / "results"
+    lines: list[str] = []
+    out = launch.run_grid(path, cluster="debug", results=results, log=lines.append)
+    assert out["counts"]["done"] == 0 and out["counts"]["queued"] == 2
+    held = [line for line in lines if "waits: its dense pretrain pretrain-s0-" in line]
+    assert len(held) == 2 and all("is failed: diverged" in line and "--retry-failed" in line for line in held)
+    for s in expand(path, results=results):
+        assert rundir.inspect(rundir.run_dir_of(s, results))["state"] == "new"
+
+
+def test_done_pretrain_without_weights_is_trained_again(tmp_path):
+    g = grid(tmp_path, routers=("dense",), seeds=[0])
+    path = write(tmp_path, g)
+    results = tmp_path / "results"
+    launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
+    (_, [p]) = expand_with_pretrain(path, results=results)
+    d = pretrain_dir(results, p["spec"])
+    (d / WEIGHTS).unlink()
+    launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
+    assert (d / WEIGHTS).is_file() and len(records.read_jsonl(d / rundir.JOBS_LOG)) == 2
+
+
+class _Boom:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_weights_extraction_never_unpickles_objects(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "run"
+    d.mkdir()
+    with open(d / CHECKPOINT, "wb") as f:
+        pickle.dump({"model": {"w": _Boom()}}, f, protocol=2)
+    torch.save({"model": {"w": _Boom()}}, d / "other.pt")
+    assert extract_weights(d) is False
+    (d / CHECKPOINT).unlink()
+    (d / "other.pt").rename(d / CHECKPOINT)
+    assert extract_weights(d) is False
+    assert not (tmp_path / "PWNED").exists() and not (d / WEIGHTS).exists()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_an_interrupted_pretrain_is_resumed_from_its_checkpoint(tmp_path):
+    from moebench.training.train import train
+
+    path = write(tmp_path, grid(tmp_path, routers=("softmax-topk",), seeds=[0]))
+    results = tmp_path / "results"
+    (_, [p]) = expand_with_pretrain(path, results=results)
+    d = pretrain_dir(results, p["spec"])
+    d.mkdir(parents=True)
+    records.atomic_write_yaml(d / "spec.yaml", p["spec"])
+    records.write_status(d, "running")
+
+    def die(step):
+        if step == 4:
+            raise _Killed
+
+    with pytest.raises(_Killed):  # killed after step 4; its last checkpoint is at step 3
+        train(TASKS.get("toy")(num_train=128, num_eval=64), p["spec"], d, on_step=die)
+    assert rundir.inspect(d)["state"] == "interrupted"
+    lines: list[str] = []
+    out = launch.run_grid(path, cluster="debug", results=results, log=lines.append)
+    assert any("interrupted: resume from its checkpoint" in line for line in lines)
+    assert out["counts"]["done"] == 1 and (d / WEIGHTS).is_file()
+    assert [row["step"] for row in records.read_jsonl(d / "metrics.jsonl")] == [3, 6, 8]
