@@ -18,7 +18,7 @@ BATCH, SEQ = 2, 12
 VOCAB = 50
 
 # Constructor args for routers that need them; every registered router runs with {} unless listed here.
-ROUTER_ARGS: dict[str, dict] = {}
+ROUTER_ARGS: dict[str, dict] = {"emoe": {"rank": 8}}  # emoe refuses rank >= d_model (D = 16)
 # Extra variants worth covering on top of each router's defaults.
 EXTRA_CASES = [
     ("softmax-topk", {"top_k": 1}),
@@ -27,6 +27,8 @@ EXTRA_CASES = [
     ("loss-free", {"score_fn": "softmax", "top_k": 1}),
     ("expert-choice", {"capacity": 1}),
     ("xmoe", {"top_k": 1}),
+    ("emoe", {"rank": 8, "mode": "soft"}),
+    ("emoe", {"rank": 4, "mode": "top2"}),
 ]
 
 
