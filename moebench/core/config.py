@@ -82,6 +82,12 @@ class MoEConfig:
     capacity_factor: float = option(None, "float", minimum=0.0, strict=True, nullable=True,
                                     doc="null: the router's default (dropless for most)")
     upcycle: bool = option(False, "bool", doc="copy the dense MLP into every expert")
+    mode: str = option("replace", "choice", choices=("replace", "adapter"),
+                       doc="replace: MoE takes the MLP's place; adapter: x + alpha * MoE(x) after the block "
+                           "(bottleneck experts d -> d_hidden -> d, GELU, no bias; d_hidden null: d / 4)")
+    patches_only: bool = option(False, "bool", doc="adapter mode: CLS / register tokens bypass the MoE branch")
+    freeze_backbone: bool = option(False, "bool", doc="train only the MoE layers (and adapter alphas) and the head")
+    train_norms: bool = option(False, "bool", doc="with freeze_backbone: the LayerNorms train too")
 
 
 @dataclass

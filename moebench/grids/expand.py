@@ -83,6 +83,7 @@ def expand(grid: str | os.PathLike | dict) -> list[dict]:
                         "capacity_factor": moe.get("capacity_factor"),
                         "upcycle": bool(moe.get("upcycle", False)),
                     }
+                    moe_spec.update({k: copy.deepcopy(moe[k]) for k in MOE_KEYS if k not in moe_spec})
                 for seed in g["seeds"]:
                     spec = {
                         "grid": g["name"],

@@ -17,7 +17,8 @@ def _probe_cached(key: str) -> dict:
 
     cfg = json.loads(key)
     moe = {"blocks": cfg["blocks"], "num_experts": cfg["num_experts"], "router": REFERENCE_ROUTER,
-           "router_args": {"top_k": 1}, "d_hidden": WIDTH_MULTIPLE, "capacity_factor": None, "upcycle": False}
+           "router_args": {"top_k": 1}, "d_hidden": WIDTH_MULTIPLE, "capacity_factor": None, "upcycle": False,
+           "mode": cfg.get("mode", "replace")}
     # weights do not change shapes: never load a checkpoint (or reach a hub) just to measure
     model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("pretrained", "pretrained_strict")}
     notes = []
@@ -75,6 +76,7 @@ def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
         modules = dict(dense_model.named_modules())
         dense_flops, dense_hidden = 0.0, []
         for n in names:
+            n = n.replace(".moe_adapter.moe", ".mlp")  # adapter mode: the block's own MLP stays
             linears = [m for m in modules[n].modules() if isinstance(m, torch.nn.Linear)] if n in modules else []
             dense_flops += sum(2.0 * m.in_features * m.out_features for m in linears)
             dense_hidden.append(linears[0].out_features if linears else None)
@@ -84,7 +86,15 @@ def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
 
 
 def _dense_width(spec: dict, ctx: _Ctx) -> int:
-    """The dense MLP width in the MoE blocks: what ``moe.d_hidden: null`` means."""
+    """The dense MLP width in the MoE blocks: what ``moe.d_hidden: null`` means (adapter mode: d / 4)."""
+    if spec["moe"].get("mode") == "adapter":
+        from moebench.core.adapter import adapter_width
+
+        widths = {adapter_width(d, None) for d in probe(spec)["d_models"]}
+        if len(widths) != 1:
+            raise ctx.error("moe.d_hidden", f"null means d / 4 in adapter mode, but the blocks have widths "
+                                            f"{sorted(widths)}; set moe.d_hidden to an integer")
+        return widths.pop()
     widths = set(probe(spec)["dense_hidden"])
     if len(widths) != 1 or None in widths:
         raise ctx.error("moe.d_hidden", f"null means the dense MLP's width, but the MLPs of blocks "
@@ -101,7 +111,8 @@ def probe(spec: dict, blocks=None, ctx: _Ctx | None = None) -> dict:
     moe = spec["moe"] or {}
     key = json.dumps({"task": spec["task"], "task_args": spec["task_args"], "model": spec["model"],
                       "blocks": moe.get("blocks", blocks if blocks is not None else "all"),
-                      "num_experts": moe.get("num_experts", 2)}, sort_keys=True)
+                      "num_experts": moe.get("num_experts", 2), "mode": moe.get("mode", "replace")},
+                     sort_keys=True)
     try:
         return _probe_cached(key)
     except GridError:
@@ -181,13 +192,14 @@ def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
                                             f"or use match: none")
         moe["d_hidden"] = int(width)
         n_layers = len(pr["d_models"])
+        bias = 0 if moe.get("mode") == "adapter" else 1  # adapter experts have no biases
         spec["match"] = {
             "mode": mode,
             "reference": reference,
             "active_experts_per_token": float(a),
             "d_hidden": int(width),
             "expert_flops_per_token": float(sum(float(a) * 4 * d * int(width) for d in pr["d_models"])),
-            "expert_params": int(sum(moe["num_experts"] * (2 * d * int(width) + int(width) + d) for d in pr["d_models"])),
+            "expert_params": int(sum(moe["num_experts"] * (2 * d * int(width) + bias * (int(width) + d)) for d in pr["d_models"])),
             "router_flops_per_token": float(sum(r.flops_per_token() for r in routers)),
             "moe_layers": n_layers,
             "note": "router FLOPs are reported, not matched" if mode == "active_flops" else
@@ -215,8 +227,11 @@ def costs(spec: dict, blocks=None) -> dict:
     moe = dict(spec["moe"])
     if moe["d_hidden"] is None:
         moe["d_hidden"] = _dense_width(spec, _Ctx("<spec>"))
-    return dict(_moe_costs(json.dumps({"d_models": pr["d_models"], "moe": moe}, sort_keys=True),
-                           pr["rest_params"]))
+    out = dict(_moe_costs(json.dumps({"d_models": pr["d_models"], "moe": moe}, sort_keys=True),
+                          pr["rest_params"]))
+    if moe.get("mode") == "adapter":  # the dense MLPs stay: the branch adds to their work
+        out["mlp_flops_per_token"] += pr["dense_mlp_flops"]
+    return out
 
 
 @functools.cache
@@ -225,13 +240,18 @@ def _moe_costs(key: str, rest_params: int) -> dict:
     no init work such as ERMoE's SVD); a router that cannot be built there is built on the CPU."""
     import torch
 
+    from moebench.core.adapter import build_adapter_layer
     from moebench.core.layer import MoELayer
 
     cfg = json.loads(key)
     moe = cfg["moe"]
     total = active = flops = router_flops = 0.0
+    adapter = moe.get("mode") == "adapter"
     for d in cfg["d_models"]:
         def build(d=d):
+            if adapter:
+                return build_adapter_layer(d, moe["d_hidden"], moe["num_experts"], moe["router"],
+                                           moe["router_args"], moe["capacity_factor"])
             return MoELayer(d, moe["d_hidden"], moe["num_experts"], moe["router"], moe["router_args"],
                             moe["capacity_factor"])
         try:
@@ -240,7 +260,7 @@ def _moe_costs(key: str, rest_params: int) -> dict:
         except (RuntimeError, NotImplementedError):
             with torch.random.fork_rng():
                 layer = build()
-        total += sum(p.numel() for p in layer.parameters())
+        total += sum(p.numel() for p in layer.parameters())  # an adapter's alpha is in rest_params
         active += layer.active_params()
         flops += layer.flops_per_token()
         router_flops += layer.router.flops_per_token()
