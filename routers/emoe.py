@@ -16,6 +16,9 @@ start of every training forward; the only auxiliary loss is ``lambda_orth * ||Q^
 
 Left out on purpose: the authors' layer also keeps a second basis P and learnable log-eigenvalues;
 neither enters the logits, so they never affect routing (nor the output) and are omitted here.
+
+Stats: ``scores`` (the probabilities) and ``basis_overlap`` = ||Q0^T Q||_F^2 / r, the share of the
+basis's span at the first forward that it still holds (1: unmoved; r / d: random).
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from torch import Tensor, nn
 
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
+
+from ._eigen import subspace_overlap
 
 MODES = {"soft": None, "top1": 1, "top2": 2}
 
@@ -70,7 +75,13 @@ class EMoERouter(Router):
         self.gamma = nn.Parameter(torch.ones(self.rank))
         self.M = nn.Parameter(torch.randn(num_experts, self.rank))
         self.b = nn.Parameter(torch.zeros(num_experts))
+        # Q at the first forward (after any weight loading), saved with the model: the drift diagnostic
+        self.register_buffer("initial_basis", torch.zeros(d_model, self.rank), persistent=True)
+        self.register_buffer("basis_captured", torch.zeros((), dtype=torch.bool), persistent=True)
+        self._captured_flag = False
+        self._overlap_cache: Tensor | None = None
 
+    eval_at_start = True  # the trainer evaluates at step 0: the load before any learning
     def flops_per_token(self) -> float:
         """Projection 2*d*r, energies ~4r, logits 2*E*r (the E x r mixing matrix is per layer, not per token)."""
         return float(2 * self.d_model * self.rank + 4 * self.rank + 2 * self.num_experts * self.rank)
@@ -87,8 +98,15 @@ class EMoERouter(Router):
         return (q.T @ q - torch.eye(self.rank, device=q.device)).square().sum()
 
     def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:
+        if not self._captured_flag:  # one host read, at the first forward only
+            if not bool(self.basis_captured):
+                self.initial_basis.copy_(self.Q.detach())
+                self.basis_captured.fill_(True)
+            self._captured_flag = True
         if ctx.training:
             retract_qr(self.Q)
+        if not ctx.training or self._overlap_cache is None:
+            self._overlap_cache = subspace_overlap(self.initial_basis, self.Q)
         p = self.probs(x)
         if self.mode == "soft":
             idx = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
@@ -97,7 +115,7 @@ class EMoERouter(Router):
         else:
             w, idx = p.topk(self.top_k, dim=-1)  # not renormalised
         aux = {"orth": self.lambda_orth * self.orthogonality_loss()} if self.lambda_orth > 0 else {}
-        return topk_routing(idx, w, self.num_experts, aux_losses=aux, stats={"scores": p.detach()})
+        return topk_routing(idx, w, self.num_experts, aux_losses=aux, stats={"scores": p.detach(), "basis_overlap": self._overlap_cache})
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, mode={self.mode!r}, tau={self.tau}, lambda_orth={self.lambda_orth}"

@@ -266,10 +266,10 @@ def test_quick_covers_every_router_and_dense_on_the_three_tasks_with_two_seeds()
         assert routers == set(ROUTERS.builtin_names()) | {"dense"}, task
         assert {s["seed"] for s in mine} == {0, 1}
         labels = {s["label"] for s in mine}
-        assert {"ermoe-context", "ermoe-threshold"} <= labels
+        assert {"ermoe-ext-context", "ermoe-ext-threshold"} <= labels
         # FLOP-matched within the task: one expert FLOP count for every MoE run
         assert len({s["match"]["expert_flops_per_token"] for s in mine if s["moe"]}) == 1, task
-    ctx = next(s for s in specs if s["label"] == "ermoe-context")
+    ctx = next(s for s in specs if s["label"] == "ermoe-ext-context")
     assert ctx["moe"]["router_args"] == {"score": "context"}
-    thr = next(s for s in specs if s["label"] == "ermoe-threshold")
+    thr = next(s for s in specs if s["label"] == "ermoe-ext-threshold")
     assert thr["moe"]["router_args"]["free_experts"] and thr["moe"]["router_args"]["threshold"] > 0
