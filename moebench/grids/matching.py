@@ -131,6 +131,31 @@ def _router(name: str, d_model: int, num_experts: int, args: dict):
     return ROUTERS.get(name)(d_model=d_model, num_experts=num_experts, **copy.deepcopy(args))
 
 
+def _image_level(name: str) -> bool:
+    from moebench.core.registry import ROUTERS
+
+    return bool(getattr(ROUTERS.get(name), "image_level", False))
+
+
+def _image_level_costs(spec: dict) -> dict:
+    """An image-level model (ermoe-released): built for real (its parameters are E backbones, all of
+    which run per image). mlp_flops/tok: every expert's MLPs in every block; router: the score."""
+    from moebench.core.registry import TASKS
+
+    model_cfg = {k: v for k, v in spec["model"].items() if k not in ("pretrained", "pretrained_strict")}
+    import torch
+
+    with torch.random.fork_rng():
+        net = TASKS.get(spec["task"])(**spec["task_args"]).build_model(copy.deepcopy(model_cfg),
+                                                                         copy.deepcopy(spec["moe"]))
+    mlp = sum(2.0 * m.in_features * m.out_features for e in net.experts for blk in e.blocks
+              for m in blk.mlp.modules() if isinstance(m, torch.nn.Linear))
+    tokens = (net.router.num_patches or 0) + net.prefix
+    total = sum(p.numel() for p in net.parameters())
+    return {"params_total": int(total), "params_active": int(total), "mlp_flops_per_token": mlp,
+            "router_flops_per_token": net.router.flops_per_token() / max(tokens, 1)}
+
+
 def _width_fix(ref_width: int, ratios) -> str:
     """Reference widths near ``ref_width`` for which ``width * ratio`` is a multiple of 4 for every ratio."""
     def ok(w: int) -> bool:
@@ -150,6 +175,10 @@ def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
         moe = spec["moe"]
         if moe is None:
             spec["match"] = {"mode": mode, "dense": "keeps the model's own MLP width (not rescaled)"}
+            continue
+        if _image_level(moe["router"]):
+            spec["match"] = {"mode": mode, "note": f"{moe['router']}: every expert is a whole backbone copy, run "
+                                                  f"on every image; not width-matched (moe.d_hidden unused)"}
             continue
         pr = probe(spec, ctx=ctx)
         if moe["d_hidden"] is None:
@@ -225,6 +254,8 @@ def costs(spec: dict, blocks=None) -> dict:
                 "mlp_flops_per_token": pr["dense_mlp_flops"], "router_flops_per_token": 0.0,
                 "dense_hidden": "/".join(sorted({str(h) for h in pr["dense_hidden"]}))}
     moe = dict(spec["moe"])
+    if _image_level(moe["router"]):
+        return _image_level_costs(spec)
     if moe["d_hidden"] is None:
         moe["d_hidden"] = _dense_width(spec, _Ctx("<spec>"))
     out = dict(_moe_costs(json.dumps({"d_models": pr["d_models"], "moe": moe}, sort_keys=True),
