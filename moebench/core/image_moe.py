@@ -25,6 +25,8 @@ metrics.jsonl and the report treat it like any token-level layer.
 from __future__ import annotations
 
 import copy
+import logging
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +35,7 @@ from moebench.core.layer import MoELayer, expert_counts
 from moebench.core.routing import Router, topk_routing
 
 TIE_TOLERANCE = 1e-6
+log = logging.getLogger(__name__)
 
 
 def eigen_attention_score(x: Tensor, attn: Tensor) -> Tensor:
@@ -102,7 +105,7 @@ class _LastAttention:
     def __init__(self):
         self.probs: Tensor | None = None
 
-    def __call__(self, attn, args):
+    def __call__(self, attn: Any, args):
         x = args[0]
         B, N, _ = x.shape
         h = attn.num_heads
@@ -115,7 +118,7 @@ class _LastAttention:
 class ErmoeReleasedModel(nn.Module):
     """E backbone copies with their own heads, routed per image (see the module docstring)."""
 
-    def __init__(self, backbone: nn.Module, router: Router, threshold: float, free_experts: tuple[int, ...],
+    def __init__(self, backbone: Any, router: Router, threshold: float, free_experts: tuple[int, ...],
                  freeze_experts: bool = True, expert_noise: float = 0.0):
         super().__init__()
         for attr in ("forward_features", "blocks", "head"):
@@ -131,7 +134,7 @@ class ErmoeReleasedModel(nn.Module):
         self.experts = nn.ModuleList()
         std = {n: float(p.detach().float().std()) if p.numel() > 1 else 0.0 for n, p in backbone.named_parameters()}
         for e in range(self.num_experts):
-            expert = copy.deepcopy(backbone)
+            expert: Any = copy.deepcopy(backbone)
             expert.head.reset_parameters()  # each expert's own head (global RNG: seeded by the run)
             if expert_noise > 0:
                 g = torch.Generator().manual_seed(1000 + e)
@@ -147,16 +150,23 @@ class ErmoeReleasedModel(nn.Module):
         for expert, hook in zip(self.experts, self._hooks):
             expert.blocks[-1].attn.register_forward_pre_hook(hook)
         d = backbone.head.in_features
+        patches = getattr(getattr(backbone, "patch_embed", None), "num_patches", None)
+        if patches is not None and patches > d:
+            log.warning("ermoe-released: %d patches > d = %d: the patch Gram matrix is rank-deficient, so its "
+                        "null-space eigenvectors (and the score) are arbitrary", patches, d)
         self.routing = ImageRoutingRecord(router, d, float(router.flops_per_token()))
         self.num_classes = backbone.head.out_features
 
     def forward(self, x: Tensor) -> Tensor:
         logits, scores = [], []
+        expert: Any
         for expert, hook in zip(self.experts, self._hooks):
             feats = expert.forward_features(x)
             logits.append(expert.head(feats[:, 0]))  # the expert's own linear head on its CLS token
             p = self.prefix
-            scores.append(eigen_attention_score(feats[:, p:].detach(), hook.probs[:, p:, p:].detach()))
+            probs = hook.probs
+            assert probs is not None, "the last block's attention did not run"
+            scores.append(eigen_attention_score(feats[:, p:].detach(), probs[:, p:, p:].detach()))
             hook.probs = None
         S = torch.stack(scores, dim=1)  # (B, E): no gradient, as in the released code (heads train on logits)
         idx, fallback = select_experts(S, self.top_k, self.threshold, self.free_experts)
