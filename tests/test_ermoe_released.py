@@ -56,7 +56,7 @@ def test_identical_copies_tie_and_the_output_is_the_score_weighted_head_average(
     assert float(stats["tie"]) == 1.0                     # the faithful, degenerate case
     assert float(stats["fallback"]) == 1.0 or float(stats["fallback"]) == 0.0
     S = stats["scores"]
-    logits = torch.stack([e.head(e.forward_features(x)[:, 0]) for e in net.experts], 1)
+    logits = torch.stack([e.head(e.forward_features(x)[:, 0]) for e in net.experts], 1)  # CLS token (timm default)
     idx, _ = select_experts(S, 2, 0.5, (0,))
     w = S.gather(1, idx)
     w = w / w.sum(-1, keepdim=True)
@@ -93,3 +93,16 @@ def test_ermoe_released_refuses_to_sit_in_a_moe_layer():
         MoELayer(16, 32, 4, router="ermoe-released")
     with pytest.raises(ValueError, match="needs a ViT with forward_features"):
         apply_moe(torch.nn.Linear(3, 3), {"router": "ermoe-released", "num_experts": 2, "router_args": {}})
+
+
+def test_a_backbone_without_class_token_uses_its_own_pooling_and_routes_every_patch():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=16, patch_size=4,
+                            embed_dim=32, depth=2, num_heads=2, in_chans=1, class_token=False, global_pool="avg")
+    net = apply_moe(vit, {"router": "ermoe-released", "num_experts": 2, "router_args": {}})
+    assert net.prefix == 0
+    x = torch.randn(3, 1, 16, 16)
+    net(x)
+    e = net.experts[0]
+    feats = e.forward_features(x)
+    torch.testing.assert_close(net._head(e, feats), e.head(e.fc_norm(feats.mean(1))))  # timm: avg pool, fc_norm

@@ -157,12 +157,21 @@ class ErmoeReleasedModel(nn.Module):
         self.routing = ImageRoutingRecord(router, d, float(router.flops_per_token()))
         self.num_classes = backbone.head.out_features
 
+    def _head(self, expert: Any, feats: Tensor) -> Tensor:
+        """The expert's own linear head on its CLS token (timm: ``forward_head``, which pools as the
+        backbone is configured: a backbone without a class token, like the offline tiny ViT, averages)."""
+        if hasattr(expert, "forward_head"):
+            return expert.forward_head(feats)
+        if getattr(expert, "global_pool", "token") == "avg":
+            return expert.head(feats[:, self.prefix:].mean(1))
+        return expert.head(feats[:, 0])
+
     def forward(self, x: Tensor) -> Tensor:
         logits, scores = [], []
         expert: Any
         for expert, hook in zip(self.experts, self._hooks):
             feats = expert.forward_features(x)
-            logits.append(expert.head(feats[:, 0]))  # the expert's own linear head on its CLS token
+            logits.append(self._head(expert, feats))
             p = self.prefix
             probs = hook.probs
             assert probs is not None, "the last block's attention did not run"
