@@ -106,3 +106,22 @@ def test_a_backbone_without_class_token_uses_its_own_pooling_and_routes_every_pa
     e = net.experts[0]
     feats = e.forward_features(x)
     torch.testing.assert_close(net._head(e, feats), e.head(e.fc_norm(feats.mean(1))))  # timm: avg pool, fc_norm
+
+
+def test_grid_show_costs_count_every_backbone_copy(tmp_path):
+    import yaml
+
+    from moebench.grids import expand as expand_mod
+    from moebench.grids.matching import costs
+
+    grid = {"name": "rel", "task": "classification", "preset": "tiny", "seeds": [0],
+            "moe": {"blocks": "last-2", "num_experts": 3},
+            "routers": ["dense", "softmax-topk", "ermoe-released"]}
+    path = tmp_path / "rel.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    dense, _, rel = expand_mod.expand(str(path))
+    assert "not width-matched" in rel["match"]["note"]
+    c_dense, c_rel = costs(dense, blocks="all"), costs(rel)
+    assert c_rel["params_total"] == c_rel["params_active"] == 3 * c_dense["params_total"]
+    assert c_rel["mlp_flops_per_token"] == 3 * c_dense["mlp_flops_per_token"]  # all blocks of all copies
+    assert c_rel["router_flops_per_token"] > 0
