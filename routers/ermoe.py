@@ -10,11 +10,18 @@ Expert e (first layer in a learned orthonormal eigenbasis, second layer dense):
     fc1_e(x) = U_e diag(s_e) V_e^T x + b1_e      V_e (d x m), U_e (h x m) orthonormal columns, m = min(d, h)
     y_e(x)   = act(fc1_e(x)) W2_e + b2_e
 
-Routing basis B_e = V_e[:, :r] (``route_rank`` r, default max(8, d // E), capped at m). Score S (T, E):
+Routing basis B_e = V_e[:, :r] (``route_rank`` r, default max(8, d // E), capped at m - 1; r >= m is
+refused: B_e would be the expert's whole eigenbasis, and with m = d the subspace score is identically 1).
+Upcycling gives every expert the same SVD, so each expert's columns are then rotated so that expert e
+routes on its own slice e*r .. e*r + r - 1 (mod m) of the dense eigen-directions; V, s and U are
+permuted together, so the expert's function stays exactly the dense MLP's. Score S (T, E):
 
     subspace  S_e = ||B_e^T x|| / ||x||                            cosine of x with span(B_e), in [0, 1]
     context   S_e = cos(B_e^T x, B_e^T c)                          c = the token's attention output
     weighted  S_e = ||diag(|s_e[:r]|) B_e^T x|| / (max|s_e[:r]| ||x||)   in [0, 1]
+
+The ``context`` score and the threshold / free-expert selection are THIS SUITE'S EXTENSIONS, not in the
+abstract (grid labels carry ``-ext``); the abstract's method is the ``subspace`` score with plain top-k.
 
 Selection: experts with S >= ``threshold`` are candidates, keep the top-k of them; if fewer than k
 qualify, fill first with ``free_experts`` (highest score first), then with the highest remaining
@@ -26,7 +33,14 @@ only auxiliary loss is ``orth`` with ``ortho="penalty"``.
 Stats: ``scores`` (T, E), ``top1`` (the first choice, which a free expert can take), ``fallback``
 (share of tokens with fewer than k candidates) and ``ortho_error`` = max_e ||V_e^T V_e - I||_F,
 measured in every evaluation forward (training forwards reuse the last value, except ``penalty``
-which gets it free from its loss).
+which gets it free from its loss), and ``basis_overlap`` = mean_e ||B0_e^T B_e||_F^2 / r, the share of
+each routing basis's initial span it still holds (1: the basis has not moved; r / d: a random one). B0
+is taken at the first forward (after upcycling or loading weights) and saved with the model. An
+evaluation runs at step 0, so the load before any learning is logged.
+
+Controls: ``freeze_basis`` routes on B0 for the whole run (a fixed projection: random at fresh init, the
+dense eigen-directions when upcycled) while the experts still learn; ``eigen_lr_scale`` trains V, U and
+s at that multiple of the run's learning rate.
 
 Cost: the score is 2*E*d*r FLOPs per token (counted in ``flops_per_token``). On CPU the backward
 only runs over the k chosen pairs. The eigen experts apply fc1 factored (an extra d*m multiply-add
@@ -47,6 +61,8 @@ from torch.nn.utils.parametrizations import orthogonal
 from moebench.core.experts import Experts, activation_fn, grouped_matmul
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
+
+from ._eigen import scale_lr, subspace_overlap
 
 ORTHO_CHOICES = ("qr", "cayley", "matrix_exp", "penalty")
 SCORE_CHOICES = ("subspace", "context", "weighted")
@@ -86,6 +102,7 @@ class EigenExperts(Experts):
         self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model))
         self.use_grouped_mm = True
+        self.routing_stride = 0  # set by the router: load_dense staggers each expert's leading columns by it
         if init:
             self.reset_parameters()
 
@@ -171,6 +188,19 @@ class EigenExperts(Experts):
         b2 = fc2_bias if fc2_bias is not None else fc2_weight.new_zeros(self.d_model)
         self._set_dense(fc1_weight.t().unsqueeze(0).expand(E, -1, -1), b1.expand(E, -1),
                         fc2_weight.t().unsqueeze(0).expand(E, -1, -1), b2.expand(E, -1))
+        if self.routing_stride:
+            self.stagger_columns(self.routing_stride)
+
+    @torch.no_grad()
+    def stagger_columns(self, stride: int) -> None:
+        """Rotate expert e's SVD columns by e * stride (V, s and U together: the function is unchanged),
+        so identical experts lead with different eigen-directions (expert e: e*stride .. mod m)."""
+        m = self.rank
+        perm = torch.stack([torch.roll(torch.arange(m), -(e * stride) % m) for e in range(self.num_experts)])
+        for name in ("V", "U"):
+            value = getattr(self, name).detach()
+            self._assign(name, torch.gather(value, 2, perm.unsqueeze(1).expand_as(value).to(value.device)))
+        self.s.copy_(torch.gather(self.s, 1, perm.to(self.s.device)))
 
     # --- forward ----------------------------------------------------------------------------------
     def uses_factored(self, num_rows: int) -> bool:
@@ -193,7 +223,8 @@ class EigenExperts(Experts):
                 f"rank={self.rank}, fc1_mode={self.fc1_mode!r}")
 
 
-@register_router("ermoe", "eigenbasis-score routing over orthonormally reparameterised experts, no balance loss (ERMoE, reconstruction)")
+@register_router("ermoe", "eigenbasis-score routing over orthonormally reparameterised experts, no balance loss (ERMoE "
+                          "reconstruction from the abstract; score=context and threshold/free_experts are this suite's extensions)")
 class ErMoERouter(Router):
     """ERMoE (arXiv 2511.10971, CVPR 2026), reconstructed from the abstract; see the module docstring.
 
@@ -204,7 +235,8 @@ class ErMoERouter(Router):
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, ortho: str = "qr",
                  lambda_orth: float = 5e-4, route_rank: int | None = None, score: str = "subspace",
                  threshold: float = 0.0, free_experts: list[int] | None = None, weights: str = "normalized",
-                 temperature: float = 0.7, fc1_mode: str = "auto"):
+                 temperature: float = 0.7, fc1_mode: str = "auto", freeze_basis: bool = False,
+                 eigen_lr_scale: float = 1.0):
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
             raise ValueError(f"ermoe option top_k must be an integer, got {top_k!r}")
         super().__init__(d_model, num_experts, int(top_k))
@@ -222,16 +254,23 @@ class ErMoERouter(Router):
                 f"use 0.0 for plain top-k"
             )
         if route_rank is not None and (isinstance(route_rank, bool) or not isinstance(route_rank, numbers.Integral)
-                                       or not 1 <= route_rank <= d_model):
+                                       or not 1 <= route_rank < d_model):
             raise ValueError(
-                f"ermoe option route_rank must be an integer in [1, d_model={d_model}] or None "
-                f"(default max(8, d_model // num_experts)), got {route_rank!r}"
+                f"ermoe option route_rank must be an integer in [1, d_model={d_model}) or None "
+                f"(default max(8, d_model // num_experts)), got {route_rank!r}: at r = d_model the routing "
+                f"basis spans every token, so the subspace score is identically 1"
             )
+        if not isinstance(freeze_basis, bool):
+            raise ValueError(f"ermoe option freeze_basis must be true or false, got {freeze_basis!r}")
+        if not _is_real(eigen_lr_scale) or not eigen_lr_scale > 0:
+            raise ValueError(f"ermoe option eigen_lr_scale must be a number > 0 (x the run's lr for V, U, s), "
+                             f"got {eigen_lr_scale!r}")
+        self.freeze_basis, self.eigen_lr_scale = freeze_basis, float(eigen_lr_scale)
         self.lambda_orth = float(lambda_orth)
         self.temperature = float(temperature)
         self.threshold = float(threshold)
         self.route_rank_option = route_rank
-        self.route_rank = int(route_rank) if route_rank is not None else min(d_model, max(8, d_model // num_experts))
+        self.route_rank = int(route_rank) if route_rank is not None else min(d_model - 1, max(8, d_model // num_experts))
         self.free_experts = self._check_free(free_experts, num_experts)
         free_mask = torch.zeros(num_experts, dtype=torch.bool)
         free_mask[list(self.free_experts)] = True
@@ -239,7 +278,13 @@ class ErMoERouter(Router):
         self.needs_context = self.score == "context"
         self._experts_ref: list[EigenExperts] = []  # plain list: not a submodule, no duplicate state
         self._ortho_cache: Tensor | None = None
+        self._overlap_cache: Tensor | None = None
+        # B0: the routing bases at the first forward (drift diagnostic; the frozen-basis control routes on it)
+        # (sized in wrap_experts; saved with the model so a resumed run measures drift from the same B0)
+        self.register_buffer("initial_basis", torch.zeros(0), persistent=True)
+        self.register_buffer("basis_captured", torch.zeros((), dtype=torch.bool), persistent=True)
 
+    eval_at_start = True  # the trainer evaluates at step 0: the load before any learning
     @staticmethod
     def _check_free(free_experts, num_experts: int) -> tuple[int, ...]:
         if free_experts is None:
@@ -264,17 +309,27 @@ class ErMoERouter(Router):
                 f"d_model={getattr(experts, 'd_model', None)}, num_experts={getattr(experts, 'num_experts', None)}"
             )
         eig = EigenExperts.from_experts(experts, fc1_mode=self.fc1_mode)
-        if self.route_rank > eig.rank:
-            if self.route_rank_option is not None:
+        if self.route_rank >= eig.rank:
+            if self.route_rank_option is not None or eig.rank < 2:
                 raise ValueError(
-                    f"ermoe option route_rank={self.route_rank_option} exceeds the eigenbasis size m=min(d_model, "
-                    f"d_hidden)={eig.rank}; choose route_rank <= {eig.rank}"
+                    f"ermoe option route_rank={self.route_rank} exceeds the eigenbasis size m=min(d_model, "
+                    f"d_hidden)={eig.rank} or equals it (the routing basis would be the expert's whole "
+                    f"eigenbasis, the same span for every expert when m = d_model); choose route_rank < {eig.rank}"
                 )
-            self.route_rank = eig.rank
+            self.route_rank = eig.rank - 1
+        self.initial_basis = torch.zeros(self.num_experts, self.d_model, self.route_rank, device=eig.V.device)
+        eig.routing_stride = self.route_rank  # upcycling: expert e routes on its own slice of the dense SVD
+        scale_lr((eig.V, eig.U, eig.s), self.eigen_lr_scale)
         if self.ortho in ("cayley", "matrix_exp"):
             eig.parametrize_orthogonal(self.ortho)
         self._experts_ref = [eig]
         return eig
+
+    def _captured(self) -> bool:
+        # one host read of the buffer (it may come from a checkpoint), then a Python flag: no sync per forward
+        if not getattr(self, "_captured_flag", False):
+            self._captured_flag = bool(self.basis_captured)
+        return self._captured_flag
 
     @property
     def eigen_experts(self) -> EigenExperts:
@@ -298,6 +353,8 @@ class ErMoERouter(Router):
 
     # --- routing ----------------------------------------------------------------------------------
     def _basis(self, V: Tensor | None = None) -> Tensor:
+        if self.freeze_basis and self._captured():
+            return self.initial_basis  # the fixed-projection control
         V = self.eigen_experts.V if V is None else V
         return V[..., : self.route_rank].float()  # (E, d, r): B_e = the first r eigen-directions
 
@@ -366,6 +423,10 @@ class ErMoERouter(Router):
         context = ctx.context if self.score == "context" else None
         self._check_context(context)
         V = eig.V  # one access: a parametrised basis is computed once per forward here
+        if not self._captured():
+            self.initial_basis.copy_(V[..., : self.route_rank].detach())
+            self.basis_captured.fill_(True)
+            self._captured_flag = True
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, V, eig.s, context))
         # On CPU the projection's FLOPs dominate, so the backward runs over the chosen pairs only; on a
@@ -395,11 +456,14 @@ class ErMoERouter(Router):
             self._ortho_cache = err_v.detach().max().sqrt()
         elif not ctx.training or self._ortho_cache is None:
             self._ortho_cache = self._ortho_error_stat(V)
+        if not ctx.training or self._overlap_cache is None:
+            self._overlap_cache = subspace_overlap(self.initial_basis, V[..., : self.route_rank])
         stats = {
             "scores": S.detach(),
             "top1": idx[:, 0].detach(),
             "fallback": fallback.float().mean(),
             "ortho_error": self._ortho_cache,
+            "basis_overlap": self._overlap_cache,
         }
         return topk_routing(idx, w, self.num_experts, aux_losses=aux, stats=stats)
 
@@ -417,7 +481,8 @@ class ErMoERouter(Router):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, score={self.score!r}, ortho={self.ortho!r}, route_rank={self.route_rank}, "
-                f"threshold={self.threshold}, free_experts={list(self.free_experts)}, weights={self.weights!r}")
+                f"threshold={self.threshold}, free_experts={list(self.free_experts)}, weights={self.weights!r}, "
+                f"freeze_basis={self.freeze_basis}, eigen_lr_scale={self.eigen_lr_scale}")
 
 
 def _is_real(v) -> bool:

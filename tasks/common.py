@@ -7,8 +7,14 @@ from torch import Tensor, nn
 
 
 def apply_moe(net: nn.Module, moe: dict | None, **extra) -> nn.Module:
-    """MoE-fy ``net`` in place with the run spec's ``moe`` section (None = dense baseline)."""
+    """MoE-fy ``net`` in place with the run spec's ``moe`` section (None = dense baseline). An
+    image-level router (``ermoe-released``) instead returns its own model built around ``net``."""
     if moe is not None:
+        from moebench.core.registry import ROUTERS
+
+        router_cls = ROUTERS.get(moe["router"])
+        if getattr(router_cls, "image_level", False):
+            return router_cls.build_model(net, moe)
         from moebench.core.moefy import moefy
 
         moefy(net, **{**moe, **extra})

@@ -142,7 +142,8 @@ def test_state_dict_holds_the_eigen_experts_once_and_deepcopy_keeps_the_link():
     layer = MoELayer(8, 16, 4, router="ermoe")
     keys = list(layer.state_dict())
     assert sorted(k for k in keys if k.endswith((".V", ".U", ".s"))) == ["experts.U", "experts.V", "experts.s"]
-    assert not any(k.startswith("router.") for k in keys)
+    # the router's only state: the snapshot B0 of the routing bases (drift diagnostic), a buffer
+    assert sorted(k for k in keys if k.startswith("router.")) == ["router.basis_captured", "router.initial_basis"]
     assert sum(p.numel() for p in layer.router.parameters()) == 0
     clone = copy.deepcopy(layer)
     assert clone.router.eigen_experts is clone.experts
@@ -345,7 +346,9 @@ def test_deterministic_with_a_fixed_seed():
     ({"temperature": 0}, r"temperature must be a number > 0"),
     ({"threshold": 1.5}, r"threshold must be a number in \[-1, 1\]"),
     ({"lambda_orth": -1.0}, r"lambda_orth must be a number >= 0"),
-    ({"route_rank": 0}, r"route_rank must be an integer in \[1, d_model=8\]"),
+    ({"route_rank": 0}, r"route_rank must be an integer in \[1, d_model=8\)"),
+    ({"route_rank": 8}, r"route_rank must be .* identically 1"),
+    ({"eigen_lr_scale": 0}, r"eigen_lr_scale must be a number > 0"),
     ({"route_rank": 2.5}, r"route_rank must be an integer"),
     ({"free_experts": [4]}, r"free_experts has 4: every entry must be an expert index in \[0, 3\]"),
     ({"free_experts": [1, 1]}, r"free_experts lists an expert twice"),
@@ -361,8 +364,10 @@ def test_bad_options_raise_clear_errors(kwargs, match):
 def test_route_rank_above_the_eigenbasis_size_is_refused_and_the_default_is_capped():
     with pytest.raises(ValueError, match=r"route_rank=12 exceeds the eigenbasis size m=.*8"):
         MoELayer(16, 8, 2, router="ermoe", router_args={"route_rank": 12})
-    layer = MoELayer(16, 4, 2, router="ermoe")  # default max(8, 16 // 2) = 8 > m = 4
-    assert layer.router.route_rank == 4
+    with pytest.raises(ValueError, match=r"route_rank=8 exceeds the eigenbasis size m=.*8 or equals it"):
+        MoELayer(16, 8, 2, router="ermoe", router_args={"route_rank": 8})
+    layer = MoELayer(16, 4, 2, router="ermoe")  # default max(8, 16 // 2) = 8 >= m = 4: one below m
+    assert layer.router.route_rank == 3
     assert ErMoERouter(64, 4).route_rank == 16 and ErMoERouter(16, 8).route_rank == 8
 
 
@@ -389,3 +394,72 @@ def test_cost_counts_the_score_and_the_eigen_parameters():
     assert ctx_layer.router.flops_per_token() > 1.9 * layer.router.flops_per_token()
     plain = MoELayer(32, 64, 4, router="softmax-topk")
     assert layer.experts.params_per_expert() == plain.experts.params_per_expert() + 32 * 32 + 32
+
+
+# --- corrections of the reconstruction (issue: ERMoE as its authors ran it) -----------------------
+def _upcycled(d=16, h=32, E=4, **args):
+    torch.manual_seed(5)
+    fc1, fc2 = nn.Linear(d, h), nn.Linear(h, d)
+    layer = MoELayer(d, h, E, router="ermoe", router_args=args)
+    layer.experts.load_dense(fc1.weight.detach(), fc1.bias.detach(), fc2.weight.detach(), fc2.bias.detach())
+    return layer, fc1, fc2
+
+
+def test_upcycled_experts_route_on_different_slices_and_stay_the_dense_mlp():
+    layer, fc1, fc2 = _upcycled(route_rank=4)
+    x = torch.randn(3, 20, 16)
+    torch.testing.assert_close(layer(x), fc2(F.gelu(fc1(x))), atol=1e-5, rtol=1e-5)  # function exact
+    S = layer.stats["scores"]
+    assert (S.max(-1).values - S.min(-1).values > 1e-3).all()  # no token sees all experts tie
+    assert len(set(layer.stats["top1"].tolist())) > 1
+    # expert e leads with dense eigen-directions e*4 .. e*4 + 3
+    V = layer.experts.V.detach()
+    u_dense = torch.linalg.svd(fc1.weight.detach().t(), full_matrices=False)[0]
+    for e in range(4):
+        overlap = (u_dense[:, 4 * e: 4 * e + 4].T @ V[e, :, :4]).square().sum() / 4
+        assert overlap > 0.999
+
+
+def test_basis_overlap_starts_at_one_and_falls_as_the_basis_learns():
+    layer, _, _ = _upcycled(route_rank=4)
+    x = torch.randn(4, 8, 16)
+    layer.eval()
+    layer(x)
+    assert float(layer.stats["basis_overlap"]) == pytest.approx(1.0, abs=1e-5)
+    layer.train()
+    opt = torch.optim.SGD(layer.parameters(), lr=50.0)  # the basis barely moves at sane rates (docs/ERMOE.md)
+    for _ in range(5):
+        loss = layer(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        layer.after_step()
+    layer.eval()
+    layer(x)
+    assert 0.0 < float(layer.stats["basis_overlap"]) < 1.0 - 1e-4
+
+
+def test_frozen_basis_routes_on_the_initial_projection():
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, router="ermoe", router_args={"freeze_basis": True, "route_rank": 4})
+    x = torch.randn(4, 8, 16)
+    layer.eval()
+    layer(x)
+    s0 = layer.stats["scores"].clone()
+    with torch.no_grad():
+        layer.experts.V.copy_(torch.linalg.qr(torch.randn_like(layer.experts.V))[0])
+    layer(x)
+    torch.testing.assert_close(layer.stats["scores"], s0)  # the experts moved, the routing did not
+    assert float(layer.stats["basis_overlap"]) < 0.9
+
+
+def test_eigen_lr_scale_gives_the_eigen_parameters_their_own_group():
+    from moebench.training.train import param_groups
+
+    layer = MoELayer(16, 32, 4, router="ermoe", router_args={"eigen_lr_scale": 0.1})
+    groups = param_groups(layer, 0.05, lr=1e-3)
+    scaled = [g for g in groups if "lr" in g]
+    assert {id(p) for g in scaled for p in g["params"]} == {id(layer.experts.V), id(layer.experts.U), id(layer.experts.s)}
+    assert all(g["lr"] == pytest.approx(1e-4) for g in scaled)
+    plain = param_groups(MoELayer(16, 32, 4, router="ermoe"), 0.05, lr=1e-3)
+    assert len(plain) == 2 and all("lr" not in g for g in plain)

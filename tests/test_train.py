@@ -333,3 +333,17 @@ def test_cli_train_runs_and_rejects_bad_overrides(tmp_path, capsys):
     assert spec["moe"]["num_experts"] == 4  # the toy preset's moe default
     assert main(["train", "--task", "toy", "--set", "trian.lr=1", "--results", str(tmp_path)]) == 2
     assert "unknown top-level key 'trian' (did you mean 'train'?)" in capsys.readouterr().err
+
+
+def test_eigenbasis_routers_log_the_load_at_step_0_and_basis_drift(tmp_path):
+    lines = {}
+    for router in ("ermoe", "softmax-topk"):
+        spec = make_spec(router, steps=6, eval_every=6, checkpoint_every=0)
+        train(task_for(spec), spec, tmp_path / router, progress=False)
+        lines[router] = records.read_jsonl(tmp_path / router / "metrics.jsonl")
+    first, last = lines["ermoe"][0], lines["ermoe"][-1]
+    assert [line["step"] for line in lines["ermoe"]] == [0, 6]  # the load before any learning
+    assert first["train_loss"] is None and first["routing"]["mean"]["load_cv"] is not None
+    assert first["routing"]["mean"]["router_basis_overlap"] == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 < last["routing"]["mean"]["router_basis_overlap"] < 1.0
+    assert [line["step"] for line in lines["softmax-topk"]] == [6]  # other routers: unchanged

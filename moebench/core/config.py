@@ -99,6 +99,12 @@ class MoEConfig:
     shared_expert_gate: bool = option(False, "bool", doc="scale the shared experts by sigmoid(x w) (Qwen2-MoE)")
     null_experts: int = option(0, "int", minimum=0, maximum=MAX_EXPERTS,
                                doc="zero / copy / constant experts added to the router's pool (MoE++)")
+    mode: str = option("replace", "choice", choices=("replace", "adapter"),
+                       doc="replace: MoE takes the MLP's place; adapter: x + alpha * MoE(x) after the block "
+                           "(bottleneck experts d -> d_hidden -> d, GELU, no bias; d_hidden null: d / 4)")
+    patches_only: bool = option(False, "bool", doc="adapter mode: CLS / register tokens bypass the MoE branch")
+    freeze_backbone: bool = option(False, "bool", doc="train only the MoE layers (and adapter alphas) and the head")
+    train_norms: bool = option(False, "bool", doc="with freeze_backbone: the LayerNorms train too")
 
 
 @dataclass

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from moebench.core.adapter import ADAPTER_ACTIVATION, MODES, AdapterHook, AdapterMoE, build_adapter_layer, prefix_tokens
+from moebench.core.adapter import freeze_backbone as freeze_backbone_fn
 from moebench.core.config import MoEConfig, defaults
 from moebench.core.experts import ACTIVATIONS
 from moebench.core.layer import MoELayer
@@ -320,12 +322,29 @@ def moefy(
     shared_expert_gate: bool = _MOE_DEFAULTS["shared_expert_gate"],
     null_experts: int = _MOE_DEFAULTS["null_experts"],
     capacity_policy: str = _MOE_DEFAULTS["capacity_policy"],
+    mode: str = _MOE_DEFAULTS["mode"],
+    patches_only: bool = _MOE_DEFAULTS["patches_only"],
+    freeze_backbone: bool = _MOE_DEFAULTS["freeze_backbone"],
+    train_norms: bool = _MOE_DEFAULTS["train_norms"],
 ) -> MoefyResult:
     """Replace the MLPs of the chosen blocks (``blocks`` applied per tower) by MoELayers, in place.
 
     Returns the replaced modules' names (``model.get_submodule(name)`` is the MoELayer) with ``.notes``.
     ``d_hidden`` None keeps the dense MLP width; ``upcycle`` copies the dense MLP into every expert
-    (only possible at the dense width; otherwise experts start fresh and a note says so)."""
+    (only possible at the dense width; otherwise experts start fresh and a note says so).
+    ``mode="adapter"`` keeps the MLPs and adds a residual MoE branch after each chosen block instead
+    (``moebench.core.adapter``; the names returned are then ``<block>.moe_adapter.moe``);
+    ``freeze_backbone`` leaves only the MoE layers and the head trainable."""
+    if mode not in MODES:
+        raise ValueError(f"moefy mode must be one of {MODES}, got {mode!r}")
+    if mode == "adapter":
+        return _moefy_adapter(model, blocks, num_experts, router, router_args, d_hidden, capacity_factor, upcycle,
+                              activation, tower, patches_only, freeze_backbone, train_norms,
+                              shared_experts=shared_experts, shared_expert_gate=shared_expert_gate,
+                              null_experts=null_experts, capacity_policy=capacity_policy)
+    if patches_only:
+        raise ValueError("moefy patches_only=True applies to mode='adapter' only (a replaced MLP must process "
+                         "every token); set mode: adapter or patches_only: false")
     if d_hidden is not None and (isinstance(d_hidden, bool) or not isinstance(d_hidden, int) or d_hidden < 1):
         raise ValueError(f"moefy d_hidden must be a positive integer or None (the dense MLP width), got {d_hidden!r}")
     if not isinstance(upcycle, bool):
@@ -415,4 +434,59 @@ def moefy(
         names.notes.append(f"{note} ({shown})")
     for note in names.notes:
         log.warning("moefy: %s", note)
+    if freeze_backbone:
+        _freeze(model, train_norms)
     return names
+
+
+def _moefy_adapter(model, blocks, num_experts, router, router_args, d_hidden, capacity_factor, upcycle, activation,
+                   tower, patches_only, freeze, train_norms, **layer_options) -> MoefyResult:
+    """Adapter mode: a residual MoE branch (``moe_adapter``) after each chosen block, hooked in."""
+    if upcycle:
+        raise ValueError("moefy upcycle=True needs mode='replace': an adapter branch has no dense MLP to copy "
+                         "(it starts fresh; with alpha = 1 and a frozen backbone that is EMoE's setting)")
+    if activation is not None and activation != ADAPTER_ACTIVATION:
+        raise ValueError(f"adapter experts use {ADAPTER_ACTIVATION!r} (EMoE's bottleneck); got activation={activation!r}")
+    plan = []
+    for s in _select_stacks(model, tower):
+        where = f"the {s.tower} tower" if s.tower != "model" else type(model).__name__
+        prefix = prefix_tokens(model, s.tower) if patches_only else 0
+        for i in select_blocks(blocks, len(s.blocks), where=where):
+            block, name = s.blocks[i], f"{s.prefix}.{i}"
+            if hasattr(block, "moe_adapter"):
+                raise ValueError(f"{name} already has a moe_adapter: moefy a model only once")
+            d_model = _block_width(block, name)
+            layer = build_adapter_layer(d_model, d_hidden, num_experts, router, router_args, capacity_factor,
+                                        **layer_options)
+            plan.append((s, i, block, name, AdapterMoE(layer, prefix, seq_first=not s.batch_first)))
+    names = MoefyResult()
+    for s, i, block, name, adapter in plan:
+        ref = next(iter(block.parameters()), None)
+        if ref is not None:
+            adapter.to(ref.device)
+        adapter.train(block.training)
+        block.moe_adapter = adapter
+        layer = adapter.moe
+        layer.tower, layer.block_index = s.tower, i  # type: ignore[assignment]
+        block.register_forward_hook(AdapterHook(adapter))
+        if layer.router.needs_context:
+            _attention(block, name).register_forward_hook(_ContextHook(layer, seq_first=False))
+        names.append(f"{name}.moe_adapter.moe")
+    if freeze:
+        _freeze(model, train_norms)
+    return names
+
+
+def _block_width(block: nn.Module, name: str) -> int:
+    mlp = getattr(block, "mlp", None)
+    fc1 = getattr(mlp, "fc1", None) or getattr(mlp, "c_fc", None)
+    if isinstance(fc1, nn.Linear):
+        return fc1.in_features
+    if isinstance(mlp, MoELayer):
+        return mlp.d_model
+    raise ValueError(f"block {name} ({type(block).__name__}): cannot tell its width (no mlp.fc1 / mlp.c_fc)")
+
+
+def _freeze(model: nn.Module, train_norms: bool) -> None:
+    trainable = freeze_backbone_fn(model, train_norms)
+    log.info("moefy: frozen backbone, %d parameters train", trainable)

@@ -93,6 +93,7 @@ def expand_with_pretrain(grid: str | os.PathLike | dict, results=DEFAULT_RESULTS
                         **{k: copy.deepcopy(moe[k]) for k in MOE_KEYS
                            if k not in ("blocks", "num_experts", "d_hidden", "capacity_factor", "upcycle")},
                     }
+                    moe_spec.update({k: copy.deepcopy(moe[k]) for k in MOE_KEYS if k not in moe_spec})
                 for seed in g["seeds"]:
                     run_model = copy.deepcopy(model)
                     if block["pretrain"] is not None:

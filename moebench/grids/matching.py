@@ -17,7 +17,8 @@ def _probe_cached(key: str) -> dict:
 
     cfg = json.loads(key)
     moe = {"blocks": cfg["blocks"], "num_experts": cfg["num_experts"], "router": REFERENCE_ROUTER,
-           "router_args": {"top_k": 1}, "d_hidden": WIDTH_MULTIPLE, "capacity_factor": None, "upcycle": False}
+           "router_args": {"top_k": 1}, "d_hidden": WIDTH_MULTIPLE, "capacity_factor": None, "upcycle": False,
+           "mode": cfg.get("mode", "replace")}
     # weights do not change shapes: never load a checkpoint (or reach a hub) just to measure
     model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("pretrained", "pretrained_strict")}
     notes = []
@@ -78,6 +79,7 @@ def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
         modules = dict(dense_model.named_modules())
         dense_flops, dense_hidden = 0.0, []
         for n in names:
+            n = n.replace(".moe_adapter.moe", ".mlp")  # adapter mode: the block's own MLP stays
             linears = [m for m in modules[n].modules() if isinstance(m, torch.nn.Linear)] if n in modules else []
             dense_flops += sum(2.0 * m.in_features * m.out_features for m in linears)
             dense_hidden.append(linears[0].out_features if linears else None)
@@ -89,7 +91,15 @@ def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
 
 
 def _dense_width(spec: dict, ctx: _Ctx) -> int:
-    """The dense MLP width in the MoE blocks: what ``moe.d_hidden: null`` means."""
+    """The dense MLP width in the MoE blocks: what ``moe.d_hidden: null`` means (adapter mode: d / 4)."""
+    if spec["moe"].get("mode") == "adapter":
+        from moebench.core.adapter import adapter_width
+
+        widths = {adapter_width(d, None) for d in probe(spec)["d_models"]}
+        if len(widths) != 1:
+            raise ctx.error("moe.d_hidden", f"null means d / 4 in adapter mode, but the blocks have widths "
+                                            f"{sorted(widths)}; set moe.d_hidden to an integer")
+        return widths.pop()
     widths = set(probe(spec)["dense_hidden"])
     if len(widths) != 1 or None in widths:
         raise ctx.error("moe.d_hidden", f"null means the dense MLP's width, but the MLPs of blocks "
@@ -107,7 +117,8 @@ def probe(spec: dict, blocks=None, ctx: _Ctx | None = None) -> dict:
     model = {k: v for k, v in spec["model"].items() if k not in ("pretrained", "pretrained_strict")}  # shapes only
     key = json.dumps({"task": spec["task"], "task_args": spec["task_args"], "model": model,
                       "blocks": moe.get("blocks", blocks if blocks is not None else "all"),
-                      "num_experts": moe.get("num_experts", 2)}, sort_keys=True)
+                      "num_experts": moe.get("num_experts", 2), "mode": moe.get("mode", "replace")},
+                     sort_keys=True)
     try:
         return _probe_cached(key)
     except GridError:
@@ -124,6 +135,31 @@ def _router(name: str, d_model: int, num_experts: int, args: dict):
     from moebench.core.registry import ROUTERS
 
     return ROUTERS.get(name)(d_model=d_model, num_experts=num_experts, **copy.deepcopy(args))
+
+
+def _image_level(name: str) -> bool:
+    from moebench.core.registry import ROUTERS
+
+    return bool(getattr(ROUTERS.get(name), "image_level", False))
+
+
+def _image_level_costs(spec: dict) -> dict:
+    """An image-level model (ermoe-released): built for real (its parameters are E backbones, all of
+    which run per image). mlp_flops/tok: every expert's MLPs in every block; router: the score."""
+    from moebench.core.registry import TASKS
+
+    model_cfg = {k: v for k, v in spec["model"].items() if k not in ("pretrained", "pretrained_strict")}
+    import torch
+
+    with torch.random.fork_rng():
+        net = TASKS.get(spec["task"])(**spec["task_args"]).build_model(copy.deepcopy(model_cfg),
+                                                                         copy.deepcopy(spec["moe"]))
+    mlp = sum(2.0 * m.in_features * m.out_features for e in net.experts for blk in e.blocks
+              for m in blk.mlp.modules() if isinstance(m, torch.nn.Linear))
+    tokens = (net.router.num_patches or 0) + net.prefix
+    total = sum(p.numel() for p in net.parameters())
+    return {"params_total": int(total), "params_active": int(total), "mlp_flops_per_token": mlp,
+            "router_flops_per_token": net.router.flops_per_token() / max(tokens, 1)}
 
 
 def _width_fix(ref_width: int, ratios) -> str:
@@ -146,6 +182,10 @@ def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
         mode = spec.get("_match_mode") or grid_mode  # a router entry's own match: overrides the grid's
         if moe is None:
             spec["match"] = {"mode": mode, "dense": "keeps the model's own MLP width (not rescaled)"}
+            continue
+        if _image_level(moe["router"]):
+            spec["match"] = {"mode": mode, "note": f"{moe['router']}: every expert is a whole backbone copy, run "
+                                                  f"on every image; not width-matched (moe.d_hidden unused)"}
             continue
         pr = probe(spec, ctx=ctx)
         if moe["d_hidden"] is None:
@@ -190,6 +230,7 @@ def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
                                             f"or use match: none")
         moe["d_hidden"] = int(width)
         n_layers = len(pr["d_models"])
+        bias = 0 if moe.get("mode") == "adapter" else 1  # adapter experts have no biases
         spec["match"] = {
             "mode": mode,
             "reference": reference,
@@ -197,8 +238,8 @@ def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
             "d_hidden": int(width),
             "expert_flops_per_token": float(sum(float(a * _gated_factor(moe)) * 4 * d * int(width)
                                                 for d in pr["d_models"])),
-            "expert_params": int(sum(moe["num_experts"] * _expert_params(d, int(width), moe)
-                                     + (_expert_params(d, moe["shared_experts"] * int(width), moe)
+            "expert_params": int(sum(moe["num_experts"] * _expert_params(d, int(width), moe, bias)
+                                     + (_expert_params(d, moe["shared_experts"] * int(width), moe, bias)
                                         if moe.get("shared_experts") else 0)
                                      for d in pr["d_models"])),
             "router_flops_per_token": float(sum(r.flops_per_token() for r in routers)),
@@ -220,10 +261,10 @@ def _gated_factor(moe: dict) -> Fraction:
     return Fraction(3, 2) if moe.get("activation") in ("swiglu", "geglu") else Fraction(1)
 
 
-def _expert_params(d: int, width: int, moe: dict) -> int:
-    """fc1 (2 * width wide when gated) and fc2, with biases."""
+def _expert_params(d: int, width: int, moe: dict, bias: int = 1) -> int:
+    """fc1 (2 * width wide when gated) and fc2, with biases unless ``bias`` is 0 (adapter experts)."""
     fc1 = 2 * width if _gated_factor(moe) != 1 else width
-    return d * fc1 + fc1 + width * d + d
+    return d * fc1 + width * d + bias * (fc1 + d)
 
 
 def _gated_why(moe: dict) -> str:
@@ -242,10 +283,14 @@ def costs(spec: dict, blocks=None) -> dict:
                 "flops_per_token": pr["dense_model_flops"],
                 "dense_hidden": "/".join(sorted({str(h) for h in pr["dense_hidden"]}))}
     moe = dict(spec["moe"])
+    if _image_level(moe["router"]):
+        return _image_level_costs(spec)
     if moe["d_hidden"] is None:
         moe["d_hidden"] = _dense_width(spec, _Ctx("<spec>"))
     out = dict(_moe_costs(json.dumps({"d_models": pr["d_models"], "moe": moe}, sort_keys=True),
                           pr["rest_params"]))
+    if moe.get("mode") == "adapter":  # the dense MLPs stay: the branch adds to their work
+        out["mlp_flops_per_token"] += pr["dense_mlp_flops"]
     out["flops_per_token"] = pr["rest_flops"] + out["mlp_flops_per_token"]  # = final.json's cost.flops_per_token
     return out
 
@@ -256,13 +301,18 @@ def _moe_costs(key: str, rest_params: int) -> dict:
     no init work such as ERMoE's SVD); a router that cannot be built there is built on the CPU."""
     import torch
 
+    from moebench.core.adapter import build_adapter_layer
     from moebench.core.layer import MoELayer
 
     cfg = json.loads(key)
     moe = cfg["moe"]
     total = active = flops = router_flops = 0.0
+    adapter = moe.get("mode") == "adapter"
     for d in cfg["d_models"]:
         def build(d=d):
+            if adapter:
+                return build_adapter_layer(d, moe["d_hidden"], moe["num_experts"], moe["router"],
+                                           moe["router_args"], moe["capacity_factor"])
             return MoELayer(d, moe["d_hidden"], moe["num_experts"], moe["router"], moe["router_args"],
                             moe["capacity_factor"], activation=moe.get("activation") or "gelu",
                             shared_experts=moe.get("shared_experts", 0),
@@ -274,7 +324,7 @@ def _moe_costs(key: str, rest_params: int) -> dict:
         except (RuntimeError, NotImplementedError):
             with torch.random.fork_rng():
                 layer = build()
-        total += sum(p.numel() for p in layer.parameters())
+        total += sum(p.numel() for p in layer.parameters())  # an adapter's alpha is in rest_params
         active += layer.active_params()
         flops += layer.flops_per_token()
         router_flops += layer.router.flops_per_token()

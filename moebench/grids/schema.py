@@ -23,6 +23,9 @@ Schema (every key optional unless marked; unknown keys are rejected with the clo
       d_hidden: 192              # REFERENCE expert width (see matching below); null = the dense MLP's
       capacity_factor: null      # null = dropless (or the router's own default, e.g. Switch)
       upcycle: false             # copy the dense MLP into every expert
+      mode: replace              # replace the MLP | adapter: x + alpha * MoE(x) after the block (EMoE)
+      patches_only: false        # adapter mode: CLS / register tokens bypass the branch
+      freeze_backbone: false     # train only MoE layers (+ adapter alphas) and the head; train_norms: + norms
     train: {steps: ..., batch_size: ..., lr: ..., ...}   # budget, shared by all runs (moebench.training.spec)
     pretrain: {steps: 300, ...}  # optional (grid level or per task block; null: none): a dense model of the
                                  # same architecture trained first, once per seed, cached content-addressed

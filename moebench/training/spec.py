@@ -9,7 +9,8 @@ Schema (all keys; missing ones take the defaults below)::
     task: str            registered task name
     task_args: dict      Task(**task_args)
     model: dict          task.build_model(model, moe); {} = the task's default_model
-    moe: null | {blocks, num_experts, router, router_args, d_hidden, capacity_factor, upcycle}
+    moe: null | {blocks, num_experts, router, router_args, d_hidden, capacity_factor, upcycle, mode,
+                 patches_only, freeze_backbone, train_norms}  (moebench.core.config.MoEConfig)
                          null = the dense baseline
     label: str           display name ("ermoe-context", "dense"); default: the router name or "dense"
     seed: int

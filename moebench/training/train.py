@@ -153,20 +153,29 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
     """AdamW groups: decay matrices; no decay on biases (incl. experts' b1 / b2), norms (1-D) and what
-    the model lists in ``no_weight_decay()`` (timm's convention, e.g. pos_embed)."""
+    the model lists in ``no_weight_decay()`` (timm's convention, e.g. pos_embed). Parameters carrying
+    an ``lr_scale`` attribute (e.g. ERMoE's ``eigen_lr_scale``) get groups of their own at lr * scale,
+    after the two base groups."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if p.ndim < 2 or leaf in ("bias", "b1", "b2") or name in skip or leaf in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (p.ndim < 2 or leaf in ("bias", "b1", "b2") or name in skip or leaf in skip)
+        scale = float(getattr(p, "lr_scale", 1.0)) if lr is not None else 1.0
+        groups.setdefault((decays, scale), []).append(p)
+    out = []
+    for (decays, scale), params in groups.items():
+        if scale != 1.0 and not params:
+            continue
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if scale != 1.0:
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
 @contextlib.contextmanager
@@ -336,7 +345,7 @@ class _Trainer:
         self.model_cfg = model_cfg
         self.model = self.task.build_model(model_cfg, self.spec["moe"]).to(self.device)
         self.layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, MoELayer)]
-        self.opt = torch.optim.AdamW(param_groups(self.model, t["weight_decay"]), lr=t["lr"])
+        self.opt = torch.optim.AdamW(param_groups(self.model, t["weight_decay"], t["lr"]), lr=t["lr"])
         steps, warmup = t["steps"], t["warmup_steps"]
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, steps, warmup))
         collate = self.task.collate_fn()
@@ -517,6 +526,8 @@ class _Trainer:
         batches = train_batches(self.train_ds, t["batch_size"], self.spec["seed"], self.step,
                                 t["num_workers"], self.collate, self.device.type == "cuda")
         self.model.train()
+        if self.step == 0 and any(getattr(m.router, "eval_at_start", False) for _, m in self.layers):
+            self.evaluate()  # eigenbasis routers: the load before any learning (docs/ERMOE.md)
         try:
             while self.step < steps:
                 tic = time.perf_counter()

@@ -1,0 +1,72 @@
+"""``ermoe-released``: the method ERMoE's released code runs (image-level routing over whole-backbone
+experts), as a router name a grid can use. It is not a token router: tasks whose ``build_model``
+goes through ``tasks.common.apply_moe`` (classification, brain age) build the
+`moebench.core.image_moe.ErmoeReleasedModel` around their backbone instead of moefying it."""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+
+from torch import nn
+
+from moebench.core.image_moe import ErmoeReleasedModel
+from moebench.core.registry import register_router
+from moebench.core.routing import Router
+
+
+@register_router("ermoe-released", "ERMoE's released code: image-level eigen-attention score over frozen backbone "
+                                   "copies with their own heads, threshold 0.5, free expert 0 (a model family)")
+class ErmoeReleasedRouter(Router):
+    """Options: ``top_k`` (2), ``threshold`` (0.5), ``free_experts`` ([0]), ``freeze_experts`` (true: only the
+    heads train, as released), ``expert_noise`` (0: identical copies, every score ties; > 0 perturbs each
+    expert's backbone by that multiple of each weight's std, its own seed, so scores differ).
+    ``moe.blocks`` / ``d_hidden`` / ``mode`` do not apply: every expert is a whole backbone."""
+
+    image_level = True
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, threshold: float = 0.5,
+                 free_experts: list[int] | None = None, freeze_experts: bool = True, expert_noise: float = 0.0,
+                 num_patches: int | None = None):
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+            raise ValueError(f"ermoe-released option top_k must be an integer, got {top_k!r}")
+        super().__init__(d_model, num_experts, int(top_k))
+        free = [0] if free_experts is None else list(free_experts)
+        if any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < num_experts for e in free):
+            raise ValueError(f"ermoe-released option free_experts must list expert indices in [0, {num_experts - 1}], "
+                             f"got {free_experts!r}")
+        for name, value in (("threshold", threshold), ("expert_noise", expert_noise)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"ermoe-released option {name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(freeze_experts, bool):
+            raise ValueError(f"ermoe-released option freeze_experts must be true or false, got {freeze_experts!r}")
+        self.threshold, self.free_experts = float(threshold), tuple(int(e) for e in free)
+        self.freeze_experts, self.expert_noise = freeze_experts, float(expert_noise)
+        self.num_patches = num_patches  # set when the model is built: the score's cost depends on it
+
+    @property
+    def active_experts_per_token(self) -> float:
+        return float(self.num_experts)  # every expert's backbone runs on every image to be scored
+
+    def flops_per_token(self) -> float:
+        """Per image: for each expert, the Gram matrix (2 P^2 d), eigh (~9 P^3), U^T A U (4 P^3), the
+        head-averaged attention recomputed (2 P^2 d). An estimate (eigh's cost is iterative)."""
+        P, d = self.num_patches or 0, self.d_model
+        return float(self.num_experts * (4 * P * P * d + 13 * P ** 3))
+
+    def wrap_experts(self, experts: nn.Module) -> nn.Module:
+        raise ValueError(
+            "router 'ermoe-released' routes whole images over whole-backbone experts, so it cannot sit in a "
+            "MoE layer: use it as moe.router in a task whose model build supports it (classification, "
+            "brain-age), which builds moebench.core.image_moe.ErmoeReleasedModel around the backbone")
+
+    @classmethod
+    def build_model(cls, backbone: nn.Module, moe: dict) -> ErmoeReleasedModel:
+        """The released model around ``backbone`` from a spec's ``moe`` section."""
+        d = backbone.head.in_features if isinstance(getattr(backbone, "head", None), nn.Linear) else 0
+        args = copy.deepcopy(moe.get("router_args") or {})
+        router = cls(d, moe["num_experts"], **args)
+        patch_embed = getattr(backbone, "patch_embed", None)
+        router.num_patches = getattr(patch_embed, "num_patches", None) or getattr(backbone, "num_patches", None)
+        return ErmoeReleasedModel(backbone, router, router.threshold, router.free_experts,
+                                  freeze_experts=router.freeze_experts, expert_noise=router.expert_noise)
