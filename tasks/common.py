@@ -12,7 +12,7 @@ def apply_moe(net: nn.Module, moe: dict | None, **extra) -> nn.Module:
     if moe is not None:
         from moebench.core.registry import ROUTERS
 
-        router_cls = ROUTERS.get(moe["router"])
+        router_cls = ROUTERS.get(moe.get("router", "softmax-topk"))  # a partial section takes moefy's default
         if getattr(router_cls, "image_level", False):
             return router_cls.build_model(net, moe)
         from moebench.core.moefy import moefy
