@@ -256,6 +256,8 @@ def test_grid_show_reports_errors_without_a_traceback(tmp_path, capsys):
 
 
 CLOSING_ROUTERS = {"dense", "softmax-topk", "switch", "hash", "ermoe"}
+ADAPTER_TRACK = {"emoe-adapter", "softmax-topk-adapter"}
+PARAM_CONTROLS = {"hash-params", "switch-params"}
 
 
 def test_quick_is_the_pretrained_regime_with_three_seeds_on_the_three_tasks():
@@ -265,13 +267,16 @@ def test_quick_is_the_pretrained_regime_with_three_seeds_on_the_three_tasks():
     assert {s["task"] for s in specs} == {"classification", "retrieval", "brain-age"}
     for task in ("classification", "retrieval", "brain-age"):
         mine = [s for s in specs if s["task"] == task]
-        assert {s["label"] for s in mine} == CLOSING_ROUTERS, task
+        assert {s["label"] for s in mine} == CLOSING_ROUTERS | ADAPTER_TRACK, task
         assert {s["seed"] for s in mine} == {0, 1, 2}
         pre = {p["spec"]["seed"]: p for p in pretrains if p["spec"]["task"] == task}
         assert sorted(pre) == [0, 1, 2]  # one dense pretrain per seed, shared by every router
         for s in mine:  # dense too: the pretrained model fine-tuned for the same budget
             assert s["model"]["pretrained"] == pre[s["seed"]]["weights"] and PRETRAIN_DIR in s["model"]["pretrained"]
-            assert s["moe"] is None or (s["moe"]["upcycle"] and s["moe"]["d_hidden"] == 256)
+            if s["label"] in ADAPTER_TRACK:  # frozen backbone + top-1 adapters of one width
+                assert s["moe"]["mode"] == "adapter" and s["moe"]["freeze_backbone"] and s["moe"]["d_hidden"] == 64
+            else:
+                assert s["moe"] is None or (s["moe"]["upcycle"] and s["moe"]["d_hidden"] == 256)
         assert len({s["train"]["steps"] for s in mine}) == 1
         assert all(p["spec"]["moe"] is None for p in pre.values())
 
@@ -293,20 +298,34 @@ def test_quick_scratch_is_flop_matched_from_random_weights_with_the_same_eval_se
     quick = expand_mod.expand("quick")
     for task in ("classification", "retrieval", "brain-age"):
         mine = [s for s in specs if s["task"] == task]
-        assert {s["label"] for s in mine} == CLOSING_ROUTERS and {s["seed"] for s in mine} == {0, 1, 2}
+        assert {s["label"] for s in mine} == CLOSING_ROUTERS | {"emoe"} | PARAM_CONTROLS
+        assert {s["seed"] for s in mine} == {0, 1, 2}
         assert all("pretrained" not in s["model"] for s in mine)
-        # FLOP-matched within the task: one expert FLOP count for every MoE run
-        assert len({s["match"]["expert_flops_per_token"] for s in mine if s["moe"]}) == 1, task
+        # FLOP-matched within the task: one expert FLOP count for every MoE run but the parameter controls
+        matched = [s for s in mine if s["moe"] and s["label"] not in PARAM_CONTROLS]
+        assert len({s["match"]["expert_flops_per_token"] for s in matched}) == 1, task
+        ref = next(s for s in mine if s["label"] == "softmax-topk" and s["seed"] == 0)
+        for label in PARAM_CONTROLS:  # same total expert parameters as the reference, not the same FLOPs
+            ctl = next(s for s in mine if s["label"] == label and s["seed"] == 0)
+            assert ctl["match"]["mode"] == "params"
+            assert ctl["match"]["expert_params"] == ref["match"]["expert_params"], (task, label)
         theirs = next(s for s in quick if s["task"] == task)
         assert mine[0]["task_args"] == theirs["task_args"]  # the same eval sets in both regimes
 
 
-def test_pending_grids_validate_once_the_adapter_mode_exists():
-    """moebench/grids/configs/pending/ holds grids written in issue 11's spellings (adapter mode, emoe,
-    ermoe-released); they must expand as soon as those exist (then move them up into configs/)."""
-    from moebench.core.registry import ROUTERS
-
-    if "emoe" not in ROUTERS:
-        pytest.skip("the emoe router and the adapter mode (issue 11) are not in this build")
-    for path in sorted((schema.GRIDS_DIR / "pending").glob("*.yaml")):
-        expand_mod.expand(path)
+@pytest.mark.parametrize("name", ["emoe-cifar100", "emoe-imagenet", "ermoe-cifar10", "quick-adapter",
+                                  "retrieval-coco-flickr-adapter"])
+def test_adapter_and_paper_protocol_grids_expand_once_their_paths_are_set(name):
+    """The EMoE / released-ERMoE protocol grids: placeholders refused, then (with every path given by
+    --set) every run expands with the adapter / released-method settings their headers state."""
+    path = schema.resolve_path(name)
+    found = schema.placeholders(yaml.safe_load(path.read_text()))
+    sets = [f"{schema._shell_key(k)}=/data/{i}" for i, (k, _) in enumerate(found)]
+    specs = expand_mod.expand(schema.load(name, overrides=sets))
+    moes = [s["moe"] for s in specs if s["moe"]]
+    assert moes and len({s["seed"] for s in specs}) >= 3
+    if name.startswith("ermoe"):
+        assert {m["router"] for m in moes} == {"ermoe-released"} and {m["num_experts"] for m in moes} == {8}
+    else:
+        assert all(m["mode"] == "adapter" and m["freeze_backbone"] and m["patches_only"] for m in moes)
+        assert "emoe" in {m["router"] for m in moes}

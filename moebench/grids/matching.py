@@ -158,8 +158,12 @@ def _image_level_costs(spec: dict) -> dict:
               for m in blk.mlp.modules() if isinstance(m, torch.nn.Linear))
     tokens = (net.router.num_patches or 0) + net.prefix
     total = sum(p.numel() for p in net.parameters())
+    router = net.router.flops_per_token() / max(tokens, 1)
+    # every expert runs on every image: all E backbones' linear layers count (the report's definition)
+    linear = sum(2.0 * m.in_features * m.out_features for e in net.experts for m in e.modules()
+                 if isinstance(m, torch.nn.Linear))
     return {"params_total": int(total), "params_active": int(total), "mlp_flops_per_token": mlp,
-            "router_flops_per_token": net.router.flops_per_token() / max(tokens, 1)}
+            "router_flops_per_token": router, "flops_per_token": linear + router}
 
 
 def _width_fix(ref_width: int, ratios) -> str:

@@ -315,7 +315,7 @@ def refuse_placeholders(raw, file: str, name: str = "GRID") -> None:
         return
     grid = name if Path(file).parent == GRIDS_DIR else file
     width = max(len(k) for k, _ in found)
-    example = " ".join(f"--set {_shell_key(k)}=/your/{Path(v).name}" for k, v in found[:2])
+    example = " ".join(f"--set {_shell_key(k)}=/your/{Path(v).name}" for k, v in found)  # every key: ready to edit and run
     raise GridError(
         f"{file}: {len(found)} placeholder path(s) still to set (nothing can run on them):\n"
         + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in found)
