@@ -46,7 +46,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from moebench.core.experts import Experts, activation_fn, grouped_matmul
 from moebench.core.registry import register_router
-from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
+from moebench.core.routing import Router, Routing, RoutingContext, expert_counts, topk_routing
 
 ORTHO_CHOICES = ("qr", "cayley", "matrix_exp", "penalty")
 SCORE_CHOICES = ("subspace", "context", "weighted")
@@ -333,7 +333,7 @@ class ErMoERouter(Router):
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         tok = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        counts = expert_counts(flat, self.num_experts)
         basis = self._basis(V).contiguous()
         px = grouped_matmul(x.float()[tok], basis, counts)  # (T*k, r), pairs grouped by expert
         pc = None if self.score != "context" else grouped_matmul(context.float()[tok], basis, counts)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from moebench.core.experts import Experts
 from moebench.core.registry import ROUTERS
-from moebench.core.routing import RoutingContext, apply_capacity
+from moebench.core.routing import RoutingContext, apply_capacity, expert_counts
 
 
 class MoELayer(nn.Module):
@@ -128,18 +128,14 @@ class MoELayer(nn.Module):
             "scores": None if scores is None else scores.detach(),
             **{k: v for k, v in routing.stats.items() if k not in ("scores", "top1")},
         }
-        self.stats["aux_losses"] = {k: float(v.detach()) for k, v in routing.aux_losses.items()}
+        # detached 0-d tensors, read (and synced) by the statistics code, never in the forward
+        self.stats["aux_losses"] = {k: v.detach() for k, v in routing.aux_losses.items()}
 
     def after_step(self) -> None:
         self.router.after_step()
 
     def extra_repr(self) -> str:
         return f"router={self.router_name!r}, capacity_factor={self.capacity_factor}"
-
-
-def expert_counts(index: Tensor, size: int) -> Tensor:
-    """bincount without its host sync on CUDA (bincount reads the max to size its output)."""
-    return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(0, index, torch.ones_like(index))
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
