@@ -124,3 +124,41 @@ def test_inductor_compiled_layer_matches_eager():
     torch.testing.assert_close(y_c, y_e, rtol=1e-4, atol=1e-5)
     for a, b in zip(g_c, g_e):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --- train.compile ------------------------------------------------------------------------------------
+def _toy_spec(compile_: bool) -> dict:
+    return {"grid": "test", "task": "toy", "task_args": {"num_train": 128, "num_eval": 32},
+            "model": {"dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+            "moe": {"blocks": "all", "num_experts": 4, "router": "softmax-topk", "router_args": {}}, "seed": 0,
+            "train": {"steps": 4, "batch_size": 32, "lr": 3e-3, "warmup_steps": 1, "eval_every": 0,
+                      "checkpoint_every": 0, "probe_size": 8, "compile": compile_}}
+
+
+@pytest.mark.slow  # ~15 s idle, ~50 s on a busy 2-core machine: AOT-traces a block forward + backward
+def test_train_compile_compiles_every_block_and_matches_eager(tmp_path, monkeypatch):
+    from moebench.core.registry import TASKS
+    from moebench.training import train as train_mod
+    from moebench.training.spec import run_id
+
+    compiled: list[nn.Module] = []
+    real = train_mod.compile_blocks
+
+    def fast_backend(model, backend="inductor"):  # inductor's C++ build takes minutes on a busy CPU
+        compiled.append(model)
+        return real(model, backend="aot_eager")
+
+    monkeypatch.setattr(train_mod, "compile_blocks", fast_backend)
+    torch._dynamo.reset()
+    results = {}
+    for flag in (False, True):
+        spec = _toy_spec(flag)
+        results[flag] = train_mod.train(TASKS.get("toy")(**spec["task_args"]), spec, tmp_path / str(flag),
+                                        progress=False)
+    assert len(compiled) == 1
+    blocks = [m for m in compiled[0].modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert len(blocks) == 2  # both transformer blocks, not the model: regional compilation
+    assert run_id(_toy_spec(True)) == run_id(_toy_spec(False))  # a speed option names the same run
+    for key, value in results[False]["metrics"].items():
+        assert results[True]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert results[True]["cost"]["tokens_per_sample"] == results[False]["cost"]["tokens_per_sample"]

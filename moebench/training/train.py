@@ -209,6 +209,22 @@ def model_cost(model: nn.Module) -> dict:
     return {"params_total": int(total), "params_active": float(active), "flops_per_token": float(flops)}
 
 
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every transformer block in place (regional compilation: identical blocks share
+    one compiled graph, so compiling costs one block, not the model, and methods other than forward,
+    e.g. CLIP's encode_image, run compiled blocks too); the whole model's forward if it has no blocks
+    moefy knows. Parameters and state-dict keys are unchanged. Returns the number of compiled modules."""
+    from moebench.core.moefy import find_blocks
+
+    try:
+        blocks = [ref.block for ref in find_blocks(model)]
+    except ValueError:
+        blocks = []
+    for module in blocks or [model]:
+        module.compile(backend=backend)
+    return len(blocks) or 1
+
+
 class _TokenCounter:
     """Tokens per sample, read from the first forward of the first MoE layer (or first block)."""
 
@@ -312,6 +328,8 @@ class _Trainer:
         self.model_cfg = model_cfg
         self.model = self.task.build_model(model_cfg, self.spec["moe"]).to(self.device)
         self.layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, MoELayer)]
+        if t["compile"]:
+            compile_blocks(self.model)
         self.opt = torch.optim.AdamW(param_groups(self.model, t["weight_decay"]), lr=t["lr"])
         steps, warmup = t["steps"], t["warmup_steps"]
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, steps, warmup))
@@ -395,8 +413,14 @@ class _Trainer:
         return True
 
     # -- evaluation --------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict:
+        # Evaluation runs eager even with train.compile: it is a small share of a run, and the routing
+        # statistics' hooks would make every evaluation recompile the blocks.
+        with torch.compiler.set_stance("force_eager") if self.t["compile"] else contextlib.nullcontext():
+            return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict:
         model, task = self.model, self.task
         model.eval()
         try:
@@ -473,7 +497,9 @@ class _Trainer:
                 bs = self.task.batch_size(batch)
                 if counter is not None:
                     counter.batch_size = bs
-                with self.autocast():
+                # the token counter's one-off hook would break the compiled graph: that step runs eager
+                first = torch.compiler.set_stance("force_eager") if counter is not None and t["compile"] else None
+                with self.autocast(), first or contextlib.nullcontext():
                     outputs = self.task.forward(self.model, batch)
                     task_loss = self.task.loss(outputs, batch).float()
                 aux = sum((m.aux_loss.float() for _, m in self.layers), torch.zeros((), device=self.device))
