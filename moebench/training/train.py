@@ -241,6 +241,12 @@ def average_gradients(model: nn.Module, world: int) -> None:
         offset += p.numel()
 
 
+def force_eager():
+    """A context in which compiled modules run eager (torch >= 2.6: set_stance; before: dynamo off)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else torch._dynamo.config.patch(disable=True)
+
+
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     """``torch.compile`` every transformer block in place (regional compilation: identical blocks share
     one compiled graph, so compiling costs one block, not the model, and methods other than forward,
@@ -461,7 +467,7 @@ class _Trainer:
     def evaluate(self) -> dict:
         # Evaluation runs eager even with train.compile: it is a small share of a run, and the routing
         # statistics' hooks would make every evaluation recompile the blocks.
-        with torch.compiler.set_stance("force_eager") if self.t["compile"] else contextlib.nullcontext():
+        with force_eager() if self.t["compile"] else contextlib.nullcontext():
             return self._evaluate()
 
     @torch.no_grad()
@@ -544,7 +550,7 @@ class _Trainer:
                 if counter is not None:
                     counter.batch_size = bs
                 # the token counter's one-off hook would break the compiled graph: that step runs eager
-                first = torch.compiler.set_stance("force_eager") if counter is not None and t["compile"] else None
+                first = force_eager() if counter is not None and t["compile"] else None
                 with self.autocast(), first or contextlib.nullcontext():
                     outputs = self.task.forward(self.model, batch)
                     task_loss = self.task.loss(outputs, batch).float()
