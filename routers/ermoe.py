@@ -60,7 +60,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from moebench.core.experts import Experts, activation_fn, grouped_matmul
 from moebench.core.registry import register_router
-from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
+from moebench.core.routing import Router, Routing, RoutingContext, expert_counts, topk_routing
 
 from ._eigen import scale_lr, subspace_overlap
 
@@ -393,7 +393,7 @@ class ErMoERouter(Router):
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         tok = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        counts = expert_counts(flat, self.num_experts)
         basis = self._basis(V).contiguous()
         px = grouped_matmul(x.float()[tok], basis, counts)  # (T*k, r), pairs grouped by expert
         pc = None if self.score != "context" else grouped_matmul(context.float()[tok], basis, counts)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moebench.core.registry import register_router
-from moebench.core.routing import Router, Routing, RoutingContext
+from moebench.core.routing import Router, Routing, RoutingContext, expert_counts
 
 
 @register_router("expert-choice", "experts pick their top-C tokens (Zhou et al. 2022): perfectly balanced, no aux loss, non-causal")
@@ -68,7 +68,7 @@ class ExpertChoiceRouter(Router):
         weight, token = scores.t().topk(c, dim=1)  # (E, C) each
         expert = torch.arange(self.num_experts, device=x.device).repeat_interleave(c)
         token = token.reshape(-1)
-        picked = torch.bincount(token, minlength=num_tokens)
+        picked = expert_counts(token, num_tokens)
         return Routing(
             token=token,
             expert=expert,

@@ -74,9 +74,9 @@ class HashRouter(Router):
             )
         if ids.numel() != num_tokens:
             raise ValueError(f"token_ids has {ids.numel()} entries but the input has {num_tokens} tokens")
-        a, b = self.hash_coeffs.tolist()
+        a, b = self.hash_coeffs.to(x.device)  # tensors, not .tolist(): no host sync, one compiled graph
         ids = ids.reshape(-1).to(x.device).long() % _PRIME
-        return ((ids * a + b) % _PRIME) % self.num_experts
+        return ((ids * a + b) % _PRIME) % self.num_experts  # < 2**62: no int64 overflow
 
     def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:
         num_tokens, k = x.shape[0], self.top_k

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moebench.core.registry import register_router
-from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
+from moebench.core.routing import Router, Routing, RoutingContext, expert_counts, topk_routing
 
 _SCORE_FNS = ("sigmoid", "softmax")
 
@@ -58,7 +58,7 @@ class LossFreeRouter(Router):
         weights = top_s / top_s.sum(-1, keepdim=True).clamp_min(1e-20)
         if ctx.training:
             with torch.no_grad():
-                self.load += torch.bincount(top_i.reshape(-1), minlength=self.num_experts).to(self.load.dtype)
+                self.load += expert_counts(top_i.reshape(-1), self.num_experts).to(self.load.dtype)
         return topk_routing(top_i, weights, self.num_experts, stats={"scores": scores.detach()})
 
     @torch.no_grad()

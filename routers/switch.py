@@ -24,14 +24,14 @@ from torch import Tensor, nn
 
 from moebench.core.balance import BalanceFrequencies
 from moebench.core.registry import register_router
-from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
+from moebench.core.routing import Router, Routing, RoutingContext, expert_counts, topk_routing
 
 
 def switch_balance_loss(probs: Tensor, top1: Tensor, num_experts: int, f: Tensor | None = None) -> Tensor:
     """E * sum_i f_i P_i, equal to 1 when routing is perfectly uniform (unweighted); ``f`` overrides the
     frequencies counted from ``top1`` (e.g. global-batch ones)."""
     if f is None:
-        f = torch.bincount(top1, minlength=num_experts).to(probs.dtype) / max(top1.numel(), 1)
+        f = expert_counts(top1, num_experts).to(probs.dtype) / max(top1.numel(), 1)
     p = probs.mean(0)
     return num_experts * (f * p).sum()
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moebench.core.registry import register_router
-from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
+from moebench.core.routing import Router, Routing, RoutingContext, expert_counts, topk_routing
 
 
 @register_router("xmoe", "X-MoE (Chi et al. 2022): low-dim cosine routing with learnable temperature, Switch balance loss")
@@ -81,7 +81,7 @@ class XMoERouter(Router):
     def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:
         probs = torch.softmax(self.cosine_scores(x) / self.temperature, dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
-        f = torch.bincount(top_i.reshape(-1), minlength=self.num_experts).float() / max(top_i.numel(), 1)
+        f = expert_counts(top_i.reshape(-1), self.num_experts).float() / max(top_i.numel(), 1)
         balance = self.balance_weight * self.num_experts * (f * probs.mean(0)).sum()
         return topk_routing(
             top_i, top_p, self.num_experts, aux_losses={"balance": balance}, stats={"scores": probs.detach()}

@@ -2,7 +2,9 @@
 active FLOPs per token (hidden width k * d_hidden), measured side by side in one process.
 
 Ratios, not absolute times, are the result: both sides share the machine, threads and allocator, so
-the ratio isolates what routing and dispatch cost. Medians of interleaved repeats resist noise."""
+the ratio isolates what routing and dispatch cost. Medians of interleaved repeats resist noise.
+Memory of one step per module (``moebench.bench.memory``): activations saved for the backward on
+every device, the allocator's peak on CUDA."""
 from __future__ import annotations
 
 import math
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moebench.bench.memory import step_memory
 from moebench.core.layer import MoELayer
 from moebench.core.progress import Progress
 
@@ -141,21 +144,31 @@ def bench_layer(routers: list[str], num_experts: int, ks: list[int], tokens: int
         for m in modules.values():
             m.to(device=device, dtype=dtype).train()
         times = time_side_by_side(modules, x.unsqueeze(0), repeats)
+        memory = {name: step_memory(lambda m=m: _step_time(m, x.unsqueeze(0)), torch.device(device), m.parameters())
+                  for name, m in modules.items()}
         for name, seconds in times.items():
-            base = times["dense swiglu"] if name.startswith("mixtral") else times["dense"]
             base_name = "dense swiglu" if name.startswith("mixtral") else "dense"
+            base, base_mem = times[base_name], memory[base_name]
             if name.endswith("(router only)") and "softmax-topk" in times:
                 base, base_name = times["softmax-topk"], "softmax-topk layer"  # routing's share of a layer
+                base_mem = memory["softmax-topk"]
+            mem = memory[name]
             rows.append({"router": name, "E": num_experts, "k": k, "T": tokens, "d": d_model, "d_hidden": d_hidden,
                          "dtype": str(dtype).replace("torch.", ""), "device": device,
-                         "ms": round(seconds * 1e3, 2), "ratio": round(seconds / base, 3), "ratio_to": base_name})
+                         "ms": round(seconds * 1e3, 2), "ratio": round(seconds / base, 3), "ratio_to": base_name,
+                         "saved_mb": round(mem["saved_mb"], 1),
+                         "saved_ratio": round(mem["saved_mb"] / base_mem["saved_mb"], 3) if base_mem["saved_mb"] else None,
+                         "peak_mb": None if mem["peak_mb"] is None else round(mem["peak_mb"], 1),
+                         "peak_ratio": (None if mem["peak_mb"] is None or not base_mem["peak_mb"]
+                                        else round(mem["peak_mb"] / base_mem["peak_mb"], 3))})
         bar.update()
     bar.close()
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["router", "E", "k", "T", "d", "d_hidden", "dtype", "ms", "ratio", "ratio_to"]
+    cols = ["router", "E", "k", "T", "d", "d_hidden", "dtype", "ms", "ratio", "ratio_to", "saved_mb", "saved_ratio",
+            "peak_mb", "peak_ratio"]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]

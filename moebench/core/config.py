@@ -75,6 +75,7 @@ class TrainConfig:
     keep_checkpoint: bool = option(False, "bool", doc="keep checkpoint.pt after the run is done")
     deterministic: Any = option("auto", "choice", choices=("auto", True, False),
                                 doc="deterministic kernels: auto (CPU only), true or false")
+    compile: bool = option(False, "bool", doc="torch.compile the model for training (speed only: not in the run id)")
 
 
 @dataclass

@@ -101,16 +101,73 @@ def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, use_grouped_mm: bool = 
                    contiguous_grad: bool = True) -> Tensor:
     """Rows of ``x`` (N, a) come in E consecutive groups of sizes ``counts``; group e is multiplied by
     ``w[e]`` (a, b). One grouped GEMM where the build supports it, a loop over groups otherwise.
-    ``contiguous_grad=False`` only when the caller's next op already hands back a contiguous gradient."""
-    if use_grouped_mm and _grouped_mm_usable(x, w):
+    ``contiguous_grad=False`` only when the caller's next op already hands back a contiguous gradient.
+
+    Under ``torch.compile`` a product torch cannot trace (float32 ``_grouped_mm``, whose fake kernel
+    admits only bf16 / fp16, or the loop, whose group sizes are host values) runs as one opaque custom
+    op, ``moebench::grouped_mm``, so the graph does not break there."""
+    compiling = torch.compiler.is_compiling()
+    if use_grouped_mm and _grouped_mm_usable(x, w) and not (compiling and x.dtype not in (torch.bfloat16, torch.float16)):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         if w.stride(-1) != 1 and w.stride(-2) != 1:  # row- or column-major (e.g. U.mT) go in as they are
             w = w.contiguous()
         out = torch._grouped_mm(x.contiguous(), w, offs=offs)
         return _ContiguousGrad.apply(out) if contiguous_grad else out
+    if compiling:
+        return grouped_mm_op(x, w, counts, use_grouped_mm)
+    return _grouped_loop(x, w, counts)
+
+
+def _grouped_loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     sizes = counts.tolist()
     parts = [xe @ w[e] for e, xe in enumerate(torch.split(x, sizes)) if sizes[e] > 0]
     return torch.cat(parts) if parts else x.new_zeros(0, w.shape[-1])
+
+
+@torch.library.custom_op("moebench::grouped_mm", mutates_args=())
+def grouped_mm_op(x: Tensor, w: Tensor, counts: Tensor, use_grouped_mm: bool) -> Tensor:
+    """``grouped_matmul`` as one op torch.compile does not look into (its eager body may sync)."""
+    if use_grouped_mm and _grouped_mm_usable(x, w):
+        return torch._grouped_mm(x.contiguous(), w.contiguous(), offs=torch.cumsum(counts, 0).to(torch.int32))
+    return _grouped_loop(x, w, counts)
+
+
+@grouped_mm_op.register_fake
+def _(x: Tensor, w: Tensor, counts: Tensor, use_grouped_mm: bool) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("moebench::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(x: Tensor, grad: Tensor, counts: Tensor) -> Tensor:
+    """dL/dw of ``grouped_mm_op``: ``x_e^T grad_e`` per group, shape (E, a, b)."""
+    out = x.new_zeros(counts.shape[0], x.shape[1], grad.shape[1])
+    sizes = counts.tolist()
+    for e, (xe, ge) in enumerate(zip(torch.split(x, sizes), torch.split(grad, sizes))):
+        if sizes[e]:
+            out[e] = xe.T @ ge
+    return out
+
+
+@grouped_mm_weight_grad.register_fake
+def _(x: Tensor, grad: Tensor, counts: Tensor) -> Tensor:
+    return x.new_empty(counts.shape[0], x.shape[1], grad.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    x, w, counts, use_grouped_mm = inputs
+    ctx.save_for_backward(x, w, counts)
+    ctx.use_grouped_mm = use_grouped_mm
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, w, counts = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = grouped_mm_op(grad, w.mT, counts, ctx.use_grouped_mm) if ctx.needs_input_grad[0] else None
+    grad_w = grouped_mm_weight_grad(x, grad, counts) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None, None
+
+
+grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 class Experts(nn.Module):
@@ -176,7 +233,8 @@ class Experts(nn.Module):
         return sum(p.numel() for p in self.parameters()) // self.num_experts
 
     def forward(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
-        fused = x_sorted.device.type == "cpu"  # add_group_bias's CPU path makes the gradient contiguous
+        # add_group_bias's eager CPU path makes the gradient contiguous
+        fused = x_sorted.device.type == "cpu" and not torch.compiler.is_compiling()
         h = self.act(add_group_bias(self.fc1(x_sorted, counts, contiguous_grad=not fused), self.b1, counts))
         y = grouped_matmul(h, self.w2.to(h.dtype), counts, self.use_grouped_mm, contiguous_grad=not fused)
         return add_group_bias(y, self.b2, counts)
@@ -185,7 +243,7 @@ class Experts(nn.Module):
 def add_group_bias(h: Tensor, bias: Tensor, counts: Tensor) -> Tensor:
     """Add ``bias[e]`` to the rows of group e. In place (one memory pass) on CPU, where the per-group
     loop is cheap; on accelerators one gathered add avoids E small kernels and a host sync."""
-    if h.device.type == "cpu":
+    if h.device.type == "cpu" and not torch.compiler.is_compiling():  # compiled: the sync-free path below
         return _GroupedBiasAdd.apply(h, bias.to(h.dtype), counts.tolist())
     group = torch.repeat_interleave(torch.arange(len(counts), device=h.device), counts, output_size=h.shape[0])
     return _GatheredBiasAdd.apply(h, bias.to(h.dtype), group)

@@ -14,7 +14,7 @@ from moebench.core.dense_dispatch import dense_dispatch
 from moebench.core.experts import Experts
 from moebench.core.null_experts import NullExperts
 from moebench.core.registry import ROUTERS
-from moebench.core.routing import CAPACITY_POLICIES, RoutingContext, apply_capacity
+from moebench.core.routing import CAPACITY_POLICIES, RoutingContext, apply_capacity, expert_counts
 from moebench.core.shared_experts import SharedExperts
 
 
@@ -170,7 +170,8 @@ class MoELayer(nn.Module):
             "scores": None if scores is None else scores.detach(),
             **{k: v for k, v in routing.stats.items() if k not in ("scores", "top1")},
         }
-        self.stats["aux_losses"] = {k: float(v.detach()) for k, v in routing.aux_losses.items()}
+        # detached 0-d tensors, read (and synced) by the statistics code, never in the forward
+        self.stats["aux_losses"] = {k: v.detach() for k, v in routing.aux_losses.items()}
 
     def after_step(self) -> None:
         self.router.after_step()
@@ -194,10 +195,6 @@ def dispatched_top1(token: Tensor, expert: Tensor, weight: Tensor, num_tokens: i
     key = torch.full((num_tokens,), none, dtype=torch.long, device=device).scatter_reduce(0, token, candidate, "amin")
     return torch.where(key == none, torch.full_like(key, -1), key % num_experts)
 
-
-def expert_counts(index: Tensor, size: int) -> Tensor:
-    """bincount without its host sync on CUDA (bincount reads the max to size its output)."""
-    return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(0, index, torch.ones_like(index))
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -82,7 +82,13 @@ class Routing:
         if self.dispatch is not None:
             per_expert = self.dispatch.shape[0] * self.dispatch.shape[2] // self.num_experts
             return torch.full((self.num_experts,), per_expert, dtype=torch.long, device=self.dispatch.device)
-        return torch.bincount(self.expert, minlength=self.num_experts)
+        return expert_counts(self.expert, self.num_experts)
+
+
+def expert_counts(index: Tensor, size: int) -> Tensor:
+    """``bincount(index, minlength=size)`` with a fixed output size: no host sync on CUDA (bincount reads
+    the max to size its output) and no data-dependent shape, so ``torch.compile`` keeps one graph."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(0, index, torch.ones_like(index))
 
 
 def topk_routing(indices: Tensor, weights: Tensor, num_experts: int, **extra) -> Routing:
@@ -131,7 +137,7 @@ def apply_capacity(routing: Routing, capacity_factor: float | None, policy: str 
     key = routing.expert * (priority.max() + 1) + priority
     order = torch.argsort(key, stable=True)
     expert_sorted = routing.expert[order]
-    counts = torch.bincount(expert_sorted, minlength=routing.num_experts)
+    counts = expert_counts(expert_sorted, routing.num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(order.numel(), device=order.device) - starts[expert_sorted]
     keep_sorted = rank < cap

@@ -22,7 +22,8 @@ Why it looks like this:
 - **Multi-GPU** (``executor.gpus_per_node > 1``): one task per GPU; each task exports the
   torch.distributed environment from ``submitit.JobEnvironment`` (MASTER_ADDR / PORT, RANK,
   WORLD_SIZE, LOCAL_RANK) and calls ``init_process_group`` before ``execute``; only global rank 0
-  takes the run lock. Untested here (no GPUs): the runner must make rank 0 the only writer.
+  takes the run lock. The trainer splits each global batch over the ranks, averages gradients and
+  writes only from rank 0 (tested on CPU with two gloo processes; not yet run on several GPUs).
 """
 from __future__ import annotations
 

@@ -103,6 +103,14 @@ def execute(spec: dict, results_dir="results", device=None, progress: bool | Non
     final = _finished(run_dir)
     if final is not None:
         return {**out, "state": "done", "skipped": True, "final": final}
+    from moebench.training.train import data_parallel
+
+    if data_parallel()[0] != 0:  # a data-parallel worker trains in step with rank 0 and writes nothing
+        from moebench.core.registry import TASKS
+        from moebench.training.train import train
+
+        result = train(TASKS.get(spec["task"])(**spec["task_args"]), spec, run_dir, device=device, progress=False)
+        return {**out, "state": result.get("state", "done"), "reason": result.get("reason"), "final": None}
     disk = disk_problem(run_dir)
     if disk:
         with contextlib.suppress(OSError):

@@ -16,7 +16,7 @@ Schema (all keys; missing ones take the defaults below)::
     seed: int
     train: {steps, batch_size, lr, weight_decay, warmup_steps, eval_every, grad_clip, amp,
             checkpoint_every, max_loss, num_workers, eval_batch_size, probe_size, keep_checkpoint,
-            deterministic}
+            deterministic, compile}
     sweep: dict          axis -> value (informational)
     match: dict          what the grid matched (informational)
     versions: dict       {suite, task, router}: the result-affecting versions of the code that runs it
@@ -190,14 +190,21 @@ ID_OPTIONAL = {"moe": {"activation": None, "shared_experts": 0, "shared_expert_g
                        "capacity_policy": "position"},
                "train": {"interventions": False}}
 
+# Train options that change how fast a run goes, not what it computes (like the device, which is not
+# in the spec either): a grid can switch them on and still find its finished and checkpointed runs.
+SPEED_ONLY_TRAIN_KEYS = ("compile",)
+
 
 def canonical_json(spec: dict) -> str:
-    """Sorted-key, whitespace-free JSON of ``spec`` without ``grid`` (the part that affects results)."""
+    """Sorted-key, whitespace-free JSON of ``spec`` without ``grid`` and the speed-only train options
+    (the part that affects results)."""
     body = {k: v for k, v in spec.items() if k != "grid"}
     for section, optional in ID_OPTIONAL.items():
         if isinstance(body.get(section), dict):
             body[section] = {k: v for k, v in body[section].items()
                              if not (k in optional and v == optional[k] and type(v) is type(optional[k]))}
+    if isinstance(body.get("train"), dict):
+        body["train"] = {k: v for k, v in body["train"].items() if k not in SPEED_ONLY_TRAIN_KEYS}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 

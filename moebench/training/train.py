@@ -98,10 +98,12 @@ def _mix(*parts: int) -> int:
 
 class EpochBatchSampler(Sampler[list[int]]):
     """Batches of epoch ``epoch`` from a permutation seeded by (seed, epoch), starting at batch
-    ``start``; incomplete last batches are dropped so every step has the same batch size."""
+    ``start``; incomplete last batches are dropped so every step has the same batch size. Under data
+    parallelism rank ``rank`` of ``world`` takes its equal share of each (global) batch."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return self.n // self.batch_size - self.start
@@ -109,8 +111,10 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __iter__(self):
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 1))
         perm = torch.randperm(self.n, generator=g).tolist()
+        share = self.batch_size // self.world
         for b in range(self.start, self.n // self.batch_size):
-            yield perm[b * self.batch_size:(b + 1) * self.batch_size]
+            first = b * self.batch_size + self.rank * share
+            yield perm[first:first + share]
 
 
 def _worker_init(worker_id: int) -> None:
@@ -118,8 +122,9 @@ def _worker_init(worker_id: int) -> None:
 
 
 def train_batches(dataset: Dataset, batch_size: int, seed: int, start_step: int, num_workers: int = 0,
-                  collate_fn=None, pin_memory: bool = False):
-    """Infinite iterator over training batches; batch number ``s`` (0-based) depends only on (seed, s)."""
+                  collate_fn=None, pin_memory: bool = False, rank: int = 0, world: int = 1):
+    """Infinite iterator over training batches; batch number ``s`` (0-based) depends only on (seed, s)
+    (with ``world`` > 1: this rank's share of it)."""
     n = len(dataset)
     per_epoch = n // batch_size
     if per_epoch == 0:
@@ -132,7 +137,7 @@ def train_batches(dataset: Dataset, batch_size: int, seed: int, start_step: int,
         epoch, offset = divmod(step, per_epoch)
         loader = DataLoader(
             dataset,
-            batch_sampler=EpochBatchSampler(n, batch_size, seed, epoch, offset),
+            batch_sampler=EpochBatchSampler(n, batch_size, seed, epoch, offset, rank, world),
             num_workers=num_workers,
             collate_fn=collate_fn,
             pin_memory=pin_memory,
@@ -234,6 +239,55 @@ def linear_flops_outside_moe(model: nn.Module) -> float:
     return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside)
 
 
+def data_parallel() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group (the grid launcher sets it up from
+    submitit's environment, one process per GPU); (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def average_gradients(model: nn.Module, world: int) -> None:
+    """Data parallelism's one collective: every rank's gradients replaced by their mean over ranks,
+    as one flat all-reduce (a parameter without a gradient on this rank counts as zeros)."""
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def force_eager():
+    """A context in which compiled modules run eager (torch >= 2.6: set_stance; before: dynamo off)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else torch._dynamo.config.patch(disable=True)
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every transformer block in place (regional compilation: identical blocks share
+    one compiled graph, so compiling costs one block, not the model, and methods other than forward,
+    e.g. CLIP's encode_image, run compiled blocks too); the whole model's forward if it has no blocks
+    moefy knows. Parameters and state-dict keys are unchanged. Returns the number of compiled modules."""
+    from moebench.core.moefy import find_blocks
+
+    try:
+        blocks = [ref.block for ref in find_blocks(model)]
+    except ValueError:
+        blocks = []
+    for module in blocks or [model]:
+        module.compile(backend=backend)
+    return len(blocks) or 1
+
+
 class _TokenCounter:
     """Tokens per sample, read from the first forward of the first MoE layer (or first block)."""
 
@@ -314,8 +368,12 @@ def train(task, spec: dict, run_dir, device=None, progress: bool | None = None,
     spec = resolve_spec(spec)
     rid = spec_run_id(spec)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if data_parallel()[0] == 0:  # other data-parallel ranks write nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
     t = spec["train"]
+    if device is None and torch.cuda.is_available() and data_parallel()[1] > 1:  # one GPU per process
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = torch.bfloat16 if device.type == "cuda" and t["amp"] in ("auto", True) else None
     with deterministic(device, t["deterministic"]), stop_on_signals():
@@ -329,6 +387,9 @@ class _Trainer:
         self.device, self.amp_dtype, self.progress, self.on_step = device, amp_dtype, progress, on_step
         self.ckpt_path = run_dir / CHECKPOINT
         self.metrics_path = run_dir / "metrics.jsonl"
+        # data parallel: every rank trains and evaluates the same way, only rank 0 writes the record
+        self.rank, self.world = data_parallel()
+        self.writer = self.rank == 0
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -338,6 +399,9 @@ class _Trainer:
     # -- setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
         t, seed = self.t, self.spec["seed"]
+        if t["batch_size"] % self.world:
+            raise ValueError(f"train.batch_size={t['batch_size']} is the global batch and must divide evenly over "
+                             f"the {self.world} data-parallel processes; choose a multiple of {self.world}")
         seed_everything(seed)
         self.train_ds, self.eval_ds = self.task.datasets()
         seed_everything(seed)  # model init must not depend on how much RNG the data build used
@@ -345,6 +409,8 @@ class _Trainer:
         self.model_cfg = model_cfg
         self.model = self.task.build_model(model_cfg, self.spec["moe"]).to(self.device)
         self.layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, MoELayer)]
+        if t["compile"]:
+            compile_blocks(self.model)
         self.opt = torch.optim.AdamW(param_groups(self.model, t["weight_decay"], t["lr"]), lr=t["lr"])
         steps, warmup = t["steps"], t["warmup_steps"]
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, steps, warmup))
@@ -389,6 +455,8 @@ class _Trainer:
         }
 
     def save(self) -> None:
+        if not self.writer:
+            return
         state = self.state()
         atomic_write(self.ckpt_path, lambda f: torch.save(state, f))
 
@@ -397,10 +465,12 @@ class _Trainer:
         The checkpoint is untrusted input (anyone who can write to a shared results folder can plant
         one), so it loads with ``weights_only=True``: tensors and plain containers, never code. One that
         cannot be read, or belongs to another run, is set aside under ``.stale/`` and the run restarts
-        from step 0, saying why in the job log and in status.json's ``note``."""
-        remove_temp_files(self.run_dir)  # left by a write that was killed; we own the folder now
+        from step 0, saying why in the job log and in status.json's ``note``. Only the writer (rank 0)
+        touches the folder."""
+        if self.writer:
+            remove_temp_files(self.run_dir)  # left by a write that was killed; we own the folder now
         if not self.ckpt_path.exists() and not self.ckpt_path.is_symlink():
-            if self.metrics_path.exists() or self.metrics_path.is_symlink():
+            if (self.metrics_path.exists() or self.metrics_path.is_symlink()) and self.writer:
                 self.metrics_path.unlink()
             return False
         try:
@@ -416,15 +486,16 @@ class _Trainer:
             first = (str(err).strip().splitlines() or [""])[0][:300]  # torch's weights_only errors run long
             self.restart_from_zero(f"{self.ckpt_path.name} cannot be resumed ({type(err).__name__}: {first})")
             return False
-        _truncate_metrics(self.metrics_path, self.step)
+        if self.writer:
+            _truncate_metrics(self.metrics_path, self.step)
         return True
 
     def restart_from_zero(self, why: str) -> None:
         """Set the checkpoint and metrics aside, rebuild the start state, and log why."""
-        dest = _set_aside(self.run_dir, [CHECKPOINT, "metrics.jsonl"])
+        dest = _set_aside(self.run_dir, [CHECKPOINT, "metrics.jsonl"]) if self.writer else None
         note = f"{why}; set aside to {dest} and restarted from step 0"
         print(f"moebench: run {self.rid}: {note}", file=sys.stderr, flush=True)
-        if (self.run_dir / "status.json").exists():
+        if self.writer and (self.run_dir / "status.json").exists():
             status = read_status_safe(self.run_dir) or {}
             if status.get("state") in STATES:
                 write_status(self.run_dir, status["state"], status.get("reason"), note=note)
@@ -448,8 +519,14 @@ class _Trainer:
         self.last_eval = ck["last_eval"]
 
     # -- evaluation --------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict:
+        # Evaluation runs eager even with train.compile: it is a small share of a run, and the routing
+        # statistics' hooks would make every evaluation recompile the blocks.
+        with force_eager() if self.t["compile"] else contextlib.nullcontext():
+            return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict:
         model, task = self.model, self.task
         model.eval()
         try:
@@ -497,7 +574,8 @@ class _Trainer:
             },
             "elapsed_s": self.elapsed + (time.perf_counter() - self.t0),
         }
-        append_jsonl(self.metrics_path, line)
+        if self.writer:
+            append_jsonl(self.metrics_path, line)
         self.interval = {"loss_sum": 0.0, "aux_sum": 0.0, "n": 0}
         self.last_eval = _plain({"step": self.step, "metrics": metrics, "routing": routing})
         return line
@@ -524,7 +602,7 @@ class _Trainer:
         if self.progress is not False:
             bar = Progress(steps, self.rid, initial=self.step, tty=True if self.progress else None, unit="step")
         batches = train_batches(self.train_ds, t["batch_size"], self.spec["seed"], self.step,
-                                t["num_workers"], self.collate, self.device.type == "cuda")
+                                t["num_workers"], self.collate, self.device.type == "cuda", self.rank, self.world)
         self.model.train()
         if self.step == 0 and any(getattr(m.router, "eval_at_start", False) for _, m in self.layers):
             self.evaluate()  # eigenbasis routers: the load before any learning (docs/ERMOE.md)
@@ -535,12 +613,18 @@ class _Trainer:
                 bs = self.task.batch_size(batch)
                 if counter is not None:
                     counter.batch_size = bs
-                with self.autocast():
+                # the token counter's one-off hook would break the compiled graph: that step runs eager
+                first = force_eager() if counter is not None and t["compile"] else None
+                with self.autocast(), first or contextlib.nullcontext():
                     outputs = self.task.forward(self.model, batch)
                     task_loss = self.task.loss(outputs, batch).float()
                 aux = sum((m.aux_loss.float() for _, m in self.layers), torch.zeros((), device=self.device))
                 loss = task_loss + aux
-                loss_value = float(loss.detach())
+                losses = torch.stack([task_loss.detach(), aux.detach()])
+                if self.world > 1:  # the global batch's mean, the same on every rank (so is a divergence)
+                    torch.distributed.all_reduce(losses)
+                    losses /= self.world
+                loss_value = float(losses.sum())
                 step = self.step + 1
                 max_loss = t["max_loss"]
                 if not math.isfinite(loss_value) or (max_loss is not None and loss_value > max_loss):
@@ -549,6 +633,8 @@ class _Trainer:
                     raise Diverged(f"diverged at step {step}: {what}{limit}")
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.world > 1:
+                    average_gradients(self.model, self.world)
                 if t["grad_clip"] and t["grad_clip"] > 0:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["grad_clip"])
                 self.last_lr = self.opt.param_groups[0]["lr"]
@@ -562,10 +648,10 @@ class _Trainer:
                 self.train_time += time.perf_counter() - tic
                 if counter is not None and counter.per_sample is not None:
                     self.tokens_per_sample, counter = counter.per_sample, None
-                self.samples_seen += bs
-                self.tokens_seen += bs * (self.tokens_per_sample or 1.0)
-                self.interval["loss_sum"] += float(task_loss.detach())
-                self.interval["aux_sum"] += float(aux.detach())
+                self.samples_seen += bs * self.world
+                self.tokens_seen += bs * self.world * (self.tokens_per_sample or 1.0)
+                self.interval["loss_sum"] += float(losses[0])
+                self.interval["aux_sum"] += float(losses[1])
                 self.interval["n"] += 1
                 is_eval = step == steps or (eval_every > 0 and step % eval_every == 0)
                 if is_eval:
@@ -587,8 +673,9 @@ class _Trainer:
                     raise Stopped(why)
         except Diverged as err:
             reason = str(err)
-            write_status(self.run_dir, "failed", reason)
-            if not t["keep_checkpoint"] and self.ckpt_path.exists():
+            if self.writer:
+                write_status(self.run_dir, "failed", reason)
+            if self.writer and not t["keep_checkpoint"] and self.ckpt_path.exists():
                 self.ckpt_path.unlink()
             return {"state": "failed", "reason": reason, "run_id": self.rid, "step": self.step + 1}
         finally:
@@ -600,6 +687,8 @@ class _Trainer:
         if self.last_eval is None or self.last_eval["step"] != self.step:
             self.evaluate()  # resumed exactly at the end without a recorded evaluation
         final = self.final_record()
+        if not self.writer:
+            return final
         atomic_write_json(self.run_dir / "final.json", final)
         if not t["keep_checkpoint"] and self.ckpt_path.exists():
             self.ckpt_path.unlink()
