@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moebench.core.layer import MoELayer
 from moebench.core.registry import ROUTERS
+from moebench.core.routing import RoutingContext
 
 D, H, E = 16, 32, 4
 # Dropless is what must compile in one graph: Switch is dropless only with its capacities switched
@@ -177,3 +178,22 @@ def test_train_compile_compiles_every_block_and_matches_eager(tmp_path, monkeypa
     for key, value in results[False]["metrics"].items():
         assert results[True]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     assert results[True]["cost"]["tokens_per_sample"] == results[False]["cost"]["tokens_per_sample"]
+
+
+@pytest.mark.parametrize("name,args", [("ermoe", {}), ("emoe", {"rank": 8})])
+def test_loaded_initial_basis_is_kept_without_a_host_read_in_forward(name, args):
+    """B0 is read from the buffer at load time, not in forward: a resumed run measures drift from the
+    B0 it saved, and its first forward neither recaptures B0 nor reads the flag back to the host."""
+    torch.manual_seed(0)
+    saved = MoELayer(D, H, E, router=name, router_args=dict(args)).train()
+    x = _inputs()[0]
+    saved(x)
+    saved.router.initial_basis.mul_(-1.0)  # a B0 the fresh layer's own basis cannot reproduce
+    state = copy.deepcopy(saved.state_dict())
+    torch.manual_seed(1)
+    fresh = MoELayer(D, H, E, router=name, router_args=dict(args)).train()
+    fresh.load_state_dict(state)
+    with _SyncCounter() as counter:
+        fresh.router(x.detach().reshape(-1, D), RoutingContext(training=True))
+    assert counter.syncs == 0
+    assert torch.equal(fresh.router.initial_basis, state["router.initial_basis"])
