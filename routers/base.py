@@ -76,7 +76,16 @@ def balanced_assignment(scores: Tensor, capacity: int, eps: float = 1e-3, max_it
 
 @register_router("base", "BASE layers (Lewis et al. 2021): balanced linear assignment in training, greedy top-1 at eval")
 class BaseRouter(Router):
-    """Top-1 by balanced assignment in training, greedy at evaluation; see the module docstring."""
+    """Top-1 by balanced assignment in training, greedy at evaluation; see the module docstring.
+
+    ``compile_fullgraph = False``: the training assignment is an auction whose number of rounds, and
+    the set of tokens bidding in each, depend on the scores (it stops at convergence), so torch.compile
+    cannot trace it into one graph and it reads values back to the host. Evaluation (greedy top-1)
+    compiles into one graph."""
+
+    compile_fullgraph = False
+    compile_fullgraph_reason = ("the training assignment is an auction run until convergence: its rounds and "
+                                "bidders are data-dependent, so it breaks the graph and syncs with the host")
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, eps: float = 1e-3, max_iterations: int = 100):
         if top_k != 1:

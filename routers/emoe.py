@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
-from ._eigen import subspace_overlap
+from ._eigen import CapturesInitialBasis, subspace_overlap
 
 MODES = {"soft": None, "top1": 1, "top2": 2}
 
@@ -41,12 +41,12 @@ def retract_qr(q: Tensor) -> None:
     """Replace ``q`` (d, r) in place by the Q factor of its reduced QR, signs fixed so diag(R) > 0."""
     qq, rr = torch.linalg.qr(q.float())
     sign = torch.sign(torch.diagonal(rr))
-    sign[sign == 0] = 1.0
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)  # no boolean-mask write: compiles
     q.copy_((qq * sign).to(q.dtype))
 
 
 @register_router("emoe", "shared-eigenbasis energy routing, soft / top-1 / top-2, orthogonality loss only (EMoE, authors' code)")
-class EMoERouter(Router):
+class EMoERouter(CapturesInitialBasis, Router):
     """EMoE's router (see the module docstring). ``rank`` r must be below d_model: with r = d the basis
     spans everything and the energies only re-express h in a rotated frame of the whole space."""
 
@@ -78,7 +78,6 @@ class EMoERouter(Router):
         # Q at the first forward (after any weight loading), saved with the model: the drift diagnostic
         self.register_buffer("initial_basis", torch.zeros(d_model, self.rank), persistent=True)
         self.register_buffer("basis_captured", torch.zeros((), dtype=torch.bool), persistent=True)
-        self._captured_flag = False
         self._overlap_cache: Tensor | None = None
 
     eval_at_start = True  # the trainer evaluates at step 0: the load before any learning
@@ -98,11 +97,7 @@ class EMoERouter(Router):
         return (q.T @ q - torch.eye(self.rank, device=q.device)).square().sum()
 
     def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:
-        if not self._captured_flag:  # one host read, at the first forward only
-            if not bool(self.basis_captured):
-                self.initial_basis.copy_(self.Q.detach())
-                self.basis_captured.fill_(True)
-            self._captured_flag = True
+        self.capture_initial_basis(self.Q)  # first forward only (a Python flag: no host read)
         if ctx.training:
             retract_qr(self.Q)
         if not ctx.training or self._overlap_cache is None:

@@ -62,7 +62,7 @@ from moebench.core.experts import Experts, activation_fn, grouped_matmul
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, expert_counts, topk_routing
 
-from ._eigen import scale_lr, subspace_overlap
+from ._eigen import CapturesInitialBasis, scale_lr, subspace_overlap
 
 ORTHO_CHOICES = ("qr", "cayley", "matrix_exp", "penalty")
 SCORE_CHOICES = ("subspace", "context", "weighted")
@@ -225,7 +225,7 @@ class EigenExperts(Experts):
 
 @register_router("ermoe", "eigenbasis-score routing over orthonormally reparameterised experts, no balance loss (ERMoE "
                           "reconstruction from the abstract; score=context and threshold/free_experts are this suite's extensions)")
-class ErMoERouter(Router):
+class ErMoERouter(CapturesInitialBasis, Router):
     """ERMoE (arXiv 2511.10971, CVPR 2026), reconstructed from the abstract; see the module docstring.
 
     Owns the experts' parameterisation through ``wrap_experts`` (returns an ``EigenExperts``) and keeps
@@ -325,12 +325,6 @@ class ErMoERouter(Router):
         self._experts_ref = [eig]
         return eig
 
-    def _captured(self) -> bool:
-        # one host read of the buffer (it may come from a checkpoint), then a Python flag: no sync per forward
-        if not getattr(self, "_captured_flag", False):
-            self._captured_flag = bool(self.basis_captured)
-        return self._captured_flag
-
     @property
     def eigen_experts(self) -> EigenExperts:
         if not self._experts_ref:
@@ -353,7 +347,7 @@ class ErMoERouter(Router):
 
     # --- routing ----------------------------------------------------------------------------------
     def _basis(self, V: Tensor | None = None) -> Tensor:
-        if self.freeze_basis and self._captured():
+        if self.freeze_basis and self._captured_flag:
             return self.initial_basis  # the fixed-projection control
         V = self.eigen_experts.V if V is None else V
         return V[..., : self.route_rank].float()  # (E, d, r): B_e = the first r eigen-directions
@@ -423,10 +417,7 @@ class ErMoERouter(Router):
         context = ctx.context if self.score == "context" else None
         self._check_context(context)
         V = eig.V  # one access: a parametrised basis is computed once per forward here
-        if not self._captured():
-            self.initial_basis.copy_(V[..., : self.route_rank].detach())
-            self.basis_captured.fill_(True)
-            self._captured_flag = True
+        self.capture_initial_basis(V[..., : self.route_rank])  # first forward only (a Python flag: no host read)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, V, eig.s, context))
         # On CPU the projection's FLOPs dominate, so the backward runs over the chosen pairs only; on a
