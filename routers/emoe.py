@@ -81,6 +81,8 @@ class EMoERouter(CapturesInitialBasis, Router):
         self._overlap_cache: Tensor | None = None
 
     eval_at_start = True  # the trainer evaluates at step 0: the load before any learning
+    # 2: the step-0 evaluation no longer hid the tokens-per-sample count (tokens/s read as samples/s)
+    version = 2
     def flops_per_token(self) -> float:
         """Projection 2*d*r, energies ~4r, logits 2*E*r (the E x r mixing matrix is per layer, not per token)."""
         return float(2 * self.d_model * self.rank + 4 * self.rank + 2 * self.num_experts * self.rank)

@@ -285,6 +285,8 @@ class ErMoERouter(CapturesInitialBasis, Router):
         self.register_buffer("basis_captured", torch.zeros((), dtype=torch.bool), persistent=True)
 
     eval_at_start = True  # the trainer evaluates at step 0: the load before any learning
+    # 2: the step-0 evaluation no longer hid the tokens-per-sample count (tokens/s read as samples/s)
+    version = 2
     @staticmethod
     def _check_free(free_experts, num_experts: int) -> tuple[int, ...]:
         if free_experts is None:

@@ -1,6 +1,6 @@
 """Re-derive one paired interval of a report by hand, from the per-example files alone.
 
-    python scripts/rederive_paired.py RESULTS/GRID ROUTER [BASELINE]
+    python scripts/rederive_paired.py RESULTS/GRID ROUTER [BASELINE] [TASK]
 
 Reads every done run's eval_items.npz and final.json under RESULTS/GRID (no moebench imports), pairs
 ROUTER with BASELINE (default softmax-topk) seed by seed, and prints: the mean difference (which must
@@ -17,23 +17,24 @@ from pathlib import Path
 import numpy as np
 
 
-def items_by_seed(grid: Path, label: str) -> dict[int, np.ndarray]:
+def items_by_seed(grid: Path, label: str, task: str | None = None) -> dict[int, np.ndarray]:
     out = {}
     for run in sorted(grid.iterdir()):
         final = run / "final.json"
         if not final.is_file() or not (run / "eval_items.npz").is_file():
             continue
         rec = json.loads(final.read_text())
-        if rec.get("label") == label:
+        if rec.get("label") == label and (task is None or rec.get("task") == task):
             with np.load(run / "eval_items.npz", allow_pickle=False) as z:
                 out[int(rec["seed"])] = z["headline"].astype(float)
             assert abs(out[int(rec["seed"])].mean() - rec["headline"]["value"]) < 1e-6, run  # items = headline
     return out
 
 
-def main(grid: str, router: str, baseline: str = "softmax-topk") -> None:
+def main(grid: str, router: str, baseline: str = "softmax-topk", task: str | None = None) -> None:
+    """``task``: which task's runs, for a grid of several (each task has its own eval set)."""
     g = Path(grid)
-    a, b = items_by_seed(g, router), items_by_seed(g, baseline)
+    a, b = items_by_seed(g, router, task), items_by_seed(g, baseline, task)
     seeds = sorted(set(a) & set(b))
     d = np.vstack([a[s] - b[s] for s in seeds])            # seeds x items, paired by item index
     s, n = d.shape
@@ -58,13 +59,13 @@ def main(grid: str, router: str, baseline: str = "softmax-topk") -> None:
     paired = g / "report" / "paired.csv"
     if paired.is_file():
         for row in csv.DictReader(paired.open()):
-            if row["label"] == router:
+            if row["label"] == router and (task is None or row.get("bench", task) == task):
                 print(f"  report paired.csv          diff {float(row['diff_mean']):+.6f}  CI [{float(row['ci_low']):+.6f}, "
                       f"{float(row['ci_high']):+.6f}]  p {float(row['p_value']):.3f}  p(Holm) {float(row['p_holm']):.3f}  "
                       f"{row['method']}  {row['verdict']}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4):
+    if len(sys.argv) not in (3, 4, 5):
         sys.exit(__doc__)
     main(*sys.argv[1:])

@@ -336,11 +336,14 @@ def test_cli_train_runs_and_rejects_bad_overrides(tmp_path, capsys):
 
 
 def test_eigenbasis_routers_log_the_load_at_step_0_and_basis_drift(tmp_path):
-    lines = {}
+    lines, finals = {}, {}
     for router in ("ermoe", "softmax-topk"):
         spec = make_spec(router, steps=6, eval_every=6, checkpoint_every=0)
-        train(task_for(spec), spec, tmp_path / router, progress=False)
+        finals[router] = train(task_for(spec), spec, tmp_path / router, progress=False)
         lines[router] = records.read_jsonl(tmp_path / router / "metrics.jsonl")
+    # the step-0 evaluation must not be taken for the first training batch when counting tokens
+    for router, final in finals.items():
+        assert final["cost"]["tokens_per_sample"] == finals["softmax-topk"]["cost"]["tokens_per_sample"] > 1, router
     first, last = lines["ermoe"][0], lines["ermoe"][-1]
     assert [line["step"] for line in lines["ermoe"]] == [0, 6]  # the load before any learning
     assert first["train_loss"] is None and first["routing"]["mean"]["load_cv"] is not None

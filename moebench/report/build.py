@@ -76,7 +76,8 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
     states = rs.runs["state"].value_counts()
     summary = [f"Results folder: {rs.root}",
                f"{len(rs.runs)} runs: " + ", ".join(f"{n} {s}" for s, n in states.sort_index().items()),
-               "Missing runs: " + (f"from expected.json of grid(s) {', '.join(sorted(rs.grids_with_expected))}"
+               "Missing runs: " + (f"{int(states.get('missing', 0))} (checked against the expected.json of grid(s) "
+                                   f"{', '.join(sorted(rs.grids_with_expected))})"
                                    if rs.grids_with_expected else
                                    "no expected.json found, so only seeds that other routers of the same task "
                                    "have are detected")]

@@ -305,8 +305,10 @@ class _TokenCounter:
         self.handle = self.module.register_forward_hook(self._hook) if self.module is not None else None
 
     def _hook(self, module, inputs, output):
+        if not self.batch_size:  # a forward outside the training loop (e.g. the step-0 evaluation): not ours
+            return
         out = output[0] if isinstance(output, (tuple, list)) else output
-        if isinstance(out, torch.Tensor) and out.dim() >= 2 and self.batch_size:
+        if isinstance(out, torch.Tensor) and out.dim() >= 2:
             self.per_sample = out.shape[:-1].numel() / self.batch_size
         self.close()
 
