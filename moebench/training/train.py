@@ -559,7 +559,7 @@ class _Trainer:
                 f"metric {task.headline!r}; return it or fix the task's `headline`"
             )
         items = metrics.pop("items", None)
-        if items:
+        if items and self.writer:
             write_eval_items(self.run_dir / EVAL_ITEMS_FILE, items)
         metrics = {k: float(v) for k, v in metrics.items()}
         n = self.interval["n"]
@@ -592,7 +592,7 @@ class _Trainer:
             attempt = (read_status_safe(self.run_dir) or {}).get("attempts")
             print(f"moebench: run {self.rid} resumed from step {self.step} of {self.t['steps']}"
                   + (f" (attempt {attempt})" if attempt else ""), file=sys.stderr, flush=True)
-            if (self.run_dir / "status.json").exists():
+            if self.writer and (self.run_dir / "status.json").exists():
                 write_status(self.run_dir, "running", None, resumed_from=self.step)
         self.t0 = time.perf_counter()
         t = self.t
