@@ -3,8 +3,8 @@ open_clip CLIP are trained a little, saved as state dicts, and loaded back throu
 ``model.pretrained: /path`` code path (the tasks' build_model -> moebench.core.models), then upcycled:
 the upcycled MoE model must compute what the loaded dense model computes. Nothing is downloaded.
 
-Freezing the backbone (``model.freeze_backbone``) belongs to the adapter mode of issue 11 and is not
-in this branch, so only loading and upcycling are checked here."""
+The last test loads the same file into an adapter model with ``moe.freeze_backbone`` and checks that
+training steps leave every loaded backbone weight exactly as the file has it."""
 from __future__ import annotations
 
 import logging
@@ -100,3 +100,30 @@ def test_a_checkpoint_of_another_architecture_is_refused_with_the_keys(timm_weig
     _, path = timm_weights
     with pytest.raises(ValueError, match=r"does not match.*shape mismatches.*pretrained_strict: false"):
         build_model({**TIMM_NAMED, "depth": 2, "num_classes": 7, "pretrained": str(path)})
+
+
+def test_loaded_backbone_stays_frozen_under_adapter_training(timm_weights):
+    """pretrained: /path + moe.mode adapter + freeze_backbone: the loaded weights get no gradient and are
+    unchanged after optimiser steps; only the adapters (and the head) move."""
+    _, path = timm_weights
+    saved = torch.load(path, weights_only=True)
+    task = TASKS.get("classification")()
+    moe = {"blocks": "last-1", "num_experts": 4, "router": "softmax-topk", "router_args": {"top_k": 1},
+           "d_hidden": 8, "capacity_factor": None, "upcycle": False, "mode": "adapter", "patches_only": True,
+           "freeze_backbone": True}
+    torch.manual_seed(7)
+    net = task.build_model({**TIMM_NAMED, "pretrained": str(path)}, moe).train()
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    state = net.state_dict()
+    backbone = [k for k in saved if not k.startswith("head.")]
+    assert backbone and all(torch.equal(state[k], saved[k]) for k in backbone)  # as loaded, after training
+    frozen = dict(net.named_parameters())
+    assert all(not frozen[k].requires_grad for k in backbone if k in frozen)
+    assert any(not torch.equal(state[k], saved[k]) for k in saved if k.startswith("head."))  # the head trains
+
