@@ -315,6 +315,33 @@ def plan(specs: list[dict], results, retry_failed: bool = False, max_retries: in
     return out
 
 
+def log_plan(runs: list[dict], todo: list[dict], log, dry_run: bool, verb: str = "run") -> None:
+    """Say what is skipped or resumed and why (new runs go unmentioned); with ``dry_run``, each run too."""
+    for r in runs:
+        if r["why"] != "done" and (r["action"] == "skip" or r["state"] != "new"):
+            log(f"  {r['run_id']}: {'skip' if r['action'] == 'skip' else 'run'}: {r['why']}")
+    if dry_run:
+        for r in todo:
+            log(f"  would {verb} {r['run_id']} ({r['why']})")
+
+
+def queue(todo: list[dict]) -> list[dict]:
+    """Mark each run queued under its lock, so a run finishing elsewhere is never overwritten; returns
+    the runs still to submit (one locked by another process, or done meanwhile, is skipped)."""
+    for r in todo:
+        with run_lock(r["run_dir"]) as got:
+            if not got:
+                r["action"], r["outcome"] = "skip", "elsewhere"
+            elif inspect(r["run_dir"])["state"] == "done":
+                r["action"] = "skip"
+            else:
+                if not (r["run_dir"] / "spec.yaml").exists():
+                    records.atomic_write_yaml(r["run_dir"] / "spec.yaml", r["spec"])
+                if r["state"] != "corrupt":
+                    records.write_status(r["run_dir"], "queued")
+    return [r for r in todo if r["action"] == "run"]
+
+
 def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool = False,
              retry_failed: bool = False, poll_s: float | None = None, log=print) -> dict:
     """Expand ``grid`` (path or shipped name), run what is not done, print progress and a summary.
@@ -339,26 +366,11 @@ def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool 
     todo = [r for r in runs if r["action"] == "run"]
     log(f"grid {g['name']}: {len(runs)} runs -> {grid_dir} ({cluster}); "
         f"{sum(r['why'] == 'done' for r in runs)} done already, {len(todo)} to run")
-    for r in runs:
-        if r["why"] != "done" and (r["action"] == "skip" or r["state"] != "new"):
-            log(f"  {r['run_id']}: {'skip' if r['action'] == 'skip' else 'run'}: {r['why']}")
+    log_plan(runs, todo, log, dry_run)
     if dry_run:
-        for r in todo:
-            log(f"  would run {r['run_id']} ({r['why']})")
         return {"grid": g["name"], "results": str(grid_dir), "runs": _rows(runs), "counts": _counts(runs)}
 
-    for r in todo:  # mark queued, under the lock so a run finishing elsewhere is never overwritten
-        with run_lock(r["run_dir"]) as got:
-            if not got:
-                r["action"], r["outcome"] = "skip", "elsewhere"
-            elif inspect(r["run_dir"])["state"] == "done":
-                r["action"] = "skip"
-            else:
-                if not (r["run_dir"] / "spec.yaml").exists():
-                    records.atomic_write_yaml(r["run_dir"] / "spec.yaml", r["spec"])
-                if r["state"] != "corrupt":
-                    records.write_status(r["run_dir"], "queued")
-    todo = [r for r in todo if r["action"] == "run"]
+    todo = queue(todo)
     write_expected(grid_dir, runs)
     write_grid_source(grid_dir, g)
     progress = _Progress(runs, log)

@@ -124,7 +124,6 @@ def pretrain_phase(pretrains: list[dict], results, cluster: str, ex: dict, grid_
     Returns ``{weights path: why it is not available}`` for each one that did not finish, so the
     launcher can hold back its dependants instead of starting them from missing weights."""
     from moebench.grids import launch
-    from moebench.training import records
 
     if not pretrains:
         return {}
@@ -136,29 +135,14 @@ def pretrain_phase(pretrains: list[dict], results, cluster: str, ex: dict, grid_
             with run_lock(d) as got:
                 if got:
                     _set_aside(d, ["status.json", "final.json", CHECKPOINT])
-    runs = launch.plan(specs, root, retry_failed)
+    runs = launch.plan(specs, root, retry_failed, ex.get("max_retries", 2))
     todo = [r for r in runs if r["action"] == "run"]
     log(f"pretrain: {len(runs)} dense runs (one per task block and seed) -> {root / PRETRAIN_GRID}; "
         f"{sum(r['why'] == 'done' for r in runs)} done already, {len(todo)} to run first")
-    for r in runs:
-        if r["why"] != "done" and (r["action"] == "skip" or r["state"] != "new"):
-            log(f"  {r['run_id']}: {'skip' if r['action'] == 'skip' else 'run'}: {r['why']}")
+    launch.log_plan(runs, todo, log, dry_run, verb="pretrain")
     if dry_run:
-        for r in todo:
-            log(f"  would pretrain {r['run_id']} ({r['why']})")
         return {}
-    for r in todo:  # as run_grid does: mark queued under the lock
-        with run_lock(r["run_dir"]) as got:
-            if not got:
-                r["action"], r["outcome"] = "skip", "elsewhere"
-            elif inspect(r["run_dir"])["state"] != "done":
-                if not (r["run_dir"] / "spec.yaml").exists():
-                    records.atomic_write_yaml(r["run_dir"] / "spec.yaml", r["spec"])
-                if r["state"] != "corrupt":
-                    records.write_status(r["run_dir"], "queued")
-            else:
-                r["action"] = "skip"
-    todo = [r for r in todo if r["action"] == "run"]
+    todo = launch.queue(todo)
     progress = launch._Progress(runs, log)
     progress.poll()
     if todo:
