@@ -23,13 +23,7 @@ from moebench.training.rundir import run_path
 from moebench.training.spec import SpecError, apply_override, resolve_spec, run_id
 from moebench.training.train import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def toy_spec(steps=8, **train_opts):

@@ -6,24 +6,13 @@ import math
 
 import pytest
 import torch
+from router_cases import EVAL, TRAIN, build, set_gate
 
 from moebench.core.layer import MoELayer
 from moebench.core.registry import ROUTERS
 from moebench.core.routing import Router, RoutingContext
 
 e = math.e
-EVAL = RoutingContext(training=False)
-TRAIN = RoutingContext(training=True)
-
-
-def build(name, d, num_experts, **kw):
-    torch.manual_seed(0)
-    return ROUTERS.get(name)(d_model=d, num_experts=num_experts, **kw)
-
-
-def set_gate(router, weight):
-    with torch.no_grad():
-        router.gate.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
 
 
 def by_token(routing):

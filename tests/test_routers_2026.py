@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from reference_moe import fixed_routing
+from router_cases import EVAL, TRAIN, build, set_gate
 
 from moebench.core.config import EXPERT_ACTIVATIONS
 from moebench.core.experts import ACTIVATIONS, Experts
@@ -14,19 +15,7 @@ from moebench.core.layer import MoELayer
 from moebench.core.registry import ROUTERS
 from moebench.core.routing import Routing, RoutingContext
 
-EVAL = RoutingContext(training=False)
-TRAIN = RoutingContext(training=True)
 e = math.e
-
-
-def build(name, d, num_experts, **kw):
-    torch.manual_seed(0)
-    return ROUTERS.get(name)(d_model=d, num_experts=num_experts, **kw)
-
-
-def set_gate(router, weight):
-    with torch.no_grad():
-        router.gate.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
 
 
 def silu(v):

@@ -17,14 +17,7 @@ from moebench.training.runner import execute
 from moebench.training.spec import SpecError, apply_override, resolve_spec, run_id
 from moebench.training.train import lr_factor, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~10x faster on one thread than on two contended ones."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_spec(router="softmax-topk", steps=30, **train):
