@@ -20,6 +20,8 @@
 # Environment: SLURM_CONF_DIR (default /etc/slurm), LOCAL_SLURM_WAIT_S (default 60),
 #              LOCAL_SLURM_PARTITION (default debug).
 set -uo pipefail
+# The daemons live in /usr/sbin, which a non-login PATH (e.g. PATH=/usr/bin:/bin) lacks.
+case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH="$PATH:/usr/sbin:/sbin" ;; esac
 
 CONF_DIR="${SLURM_CONF_DIR:-/etc/slurm}"
 CONF="$CONF_DIR/slurm.conf"
