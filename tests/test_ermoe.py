@@ -405,19 +405,33 @@ def _upcycled(d=16, h=32, E=4, **args):
     return layer, fc1, fc2
 
 
-def test_upcycled_experts_route_on_different_slices_and_stay_the_dense_mlp():
-    layer, fc1, fc2 = _upcycled(route_rank=4)
+@pytest.mark.parametrize("slices", ["interleaved", "snake", "contiguous"])
+def test_upcycled_experts_route_on_different_slices_and_stay_the_dense_mlp(slices):
+    layer, fc1, fc2 = _upcycled(route_rank=4, slices=slices)
     x = torch.randn(3, 20, 16)
     torch.testing.assert_close(layer(x), fc2(F.gelu(fc1(x))), atol=1e-5, rtol=1e-5)  # function exact
     S = layer.stats["scores"]
     assert (S.max(-1).values - S.min(-1).values > 1e-3).all()  # no token sees all experts tie
     assert len(set(layer.stats["top1"].tolist())) > 1
-    # expert e leads with dense eigen-directions e*4 .. e*4 + 3
+    # expert e leads with its own dense eigen-directions: interleaved e, e+4, e+8, e+12
     V = layer.experts.V.detach()
     u_dense = torch.linalg.svd(fc1.weight.detach().t(), full_matrices=False)[0]
+    want = {"interleaved": lambda e: [e, e + 4, e + 8, e + 12], "snake": lambda e: [e, 7 - e, 8 + e, 15 - e],
+            "contiguous": lambda e: [4 * e + j for j in range(4)]}[slices]
     for e in range(4):
-        overlap = (u_dense[:, 4 * e: 4 * e + 4].T @ V[e, :, :4]).square().sum() / 4
+        overlap = (u_dense[:, want(e)].T @ V[e, :, :4]).square().sum() / 4
         assert overlap > 0.999
+
+
+def test_interleaved_slices_give_no_expert_the_leading_direction_band():
+    """Contiguous slices put every leading direction in expert 0; interleaved ones one per expert per band."""
+    from moebench.routers.ermoe import slice_indices
+
+    assert slice_indices("contiguous", 4, 16, 4)[0] == [0, 1, 2, 3]
+    assert [s[0] for s in slice_indices("interleaved", 4, 16, 4)] == [0, 1, 2, 3]
+    assert sorted(i for s in slice_indices("interleaved", 4, 16, 4) for i in s) == list(range(16))
+    with pytest.raises(ValueError, match="slices"):
+        _upcycled(slices="diagonal")
 
 
 def test_basis_overlap_starts_at_one_and_falls_as_the_basis_learns():
