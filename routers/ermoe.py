@@ -22,6 +22,15 @@ so the expert's function stays exactly the dense MLP's):
     contiguous             expert e: e*r .. e*r + r - 1 (mod m) (issue 11's; expert 0 holds the leading
                            directions, which carry most of every token's energy: it collapses)
 
+Slices alone still leave the expert holding direction 0 ahead (26-39 % of first choices at E = 8 on
+classification, docs/ERMOE.md), so upcycled experts are also ``calibrate``d (default true, THIS SUITE'S
+FIX, not in the abstract): at the first forward after upcycling, per-expert gains g (E,) are fitted on
+that batch so that argmax_e g_e S_e spreads the first choices evenly, then frozen (a buffer, saved with
+the model); the score is g_e S_e from then on, for selection and gate weights alike. Identical
+upcycled experts with weights summing to 1 still compute exactly the dense MLP. In the trainer that
+first batch is the step-0 evaluation's first batch (inputs only, no labels). Not for ``score:
+context`` (a cosine that may be negative: a gain would not rescale it).
+
 Score S (T, E):
 
     subspace  S_e = ||B_e^T x|| / ||x||                            cosine of x with span(B_e), in [0, 1]
@@ -113,6 +122,7 @@ class EigenExperts(Experts):
         self.use_grouped_mm = True
         self.routing_stride = 0  # set by the router: load_dense gives each expert its own leading columns
         self.routing_slices = "interleaved"  # ... in this layout (SLICE_CHOICES)
+        self.upcycled = False  # set by load_dense / load_experts: the router may calibrate its selection
         if init:
             self.reset_parameters()
 
@@ -204,6 +214,7 @@ class EigenExperts(Experts):
         """Upcycle from per-expert dense weights (E, d, h) / (E, h) / (E, h, d) / (E, d) (Drop-Upcycling
         gives each expert its own), via each one's SVD, then give each expert its routing slice."""
         self._set_dense(w1, b1, w2, b2)
+        self.upcycled = True
         if self.routing_stride:
             self.assign_slices(self.routing_stride, self.routing_slices)
 
@@ -242,6 +253,20 @@ class EigenExperts(Experts):
                 f"rank={self.rank}, fc1_mode={self.fc1_mode!r}")
 
 
+@torch.no_grad()
+def balance_offsets(S: Tensor, iters: int = 300) -> Tensor:
+    """Offsets c (E,) such that argmax_e (S - c) gives each expert about 1/E of the first choices of
+    the tokens S (T, E): c_e rises while expert e is over its share (a decaying step, so it settles);
+    returned centred (mean 0)."""
+    T, E = S.shape
+    c = S.new_zeros(E, dtype=torch.float32)
+    spread = float((S.float().amax(-1) - S.float().amin(-1)).mean().clamp_min(1e-6))
+    for i in range(iters):
+        counts = torch.bincount((S.float() - c).argmax(-1), minlength=E).float() / T
+        c += spread * 0.5 * 0.985 ** i * (counts - 1.0 / E)
+    return c - c.mean()
+
+
 def slice_indices(kind: str, num_experts: int, m: int, r: int) -> list[list[int]]:
     """The r eigen-directions (indices into the m singular directions, largest first) expert e routes
     on, per expert: ``interleaved`` e + j*E, ``snake`` the same with odd bands reversed, ``contiguous``
@@ -278,7 +303,7 @@ class ErMoERouter(CapturesInitialBasis, Router):
                  lambda_orth: float = 5e-4, route_rank: int | None = None, score: str = "subspace",
                  threshold: float = 0.0, free_experts: list[int] | None = None, weights: str = "normalized",
                  temperature: float = 0.7, fc1_mode: str = "auto", freeze_basis: bool = False,
-                 eigen_lr_scale: float = 1.0, slices: str = "interleaved"):
+                 eigen_lr_scale: float = 1.0, slices: str = "interleaved", calibrate: bool = True):
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
             raise ValueError(f"ermoe option top_k must be an integer, got {top_k!r}")
         super().__init__(d_model, num_experts, int(top_k))
@@ -287,6 +312,10 @@ class ErMoERouter(CapturesInitialBasis, Router):
         self.weights = _choice("weights", weights, WEIGHT_CHOICES)
         self.fc1_mode = _choice("fc1_mode", fc1_mode, FC1_MODES)
         self.slices = _choice("slices", slices, SLICE_CHOICES)
+        if not isinstance(calibrate, bool):
+            raise ValueError(f"ermoe option calibrate must be true or false (per-expert score gains fitted "
+                             f"at the first forward after upcycling), got {calibrate!r}")
+        self.calibrate = calibrate
         if not _is_real(lambda_orth) or lambda_orth < 0:
             raise ValueError(f"ermoe option lambda_orth must be a number >= 0 (penalty weight), got {lambda_orth!r}")
         if not _is_real(temperature) or not temperature > 0:
@@ -326,6 +355,8 @@ class ErMoERouter(CapturesInitialBasis, Router):
         # (sized in wrap_experts; saved with the model so a resumed run measures drift from the same B0)
         self.register_buffer("initial_basis", torch.zeros(0), persistent=True)
         self.register_buffer("basis_captured", torch.zeros((), dtype=torch.bool), persistent=True)
+        # per-expert score gains of upcycled experts (``calibrate``): fitted at the first forward, then fixed
+        self.register_buffer("score_gain", torch.ones(num_experts), persistent=True)
 
     # 2: the step-0 evaluation no longer hid the tokens-per-sample count (tokens/s read as samples/s)
     # 3: upcycled experts route on interleaved eigen-directions (slices), not contiguous ones (issue 18)
@@ -463,7 +494,12 @@ class ErMoERouter(CapturesInitialBasis, Router):
         context = ctx.context if self.score == "context" else None
         self._check_context(context)
         V = eig.V  # one access: a parametrised basis is computed once per forward here
+        first = not self._captured_flag
         self.capture_initial_basis(V[..., : self.route_rank])  # first forward only (a Python flag: no host read)
+        if first and self.calibrate and eig.upcycled and self.score != "context":
+            with torch.no_grad():  # gains g = exp(-c), c fitted on log S: argmax_e g_e S_e spreads evenly
+                self.score_gain.copy_(torch.exp(-balance_offsets(self.scores(x, context, V).clamp_min(_EPS).log())))
+        gain = self.score_gain
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, V, eig.s, context))
         # On CPU the projection's FLOPs dominate, so the backward runs over the chosen pairs only; on a
@@ -471,10 +507,11 @@ class ErMoERouter(CapturesInitialBasis, Router):
         if needs_grad and self.top_k < self.num_experts and x.device.type == "cpu":
             with torch.no_grad():
                 S = self.scores(x, context, V)
+                S = S * gain
             idx, fallback = self.select(S)
-            s_sel = self._pair_scores(x, context, V, idx)
+            s_sel = self._pair_scores(x, context, V, idx) * gain[idx]
         else:
-            S = self.scores(x, context, V)
+            S = self.scores(x, context, V) * gain
             idx, fallback = self.select(S)
             s_sel = S.gather(1, idx)
         if self.weights == "softmax":

@@ -121,7 +121,10 @@ def _write_csvs(rep: Report, out: Path) -> None:
     rep.leaderboard.to_csv(out / "leaderboard.csv", index=False)
     rep.ranks.to_csv(out / "ranks.csv", index=False)
     rep.paired.to_csv(out / "paired.csv", index=False)
-    rep.rs.runs.drop(columns=["sweep"], errors="ignore").to_csv(out / "runs.csv", index=False)
+    runs = rep.rs.runs.drop(columns=["sweep"], errors="ignore").copy()
+    for col in [c for c in runs if c == "collapsed" or c.startswith("collapsed.")]:
+        runs[col] = runs[col].map(lambda v: None if pd.isna(v) else bool(v)).astype("boolean")  # True / False
+    runs.to_csv(out / "runs.csv", index=False)
 
 
 def _markdown(rep: Report, figures, out: Path) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from moebench.report.items import seed_matrix
-from moebench.report.load import RecordSet
+from moebench.report.load import ROUTES_KEYS, RecordSet
 from moebench.report.render import Table, slug
 from moebench.report.stats import (
     bootstrap_mean,
@@ -40,7 +40,7 @@ STAT_COLUMNS = [
 DIAG_EXTRA = ["max_vio", "min_load_share", "max_load_share", "near_dead_experts", "last_fluctuation_step"]
 MEAN_COLUMNS = [c for c, *_ in STAT_COLUMNS] + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "margin", "fallback_rate",
                                                  "unrouted_rate", "mutual_info_norm", "final_switch", "settle_fraction",
-                                                 "wall_time_s", "peak_memory_mb"]
+                                                 "wall_time_s", "peak_memory_mb", *ROUTES_KEYS]
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -65,7 +65,8 @@ def leaderboard_frame(rs: RecordSet) -> pd.DataFrame:
 
 def _group_row(bench, label, variant, g: pd.DataFrame, bench_seeds: set, grids_with_expected: set) -> dict:
     done = g[(g["state"] == "done") & g["headline_value"].notna()]
-    cols = ["headline_value"] + [c for c in MEAN_COLUMNS if c in g]
+    per_layer = sorted(c for c in g if c.split(".layer")[0] in ROUTES_KEYS and ".layer" in c)
+    cols = ["headline_value"] + [c for c in MEAN_COLUMNS if c in g] + per_layer
     per_seed = done.groupby("seed")[cols].mean() if len(done) else pd.DataFrame(columns=cols)
     listed = set(g["seed"].dropna())
     expected = len(listed) if g["grid"].iloc[0] in grids_with_expected else len(bench_seeds | listed)
@@ -363,6 +364,10 @@ DIAG_COLUMNS = [
     ("max_vio", "MaxVio ↓", "lower", "f2"),
     ("min_load_share", "Min load (%)", None, "pct"),
     ("max_load_share", "Max load (%)", None, "pct"),
+    ("first_choice_max_share_init", "1st-choice max at step 0 (%, per layer)", None, "layers"),
+    ("first_choice_max_share", "1st-choice max (%, per layer)", None, "layers"),
+    ("collapsed", "Collapsed (seeds)", None, "seeds"),
+    ("moved_from_init", "Moved from init (%)", None, "pct"),
     ("near_dead_experts", "Near-dead experts ↓", "lower", "f1"),
     ("dead_experts", "Dead experts ↓", "lower", "f1"),
     ("unrouted_rate", "Unrouted (%) ↓", "lower", "pct"),
@@ -374,6 +379,20 @@ DIAG_COLUMNS = [
     ("tokens_per_s", "Tokens/s ({p}) ↑", "higher", "si"),
 ]
 _BALANCE_KEYS = {"load_cv", "max_vio", "near_dead_experts", "dead_experts", "unrouted_rate", "drop_rate"}
+_STABILITY_KEYS = {"switch_rate", "final_switch", "last_fluctuation_step"}  # never "stable" when collapsed
+
+
+def collapsed_seeds(r) -> int:
+    """Seeds of a leaderboard group whose router collapsed (``collapsed`` is their mean, 0..1)."""
+    share = r.get("collapsed", math.nan)
+    return 0 if pd.isna(share) else int(round(float(share) * int(r["n_done"])))
+
+
+def _layers_text(r, key: str) -> str:
+    """Per-layer means over seeds in %, "L0 / L1 / ..." (the run mean when no layer column exists)."""
+    cols = sorted((c for c in r.index if c.startswith(f"{key}.layer")), key=lambda c: int(c.rsplit("layer", 1)[1]))
+    vals = [r[c] for c in cols if not pd.isna(r[c])] or ([r[key]] if key in r and not pd.isna(r[key]) else [])
+    return " / ".join(f"{100 * float(v):.0f}" for v in vals) if vals else "–"
 
 
 def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
@@ -382,8 +401,18 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
     cells = [[r["label"]] + ([r["variant"]] if show_variant else []) for _, r in b.iterrows()]
     bold: set[tuple[int, int]] = set()
     hides = _hides_tokens(b)
+    collapsed = [collapsed_seeds(r) > 0 for _, r in b.iterrows()]
     for key, header, direction, kind in DIAG_COLUMNS:
         if key not in b or b[key].isna().all():
+            continue
+        if kind in ("layers", "seeds"):
+            columns.append(header)
+            for i, (_, r) in enumerate(b.iterrows()):
+                if kind == "layers":
+                    cells[i].append(_layers_text(r, key))
+                else:
+                    n = collapsed_seeds(r)
+                    cells[i].append("–" if pd.isna(r[key]) else (f"yes ({n}/{int(r['n_done'])})" if n else "no"))
             continue
         vals = b[key].astype(float)
         if kind == "overlap":  # mean over evaluations of the share matching the final routing = 1 - final_switch
@@ -395,23 +424,30 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
         columns.append(header)
         texts = [fmt_value(v, kind, scale) for v in vals]
         for i, t in enumerate(texts):
-            cells[i].append(t)
+            # a collapsed router's routing is trivially "stable": say so next to the number
+            cells[i].append(t + (" (collapsed)" if key in _STABILITY_KEYS and collapsed[i] and t != "–" else ""))
         if direction:
-            eligible = [(i, float(v), bool(b["complete"].iloc[i]) and not (key in _BALANCE_KEYS and hides[i]))
+            eligible = [(i, float(v), bool(b["complete"].iloc[i]) and not (key in _BALANCE_KEYS and hides[i])
+                         and not (key in _STABILITY_KEYS and collapsed[i]))
                         for i, v in enumerate(vals)]
-            if key in _BALANCE_KEYS:  # a row that leaves tokens out never wins a balance column
+            if key in _BALANCE_KEYS or key in _STABILITY_KEYS:  # never bold: tokens left out / collapsed
                 eligible = [e for e in eligible if e[2]]
             bold |= {(i, len(columns) - 1) for i in _bold_best(eligible, texts, direction)}
     notes = ["Means over seeds and MoE layers, from the experts tokens were actually dispatched to. Load = "
              "routed (token, expert) pairs per expert: CV = std/mean; MaxVio = max/mean − 1; min / max "
              "load = the least / most loaded expert's share (uniform = 100/E %); near-dead = experts "
-             "under 1 % of the uniform share. Switch = probe tokens whose top-1 expert changed since the "
-             "previous evaluation; overlap w/ final = probe tokens whose top-1 equals the final "
-             "checkpoint's, averaged over evaluations (LibMoE); last fluctuation = the last evaluation "
-             "step at which any probe token changed expert (StableMoE). MI = mutual information between "
-             "the token's label and its top-1 expert, unrouted tokens as their own category. Bold = best "
-             "among complete groups; a row with unrouted or dropped tokens is never bold in a balance "
-             "column."]
+             "under 1 % of the uniform share. 1st-choice max = share of the dispatched first choices "
+             "(top-1) taken by the most popular expert, per MoE layer, at step 0 (before training) and at "
+             "the end (uniform = 100/E %); collapsed = one expert takes more than 50 % of them in some "
+             "layer (seeds where it did); moved from init = probe tokens whose top-1 differs from step 0's "
+             "(0: the router never left its initial routing). Switch = probe tokens whose top-1 expert "
+             "changed since the previous probe point (the probe samples are routed every "
+             "train.probe_every steps); overlap w/ final = probe tokens whose top-1 equals the final "
+             "checkpoint's, averaged over probe points (LibMoE); last fluctuation = the last probe step at "
+             "which any probe token changed expert (StableMoE). A collapsed router is trivially stable: its "
+             "stability values are marked (collapsed) and never bold. MI = mutual information between the "
+             "token's label and its top-1 expert, unrouted tokens as their own category. Bold = best among "
+             "complete groups; a row with unrouted or dropped tokens is never bold in a balance column."]
     return Table(title=f"Routing diagnostics: {bench}", columns=columns, rows=cells, bold=bold, notes=notes,
                  label=f"tab:diagnostics-{slug(bench)}", left=1 + show_variant)
 
