@@ -13,7 +13,6 @@ import numpy as np
 from scipy import stats
 
 ALPHA = 0.05
-EQUIVALENT, DIFFERENT, INCONCLUSIVE = "equivalent", "different", "inconclusive"
 
 
 @dataclass(frozen=True)
@@ -50,14 +49,6 @@ def tost_bootstrap(boot, margin: float, alpha: float = ALPHA) -> Tost:
     p1 = (int((boot <= -margin).sum()) + 1) / (n + 1)
     p2 = (int((boot >= margin).sum()) + 1) / (n + 1)
     return Tost(p1, p2, max(p1, p2), max(p1, p2) < alpha)
-
-
-def tost_verdict(tost: Tost, different: bool) -> str:
-    """equivalent (TOST p < α: the difference is inside ±δ), else different (the Holm-corrected
-    difference test rejected), else inconclusive (the data allow both)."""
-    if tost.equivalent:
-        return EQUIVALENT
-    return DIFFERENT if different else INCONCLUSIVE
 
 
 def p_improve(x, y, higher_is_better: bool = True) -> float:
