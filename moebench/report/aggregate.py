@@ -159,7 +159,7 @@ def summary_table(summary: Summary) -> Table | None:
     notes = ["Borda rank: each task gives a router one point per router with a worse headline mean (ties half); "
              "points summed over tasks, rank 1 = most points (MTEB).",
              f"Score: <task>: the router's headline mean normalised per task, {zero}{fallback}, 100 = the best "
-             "router's mean in that task; above 100 cannot happen, below 0 is worse than the zero point.",
+             "router's mean in that task (a single run can score above 100); below 0 = worse than the zero point.",
              "Mean score: the mean of the per-task scores.",
              "IQM: interquartile mean of the normalised score over all (task, seed) runs, with a 95% "
              "stratified bootstrap interval (2000 resamples of seeds within each task; rliable).",

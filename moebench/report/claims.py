@@ -332,7 +332,8 @@ def pairs(runs: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
     out = {}
     routers = runs.groupby("label")["router"].first()
     modes = runs.groupby("label")["moe_mode"].first() if "moe_mode" in runs else pd.Series(dtype=object)
-    for cand in sorted(lab for lab, r in routers.items() if r in CANDIDATES):
+    for cand in sorted((lab for lab, r in routers.items() if r in CANDIDATES),
+                       key=lambda x: (CANDIDATES.index(routers[x]), x)):
         refs = [lab for lab, r in routers.items() if r in REFERENCES and modes.get(lab) == modes.get(cand)]
         out[cand] = {lab: runs[runs["label"] == lab] for lab in sorted(refs, key=lambda x: (REFERENCES.index(routers[x]), x))}
     return out
@@ -352,7 +353,7 @@ def audit(runs: pd.DataFrame, layers: pd.DataFrame, lb: pd.DataFrame, paired: di
     for claim in CLAIMS:
         for cand, refs in matched.items():
             out = claim.rule(done[done["label"] == cand], refs, ctx)
-            verdicts.append((claim.key, cand, out.verdict, out.note))
+            verdicts.append((claim.claim, cand, out.verdict, out.note))
             for ref, rd in (out.readings or {"": "no data"}).items():
                 rows.append({"claim": claim.key, "candidate": cand, "reference": ref, "reading": rd,
                              "verdict": out.verdict, "note": out.note, "measured_by": claim.measured_by})
@@ -397,7 +398,7 @@ def _table(runs, lb, matched, verdicts) -> Table:
     rows = []
     for claim in CLAIMS:
         rows.append([claim.claim, claim.measured_by] + [claim_value(claim, runs, lb, e) for e in entries]
-                    + ["; ".join(by_claim.get(claim.key, [])), claim.test_with])
+                    + ["; ".join(by_claim.get(claim.claim, [])), claim.test_with])
     notes = ["One row per claim of the ERMoE abstract. Values: mean [95% interval] over the runs the claim "
              "reads (stratified bootstrap over (task, seed) runs; accuracy rows: the leaderboard's headline "
              "and interval). " + ", ".join(matched) + " are compared with the softmax-topk / switch runs of the "

@@ -162,9 +162,9 @@ def claim_findings(verdicts, totals, paired: pd.DataFrame, baseline: str) -> lis
         return out
     for bench, p in paired.groupby("bench", sort=False):
         say = lambda f: ", ".join(f"{r['label']} ({r['diff_mean']:+.3g})" for _, r in f.iterrows())  # noqa: E731
-        for word, rows in (("beats", p[p["verdict"] == "better"]), ("is worse than", p[p["verdict"] == "worse"])):
+        for word, rows in (("better", p[p["verdict"] == "better"]), ("worse", p[p["verdict"] == "worse"])):
             if len(rows):
-                out.append(f"{bench}: {say(rows)} {word} {baseline} after Holm correction.")
+                out.append(f"{bench}: {word} than {baseline} after Holm correction: {say(rows)}.")
         eq = p[p["tost"] == "equivalent"]
         if len(eq):
             out.append(f"{bench}: equivalent to {baseline} within ±{eq['margin'].iloc[0]:g}: "
