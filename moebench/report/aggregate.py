@@ -168,4 +168,4 @@ def summary_table(summary: Summary) -> Table | None:
 
 
 def _score(x) -> str:
-    return "–" if pd.isna(x) else f"{x:.1f}"
+    return "–" if pd.isna(x) else f"{x + 0.0:.1f}".replace("-0.0", "0.0")

@@ -32,6 +32,7 @@ summary{cursor:pointer;font-weight:600}
 .wrap{overflow-x:auto}
 .top td{white-space:normal;min-width:5em;vertical-align:top}
 .top td.l{min-width:9em;max-width:22em}
+.claims td:nth-last-child(-n+2),.claims th:nth-last-child(-n+2){text-align:left;min-width:14em}
 """
 
 
@@ -65,7 +66,8 @@ def render_page(title: str, summary: list[str], problems: list[str], per_bench: 
            "<nav><b>Contents</b><ul>" + "".join(f'<li><a href="#{_anchor(s)}">{html.escape(s)}</a></li>'
                                                for s in sections) + "</ul></nav>"]
     for t in top:
-        out.append(f'<div class="wrap top" id="{_anchor(t.title)}">{to_html(t, level=2)}</div>')
+        kind = " claims" if t.label == "tab:claims" else ""
+        out.append(f'<div class="wrap top{kind}" id="{_anchor(t.title)}">{to_html(t, level=2)}</div>')
     out += [_figure(p) for p in plots if p.kind == "profile"]
     if findings:
         out.append(f'<h2 id="{_anchor("Key findings")}">Key findings</h2><div class="findings"><ul>'
