@@ -176,3 +176,24 @@ def test_reading_and_combine_rules():
     assert combine(["better", "equivalent"]) == "equivalent"
     assert combine(["better", "inconclusive"]) == "inconclusive"
     assert combine(["no data"]) == combine([]) == "not testable here"
+
+
+@pytest.mark.slow
+def test_claims_and_summary_fit_1400px(tmp_path):
+    """The claims audit's long text cells wrap instead of widening the page (headless Chromium)."""
+    import subprocess
+
+    from test_report_browser import CHROMIUM, PROBE, WIDTH
+
+    if CHROMIUM is None:
+        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium)")
+    out = write_report(claims_folder(tmp_path), tmp_path / "rep", formats=("html",), plots=False)
+    probe = tmp_path / "probe.html"
+    probe.write_text((out / "report.html").read_text().replace("</body>", PROBE + "</body>"))
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--window-size={WIDTH},900",
+                           "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    line = next((ln for ln in proc.stdout.splitlines() if "RESULT" in ln), None)
+    assert line is not None, f"Chromium printed no result: {proc.stderr[-2000:]}"
+    _, n_tables, bad = line.split("RESULT", 1)[1].strip().split(" ", 2)
+    assert int(n_tables) >= 4 and bad.startswith("[]"), f"tables wider than the page at {WIDTH}px: {bad}"
