@@ -176,9 +176,11 @@ def rule_stability(cand, refs, ctx) -> Outcome:
     readings = {lab: compare(cand, ref, SWITCH)["reading"] for lab, ref in refs.items()}
     verdict = combine(list(readings.values()))
     k, n = _collapse_note(cand)
+    moved = cand["moved_from_init"].dropna() if "moved_from_init" in cand else pd.Series(dtype=float)
+    extra = [f"moved from init {100 * moved.mean():.0f} %"] if len(moved) else []
     if k and verdict == SUPPORTED:
-        return Outcome(NOT_TESTABLE, readings, f"collapsed in {k}/{n} runs: trivially stable")
-    return Outcome(verdict, readings, f"collapsed in {k}/{n} runs" if k else "")
+        return Outcome(NOT_TESTABLE, readings, "; ".join([f"collapsed in {k}/{n} runs: trivially stable"] + extra))
+    return Outcome(verdict, readings, "; ".join(([f"collapsed in {k}/{n} runs"] if k else []) + extra))
 
 
 def rule_utilisation(cand, refs, ctx) -> Outcome:
@@ -285,8 +287,8 @@ class Claim:
 
 
 CLAIMS = [
-    Claim("stability", "Stable routing", "switch rate: probe tokens whose top-1 expert changed since the previous "
-          "evaluation (%), lower = stabler; collapsed runs flagged", "switch_rate", None, rule_stability,
+    Claim("stability", "Stable routing", "switch rate: share of probe tokens whose top-1 expert changed since the "
+          "previous evaluation, lower = stabler; collapsed runs flagged", "switch_rate", None, rule_stability,
           "quick with train.probe_every (issue 18: >= 10 probe points per run), CPU; at scale the imagenet "
           "grid (moebench/grids/configs/imagenet.yaml), GPUs"),
     Claim("utilisation", "High utilisation, flatter expert load without a balance loss",
