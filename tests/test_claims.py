@@ -70,6 +70,9 @@ def test_each_verdict_is_reached(tmp_path):
     assert v["State-of-the-art COCO / Flickr30K retrieval"][0] == "not testable here"
     rows = rep.claims.frame
     assert set(rows[rows["claim"] == "stability"]["reading"]) == {"better"}
+    stab = rows[(rows["claim"] == "stability") & (rows["reference"] == "switch")].iloc[0]
+    assert stab["diff"] == pytest.approx(np.mean([0.01 + 0.001 * s - 0.2 - 0.01 * s for s in SEEDS]))
+    assert stab["ci_low"] <= stab["diff"] <= stab["ci_high"] < 0 and stab["n_pairs"] == len(SEEDS)
     assert set(rows[(rows["claim"] == "imagenet")]["reference"]) == {"softmax-topk", "switch"}
     # the paired comparison carries the TOST verdict, the margin and P(improve) with its interval
     p = rep.paired[(rep.paired["label"] == "ermoe") & (rep.paired["bench"] == "classification")].iloc[0]

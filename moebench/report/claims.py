@@ -155,6 +155,13 @@ class Outcome:
     verdict: str
     readings: dict[str, str]   # reference label -> better / worse / equivalent / inconclusive / no data
     note: str = ""
+    details: dict | None = None  # reference label -> {n_pairs, diff, ci_low, ci_high} (claims.csv)
+
+
+def _compared(cand, refs, m: Measure, scope=lambda r: r) -> tuple[dict, dict]:
+    """(readings, details) of ``compare`` against every reference."""
+    details = {lab: compare(scope(cand), scope(ref), m) for lab, ref in refs.items()}
+    return {lab: d["reading"] for lab, d in details.items()}, details
 
 
 def _not_brain(runs: pd.DataFrame) -> pd.DataFrame:
@@ -173,25 +180,26 @@ def _collapse_note(cand: pd.DataFrame) -> tuple[int, int]:
 def rule_stability(cand, refs, ctx) -> Outcome:
     """Fewer probe tokens switching expert (switch rate at the last evaluation) than every reference;
     a collapsed router is trivially stable, so it cannot support the claim."""
-    readings = {lab: compare(cand, ref, SWITCH)["reading"] for lab, ref in refs.items()}
+    readings, details = _compared(cand, refs, SWITCH)
     verdict = combine(list(readings.values()))
     k, n = _collapse_note(cand)
     moved = cand["moved_from_init"].dropna() if "moved_from_init" in cand else pd.Series(dtype=float)
     extra = [f"moved from init {100 * moved.mean():.0f} %"] if len(moved) else []
     if k and verdict == SUPPORTED:
-        return Outcome(NOT_TESTABLE, readings, "; ".join([f"collapsed in {k}/{n} runs: trivially stable"] + extra))
-    return Outcome(verdict, readings, "; ".join(([f"collapsed in {k}/{n} runs"] if k else []) + extra))
+        return Outcome(NOT_TESTABLE, readings, "; ".join([f"collapsed in {k}/{n} runs: trivially stable"] + extra),
+                       details)
+    return Outcome(verdict, readings, "; ".join(([f"collapsed in {k}/{n} runs"] if k else []) + extra), details)
 
 
 def rule_utilisation(cand, refs, ctx) -> Outcome:
     """Flatter expert load (lower load CV) than every reference, with no balance loss; a collapsed
     router has low utilisation by definition, so collapse contradicts the claim."""
-    readings = {lab: compare(cand, ref, LOAD_CV)["reading"] for lab, ref in refs.items()}
+    readings, details = _compared(cand, refs, LOAD_CV)
     verdict = combine(list(readings.values()))
     k, n = _collapse_note(cand)
     if k:
-        return Outcome(CONTRADICTED, readings, f"collapsed in {k}/{n} runs")
-    return Outcome(verdict, readings)
+        return Outcome(CONTRADICTED, readings, f"collapsed in {k}/{n} runs", details)
+    return Outcome(verdict, readings, "", details)
 
 
 def rule_gradient(cand, refs, ctx) -> Outcome:
@@ -218,8 +226,8 @@ def rule_specialisation(cand, refs, ctx) -> Outcome:
         note = ""
     else:
         m, scope, note = MI, _not_brain, "proxy: MI with the task's label, no known partition"
-    readings = {lab: compare(scope(cand), scope(ref), m)["reading"] for lab, ref in refs.items()}
-    return Outcome(combine(list(readings.values())), readings, note)
+    readings, details = _compared(cand, refs, m, scope)
+    return Outcome(combine(list(readings.values())), readings, note, details)
 
 
 def _paired_row(ctx: Context, ref: str, label: str, task: str):
@@ -237,10 +245,13 @@ def _accuracy_rule(task: str, direct):
         if cand.empty or _task(cand, task).empty:
             return Outcome(NOT_TESTABLE, {}, f"no {task} runs")
         label = cand["label"].iloc[0]
-        readings = {lab: paired_reading(_paired_row(ctx, lab, label, task)) for lab in refs}
+        rows = {lab: _paired_row(ctx, lab, label, task) for lab in refs}
+        readings = {lab: paired_reading(row) for lab, row in rows.items()}
+        details = {lab: {"n_pairs": row["n_pairs"], "diff": row["diff_mean"], "ci_low": row["ci_low"],
+                         "ci_high": row["ci_high"]} for lab, row in rows.items() if row is not None}
         data = _task(cand, task)["data"].dropna().unique() if "data" in cand else []
         note = "" if any(direct(str(d)) for d in data) else "proxy: the task's offline data, not the paper's"
-        return Outcome(combine(list(readings.values())), readings, note)
+        return Outcome(combine(list(readings.values())), readings, note, details)
     return rule
 
 
@@ -271,8 +282,8 @@ def rule_anatomy(cand, refs, ctx) -> Outcome:
     if _task(cand, "brain-age").empty:
         return Outcome(NOT_TESTABLE, {}, "no brain-age runs")
     scope = lambda r: _task(r, "brain-age")  # noqa: E731
-    readings = {lab: compare(scope(cand), scope(ref), MI)["reading"] for lab, ref in refs.items()}
-    return Outcome(combine(list(readings.values())), readings)
+    readings, details = _compared(cand, refs, MI, scope)
+    return Outcome(combine(list(readings.values())), readings, "", details)
 
 
 @dataclass(frozen=True)
@@ -357,8 +368,11 @@ def audit(runs: pd.DataFrame, layers: pd.DataFrame, lb: pd.DataFrame, paired: di
             out = claim.rule(done[done["label"] == cand], refs, ctx)
             verdicts.append((claim.claim, cand, out.verdict, out.note))
             for ref, rd in (out.readings or {"": "no data"}).items():
+                d = (out.details or {}).get(ref) or {}
                 rows.append({"claim": claim.key, "candidate": cand, "reference": ref, "reading": rd,
-                             "verdict": out.verdict, "note": out.note, "measured_by": claim.measured_by})
+                             "n_pairs": d.get("n_pairs"), "diff": d.get("diff"), "ci_low": d.get("ci_low"),
+                             "ci_high": d.get("ci_high"), "verdict": out.verdict, "note": out.note,
+                             "measured_by": claim.measured_by})
     return Audit(pd.DataFrame(rows), _table(done, lb, matched, verdicts), verdicts)
 
 
