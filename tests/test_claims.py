@@ -24,6 +24,7 @@ def write(grid, task, label, router, seed, value, *, higher=True, margin=None, t
     atomic_write_yaml(run / "spec.yaml", {"grid": grid.name, "task": task, "label": label, "seed": seed,
                                           "sweep": {}, "moe": moe})
     write_status(run, "done", None)
+    mean = {"margin": 0.3, **mean}  # the gate's top-1 margin statistic, as real records carry it
     per_layer = [{"layer": "blocks.1", "top1_counts": list(top1), **mean}] if moe else []
     atomic_write_json(run / "final.json", {
         "run_id": run.name, "grid": grid.name, "task": task, "router": router, "label": label, "seed": seed,
@@ -92,7 +93,8 @@ def test_report_opens_with_claims_and_summary(tmp_path):
     assert md.index("## Claims audit") < md.index("## Summary across tasks") < md.index("## Key findings")
     assert md.index("## Key findings") < md.index("## Per task, in words")
     runs = pd.read_csv(out / "runs.csv")
-    assert {"tost", "p_improve", "p_improve_low", "p_improve_high", "margin"} <= set(runs.columns)
+    assert {"tost", "p_improve", "p_improve_low", "p_improve_high", "equivalence_margin"} <= set(runs.columns)
+    assert set(runs.loc[runs["task"] == "classification", "equivalence_margin"]) == {0.01}
     paired = pd.read_csv(out / "paired.csv")
     assert {"tost", "p_improve", "margin", "tost_p"} <= set(paired.columns)
     assert (out / "claims.csv").exists() and "Claims audit" in (out / "report.html").read_text()

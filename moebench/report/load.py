@@ -153,8 +153,8 @@ def _read_run(run_dir: Path):
         "headline_name": headline.get("name"),
         "headline_value": _num(headline.get("value")),
         "higher_is_better": headline.get("higher_is_better"),
-        "margin": _num(headline.get("margin")),
-        "margin_reason": headline.get("margin_reason") if isinstance(headline.get("margin_reason"), str) else None,
+        "equivalence_margin": _num(headline.get("margin")),  # "margin" is the gate's top-1 margin statistic
+        "equivalence_margin_reason": headline.get("margin_reason") if isinstance(headline.get("margin_reason"), str) else None,
         "moe_mode": (moe.get("mode") or "replace") if isinstance(moe, dict) else None,
         "data": _data_name(spec_ok.get("task_args")),
     }
@@ -313,13 +313,13 @@ def _attach_ids(part: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 def _fill_declared_margins(frame: pd.DataFrame) -> None:
     """Runs recorded before final.json carried the task's equivalence margin take the one the task
     class declares today (``Task.margin``); a task that cannot be imported keeps NaN (no TOST)."""
-    if frame.empty or "margin" not in frame:
+    if frame.empty or "equivalence_margin" not in frame:
         return
-    for task in frame.loc[frame["margin"].isna(), "task"].dropna().unique():
+    for task in frame.loc[frame["equivalence_margin"].isna(), "task"].dropna().unique():
         margin, reason = declared_margin(str(task))
-        rows = frame["margin"].isna() & (frame["task"] == task)
-        frame.loc[rows, "margin"] = margin
-        frame.loc[rows, "margin_reason"] = reason
+        rows = frame["equivalence_margin"].isna() & (frame["task"] == task)
+        frame.loc[rows, "equivalence_margin"] = margin
+        frame.loc[rows, "equivalence_margin_reason"] = reason
 
 
 def declared_margin(task: str) -> tuple[float, str | None]:

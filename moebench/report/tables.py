@@ -96,7 +96,8 @@ def _group_row(bench, label, variant, g: pd.DataFrame, bench_seeds: set, grids_w
         "seeds_done": " ".join(_seed(s) for s in per_seed.index),
         "states": ", ".join(f"{k} {v}" for k, v in g["state"].value_counts().sort_index().items()),
         "problems": "; ".join(problems),
-        "margin": _first(g, "margin"), "margin_reason": _first(g, "margin_reason"),
+        "equivalence_margin": _first(g, "equivalence_margin"),
+        "equivalence_margin_reason": _first(g, "equivalence_margin_reason"),
     }
     for c in cols[1:]:
         row[c] = float(per_seed[c].mean()) if n_done and per_seed[c].notna().any() else math.nan
@@ -258,9 +259,9 @@ def _tost_label(r) -> str:
 
 def _margin(runs: pd.DataFrame, bench) -> float:
     """The task's equivalence margin (NaN when none is declared, or its runs disagree)."""
-    if "margin" not in runs:
+    if "equivalence_margin" not in runs:
         return math.nan
-    m = runs.loc[runs["bench"] == bench, "margin"].dropna().unique()
+    m = runs.loc[runs["bench"] == bench, "equivalence_margin"].dropna().unique()
     return float(m[0]) if len(m) == 1 else math.nan
 
 
@@ -394,7 +395,7 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
                "token over the dense model's (+ = costlier). Params × ref = total parameters / the "
                "reference router's. Unrouted = tokens sent to no expert; Dropped = (token, expert) "
                "assignments removed by the capacity limit.")
-    margin, reason = _first(b, "margin"), _first(b, "margin_reason")
+    margin, reason = _first(b, "equivalence_margin"), _first(b, "equivalence_margin_reason")
     if not pd.isna(margin):
         general += f" Equivalence margin δ = {margin:g} {name}" + (f": {reason}." if isinstance(reason, str) else ".")
     return Table(title=f"Leaderboard: {bench}", columns=columns, rows=cells, bold=bold,
