@@ -8,7 +8,7 @@ import json
 import os
 
 from moebench.grids.matching import _match
-from moebench.grids.pretrain import DEFAULT_RESULTS, dependent_model, pretrain_spec, weights_path
+from moebench.grids.pretrain import dependent_model, pretrain_spec, reference
 from moebench.grids.schema import DENSE, MOE_KEYS, _Ctx, load
 
 
@@ -27,16 +27,17 @@ def _merged_train(grid: dict, block: dict) -> dict:
     return {**copy.deepcopy(DEFAULT_TRAIN), **block["preset_train"], **grid["train"], **block["train"]}
 
 
-def expand(grid: str | os.PathLike | dict, results=DEFAULT_RESULTS) -> list[dict]:
+def expand(grid: str | os.PathLike | dict) -> list[dict]:
     """The grid's runs as resolved, matched spec dicts, in a fixed order: task block, sweep point
-    (axes in file order), router entry, seed. Deterministic: the same file gives the same list.
-    ``results`` only matters for blocks with ``pretrain:`` (their runs load weights from under it)."""
-    return expand_with_pretrain(grid, results)[0]
+    (axes in file order), router entry, seed. Deterministic: the same file gives the same list, wherever
+    the results go (a run that starts from a pretrain names it by run id, not by path)."""
+    return expand_with_pretrain(grid)[0]
 
 
-def expand_with_pretrain(grid: str | os.PathLike | dict, results=DEFAULT_RESULTS) -> tuple[list[dict], list[dict]]:
-    """``expand``'s runs, plus the dense pretraining runs they depend on, as ``[{"spec", "weights"}]``
-    (one per task block, sweep point of task_args / model, and seed; see ``moebench.grids.pretrain``)."""
+def expand_with_pretrain(grid: str | os.PathLike | dict) -> tuple[list[dict], list[dict]]:
+    """``expand``'s runs, plus the dense pretraining runs they depend on, as ``[{"spec", "ref"}]`` where
+    ``ref`` is what the dependants' ``model.pretrained`` says (one per task block, sweep point of
+    task_args / model, and seed; see ``moebench.grids.pretrain``)."""
     g = grid if isinstance(grid, dict) and "tasks" in grid and "file" in grid else load(grid)
     ctx = _Ctx(g["file"])
     from moebench.training.spec import run_id
@@ -97,9 +98,8 @@ def expand_with_pretrain(grid: str | os.PathLike | dict, results=DEFAULT_RESULTS
                 for seed in g["seeds"]:
                     run_model = copy.deepcopy(model)
                     if block["pretrain"] is not None:
-                        weights = _pretrain_for(ctx, block, task_args, model, seed, _merged_train(g, block),
-                                                results, pretrains)
-                        run_model = dependent_model(model, weights)
+                        ref = _pretrain_for(ctx, block, task_args, model, seed, _merged_train(g, block), pretrains)
+                        run_model = dependent_model(model, ref)
                     spec = {
                         "grid": g["name"],
                         "task": block["task"],
@@ -136,18 +136,18 @@ def expand_with_pretrain(grid: str | os.PathLike | dict, results=DEFAULT_RESULTS
     return out, list(pretrains.values())
 
 
-def _pretrain_for(ctx: _Ctx, block: dict, task_args: dict, model: dict, seed: int, train: dict, results,
+def _pretrain_for(ctx: _Ctx, block: dict, task_args: dict, model: dict, seed: int, train: dict,
                   pretrains: dict) -> str:
-    """The weights path of the block's dense pretraining run for this seed (recorded once in ``pretrains``)."""
+    """The reference to the block's dense pretraining run for this seed (recorded once in ``pretrains``)."""
     from moebench.training.spec import SpecError
 
     try:
         spec = pretrain_spec(block["task"], task_args, model, seed, train, block["pretrain"])
     except SpecError as err:
         raise ctx.error(f"{block['path']}: pretrain (seed {seed})", str(err)) from None
-    weights = weights_path(results, spec)
-    pretrains.setdefault(weights, {"spec": spec, "weights": weights})
-    return weights
+    ref = reference(spec)
+    pretrains.setdefault(ref, {"spec": spec, "ref": ref})
+    return ref
 
 
 def _finalise(spec: dict, ctx: _Ctx) -> dict:

@@ -348,20 +348,20 @@ def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool 
     Returns {"grid", "results", "runs": [{run_id, label, seed, state, reason}], "counts": {state: n}}.
     The report is the caller's job (``moebench run`` writes it afterwards)."""
     from moebench.grids.expand import expand_with_pretrain
-    from moebench.grids.pretrain import hold_back, pretrain_phase
+    from moebench.grids.pretrain import hold_back, needed, pretrain_phase
     from moebench.grids.schema import load
 
     g = load(grid)
-    specs, pretrains = expand_with_pretrain(g, results)
+    specs, pretrains = expand_with_pretrain(g)
     results = Path(results)
     grid_dir = results / g["name"]
     ex = g["executor"]
     cluster, why = explain_cluster(cluster, ex.get("cluster"), ex.get("partition"))
     log(f"executor: {cluster} ({why})")
-    # phase 1: the dense pretraining runs the others start from (moebench.grids.pretrain)
-    blocked = pretrain_phase(pretrains, results, cluster, ex, g["name"], retry_failed, dry_run,
-                             poll_s if poll_s is not None else (5.0 if cluster == "slurm" else 1.0), log)
     runs = plan(specs, results, retry_failed, ex.get("max_retries", 2))
+    # phase 1: the dense pretraining runs that the runs still to do start from (moebench.grids.pretrain)
+    blocked = pretrain_phase(needed(pretrains, runs), results, cluster, ex, g["name"], retry_failed, dry_run,
+                             poll_s if poll_s is not None else (5.0 if cluster == "slurm" else 1.0), log)
     hold_back(runs, blocked)
     todo = [r for r in runs if r["action"] == "run"]
     log(f"grid {g['name']}: {len(runs)} runs -> {grid_dir} ({cluster}); "

@@ -16,10 +16,13 @@ so it is trained, checkpointed, resumed, failed and reported exactly like any ru
   the same submitit executor: local subprocesses or a SLURM array), then the runs that need them. A
   pretraining run that failed or did not finish holds back its dependants with the reason; the
   next ``moebench run`` resumes it from its checkpoint (``--retry-failed`` reruns a failed one).
-- **Loading** goes through the existing ``model.pretrained: /path`` path (``moebench.core.models``):
-  every dependent run's spec gets ``model.pretrained: <results>/.pretrain/pretrain/<id>/weights.pt``,
-  so its run id differs from the from-scratch run and names the exact weights. The path is spelled
-  as the results folder was given (relative stays relative), so moving a whole project keeps ids.
+- **Loading**: every dependent run's spec gets ``model.pretrained: "pretrain:<id>"`` (the pretraining
+  run's id, not a path), so its run id differs from the from-scratch run, names the exact weights and
+  does not depend on where the results folder lives. The runner resolves it to
+  ``<results>/.pretrain/pretrain/<id>/weights.pt`` when the run starts (``moebench.training.pretrained``)
+  and loads it through the existing ``model.pretrained: /path`` path (``moebench.core.models``).
+- **Only when needed**: the launcher runs a pretrain only for dependants that are not done yet, so a
+  finished grid (a fresh clone of the committed sample) plans nothing.
 - **Weights file.** The pretraining run keeps its last checkpoint; the launcher extracts the model's
   state dict into ``weights.pt`` (reading the checkpoint with ``weights_only=True`` and numpy's array
   reconstruction allowed, nothing else: results folders are untrusted input) and removes the checkpoint.
@@ -27,17 +30,16 @@ so it is trained, checkpointed, resumed, failed and reported exactly like any ru
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
+from moebench.training.pretrained import PRETRAIN_DIR, PRETRAIN_GRID, WEIGHTS, pretrain_ref, pretrain_root
 from moebench.training.rundir import _set_aside, inspect, run_lock, run_path
 from moebench.training.spec import resolve_spec, run_id
 
+__all__ = ["PRETRAIN_DIR", "PRETRAIN_GRID", "WEIGHTS", "pretrain_root"]  # re-exported: the stage's layout
+
 DEFAULT_RESULTS = "results"   # `moebench run --results`' default: what `grid show` assumes
-PRETRAIN_DIR = ".pretrain"    # under the results root, shared by every grid there
-PRETRAIN_GRID = "pretrain"    # the spec's `grid`: folders <results>/.pretrain/pretrain/<run_id>/
 PRETRAIN_LABEL = "pretrain"
-WEIGHTS = "weights.pt"
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -55,23 +57,19 @@ def pretrain_spec(task: str, task_args: dict, model: dict, seed: int, train: dic
     })
 
 
-def pretrain_root(results) -> Path:
-    return Path(results) / PRETRAIN_DIR
-
-
 def pretrain_dir(results, spec: dict) -> Path:
     return run_path(pretrain_root(results), spec["grid"], run_id(spec))
 
 
-def weights_path(results, spec: dict) -> str:
-    """Where the pretraining run's weights land; spelled as ``results`` is (relative stays relative)."""
-    return os.fspath(pretrain_dir(results, spec) / WEIGHTS)
+def reference(spec: dict) -> str:
+    """What a dependent run's ``model.pretrained`` says: ``pretrain:<this pretraining run's id>``."""
+    return pretrain_ref(run_id(spec))
 
 
-def dependent_model(model: dict, weights: str) -> dict:
+def dependent_model(model: dict, ref: str) -> dict:
     """A dependent run's model section: the same model, loaded strictly from the dense weights."""
     out = {k: copy.deepcopy(v) for k, v in model.items() if k != "pretrained_strict"}
-    out["pretrained"] = weights
+    out["pretrained"] = ref
     return out
 
 
@@ -121,7 +119,7 @@ def extract_weights(run_dir) -> bool:
 def pretrain_phase(pretrains: list[dict], results, cluster: str, ex: dict, grid_name: str,
                    retry_failed: bool = False, dry_run: bool = False, poll_s: float = 1.0, log=print) -> dict:
     """Run the dense pretraining runs that are not done yet (through the grid's executor) and wait.
-    Returns ``{weights path: why it is not available}`` for each one that did not finish, so the
+    Returns ``{reference: why its weights are not available}`` for each one that did not finish, so the
     launcher can hold back its dependants instead of starting them from missing weights."""
     from moebench.grids import launch
 
@@ -150,8 +148,8 @@ def pretrain_phase(pretrains: list[dict], results, cluster: str, ex: dict, grid_
                                 progress, poll_s, log)
     progress.poll()
     blocked = {}
-    by_weights = {p["weights"]: p for p in pretrains}
-    for w, p in by_weights.items():
+    by_ref = {p["ref"]: p for p in pretrains}
+    for ref, p in by_ref.items():
         d = run_path(root, p["spec"]["grid"], run_id(p["spec"]))
         st = inspect(d)
         if st["state"] == "done" and extract_weights(d):
@@ -159,13 +157,19 @@ def pretrain_phase(pretrains: list[dict], results, cluster: str, ex: dict, grid_
         why = f"{st['state']}" + (f": {st['reason']}" if st["reason"] else "")
         if st["state"] == "failed" and not retry_failed:
             why += "; fix it and rerun with --retry-failed"
-        blocked[w] = f"its dense pretrain {run_id(p['spec'])} is {why}"
+        blocked[ref] = f"its dense pretrain {run_id(p['spec'])} is {why}"
     return blocked
 
 
 def hold_back(runs: list[dict], blocked: dict) -> None:
     """Skip (with the reason) every planned run whose pretrained weights are not there."""
     for r in runs:
-        w = (r["spec"].get("model") or {}).get("pretrained")
-        if r["action"] == "run" and isinstance(w, str) and w in blocked:
-            r["action"], r["why"] = "skip", f"waits: {blocked[w]}"
+        ref = (r["spec"].get("model") or {}).get("pretrained")
+        if r["action"] == "run" and isinstance(ref, str) and ref in blocked:
+            r["action"], r["why"] = "skip", f"waits: {blocked[ref]}"
+
+
+def needed(pretrains: list[dict], runs: list[dict]) -> list[dict]:
+    """The pretrains that a planned run still to run starts from; a finished grid needs none."""
+    refs = {(r["spec"].get("model") or {}).get("pretrained") for r in runs if r["action"] == "run"}
+    return [p for p in pretrains if p["ref"] in refs]

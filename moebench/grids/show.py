@@ -6,7 +6,9 @@ import os
 from moebench.core.progress import Progress
 from moebench.grids.expand import expand_with_pretrain
 from moebench.grids.matching import costs, probe
+from moebench.grids.pretrain import DEFAULT_RESULTS
 from moebench.grids.schema import REFERENCE_ROUTER, _Ctx, _fmt, load
+from moebench.training.pretrained import weights_of
 
 
 def _human(n: float) -> str:
@@ -47,11 +49,11 @@ def show(grid: str | os.PathLike | dict) -> str:
     if pretrains:
         lines.append(f"pretrain (run first, once per task block and seed; every run above with the same task and "
                      f"seed starts from its weights): {len(pretrains)} dense runs; paths as under "
-                     f"`moebench run --results results` (another results folder gives other run ids)")
+                     f"`moebench run --results {DEFAULT_RESULTS}` (run ids do not depend on the results folder)")
         for p in pretrains:
             ps = p["spec"]
             lines.append(f"  {run_id(ps)}  {ps['task']}  seed {ps['seed']}  {ps['train']['steps']} steps  "
-                         f"-> {p['weights']}")
+                         f"-> {weights_of(DEFAULT_RESULTS, p['ref'])}")
     notes = sorted({n for spec in specs if spec["moe"] for n in probe(spec, ctx=_Ctx(g["file"]))["notes"]})
     lines += [f"note: {n}" for n in notes]
     lines.append("flops/tok: the whole model's estimated forward FLOPs per token, the report's FLOPs/token: "

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from moebench.core.layer import MoELayer
 from moebench.core.progress import Progress
 from moebench.training import metrics as M
+from moebench.training.pretrained import with_weights_path
 from moebench.training.records import (
     EVAL_ITEMS_FILE,
     STATES,
@@ -361,14 +362,16 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 # the loop
 
 def train(task, spec: dict, run_dir, device=None, progress: bool | None = None,
-          on_step: Callable[[int], None] | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None, results=None) -> dict:
     """Train and evaluate ``task`` as ``spec`` says, recording into ``run_dir``; returns the final record
     (also written to ``final.json``), or ``{"state": "failed", "reason": ...}`` after a divergence
     (status.json says so too). ``on_step(step)`` runs after each completed step (tests use it to
     interrupt a run). ``progress``: None = a bar on a TTY, a line every 30 s in a log
-    (`moebench.core.progress`); True = always the bar; False = silent."""
+    (`moebench.core.progress`); True = always the bar; False = silent. ``results``: the results root a
+    ``model.pretrained: "pretrain:<run id>"`` reference resolves under (`moebench.training.pretrained`)."""
     spec = resolve_spec(spec)
     rid = spec_run_id(spec)
+    spec = with_weights_path(spec, results)  # after the id: the id names the pretrain, not a path
     run_dir = Path(run_dir)
     if data_parallel()[0] == 0:  # other data-parallel ranks write nothing
         run_dir.mkdir(parents=True, exist_ok=True)
