@@ -66,3 +66,106 @@ def test_the_version_is_written_once():
 
     assert __version__ == source
     assert 'version = "' not in (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[0]
+
+
+# -- the module graph: no circle, no private name used across modules ---------------------------------
+FOLDERS = {"moebench": "moebench", "routers": "moebench.routers", "tasks": "moebench.tasks"}
+
+
+def _modules() -> dict[str, Path]:
+    """Every installed module's dotted name -> its file (routers/ and tasks/ install as moebench.*)."""
+    out = {}
+    for folder, pkg in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([pkg, *parts])] = path
+    return out
+
+
+def _graph() -> tuple[dict[str, set[str]], list[str]]:
+    """(module -> the modules it imports, anywhere in the file), and every use of another module's
+    private name: ``from m import _x`` or ``m._x`` on a name bound to a module."""
+    mods = _modules()
+    graph, private = {}, []
+    for mod, path in mods.items():
+        edges, bound = set(), {}
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                src = node.module or ""
+                if node.level:  # relative: from the module's package
+                    base = mod.split(".")[: len(mod.split(".")) - node.level + (path.name == "__init__.py")]
+                    src = ".".join(base + ([node.module] if node.module else []))
+                if src not in mods and not src.startswith("moebench"):
+                    continue
+                for alias in node.names:
+                    full = f"{src}.{alias.name}"
+                    if full in mods:
+                        edges.add(full)
+                        bound[alias.asname or alias.name] = full
+                    elif src in mods:
+                        edges.add(src)
+                        if alias.name.startswith("_") and not alias.name.startswith("__") and src != mod:
+                            private.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {alias.name} from {src}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in mods:
+                        edges.add(alias.name)
+                        if alias.asname:
+                            bound[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                private.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
+        graph[mod] = edges - {mod}
+    return graph, private
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circle():
+    """Imports inside functions count too: a deferred import hides a circle, it does not remove it."""
+    circles = _circles(_graph()[0])
+    assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_the_circle_check_sees_a_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_private_name_is_used_from_another_module():
+    """A name that another module needs is that module's public API: spell it without the underscore."""
+    private = _graph()[1]
+    assert not private, "private names used across modules:\n" + "\n".join(private)

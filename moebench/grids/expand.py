@@ -7,9 +7,9 @@ import itertools
 import json
 import os
 
-from moebench.grids.matching import _match
+from moebench.grids.matching import match_runs
 from moebench.grids.pretrain import dependent_model, pretrain_spec, reference
-from moebench.grids.schema import DENSE, MOE_KEYS, _Ctx, load
+from moebench.grids.schema import DENSE, MOE_KEYS, GridContext, load
 
 
 def _set_path(d: dict, dotted: list[str], value) -> None:
@@ -39,7 +39,7 @@ def expand_with_pretrain(grid: str | os.PathLike | dict) -> tuple[list[dict], li
     ``ref`` is what the dependants' ``model.pretrained`` says (one per task block, sweep point of
     task_args / model, and seed; see ``moebench.grids.pretrain``)."""
     g = grid if isinstance(grid, dict) and "tasks" in grid and "file" in grid else load(grid)
-    ctx = _Ctx(g["file"])
+    ctx = GridContext(g["file"])
     from moebench.training.spec import run_id
 
     axes = g["sweep"]
@@ -120,7 +120,7 @@ def expand_with_pretrain(grid: str | os.PathLike | dict) -> tuple[list[dict], li
                     specs.append({"_where": where, "_router_path": router["path"], "_match_mode": router.get("match"),
                                   "_ref_e": {**block["preset_moe"], **g["moe"], **block["moe"]}.get("num_experts"),
                                   **spec})
-    _match(g, specs, ctx)
+    match_runs(g, specs, ctx)
     out = []
     for spec in specs:
         for key in ("_where", "_router_path", "_ref_e", "_match_mode"):
@@ -136,7 +136,7 @@ def expand_with_pretrain(grid: str | os.PathLike | dict) -> tuple[list[dict], li
     return out, list(pretrains.values())
 
 
-def _pretrain_for(ctx: _Ctx, block: dict, task_args: dict, model: dict, seed: int, train: dict,
+def _pretrain_for(ctx: GridContext, block: dict, task_args: dict, model: dict, seed: int, train: dict,
                   pretrains: dict) -> str:
     """The reference to the block's dense pretraining run for this seed (recorded once in ``pretrains``)."""
     from moebench.training.spec import SpecError
@@ -150,7 +150,7 @@ def _pretrain_for(ctx: _Ctx, block: dict, task_args: dict, model: dict, seed: in
     return ref
 
 
-def _finalise(spec: dict, ctx: _Ctx) -> dict:
+def _finalise(spec: dict, ctx: GridContext) -> dict:
     """Apply the spec module's defaults / validation, naming the grid file in any error."""
     from moebench.training.spec import SpecError, resolve_spec
 

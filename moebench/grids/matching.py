@@ -8,7 +8,7 @@ import json
 import re
 from fractions import Fraction
 
-from moebench.grids.schema import REFERENCE_ROUTER, WIDTH_MULTIPLE, GridError, _Ctx
+from moebench.grids.schema import REFERENCE_ROUTER, WIDTH_MULTIPLE, GridContext, GridError
 
 
 @functools.cache
@@ -90,7 +90,7 @@ def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
             "dense_mlp_flops": dense_flops, "dense_hidden": dense_hidden, "layer_names": names, "notes": notes}
 
 
-def _dense_width(spec: dict, ctx: _Ctx) -> int:
+def _dense_width(spec: dict, ctx: GridContext) -> int:
     """The dense MLP width in the MoE blocks: what ``moe.d_hidden: null`` means (adapter mode: d / 4)."""
     if spec["moe"].get("mode") == "adapter":
         from moebench.core.adapter import adapter_width
@@ -108,7 +108,7 @@ def _dense_width(spec: dict, ctx: _Ctx) -> int:
     return widths.pop()
 
 
-def probe(spec: dict, blocks=None, ctx: _Ctx | None = None) -> dict:
+def probe(spec: dict, blocks=None, ctx: GridContext | None = None) -> dict:
     """What the model around the MoE layers looks like: d_model of each MoE layer, parameters outside
     them, and the dense model's parameters and MLP FLOPs in the same blocks. Built once per
     (task, task_args, model, blocks) and cached, with a tiny expert width so it is cheap. ``blocks``
@@ -124,7 +124,7 @@ def probe(spec: dict, blocks=None, ctx: _Ctx | None = None) -> dict:
     except GridError:
         raise
     except Exception as err:  # noqa: BLE001 - any build failure is the grid's model/moe section
-        ctx = ctx or _Ctx("<grid>")
+        ctx = ctx or GridContext("<grid>")
         raise ctx.error("model / moe.blocks", f"cannot build task {spec['task']!r}'s model to measure it "
                                               f"(task_args={spec['task_args']}, model={spec['model']}, "
                                               f"moe.blocks={moe.get('blocks', blocks)}): "
@@ -176,7 +176,7 @@ def _width_fix(ref_width: int, ratios) -> str:
     return ", ".join(str(w) for w in sorted(good[:3])) or "none near it"
 
 
-def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
+def match_runs(g: dict, specs: list[dict], ctx: GridContext) -> None:
     grid_mode = g["match"]["mode"]
     ref_a = Fraction(g["match"]["reference_active_experts"]).limit_denominator(1000)
     planned = []
@@ -290,7 +290,7 @@ def costs(spec: dict, blocks=None) -> dict:
     if _image_level(moe["router"]):
         return _image_level_costs(spec)
     if moe["d_hidden"] is None:
-        moe["d_hidden"] = _dense_width(spec, _Ctx("<spec>"))
+        moe["d_hidden"] = _dense_width(spec, GridContext("<spec>"))
     out = dict(_moe_costs(json.dumps({"d_models": pr["d_models"], "moe": moe}, sort_keys=True),
                           pr["rest_params"]))
     if moe.get("mode") == "adapter":  # the dense MLPs stay: the branch adds to their work

@@ -32,8 +32,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from moebench.grids.phase import Executor, Phase, plan, run_phase
 from moebench.training.pretrained import PRETRAIN_DIR, PRETRAIN_GRID, WEIGHTS, pretrain_ref, pretrain_root
-from moebench.training.rundir import _set_aside, inspect, run_lock, run_path
+from moebench.training.rundir import inspect, run_lock, run_path, set_aside
 from moebench.training.spec import resolve_spec, run_id
 
 __all__ = ["PRETRAIN_DIR", "PRETRAIN_GRID", "WEIGHTS", "pretrain_root"]  # re-exported: the stage's layout
@@ -116,13 +117,11 @@ def extract_weights(run_dir) -> bool:
 
 
 # -- the launcher's phase -----------------------------------------------------------------------------
-def pretrain_phase(pretrains: list[dict], results, cluster: str, ex: dict, grid_name: str,
-                   retry_failed: bool = False, dry_run: bool = False, poll_s: float = 1.0, log=print) -> dict:
+def pretrain_phase(pretrains: list[dict], results, ex: Executor, grid_name: str, retry_failed: bool = False,
+                   dry_run: bool = False) -> dict:
     """Run the dense pretraining runs that are not done yet (through the grid's executor) and wait.
     Returns ``{reference: why its weights are not available}`` for each one that did not finish, so the
     launcher can hold back its dependants instead of starting them from missing weights."""
-    from moebench.grids import launch
-
     if not pretrains:
         return {}
     root = pretrain_root(results)
@@ -132,21 +131,14 @@ def pretrain_phase(pretrains: list[dict], results, cluster: str, ex: dict, grid_
         if inspect(d)["state"] == "done" and not extract_weights(d) and not dry_run:
             with run_lock(d) as got:
                 if got:
-                    _set_aside(d, ["status.json", "final.json", CHECKPOINT])
-    runs = launch.plan(specs, root, retry_failed, ex.get("max_retries", 2))
-    todo = [r for r in runs if r["action"] == "run"]
-    log(f"pretrain: {len(runs)} dense runs (one per task block and seed) -> {root / PRETRAIN_GRID}; "
-        f"{sum(r['why'] == 'done' for r in runs)} done already, {len(todo)} to run first")
-    launch.log_plan(runs, todo, log, dry_run, verb="pretrain")
+                    set_aside(d, ["status.json", "final.json", CHECKPOINT])
+    runs = plan(specs, root, retry_failed, ex.section.get("max_retries", 2))
+    ex.log(f"pretrain: {len(runs)} dense runs (one per task block and seed) -> {root / PRETRAIN_GRID}; "
+           f"{sum(r['why'] == 'done' for r in runs)} done already, "
+           f"{sum(r['action'] == 'run' for r in runs)} to run first")
+    run_phase(runs, Phase(f"{grid_name}-pretrain", root / PRETRAIN_GRID, root.resolve(), verb="pretrain"), ex, dry_run)
     if dry_run:
         return {}
-    todo = launch.queue(todo)
-    progress = launch._Progress(runs, log)
-    progress.poll()
-    if todo:
-        launch._submit_and_wait(todo, cluster, ex, root / PRETRAIN_GRID, f"{grid_name}-pretrain", root.resolve(),
-                                progress, poll_s, log)
-    progress.poll()
     blocked = {}
     by_ref = {p["ref"]: p for p in pretrains}
     for ref, p in by_ref.items():

@@ -40,19 +40,19 @@ from moebench.training.pretrained import with_weights_path
 from moebench.training.records import (
     EVAL_ITEMS_FILE,
     STATES,
-    _json_default,
     append_jsonl,
     atomic_write,
     atomic_write_json,
     atomic_write_text,
     environment_info,
+    json_default,
     read_jsonl,
     read_status_safe,
     remove_temp_files,
     write_eval_items,
     write_status,
 )
-from moebench.training.rundir import _set_aside
+from moebench.training.rundir import set_aside
 from moebench.training.spec import resolve_spec
 from moebench.training.spec import run_id as spec_run_id
 from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
@@ -342,7 +342,7 @@ def _set_rng_state(state: dict) -> None:
 def _plain(obj):
     """``obj`` as JSON-able plain types (numpy scalars / arrays -> floats / lists, tuples -> lists): what a
     checkpoint loaded with ``weights_only=True`` may hold, and what final.json would hold anyway."""
-    return json.loads(json.dumps(obj, default=_json_default))
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -497,7 +497,7 @@ class _Trainer:
 
     def restart_from_zero(self, why: str) -> None:
         """Set the checkpoint and metrics aside, rebuild the start state, and log why."""
-        dest = _set_aside(self.run_dir, [CHECKPOINT, "metrics.jsonl"]) if self.writer else None
+        dest = set_aside(self.run_dir, [CHECKPOINT, "metrics.jsonl"]) if self.writer else None
         note = f"{why}; set aside to {dest} and restarted from step 0"
         print(f"moebench: run {self.rid}: {note}", file=sys.stderr, flush=True)
         if self.writer and (self.run_dir / "status.json").exists():
