@@ -140,7 +140,7 @@ def _router(name: str, d_model: int, num_experts: int, args: dict):
 def _image_level(name: str) -> bool:
     from moebench.core.registry import ROUTERS
 
-    return bool(getattr(ROUTERS.get(name), "image_level", False))
+    return bool(ROUTERS.get(name).image_level)
 
 
 def _image_level_costs(spec: dict) -> dict:
