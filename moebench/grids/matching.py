@@ -67,7 +67,7 @@ def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
         if not layers:
             raise GridError(f"task {cfg['task']!r} built no MoE layer for moe.blocks={cfg['blocks']}; "
                             f"check the block indices against the model's depth")
-        from moebench.training.train import linear_flops_outside_moe
+        from moebench.core.cost import linear_flops_outside_moe
 
         moe_params = sum(p.numel() for _, m in layers for p in m.parameters())
         rest = sum(p.numel() for p in moe_model.parameters()) - moe_params

@@ -33,6 +33,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from moebench.core.compile import compile_blocks
+from moebench.core.cost import model_cost
+from moebench.core.device import to_device
 from moebench.core.layer import MoELayer
 from moebench.core.progress import Progress
 from moebench.training import metrics as M
@@ -67,19 +70,6 @@ class Diverged(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------
 # small helpers
-
-def to_device(batch, device, non_blocking: bool = False):
-    """Move every tensor inside a (nested) tuple / list / dict batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(to_device(b, device, non_blocking) for b in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device, non_blocking) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
-    return batch
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -219,27 +209,6 @@ def peak_memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def model_cost(model: nn.Module) -> dict:
-    """params_total; params_active = non-MoE params + each MoE layer's active_params(); flops_per_token
-    = 2 * (weights of every nn.Linear outside MoE layers) + each MoE layer's flops_per_token() (its
-    visited experts plus its router). An estimate per token of the blocks: attention score / softmax
-    FLOPs, convolutions (patch embeddings) and elementwise ops are not counted."""
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    moe_params = {id(p) for layer in layers for p in layer.parameters()}
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    non_moe = sum(p.numel() for pid, p in {id(p): p for p in model.parameters()}.items() if pid not in moe_params)
-    active = non_moe + sum(layer.active_params() for layer in layers)
-    flops = linear_flops_outside_moe(model) + sum(layer.flops_per_token() for layer in layers)
-    return {"params_total": int(total), "params_active": float(active), "flops_per_token": float(flops)}
-
-
-def linear_flops_outside_moe(model: nn.Module) -> float:
-    """2 x the weights of every nn.Linear outside the MoE layers: the non-MoE part of ``flops_per_token``
-    (shared with `grid show`, so its flops/tok column and the report's FLOPs/token are one number)."""
-    inside = {id(m) for layer in model.modules() if isinstance(layer, MoELayer) for m in layer.modules()}
-    return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside)
-
-
 def data_parallel() -> tuple[int, int]:
     """(rank, world size) of an initialised torch.distributed group (the grid launcher sets it up from
     submitit's environment, one process per GPU); (0, 1) otherwise."""
@@ -271,22 +240,6 @@ def force_eager():
     """A context in which compiled modules run eager (torch >= 2.6: set_stance; before: dynamo off)."""
     stance = getattr(torch.compiler, "set_stance", None)
     return stance("force_eager") if stance is not None else torch._dynamo.config.patch(disable=True)
-
-
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
-    """``torch.compile`` every transformer block in place (regional compilation: identical blocks share
-    one compiled graph, so compiling costs one block, not the model, and methods other than forward,
-    e.g. CLIP's encode_image, run compiled blocks too); the whole model's forward if it has no blocks
-    moefy knows. Parameters and state-dict keys are unchanged. Returns the number of compiled modules."""
-    from moebench.core.moefy import find_blocks
-
-    try:
-        blocks = [ref.block for ref in find_blocks(model)]
-    except ValueError:
-        blocks = []
-    for module in blocks or [model]:
-        module.compile(backend=backend)
-    return len(blocks) or 1
 
 
 class _TokenCounter:
