@@ -102,6 +102,7 @@ from moebench.core.config import (
     coerce,
     defaults,
     fields_of,
+    first_unknown,
 )
 
 GRIDS_DIR = Path(__file__).resolve().parent / "configs"
@@ -166,12 +167,12 @@ class GridContext:
             raise self.error(path, f"expected {what}, got {value!r} ({_tname(value)}){hint}")
 
     def keys(self, mapping: dict, known, path: str) -> None:
-        for key in mapping:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                where = f"{path}.{key}" if path else str(key)
-                raise self.error(where, f"unknown key {key!r}{hint}. Known keys here: {', '.join(known)}")
+        found = first_unknown(mapping, known)
+        if found:
+            key, close = found
+            hint = f"; did you mean {close!r}?" if close else ""
+            where = f"{path}.{key}" if path else str(key)
+            raise self.error(where, f"unknown key {key!r}{hint}. Known keys here: {', '.join(known)}")
 
     def section(self, cls, value, path: str) -> dict:
         """One config section checked against the shared schema (`moebench.core.config`)."""
@@ -534,12 +535,12 @@ def _check_router_args(ctx: GridContext, name: str, args: dict, path: str) -> No
     known = _router_options(name)
     if known is None:
         return
-    for key in args:
-        if key not in known and key not in ("d_model", "num_experts"):
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ctx.error(f"{path}.{key}", f"router {name!r} has no option {key!r}{hint} "
-                                             f"Its options: {', '.join(known)}")
+    found = first_unknown({k: v for k, v in args.items() if k not in ("d_model", "num_experts")}, known)
+    if found:
+        key, close = found
+        hint = f"; did you mean {close!r}?" if close else ""
+        raise ctx.error(f"{path}.{key}", f"router {name!r} has no option {key!r}{hint} "
+                                         f"Its options: {', '.join(known)}")
 
 
 def _default_label(name: str, args: dict) -> str:
