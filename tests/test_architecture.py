@@ -85,42 +85,50 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _source_of(node: ast.ImportFrom, mod: str, path: Path) -> str:
+    """The module a ``from ... import`` reads from, relative imports resolved against ``mod``'s package."""
+    if not node.level:
+        return node.module or ""
+    parts = mod.split(".")
+    base = parts[: len(parts) - node.level + (path.name == "__init__.py")]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _scan(mod: str, path: Path, mods: dict[str, Path]) -> tuple[set[str], list[str]]:
+    """The modules ``mod`` imports (anywhere in the file) and its uses of other modules' private names:
+    ``from m import _x``, or ``m._x`` on a name bound to a module."""
+    edges, bound, private = set(), {}, []
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in (a for a in node.names if a.name in mods):
+                edges.add(alias.name)
+                bound[alias.asname or alias.name] = alias.name
+        elif isinstance(node, ast.ImportFrom) and (src := _source_of(node, mod, path)) in mods:
+            for alias in node.names:
+                full = f"{src}.{alias.name}"
+                edges.add(full if full in mods else src)
+                if full in mods:
+                    bound[alias.asname or alias.name] = full
+                elif _is_private(alias.name) and src != mod:
+                    private.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {alias.name} from {src}")
+    private += [f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}" for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in bound and _is_private(node.attr)]
+    return edges - {mod}, private
+
+
 def _graph() -> tuple[dict[str, set[str]], list[str]]:
-    """(module -> the modules it imports, anywhere in the file), and every use of another module's
-    private name: ``from m import _x`` or ``m._x`` on a name bound to a module."""
+    """(module -> the modules it imports), and every use of another module's private name."""
     mods = _modules()
     graph, private = {}, []
     for mod, path in mods.items():
-        edges, bound = set(), {}
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom):
-                src = node.module or ""
-                if node.level:  # relative: from the module's package
-                    base = mod.split(".")[: len(mod.split(".")) - node.level + (path.name == "__init__.py")]
-                    src = ".".join(base + ([node.module] if node.module else []))
-                if src not in mods and not src.startswith("moebench"):
-                    continue
-                for alias in node.names:
-                    full = f"{src}.{alias.name}"
-                    if full in mods:
-                        edges.add(full)
-                        bound[alias.asname or alias.name] = full
-                    elif src in mods:
-                        edges.add(src)
-                        if alias.name.startswith("_") and not alias.name.startswith("__") and src != mod:
-                            private.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {alias.name} from {src}")
-            elif isinstance(node, ast.Import):
-                for alias in node.names:
-                    if alias.name in mods:
-                        edges.add(alias.name)
-                        if alias.asname:
-                            bound[alias.asname] = alias.name
-        for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
-                    and node.attr.startswith("_") and not node.attr.startswith("__")):
-                private.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
-        graph[mod] = edges - {mod}
+        graph[mod], found = _scan(mod, path, mods)
+        private += found
     return graph, private
 
 

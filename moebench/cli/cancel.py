@@ -61,7 +61,7 @@ def run(args) -> int:
                 elsewhere.append(run_dir)
         ids = slurm_job_ids(grid_dir)
         alive = squeue_ids() if ids else set()
-        if ids and alive is None:
+        if alive is None:  # only asked when there are ids
             print(f"{grid_dir.name}: squeue does not answer; cannot cancel its SLURM jobs {sorted(ids)}",
                   file=sys.stderr)
             rc = 1

@@ -44,7 +44,9 @@ def expand_with_pretrain(grid: str | os.PathLike | dict) -> tuple[list[dict], li
 
     axes = g["sweep"]
     points = list(itertools.product(*[[(a, v) for v in vals] for a, vals in axes])) if axes else [()]
-    specs, seen, pretrains = [], {}, {}
+    specs: list[dict] = []
+    seen: dict[str, bool] = {}
+    pretrains: dict[str, dict] = {}
     for block in g["tasks"]:
         model_default = block["model"] if block["model"] is not None else {}  # {}: the task's default_model
         for point in points:
@@ -126,7 +128,7 @@ def expand_with_pretrain(grid: str | os.PathLike | dict) -> tuple[list[dict], li
         for key in ("_where", "_router_path", "_ref_e", "_match_mode"):
             spec.pop(key)
         out.append(_finalise(spec, ctx))
-    ids = {}
+    ids: dict[str, str] = {}
     for spec in out:
         rid = run_id(spec)
         if rid in ids:

@@ -27,6 +27,8 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from submitit.helpers import Checkpointable
+
 from moebench.training import records
 from moebench.training.rundir import JOBS_LOG, check_inside, inspect, run_lock, run_path, set_aside
 
@@ -126,15 +128,7 @@ def run_one(spec: dict, results, threads: int | None = None, lock_wait_s: float 
     return {"run_id": rid, "state": state["state"], "reason": state["reason"]}
 
 
-try:
-    import submitit as _submitit
-
-    _Checkpointable = _submitit.helpers.Checkpointable
-except ImportError:  # pragma: no cover - submitit is a dependency
-    _Checkpointable = object
-
-
-class RunJob(_Checkpointable):
+class RunJob(Checkpointable):
     """What submitit runs for one spec. Checkpointable: on preemption / timeout, submitit calls
     ``checkpoint`` (inherited: resubmit this same call) and requeues; training resumes from the
     runner's latest checkpoint, so nothing but the steps since it is lost."""

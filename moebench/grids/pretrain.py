@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 from moebench.grids.phase import Executor, Phase, plan, run_phase
 from moebench.training.pretrained import PRETRAIN_DIR, PRETRAIN_GRID, WEIGHTS, pretrain_ref, pretrain_root
@@ -85,7 +86,7 @@ def _read_checkpoint_model(path: Path) -> dict:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    allowed: list[Any] = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     with torch.serialization.safe_globals(allowed):
         ck = torch.load(path, map_location="cpu", weights_only=True)
     state = ck.get("model") if isinstance(ck, dict) else None

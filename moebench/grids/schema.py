@@ -88,6 +88,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -420,7 +421,7 @@ def _check_task(ctx: GridContext, name: str, path: str) -> None:
 def _preset(ctx: GridContext, task: str, size, path: str) -> dict:
     """A task's named preset (``Task.preset(size)``, a `moebench.core.task.Preset`); the grid
     file's own values override it, so a preset only fills in what the grid leaves out."""
-    empty = {"task_args": {}, "model": {}, "moe": {}, "train": {}}
+    empty: dict[str, dict] = {"task_args": {}, "model": {}, "moe": {}, "train": {}}
     if size is None:
         return empty
     ctx.check(size, _STR, path)
@@ -475,7 +476,8 @@ def _check_routers(ctx: GridContext, value) -> list[dict]:
         raise ctx.error("routers", "missing: list the routers to compare, e.g. [dense, softmax-topk, switch]")
     ctx.check(value, ("a non-empty list of router names or mappings",
                       lambda v: isinstance(v, list) and len(v) > 0), "routers")
-    out, labels = [], {}
+    out: list[dict] = []
+    labels: dict[str, Any] = {}
     for i, entry in enumerate(value):
         path = f"routers[{i}]"
         if isinstance(entry, str):

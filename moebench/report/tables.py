@@ -330,7 +330,9 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
     columns = ["Router"] + (["Sweep"] if show_variant else []) + [
         "Seeds", f"{name} {'↑' if hib else '↓'} (95% CI)", "Rank group", "Eval n", "Eval SE",
         "FLOPs vs dense (%)", f"Params ({pprefix})".replace(" ()", ""), "Params × ref", "Unrouted (%)", "Dropped (%)"]
-    cells, notes, bold = [], [], set()
+    cells: list[list[str]] = []
+    notes: list[str] = []
+    bold: set[tuple[int, int]] = set()
     for i, (_, r) in enumerate(b.iterrows()):
         seeds = f"{r['n_done']}/{r['n_expected']}"
         if not r["complete"]:
