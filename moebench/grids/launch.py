@@ -1,7 +1,6 @@
 """Run a grid with submitit: local subprocesses by default, SLURM job arrays on a cluster, in-process
 for debugging; skip what is done, resume what was interrupted, report what is broken.
 
-
 The grid is two phases (``moebench.grids.phase``): the dense pretraining runs that the runs still to
 do start from (``moebench.grids.pretrain``), then the runs. What a job runs and how jobs are made is
 ``moebench.grids.jobs``; `plan`, `run_one`, `RunJob`, `make_executor`, ... are re-exported here.

@@ -12,8 +12,8 @@ so it is trained, checkpointed, resumed, failed and reported exactly like any ru
   ``quick-adapter``) share it, and a routers-only change of a grid never retrains it. The folder is
   hidden, so reports and ``moebench status results`` do not list it as a grid
   (``moebench status results/.pretrain`` does).
-- **Dependency.** ``moebench.grids.launch.run_grid`` runs the pretraining runs first (one phase, through
-  the same submitit executor: local subprocesses or a SLURM array), then the runs that need them. A
+- **Dependency.** ``moebench.grids.launch.run_grid`` runs the pretraining runs first (one phase,
+  ``moebench.grids.phase.run_phase``, through the same submitit executor: local subprocesses or a SLURM array), then the runs that need them. A
   pretraining run that failed or did not finish holds back its dependants with the reason; the
   next ``moebench run`` resumes it from its checkpoint (``--retry-failed`` reruns a failed one).
 - **Loading**: every dependent run's spec gets ``model.pretrained: "pretrain:<id>"`` (the pretraining
