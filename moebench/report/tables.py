@@ -40,7 +40,9 @@ STAT_COLUMNS = [
 DIAG_EXTRA = ["max_vio", "min_load_share", "max_load_share", "near_dead_experts", "last_fluctuation_step"]
 MEAN_COLUMNS = [c for c, *_ in STAT_COLUMNS] + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "margin", "fallback_rate",
                                                  "unrouted_rate", "mutual_info_norm", "final_switch", "settle_fraction",
-                                                 "wall_time_s", "peak_memory_mb"]
+                                                 "wall_time_s", "peak_memory_mb", "router_params",
+                                                 "router_flops_per_token", "ms_per_step", "seed_agreement",
+                                                 "seed_load_jsd"]
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -90,6 +92,7 @@ def _group_row(bench, label, variant, g: pd.DataFrame, bench_seeds: set, grids_w
         "seeds_done": " ".join(_seed(s) for s in per_seed.index),
         "states": ", ".join(f"{k} {v}" for k, v in g["state"].value_counts().sort_index().items()),
         "problems": "; ".join(problems),
+        "device": ", ".join(sorted(set(done["device"].dropna()))) if "device" in done else "",
     }
     for c in cols[1:]:
         row[c] = float(per_seed[c].mean()) if n_done and per_seed[c].notna().any() else math.nan
@@ -131,7 +134,7 @@ def add_intervals(lb: pd.DataFrame, rs: RecordSet, items: dict, baseline: str, l
         return lb
     lb = lb.copy()
     runs = rs.runs
-    for col in ("ci_low", "ci_high", "eval_n", "eval_se", "flops_overhead", "params_ratio"):
+    for col in ("ci_low", "ci_high", "eval_n", "eval_se", "flops_overhead", "params_ratio", "step_ratio"):
         lb[col] = math.nan
     lb["ci_method"] = ""
     for i, r in lb.iterrows():
@@ -158,7 +161,28 @@ def add_intervals(lb: pd.DataFrame, rs: RecordSet, items: dict, baseline: str, l
             lb.loc[b.index, "flops_overhead"] = 100 * (b["flops_per_token"] / dense.iloc[0] - 1)
         if len(ref) and ref.iloc[0] > 0:
             lb.loc[b.index, "params_ratio"] = b["params_total"] / ref.iloc[0]
+        lb.loc[b.index, "step_ratio"] = step_ratio(b, lb[lb["bench"] == b["bench"].iloc[0]])
     return lb
+
+
+def step_ratio(b: pd.DataFrame, bench: pd.DataFrame) -> pd.Series:
+    """Measured ms per training step over the dense twin's (same task and sweep point, else the task's
+    dense run without a sweep), only where both ran on the same one device (a ratio across devices says
+    nothing about the router)."""
+    out = pd.Series(math.nan, index=b.index)
+    if "ms_per_step" not in b:
+        return out
+    dense = b[b["label"] == "dense"]
+    if dense.empty:
+        dense = bench[(bench["label"] == "dense") & (bench["variant"] == "")]
+    if dense.empty or pd.isna(dense["ms_per_step"].iloc[0]) or not dense["ms_per_step"].iloc[0] > 0:
+        return out
+    if "device" not in b:
+        return out
+    ref, device = dense["ms_per_step"].iloc[0], dense["device"].fillna("").iloc[0]
+    devices = b["device"].fillna("")
+    same = (devices == device) & (device != "") & ~devices.str.contains(",", regex=False)
+    return (b["ms_per_step"] / ref).where(same)
 
 
 def paired_frame(rs: RecordSet, lb: pd.DataFrame, baseline: str = "softmax-topk", level: float = 0.95,
@@ -371,7 +395,8 @@ DIAG_COLUMNS = [
     ("final_switch", "Overlap w/ final (%) ↑", "higher", "overlap"),
     ("last_fluctuation_step", "Last fluctuation (step)", None, "f0"),
     ("mutual_info", "MI (nats) ↑", "higher", "f3"),
-    ("tokens_per_s", "Tokens/s ({p}) ↑", "higher", "si"),
+    ("seed_agreement", "Seed agreement (%) ↑", "higher", "pct"),
+    ("seed_load_jsd", "Seed load JSD ↓", "lower", "f3"),
 ]
 _BALANCE_KEYS = {"load_cv", "max_vio", "near_dead_experts", "dead_experts", "unrouted_rate", "drop_rate"}
 
@@ -409,7 +434,10 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
              "previous evaluation; overlap w/ final = probe tokens whose top-1 equals the final "
              "checkpoint's, averaged over evaluations (LibMoE); last fluctuation = the last evaluation "
              "step at which any probe token changed expert (StableMoE). MI = mutual information between "
-             "the token's label and its top-1 expert, unrouted tokens as their own category. Bold = best "
+             "the token's label and its top-1 expert, unrouted tokens as their own category. Seed agreement = "
+             "probe tokens whose top-1 expert is the same in two seeds after matching expert indices "
+             "(Hungarian method on co-assignment counts), mean over seed pairs; seed load JSD = "
+             "Jensen-Shannon divergence (base 2) between two seeds' matched load distributions. Bold = best "
              "among complete groups; a row with unrouted or dropped tokens is never bold in a balance "
              "column."]
     return Table(title=f"Routing diagnostics: {bench}", columns=columns, rows=cells, bold=bold, notes=notes,

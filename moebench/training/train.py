@@ -38,6 +38,7 @@ from moebench.core.progress import Progress
 from moebench.training import metrics as M
 from moebench.training.records import (
     EVAL_ITEMS_FILE,
+    PROBE_TOP1_FILE,
     STATES,
     _json_default,
     append_jsonl,
@@ -49,12 +50,14 @@ from moebench.training.records import (
     read_status_safe,
     remove_temp_files,
     write_eval_items,
+    write_probe_top1,
     write_status,
 )
 from moebench.training.rundir import _set_aside
 from moebench.training.spec import resolve_spec
 from moebench.training.spec import run_id as spec_run_id
 from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
+from moebench.training.trackers import Trackers
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 2  # 2: plain types only (weights_only); a version-1 checkpoint restarts its run
@@ -221,15 +224,19 @@ def peak_memory_mb(device: torch.device) -> float:
 def model_cost(model: nn.Module) -> dict:
     """params_total; params_active = non-MoE params + each MoE layer's active_params(); flops_per_token
     = 2 * (weights of every nn.Linear outside MoE layers) + each MoE layer's flops_per_token() (its
-    visited experts plus its router). An estimate per token of the blocks: attention score / softmax
+    visited experts plus its router); router_params / router_flops_per_token = the routers' own share
+    (0 for a dense model, which has none). An estimate per token of the blocks: attention score / softmax
     FLOPs, convolutions (patch embeddings) and elementwise ops are not counted."""
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    routers = {id(p): p for layer in layers for p in layer.router.parameters()}
     moe_params = {id(p) for layer in layers for p in layer.parameters()}
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     non_moe = sum(p.numel() for pid, p in {id(p): p for p in model.parameters()}.items() if pid not in moe_params)
     active = non_moe + sum(layer.active_params() for layer in layers)
     flops = linear_flops_outside_moe(model) + sum(layer.flops_per_token() for layer in layers)
-    return {"params_total": int(total), "params_active": float(active), "flops_per_token": float(flops)}
+    return {"params_total": int(total), "params_active": float(active), "flops_per_token": float(flops),
+            "router_params": int(sum(p.numel() for p in routers.values())),
+            "router_flops_per_token": float(sum(layer.router.flops_per_token() for layer in layers))}
 
 
 def linear_flops_outside_moe(model: nn.Module) -> float:
@@ -392,6 +399,7 @@ class _Trainer:
         # data parallel: every rank trains and evaluates the same way, only rank 0 writes the record
         self.rank, self.world = data_parallel()
         self.writer = self.rank == 0
+        self.trackers = None  # train.log_to's writers (moebench.training.trackers), opened by run()
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -578,6 +586,8 @@ class _Trainer:
         }
         if self.writer:
             append_jsonl(self.metrics_path, line)
+        if self.trackers is not None:
+            self.trackers.log(line)
         self.interval = {"loss_sum": 0.0, "aux_sum": 0.0, "n": 0}
         self.last_eval = _plain({"step": self.step, "metrics": metrics, "routing": routing})
         return line
@@ -595,6 +605,14 @@ class _Trainer:
             if self.writer and (self.run_dir / "status.json").exists():
                 write_status(self.run_dir, "running", None, resumed_from=self.step)
         self.t0 = time.perf_counter()
+        t = self.t
+        self.trackers = Trackers(t["log_to"], self.run_dir, self.rid, self.spec, enabled=self.writer)
+        try:
+            return self._run()
+        finally:
+            self.trackers.close()
+
+    def _run(self) -> dict:
         t = self.t
         steps, eval_every, ckpt_every = t["steps"], t["eval_every"], t["checkpoint_every"]
         self.last_lr = self.opt.param_groups[0]["lr"]
@@ -691,6 +709,8 @@ class _Trainer:
         final = self.final_record()
         if not self.writer:
             return final
+        if self.probe_history:
+            write_probe_top1(self.run_dir / PROBE_TOP1_FILE, self.probe_history[-1])
         atomic_write_json(self.run_dir / "final.json", final)
         if not t["keep_checkpoint"] and self.ckpt_path.exists():
             self.ckpt_path.unlink()
@@ -738,6 +758,7 @@ class _Trainer:
         cost.update({
             "wall_time_s": elapsed,
             "train_time_s": self.train_time,
+            "ms_per_step": 1000.0 * self.train_time / self.step if self.step else None,
             "tokens_per_s": self.tokens_seen / self.train_time if self.train_time > 0 else None,
             "samples_per_s": self.samples_seen / self.train_time if self.train_time > 0 else None,
             "tokens_per_sample": self.tokens_per_sample,
