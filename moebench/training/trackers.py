@@ -40,8 +40,12 @@ def scalars(line: dict) -> dict[str, float]:
 class Trackers:
     """The writers ``log_to`` names, opened on rank 0 only (``enabled`` False: every call is a no-op)."""
 
-    def __init__(self, log_to, run_dir, run_id: str, config: dict | None = None, enabled: bool = True):
+    def __init__(self, log_to, run_dir, run_id: str, config: dict | None = None, enabled: bool = True,
+                 start_step: int = 0):
+        """``start_step``: the step the run resumes from (0: a fresh start); TensorBoard events after it,
+        left by an interrupted attempt, are purged, as metrics.jsonl's lines after it were."""
         self.tb = self.wandb_run = None
+        self.wandb_dir: Path | None = None
         if not enabled or not log_to:
             return
         run_dir = Path(run_dir)
@@ -51,18 +55,19 @@ class Trackers:
             except ImportError as err:
                 raise ImportError(f"train.log_to names tensorboard, which is not installed ({err}); "
                                   f"pip install 'moebench[trackers]' or leave it out of log_to") from err
-            self.tb = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
+            self.tb = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR),
+                                    purge_step=start_step + 1 if start_step else 0)
         if "wandb" in log_to:
             try:
                 import wandb
             except ImportError as err:
                 raise ImportError(f"train.log_to names wandb, which is not installed ({err}); "
                                   f"pip install 'moebench[trackers]' or leave it out of log_to") from err
-            os.environ.setdefault("WANDB_MODE", "offline")
-            (run_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
+            self.wandb_dir = run_dir / WANDB_DIR
+            self.wandb_dir.mkdir(parents=True, exist_ok=True)
             self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "moebench"), name=run_id,
-                                        id=run_id, dir=str(run_dir), config=config or {}, resume="allow",
-                                        settings=wandb.Settings(silent=True))
+                                        id=run_id, dir=str(run_dir), mode=os.environ.get("WANDB_MODE", "offline"), config=config or {}, resume="allow",
+                                        settings=wandb.Settings(silent=True, symlink=False))
 
     def log(self, line: dict) -> None:
         values, step = scalars(line), int(line["step"])
@@ -80,3 +85,15 @@ class Trackers:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+            _unlink_links(self.wandb_dir)
+
+
+def _unlink_links(folder: Path | None) -> None:
+    """Remove the symbolic links W&B leaves in its folder (``logs/debug-core.log`` points at a log in the
+    user's cache): a run folder holds plain files only, and a link out of a shared results folder would
+    lead readers elsewhere."""
+    if folder is None or not folder.is_dir() or folder.is_symlink():
+        return
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            path.unlink()

@@ -606,7 +606,8 @@ class _Trainer:
                 write_status(self.run_dir, "running", None, resumed_from=self.step)
         self.t0 = time.perf_counter()
         t = self.t
-        self.trackers = Trackers(t["log_to"], self.run_dir, self.rid, self.spec, enabled=self.writer)
+        self.trackers = Trackers(t["log_to"], self.run_dir, self.rid, self.spec, enabled=self.writer,
+                                 start_step=self.step)
         try:
             return self._run()
         finally:
