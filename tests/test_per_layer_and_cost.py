@@ -33,7 +33,7 @@ def _finals(grid):
 
 
 def test_final_json_records_router_cost_and_step_time(grid):
-    for rid, final in _finals(grid).items():
+    for final in _finals(grid).values():
         cost = final["cost"]
         assert cost["ms_per_step"] == pytest.approx(1000 * cost["train_time_s"] / final["steps"])
         if final["router"] == "dense":
