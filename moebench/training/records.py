@@ -15,12 +15,16 @@ A run lives in ``<results>/<grid>/<run_id>/``:
                      "metrics": {task metric -> float},
                      "routing": {"mean": {...}, "per_layer": [{..., "counts": [...],
                                  "label_by_expert": [[count per expert] per label], "labels": [str]}]},
-                     "cost": {"params_total", "params_active", "flops_per_token", "wall_time_s",
+                     "cost": {"params_total", "params_active", "flops_per_token", "router_params",
+                              "router_flops_per_token", "ms_per_step", "wall_time_s",
                               "tokens_per_s", "peak_memory_mb"},
                      "env": environment_info()}
 - ``eval_items.npz`` per-eval-example outputs of the latest evaluation (the task's ``items``:
                      ``headline`` whose mean is the headline metric, plus raw ``correct`` /
                      ``abs_error`` / ``rank``), for the report's paired bootstrap
+- ``probe_top1.npz`` per MoE layer (``layer<i>`` plus ``names``) the dispatched top-1 expert of each
+                     fixed probe token at the end (-1 = unrouted), for the report's cross-seed agreement
+- ``tensorboard/``, ``wandb/`` mirrors of metrics.jsonl when ``train.log_to`` names them
 - ``checkpoint.pt`` latest training state (removed once the run is done); tensors and plain containers
                      only, loaded with ``weights_only=True``
 - ``jobs.jsonl``    one line per attempt (host, pid, job ids); ``.lock`` the owner's flock
