@@ -30,11 +30,10 @@ def routing_stats(model: nn.Module, batches: Iterable | None = None,
     if not acc.layers:
         raise ValueError(f"{type(model).__name__} has no MoE layers; call moebench.moefy(model, ...) first")
     if batches is None:
-        for name, layer in acc.layers:
-            if not layer.stats:
-                raise ValueError(f"MoE layer {name} has not run yet: run a forward first or pass batches")
-            acc._pending[name].append(dict(layer.stats))
-        acc.update(None)
+        idle = [name for name, layer in acc.layers if not layer.stats]
+        if idle:
+            raise ValueError(f"MoE layer(s) {', '.join(idle)} have not run yet: run a forward first or pass batches")
+        acc.fold_latest()
     else:
         run = forward or (lambda m, b: m(b))
         was_training = model.training
