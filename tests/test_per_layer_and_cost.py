@@ -76,6 +76,7 @@ def test_runs_csv_has_per_layer_columns_and_the_report_the_step_ratio(grid, tmp_
     assert lb.loc["softmax-topk", "step_ratio"] == pytest.approx(lb.loc["softmax-topk", "ms_per_step"] / dense_ms)
     assert lb.loc["dense", "step_ratio"] == pytest.approx(1.0)
     assert lb.loc["softmax-topk", "router_flops_per_token"] == 256 and lb.loc["dense", "router_params"] == 0
+    assert lb.loc["softmax-topk", "load_cv.layer1"] == pytest.approx(runs.loc[moe, "load_cv.layer1"].mean())
     md = (out / "leaderboard.md").read_text()
     assert "### Cost: toy" in md and "Router FLOPs/token" in md and "Step × dense" in md
     assert "CPU" in md  # the device the times were measured on is named

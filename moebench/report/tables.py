@@ -5,6 +5,7 @@ silently averaged over fewer seeds."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -45,6 +46,9 @@ MEAN_COLUMNS = [c for c, *_ in STAT_COLUMNS] + DIAG_EXTRA + ["gini", "balance", 
                                                  "seed_load_jsd"]
 
 
+_PER_LAYER = re.compile(r"\.layer\d+$")  # runs.csv's per-layer columns: leaderboard.csv gets their seed means
+
+
 # ---------------------------------------------------------------------------------------------- numbers
 def leaderboard_frame(rs: RecordSet) -> pd.DataFrame:
     """One row per (task, router label, sweep point): headline mean/std (ddof=1) over finished seeds,
@@ -67,7 +71,7 @@ def leaderboard_frame(rs: RecordSet) -> pd.DataFrame:
 
 def _group_row(bench, label, variant, g: pd.DataFrame, bench_seeds: set, grids_with_expected: set) -> dict:
     done = g[(g["state"] == "done") & g["headline_value"].notna()]
-    cols = ["headline_value"] + [c for c in MEAN_COLUMNS if c in g]
+    cols = ["headline_value"] + [c for c in MEAN_COLUMNS if c in g] + [c for c in g if _PER_LAYER.search(str(c))]
     per_seed = done.groupby("seed")[cols].mean() if len(done) else pd.DataFrame(columns=cols)
     listed = set(g["seed"].dropna())
     expected = len(listed) if g["grid"].iloc[0] in grids_with_expected else len(bench_seeds | listed)
