@@ -604,10 +604,9 @@ class _Trainer:
                   + (f" (attempt {attempt})" if attempt else ""), file=sys.stderr, flush=True)
             if self.writer and (self.run_dir / "status.json").exists():
                 write_status(self.run_dir, "running", None, resumed_from=self.step)
-        self.t0 = time.perf_counter()
-        t = self.t
-        self.trackers = Trackers(t["log_to"], self.run_dir, self.rid, self.spec, enabled=self.writer,
+        self.trackers = Trackers(self.t["log_to"], self.run_dir, self.rid, self.spec, enabled=self.writer,
                                  start_step=self.step)
+        self.t0 = time.perf_counter()  # after the trackers' set-up, like the data's and the model's
         try:
             return self._run()
         finally:
