@@ -41,6 +41,7 @@ def test_unrouted_tokens_agree_only_with_unrouted():
     a = np.array([-1, -1, 0, 1])
     b = np.array([-1, 1, 1, 0])
     assert top1_agreement(a, b) == pytest.approx(3 / 4)   # token 0 both unrouted; 2, 3 after swapping
+    assert top1_agreement([-1, -1], [-1, -1]) == 1.0 and top1_agreement([-1, -1], [0, 0]) == 0.0
 
 
 def test_load_jsd_is_zero_under_the_matching_and_known_otherwise():

@@ -46,6 +46,8 @@ def top1_agreement(a, b) -> float | None:
     if a.size == 0:
         return None
     perm = match_experts(a, b)
+    if perm.size == 0:  # no token routed in either seed
+        return float((a == b).mean())
     mapped = np.where(a >= 0, perm[np.clip(a, 0, None)], -1)
     return float((mapped == b).mean())
 
