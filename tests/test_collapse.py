@@ -99,8 +99,11 @@ def test_runs_csv_diagnostics_and_findings_call_it_collapsed(results, tmp_path):
     switch = diag.columns.index("Switch (%) ↓")
     assert diag.rows[row["biased"]][switch].endswith("(collapsed)")  # 0 switches: trivially stable
     assert (row["biased"], switch) not in diag.bold
-    findings = " ".join(rep.findings)
-    assert "Collapsed (one expert takes over 50 % of first choices in a layer): biased (2/2 seeds" in findings
-    assert "Most stable router that did not collapse: random" in findings
+    findings = " ".join(rep.findings)  # the key-finding bullets
+    assert "collapsed, so not routing" in findings and "biased (2/2 seeds)" in findings
+    assert "random (" not in findings
+    notes = " ".join(rep.task_notes)  # the per-task paragraphs
+    assert "Collapsed (one expert takes over 50 % of first choices in a layer): biased (2/2 seeds" in notes
+    assert "Most stable router that did not collapse: random" in notes
     md = (out / "leaderboard.md").read_text()
     assert "yes (2/2)" in md and "(collapsed)" in md

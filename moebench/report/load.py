@@ -26,7 +26,8 @@ EXPECTED_FILE = "expected.json"
 ROUTING_STATS = ("load_cv", "max_mean", "norm_entropy", "gini", "dead_experts", "drop_rate", "balance",
                  "gate_entropy", "margin", "fallback_rate", "unrouted_rate", "switch_rate", "mutual_info",
                  "mutual_info_norm")
-COST_KEYS = ("params_total", "params_active", "flops_per_token", "wall_time_s", "tokens_per_s", "peak_memory_mb")
+COST_KEYS = ("params_total", "params_active", "flops_per_token", "router_params", "router_flops_per_token",
+             "ms_per_step", "wall_time_s", "tokens_per_s", "peak_memory_mb")
 ID_COLS = ("grid", "run_id", "bench", "task", "label", "variant", "seed")
 #: does the router route? per run (routing.mean) and per layer (columns ``<key>.layer<i>``)
 ROUTES_KEYS = ("first_choice_max_share_init", "first_choice_max_share", "collapsed", "moved_from_init")
@@ -74,6 +75,7 @@ def load_record_set(results_dir) -> RecordSet:
         runs += missing
         problems += probs
     frame = _finish_runs(pd.DataFrame(runs), problems)
+    _fill_declared_margins(frame)
     _fill_switch_from_evals(frame, evals)
     lay_frame, ev_frame, probe_frame = (_attach_ids(pd.DataFrame(x), frame) for x in (layers, evals, probes))
     return RecordSet(root, frame, lay_frame, ev_frame, problems, grids_with_expected, probe_frame)
@@ -157,6 +159,10 @@ def _read_run(run_dir: Path):
         "headline_name": headline.get("name"),
         "headline_value": _num(headline.get("value")),
         "higher_is_better": headline.get("higher_is_better"),
+        "equivalence_margin": _num(headline.get("margin")),  # "margin" is the gate's top-1 margin statistic
+        "equivalence_margin_reason": headline.get("margin_reason") if isinstance(headline.get("margin_reason"), str) else None,
+        "moe_mode": (moe.get("mode") or "replace") if isinstance(moe, dict) else None,
+        "data": _data_name(spec_ok.get("task_args")),
     }
     routing = final_ok.get("routing") or {}
     for key, value in (routing.get("mean") or {}).items():
@@ -171,6 +177,7 @@ def _read_run(run_dir: Path):
                       for st, sw in zip(probe.get("steps") or [], probe.get("switch_rate") or [])]
     for key, value in (final_ok.get("cost") or {}).items():
         row[key] = _num(value)
+    row["device"] = device_name(final_ok.get("env"))
     for key, value in (final_ok.get("metrics") or {}).items():
         row[f"metric.{key}"] = _num(value)
     if row["label"] is None and state != "missing":
@@ -178,6 +185,10 @@ def _read_run(run_dir: Path):
 
     layers = []
     for i, layer in enumerate(routing.get("per_layer") or []):
+        if not isinstance(layer, dict):
+            problems.append(f"{run_dir}: final.json routing.per_layer[{i}] is not a mapping; skipped")
+            continue
+        row.update(per_layer_columns(layer, i))
         entry = {"run_id": row["run_id"], "layer_idx": i, "layer": str(layer.get("layer", f"layer{i}"))}
         for key, value in layer.items():
             if key in ("counts", "label_by_expert", "label_unrouted", "top1_counts", "labels",
@@ -196,6 +207,32 @@ def _read_run(run_dir: Path):
             entry[key] = _num(value)
         evals.append(entry)
     return row, layers, evals, problems
+
+
+def device_name(env) -> str | None:
+    """The device a run trained on, as final.json's env names it: the GPU's name, else the CPU model."""
+    if not isinstance(env, dict):
+        return None
+    if str(env.get("train_device", "")).startswith("cuda") and isinstance(env.get("device"), str):
+        return env["device"]
+    cpu = env.get("cpu_model") or env.get("processor")
+    return f"CPU ({cpu})" if isinstance(cpu, str) and cpu else ("CPU" if env.get("train_device") == "cpu" else None)
+
+
+def per_layer_columns(layer: dict, i: int) -> dict[str, float]:
+    """``<stat>.layer<i>`` for every scalar statistic of MoE layer ``i`` (the ones `routing.mean` averages),
+    so a statistic added to final.json becomes a runs.csv column by itself."""
+    return {f"{key}.layer{i}": _num(value) for key, value in layer.items()
+            if key not in ("layer", "tokens") and (value is None or isinstance(value, (int, float)))}
+
+
+def _data_name(task_args) -> str | None:
+    """The dataset a task ran on when its task_args name one (``dataset`` / ``data``), else None
+    (the task's offline default)."""
+    if not isinstance(task_args, dict):
+        return None
+    value = task_args.get("dataset", task_args.get("data"))
+    return str(value) if isinstance(value, (str, int)) else None
 
 
 def _num(value) -> float:
@@ -306,3 +343,27 @@ def _attach_ids(part: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=ids)
     ident = runs[ids].drop_duplicates("run_id")
     return part.merge(ident, on="run_id", how="left")
+
+
+def _fill_declared_margins(frame: pd.DataFrame) -> None:
+    """Runs recorded before final.json carried the task's equivalence margin take the one the task
+    class declares today (``Task.margin``); a task that cannot be imported keeps NaN (no TOST)."""
+    if frame.empty or "equivalence_margin" not in frame:
+        return
+    for task in frame.loc[frame["equivalence_margin"].isna(), "task"].dropna().unique():
+        margin, reason = declared_margin(str(task))
+        rows = frame["equivalence_margin"].isna() & (frame["task"] == task)
+        frame.loc[rows, "equivalence_margin"] = margin
+        frame.loc[rows, "equivalence_margin_reason"] = reason
+
+
+def declared_margin(task: str) -> tuple[float, str | None]:
+    """(margin, reason) from the registered task class; (NaN, None) when it is unknown or declares none."""
+    try:
+        from moebench.core.registry import TASKS
+
+        cls = TASKS.get(task)
+    except Exception:  # noqa: BLE001 - an unknown or broken task simply has no declared margin
+        return math.nan, None
+    margin = getattr(cls, "margin", None)
+    return (_num(margin), getattr(cls, "margin_reason", None) or None) if margin is not None else (math.nan, None)

@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib as mpl
 import numpy as np
@@ -24,7 +25,7 @@ BASELINE = "softmax-topk"  # the reference router the headline plot marks
 WIDTH = 3.5  # inches: one paper column
 WIDE = 7.0   # inches: the full page width, for small multiples
 DPI = 200
-RC = {"font.size": 7, "axes.labelsize": 7, "axes.titlesize": 7.5, "figure.titlesize": 7.5, "xtick.labelsize": 6.5,
+RC: Any = {  # matplotlib types its keys as literals"font.size": 7, "axes.labelsize": 7, "axes.titlesize": 7.5, "figure.titlesize": 7.5, "xtick.labelsize": 6.5,
       "ytick.labelsize": 6.5, "legend.fontsize": 6.5, "legend.title_fontsize": 6.5, "pdf.fonttype": 42,
       "axes.titleweight": "normal", "lines.linewidth": 1.2}
 MARKERS = "osD^vPX*<>p"
@@ -33,7 +34,7 @@ MARKERS = "osD^vPX*<>p"
 @dataclass
 class Plot:
     bench: str
-    kind: str       # headline | tradeoff | cost | stability | load | specialisation
+    kind: str       # headline | tradeoff | pareto_* | stability | per_layer | load | specialisation
     caption: str
     png: Path
     pdf: Path
@@ -60,10 +61,31 @@ class Plotter:
                 runs_b = runs_b[runs_b["headline_value"].notna()]
                 if runs_b.empty:
                     continue
-                for make in (self.headline, self.tradeoff, self.pareto_flops, self.pareto_params, self.stability,
-                             self.load, self.specialisation):
+                for make in (self.headline, self.tradeoff, self.pareto_flops, self.pareto_router_flops,
+                             self.pareto_params, self.stability, self.per_layer, self.load, self.specialisation):
                     plots += make(bench, lb_b, runs_b)
         return plots
+
+    def profile(self, totals) -> Plot:
+        """rliable's performance profile: share of a router's (task, seed) runs whose normalised score
+        exceeds τ, one line per router."""
+        from moebench.report.aggregate import performance_profile
+
+        sc = totals.run_scores.dropna(subset=["score"])
+        taus = np.linspace(min(0.0, sc["score"].min()), max(100.0, sc["score"].max()), 201)
+        fig = _figure((WIDTH, 2.6))
+        ax = fig.add_subplot()
+        for (label, variant), g in sc.groupby(["label", "variant"], sort=True):
+            ax.plot(taus, performance_profile(g["score"].to_numpy(), taus), label=entry_name(label, variant),
+                    color=self.color.get(label), drawstyle="steps-post")
+        ax.set_xlabel(f"normalised score τ (0 = {totals.zero_label}, 100 = best per task)")
+        ax.set_ylabel("share of runs with score > τ")
+        ax.set_ylim(-0.02, 1.02)
+        self._legend_below(ax, fig, sc["label"].nunique())
+        self.out.mkdir(parents=True, exist_ok=True)
+        return self._save(fig, "(all tasks)", "profile",
+                          "Performance profile (rliable): for each τ, the share of a router's (task, seed) runs whose "
+                          f"normalised score exceeds τ; higher and further right is better. 0 = {totals.zero_label}.")
 
     # -- helpers -----------------------------------------------------------------------------------
     def _save(self, fig: Figure, bench: str, kind: str, caption: str, suffix: str = "") -> Plot:
@@ -166,6 +188,45 @@ class Plotter:
     def pareto_flops(self, bench, lb_b, runs_b) -> list[Plot]:
         return self._pareto(bench, lb_b, runs_b, "flops_per_token", "Active compute ({p}FLOPs per token)",
                             "pareto_flops")
+
+    def pareto_router_flops(self, bench, lb_b, runs_b) -> list[Plot]:
+        return self._pareto(bench, lb_b, runs_b, "router_flops_per_token", "Router compute ({p}FLOPs per token)",
+                            "pareto_router_flops")
+
+    def per_layer(self, bench, lb_b, runs_b) -> list[Plot]:
+        """Small multiples: one panel per statistic, x = MoE layer index, one line per router (seed mean)."""
+        lay = self.rs.layers
+        if lay.empty or "layer_idx" not in lay:
+            return []
+        lay = lay[lay["run_id"].isin(runs_b["run_id"])]
+        nmi = "nmi" if "nmi" in lay and lay["nmi"].notna().any() else "mutual_info_norm"
+        stats = [(c, t) for c, t in PER_LAYER_PANELS + [(nmi, "NMI ↑")]
+                 if c in lay and lay[c].notna().any()]
+        if lay.empty or not stats or lay["layer_idx"].nunique() < 1:
+            return []
+        entries = [(lab, var) for lab, var, _ in self._entries(lb_b)]
+        fig = _figure((WIDE, 2.3 + 0.13 * math.ceil(len(entries) / 4)))
+        axes = np.atleast_1d(fig.subplots(1, len(stats), squeeze=False)).ravel()
+        for ax, (col, title) in zip(axes, stats):
+            for label, variant in entries:
+                g = lay[(lay["label"] == label) & (lay["variant"] == variant)]
+                m = g.groupby("layer_idx")[col].mean().dropna()
+                if m.empty:
+                    continue
+                scale = 100.0 if col == "switch_rate" else 1.0
+                ax.plot(m.index, m.to_numpy() * scale, marker=self.marker[label], ms=3, color=self.color[label],
+                        label=entry_name(label, variant))
+            ax.set_title(title)
+            ax.set_xlabel("MoE layer (index)")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        fig.suptitle(f"{bench}: routing statistics per MoE layer, mean over seeds")
+        handles, labels = axes[0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), frameon=False)
+        names = ", ".join(f"{int(i)} = {n}" for i, n in lay.groupby("layer_idx")["layer"].first().items())
+        return [self._save(fig, bench, "per_layer", f"{bench}: load CV, top-1 switch rate, MI and NMI between "
+                                                    f"label and expert in each MoE layer, mean over seeds "
+                                                    f"(layers: {names}).")]
 
     def pareto_params(self, bench, lb_b, runs_b) -> list[Plot]:
         return self._pareto(bench, lb_b, runs_b, "params_total", "Total parameters ({p})", "pareto_params")
@@ -308,10 +369,14 @@ class Plotter:
                            f"expert is each expert (rows sum to 100%; 'none' = unrouted), last MoE layer, lowest seed.")]
 
 
+PER_LAYER_PANELS = [("load_cv", "Load CV ↓"), ("switch_rate", "Switch rate (%) ↓"),
+                    ("mutual_info", "MI (nats) ↑")]
+
+
 def _pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
     """Points no other point beats on both cost (x, lower better) and quality (y), sorted by cost."""
     better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
-    front = []
+    front: list = []
     for x, y in sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1])):
         if not front or better(y, front[-1][1]):
             front.append((x, y))
@@ -349,8 +414,14 @@ def metric_label(name: str, task: str, hib: bool, values) -> str:
 
 
 
-def write_plots(rs: RecordSet, lb: pd.DataFrame, out_dir) -> list[Plot]:
-    """Every figure for the record set; returns what was written, in report order."""
+def write_plots(rs: RecordSet, lb: pd.DataFrame, out_dir, totals=None) -> list[Plot]:
+    """Every figure for the record set; returns what was written, in report order (the performance
+    profile across tasks first, when ``totals`` has normalised scores)."""
     if lb.empty:
         return []
-    return Plotter(rs, lb, out_dir).all()
+    plotter = Plotter(rs, lb, out_dir)
+    plots = plotter.all()
+    if totals is not None and not totals.run_scores.empty and totals.run_scores["score"].notna().any():
+        with sns.axes_style("whitegrid"), mpl.rc_context(RC):
+            plots.insert(0, plotter.profile(totals))
+    return plots

@@ -5,10 +5,16 @@ silently averaged over fewer seeds."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
 
+from moebench.report.equivalence import (
+    p_improve_interval,
+    tost_bootstrap,
+    tost_t,
+)
 from moebench.report.items import seed_matrix
 from moebench.report.load import ROUTES_KEYS, RecordSet
 from moebench.report.render import Table, slug
@@ -17,30 +23,53 @@ from moebench.report.stats import (
     holm,
     minimum_detectable_effect,
     paired_bootstrap,
+    paired_bootstrap_means,
     paired_difference,
     rank_groups,
     t_quantile,
 )
 
 GROUP = ["bench", "label", "variant"]
-# (column, header, better direction or None, formatter kind)
-STAT_COLUMNS = [
-    ("load_cv", "Load CV ↓", "lower", "f3"),
-    ("max_mean", "Max/mean ↓", "lower", "f2"),
-    ("norm_entropy", "Norm. entropy ↑", "higher", "f3"),
-    ("dead_experts", "Dead experts ↓", "lower", "f1"),
-    ("drop_rate", "Drop % ↓", "lower", "pct"),
-    ("switch_rate", "Switch % ↓", "lower", "pct"),
-    ("mutual_info", "MI (nats) ↑", "higher", "f3"),
-    ("flops_per_token", "{p}FLOPs/token", None, "si"),      # {p}: SI prefix chosen per table
-    ("params_active", "Active params ({p})", None, "si"),
-    ("params_total", "Params ({p})", None, "si"),
-    ("tokens_per_s", "Tokens/s ({p}) ↑", "higher", "si"),
-]
+# The one catalogue of the report's per-router columns: key -> (header, better direction or None,
+# formatter kind). Every table takes its headers from here, so a metric has one label everywhere.
+COLUMNS: dict[str, tuple[str, str | None, str]] = {
+    "load_cv": ("Load CV ↓", "lower", "f3"),
+    "max_mean": ("Max/mean ↓", "lower", "f2"),
+    "norm_entropy": ("Norm. entropy ↑", "higher", "f3"),
+    "max_vio": ("MaxVio ↓", "lower", "f2"),
+    "min_load_share": ("Min load (%)", None, "pct"),
+    "max_load_share": ("Max load (%)", None, "pct"),
+    "near_dead_experts": ("Near-dead experts ↓", "lower", "f1"),
+    "dead_experts": ("Dead experts ↓", "lower", "f1"),
+    "unrouted_rate": ("Unrouted (%) ↓", "lower", "pct"),
+    "drop_rate": ("Dropped (%) ↓", "lower", "pct"),
+    "switch_rate": ("Switch (%) ↓", "lower", "pct"),
+    "final_switch": ("Overlap w/ final (%) ↑", "higher", "overlap"),
+    "last_fluctuation_step": ("Last fluctuation (step)", None, "f0"),
+    "mutual_info": ("MI (nats) ↑", "higher", "f3"),
+    "flops_per_token": ("{p}FLOPs/token", None, "si"),      # {p}: SI prefix chosen per table
+    "params_active": ("Active params ({p})", None, "si"),
+    "params_total": ("Params ({p})", None, "si"),
+    "tokens_per_s": ("Tokens/s ({p}) ↑", "higher", "si"),
+    "seed_agreement": ("Seed agreement (%) ↑", "higher", "pct"),
+    "seed_load_jsd": ("Seed load JSD ↓", "lower", "f3"),
+    "first_choice_max_share_init": ("1st-choice max at step 0 (%, per layer)", None, "layers"),
+    "first_choice_max_share": ("1st-choice max (%, per layer)", None, "layers"),
+    "collapsed": ("Collapsed (seeds)", None, "seeds"),
+    "moved_from_init": ("Moved from init (%)", None, "pct"),
+}
+# the routing and cost statistics averaged per router
+STAT_COLUMNS = ["load_cv", "max_mean", "norm_entropy", "dead_experts", "drop_rate", "switch_rate", "mutual_info",
+                "flops_per_token", "params_active", "params_total", "tokens_per_s"]
 DIAG_EXTRA = ["max_vio", "min_load_share", "max_load_share", "near_dead_experts", "last_fluctuation_step"]
-MEAN_COLUMNS = [c for c, *_ in STAT_COLUMNS] + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "margin", "fallback_rate",
+MEAN_COLUMNS = STAT_COLUMNS + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "margin", "fallback_rate",
                                                  "unrouted_rate", "mutual_info_norm", "final_switch", "settle_fraction",
-                                                 "wall_time_s", "peak_memory_mb", *ROUTES_KEYS]
+                                                 "wall_time_s", "peak_memory_mb", "router_params",
+                                                 "router_flops_per_token", "ms_per_step", "seed_agreement",
+                                                 "seed_load_jsd", *ROUTES_KEYS]
+
+
+_PER_LAYER = re.compile(r"\.layer\d+$")  # runs.csv's per-layer columns: leaderboard.csv gets their seed means
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -65,8 +94,7 @@ def leaderboard_frame(rs: RecordSet) -> pd.DataFrame:
 
 def _group_row(bench, label, variant, g: pd.DataFrame, bench_seeds: set, grids_with_expected: set) -> dict:
     done = g[(g["state"] == "done") & g["headline_value"].notna()]
-    per_layer = sorted(c for c in g if c.split(".layer")[0] in ROUTES_KEYS and ".layer" in c)
-    cols = ["headline_value"] + [c for c in MEAN_COLUMNS if c in g] + per_layer
+    cols = ["headline_value"] + [c for c in MEAN_COLUMNS if c in g] + [c for c in g if _PER_LAYER.search(str(c))]
     per_seed = done.groupby("seed")[cols].mean() if len(done) else pd.DataFrame(columns=cols)
     listed = set(g["seed"].dropna())
     expected = len(listed) if g["grid"].iloc[0] in grids_with_expected else len(bench_seeds | listed)
@@ -91,10 +119,20 @@ def _group_row(bench, label, variant, g: pd.DataFrame, bench_seeds: set, grids_w
         "seeds_done": " ".join(_seed(s) for s in per_seed.index),
         "states": ", ".join(f"{k} {v}" for k, v in g["state"].value_counts().sort_index().items()),
         "problems": "; ".join(problems),
+        "device": ", ".join(sorted(set(done["device"].dropna()))) if "device" in done else "",
+        "equivalence_margin": _first(g, "equivalence_margin"),
+        "equivalence_margin_reason": _first(g, "equivalence_margin_reason"),
     }
     for c in cols[1:]:
         row[c] = float(per_seed[c].mean()) if n_done and per_seed[c].notna().any() else math.nan
     return row
+
+
+def _first(g: pd.DataFrame, col: str):
+    """The group's first recorded value of ``col`` (NaN when none)."""
+    if col not in g or not g[col].notna().any():
+        return math.nan
+    return g[col].dropna().iloc[0]
 
 
 def _seed(s) -> str:
@@ -132,7 +170,7 @@ def add_intervals(lb: pd.DataFrame, rs: RecordSet, items: dict, baseline: str, l
         return lb
     lb = lb.copy()
     runs = rs.runs
-    for col in ("ci_low", "ci_high", "eval_n", "eval_se", "flops_overhead", "params_ratio"):
+    for col in ("ci_low", "ci_high", "eval_n", "eval_se", "flops_overhead", "params_ratio", "step_ratio"):
         lb[col] = math.nan
     lb["ci_method"] = ""
     for i, r in lb.iterrows():
@@ -159,7 +197,28 @@ def add_intervals(lb: pd.DataFrame, rs: RecordSet, items: dict, baseline: str, l
             lb.loc[b.index, "flops_overhead"] = 100 * (b["flops_per_token"] / dense.iloc[0] - 1)
         if len(ref) and ref.iloc[0] > 0:
             lb.loc[b.index, "params_ratio"] = b["params_total"] / ref.iloc[0]
+        lb.loc[b.index, "step_ratio"] = step_ratio(b, lb[lb["bench"] == b["bench"].iloc[0]])
     return lb
+
+
+def step_ratio(b: pd.DataFrame, bench: pd.DataFrame) -> pd.Series:
+    """Measured ms per training step over the dense twin's (same task and sweep point, else the task's
+    dense run without a sweep), only where both ran on the same one device (a ratio across devices says
+    nothing about the router)."""
+    out = pd.Series(math.nan, index=b.index)
+    if "ms_per_step" not in b:
+        return out
+    dense = b[b["label"] == "dense"]
+    if dense.empty:
+        dense = bench[(bench["label"] == "dense") & (bench["variant"] == "")]
+    if dense.empty or pd.isna(dense["ms_per_step"].iloc[0]) or not dense["ms_per_step"].iloc[0] > 0:
+        return out
+    if "device" not in b:
+        return out
+    ref, device = dense["ms_per_step"].iloc[0], dense["device"].fillna("").iloc[0]
+    devices = b["device"].fillna("")
+    same = (devices == device) & (device != "") & ~devices.str.contains(",", regex=False)
+    return (b["ms_per_step"] / ref).where(same)
 
 
 def paired_frame(rs: RecordSet, lb: pd.DataFrame, baseline: str = "softmax-topk", level: float = 0.95,
@@ -190,22 +249,29 @@ def paired_frame(rs: RecordSet, lb: pd.DataFrame, baseline: str = "softmax-topk"
         gb = runs[(runs["bench"] == r["bench"]) & (runs["label"] == baseline) & (runs["variant"] == r["variant"])]
         sa, ma = seed_matrix(ga, items, set(seeds))
         sb, mb = seed_matrix(gb, items, set(seeds))
+        margin = _margin(runs, r["bench"])
         if ma is not None and mb is not None and sa == sb == seeds and ma.shape == mb.shape:
             iv = paired_bootstrap(ma, mb, level)
             method, n_items = "bootstrap", ma.shape[1]
             mean, sd, lo, hi, p, se = iv.mean, math.nan, iv.ci_low, iv.ci_high, iv.p_value, iv.se
+            tost = tost_bootstrap(paired_bootstrap_means(ma, mb), margin)
         else:
             res = paired_difference(a.loc[seeds].to_numpy(), b.loc[seeds].to_numpy(), level)
             method, n_items = "t", math.nan
             mean, sd, lo, hi, p = res.mean, res.sd, res.ci_low, res.ci_high, res.p_value
             se = res.sd / math.sqrt(res.n) if res.n >= 2 else math.nan
+            tost = tost_t(mean, se, res.n - 1, margin)
         hib = bool(r["higher_is_better"]) if r["higher_is_better"] is not None else True
+        pi, pi_lo, pi_hi = p_improve_interval(a.loc[seeds].to_numpy(), b.loc[seeds].to_numpy(), hib, level)
         rows.append({"bench": r["bench"], "label": r["label"], "variant": r["variant"], "baseline": baseline,
                      "headline_name": r["headline_name"], "higher_is_better": hib, "n_pairs": len(seeds),
                      "n_items": n_items, "method": method,
                      "seeds": " ".join(_seed(s) for s in seeds), "diff_mean": mean, "diff_sd": sd,
                      "diff_se": se, "ci_low": lo, "ci_high": hi, "level": level, "p_value": p,
-                     "mde": minimum_detectable_effect(se, 1 - level) if not math.isnan(se) else math.nan})
+                     "mde": minimum_detectable_effect(se, 1 - level) if not math.isnan(se) else math.nan,
+                     "margin": margin, "tost_p": tost.p, "tost_p_lower": tost.p_lower, "tost_p_upper": tost.p_upper,
+                     "tost_equivalent": tost.equivalent,
+                     "p_improve": pi, "p_improve_low": pi_lo, "p_improve_high": pi_hi})
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
@@ -221,7 +287,27 @@ def paired_frame(rs: RecordSet, lb: pd.DataFrame, baseline: str = "softmax-topk"
         else:
             verdicts.append("n.s.")
     frame["verdict"] = verdicts
+    frame["tost"] = [_tost_label(r) for _, r in frame.iterrows()]
     return frame
+
+
+def _tost_label(r) -> str:
+    """equivalent / different / inconclusive (``tost_verdict``), or why there is no TOST."""
+    if math.isnan(r["margin"]):
+        return "no margin"
+    if r["verdict"] == "n<2":
+        return "n<2"
+    if r["tost_equivalent"]:
+        return "equivalent"
+    return "different" if r["verdict"] in ("better", "worse") else "inconclusive"
+
+
+def _margin(runs: pd.DataFrame, bench) -> float:
+    """The task's equivalence margin (NaN when none is declared, or its runs disagree)."""
+    if "equivalence_margin" not in runs:
+        return math.nan
+    m = runs.loc[runs["bench"] == bench, "equivalence_margin"].dropna().unique()
+    return float(m[0]) if len(m) == 1 else math.nan
 
 
 # ---------------------------------------------------------------------------------------------- display
@@ -259,7 +345,7 @@ def mean_std(mean: float, std: float) -> str:
     return f"{mean:.{d}f}" if math.isnan(std) else f"{mean:.{d}f} ± {std:.{d}f}"
 
 
-def _si_scale(values) -> tuple[float, str]:
+def si_scale(values) -> tuple[float, str]:
     top = np.nanmax(np.abs(values)) if len(values) and np.isfinite(values).any() else 0.0
     for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if top >= scale:
@@ -294,14 +380,15 @@ def leaderboard_tables(lb: pd.DataFrame) -> list[tuple[str, list[Table]]]:
     return out
 
 
-def _col(b: pd.DataFrame, key: str) -> pd.Series:
+def column_or_nan(b: pd.DataFrame, key: str) -> pd.Series:
+    """The column ``key`` of ``b``, or NaN for every row where the records never had it."""
     return b[key] if key in b else pd.Series([math.nan] * len(b), index=b.index)
 
 
 def _hides_tokens(b: pd.DataFrame) -> list[bool]:
     """Rows whose balance / drop numbers look better because tokens were left out (unrouted or dropped):
     such a value is never set in bold."""
-    un, dr = _col(b, "unrouted_rate").fillna(0), _col(b, "drop_rate").fillna(0)
+    un, dr = column_or_nan(b, "unrouted_rate").fillna(0), column_or_nan(b, "drop_rate").fillna(0)
     return [bool(u > 0 or d > 0) for u, d in zip(un, dr)]
 
 
@@ -316,11 +403,13 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
     hib = bool(b["higher_is_better"].dropna().iloc[0]) if b["higher_is_better"].notna().any() else True
     name = b["headline_name"].dropna().iloc[0] if b["headline_name"].notna().any() else "headline"
     show_variant = (b["variant"] != "").any()
-    pscale, pprefix = _si_scale(_col(b, "params_total").to_numpy(dtype=float))
+    pscale, pprefix = si_scale(column_or_nan(b, "params_total").to_numpy(dtype=float))
     columns = ["Router"] + (["Sweep"] if show_variant else []) + [
         "Seeds", f"{name} {'↑' if hib else '↓'} (95% CI)", "Rank group", "Eval n", "Eval SE",
         "FLOPs vs dense (%)", f"Params ({pprefix})".replace(" ()", ""), "Params × ref", "Unrouted (%)", "Dropped (%)"]
-    cells, notes, bold = [], [], set()
+    cells: list[list[str]] = []
+    notes: list[str] = []
+    bold: set[tuple[int, int]] = set()
     for i, (_, r) in enumerate(b.iterrows()):
         seeds = f"{r['n_done']}/{r['n_expected']}"
         if not r["complete"]:
@@ -339,9 +428,9 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
             fmt_value(r.get("params_total", math.nan), "si", pscale),
             "–" if pd.isna(r.get("params_ratio", math.nan)) else f"{r['params_ratio']:.2f}",
             fmt_value(r.get("unrouted_rate", math.nan), "pct"), fmt_value(r.get("drop_rate", math.nan), "pct")])
-        if group == 1 and r["complete"] and (_col(b, "rank_group") > 1).any():  # bold only if it singles out
+        if group == 1 and r["complete"] and (column_or_nan(b, "rank_group") > 1).any():  # bold only if it singles out
             bold |= {(i, len(columns) - 9), (i, len(columns) - 8)}
-    methods = set(_col(b, "ci_method").dropna()) if "ci_method" in b else set()
+    methods = set(column_or_nan(b, "ci_method").dropna()) if "ci_method" in b else set()
     how = []
     if "bootstrap" in methods:
         how.append("bootstrap: 2000 two-level resamples of seeds and eval items (percentile interval)")
@@ -354,30 +443,18 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
                "token over the dense model's (+ = costlier). Params × ref = total parameters / the "
                "reference router's. Unrouted = tokens sent to no expert; Dropped = (token, expert) "
                "assignments removed by the capacity limit.")
+    margin, reason = _first(b, "equivalence_margin"), _first(b, "equivalence_margin_reason")
+    if not pd.isna(margin):
+        general += f" Equivalence margin δ = {margin:g} {name}" + (f": {reason}." if isinstance(reason, str) else ".")
     return Table(title=f"Leaderboard: {bench}", columns=columns, rows=cells, bold=bold,
                  notes=[general] + notes, label=f"tab:leaderboard-{slug(bench)}", left=1 + show_variant)
 
 
-# (column, header, better direction or None, formatter kind)
-DIAG_COLUMNS = [
-    ("load_cv", "Load CV ↓", "lower", "f3"),
-    ("max_vio", "MaxVio ↓", "lower", "f2"),
-    ("min_load_share", "Min load (%)", None, "pct"),
-    ("max_load_share", "Max load (%)", None, "pct"),
-    ("first_choice_max_share_init", "1st-choice max at step 0 (%, per layer)", None, "layers"),
-    ("first_choice_max_share", "1st-choice max (%, per layer)", None, "layers"),
-    ("collapsed", "Collapsed (seeds)", None, "seeds"),
-    ("moved_from_init", "Moved from init (%)", None, "pct"),
-    ("near_dead_experts", "Near-dead experts ↓", "lower", "f1"),
-    ("dead_experts", "Dead experts ↓", "lower", "f1"),
-    ("unrouted_rate", "Unrouted (%) ↓", "lower", "pct"),
-    ("drop_rate", "Dropped (%) ↓", "lower", "pct"),
-    ("switch_rate", "Switch (%) ↓", "lower", "pct"),
-    ("final_switch", "Overlap w/ final (%) ↑", "higher", "overlap"),
-    ("last_fluctuation_step", "Last fluctuation (step)", None, "f0"),
-    ("mutual_info", "MI (nats) ↑", "higher", "f3"),
-    ("tokens_per_s", "Tokens/s ({p}) ↑", "higher", "si"),
-]
+# the diagnostics table's columns, in order (headers from COLUMNS); tokens/s is in the cost table
+DIAG_COLUMNS = ["load_cv", "max_vio", "min_load_share", "max_load_share", "first_choice_max_share_init",
+                "first_choice_max_share", "collapsed", "moved_from_init", "near_dead_experts", "dead_experts",
+                "unrouted_rate", "drop_rate", "switch_rate", "final_switch", "last_fluctuation_step", "mutual_info",
+                "seed_agreement", "seed_load_jsd"]
 _BALANCE_KEYS = {"load_cv", "max_vio", "near_dead_experts", "dead_experts", "unrouted_rate", "drop_rate"}
 _STABILITY_KEYS = {"switch_rate", "final_switch", "last_fluctuation_step"}  # never "stable" when collapsed
 
@@ -402,7 +479,8 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
     bold: set[tuple[int, int]] = set()
     hides = _hides_tokens(b)
     collapsed = [collapsed_seeds(r) > 0 for _, r in b.iterrows()]
-    for key, header, direction, kind in DIAG_COLUMNS:
+    for key in DIAG_COLUMNS:
+        header, direction, kind = COLUMNS[key]
         if key not in b or b[key].isna().all():
             continue
         if kind in ("layers", "seeds"):
@@ -419,7 +497,7 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
             vals, kind = 1 - vals, "pct"
         scale = 1.0
         if kind == "si":
-            scale, prefix = _si_scale(vals.to_numpy(dtype=float))
+            scale, prefix = si_scale(vals.to_numpy(dtype=float))
             header = header.replace("{p}", prefix).replace(" ()", "")
         columns.append(header)
         texts = [fmt_value(v, kind, scale) for v in vals]
@@ -446,8 +524,12 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
              "checkpoint's, averaged over probe points (LibMoE); last fluctuation = the last probe step at "
              "which any probe token changed expert (StableMoE). A collapsed router is trivially stable: its "
              "stability values are marked (collapsed) and never bold. MI = mutual information between the "
-             "token's label and its top-1 expert, unrouted tokens as their own category. Bold = best among "
-             "complete groups; a row with unrouted or dropped tokens is never bold in a balance column."]
+             "token's label and its top-1 expert, unrouted tokens as their own category. Seed agreement = "
+             "probe tokens whose top-1 expert is the same in two seeds after matching expert indices "
+             "(Hungarian method on co-assignment counts), mean over seed pairs; seed load JSD = "
+             "Jensen-Shannon divergence (base 2) between two seeds' matched load distributions. Bold = best "
+             "among complete groups; a row with unrouted or dropped tokens is never bold in a balance "
+             "column."]
     return Table(title=f"Routing diagnostics: {bench}", columns=columns, rows=cells, bold=bold, notes=notes,
                  label=f"tab:diagnostics-{slug(bench)}", left=1 + show_variant)
 
@@ -486,7 +568,8 @@ def rank_table(ranks: pd.DataFrame, lb: pd.DataFrame) -> Table:
 def paired_table(paired: pd.DataFrame, baseline: str) -> Table:
     show_variant = not paired.empty and (paired["variant"] != "").any()
     columns = ["Task", "Router"] + (["Sweep"] if show_variant else []) + \
-              [f"Δ vs {baseline}", "95% CI", "Seeds", "Eval n", "Method", "p", "p (Holm)", "MDE", "Verdict"]
+              [f"Δ vs {baseline}", "95% CI", "Seeds", "Eval n", "Method", "p", "p (Holm)", "MDE", "Verdict",
+               "±δ", "TOST", "P(improve) [95% CI]"]
     rows, bold = [], set()
     for i, (_, r) in enumerate(paired.iterrows()):
         d = _decimals(r["diff_mean"]) + 1 if r["diff_mean"] != 0 else 3
@@ -496,18 +579,31 @@ def paired_table(paired: pd.DataFrame, baseline: str) -> Table:
         mde = "–" if math.isnan(r["mde"]) else f"{r['mde']:.{d}f}"
         n_items = "–" if pd.isna(r["n_items"]) else str(int(r["n_items"]))
         rows.append([r["bench"], r["label"]] + ([r["variant"]] if show_variant else []) +
-                    [f"{r['diff_mean']:+.{d}f}", ci, str(r["n_pairs"]), n_items, r["method"], p, ph, mde, r["verdict"]])
+                    [f"{r['diff_mean']:+.{d}f}", ci, str(r["n_pairs"]), n_items, r["method"], p, ph, mde, r["verdict"],
+                     "–" if math.isnan(r["margin"]) else f"{r['margin']:g}", r["tost"], _p_improve_text(r)])
         if r["verdict"] == "better":
-            bold |= {(i, len(columns) - 9), (i, len(columns) - 1)}
+            bold |= {(i, len(columns) - 12), (i, len(columns) - 4)}
     notes = [f"Δ = router − {baseline} on the task's headline metric, over the seeds both finished. Method "
              f"bootstrap: 2000 paired resamples of seeds and eval items (the same items for both routers), "
              f"percentile 95% CI and two-sided p; t: paired t test over seeds (runs without per-example "
              f"outputs). p (Holm) = Holm-corrected across the routers of a task. better / worse: corrected "
              f"p < 0.05 and the CI excludes 0; n.s. otherwise; n<2: too few matched seeds. MDE = minimum "
              f"detectable effect, 2.8 × the difference's standard error (80 % power, α = 0.05, before "
-             f"correction): a smaller true difference is likely to read n.s."]
+             f"correction): a smaller true difference is likely to read n.s.",
+             "±δ = the task's equivalence margin (its reason is in the task's leaderboard notes). TOST = two "
+             "one-sided tests at α = 0.05 on the same resamples (or t): equivalent = the data rule out any "
+             "difference beyond ±δ; different = the Holm-corrected test above rejected; inconclusive = neither. "
+             "P(improve) = the probability that a seed of the router beats a seed of the reference on the "
+             "headline (rliable; ties count half; 'beats' follows the metric's direction), with a 95% "
+             "bootstrap interval over seeds."]
     return Table(f"Paired comparison against {baseline}", columns, rows, bold, notes, "tab:paired",
                  left=2 + show_variant)
+
+
+def _p_improve_text(r) -> str:
+    if math.isnan(r["p_improve"]):
+        return "–"
+    return f"{r['p_improve']:.2f} [{r['p_improve_low']:.2f}, {r['p_improve_high']:.2f}]"
 
 
 def unfinished_table(runs: pd.DataFrame) -> Table | None:

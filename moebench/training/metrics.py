@@ -1,5 +1,6 @@
-"""The suite's shared metric definitions (DESIGN.md "Metrics"), as pure functions on tensors / arrays,
-plus `RoutingStatsAccumulator`, which collects them per MoE layer over an evaluation pass.
+"""The suite's shared metric definitions (their one home: the README's "Results" section points here), as
+pure functions on tensors / arrays, plus `RoutingStatsAccumulator`, which collects them per MoE layer
+over an evaluation pass.
 
 Every report, plot and test reads these names, so a number called ``load_cv`` means the same thing in
 every run. Inputs may be torch tensors, numpy arrays or lists; outputs are Python floats (or None
@@ -437,6 +438,13 @@ class RoutingStatsAccumulator:
             self._pending[name] = []
         if batch_size:
             self._samples_seen += batch_size
+
+    def fold_latest(self) -> None:
+        """Fold in each layer's latest forward (its ``stats``) without hooks; unlabelled."""
+        for name, layer in self.layers:
+            if layer.stats:
+                self._pending[name].append(dict(layer.stats))
+        self.update(None)
 
     def _fold(self, name: str, stats: dict, batch, batch_size: int | None) -> None:
         a = self._acc[name]

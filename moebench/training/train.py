@@ -36,28 +36,36 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from moebench.core.compile import compile_blocks
+from moebench.core.cost import model_cost
+from moebench.core.device import to_device
 from moebench.core.layer import MoELayer
 from moebench.core.progress import Progress
 from moebench.training import metrics as M
+from moebench.training.gradprobe import grad_cosine, mean_cos, probe_due
+from moebench.training.pretrained import with_weights_path
 from moebench.training.records import (
     EVAL_ITEMS_FILE,
+    PROBE_TOP1_FILE,
     STATES,
-    _json_default,
     append_jsonl,
     atomic_write,
     atomic_write_json,
     atomic_write_text,
     environment_info,
+    json_default,
     read_jsonl,
     read_status_safe,
     remove_temp_files,
     write_eval_items,
+    write_probe_top1,
     write_status,
 )
-from moebench.training.rundir import _set_aside
+from moebench.training.rundir import set_aside
 from moebench.training.spec import resolve_spec
 from moebench.training.spec import run_id as spec_run_id
 from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
+from moebench.training.trackers import Trackers
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 2  # 2: plain types only (weights_only); a version-1 checkpoint restarts its run
@@ -69,19 +77,6 @@ class Diverged(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------
 # small helpers
-
-def to_device(batch, device, non_blocking: bool = False):
-    """Move every tensor inside a (nested) tuple / list / dict batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(to_device(b, device, non_blocking) for b in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device, non_blocking) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
-    return batch
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -221,27 +216,6 @@ def peak_memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def model_cost(model: nn.Module) -> dict:
-    """params_total; params_active = non-MoE params + each MoE layer's active_params(); flops_per_token
-    = 2 * (weights of every nn.Linear outside MoE layers) + each MoE layer's flops_per_token() (its
-    visited experts plus its router). An estimate per token of the blocks: attention score / softmax
-    FLOPs, convolutions (patch embeddings) and elementwise ops are not counted."""
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    moe_params = {id(p) for layer in layers for p in layer.parameters()}
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    non_moe = sum(p.numel() for pid, p in {id(p): p for p in model.parameters()}.items() if pid not in moe_params)
-    active = non_moe + sum(layer.active_params() for layer in layers)
-    flops = linear_flops_outside_moe(model) + sum(layer.flops_per_token() for layer in layers)
-    return {"params_total": int(total), "params_active": float(active), "flops_per_token": float(flops)}
-
-
-def linear_flops_outside_moe(model: nn.Module) -> float:
-    """2 x the weights of every nn.Linear outside the MoE layers: the non-MoE part of ``flops_per_token``
-    (shared with `grid show`, so its flops/tok column and the report's FLOPs/token are one number)."""
-    inside = {id(m) for layer in model.modules() if isinstance(layer, MoELayer) for m in layer.modules()}
-    return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside)
-
-
 def data_parallel() -> tuple[int, int]:
     """(rank, world size) of an initialised torch.distributed group (the grid launcher sets it up from
     submitit's environment, one process per GPU); (0, 1) otherwise."""
@@ -273,22 +247,6 @@ def force_eager():
     """A context in which compiled modules run eager (torch >= 2.6: set_stance; before: dynamo off)."""
     stance = getattr(torch.compiler, "set_stance", None)
     return stance("force_eager") if stance is not None else torch._dynamo.config.patch(disable=True)
-
-
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
-    """``torch.compile`` every transformer block in place (regional compilation: identical blocks share
-    one compiled graph, so compiling costs one block, not the model, and methods other than forward,
-    e.g. CLIP's encode_image, run compiled blocks too); the whole model's forward if it has no blocks
-    moefy knows. Parameters and state-dict keys are unchanged. Returns the number of compiled modules."""
-    from moebench.core.moefy import find_blocks
-
-    try:
-        blocks = [ref.block for ref in find_blocks(model)]
-    except ValueError:
-        blocks = []
-    for module in blocks or [model]:
-        module.compile(backend=backend)
-    return len(blocks) or 1
 
 
 class _TokenCounter:
@@ -344,7 +302,7 @@ def _set_rng_state(state: dict) -> None:
 def _plain(obj):
     """``obj`` as JSON-able plain types (numpy scalars / arrays -> floats / lists, tuples -> lists): what a
     checkpoint loaded with ``weights_only=True`` may hold, and what final.json would hold anyway."""
-    return json.loads(json.dumps(obj, default=_json_default))
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -364,14 +322,16 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 # the loop
 
 def train(task, spec: dict, run_dir, device=None, progress: bool | None = None,
-          on_step: Callable[[int], None] | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None, results=None) -> dict:
     """Train and evaluate ``task`` as ``spec`` says, recording into ``run_dir``; returns the final record
     (also written to ``final.json``), or ``{"state": "failed", "reason": ...}`` after a divergence
     (status.json says so too). ``on_step(step)`` runs after each completed step (tests use it to
     interrupt a run). ``progress``: None = a bar on a TTY, a line every 30 s in a log
-    (`moebench.core.progress`); True = always the bar; False = silent."""
+    (`moebench.core.progress`); True = always the bar; False = silent. ``results``: the results root a
+    ``model.pretrained: "pretrain:<run id>"`` reference resolves under (`moebench.training.pretrained`)."""
     spec = resolve_spec(spec)
     rid = spec_run_id(spec)
+    spec = with_weights_path(spec, results)  # after the id: the id names the pretrain, not a path
     run_dir = Path(run_dir)
     if data_parallel()[0] == 0:  # other data-parallel ranks write nothing
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -395,6 +355,7 @@ class _Trainer:
         # data parallel: every rank trains and evaluates the same way, only rank 0 writes the record
         self.rank, self.world = data_parallel()
         self.writer = self.rank == 0
+        self.trackers = None  # train.log_to's writers (moebench.training.trackers), opened by run()
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -441,6 +402,7 @@ class _Trainer:
         self.tokens_per_sample: float | None = None
         self.peak_mb = 0.0
         self.last_eval: dict | None = None
+        self.grad_probes: list[dict] = []  # gradient purity at probe steps (moebench.training.gradprobe)
 
     def state(self) -> dict:
         return {
@@ -462,6 +424,7 @@ class _Trainer:
             "tokens_per_sample": self.tokens_per_sample,
             "peak_memory_mb": max(self.peak_mb, peak_memory_mb(self.device)),
             "last_eval": _plain(self.last_eval),
+            "grad_probes": _plain(self.grad_probes),
         }
 
     def save(self) -> None:
@@ -502,7 +465,7 @@ class _Trainer:
 
     def restart_from_zero(self, why: str) -> None:
         """Set the checkpoint and metrics aside, rebuild the start state, and log why."""
-        dest = _set_aside(self.run_dir, [CHECKPOINT, "metrics.jsonl"]) if self.writer else None
+        dest = set_aside(self.run_dir, [CHECKPOINT, "metrics.jsonl"]) if self.writer else None
         note = f"{why}; set aside to {dest} and restarted from step 0"
         print(f"moebench: run {self.rid}: {note}", file=sys.stderr, flush=True)
         if self.writer and (self.run_dir / "status.json").exists():
@@ -528,6 +491,7 @@ class _Trainer:
         self.tokens_per_sample = ck["tokens_per_sample"]
         self.peak_mb = float(ck["peak_memory_mb"])
         self.last_eval = ck["last_eval"]
+        self.grad_probes = list(ck.get("grad_probes") or [])
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -568,6 +532,10 @@ class _Trainer:
         if items and self.writer:
             write_eval_items(self.run_dir / EVAL_ITEMS_FILE, items)
         metrics = {k: float(v) for k, v in metrics.items()}
+        since = self.last_eval["step"] if self.last_eval else -1
+        probes = [g for g in self.grad_probes if since < g["step"] <= self.step]
+        if probes and probes[-1]["step"] == self.step:
+            routing["mean"]["grad_cos_task_balance"] = probes[-1]["grad_cos_task_balance"]
         n = self.interval["n"]
         line = {
             "step": self.step,
@@ -581,9 +549,12 @@ class _Trainer:
                               for d in routing["per_layer"]],
             },
             "elapsed_s": self.elapsed + (time.perf_counter() - self.t0),
+            **({"grad_probe": probes} if probes else {}),
         }
         if self.writer:
             append_jsonl(self.metrics_path, line)
+        if self.trackers is not None:
+            self.trackers.log(line)
         self.interval = {"loss_sum": 0.0, "aux_sum": 0.0, "n": 0}
         self.last_eval = _plain({"step": self.step, "metrics": metrics, "routing": routing})
         return line
@@ -633,7 +604,15 @@ class _Trainer:
                   + (f" (attempt {attempt})" if attempt else ""), file=sys.stderr, flush=True)
             if self.writer and (self.run_dir / "status.json").exists():
                 write_status(self.run_dir, "running", None, resumed_from=self.step)
-        self.t0 = time.perf_counter()
+        self.trackers = Trackers(self.t["log_to"], self.run_dir, self.rid, self.spec, enabled=self.writer,
+                                 start_step=self.step)
+        self.t0 = time.perf_counter()  # after the trackers' set-up, like the data's and the model's
+        try:
+            return self._run()
+        finally:
+            self.trackers.close()
+
+    def _run(self) -> dict:
         t = self.t
         steps, eval_every, ckpt_every = t["steps"], t["eval_every"], t["checkpoint_every"]
         self.last_lr = self.opt.param_groups[0]["lr"]
@@ -672,6 +651,10 @@ class _Trainer:
                     what = f"loss={loss_value:.6g}" if math.isfinite(loss_value) else f"loss={loss_value}"
                     limit = f" > max_loss={max_loss:g}" if math.isfinite(loss_value) else ""
                     raise Diverged(f"diverged at step {step}: {what}{limit}")
+                if self.layers and probe_due(step, steps, eval_every, t.get("probe_every")):
+                    probe = grad_cosine(task_loss, self.layers)
+                    if probe is not None:
+                        self.grad_probes.append({"step": step, **probe})
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.world > 1:
@@ -732,6 +715,8 @@ class _Trainer:
         final = self.final_record()
         if not self.writer:
             return final
+        if self.probe_history:
+            write_probe_top1(self.run_dir / PROBE_TOP1_FILE, self.probe_history[-1])
         atomic_write_json(self.run_dir / "final.json", final)
         if not t["keep_checkpoint"] and self.ckpt_path.exists():
             self.ckpt_path.unlink()
@@ -781,11 +766,15 @@ class _Trainer:
             # the probe points: switch rate since the previous one, averaged over layers (the stability plot)
             "probe": {"steps": list(self.probe_steps), "switch_rate": per_probe},
         }
+        if self.grad_probes:  # gradient purity: the mean over probe steps, and every probe
+            routing["mean"]["grad_cos_task_balance"] = mean_cos(self.grad_probes)
+            routing["grad_probe"] = _plain(self.grad_probes)
         cost = model_cost(self.model)
         elapsed = self.elapsed + (time.perf_counter() - self.t0)
         cost.update({
             "wall_time_s": elapsed,
             "train_time_s": self.train_time,
+            "ms_per_step": 1000.0 * self.train_time / self.step if self.step else None,
             "tokens_per_s": self.tokens_seen / self.train_time if self.train_time > 0 else None,
             "samples_per_s": self.samples_seen / self.train_time if self.train_time > 0 else None,
             "tokens_per_sample": self.tokens_per_sample,
@@ -806,7 +795,8 @@ class _Trainer:
             "model": self.model_cfg,
             "steps": self.step,
             "headline": {"name": task.headline, "value": metrics[task.headline],
-                         "higher_is_better": bool(task.higher_is_better)},
+                         "higher_is_better": bool(task.higher_is_better),
+                         "margin": getattr(task, "margin", None), "margin_reason": getattr(task, "margin_reason", "")},
             "metrics": metrics,
             "routing": routing,
             "cost": cost,
