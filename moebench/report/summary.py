@@ -101,7 +101,7 @@ def _routing_sentence(b: pd.DataFrame) -> str:
     """Who collapsed (one expert takes > 50 % of first choices in some layer), who never left its step-0
     routing, and the most stable router among those that did not collapse (a collapsed router is
     trivially stable, so it is never named as such)."""
-    from moebench.report.tables import _layers_text, collapsed_seeds
+    from moebench.report.tables import collapsed_seeds, layers_text
 
     routed = b[b["collapsed"].notna()] if "collapsed" in b else b.iloc[:0]
     if routed.empty:
@@ -112,8 +112,8 @@ def _routing_sentence(b: pd.DataFrame) -> str:
         n = collapsed_seeds(r)
         if n:
             bad.append(f"{name} ({n}/{int(r['n_done'])} seeds; first-choice max "
-                       f"{_layers_text(r, 'first_choice_max_share')} % per layer, "
-                       f"{_layers_text(r, 'first_choice_max_share_init')} % at step 0)")
+                       f"{layers_text(r, 'first_choice_max_share')} % per layer, "
+                       f"{layers_text(r, 'first_choice_max_share_init')} % at step 0)")
         else:
             ok.append(r)
         moved = r.get("moved_from_init", math.nan)

@@ -465,7 +465,7 @@ def collapsed_seeds(r) -> int:
     return 0 if pd.isna(share) else int(round(float(share) * int(r["n_done"])))
 
 
-def _layers_text(r, key: str) -> str:
+def layers_text(r, key: str) -> str:
     """Per-layer means over seeds in %, "L0 / L1 / ..." (the run mean when no layer column exists)."""
     cols = sorted((c for c in r.index if c.startswith(f"{key}.layer")), key=lambda c: int(c.rsplit("layer", 1)[1]))
     vals = [r[c] for c in cols if not pd.isna(r[c])] or ([r[key]] if key in r and not pd.isna(r[key]) else [])
@@ -487,7 +487,7 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
             columns.append(header)
             for i, (_, r) in enumerate(b.iterrows()):
                 if kind == "layers":
-                    cells[i].append(_layers_text(r, key))
+                    cells[i].append(layers_text(r, key))
                 else:
                     n = collapsed_seeds(r)
                     cells[i].append("–" if pd.isna(r[key]) else (f"yes ({n}/{int(r['n_done'])})" if n else "no"))
