@@ -231,7 +231,7 @@ def test_a_damaged_record_is_caught_by_status_launcher_and_report(tmp_path, caps
     DAMAGE[damage](d, other)
     assert rundir.inspect(d)["state"] == "corrupt"
     assert main(["status", str(results)]) == 1
-    assert f"corrupt record: {d.name}: " in capsys.readouterr().out
+    assert f"{d.name}: corrupt record: " in capsys.readouterr().out
     rs = load_record_set(results / "g")
     row = rs.runs.set_index("run_id").loc[d.name]
     assert row["state"] == "corrupt" and (rs.runs["state"] == "done").sum() == 1  # never counted

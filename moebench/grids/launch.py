@@ -270,7 +270,7 @@ class _Progress:
             if self.last.get(r["run_id"]) != shown:
                 old = self.last.get(r["run_id"])
                 self.last[r["run_id"]] = shown
-                extra = f" ({st['reason']})" if st["reason"] and shown in ("failed", "corrupt") else ""
+                extra = f" ({st['why']})" if st["why"] and shown in ("failed", "corrupt", "interrupted") else ""
                 arrow = f"{old} -> {shown}" if old else shown
                 n = len(self.runs)
                 self.log(f"[{_now()}] [{i:>{len(str(n))}}/{n}] {r['run_id'].ljust(self.width)} {arrow}{extra}")
@@ -295,8 +295,7 @@ def plan(specs: list[dict], results, retry_failed: bool = False, max_retries: in
         rid = run_id(spec)
         run_dir = run_path(results, spec["grid"], rid)
         st = inspect(run_dir)
-        action, why = "run", {"new": "new", "queued": "queued earlier, never started",
-                              "interrupted": "interrupted: resume from its checkpoint"}.get(st["state"])
+        action, why = "run", {"new": "new", "queued": "queued earlier, never started"}.get(st["state"], st["why"])
         if st["state"] == "done":
             action, why = "skip", "done"
         elif st["state"] == "running":
@@ -309,7 +308,7 @@ def plan(specs: list[dict], results, retry_failed: bool = False, max_retries: in
             action, why = ("run", f"retry after failure: {st['reason']}") if retry_failed else \
                 ("skip", f"failed ({st['reason']}){gave_up}; rerun with --retry-failed")
         elif st["state"] == "corrupt":
-            why = f"corrupt record, rerun: {st['corrupt']}"
+            why = st["why"]
         out.append({"spec": spec, "run_id": rid, "run_dir": run_dir, "action": action, "why": why,
                     "state": st["state"]})
     return out
