@@ -7,6 +7,9 @@ Why: fixed kill moments test the moments someone thought of; a seeded sweep land
 write, between jobs and after the last one, and any failure names its trial, so it can be replayed
 with the same seed.
 
+The uninterrupted reference and the rerun after each kill train in this process (debug executor);
+with --cluster slurm the rerun is `moebench run --cluster slurm`.
+
 Usage (from the repository root, with the project's Python):
     .venv/bin/python scripts/kill_sweep.py -n 30 --seed 1 --cluster local --out /tmp/kill-sweep
     .venv/bin/python scripts/kill_sweep.py -n 5 --cluster slurm      # needs scripts/local-slurm.sh
@@ -129,14 +132,30 @@ def trial(i: int, rng: random.Random, args, reference: dict) -> dict:
     proc = launch(path, results, args.cluster)
     t0 = time.monotonic()
     time.sleep(moment)
+    if target == "jobs":  # a job kill needs a job: wait for one to train (an OOM kill looks like this)
+        deadline = time.monotonic() + 120
+        while not job_pids(dirs) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    at = round(time.monotonic() - t0, 2)
     alive = proc.poll() is None
     killed = kill(target, proc, dirs, args.cluster)
     settle(proc, dirs, name, args.cluster)
-    rc = subprocess.run([sys.executable, "-m", "moebench", "run", str(path), "--cluster", args.cluster,
-                         "--results", str(results), "--no-report"], capture_output=True, text=True).returncode
+    rc = rerun(path, results, args.cluster)
     problems = check(dirs, reference, rc)
-    return {"trial": i, "target": target, "moment_s": moment, "launcher_alive": alive, "killed": killed,
+    return {"trial": i, "target": target, "moment_s": moment, "killed_at_s": at, "launcher_alive": alive, "killed": killed,
             "rerun_rc": rc, "ok": not problems, "problems": problems, "wall_s": round(time.monotonic() - t0, 1)}
+
+
+def rerun(path: Path, results: Path, cluster: str) -> int:
+    """The user's next `moebench run`: in this process for the local executor (it trains in-process,
+    one Python start less per trial), through SLURM for slurm. 0 when every run ended done."""
+    if cluster == "slurm":
+        return subprocess.run([sys.executable, "-m", "moebench", "run", str(path), "--cluster", cluster,
+                               "--results", str(results), "--no-report"], capture_output=True, text=True).returncode
+    from moebench.grids import launch as launcher
+
+    out = launcher.run_grid(path, cluster="debug", results=results, log=lambda s: None)
+    return 0 if out["counts"]["done"] == len(out["runs"]) else 1
 
 
 def check(dirs: dict[str, Path], reference: dict, rc: int) -> list[str]:
@@ -169,8 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1, help="seed of the targets and moments (default 1)")
     p.add_argument("--cluster", choices=("local", "slurm"), default="local")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from launcher,jobs,both")
-    p.add_argument("--max-s", type=float, default=12.0, dest="max_s",
-                   help="kill moments are uniform in [0, MAX_S] seconds after the launch (default 12)")
+    p.add_argument("--max-s", type=float, default=10.0, dest="max_s",
+                   help="kill moments are uniform in [0, MAX_S] seconds after the launch (default 10); a "
+                        "`jobs` kill then waits for a job to be training")
     p.add_argument("--out", type=Path, default=Path("/tmp/kill-sweep"), help="trial folders and trials.jsonl")
     args = p.parse_args(argv)
     args.targets = [t for t in args.targets.split(",") if t]
@@ -193,7 +213,8 @@ def main(argv=None) -> int:
             rows.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()
-            print(f"trial {i:>3}: kill {row['target']:<8} at {row['moment_s']:>5.2f}s: "
+            print(f"trial {i:>3}: kill {row['target']:<8} at {row['killed_at_s']:>5.2f}s "
+                  f"(drawn {row['moment_s']:.2f}s): "
                   f"{', '.join(row['killed']) or 'nothing alive'}; "
                   f"{'recorded once, identical' if row['ok'] else 'PROBLEM: ' + '; '.join(row['problems'])}",
                   flush=True)

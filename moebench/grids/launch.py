@@ -470,8 +470,11 @@ def _stop_jobs(running, cluster, log, wait_s: float = 120.0) -> None:
     """SIGINT / SIGTERM reached the launcher: ask every running local job to checkpoint and exit, wait
     for them (``wait_s`` at most), then cancel what is left; SLURM jobs keep running (``moebench cancel``
     stops them). Raises `Stopped`, so ``moebench run`` exits non-zero and a rerun resumes."""
-    if cluster == "slurm":
-        raise Stopped("stopped by a signal; the SLURM jobs keep running (stop them with `moebench cancel`)")
+    if cluster == "slurm":  # the cluster owns them (README: Ctrl-C); say how to follow or stop them
+        where = running[0][0]["run_dir"].parent if running else None
+        how = f"`moebench status {where}`; stop them with `moebench cancel {where.parent} {where.name}`" if where \
+            else "`moebench status`; stop them with `moebench cancel`"
+        raise Stopped(f"stopped by a signal; the SLURM jobs keep running (follow them with {how})")
     asked = [pid for r, _ in running if (pid := ask_to_stop(r["run_dir"]))]
     log(f"[{_now()}] stopping: asked {len(asked)} running job(s) to checkpoint and exit")
     deadline = time.monotonic() + wait_s
