@@ -66,27 +66,31 @@ def jobs_named(name: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def reaped(*procs):
+def reaped(*procs, grids=()):
+    """Whatever happens in the test: its launchers killed and its grids' SLURM jobs cancelled."""
     try:
         yield
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
+        for name in grids:
+            subprocess.run(["scancel", "-n", f"moebench-{name}"], capture_output=True, timeout=30)
 
 
 def test_cancel_stops_one_grids_running_and_queued_jobs_and_leaves_the_other(tmp_path):
     results = tmp_path / "results"
     a = grid(tmp_path, "cancel-a", ("softmax-topk", "dense"), steps=5000, parallel=1)  # one runs, one waits
-    b = grid(tmp_path, "cancel-b", ("dense",), steps=150)
+    b = grid(tmp_path, "cancel-b", ("dense",), steps=600)
     a_dirs, b_dirs = dirs_of(a, results), dirs_of(b, results)
     pa = launch(a, results)
     pb = None
-    with reaped(pa):
-        wait_for(lambda: any(rundir.lock_held(d) for d in a_dirs.values()), "grid a training", 180)
+    with reaped(pa, grids=("cancel-a", "cancel-b")):
+        wait_for(lambda: any(rundir.lock_held(d) for d in a_dirs.values()) and len(jobs_named("cancel-a")) == 2,
+                 "grid a: one job training, one queued", 240)
         pb = launch(b, results)
         with reaped(pb):
-            wait_for(lambda: len(jobs_named("cancel-a")) == 2 and jobs_named("cancel-b"), "a: 2 jobs, b: 1", 60)
+            wait_for(lambda: all(rundir.lock_held(d) for d in b_dirs.values()), "grid b training", 240)
             states = " ".join(jobs_named("cancel-a"))
             assert "RUNNING" in states and "PENDING" in states, states
             out = subprocess.run([sys.executable, "-m", "moebench", "cancel", str(results), "cancel-a"],
@@ -108,15 +112,16 @@ def test_ctrl_c_on_moebench_run_leaves_slurm_jobs_running_and_a_rerun_records_th
     path = grid(tmp_path, "ctrl-c", ("dense",), steps=300)
     (d,) = dirs_of(path, results).values()
     proc = launch(path, results)
-    with reaped(proc):
-        wait_for(lambda: rundir.lock_held(d), "the job training", 180)
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        assert proc.wait(timeout=60) == 130
-        err = proc.stderr.read()
-        assert "the SLURM jobs keep running" in err and "moebench cancel" in err, err
-    assert jobs_named("ctrl-c") or rundir.inspect(d)["state"] == "done"  # not cancelled by Ctrl-C
-    wait_for(lambda: rundir.inspect(d)["state"] == "done", "the job to finish on its own", 300, 1.0)
-    out = rerun(path, results)
+    with reaped(grids=("ctrl-c",)):  # its job must outlive the launcher; cancelled only if the test fails
+        with reaped(proc):
+            wait_for(lambda: rundir.lock_held(d), "the job training", 180)
+            proc.send_signal(signal.SIGINT)  # Ctrl-C
+            assert proc.wait(timeout=60) == 130
+            err = proc.stderr.read()
+            assert "the SLURM jobs keep running" in err and "moebench cancel" in err, err
+        assert jobs_named("ctrl-c") or rundir.inspect(d)["state"] == "done"  # not cancelled by Ctrl-C
+        wait_for(lambda: rundir.inspect(d)["state"] == "done", "the job to finish on its own", 300, 1.0)
+        out = rerun(path, results)
     assert out.returncode == 0 and "1 done already, 0 to run" in out.stdout, out
     assert len(records.read_jsonl(d / rundir.JOBS_LOG)) == 1  # one attempt: recorded once
 
@@ -153,7 +158,7 @@ def test_a_lost_node_ends_with_the_run_resumed_by_the_next_moebench_run_and_reco
     proc = launch(path, results)
     host = socket.gethostname().split(".")[0]
     try:
-        with reaped(proc):
+        with reaped(proc, grids=("lost-node",)):
             wait_for(lambda: (d / "checkpoint.pt").exists(), "a checkpoint", 180, 0.3)
             job_id = str(records.read_jsonl(d / rundir.JOBS_LOG)[0]["slurm_job_id"])
             # a cluster that does not requeue on node failure (JobRequeue=0 / --no-requeue): the run

@@ -9,8 +9,18 @@ import time
 from moebench.training import records
 
 
-def not_ready() -> str | None:
-    """Why the cluster cannot take a job now, or None when a node is idle."""
+def not_ready(wait_s: float = 90) -> str | None:
+    """Why the cluster cannot take a job now, or None when a node is idle (a node still completing or
+    busy with an earlier test's job gets ``wait_s`` seconds to free up)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        why = _not_ready()
+        if why is None or "completing" not in why and "allocated" not in why or time.monotonic() > deadline:
+            return why
+        time.sleep(2)
+
+
+def _not_ready() -> str | None:
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         return "SLURM client tools (sinfo, sbatch) not found; start a cluster with scripts/local-slurm.sh"
     try:
