@@ -84,7 +84,7 @@ def test_a_two_task_slurm_job_equals_one_process_and_only_rank0_writes(tmp_path)
 
 
 def test_a_requeued_two_task_job_resumes_to_the_same_result(tmp_path):
-    spec = _spec("slurm-dp-requeue", steps=600, eval_every=100, checkpoint_every=25)
+    spec = _spec("slurm-dp-requeue", steps=400, eval_every=100, checkpoint_every=25)
     results = tmp_path / "results"
     job = _submit(spec, results)
     d = run_path(results, spec["grid"], run_id(spec))

@@ -152,7 +152,7 @@ def _job_processes(job_id: str) -> list[int]:
 
 def test_a_lost_node_ends_with_the_run_resumed_by_the_next_moebench_run_and_recorded_once(tmp_path):
     results = tmp_path / "results"
-    path = grid(tmp_path, "lost-node", ("softmax-topk",), steps=800, eval_every=200, checkpoint_every=25)
+    path = grid(tmp_path, "lost-node", ("softmax-topk",), steps=400, eval_every=100, checkpoint_every=25)
     (d,) = dirs_of(path, results).values()
     (spec,) = expand(path)
     proc = launch(path, results)
