@@ -62,7 +62,7 @@ def rerun(path, results) -> subprocess.CompletedProcess:
 def jobs_named(name: str) -> list[str]:
     out = subprocess.run(["squeue", "-h", "-r", "-n", f"moebench-{name}", "-o", "%i %T"], capture_output=True,
                          text=True, timeout=30).stdout
-    return out.split("\n") if out.strip() else []
+    return [line for line in out.splitlines() if line.strip()]
 
 
 @contextlib.contextmanager
