@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from slurm_cluster import final_state, not_ready, wait_for
+from slurm_cluster import final_state, node_cpus, not_ready, wait_for
 
 from moebench.grids import launch
 from moebench.training import records, rundir, runner
@@ -23,6 +23,8 @@ def slurm_ready():
     why = not_ready()
     if why:
         pytest.skip(why)
+    if node_cpus() < 2:  # one CPU per task: a 2-task job would wait forever
+        pytest.skip(f"the SLURM node has {node_cpus()} CPU(s); a 2-task job needs 2 (a machine with 2+ cores)")
 
 
 def _spec(grid: str, steps: int, eval_every: int, checkpoint_every: int) -> dict:

@@ -35,6 +35,12 @@ def _not_ready() -> str | None:
     return None
 
 
+def node_cpus() -> int:
+    """CPUs of the cluster's node (scripts/local-slurm.sh gives it the machine's real count)."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%c"], capture_output=True, text=True, timeout=20).stdout
+    return max((int(c) for c in out.split() if c.isdigit()), default=0)
+
+
 def squeue(job_id: str | None = None) -> str:
     """``squeue`` lines "<id> <state> <reason>" (all jobs, or one job's)."""
     cmd = ["squeue", "-h", "-r", "-o", "%i %T %r"] + (["-j", job_id] if job_id else [])
