@@ -34,7 +34,6 @@ from moebench.core.routing import Router, Routing, RoutingContext
 class SoftMoERouter(Router):
     """Slots as soft mixtures of a sequence's tokens; see the module docstring."""
 
-    token_choice = False
 
     def __init__(self, d_model: int, num_experts: int, slots_per_expert: int = 1,
                  tokens_per_sequence: int | None = None, normalize: bool = True):

@@ -117,7 +117,7 @@ class BrainAgeTask(Task):
 
     @torch.no_grad()
     def _predict(self, model, loader, device, limit: int | None = None):
-        from moebench.training.train import to_device
+        from moebench.core.device import to_device
 
         preds, ages, n = [], [], 0
         for batch in loader:

@@ -143,7 +143,7 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, loader, device):
-        from moebench.training.train import to_device
+        from moebench.core.device import to_device
 
         hits, loss_sum, n, top1_hits = {1: 0, 5: 0}, 0.0, 0, []
         for batch in loader:

@@ -184,7 +184,7 @@ class RetrievalTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, loader, device):
-        from moebench.training.train import to_device
+        from moebench.core.device import to_device
 
         dataset = loader.dataset
         while not hasattr(dataset, "tokenized_texts") and hasattr(dataset, "dataset"):

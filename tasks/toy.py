@@ -147,7 +147,7 @@ class ToyTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, loader, device):
-        from moebench.training.train import to_device
+        from moebench.core.device import to_device
 
         correct, loss_sum, n, hits = 0, 0.0, 0, []
         for batch in loader:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from moebench.report.render import Table
-from moebench.report.tables import _si_scale, fmt_value
+from moebench.report.tables import fmt_value, si_scale
 
 ZERO = "random"
 FALLBACK_ZERO = "dense"
@@ -50,7 +51,7 @@ def borda(lb: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["borda_rank", "label"], kind="stable").reset_index(drop=True)
 
 
-def normalise(value, zero: float, best: float) -> float:
+def normalise(value, zero: float, best: float) -> Any:
     """100 × (value − zero) / (best − zero): 0 at the zero point, 100 at the best, the same formula for
     error metrics (best < zero). NaN when the two points coincide or are missing."""
     if any(pd.isna(x) for x in (zero, best)) or best == zero:
@@ -139,7 +140,7 @@ def summary_table(summary: Summary) -> Table | None:
         return None
     benches = [c[len("score:"):] for c in t.columns if c.startswith("score:")]
     show_variant = (t["variant"] != "").any()
-    scale, prefix = _si_scale(np.concatenate([t["params_active"].to_numpy(float), t["params_total"].to_numpy(float)]))
+    scale, prefix = si_scale(np.concatenate([t["params_active"].to_numpy(float), t["params_total"].to_numpy(float)]))
     columns = (["Router"] + (["Sweep"] if show_variant else []) + ["Borda rank", "Borda points"]
                + [f"Score: {b}" for b in benches] + ["Mean score", "IQM [95% CI]",
                                                      f"Active params ({prefix})".replace(" ()", ""),

@@ -1,10 +1,11 @@
 """`moebench report`: run records -> leaderboards (Markdown, CSV, LaTeX), plots (PNG, PDF) and one
 self-contained report.html.
 
-Pieces: ``report_load`` reads records, ``report_tables`` aggregates and lays out tables,
-``report_render`` writes tables per format, ``report_plots`` draws, ``report_html`` assembles the page.
-Missing runs are detected from ``<results>/<grid>/expected.json`` written by the launcher (see
-``report_load``)."""
+Pieces (``moebench.report.*``): ``load`` reads records, ``tables`` aggregates and lays out tables (its
+``COLUMNS`` is the one catalogue of column labels), ``stats`` computes intervals and rank groups,
+``summary`` writes the key findings, ``render`` writes tables per format, ``plots`` draws, ``items``
+reads per-item evaluations, ``html`` assembles the page. Missing runs are detected from
+``<results>/<grid>/expected.json`` written by the launcher (see ``load``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -13,7 +13,9 @@ than half of the first choices) cannot support a stability or utilisation claim.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -293,7 +295,7 @@ class Claim:
     measured_by: str
     column: str | None          # the value shown per router (None: the task's headline)
     task: str | None            # the task the values come from (None: every task)
-    rule: object
+    rule: Callable[..., Any]  # (candidate rows, reference labels, Context) -> Outcome
     test_with: str
 
 

@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib as mpl
 import numpy as np
@@ -24,7 +25,7 @@ BASELINE = "softmax-topk"  # the reference router the headline plot marks
 WIDTH = 3.5  # inches: one paper column
 WIDE = 7.0   # inches: the full page width, for small multiples
 DPI = 200
-RC = {"font.size": 7, "axes.labelsize": 7, "axes.titlesize": 7.5, "figure.titlesize": 7.5, "xtick.labelsize": 6.5,
+RC: Any = {  # matplotlib types its keys as literals"font.size": 7, "axes.labelsize": 7, "axes.titlesize": 7.5, "figure.titlesize": 7.5, "xtick.labelsize": 6.5,
       "ytick.labelsize": 6.5, "legend.fontsize": 6.5, "legend.title_fontsize": 6.5, "pdf.fonttype": 42,
       "axes.titleweight": "normal", "lines.linewidth": 1.2}
 MARKERS = "osD^vPX*<>p"
@@ -326,7 +327,7 @@ class Plotter:
 def _pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
     """Points no other point beats on both cost (x, lower better) and quality (y), sorted by cost."""
     better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
-    front = []
+    front: list = []
     for x, y in sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1])):
         if not front or better(y, front[-1][1]):
             front.append((x, y))

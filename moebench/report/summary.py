@@ -26,7 +26,7 @@ def key_findings(lb: pd.DataFrame, paired: pd.DataFrame, baseline: str) -> list[
     """One short paragraph per task: the best rank group, who beats / loses to the baseline after Holm
     correction, the minimum detectable effect, and the confounds (extra FLOPs, extra parameters,
     unrouted or dropped tokens)."""
-    out = []
+    out: list[str] = []
     if lb.empty:
         return out
     for bench, b in lb.groupby("bench", sort=False):

@@ -29,22 +29,33 @@ from moebench.report.stats import (
 )
 
 GROUP = ["bench", "label", "variant"]
-# (column, header, better direction or None, formatter kind)
-STAT_COLUMNS = [
-    ("load_cv", "Load CV ↓", "lower", "f3"),
-    ("max_mean", "Max/mean ↓", "lower", "f2"),
-    ("norm_entropy", "Norm. entropy ↑", "higher", "f3"),
-    ("dead_experts", "Dead experts ↓", "lower", "f1"),
-    ("drop_rate", "Drop % ↓", "lower", "pct"),
-    ("switch_rate", "Switch % ↓", "lower", "pct"),
-    ("mutual_info", "MI (nats) ↑", "higher", "f3"),
-    ("flops_per_token", "{p}FLOPs/token", None, "si"),      # {p}: SI prefix chosen per table
-    ("params_active", "Active params ({p})", None, "si"),
-    ("params_total", "Params ({p})", None, "si"),
-    ("tokens_per_s", "Tokens/s ({p}) ↑", "higher", "si"),
-]
+# The one catalogue of the report's per-router columns: key -> (header, better direction or None,
+# formatter kind). Every table takes its headers from here, so a metric has one label everywhere.
+COLUMNS: dict[str, tuple[str, str | None, str]] = {
+    "load_cv": ("Load CV ↓", "lower", "f3"),
+    "max_mean": ("Max/mean ↓", "lower", "f2"),
+    "norm_entropy": ("Norm. entropy ↑", "higher", "f3"),
+    "max_vio": ("MaxVio ↓", "lower", "f2"),
+    "min_load_share": ("Min load (%)", None, "pct"),
+    "max_load_share": ("Max load (%)", None, "pct"),
+    "near_dead_experts": ("Near-dead experts ↓", "lower", "f1"),
+    "dead_experts": ("Dead experts ↓", "lower", "f1"),
+    "unrouted_rate": ("Unrouted (%) ↓", "lower", "pct"),
+    "drop_rate": ("Dropped (%) ↓", "lower", "pct"),
+    "switch_rate": ("Switch (%) ↓", "lower", "pct"),
+    "final_switch": ("Overlap w/ final (%) ↑", "higher", "overlap"),
+    "last_fluctuation_step": ("Last fluctuation (step)", None, "f0"),
+    "mutual_info": ("MI (nats) ↑", "higher", "f3"),
+    "flops_per_token": ("{p}FLOPs/token", None, "si"),      # {p}: SI prefix chosen per table
+    "params_active": ("Active params ({p})", None, "si"),
+    "params_total": ("Params ({p})", None, "si"),
+    "tokens_per_s": ("Tokens/s ({p}) ↑", "higher", "si"),
+}
+# the routing and cost statistics averaged per router
+STAT_COLUMNS = ["load_cv", "max_mean", "norm_entropy", "dead_experts", "drop_rate", "switch_rate", "mutual_info",
+                "flops_per_token", "params_active", "params_total", "tokens_per_s"]
 DIAG_EXTRA = ["max_vio", "min_load_share", "max_load_share", "near_dead_experts", "last_fluctuation_step"]
-MEAN_COLUMNS = [c for c, *_ in STAT_COLUMNS] + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "margin", "fallback_rate",
+MEAN_COLUMNS = STAT_COLUMNS + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "margin", "fallback_rate",
                                                  "unrouted_rate", "mutual_info_norm", "final_switch", "settle_fraction",
                                                  "wall_time_s", "peak_memory_mb"]
 
@@ -300,7 +311,7 @@ def mean_std(mean: float, std: float) -> str:
     return f"{mean:.{d}f}" if math.isnan(std) else f"{mean:.{d}f} ± {std:.{d}f}"
 
 
-def _si_scale(values) -> tuple[float, str]:
+def si_scale(values) -> tuple[float, str]:
     top = np.nanmax(np.abs(values)) if len(values) and np.isfinite(values).any() else 0.0
     for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if top >= scale:
@@ -357,11 +368,13 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
     hib = bool(b["higher_is_better"].dropna().iloc[0]) if b["higher_is_better"].notna().any() else True
     name = b["headline_name"].dropna().iloc[0] if b["headline_name"].notna().any() else "headline"
     show_variant = (b["variant"] != "").any()
-    pscale, pprefix = _si_scale(_col(b, "params_total").to_numpy(dtype=float))
+    pscale, pprefix = si_scale(_col(b, "params_total").to_numpy(dtype=float))
     columns = ["Router"] + (["Sweep"] if show_variant else []) + [
         "Seeds", f"{name} {'↑' if hib else '↓'} (95% CI)", "Rank group", "Eval n", "Eval SE",
         "FLOPs vs dense (%)", f"Params ({pprefix})".replace(" ()", ""), "Params × ref", "Unrouted (%)", "Dropped (%)"]
-    cells, notes, bold = [], [], set()
+    cells: list[list[str]] = []
+    notes: list[str] = []
+    bold: set[tuple[int, int]] = set()
     for i, (_, r) in enumerate(b.iterrows()):
         seeds = f"{r['n_done']}/{r['n_expected']}"
         if not r["complete"]:
@@ -402,22 +415,10 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
                  notes=[general] + notes, label=f"tab:leaderboard-{slug(bench)}", left=1 + show_variant)
 
 
-# (column, header, better direction or None, formatter kind)
-DIAG_COLUMNS = [
-    ("load_cv", "Load CV ↓", "lower", "f3"),
-    ("max_vio", "MaxVio ↓", "lower", "f2"),
-    ("min_load_share", "Min load (%)", None, "pct"),
-    ("max_load_share", "Max load (%)", None, "pct"),
-    ("near_dead_experts", "Near-dead experts ↓", "lower", "f1"),
-    ("dead_experts", "Dead experts ↓", "lower", "f1"),
-    ("unrouted_rate", "Unrouted (%) ↓", "lower", "pct"),
-    ("drop_rate", "Dropped (%) ↓", "lower", "pct"),
-    ("switch_rate", "Switch (%) ↓", "lower", "pct"),
-    ("final_switch", "Overlap w/ final (%) ↑", "higher", "overlap"),
-    ("last_fluctuation_step", "Last fluctuation (step)", None, "f0"),
-    ("mutual_info", "MI (nats) ↑", "higher", "f3"),
-    ("tokens_per_s", "Tokens/s ({p}) ↑", "higher", "si"),
-]
+# the diagnostics table's columns, in order (headers from COLUMNS)
+DIAG_COLUMNS = ["load_cv", "max_vio", "min_load_share", "max_load_share", "near_dead_experts", "dead_experts",
+                "unrouted_rate", "drop_rate", "switch_rate", "final_switch", "last_fluctuation_step", "mutual_info",
+                "tokens_per_s"]
 _BALANCE_KEYS = {"load_cv", "max_vio", "near_dead_experts", "dead_experts", "unrouted_rate", "drop_rate"}
 
 
@@ -427,7 +428,8 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
     cells = [[r["label"]] + ([r["variant"]] if show_variant else []) for _, r in b.iterrows()]
     bold: set[tuple[int, int]] = set()
     hides = _hides_tokens(b)
-    for key, header, direction, kind in DIAG_COLUMNS:
+    for key in DIAG_COLUMNS:
+        header, direction, kind = COLUMNS[key]
         if key not in b or b[key].isna().all():
             continue
         vals = b[key].astype(float)
@@ -435,7 +437,7 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
             vals, kind = 1 - vals, "pct"
         scale = 1.0
         if kind == "si":
-            scale, prefix = _si_scale(vals.to_numpy(dtype=float))
+            scale, prefix = si_scale(vals.to_numpy(dtype=float))
             header = header.replace("{p}", prefix).replace(" ()", "")
         columns.append(header)
         texts = [fmt_value(v, kind, scale) for v in vals]

@@ -33,26 +33,30 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from moebench.core.compile import compile_blocks
+from moebench.core.cost import model_cost
+from moebench.core.device import to_device
 from moebench.core.layer import MoELayer
 from moebench.core.progress import Progress
 from moebench.training import metrics as M
 from moebench.training.gradprobe import grad_cosine, mean_cos, probe_due
+from moebench.training.pretrained import with_weights_path
 from moebench.training.records import (
     EVAL_ITEMS_FILE,
     STATES,
-    _json_default,
     append_jsonl,
     atomic_write,
     atomic_write_json,
     atomic_write_text,
     environment_info,
+    json_default,
     read_jsonl,
     read_status_safe,
     remove_temp_files,
     write_eval_items,
     write_status,
 )
-from moebench.training.rundir import _set_aside
+from moebench.training.rundir import set_aside
 from moebench.training.spec import resolve_spec
 from moebench.training.spec import run_id as spec_run_id
 from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
@@ -67,19 +71,6 @@ class Diverged(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------
 # small helpers
-
-def to_device(batch, device, non_blocking: bool = False):
-    """Move every tensor inside a (nested) tuple / list / dict batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(to_device(b, device, non_blocking) for b in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device, non_blocking) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
-    return batch
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -219,27 +210,6 @@ def peak_memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def model_cost(model: nn.Module) -> dict:
-    """params_total; params_active = non-MoE params + each MoE layer's active_params(); flops_per_token
-    = 2 * (weights of every nn.Linear outside MoE layers) + each MoE layer's flops_per_token() (its
-    visited experts plus its router). An estimate per token of the blocks: attention score / softmax
-    FLOPs, convolutions (patch embeddings) and elementwise ops are not counted."""
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    moe_params = {id(p) for layer in layers for p in layer.parameters()}
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    non_moe = sum(p.numel() for pid, p in {id(p): p for p in model.parameters()}.items() if pid not in moe_params)
-    active = non_moe + sum(layer.active_params() for layer in layers)
-    flops = linear_flops_outside_moe(model) + sum(layer.flops_per_token() for layer in layers)
-    return {"params_total": int(total), "params_active": float(active), "flops_per_token": float(flops)}
-
-
-def linear_flops_outside_moe(model: nn.Module) -> float:
-    """2 x the weights of every nn.Linear outside the MoE layers: the non-MoE part of ``flops_per_token``
-    (shared with `grid show`, so its flops/tok column and the report's FLOPs/token are one number)."""
-    inside = {id(m) for layer in model.modules() if isinstance(layer, MoELayer) for m in layer.modules()}
-    return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside)
-
-
 def data_parallel() -> tuple[int, int]:
     """(rank, world size) of an initialised torch.distributed group (the grid launcher sets it up from
     submitit's environment, one process per GPU); (0, 1) otherwise."""
@@ -271,22 +241,6 @@ def force_eager():
     """A context in which compiled modules run eager (torch >= 2.6: set_stance; before: dynamo off)."""
     stance = getattr(torch.compiler, "set_stance", None)
     return stance("force_eager") if stance is not None else torch._dynamo.config.patch(disable=True)
-
-
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
-    """``torch.compile`` every transformer block in place (regional compilation: identical blocks share
-    one compiled graph, so compiling costs one block, not the model, and methods other than forward,
-    e.g. CLIP's encode_image, run compiled blocks too); the whole model's forward if it has no blocks
-    moefy knows. Parameters and state-dict keys are unchanged. Returns the number of compiled modules."""
-    from moebench.core.moefy import find_blocks
-
-    try:
-        blocks = [ref.block for ref in find_blocks(model)]
-    except ValueError:
-        blocks = []
-    for module in blocks or [model]:
-        module.compile(backend=backend)
-    return len(blocks) or 1
 
 
 class _TokenCounter:
@@ -342,7 +296,7 @@ def _set_rng_state(state: dict) -> None:
 def _plain(obj):
     """``obj`` as JSON-able plain types (numpy scalars / arrays -> floats / lists, tuples -> lists): what a
     checkpoint loaded with ``weights_only=True`` may hold, and what final.json would hold anyway."""
-    return json.loads(json.dumps(obj, default=_json_default))
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -362,14 +316,16 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 # the loop
 
 def train(task, spec: dict, run_dir, device=None, progress: bool | None = None,
-          on_step: Callable[[int], None] | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None, results=None) -> dict:
     """Train and evaluate ``task`` as ``spec`` says, recording into ``run_dir``; returns the final record
     (also written to ``final.json``), or ``{"state": "failed", "reason": ...}`` after a divergence
     (status.json says so too). ``on_step(step)`` runs after each completed step (tests use it to
     interrupt a run). ``progress``: None = a bar on a TTY, a line every 30 s in a log
-    (`moebench.core.progress`); True = always the bar; False = silent."""
+    (`moebench.core.progress`); True = always the bar; False = silent. ``results``: the results root a
+    ``model.pretrained: "pretrain:<run id>"`` reference resolves under (`moebench.training.pretrained`)."""
     spec = resolve_spec(spec)
     rid = spec_run_id(spec)
+    spec = with_weights_path(spec, results)  # after the id: the id names the pretrain, not a path
     run_dir = Path(run_dir)
     if data_parallel()[0] == 0:  # other data-parallel ranks write nothing
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -497,7 +453,7 @@ class _Trainer:
 
     def restart_from_zero(self, why: str) -> None:
         """Set the checkpoint and metrics aside, rebuild the start state, and log why."""
-        dest = _set_aside(self.run_dir, [CHECKPOINT, "metrics.jsonl"]) if self.writer else None
+        dest = set_aside(self.run_dir, [CHECKPOINT, "metrics.jsonl"]) if self.writer else None
         note = f"{why}; set aside to {dest} and restarted from step 0"
         print(f"moebench: run {self.rid}: {note}", file=sys.stderr, flush=True)
         if self.writer and (self.run_dir / "status.json").exists():
@@ -615,7 +571,7 @@ class _Trainer:
         batches = train_batches(self.train_ds, t["batch_size"], self.spec["seed"], self.step,
                                 t["num_workers"], self.collate, self.device.type == "cuda", self.rank, self.world)
         self.model.train()
-        if self.step == 0 and any(getattr(m.router, "eval_at_start", False) for _, m in self.layers):
+        if self.step == 0 and any(m.router.eval_at_start for _, m in self.layers):
             self.evaluate()  # eigenbasis routers: the load before any learning (docs/ERMOE.md)
         try:
             while self.step < steps:
