@@ -26,7 +26,8 @@ EXPECTED_FILE = "expected.json"
 ROUTING_STATS = ("load_cv", "max_mean", "norm_entropy", "gini", "dead_experts", "drop_rate", "balance",
                  "gate_entropy", "margin", "fallback_rate", "unrouted_rate", "switch_rate", "mutual_info",
                  "mutual_info_norm")
-COST_KEYS = ("params_total", "params_active", "flops_per_token", "wall_time_s", "tokens_per_s", "peak_memory_mb")
+COST_KEYS = ("params_total", "params_active", "flops_per_token", "router_params", "router_flops_per_token",
+             "ms_per_step", "wall_time_s", "tokens_per_s", "peak_memory_mb")
 ID_COLS = ("grid", "run_id", "bench", "task", "label", "variant", "seed")
 NOT_DONE = ("failed", "missing", "queued", "running", "interrupted", "new", "corrupt")
 
@@ -152,6 +153,7 @@ def _read_run(run_dir: Path):
     row["final_switch"] = _final_switch(routing.get("final_switch"))
     for key, value in (final_ok.get("cost") or {}).items():
         row[key] = _num(value)
+    row["device"] = device_name(final_ok.get("env"))
     for key, value in (final_ok.get("metrics") or {}).items():
         row[f"metric.{key}"] = _num(value)
     if row["label"] is None and state != "missing":
@@ -159,6 +161,10 @@ def _read_run(run_dir: Path):
 
     layers = []
     for i, layer in enumerate(routing.get("per_layer") or []):
+        if not isinstance(layer, dict):
+            problems.append(f"{run_dir}: final.json routing.per_layer[{i}] is not a mapping; skipped")
+            continue
+        row.update(per_layer_columns(layer, i))
         entry = {"run_id": row["run_id"], "layer_idx": i, "layer": str(layer.get("layer", f"layer{i}"))}
         for key, value in layer.items():
             if key in ("counts", "label_by_expert", "label_unrouted", "top1_counts", "labels",
@@ -177,6 +183,23 @@ def _read_run(run_dir: Path):
             entry[key] = _num(value)
         evals.append(entry)
     return row, layers, evals, problems
+
+
+def device_name(env) -> str | None:
+    """The device a run trained on, as final.json's env names it: the GPU's name, else the CPU model."""
+    if not isinstance(env, dict):
+        return None
+    if str(env.get("train_device", "")).startswith("cuda") and isinstance(env.get("device"), str):
+        return env["device"]
+    cpu = env.get("cpu_model") or env.get("processor")
+    return f"CPU ({cpu})" if isinstance(cpu, str) and cpu else ("CPU" if env.get("train_device") == "cpu" else None)
+
+
+def per_layer_columns(layer: dict, i: int) -> dict[str, float]:
+    """``<stat>.layer<i>`` for every scalar statistic of MoE layer ``i`` (the ones `routing.mean` averages),
+    so a statistic added to final.json becomes a runs.csv column by itself."""
+    return {f"{key}.layer{i}": _num(value) for key, value in layer.items()
+            if key not in ("layer", "tokens") and (value is None or isinstance(value, (int, float)))}
 
 
 def _data_name(task_args) -> str | None:
