@@ -11,7 +11,7 @@ SUMMARY_STATES = ("done", "running", "failed", "queued")
 
 def _reason(st: dict) -> str:
     """The state's reason: `rundir.verdict_text`, the words the launcher and the report use too."""
-    return st.get("why") if "why" in st else verdict_text(st)
+    return str(st["why"] or "") if "why" in st else verdict_text(st)
 
 
 def plan_rows(runs: list[dict]) -> list[dict]:
