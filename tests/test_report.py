@@ -230,7 +230,7 @@ def test_corrupt_final_json_is_reported_not_fatal(tmp_path):
     out = write_report(grid, tmp_path / "rep", formats=("md", "html"), plots=False)
     runs = load_records(grid).set_index("run_id")
     assert runs.loc["e1", "state"] == "corrupt"
-    assert runs.loc["x", "state"] == "corrupt" and "spec.yaml is not valid YAML" in runs.loc["x", "reason"]
+    assert runs.loc["x", "state"] == "corrupt" and "spec.yaml: not valid YAML" in runs.loc["x", "reason"]
     md = (out / "leaderboard.md").read_text()
     assert "## Problems with records" in md and "final.json: not valid JSON" in md
     assert "seed 1 corrupt" in md

@@ -133,6 +133,9 @@ class ExecutorConfig:
     time_min: float = option(60, "float", minimum=0.0, strict=True, doc="SLURM time limit per job, minutes")
     cpus_per_task: int = option(1, "int", minimum=1, doc="CPU cores per job")
     gpus_per_node: int = option(0, "int", minimum=0, doc="GPUs per job (one task per GPU)")
+    tasks_per_node: int = option(None, "int", minimum=1, nullable=True,
+                                 doc="data-parallel processes per job (gloo on CPU, nccl on GPU); "
+                                     "null: one per GPU, or 1 on CPU")
     mem_gb: float = option(None, "float", minimum=0.0, strict=True, nullable=True, doc="memory per job")
     array_parallelism: int = option(64, "int", minimum=1, doc="SLURM array jobs at once")
     max_workers: int = option(None, "int", minimum=1, nullable=True, doc="local jobs at once; null: from the cores")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from moebench.training.records import CorruptRecordError, read_json, read_jsonl, read_spec, read_status
-from moebench.training.rundir import record_problem
+from moebench.training.records import CorruptRecordError, read_json, read_jsonl, read_spec
+from moebench.training.rundir import inspect
 
 RECORD_FILES = ("spec.yaml", "status.json", "final.json", "metrics.jsonl")
 EXPECTED_FILE = "expected.json"
@@ -31,7 +31,7 @@ COST_KEYS = ("params_total", "params_active", "flops_per_token", "router_params"
 ID_COLS = ("grid", "run_id", "bench", "task", "label", "variant", "seed")
 #: does the router route? per run (routing.mean) and per layer (columns ``<key>.layer<i>``)
 ROUTES_KEYS = ("first_choice_max_share_init", "first_choice_max_share", "collapsed", "moved_from_init")
-NOT_DONE = ("failed", "missing", "queued", "running", "corrupt")
+NOT_DONE = ("failed", "missing", "queued", "running", "interrupted", "new", "corrupt")
 
 
 @dataclass
@@ -114,33 +114,21 @@ def _name(value):
 
 def _read_run(run_dir: Path):
     problems: list[str] = []
-    spec = _safe(read_spec, run_dir, problems)
-    status = _safe(read_status, run_dir, problems)
-    final = _safe(read_json, run_dir / "final.json", problems)
+    seen: list[str] = []  # what is wrong with spec / status / final, the verdict below says once
+    spec = _safe(read_spec, run_dir, seen)
+    final = _safe(read_json, run_dir / "final.json", seen)
     metrics = _safe(read_jsonl, run_dir / "metrics.jsonl", problems)
     spec_ok = spec if isinstance(spec, dict) else {}
     final_ok = final if isinstance(final, dict) else {}
-    status_ok = status if isinstance(status, dict) else {}
-    damage = record_problem(run_dir, require_resolvable=False) if final_ok else None
-    if damage:  # e.g. a final.json copied from another run: never counted, listed as a problem
+    # one verdict: the state and words `moebench status` and the launcher give (rundir.inspect); only a
+    # done run's final.json is counted, so a damaged or unfinished record never enters a table
+    verdict = inspect(run_dir, require_resolvable=False)
+    state, reason = verdict["state"], verdict["why"] or None
+    if state == "corrupt":
         final_ok, metrics = {}, []
-
-    state, reason = status_ok.get("state"), status_ok.get("reason")
-    if final is CorruptRecordError:
-        state, reason = "corrupt", "final.json is not valid JSON; delete it and rerun the run"
-    elif damage:
-        state, reason = "corrupt", f"{damage}; rerunning the grid sets it aside and reruns it"
         problems.append(f"{run_dir}: {reason}")
-    elif state is None and final_ok:
-        state = "done"
-    elif state == "done" and not final_ok:
-        state, reason = "corrupt", "status says done but final.json is missing; rerun the run"
-        problems.append(f"{run_dir}: {reason}")
-    elif not final_ok and (status is CorruptRecordError or spec is CorruptRecordError):
-        bad = "status.json is not valid JSON" if status is CorruptRecordError else "spec.yaml is not valid YAML"
-        state, reason = "corrupt", f"{bad}; rerun the run (or delete its folder)"
-    elif state is None:
-        state, reason = "queued", reason or "no status.json yet"
+    elif state != "done":
+        final_ok = {}
 
     sweep = final_ok.get("sweep") or spec_ok.get("sweep") or {}
     moe = spec_ok.get("moe")

@@ -536,7 +536,7 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
 
 def _no_value(r) -> str:
     states = r["states"]
-    for s in ("failed", "missing", "corrupt", "running", "queued"):
+    for s in ("failed", "missing", "corrupt", "running", "interrupted", "queued", "new"):
         if s in states:
             return s
     return "–"
