@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ssmoe_reference import release_experts, release_moe, release_svd
 
 from moebench.core.layer import MoELayer
-from tests.helpers.ssmoe_reference import release_experts, release_moe, release_svd
+from moebench.core.routing import RoutingContext
 
 D, H, E = 16, 32, 4
 
@@ -45,8 +46,6 @@ def test_matches_the_release_on_copied_weights(second_layer, c):
 
 
 def _ctx():
-    from moebench.core.routing import RoutingContext
-
     return RoutingContext(training=False)
 
 
