@@ -128,3 +128,28 @@ def test_bad_options_name_the_option(args, words):
 def test_null_experts_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="moe.null_experts"):
         MoELayer(D, H, E, router="ssmoe", null_experts=2)
+
+
+@pytest.mark.slow  # costing builds a ViT-L/14 (430M parameters): minutes on a shared 2-core CPU
+def test_clip_moe_grid_expands_once_its_paths_are_set():
+    """SSMoE's CLIP-MoE protocol: placeholders refused, then every run is ViT-L/14 with 4 experts, top-2,
+    in every block, on COCO and Flickr30K, 3 seeds, ssmoe among the routers."""
+    import yaml
+
+    from moebench.grids import expand as expand_mod
+    from moebench.grids import schema
+
+    path = schema.resolve_path("clip-moe")
+    found = schema.placeholders(yaml.safe_load(path.read_text()))
+    assert {schema._shell_key(k) for k, _ in found} >= {"tasks.0.task_args.root", "tasks.0.model.pretrained"}
+    with pytest.raises(Exception, match="placeholder|/path/to"):
+        expand_mod.expand(schema.load("clip-moe"))
+    sets = [f"{schema._shell_key(k)}=/data/{i}" for i, (k, _) in enumerate(found)]
+    specs = expand_mod.expand(schema.load("clip-moe", overrides=sets))
+    moes = [s["moe"] for s in specs if s["moe"]]
+    assert {s["task_args"]["data"] for s in specs} == {"coco", "flickr30k"} and {s["seed"] for s in specs} == {0, 1, 2}
+    assert {s["model"]["name"] for s in specs} == {"ViT-L-14"}
+    assert all(m["num_experts"] == 4 and m["blocks"] == "all" and m["d_hidden"] == 2048 for m in moes)
+    assert all(m["router_args"].get("top_k", 2) == 2 for m in moes)
+    assert {"ssmoe", "ssmoe-c0.5", "softmax-topk", "dense"} <= {s["label"] for s in specs}
+    assert all(s["train"]["eval_at_start"] for s in specs)
