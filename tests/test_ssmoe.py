@@ -151,5 +151,7 @@ def test_clip_moe_grid_expands_once_its_paths_are_set():
     assert {s["model"]["name"] for s in specs} == {"ViT-L-14"}
     assert all(m["num_experts"] == 4 and m["blocks"] == "all" and m["d_hidden"] == 2048 for m in moes)
     assert all(m["router_args"].get("top_k", 2) == 2 for m in moes)
-    assert {"ssmoe", "ssmoe-c0.5", "softmax-topk", "dense"} <= {s["label"] for s in specs}
+    assert {"ssmoe-c0.5", "dense"} <= {s["label"] for s in specs}
+    assert {"ssmoe", "softmax-topk", "ermoe", "emoe"} <= {m["router"] for m in moes}
+    assert all(m["router_args"]["refresh_every"] == 100 for m in moes if m["router"] == "ssmoe")
     assert all(s["train"]["eval_at_start"] for s in specs)
