@@ -23,7 +23,8 @@ from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
 
-@register_router("softmax-topk", "linear gate, softmax, top-k, weights renormalised over the k (Mixtral/GShard)")
+@register_router("softmax-topk", "linear gate, softmax, top-k, weights renormalised over the k (Mixtral/GShard) or raw "
+                                 "(norm_topk_prob: false, Qwen-MoE / OLMoE)")
 class SoftmaxTopK(Router):
     """Linear gate, softmax in float32, top-k, weights renormalised over the chosen k (or raw: norm_topk_prob)."""
 
