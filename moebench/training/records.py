@@ -11,7 +11,8 @@ A run lives in ``<results>/<grid>/<run_id>/``:
                       "routing": {"mean": {stat -> float}, "per_layer": [{"layer": str, stat -> float,
                                   "counts": [int per expert]}]}}
 - ``final.json``    {"run_id", "grid", "task", "router", "label", "seed", "sweep": {axis: value},
-                     "headline": {"name": str, "value": float, "higher_is_better": bool},
+                     "headline": {"name": str, "value": float, "higher_is_better": bool,
+                                  "margin": float|null (the task's equivalence margin), "margin_reason": str},
                      "metrics": {task metric -> float},
                      "routing": {"mean": {...}, "per_layer": [{..., "counts": [...],
                                  "label_by_expert": [[count per expert] per label], "labels": [str]}]},

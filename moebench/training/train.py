@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from moebench.core.layer import MoELayer
 from moebench.core.progress import Progress
 from moebench.training import metrics as M
+from moebench.training.gradprobe import grad_cosine, mean_cos, probe_due
 from moebench.training.records import (
     EVAL_ITEMS_FILE,
     STATES,
@@ -434,6 +435,7 @@ class _Trainer:
         self.tokens_per_sample: float | None = None
         self.peak_mb = 0.0
         self.last_eval: dict | None = None
+        self.grad_probes: list[dict] = []  # gradient purity at probe steps (moebench.training.gradprobe)
 
     def state(self) -> dict:
         return {
@@ -454,6 +456,7 @@ class _Trainer:
             "tokens_per_sample": self.tokens_per_sample,
             "peak_memory_mb": max(self.peak_mb, peak_memory_mb(self.device)),
             "last_eval": _plain(self.last_eval),
+            "grad_probes": _plain(self.grad_probes),
         }
 
     def save(self) -> None:
@@ -519,6 +522,7 @@ class _Trainer:
         self.tokens_per_sample = ck["tokens_per_sample"]
         self.peak_mb = float(ck["peak_memory_mb"])
         self.last_eval = ck["last_eval"]
+        self.grad_probes = list(ck.get("grad_probes") or [])
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -562,6 +566,10 @@ class _Trainer:
         if items and self.writer:
             write_eval_items(self.run_dir / EVAL_ITEMS_FILE, items)
         metrics = {k: float(v) for k, v in metrics.items()}
+        since = self.last_eval["step"] if self.last_eval else -1
+        probes = [g for g in self.grad_probes if since < g["step"] <= self.step]
+        if probes and probes[-1]["step"] == self.step:
+            routing["mean"]["grad_cos_task_balance"] = probes[-1]["grad_cos_task_balance"]
         n = self.interval["n"]
         line = {
             "step": self.step,
@@ -575,6 +583,7 @@ class _Trainer:
                               for d in routing["per_layer"]],
             },
             "elapsed_s": self.elapsed + (time.perf_counter() - self.t0),
+            **({"grad_probe": probes} if probes else {}),
         }
         if self.writer:
             append_jsonl(self.metrics_path, line)
@@ -634,6 +643,10 @@ class _Trainer:
                     what = f"loss={loss_value:.6g}" if math.isfinite(loss_value) else f"loss={loss_value}"
                     limit = f" > max_loss={max_loss:g}" if math.isfinite(loss_value) else ""
                     raise Diverged(f"diverged at step {step}: {what}{limit}")
+                if self.layers and probe_due(step, steps, eval_every, t.get("probe_every")):
+                    probe = grad_cosine(task_loss, self.layers)
+                    if probe is not None:
+                        self.grad_probes.append({"step": step, **probe})
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.world > 1:
@@ -734,6 +747,9 @@ class _Trainer:
             "final_switch": {"steps": list(self.probe_steps), "per_eval": per_eval,
                              "mean": float(np.mean(per_eval[:-1])) if len(per_eval) > 1 else None},
         }
+        if self.grad_probes:  # gradient purity: the mean over probe steps, and every probe
+            routing["mean"]["grad_cos_task_balance"] = mean_cos(self.grad_probes)
+            routing["grad_probe"] = _plain(self.grad_probes)
         cost = model_cost(self.model)
         elapsed = self.elapsed + (time.perf_counter() - self.t0)
         cost.update({
@@ -759,7 +775,8 @@ class _Trainer:
             "model": self.model_cfg,
             "steps": self.step,
             "headline": {"name": task.headline, "value": metrics[task.headline],
-                         "higher_is_better": bool(task.higher_is_better)},
+                         "higher_is_better": bool(task.higher_is_better),
+                         "margin": getattr(task, "margin", None), "margin_reason": getattr(task, "margin_reason", "")},
             "metrics": metrics,
             "routing": routing,
             "cost": cost,
