@@ -63,6 +63,9 @@ class ErmoeReleasedRouter(Router):
     @classmethod
     def build_model(cls, backbone: nn.Module, moe: dict) -> ErmoeReleasedModel:
         """The released model around ``backbone`` from a spec's ``moe`` section."""
+        if moe.get("router_init_std") is not None:
+            raise ValueError("moe.router_init_std cannot apply to router 'ermoe-released': it has no learned gate "
+                             "(it scores images by the backbone's own attention); leave moe.router_init_std null for it")
         d = backbone.head.in_features if isinstance(getattr(backbone, "head", None), nn.Linear) else 0
         args = copy.deepcopy(moe.get("router_args") or {})
         router = cls(d, moe["num_experts"], **args)

@@ -49,6 +49,10 @@ class SoftMoERouter(Router):
         self.scale = nn.Parameter(torch.ones(())) if self.normalize else None
         self.seen_seq_len: int | None = None
 
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The slot parameters phi (moe.router_init_std; with ``normalize`` their scale does not matter)."""
+        return [self.phi]
+
     @property
     def active_experts_per_token(self) -> float:
         n = self.tokens_per_sequence or self.seen_seq_len

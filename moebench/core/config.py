@@ -81,6 +81,8 @@ class TrainConfig:
     log_to: list = option([], "list", choices=TRACKERS,
                           doc="also write metrics.jsonl's lines to tensorboard and / or wandb (offline); the run "
                               "folder stays the record (not in the run id)")
+    eval_at_start: bool = option(False, "bool", doc="also evaluate at step 0: the routing before any learning "
+                                                    "(eigenbasis and SVD routers always do)")
 
 
 @dataclass
@@ -111,6 +113,9 @@ class MoEConfig:
     patches_only: bool = option(False, "bool", doc="adapter mode: CLS / register tokens bypass the MoE branch")
     freeze_backbone: bool = option(False, "bool", doc="train only the MoE layers (and adapter alphas) and the head")
     train_norms: bool = option(False, "bool", doc="with freeze_backbone: the LayerNorms train too")
+    router_init_std: float = option(None, "float", minimum=0.0, strict=True, nullable=True,
+                                    doc="draw the router's learned gate weights from N(0, std^2); null: each "
+                                        "router's own init (README, 'Router initialisation')")
 
 
 @dataclass

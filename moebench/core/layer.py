@@ -14,7 +14,7 @@ from moebench.core.dense_dispatch import dense_dispatch
 from moebench.core.experts import Experts
 from moebench.core.null_experts import NullExperts
 from moebench.core.registry import ROUTERS
-from moebench.core.routing import CAPACITY_POLICIES, RoutingContext, apply_capacity, expert_counts
+from moebench.core.routing import CAPACITY_POLICIES, RoutingContext, apply_capacity, expert_counts, init_router_gate
 from moebench.core.shared_experts import SharedExperts
 
 
@@ -37,6 +37,7 @@ class MoELayer(nn.Module):
         shared_expert_gate: bool = False,
         null_experts: int = 0,
         capacity_policy: str = "position",
+        router_init_std: float | None = None,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
@@ -70,6 +71,8 @@ class MoELayer(nn.Module):
         self.stats: dict = {}
         self.pending_context: Tensor | None = None  # set by a hook on the block's attention (moefy)
         self.intervention = None  # Routing -> Routing after capacity (moebench.training.interventions)
+        if router_init_std is not None:  # last: every other weight is drawn as without the option
+            init_router_gate(self.router, router_init_std, router)
 
     # --- cost -------------------------------------------------------------------------------------
     def flops_per_token(self) -> float:

@@ -230,5 +230,25 @@ class Router(nn.Module):
     def default_capacity_factor(self, training: bool) -> float | None:
         return None
 
+    def gate_parameters(self) -> list[Tensor]:
+        """The learned gate weights that ``moe.router_init_std`` redraws: the weight of an ``nn.Linear``
+        named ``gate`` by default; a router with another gate overrides this, one with none returns []."""
+        gate = getattr(self, "gate", None)
+        return [gate.weight] if isinstance(gate, nn.Linear) else []
+
+
+def init_router_gate(router: Router, std: float, name: str) -> None:
+    """Redraw ``router``'s learned gate weights from N(0, std^2) (``moe.router_init_std``)."""
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or not std > 0:
+        raise ValueError(f"moe.router_init_std must be a number > 0 (or null: the router's own init), got {std!r}")
+    params = router.gate_parameters()
+    if not params:
+        raise ValueError(f"moe.router_init_std={std!r} cannot apply to router {name!r}: it has no learned gate "
+                         f"(it routes by hash, position, chance or the experts' own weights); leave "
+                         f"moe.router_init_std null for it")
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0.0, float(std))
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}"

@@ -585,8 +585,8 @@ class _Trainer:
         batches = train_batches(self.train_ds, t["batch_size"], self.spec["seed"], self.step,
                                 t["num_workers"], self.collate, self.device.type == "cuda", self.rank, self.world)
         self.model.train()
-        if self.step == 0 and any(m.router.eval_at_start for _, m in self.layers):
-            self.evaluate()  # eigenbasis routers: the load before any learning (docs/ERMOE.md)
+        if self.step == 0 and (t.get("eval_at_start") or any(m.router.eval_at_start for _, m in self.layers)):
+            self.evaluate()  # the load before any learning (eigenbasis routers always: docs/ERMOE.md)
         try:
             while self.step < steps:
                 tic = time.perf_counter()
