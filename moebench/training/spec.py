@@ -187,7 +187,7 @@ def resolve_versions(value, task: str, router: str | None) -> dict:
 
 # Keys added after 0.1.0: left out of the run id while at their default, so every earlier run keeps its id.
 ID_OPTIONAL = {"moe": {"activation": None, "shared_experts": 0, "shared_expert_gate": False, "null_experts": 0,
-                       "capacity_policy": "position"},
+                       "capacity_policy": "position", "routing_unit": "token"},
                "train": {"interventions": False}}
 
 # Train options that change how fast a run goes, not what it computes (like the device, which is not
