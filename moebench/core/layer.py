@@ -17,7 +17,6 @@ from moebench.core.registry import ROUTERS
 from moebench.core.routing import CAPACITY_POLICIES, Routing, RoutingContext, apply_capacity, expert_counts
 from moebench.core.shared_experts import SharedExperts
 
-
 ROUTING_UNITS = ("token", "sequence")
 
 

@@ -73,6 +73,10 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
         else:
             rs.problems.append(f"no task has finished seeds of both {baseline} and another router at the same "
                                f"sweep point: the paired comparison is skipped")
+    from moebench.report.structure import structure_section
+
+    structure_tables, structure_lines = structure_section(rs, lb, items) if not lb.empty else ([], [])
+    overall += structure_tables
     states = rs.runs["state"].value_counts()
     summary = [f"Results folder: {rs.root}",
                f"{len(rs.runs)} runs: " + ", ".join(f"{n} {s}" for s, n in states.sort_index().items()),
@@ -82,7 +86,8 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
                                    "no expected.json found, so only seeds that other routers of the same task "
                                    "have are detected")]
     return Report(rs, lb, ranks, paired, bench_tables, overall, unfinished_table(rs.runs), summary,
-                  key_findings(lb, paired, baseline), reproducibility(rs.runs, rs.root, lb))
+                  key_findings(lb, paired, baseline) + [f"Structure recovery, {line}" for line in structure_lines],
+                  reproducibility(rs.runs, rs.root, lb))
 
 
 def write_report(results_dir, out_dir=None, formats=FORMATS, baseline: str = BASELINE, plots: bool = True) -> Path:

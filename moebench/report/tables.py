@@ -40,7 +40,8 @@ STAT_COLUMNS = [
 DIAG_EXTRA = ["max_vio", "min_load_share", "max_load_share", "near_dead_experts", "last_fluctuation_step"]
 MEAN_COLUMNS = [c for c, *_ in STAT_COLUMNS] + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "margin", "fallback_rate",
                                                  "unrouted_rate", "mutual_info_norm", "final_switch", "settle_fraction",
-                                                 "wall_time_s", "peak_memory_mb"]
+                                                 "wall_time_s", "peak_memory_mb", "nmi", "ari",
+                                                 "h_group_given_expert", "h_expert_given_group", "routing_accuracy"]
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -371,6 +372,11 @@ DIAG_COLUMNS = [
     ("final_switch", "Overlap w/ final (%) ↑", "higher", "overlap"),
     ("last_fluctuation_step", "Last fluctuation (step)", None, "f0"),
     ("mutual_info", "MI (nats) ↑", "higher", "f3"),
+    ("nmi", "NMI ↑", "higher", "f3"),
+    ("ari", "ARI ↑", "higher", "f3"),
+    ("h_group_given_expert", "H(group|expert) ↓", "lower", "f3"),
+    ("h_expert_given_group", "H(expert|group) ↓", "lower", "f3"),
+    ("routing_accuracy", "Routing acc. ↑", "higher", "f3"),
     ("tokens_per_s", "Tokens/s ({p}) ↑", "higher", "si"),
 ]
 _BALANCE_KEYS = {"load_cv", "max_vio", "near_dead_experts", "dead_experts", "unrouted_rate", "drop_rate"}
@@ -409,7 +415,9 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
              "previous evaluation; overlap w/ final = probe tokens whose top-1 equals the final "
              "checkpoint's, averaged over evaluations (LibMoE); last fluctuation = the last evaluation "
              "step at which any probe token changed expert (StableMoE). MI = mutual information between "
-             "the token's label and its top-1 expert, unrouted tokens as their own category. Bold = best "
+             "the token's label and its top-1 expert, unrouted tokens as their own category; NMI (arithmetic "
+             "normaliser), ARI, H(group|expert), H(expert|group) (nats) and the Hungarian-matched routing "
+             "accuracy (E = number of labels only) read the same label-by-expert table. Bold = best "
              "among complete groups; a row with unrouted or dropped tokens is never bold in a balance "
              "column."]
     return Table(title=f"Routing diagnostics: {bench}", columns=columns, rows=cells, bold=bold, notes=notes,
