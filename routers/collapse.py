@@ -17,6 +17,7 @@ from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 class CollapseRouter(Router):
     """All tokens to expert 0; see the module docstring."""
 
+    control = True  # a control with known answers, not a router to rank (grids list it where it applies)
     sequence_routing = True  # reads no content
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1):
