@@ -69,7 +69,7 @@ def structure_section(rs, lb: pd.DataFrame, items: dict) -> tuple[list[Table], l
                 row.append(_text([x.get(role, {}).get("nmi") for x in roles]))
             rows.append(row)
             nmi_mean[label] = _ci(r["nmi"])[0] if "nmi" in r else math.nan
-            score_mean[label] = _ci(r["headline_value"])[0]
+            score_mean[label] = _ci(r["headline_value"])
         where = entry_name(bench, variant)
         tables.append(Table(title=f"Structure recovery: {where}", columns=cols, rows=rows, notes=[
             "Mean and 95 % t interval over seeds; recovery metrics from the dispatched top-1 expert of held-out "
@@ -79,8 +79,12 @@ def structure_section(rs, lb: pd.DataFrame, items: dict) -> tuple[list[Table], l
     return tables, lines
 
 
-def _controls(nmi: dict, score: dict) -> str:
+def _controls(nmi: dict, score_ci: dict) -> str:
+    """Pass / fail per control; collapse "last" also passes, said plainly, when the last router's mean lies
+    inside collapse's own 95 % interval (a tie within noise: e.g. top-1 collapse at the dense width is
+    the dense model, so on a task where no router beats dense it cannot be strictly last)."""
     checks, failed = [], []
+    score = {k: v[0] for k, v in score_ci.items()}
     if "oracle" in nmi:
         (checks if nmi["oracle"] >= ORACLE_MIN else failed).append(f"oracle NMI {nmi['oracle']:.3f} (must be >= {ORACLE_MIN})")
     for c in ("random", "collapse"):
@@ -88,8 +92,15 @@ def _controls(nmi: dict, score: dict) -> str:
             (checks if nmi[c] <= CHANCE_MAX else failed).append(f"{c} NMI {nmi[c]:.3f} (must be <= {CHANCE_MAX})")
     if "collapse" in score and len(score) > 1:
         last = min(score, key=lambda k: score[k])
-        text = f"collapse {'is' if last == 'collapse' else 'is NOT'} last on the headline (last: {last})"
-        (checks if last == "collapse" else failed).append(text)
+        _, lo, hi = score_ci["collapse"]
+        if last == "collapse":
+            checks.append(f"collapse last on the headline ({score['collapse']:.3f})")
+        elif lo <= score[last] <= hi:
+            checks.append(f"collapse NOT strictly last ({score['collapse']:.3f}; last {last} {score[last]:.3f}) "
+                          f"but tied with the last within its interval [{lo:.3f}, {hi:.3f}]")
+        else:
+            failed.append(f"collapse is NOT last on the headline ({score['collapse']:.3f}; last {last} "
+                          f"{score[last]:.3f}, outside collapse's interval)")
     if not checks and not failed:
         return "no controls ran. "
     if failed:
