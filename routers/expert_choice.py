@@ -31,8 +31,6 @@ class ExpertChoiceRouter(Router):
 
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
 
-    token_choice = False
-
     def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, capacity: float | None = None):
         if capacity is None:
             capacity = 2.0 if top_k is None else top_k

@@ -36,8 +36,6 @@ class SoftMoERouter(Router):
 
     sequence_refusal = "it sends weighted mixtures of tokens (dense dispatch), not one choice per token"
 
-    token_choice = False
-
     def __init__(self, d_model: int, num_experts: int, slots_per_expert: int = 1,
                  tokens_per_sequence: int | None = None, normalize: bool = True):
         super().__init__(d_model, num_experts, top_k=1)

@@ -69,6 +69,8 @@ class BrainAgeTask(Task):
 
     headline = "mae"
     higher_is_better = False
+    margin = 0.5
+    margin_reason = "half a year of MAE: under a tenth of typical brain-age MAEs (4-8 years)"
     label_kind = "tissue"
     default_model = TINY_VIT3D
     presets = PRESETS
@@ -115,7 +117,7 @@ class BrainAgeTask(Task):
 
     @torch.no_grad()
     def _predict(self, model, loader, device, limit: int | None = None):
-        from moebench.training.train import to_device
+        from moebench.core.device import to_device
 
         preds, ages, n = [], [], 0
         for batch in loader:

@@ -13,7 +13,7 @@ def apply_moe(net: nn.Module, moe: dict | None, **extra) -> nn.Module:
         from moebench.core.registry import ROUTERS
 
         router_cls = ROUTERS.get(moe.get("router", "softmax-topk"))  # a partial section takes moefy's default
-        if getattr(router_cls, "image_level", False):
+        if router_cls.image_level:
             return router_cls.build_model(net, moe)
         from moebench.core.moefy import moefy
 

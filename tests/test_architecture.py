@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # package -> rank; a module may import only packages of lower or equal rank (cli may import anything).
 RANKS = {"core": 0, "training": 1, "grids": 2, "report": 2, "bench": 2, "cli": 3}
 SIBLINGS_FORBIDDEN = {("grids", "report"), ("report", "grids"), ("bench", "grids"), ("bench", "report"),
-                      ("grids", "bench"), ("report", "bench")}
+                      ("grids", "bench"), ("report", "bench"),
+                      ("bench", "training")}  # bench times layers and models: core is all it needs
 
 
 def _imports(path: Path) -> set[str]:
@@ -66,3 +67,114 @@ def test_the_version_is_written_once():
 
     assert __version__ == source
     assert 'version = "' not in (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[0]
+
+
+# -- the module graph: no circle, no private name used across modules ---------------------------------
+FOLDERS = {"moebench": "moebench", "routers": "moebench.routers", "tasks": "moebench.tasks"}
+
+
+def _modules() -> dict[str, Path]:
+    """Every installed module's dotted name -> its file (routers/ and tasks/ install as moebench.*)."""
+    out = {}
+    for folder, pkg in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([pkg, *parts])] = path
+    return out
+
+
+def _source_of(node: ast.ImportFrom, mod: str, path: Path) -> str:
+    """The module a ``from ... import`` reads from, relative imports resolved against ``mod``'s package."""
+    if not node.level:
+        return node.module or ""
+    parts = mod.split(".")
+    base = parts[: len(parts) - node.level + (path.name == "__init__.py")]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _scan(mod: str, path: Path, mods: dict[str, Path]) -> tuple[set[str], list[str]]:
+    """The modules ``mod`` imports (anywhere in the file) and its uses of other modules' private names:
+    ``from m import _x``, or ``m._x`` on a name bound to a module."""
+    edges, bound, private = set(), {}, []
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in (a for a in node.names if a.name in mods):
+                edges.add(alias.name)
+                bound[alias.asname or alias.name] = alias.name
+        elif isinstance(node, ast.ImportFrom) and (src := _source_of(node, mod, path)) in mods:
+            for alias in node.names:
+                full = f"{src}.{alias.name}"
+                edges.add(full if full in mods else src)
+                if full in mods:
+                    bound[alias.asname or alias.name] = full
+                elif _is_private(alias.name) and src != mod:
+                    private.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {alias.name} from {src}")
+    private += [f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}" for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in bound and _is_private(node.attr)]
+    return edges - {mod}, private
+
+
+def _graph() -> tuple[dict[str, set[str]], list[str]]:
+    """(module -> the modules it imports), and every use of another module's private name."""
+    mods = _modules()
+    graph, private = {}, []
+    for mod, path in mods.items():
+        graph[mod], found = _scan(mod, path, mods)
+        private += found
+    return graph, private
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circle():
+    """Imports inside functions count too: a deferred import hides a circle, it does not remove it."""
+    circles = _circles(_graph()[0])
+    assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_the_circle_check_sees_a_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_private_name_is_used_from_another_module():
+    """A name that another module needs is that module's public API: spell it without the underscore."""
+    private = _graph()[1]
+    assert not private, "private names used across modules:\n" + "\n".join(private)

@@ -386,7 +386,7 @@ with run_lock({str(run_dir)!r}) as got, stop_on_signals():
 def test_moebench_cancel_scancels_recorded_slurm_jobs(tmp_path, monkeypatch, capsys):
     import subprocess
 
-    from moebench.grids import launch as launch_mod
+    from moebench.grids import jobs
 
     grid = tmp_path / "g"
     (grid / "r1").mkdir(parents=True)
@@ -395,7 +395,7 @@ def test_moebench_cancel_scancels_recorded_slurm_jobs(tmp_path, monkeypatch, cap
     (grid / ".submitit").mkdir()
     (grid / ".submitit" / "57_submitted.pkl").write_bytes(b"")
     (grid / ".submitit" / "12_submitted.pkl").write_bytes(b"")  # finished: squeue no longer lists it
-    monkeypatch.setattr(launch_mod, "_squeue_ids", lambda: {"41", "57_0", "57_1", "99"})
+    monkeypatch.setattr(jobs, "squeue_ids", lambda: {"41", "57_0", "57_1", "99"})
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, **k: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
     assert main(["cancel", str(tmp_path)]) == 0

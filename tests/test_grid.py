@@ -261,8 +261,6 @@ PARAM_CONTROLS = {"hash-params", "switch-params"}
 
 
 def test_quick_is_the_pretrained_regime_with_three_seeds_on_the_three_tasks():
-    from moebench.grids.pretrain import PRETRAIN_DIR
-
     specs, pretrains = expand_mod.expand_with_pretrain("quick")
     assert {s["task"] for s in specs} == {"classification", "retrieval", "brain-age"}
     for task in ("classification", "retrieval", "brain-age"):
@@ -272,7 +270,7 @@ def test_quick_is_the_pretrained_regime_with_three_seeds_on_the_three_tasks():
         pre = {p["spec"]["seed"]: p for p in pretrains if p["spec"]["task"] == task}
         assert sorted(pre) == [0, 1, 2]  # one dense pretrain per seed, shared by every router
         for s in mine:  # dense too: the pretrained model fine-tuned for the same budget
-            assert s["model"]["pretrained"] == pre[s["seed"]]["weights"] and PRETRAIN_DIR in s["model"]["pretrained"]
+            assert s["model"]["pretrained"] == pre[s["seed"]]["ref"] == f"pretrain:{run_id(pre[s['seed']]['spec'])}"
             if s["label"] in ADAPTER_TRACK:  # frozen backbone + top-1 adapters of one width
                 assert s["moe"]["mode"] == "adapter" and s["moe"]["freeze_backbone"] and s["moe"]["d_hidden"] == 64
             else:

@@ -15,6 +15,7 @@ from moebench.grids.expand import expand, expand_with_pretrain
 from moebench.grids.pretrain import CHECKPOINT, WEIGHTS, extract_weights, pretrain_dir
 from moebench.grids.schema import GridError, load
 from moebench.training import records, rundir
+from moebench.training.pretrained import with_weights_path
 from moebench.training.spec import run_id
 
 
@@ -65,22 +66,22 @@ def test_a_block_can_switch_the_grids_pretrain_off(tmp_path):
 
 def test_one_pretrain_per_seed_shared_by_every_router_and_named_in_every_spec(tmp_path):
     g = grid(tmp_path)
-    specs, pretrains = expand_with_pretrain(g, results="res")
+    specs, pretrains = expand_with_pretrain(g)
     assert sorted(p["spec"]["seed"] for p in pretrains) == [0, 1]
     by_seed = {p["spec"]["seed"]: p for p in pretrains}
     for spec in specs:  # the dense row too: the pretrained model fine-tuned for the same budget
-        assert spec["model"]["pretrained"] == by_seed[spec["seed"]]["weights"]
-        assert spec["model"]["pretrained"].startswith("res/.pretrain/pretrain/")
+        assert spec["model"]["pretrained"] == by_seed[spec["seed"]]["ref"]
+        assert spec["model"]["pretrained"] == f"pretrain:{run_id(by_seed[spec['seed']]['spec'])}"  # an id, no path
     pre = by_seed[0]["spec"]
     assert pre["moe"] is None and pre["train"]["steps"] == 8 and pre["train"]["lr"] == 3e-3
     assert pre["train"]["batch_size"] == 16  # the block's train section under the overrides
     # the same grid from scratch has other run ids; other routers keep the same pretraining runs
-    scratch = {run_id(s) for s in expand({**g, "pretrain": None}, results="res")}
+    scratch = {run_id(s) for s in expand({**g, "pretrain": None})}
     assert not scratch & {run_id(s) for s in specs}
-    _, fewer = expand_with_pretrain(grid(tmp_path, routers=("switch",)), results="res")
+    _, fewer = expand_with_pretrain(grid(tmp_path, routers=("switch",)))
     assert [run_id(p["spec"]) for p in fewer] == [run_id(p["spec"]) for p in pretrains]
     # a different pretraining budget is a different cache entry, and different dependants
-    _, longer = expand_with_pretrain(grid(tmp_path, pretrain={"steps": 9}), results="res")
+    _, longer = expand_with_pretrain(grid(tmp_path, pretrain={"steps": 9}))
     assert not {run_id(p["spec"]) for p in longer} & {run_id(p["spec"]) for p in pretrains}
 
 
@@ -90,7 +91,7 @@ def test_the_launcher_pretrains_once_per_seed_and_runs_start_from_its_weights(tm
     lines: list[str] = []
     out = launch.run_grid(path, cluster="debug", results=results, log=lines.append)
     assert out["counts"]["done"] == 6
-    specs, pretrains = expand_with_pretrain(path, results=results)
+    specs, pretrains = expand_with_pretrain(path)
     for p in pretrains:
         d = pretrain_dir(results, p["spec"])
         assert (d / WEIGHTS).is_file() and not (d / CHECKPOINT).exists()
@@ -98,8 +99,8 @@ def test_the_launcher_pretrains_once_per_seed_and_runs_start_from_its_weights(tm
     # the dependent dense model is the pretrained one, before fine-tuning
     task = TASKS.get("toy")(num_train=128, num_eval=64)
     dense = next(s for s in specs if s["label"] == "dense" and s["seed"] == 1)
-    net = task.build_model(dense["model"], None)
-    saved = torch.load(dense["model"]["pretrained"], weights_only=True)
+    net = task.build_model(with_weights_path(dense, results)["model"], None)
+    saved = torch.load(with_weights_path(dense, results)["model"]["pretrained"], weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
     fresh = task.build_model({}, None)
     assert not all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
@@ -107,12 +108,13 @@ def test_the_launcher_pretrains_once_per_seed_and_runs_start_from_its_weights(tm
     topk = next(s for s in specs if s["label"] == "softmax-topk" and s["seed"] == 1)
     x = task.datasets()[1].tensors[0][:8]
     with torch.no_grad():
-        torch.testing.assert_close(task.build_model(topk["model"], topk["moe"]).eval()(x), net.eval()(x),
+        torch.testing.assert_close(task.build_model(with_weights_path(topk, results)["model"], topk["moe"]).eval()(x),
+                                   net.eval()(x),
                                    atol=2e-5, rtol=1e-5)
     # a second launch trains nothing again
     lines.clear()
     launch.run_grid(path, cluster="debug", results=results, log=lines.append)
-    assert any("2 done already, 0 to run first" in line for line in lines)
+    assert not any(line.startswith("pretrain:") for line in lines)  # every dependant is done: no pretrain phase
     for p in pretrains:
         assert len(records.read_jsonl(pretrain_dir(results, p["spec"]) / rundir.JOBS_LOG)) == 1
 
@@ -126,7 +128,7 @@ def test_a_failed_pretrain_holds_back_its_dependants_with_the_reason(tmp_path):
     assert out["counts"]["done"] == 0 and out["counts"]["queued"] == 2
     held = [line for line in lines if "waits: its dense pretrain pretrain-s0-" in line]
     assert len(held) == 2 and all("is failed: diverged" in line and "--retry-failed" in line for line in held)
-    for s in expand(path, results=results):
+    for s in expand(path):
         assert rundir.inspect(rundir.run_dir_of(s, results))["state"] == "new"
 
 
@@ -135,9 +137,14 @@ def test_done_pretrain_without_weights_is_trained_again(tmp_path):
     path = write(tmp_path, g)
     results = tmp_path / "results"
     launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
-    (_, [p]) = expand_with_pretrain(path, results=results)
+    ([spec], [p]) = expand_with_pretrain(path)
     d = pretrain_dir(results, p["spec"])
     (d / WEIGHTS).unlink()
+    launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
+    assert not (d / WEIGHTS).is_file()  # its dependant is done: the pretrain is not needed
+    import shutil
+
+    shutil.rmtree(rundir.run_dir_of(spec, results))  # ... until a dependant is to run again
     launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
     assert (d / WEIGHTS).is_file() and len(records.read_jsonl(d / rundir.JOBS_LOG)) == 2
 
@@ -170,7 +177,7 @@ def test_an_interrupted_pretrain_is_resumed_from_its_checkpoint(tmp_path):
 
     path = write(tmp_path, grid(tmp_path, routers=("softmax-topk",), seeds=[0]))
     results = tmp_path / "results"
-    (_, [p]) = expand_with_pretrain(path, results=results)
+    (_, [p]) = expand_with_pretrain(path)
     d = pretrain_dir(results, p["spec"])
     d.mkdir(parents=True)
     records.atomic_write_yaml(d / "spec.yaml", p["spec"])
@@ -188,3 +195,34 @@ def test_an_interrupted_pretrain_is_resumed_from_its_checkpoint(tmp_path):
     assert any("interrupted: resume from its checkpoint" in line for line in lines)
     assert out["counts"]["done"] == 1 and (d / WEIGHTS).is_file()
     assert [row["step"] for row in records.read_jsonl(d / "metrics.jsonl")] == [3, 6, 8]
+
+
+def test_run_ids_do_not_depend_on_the_results_folder_and_a_finished_grid_plans_nothing(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """The same grid under --results res (relative) and --results /abs/elsewhere has the same run ids;
+    run to completion, then moved, `moebench run --dry-run` plans no pretrain and no run."""
+    from moebench.cli import main
+
+    path = write(tmp_path, grid(tmp_path, routers=("dense", "softmax-topk"), seeds=[0]))
+    monkeypatch.chdir(tmp_path)
+    ids = {}
+    for results in ("res", str(tmp_path / "abs" / "results")):
+        out = launch.run_grid(path, cluster="debug", results=results, dry_run=True, log=lambda s: None)
+        ids[results] = sorted(r["run_id"] for r in out["runs"])
+    assert len(set(map(tuple, ids.values()))) == 1 and len(ids["res"]) == 2
+    out = launch.run_grid(path, cluster="debug", results="res", log=lambda s: None)
+    assert out["counts"]["done"] == 2 and sorted(r["run_id"] for r in out["runs"]) == ids["res"]
+    (tmp_path / "res").rename(tmp_path / "moved")  # a moved results folder keeps its ids
+    capsys.readouterr()
+    assert main(["run", str(path), "--dry-run", "--cluster", "debug", "--results", str(tmp_path / "moved")]) == 0
+    said = capsys.readouterr().out
+    assert "would" not in said and "pretrain:" not in said and "2 done already, 0 to run" in said
+    # a dependant not done yet brings its pretrain back into the plan (done already: nothing to train)
+    spec = next(s for s in expand(path) if s["label"] == "softmax-topk")
+    import shutil
+
+    shutil.rmtree(rundir.run_dir_of(spec, tmp_path / "moved"))
+    lines: list[str] = []
+    launch.run_grid(path, cluster="debug", results=tmp_path / "moved", dry_run=True, log=lines.append)
+    assert any("1 done already, 0 to run first" in line for line in lines)
+    assert any(f"would run {run_id(spec)}" in line for line in lines)

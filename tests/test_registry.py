@@ -52,3 +52,37 @@ def test_names_must_be_kebab_case_and_unique(monkeypatch):
         @reg.register("twice")
         class B:
             pass
+
+
+def test_the_registries_refuse_what_is_not_a_router_or_a_task_with_the_reason():
+    from moebench.core.task import Task
+
+    with pytest.raises(TypeError, match=r"router 'not-a-router' must be a subclass of moebench\.core\.routing\.Router"
+                                        r".*got class .*NotARouter"):
+        @R.register_router("not-a-router")
+        class NotARouter:
+            pass
+
+    with pytest.raises(TypeError, match=r"task 'a-router' must be a subclass of moebench\.core\.task\.Task"):
+        R.register_task("a-router")(Router)
+    with pytest.raises(TypeError, match=r"got function"):
+        R.register_router("a-function")(lambda x: x)
+    assert "not-a-router" not in R.ROUTERS and "a-router" not in R.TASKS
+
+    class RealTask(Task):
+        pass
+
+    tasks = R.Registry("task", "moebench.tasks", "none", base="moebench.core.task:Task")
+    assert tasks.register("a-real-task")(RealTask) is RealTask  # a subclass is accepted
+
+
+def test_the_router_contract_is_declared_on_the_base_class():
+    """What the layer, trainer, tasks and grid read from a router class is a documented class attribute."""
+    for attr, default in (("needs_context", False), ("eval_at_start", False), ("image_level", False), ("version", 1)):
+        assert getattr(Router, attr) == default
+    assert not hasattr(Router, "token_choice")
+    with pytest.raises(NotImplementedError, match="token router"):
+        Router.build_model(None, {})
+    for name in R.ROUTERS.builtin_names():
+        cls = R.ROUTERS.get(name)
+        assert cls.image_level == ("build_model" in vars(cls)), name  # image-level routers, and only they, build

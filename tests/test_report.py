@@ -163,7 +163,8 @@ def test_every_plot_written_and_embedded(tmp_path):
         wide = png.name.startswith(("stability", "specialisation"))
         assert struct.unpack(">I", png.read_bytes()[16:20])[0] == (1400 if wide else 700), png.name
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == len(list(plots.glob("*.png"))) == 7
+    assert len(list(plots.glob("profile_*.png"))) == 1            # the performance profile across tasks
+    assert page.count("data:image/png;base64,") == len(list(plots.glob("*.png"))) == 8
 
 
 def test_csv_files_hold_the_numbers(report):

@@ -150,7 +150,7 @@ def test_expert_choice_hand_case():
     assert got[(3, 1)] == pytest.approx(1 - p0[3]) and got[(1, 1)] == pytest.approx(1 - p0[1])
     assert float(out.stats["unrouted"]) == 0.0
     assert out.aux_losses == {}
-    assert r.token_choice is False and r.active_experts_per_token == 1.0
+    assert r.active_experts_per_token == 1.0
 
 
 def test_expert_choice_unrouted_tokens():

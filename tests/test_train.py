@@ -112,7 +112,7 @@ def test_toy_learns_and_writes_schema_conformant_records(tmp_path):
     assert lines[1]["routing"]["per_layer"][0]["switch_rate"] is not None
 
     final = records.read_json(run_dir / "final.json")
-    assert final == json.loads(json.dumps(res["final"], default=records._json_default))
+    assert final == json.loads(json.dumps(res["final"], default=records.json_default))
     for key in ("run_id", "grid", "task", "router", "label", "seed", "sweep", "headline", "metrics",
                 "routing", "cost", "env"):
         assert key in final, key

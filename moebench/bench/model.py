@@ -152,7 +152,7 @@ def bench_model(name: str, router: str = "softmax-topk", top_k: int = 2, batch_s
     batch = _batch(cfg, dense, batch_size, side, dev)
     tokens = _tokens_per_sample(models["moe"], lambda: _loss(cfg, models["moe"], batch), batch_size)
     if compile:
-        from moebench.training.train import compile_blocks
+        from moebench.core.compile import compile_blocks
 
         for m in models.values():
             compile_blocks(m)

@@ -41,7 +41,7 @@ def run(args) -> int:
     missing folder."""
     import subprocess
 
-    from moebench.grids.launch import _squeue_ids
+    from moebench.grids.jobs import squeue_ids
     from moebench.grids.status import grid_dirs
     from moebench.training.rundir import ask_to_stop, lock_held
 
@@ -60,8 +60,8 @@ def run(args) -> int:
             elif lock_held(run_dir):
                 elsewhere.append(run_dir)
         ids = slurm_job_ids(grid_dir)
-        alive = _squeue_ids() if ids else set()
-        if ids and alive is None:
+        alive = squeue_ids() if ids else set()
+        if alive is None:  # only asked when there are ids
             print(f"{grid_dir.name}: squeue does not answer; cannot cancel its SLURM jobs {sorted(ids)}",
                   file=sys.stderr)
             rc = 1

@@ -27,42 +27,25 @@ def add_parser(sub) -> None:
 
 
 def spec_from_args(args) -> dict:
-    """The spec ``moebench train`` runs: the task's preset for ``--size``, then --router /
-    --router-args / --seed / --steps, then every --set. Unknown names fail here, before any record."""
+    """The spec ``moebench train`` runs (`moebench.training.single.single_spec` from the flags)."""
     import yaml
 
     from moebench.core.registry import ROUTERS, TASKS
-    from moebench.training.spec import SpecError, apply_override, resolve_spec
+    from moebench.training.single import single_spec
+    from moebench.training.spec import SpecError
 
-    task_cls = TASKS.get(args.task)
-    task_args, model, moe_defaults, train = {}, {}, {}, {}
-    if getattr(task_cls, "presets", None):
-        preset = task_cls.preset(args.size)
-        task_args, model, moe_defaults, train = (dict(p) for p in (preset.task_args, preset.model,
-                                                                     preset.moe, preset.train))
-    elif args.size not in (None, "quick"):
-        print(f"note: task {args.task!r} defines no preset sizes; --size {args.size} ignored", file=sys.stderr)
-    if args.router == "dense":
-        moe = None
-    else:
-        ROUTERS.get(args.router)  # a typo is an error here, not a failed run record
-        router_args = {}
-        if args.router_args:
-            try:
-                router_args = yaml.safe_load(args.router_args)
-            except yaml.YAMLError as err:
-                raise SpecError(f"--router-args {args.router_args!r} is not valid YAML / JSON: {err}") from err
-            if not isinstance(router_args, dict):
-                raise SpecError(f"--router-args must be a mapping such as \"{{top_k: 1}}\", got {args.router_args!r}")
-        moe_defaults = {k: v for k, v in moe_defaults.items() if k not in ("router", "router_args")}
-        moe = {**moe_defaults, "router": args.router, "router_args": router_args}
-    if args.steps is not None:
-        train["steps"] = args.steps
-    spec = {"grid": "single", "task": args.task, "task_args": task_args, "model": model, "moe": moe,
-            "label": args.router, "seed": args.seed, "train": train}
-    for assignment in args.set or []:
-        apply_override(spec, assignment)
-    return resolve_spec(spec)
+    TASKS.get(args.task)  # name errors come before option errors, as they always did
+    if args.router != "dense":
+        ROUTERS.get(args.router)
+    router_args = {}
+    if args.router != "dense" and args.router_args:
+        try:
+            router_args = yaml.safe_load(args.router_args)
+        except yaml.YAMLError as err:
+            raise SpecError(f"--router-args {args.router_args!r} is not valid YAML / JSON: {err}") from err
+        if not isinstance(router_args, dict):
+            raise SpecError(f"--router-args must be a mapping such as \"{{top_k: 1}}\", got {args.router_args!r}")
+    return single_spec(args.task, args.router, router_args, args.seed, args.size, args.steps, args.set or [])
 
 
 def run(args) -> int:
@@ -70,8 +53,8 @@ def run(args) -> int:
     print(f"moebench train: {args.task} / {args.router}, size {args.size}: loading torch and the task",
           file=sys.stderr, flush=True)
     from moebench.training.records import UnsafeRecordError
-    from moebench.training.rundir import check_inside, run_lock, run_path
-    from moebench.training.runner import execute
+    from moebench.training.rundir import run_path
+    from moebench.training.single import train_single
     from moebench.training.spec import SpecError, run_id
 
     try:
@@ -81,16 +64,13 @@ def run(args) -> int:
         return 2
     run_dir = run_path(args.results, spec["grid"], run_id(spec))
     try:
-        check_inside(args.results, run_dir)
-        with run_lock(run_dir) as got:  # the launcher's lock: one process trains a run, never two
-            if not got:
-                print(f"error: run {run_dir.name} is being trained by another process (it holds "
-                      f"{run_dir / '.lock'}); wait for it, or see `moebench status {args.results}`",
-                      file=sys.stderr)
-                return 1
-            result = execute(spec, args.results)
+        result = train_single(spec, args.results)
     except UnsafeRecordError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    if result is None:
+        print(f"error: run {run_dir.name} is being trained by another process (it holds "
+              f"{run_dir / '.lock'}); wait for it, or see `moebench status {args.results}`", file=sys.stderr)
         return 1
     run_dir = result["run_dir"]
     if result["state"] == "stopped":

@@ -138,15 +138,27 @@ def defaults(cls) -> dict[str, Any]:
     return dataclasses.asdict(cls())
 
 
-def check_keys(mapping: dict, known, path: str) -> None:
-    """Raise `ConfigError` for the first key not in ``known``, naming the closest known key."""
+def first_unknown(mapping, known) -> tuple[Any, str | None] | None:
+    """The first key of ``mapping`` not in ``known`` and the closest known key (or None); None when
+    every key is known. The one unknown-key check: run specs (`check_keys`) and grid files
+    (``moebench.grids.schema``) word their errors from it."""
     known = list(known)
     for key in mapping:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(where, "", key, f"{hint}; known keys here: {', '.join(known)}", unknown=True)
+            return key, (close[0] if close else None)
+    return None
+
+
+def check_keys(mapping: dict, known, path: str) -> None:
+    """Raise `ConfigError` for the first key not in ``known``, naming the closest known key."""
+    known = list(known)
+    found = first_unknown(mapping, known)
+    if found:
+        key, close = found
+        hint = f" (did you mean {close!r}?)" if close else ""
+        where = f"{path}.{key}" if path else str(key)
+        raise ConfigError(where, "", key, f"{hint}; known keys here: {', '.join(known)}", unknown=True)
 
 
 def expected(f: dataclasses.Field) -> str:

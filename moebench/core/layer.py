@@ -77,6 +77,7 @@ class MoELayer(nn.Module):
         self.shared = SharedExperts(shared_experts, d_model, d_hidden, activation, shared_expert_gate) \
             if shared_experts else None
         self.aux_loss: Tensor = torch.zeros(())
+        self.aux_losses: dict[str, Tensor] = {}  # the same, by name (the gradient-purity probe reads "balance")
         self.stats: dict = {}
         self.pending_context: Tensor | None = None  # set by a hook on the block's attention (moefy)
         self.pending_group: Tensor | None = None  # (..., ) true group per token, set by a task that knows it
@@ -159,6 +160,7 @@ class MoELayer(nn.Module):
         if null_out is not None:
             out = out + null_out.to(out.dtype)
 
+        self.aux_losses = dict(routing.aux_losses)
         losses = list(routing.aux_losses.values())
         self.aux_loss = torch.stack(losses).sum() if losses else flat.new_zeros((), dtype=torch.float32)
         self._record_stats(routing, counts, num_tokens)

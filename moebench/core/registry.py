@@ -26,12 +26,16 @@ class UnknownNameError(KeyError):
 
 
 class Registry:
-    """A kebab-case name -> object table, filled by ``@registry.register("name")``."""
+    """A kebab-case name -> object table, filled by ``@registry.register("name")``. With ``base``
+    (``"module:Class"``, imported on the first registration so that listing names stays torch-free),
+    only subclasses of that class are accepted: ``ROUTERS`` holds `Router` subclasses, ``TASKS``
+    `Task` subclasses."""
 
-    def __init__(self, kind: str, builtin_package: str, entry_point_group: str):
+    def __init__(self, kind: str, builtin_package: str, entry_point_group: str, base: str | None = None):
         self.kind = kind
         self.builtin_package = builtin_package
         self.entry_point_group = entry_point_group
+        self.base = base
         self._entries: dict[str, object] = {}
         self._descriptions: dict[str, str] = {}
         self._loaded = False
@@ -41,6 +45,7 @@ class Registry:
             raise ValueError(f"{self.kind} name {name!r} must be kebab-case (e.g. 'softmax-topk')")
 
         def decorator(obj):
+            self.check(name, obj)
             if name in self._entries and self._entries[name] is not obj:
                 old = self._entries[name]
                 raise ValueError(
@@ -53,6 +58,17 @@ class Registry:
             return obj
 
         return decorator
+
+    def check(self, name: str, obj) -> None:
+        """Refuse, with the reason, an entry that is not a subclass of the registry's ``base``."""
+        if self.base is None:
+            return
+        module, _, cls_name = self.base.partition(":")
+        base = getattr(importlib.import_module(module), cls_name)
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            what = f"class {obj.__module__}.{obj.__qualname__}" if isinstance(obj, type) else f"{type(obj).__name__} {obj!r}"
+            raise TypeError(f"{self.kind} {name!r} must be a subclass of {module}.{cls_name} (the {self.kind} "
+                            f"contract: see its docstring), got {what}")
 
     def load(self) -> None:
         """Import the built-in modules and the entry points once, so they register themselves."""
@@ -166,8 +182,8 @@ def _static_registrations(module: str, kind: str) -> dict[str, str] | None:
     return out
 
 
-ROUTERS = Registry("router", "moebench.routers", "moebench.routers")
-TASKS = Registry("task", "moebench.tasks", "moebench.tasks")
+ROUTERS = Registry("router", "moebench.routers", "moebench.routers", base="moebench.core.routing:Router")
+TASKS = Registry("task", "moebench.tasks", "moebench.tasks", base="moebench.core.task:Task")
 
 register_router = ROUTERS.register
 register_task = TASKS.register

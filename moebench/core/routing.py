@@ -178,21 +178,35 @@ def _priority_rank(routing: Routing) -> Tensor:
 class Router(nn.Module):
     """Base class: ``forward(x (T, d) float32, ctx) -> Routing``.
 
-    Subclasses set ``needs_context`` when they read ``ctx.context``, may override ``after_step()``
-    (called after each optimiser step), ``flops_per_token()`` (the router's own cost, counted in the
-    run's active FLOPs) and ``wrap_experts()`` (the one declared hook through which a router may own
-    the experts' parameterisation, as ERMoE does). ``default_capacity_factor`` returns the capacity the
-    router wants when the layer is given none (Switch: 1.25 train / 2.0 eval)."""
+    The contract, everything the layer, the trainer, the tasks and the grid read from a router class
+    (the class attributes below, with their defaults, and these methods): subclasses may override
+    ``after_step()`` (called after each optimiser step), ``flops_per_token()`` (the router's own cost,
+    counted in the run's active FLOPs) and ``wrap_experts()`` (the one declared hook through which a
+    router may own the experts' parameterisation, as ERMoE does). ``default_capacity_factor`` returns
+    the capacity the router wants when the layer is given none (Switch: 1.25 train / 2.0 eval). The
+    registry (``@register_router``) accepts only subclasses of this class."""
 
+    #: the router reads ``ctx.context`` (the token's attention output), so the layer computes it
     needs_context: bool = False
-    token_choice: bool = True
     #: ``moe.routing_unit: sequence`` routes the sum of a sequence's tokens once. That equals summing the
     #: gate logits only when they are linear in x (a linear gate), or the router reads no content (the
     #: controls); such routers set this True. Others set ``sequence_refusal`` to say why they cannot.
     sequence_routing: bool = False
     sequence_refusal: str = "its scores are not linear in the token, so routing the summed tokens is not summing its logits"
+    #: the trainer evaluates once at step 0, before any learning (the initial load of the experts)
+    eval_at_start: bool = False
+    #: not a token router: it routes whole images and builds its own model around the backbone through
+    #: the classmethod ``build_model(backbone, moe) -> nn.Module`` (tasks call it instead of moefy; grid
+    #: matching counts its cost per image). Token routers leave it False and never define build_model.
+    image_level: bool = False
     #: bump when a change alters this router's numbers: it enters the run id, so exactly its runs rerun
     version: int = 1
+
+    @classmethod
+    def build_model(cls, backbone: nn.Module, moe: dict) -> nn.Module:
+        """The whole model of an ``image_level`` router around ``backbone`` (only those define it)."""
+        raise NotImplementedError(f"{cls.__name__} is a token router (image_level is False): moefy places it in "
+                                  f"the model's blocks; only image-level routers build their own model")
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2):
         super().__init__()

@@ -35,6 +35,10 @@ class Task:
     higher_is_better: bool = True
     label_kind: str = "class"       # what token_labels() means: class | tissue | item | ...
     default_model: dict = {}        # model config used when the grid gives none
+    # Equivalence margin δ on the headline (same units) and why: the report's TOST calls two routers
+    # equivalent when the data rule out any difference beyond ±δ. None: no equivalence test.
+    margin: float | None = None
+    margin_reason: str = ""
 
     def __init__(self, **options: Any):
         self.options = options

@@ -6,9 +6,10 @@ import copy
 import functools
 import json
 import re
+from dataclasses import dataclass
 from fractions import Fraction
 
-from moebench.grids.schema import REFERENCE_ROUTER, WIDTH_MULTIPLE, GridError, _Ctx
+from moebench.grids.schema import REFERENCE_ROUTER, WIDTH_MULTIPLE, GridContext, GridError
 
 
 @functools.cache
@@ -67,7 +68,7 @@ def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
         if not layers:
             raise GridError(f"task {cfg['task']!r} built no MoE layer for moe.blocks={cfg['blocks']}; "
                             f"check the block indices against the model's depth")
-        from moebench.training.train import linear_flops_outside_moe
+        from moebench.core.cost import linear_flops_outside_moe
 
         moe_params = sum(p.numel() for _, m in layers for p in m.parameters())
         rest = sum(p.numel() for p in moe_model.parameters()) - moe_params
@@ -90,7 +91,7 @@ def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
             "dense_mlp_flops": dense_flops, "dense_hidden": dense_hidden, "layer_names": names, "notes": notes}
 
 
-def _dense_width(spec: dict, ctx: _Ctx) -> int:
+def _dense_width(spec: dict, ctx: GridContext) -> int:
     """The dense MLP width in the MoE blocks: what ``moe.d_hidden: null`` means (adapter mode: d / 4)."""
     if spec["moe"].get("mode") == "adapter":
         from moebench.core.adapter import adapter_width
@@ -108,7 +109,7 @@ def _dense_width(spec: dict, ctx: _Ctx) -> int:
     return widths.pop()
 
 
-def probe(spec: dict, blocks=None, ctx: _Ctx | None = None) -> dict:
+def probe(spec: dict, blocks=None, ctx: GridContext | None = None) -> dict:
     """What the model around the MoE layers looks like: d_model of each MoE layer, parameters outside
     them, and the dense model's parameters and MLP FLOPs in the same blocks. Built once per
     (task, task_args, model, blocks) and cached, with a tiny expert width so it is cheap. ``blocks``
@@ -124,7 +125,7 @@ def probe(spec: dict, blocks=None, ctx: _Ctx | None = None) -> dict:
     except GridError:
         raise
     except Exception as err:  # noqa: BLE001 - any build failure is the grid's model/moe section
-        ctx = ctx or _Ctx("<grid>")
+        ctx = ctx or GridContext("<grid>")
         raise ctx.error("model / moe.blocks", f"cannot build task {spec['task']!r}'s model to measure it "
                                               f"(task_args={spec['task_args']}, model={spec['model']}, "
                                               f"moe.blocks={moe.get('blocks', blocks)}): "
@@ -140,7 +141,7 @@ def _router(name: str, d_model: int, num_experts: int, args: dict):
 def _image_level(name: str) -> bool:
     from moebench.core.registry import ROUTERS
 
-    return bool(getattr(ROUTERS.get(name), "image_level", False))
+    return bool(ROUTERS.get(name).image_level)
 
 
 def _image_level_costs(spec: dict) -> dict:
@@ -176,88 +177,128 @@ def _width_fix(ref_width: int, ratios) -> str:
     return ", ".join(str(w) for w in sorted(good[:3])) or "none near it"
 
 
-def _match(g: dict, specs: list[dict], ctx: _Ctx) -> None:
-    grid_mode = g["match"]["mode"]
-    ref_a = Fraction(g["match"]["reference_active_experts"]).limit_denominator(1000)
-    planned = []
-    for spec in specs:
-        where = f"run {spec['label']!r} ({spec['_where']}, sweep {spec['sweep'] or '{}'})"
-        moe = spec["moe"]
-        mode = spec.get("_match_mode") or grid_mode  # a router entry's own match: overrides the grid's
-        if moe is None:
-            spec["match"] = {"mode": mode, "dense": "keeps the model's own MLP width (not rescaled)"}
-            continue
-        if _image_level(moe["router"]):
-            spec["match"] = {"mode": mode, "note": f"{moe['router']}: every expert is a whole backbone copy, run "
-                                                  f"on every image; not width-matched (moe.d_hidden unused)"}
-            continue
-        pr = probe(spec, ctx=ctx)
-        if moe["d_hidden"] is None:
-            moe["d_hidden"] = _dense_width(spec, ctx)
-        try:
-            routers = [_router(moe["router"], d, moe["num_experts"] + moe.get("null_experts", 0), moe["router_args"])
-                       for d in pr["d_models"]]
-        except (TypeError, ValueError) as err:
-            named = [k for k in moe["router_args"] if re.search(rf"\b{re.escape(str(k))}\b", str(err))]
-            origin = {k: (f"sweep.router_args.{k}" if f"router_args.{k}" in spec["sweep"] else
-                          f"{spec['_router_path']}.args.{k}") for k in moe["router_args"]}
-            path = origin[named[0]] if named else f"{spec['_router_path']}.args"
-            raise ctx.error(path, f"router {moe['router']!r} rejects its options {moe['router_args']} "
-                                  f"(num_experts={moe['num_experts']}): {err}") from None
-        a = Fraction(routers[0].active_experts_per_token).limit_denominator(1000)
-        a += moe.get("shared_experts", 0)  # always-on experts cost as much as routed ones
-        ref_width = moe["d_hidden"]
-        if mode == "active_flops":
-            ratio = ref_a / (a * _gated_factor(moe))
-            reference = {"router": REFERENCE_ROUTER, "active_experts": float(ref_a), "d_hidden": ref_width}
-            why = (f"it runs {float(a):g} experts per token{_gated_why(moe)}, so its experts are {float(ratio):g} x the "
-                   f"reference width {ref_width} (reference: {float(ref_a):g} experts per token)")
-        elif mode == "params":
-            ref_e = spec["_ref_e"] or moe["num_experts"]
-            ratio = Fraction(ref_e, moe["num_experts"])
-            reference = {"num_experts": ref_e, "d_hidden": ref_width}
-            why = (f"it has {moe['num_experts']} experts, so each is {float(ratio):g} x the reference width "
-                   f"{ref_width} (reference: {ref_e} experts)")
-        else:
-            ratio, reference, why = Fraction(1), None, ""
-        planned.append((spec, ratio, a, routers, pr, reference, why, where, mode))
-    all_ratios = {p[1] for p in planned}
-    for spec, ratio, a, routers, pr, reference, why, where, mode in planned:
-        moe = spec["moe"]
-        ref_width = moe["d_hidden"]
-        width = Fraction(ref_width) * ratio
-        if mode != "none" and (width.denominator != 1 or width % WIDTH_MULTIPLE != 0):
-            raise ctx.error("moe.d_hidden", f"cannot match {where}: {why}, which gives {float(width):g}, not an "
-                                            f"integer multiple of {WIDTH_MULTIPLE} (the grouped GEMM's alignment). "
-                                            f"Fix: set moe.d_hidden to one of {_width_fix(ref_width, all_ratios)} "
-                                            f"(these work for every run of the grid), or drop this router, "
-                                            f"or use match: none")
-        moe["d_hidden"] = int(width)
-        n_layers = len(pr["d_models"])
-        bias = 0 if moe.get("mode") == "adapter" else 1  # adapter experts have no biases
-        spec["match"] = {
-            "mode": mode,
-            "reference": reference,
-            "active_experts_per_token": float(a),
-            "d_hidden": int(width),
-            "expert_flops_per_token": float(sum(float(a * _gated_factor(moe)) * 4 * d * int(width)
-                                                for d in pr["d_models"])),
-            "expert_params": int(sum(moe["num_experts"] * _expert_params(d, int(width), moe, bias)
-                                     + (_expert_params(d, moe["shared_experts"] * int(width), moe, bias)
-                                        if moe.get("shared_experts") else 0)
-                                     for d in pr["d_models"])),
-            "router_flops_per_token": float(sum(r.flops_per_token() for r in routers)),
-            "moe_layers": n_layers,
-            "note": "router FLOPs are reported, not matched" if mode == "active_flops" else
-                    ("expert biases and router-specific extras are reported, not matched" if mode == "params" else
-                     "widths as given"),
-        }
+@dataclass
+class _Plan:
+    """One MoE run's matching, decided before any width is set (the fix names widths for every run)."""
+
+    spec: dict
+    ratio: Fraction          # its expert width over the reference width
+    active: Fraction         # experts per token (routed + shared)
+    routers: list            # one probe router per MoE layer
+    probed: dict             # `probe`'s answer
+    reference: dict | None
+    why: str
+    where: str
+    mode: str
+
+
+def match_runs(g: dict, specs: list[dict], ctx: GridContext) -> None:
+    """Set every MoE run's ``moe.d_hidden`` by the grid's (or its router entry's) match mode and record
+    how in ``match``; dense and image-level runs get a note. Errors name the grid key to change."""
+    plans = [p for spec in specs if (p := _plan(g, spec, ctx)) is not None]
+    all_ratios = {p.ratio for p in plans}
+    for p in plans:
+        _apply(p, all_ratios, ctx)
+    _check_upcycled_widths(g, specs, ctx)
+
+
+def _plan(g: dict, spec: dict, ctx: GridContext) -> _Plan | None:
+    where = f"run {spec['label']!r} ({spec['_where']}, sweep {spec['sweep'] or '{}'})"
+    moe = spec["moe"]
+    mode = spec.get("_match_mode") or g["match"]["mode"]  # a router entry's own match: overrides the grid's
+    if moe is None:
+        spec["match"] = {"mode": mode, "dense": "keeps the model's own MLP width (not rescaled)"}
+        return None
+    if _image_level(moe["router"]):
+        spec["match"] = {"mode": mode, "note": f"{moe['router']}: every expert is a whole backbone copy, run "
+                                              f"on every image; not width-matched (moe.d_hidden unused)"}
+        return None
+    pr = probe(spec, ctx=ctx)
+    if moe["d_hidden"] is None:
+        moe["d_hidden"] = _dense_width(spec, ctx)
+    routers = _probe_routers(spec, pr, ctx)
+    a = Fraction(routers[0].active_experts_per_token).limit_denominator(1000)
+    a += moe.get("shared_experts", 0)  # always-on experts cost as much as routed ones
+    ratio, reference, why = _ratio(g, spec, mode, a)
+    return _Plan(spec, ratio, a, routers, pr, reference, why, where, mode)
+
+
+def _probe_routers(spec: dict, pr: dict, ctx: GridContext) -> list:
+    """The run's router at each MoE layer's width; an option the router refuses names its grid key."""
+    moe = spec["moe"]
+    try:
+        return [_router(moe["router"], d, moe["num_experts"] + moe.get("null_experts", 0), moe["router_args"])
+                for d in pr["d_models"]]
+    except (TypeError, ValueError) as err:
+        named = [k for k in moe["router_args"] if re.search(rf"\b{re.escape(str(k))}\b", str(err))]
+        origin = {k: (f"sweep.router_args.{k}" if f"router_args.{k}" in spec["sweep"] else
+                      f"{spec['_router_path']}.args.{k}") for k in moe["router_args"]}
+        path = origin[named[0]] if named else f"{spec['_router_path']}.args"
+        raise ctx.error(path, f"router {moe['router']!r} rejects its options {moe['router_args']} "
+                              f"(num_experts={moe['num_experts']}): {err}") from None
+
+
+def _ratio(g: dict, spec: dict, mode: str, a: Fraction) -> tuple[Fraction, dict | None, str]:
+    """(expert width / reference width, the reference, why in words) for ``mode``."""
+    moe = spec["moe"]
+    ref_width = moe["d_hidden"]
+    if mode == "active_flops":
+        ref_a = Fraction(g["match"]["reference_active_experts"]).limit_denominator(1000)
+        ratio = ref_a / (a * _gated_factor(moe))
+        reference = {"router": REFERENCE_ROUTER, "active_experts": float(ref_a), "d_hidden": ref_width}
+        return ratio, reference, (f"it runs {float(a):g} experts per token{_gated_why(moe)}, so its experts are "
+                                  f"{float(ratio):g} x the reference width {ref_width} (reference: {float(ref_a):g} "
+                                  f"experts per token)")
+    if mode == "params":
+        ref_e = spec["_ref_e"] or moe["num_experts"]
+        ratio = Fraction(ref_e, moe["num_experts"])
+        return ratio, {"num_experts": ref_e, "d_hidden": ref_width}, (
+            f"it has {moe['num_experts']} experts, so each is {float(ratio):g} x the reference width "
+            f"{ref_width} (reference: {ref_e} experts)")
+    return Fraction(1), None, ""
+
+
+def _apply(p: _Plan, all_ratios: set, ctx: GridContext) -> None:
+    """Set the run's width (refusing one off the grouped GEMM's alignment) and its ``match`` record."""
+    spec, moe = p.spec, p.spec["moe"]
+    ref_width = moe["d_hidden"]
+    width = Fraction(ref_width) * p.ratio
+    if p.mode != "none" and (width.denominator != 1 or width % WIDTH_MULTIPLE != 0):
+        raise ctx.error("moe.d_hidden", f"cannot match {p.where}: {p.why}, which gives {float(width):g}, not an "
+                                        f"integer multiple of {WIDTH_MULTIPLE} (the grouped GEMM's alignment). "
+                                        f"Fix: set moe.d_hidden to one of {_width_fix(ref_width, all_ratios)} "
+                                        f"(these work for every run of the grid), or drop this router, "
+                                        f"or use match: none")
+    moe["d_hidden"] = int(width)
+    d_models = p.probed["d_models"]
+    bias = 0 if moe.get("mode") == "adapter" else 1  # adapter experts have no biases
+    spec["match"] = {
+        "mode": p.mode,
+        "reference": p.reference,
+        "active_experts_per_token": float(p.active),
+        "d_hidden": int(width),
+        "expert_flops_per_token": float(sum(float(p.active * _gated_factor(moe)) * 4 * d * int(width)
+                                            for d in d_models)),
+        "expert_params": int(sum(moe["num_experts"] * _expert_params(d, int(width), moe, bias)
+                                 + (_expert_params(d, moe["shared_experts"] * int(width), moe, bias)
+                                    if moe.get("shared_experts") else 0)
+                                 for d in d_models)),
+        "router_flops_per_token": float(sum(r.flops_per_token() for r in p.routers)),
+        "moe_layers": len(d_models),
+        "note": "router FLOPs are reported, not matched" if p.mode == "active_flops" else
+                ("expert biases and router-specific extras are reported, not matched" if p.mode == "params" else
+                 "widths as given"),
+    }
+
+
+def _check_upcycled_widths(g: dict, specs: list[dict], ctx: GridContext) -> None:
     upcycled = [s for s in specs if s["moe"] and s["moe"]["upcycle"]]
     widths = {s["moe"]["d_hidden"] for s in upcycled}
     if len(widths) > 1:
         raise ctx.error("moe.upcycle", f"upcycle: true copies the dense MLP into every expert, so every run "
-                                       f"needs the same expert width, but matching ({grid_mode}) gives widths "
-                                       f"{sorted(widths)}; use match: none, or routers with the same active experts")
+                                       f"needs the same expert width, but matching ({g['match']['mode']}) gives "
+                                       f"widths {sorted(widths)}; use match: none, or routers with the same active "
+                                       f"experts")
 
 
 def _gated_factor(moe: dict) -> Fraction:
@@ -290,7 +331,7 @@ def costs(spec: dict, blocks=None) -> dict:
     if _image_level(moe["router"]):
         return _image_level_costs(spec)
     if moe["d_hidden"] is None:
-        moe["d_hidden"] = _dense_width(spec, _Ctx("<spec>"))
+        moe["d_hidden"] = _dense_width(spec, GridContext("<spec>"))
     out = dict(_moe_costs(json.dumps({"d_models": pr["d_models"], "moe": moe}, sort_keys=True),
                           pr["rest_params"]))
     if moe.get("mode") == "adapter":  # the dense MLPs stay: the branch adds to their work

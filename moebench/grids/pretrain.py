@@ -12,14 +12,17 @@ so it is trained, checkpointed, resumed, failed and reported exactly like any ru
   ``quick-adapter``) share it, and a routers-only change of a grid never retrains it. The folder is
   hidden, so reports and ``moebench status results`` do not list it as a grid
   (``moebench status results/.pretrain`` does).
-- **Dependency.** ``moebench.grids.launch.run_grid`` runs the pretraining runs first (one phase, through
-  the same submitit executor: local subprocesses or a SLURM array), then the runs that need them. A
+- **Dependency.** ``moebench.grids.launch.run_grid`` runs the pretraining runs first (one phase,
+  ``moebench.grids.phase.run_phase``, through the same submitit executor: local subprocesses or a SLURM array), then the runs that need them. A
   pretraining run that failed or did not finish holds back its dependants with the reason; the
   next ``moebench run`` resumes it from its checkpoint (``--retry-failed`` reruns a failed one).
-- **Loading** goes through the existing ``model.pretrained: /path`` path (``moebench.core.models``):
-  every dependent run's spec gets ``model.pretrained: <results>/.pretrain/pretrain/<id>/weights.pt``,
-  so its run id differs from the from-scratch run and names the exact weights. The path is spelled
-  as the results folder was given (relative stays relative), so moving a whole project keeps ids.
+- **Loading**: every dependent run's spec gets ``model.pretrained: "pretrain:<id>"`` (the pretraining
+  run's id, not a path), so its run id differs from the from-scratch run, names the exact weights and
+  does not depend on where the results folder lives. The runner resolves it to
+  ``<results>/.pretrain/pretrain/<id>/weights.pt`` when the run starts (``moebench.training.pretrained``)
+  and loads it through the existing ``model.pretrained: /path`` path (``moebench.core.models``).
+- **Only when needed**: the launcher runs a pretrain only for dependants that are not done yet, so a
+  finished grid (a fresh clone of the committed sample) plans nothing.
 - **Weights file.** The pretraining run keeps its last checkpoint; the launcher extracts the model's
   state dict into ``weights.pt`` (reading the checkpoint with ``weights_only=True`` and numpy's array
   reconstruction allowed, nothing else: results folders are untrusted input) and removes the checkpoint.
@@ -27,17 +30,18 @@ so it is trained, checkpointed, resumed, failed and reported exactly like any ru
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
+from typing import Any
 
-from moebench.training.rundir import _set_aside, inspect, run_lock, run_path
+from moebench.grids.phase import Executor, Phase, plan, run_phase
+from moebench.training.pretrained import PRETRAIN_DIR, PRETRAIN_GRID, WEIGHTS, pretrain_ref, pretrain_root
+from moebench.training.rundir import inspect, run_lock, run_path, set_aside
 from moebench.training.spec import resolve_spec, run_id
 
+__all__ = ["PRETRAIN_DIR", "PRETRAIN_GRID", "WEIGHTS", "pretrain_root"]  # re-exported: the stage's layout
+
 DEFAULT_RESULTS = "results"   # `moebench run --results`' default: what `grid show` assumes
-PRETRAIN_DIR = ".pretrain"    # under the results root, shared by every grid there
-PRETRAIN_GRID = "pretrain"    # the spec's `grid`: folders <results>/.pretrain/pretrain/<run_id>/
 PRETRAIN_LABEL = "pretrain"
-WEIGHTS = "weights.pt"
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -55,23 +59,19 @@ def pretrain_spec(task: str, task_args: dict, model: dict, seed: int, train: dic
     })
 
 
-def pretrain_root(results) -> Path:
-    return Path(results) / PRETRAIN_DIR
-
-
 def pretrain_dir(results, spec: dict) -> Path:
     return run_path(pretrain_root(results), spec["grid"], run_id(spec))
 
 
-def weights_path(results, spec: dict) -> str:
-    """Where the pretraining run's weights land; spelled as ``results`` is (relative stays relative)."""
-    return os.fspath(pretrain_dir(results, spec) / WEIGHTS)
+def reference(spec: dict) -> str:
+    """What a dependent run's ``model.pretrained`` says: ``pretrain:<this pretraining run's id>``."""
+    return pretrain_ref(run_id(spec))
 
 
-def dependent_model(model: dict, weights: str) -> dict:
+def dependent_model(model: dict, ref: str) -> dict:
     """A dependent run's model section: the same model, loaded strictly from the dense weights."""
     out = {k: copy.deepcopy(v) for k, v in model.items() if k != "pretrained_strict"}
-    out["pretrained"] = weights
+    out["pretrained"] = ref
     return out
 
 
@@ -86,7 +86,7 @@ def _read_checkpoint_model(path: Path) -> dict:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    allowed: list[Any] = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     with torch.serialization.safe_globals(allowed):
         ck = torch.load(path, map_location="cpu", weights_only=True)
     state = ck.get("model") if isinstance(ck, dict) else None
@@ -118,13 +118,11 @@ def extract_weights(run_dir) -> bool:
 
 
 # -- the launcher's phase -----------------------------------------------------------------------------
-def pretrain_phase(pretrains: list[dict], results, cluster: str, ex: dict, grid_name: str,
-                   retry_failed: bool = False, dry_run: bool = False, poll_s: float = 1.0, log=print) -> dict:
+def pretrain_phase(pretrains: list[dict], results, ex: Executor, grid_name: str, retry_failed: bool = False,
+                   dry_run: bool = False) -> dict:
     """Run the dense pretraining runs that are not done yet (through the grid's executor) and wait.
-    Returns ``{weights path: why it is not available}`` for each one that did not finish, so the
+    Returns ``{reference: why its weights are not available}`` for each one that did not finish, so the
     launcher can hold back its dependants instead of starting them from missing weights."""
-    from moebench.grids import launch
-
     if not pretrains:
         return {}
     root = pretrain_root(results)
@@ -134,24 +132,17 @@ def pretrain_phase(pretrains: list[dict], results, cluster: str, ex: dict, grid_
         if inspect(d)["state"] == "done" and not extract_weights(d) and not dry_run:
             with run_lock(d) as got:
                 if got:
-                    _set_aside(d, ["status.json", "final.json", CHECKPOINT])
-    runs = launch.plan(specs, root, retry_failed, ex.get("max_retries", 2))
-    todo = [r for r in runs if r["action"] == "run"]
-    log(f"pretrain: {len(runs)} dense runs (one per task block and seed) -> {root / PRETRAIN_GRID}; "
-        f"{sum(r['why'] == 'done' for r in runs)} done already, {len(todo)} to run first")
-    launch.log_plan(runs, todo, log, dry_run, verb="pretrain")
+                    set_aside(d, ["status.json", "final.json", CHECKPOINT])
+    runs = plan(specs, root, retry_failed, ex.section.get("max_retries", 2))
+    ex.log(f"pretrain: {len(runs)} dense runs (one per task block and seed) -> {root / PRETRAIN_GRID}; "
+           f"{sum(r['why'] == 'done' for r in runs)} done already, "
+           f"{sum(r['action'] == 'run' for r in runs)} to run first")
+    run_phase(runs, Phase(f"{grid_name}-pretrain", root / PRETRAIN_GRID, root.resolve(), verb="pretrain"), ex, dry_run)
     if dry_run:
         return {}
-    todo = launch.queue(todo)
-    progress = launch._Progress(runs, log)
-    progress.poll()
-    if todo:
-        launch._submit_and_wait(todo, cluster, ex, root / PRETRAIN_GRID, f"{grid_name}-pretrain", root.resolve(),
-                                progress, poll_s, log)
-    progress.poll()
     blocked = {}
-    by_weights = {p["weights"]: p for p in pretrains}
-    for w, p in by_weights.items():
+    by_ref = {p["ref"]: p for p in pretrains}
+    for ref, p in by_ref.items():
         d = run_path(root, p["spec"]["grid"], run_id(p["spec"]))
         st = inspect(d)
         if st["state"] == "done" and extract_weights(d):
@@ -159,13 +150,19 @@ def pretrain_phase(pretrains: list[dict], results, cluster: str, ex: dict, grid_
         why = f"{st['state']}" + (f": {st['reason']}" if st["reason"] else "")
         if st["state"] == "failed" and not retry_failed:
             why += "; fix it and rerun with --retry-failed"
-        blocked[w] = f"its dense pretrain {run_id(p['spec'])} is {why}"
+        blocked[ref] = f"its dense pretrain {run_id(p['spec'])} is {why}"
     return blocked
 
 
 def hold_back(runs: list[dict], blocked: dict) -> None:
     """Skip (with the reason) every planned run whose pretrained weights are not there."""
     for r in runs:
-        w = (r["spec"].get("model") or {}).get("pretrained")
-        if r["action"] == "run" and isinstance(w, str) and w in blocked:
-            r["action"], r["why"] = "skip", f"waits: {blocked[w]}"
+        ref = (r["spec"].get("model") or {}).get("pretrained")
+        if r["action"] == "run" and isinstance(ref, str) and ref in blocked:
+            r["action"], r["why"] = "skip", f"waits: {blocked[ref]}"
+
+
+def needed(pretrains: list[dict], runs: list[dict]) -> list[dict]:
+    """The pretrains that a planned run still to run starts from; a finished grid needs none."""
+    refs = {(r["spec"].get("model") or {}).get("pretrained") for r in runs if r["action"] == "run"}
+    return [p for p in pretrains if p["ref"] in refs]

@@ -88,6 +88,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -102,6 +103,7 @@ from moebench.core.config import (
     coerce,
     defaults,
     fields_of,
+    first_unknown,
 )
 
 GRIDS_DIR = Path(__file__).resolve().parent / "configs"
@@ -150,7 +152,7 @@ def _tname(v) -> str:
     return "null" if v is None else type(v).__name__
 
 
-class _Ctx:
+class GridContext:
     """Carries the file name so every error can name it."""
 
     def __init__(self, file: str):
@@ -166,12 +168,12 @@ class _Ctx:
             raise self.error(path, f"expected {what}, got {value!r} ({_tname(value)}){hint}")
 
     def keys(self, mapping: dict, known, path: str) -> None:
-        for key in mapping:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                where = f"{path}.{key}" if path else str(key)
-                raise self.error(where, f"unknown key {key!r}{hint}. Known keys here: {', '.join(known)}")
+        found = first_unknown(mapping, known)
+        if found:
+            key, close = found
+            hint = f"; did you mean {close!r}?" if close else ""
+            where = f"{path}.{key}" if path else str(key)
+            raise self.error(where, f"unknown key {key!r}{hint}. Known keys here: {', '.join(known)}")
 
     def section(self, cls, value, path: str) -> dict:
         """One config section checked against the shared schema (`moebench.core.config`)."""
@@ -328,7 +330,7 @@ def refuse_placeholders(raw, file: str, name: str = "GRID") -> None:
 
 
 def validate(raw, file: str, default_name: str = "grid") -> dict:
-    ctx = _Ctx(file)
+    ctx = GridContext(file)
     if not isinstance(raw, dict):
         raise ctx.error("(top level)", f"expected a mapping of grid keys, got {_tname(raw)}")
     ctx.keys(raw, TOP_KEYS, "")
@@ -407,7 +409,7 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
     return grid
 
 
-def _check_task(ctx: _Ctx, name: str, path: str) -> None:
+def _check_task(ctx: GridContext, name: str, path: str) -> None:
     from moebench.core.registry import TASKS, UnknownNameError
 
     try:
@@ -416,10 +418,10 @@ def _check_task(ctx: _Ctx, name: str, path: str) -> None:
         raise ctx.error(path, str(err)) from None
 
 
-def _preset(ctx: _Ctx, task: str, size, path: str) -> dict:
+def _preset(ctx: GridContext, task: str, size, path: str) -> dict:
     """A task's named preset (``Task.preset(size)``, a `moebench.core.task.Preset`); the grid
     file's own values override it, so a preset only fills in what the grid leaves out."""
-    empty = {"task_args": {}, "model": {}, "moe": {}, "train": {}}
+    empty: dict[str, dict] = {"task_args": {}, "model": {}, "moe": {}, "train": {}}
     if size is None:
         return empty
     ctx.check(size, _STR, path)
@@ -441,7 +443,7 @@ def _preset(ctx: _Ctx, task: str, size, path: str) -> dict:
     return out
 
 
-def _check_router_name(ctx: _Ctx, name: str, path: str) -> None:
+def _check_router_name(ctx: GridContext, name: str, path: str) -> None:
     from moebench.core.registry import ROUTERS, UnknownNameError
 
     if name == DENSE:
@@ -452,15 +454,15 @@ def _check_router_name(ctx: _Ctx, name: str, path: str) -> None:
         raise ctx.error(path, f"{err} (or `dense` for the model without MoE)") from None
 
 
-def _check_moe(ctx: _Ctx, value, path: str) -> dict:
+def _check_moe(ctx: GridContext, value, path: str) -> dict:
     return ctx.section(MoEConfig, value, path)
 
 
-def _check_train(ctx: _Ctx, value, path: str) -> dict:
+def _check_train(ctx: GridContext, value, path: str) -> dict:
     return ctx.section(TrainConfig, value, path)
 
 
-def _check_pretrain(ctx: _Ctx, value, path: str) -> dict | None:
+def _check_pretrain(ctx: GridContext, value, path: str) -> dict | None:
     if isinstance(value, dict):
         ctx.keys(value, TRAIN_KEYS, path)
     try:
@@ -469,12 +471,13 @@ def _check_pretrain(ctx: _Ctx, value, path: str) -> dict | None:
         raise ctx.error(err.path, err.describe()) from None
 
 
-def _check_routers(ctx: _Ctx, value) -> list[dict]:
+def _check_routers(ctx: GridContext, value) -> list[dict]:
     if value is None:
         raise ctx.error("routers", "missing: list the routers to compare, e.g. [dense, softmax-topk, switch]")
     ctx.check(value, ("a non-empty list of router names or mappings",
                       lambda v: isinstance(v, list) and len(v) > 0), "routers")
-    out, labels = [], {}
+    out: list[dict] = []
+    labels: dict[str, Any] = {}
     for i, entry in enumerate(value):
         path = f"routers[{i}]"
         if isinstance(entry, str):
@@ -528,33 +531,33 @@ def _router_options(name: str) -> list[str] | None:
     return [n for n in params if n not in ("self", "d_model", "num_experts")]
 
 
-def _check_router_args(ctx: _Ctx, name: str, args: dict, path: str) -> None:
+def _check_router_args(ctx: GridContext, name: str, args: dict, path: str) -> None:
     if name == DENSE:
         return
     known = _router_options(name)
     if known is None:
         return
-    for key in args:
-        if key not in known and key not in ("d_model", "num_experts"):
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ctx.error(f"{path}.{key}", f"router {name!r} has no option {key!r}{hint} "
-                                             f"Its options: {', '.join(known)}")
+    found = first_unknown({k: v for k, v in args.items() if k not in ("d_model", "num_experts")}, known)
+    if found:
+        key, close = found
+        hint = f"; did you mean {close!r}?" if close else ""
+        raise ctx.error(f"{path}.{key}", f"router {name!r} has no option {key!r}{hint} "
+                                         f"Its options: {', '.join(known)}")
 
 
 def _default_label(name: str, args: dict) -> str:
     """``name`` or ``name+key=value+...``: a folder-safe name (see moebench.training.spec)."""
     if not args:
         return name
-    text = name + "".join(f"+{k}={_fmt(v)}" for k, v in sorted(args.items()))
+    text = name + "".join(f"+{k}={format_value(v)}" for k, v in sorted(args.items()))
     return re.sub(r"[^A-Za-z0-9._+=-]", "_", text)
 
 
-def _fmt(v) -> str:
+def format_value(v) -> str:
     return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
-def _check_sweep(ctx: _Ctx, value) -> list[tuple[str, list]]:
+def _check_sweep(ctx: GridContext, value) -> list[tuple[str, list]]:
     sweep = ctx.mapping(value, "sweep")
     axes = []
     for axis, values in sweep.items():
@@ -585,7 +588,7 @@ def _check_sweep(ctx: _Ctx, value) -> list[tuple[str, list]]:
     return axes
 
 
-def _check_match(ctx: _Ctx, value) -> dict:
+def _check_match(ctx: GridContext, value) -> dict:
     if isinstance(value, str):
         value = {"mode": value}
     ctx.check(value, ("one of active_flops, params, none, or a mapping {mode, reference_active_experts}",

@@ -6,7 +6,9 @@ import os
 from moebench.core.progress import Progress
 from moebench.grids.expand import expand_with_pretrain
 from moebench.grids.matching import costs, probe
-from moebench.grids.schema import REFERENCE_ROUTER, _Ctx, _fmt, load
+from moebench.grids.pretrain import DEFAULT_RESULTS
+from moebench.grids.schema import REFERENCE_ROUTER, GridContext, format_value, load
+from moebench.training.pretrained import weights_of
 
 
 def _human(n: float) -> str:
@@ -31,7 +33,7 @@ def show(grid: str | os.PathLike | dict) -> str:
         same = [s for s in specs if s["moe"] and all(s[k] == spec[k] for k in ("task", "task_args", "model"))]
         c = costs(spec, blocks=same[0]["moe"]["blocks"] if same else None)
         rows.append([run_id(spec), spec["task"], spec["label"], str(spec["seed"]),
-                     *[_fmt(spec["sweep"][a]) if a in spec["sweep"] else "-" for a in axes],
+                     *[format_value(spec["sweep"][a]) if a in spec["sweep"] else "-" for a in axes],
                      str(spec["moe"]["d_hidden"]) if spec["moe"] else f"{c['dense_hidden']} (dense)",
                      _human(c["flops_per_token"]), _human(c["mlp_flops_per_token"]), _human(c["router_flops_per_token"]),
                      _human(c["params_total"]), _human(c["params_active"])])
@@ -47,12 +49,12 @@ def show(grid: str | os.PathLike | dict) -> str:
     if pretrains:
         lines.append(f"pretrain (run first, once per task block and seed; every run above with the same task and "
                      f"seed starts from its weights): {len(pretrains)} dense runs; paths as under "
-                     f"`moebench run --results results` (another results folder gives other run ids)")
+                     f"`moebench run --results {DEFAULT_RESULTS}` (run ids do not depend on the results folder)")
         for p in pretrains:
             ps = p["spec"]
             lines.append(f"  {run_id(ps)}  {ps['task']}  seed {ps['seed']}  {ps['train']['steps']} steps  "
-                         f"-> {p['weights']}")
-    notes = sorted({n for spec in specs if spec["moe"] for n in probe(spec, ctx=_Ctx(g["file"]))["notes"]})
+                         f"-> {weights_of(DEFAULT_RESULTS, p['ref'])}")
+    notes = sorted({n for spec in specs if spec["moe"] for n in probe(spec, ctx=GridContext(g["file"]))["notes"]})
     lines += [f"note: {n}" for n in notes]
     lines.append("flops/tok: the whole model's estimated forward FLOPs per token, the report's FLOPs/token: "
                  "2 x the weights of every linear layer outside the MoE layers, plus the experts a token "

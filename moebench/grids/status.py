@@ -17,7 +17,8 @@ def _reason(st: dict) -> str:
     return text
 
 
-def _rows(runs: list[dict]) -> list[dict]:
+def plan_rows(runs: list[dict]) -> list[dict]:
+    """One row per planned run of the launcher (run id, label, seed, state, reason), read from its folder."""
     rows = []
     for r in runs:
         st = inspect(r["run_dir"])
@@ -47,7 +48,7 @@ def _bucket(state: str) -> str:
     return state if state in SUMMARY_STATES else "queued"
 
 
-def _counts(runs_or_rows) -> dict:
+def count_states(runs_or_rows) -> dict:
     counts = {s: 0 for s in SUMMARY_STATES}
     for r in runs_or_rows:
         state = r["state"] if "spec" not in r else inspect(r["run_dir"])["state"]
@@ -57,7 +58,7 @@ def _counts(runs_or_rows) -> dict:
 
 def format_table(rows: list[dict], title: str = "") -> str:
     """The status table (run, label, seed, state, attempts, reason) and a done/running/failed/queued count."""
-    counts = _counts(rows)
+    counts = count_states(rows)
     head = ["run_id", "label", "seed", "state", "attempts", "reason"]
     body = [[str(r[h]) if r[h] is not None else "" for h in head] for r in rows]
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head[:-1])]

@@ -1,10 +1,11 @@
 """`moebench report`: run records -> leaderboards (Markdown, CSV, LaTeX), plots (PNG, PDF) and one
 self-contained report.html.
 
-Pieces: ``report_load`` reads records, ``report_tables`` aggregates and lays out tables,
-``report_render`` writes tables per format, ``report_plots`` draws, ``report_html`` assembles the page.
-Missing runs are detected from ``<results>/<grid>/expected.json`` written by the launcher (see
-``report_load``)."""
+Pieces (``moebench.report.*``): ``load`` reads records, ``tables`` aggregates and lays out tables (its
+``COLUMNS`` is the one catalogue of column labels), ``stats`` computes intervals and rank groups,
+``summary`` writes the key findings, ``render`` writes tables per format, ``plots`` draws, ``items``
+reads per-item evaluations, ``html`` assembles the page. Missing runs are detected from
+``<results>/<grid>/expected.json`` written by the launcher (see ``load``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from moebench.report.aggregate import Summary, summarise, summary_table
+from moebench.report.claims import Audit, audit
 from moebench.report.items import load_headline_items
 from moebench.report.load import RecordSet, load_record_set, load_records  # noqa: F401  (public API)
 from moebench.report.render import Table, to_latex, to_markdown
-from moebench.report.summary import key_findings, reproducibility
+from moebench.report.summary import claim_findings, key_findings, reproducibility
 from moebench.report.tables import (
     add_intervals,
     leaderboard_frame,
@@ -28,7 +31,9 @@ from moebench.report.tables import (
 )
 
 FORMATS = ("md", "csv", "html", "tex")
+ACROSS = "(all tasks)"  # the bench of figures drawn across tasks (performance profiles)
 BASELINE = "softmax-topk"
+REFERENCE_ROUTERS = ("softmax-topk", "switch")  # the claims audit compares against each label of these
 
 
 class ReportError(RuntimeError):
@@ -49,6 +54,10 @@ class Report:
     summary: list[str]
     findings: list[str]
     repro: list[tuple[str, str]]
+    claims: Audit
+    totals: Summary
+    headline_tables: list[Table]   # the claims audit and the summary table: the top of the report
+    task_notes: list[str]          # the long per-task paragraphs, placed below the tables
 
 
 def build_report(results_dir, baseline: str = BASELINE) -> Report:
@@ -85,9 +94,17 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
                                    if rs.grids_with_expected else
                                    "no expected.json found, so only seeds that other routers of the same task "
                                    "have are detected")]
+    refs = {baseline: paired}
+    for ref in sorted(set(rs.runs.loc[rs.runs["router"].isin(REFERENCE_ROUTERS), "label"].dropna()) - {baseline}):
+        refs[ref] = paired_frame(rs, lb, ref, items=items) if not lb.empty else pd.DataFrame()
+    claims = audit(rs.runs, rs.layers, lb, refs) if not lb.empty else Audit(pd.DataFrame(), None, [])
+    totals = summarise(lb, rs.runs)
+    headline_tables = [t for t in (claims.table, summary_table(totals)) if t is not None]
+    task_notes = key_findings(lb, paired, baseline)
     return Report(rs, lb, ranks, paired, bench_tables, overall, unfinished_table(rs.runs), summary,
-                  key_findings(lb, paired, baseline) + [f"Structure recovery, {line}" for line in structure_lines],
-                  reproducibility(rs.runs, rs.root, lb))
+                  claim_findings(claims.verdicts, totals, paired, baseline)
+                  + [f"Structure recovery, {line}" for line in structure_lines], reproducibility(rs.runs, rs.root, lb),
+                  claims, totals, headline_tables, task_notes)
 
 
 def write_report(results_dir, out_dir=None, formats=FORMATS, baseline: str = BASELINE, plots: bool = True) -> Path:
@@ -105,7 +122,7 @@ def write_report(results_dir, out_dir=None, formats=FORMATS, baseline: str = BAS
     if plots and {"md", "html"} & set(formats):
         from moebench.report.plots import write_plots  # seaborn / matplotlib only when drawing
 
-        figures = write_plots(rep.rs, rep.leaderboard, out / "plots")
+        figures = write_plots(rep.rs, rep.leaderboard, out / "plots", rep.totals)
     if "csv" in formats:
         _write_csvs(rep, out)
     if "md" in formats:
@@ -117,7 +134,8 @@ def write_report(results_dir, out_dir=None, formats=FORMATS, baseline: str = BAS
 
         page = render_page(f"moebench report: {Path(results_dir).resolve().name}", rep.summary, rep.rs.problems,
                            rep.bench_tables, rep.overall, figures, [rep.unfinished] if rep.unfinished else [],
-                           findings=rep.findings, repro=rep.repro)
+                           findings=rep.findings, repro=rep.repro, top=rep.headline_tables,
+                           task_notes=rep.task_notes)
         (out / "report.html").write_text(page, encoding="utf-8")
     return out
 
@@ -126,19 +144,30 @@ def _write_csvs(rep: Report, out: Path) -> None:
     rep.leaderboard.to_csv(out / "leaderboard.csv", index=False)
     rep.ranks.to_csv(out / "ranks.csv", index=False)
     rep.paired.to_csv(out / "paired.csv", index=False)
-    rep.rs.runs.drop(columns=["sweep"], errors="ignore").to_csv(out / "runs.csv", index=False)
+    rep.claims.frame.to_csv(out / "claims.csv", index=False)
+    rep.totals.table.to_csv(out / "summary.csv", index=False)
+    runs = rep.rs.runs.drop(columns=["sweep"], errors="ignore")
+    if not rep.paired.empty:  # each run carries its group's verdicts against the baseline
+        cols = ["tost", "p_improve", "p_improve_low", "p_improve_high"]
+        runs = runs.merge(rep.paired[["bench", "label", "variant"] + cols], on=["bench", "label", "variant"], how="left")
+    runs.to_csv(out / "runs.csv", index=False)
 
 
 def _markdown(rep: Report, figures, out: Path) -> str:
     parts = ["# moebench leaderboard", "", *[f"{s}  " for s in rep.summary], ""]
+    for t in rep.headline_tables:
+        parts.append(to_markdown(t, level=2))
+    parts += [f"![{f.caption}]({f.png.relative_to(out).as_posix()})" for f in figures if f.bench == ACROSS]
     if rep.findings:
-        parts += ["## Key findings", "", *[f"- {f}" for f in rep.findings], ""]
+        parts += ["", "## Key findings", "", *[f"- {f}" for f in rep.findings], ""]
     if rep.repro:
         parts += ["## Reproducibility", "", *[f"- **{k}:** {v}" for k, v in rep.repro], ""]
     if rep.rs.problems:
         parts += ["## Problems with records", "", *[f"- {' '.join(p.split())}" for p in rep.rs.problems], ""]
     if rep.overall:
         parts += ["## Across tasks", ""] + [to_markdown(t) for t in rep.overall]
+    if rep.task_notes:
+        parts += ["## Per task, in words", "", *[f"- {f}" for f in rep.task_notes], ""]
     for bench, tables in rep.bench_tables:
         parts += [f"## Task: {bench}", ""] + [to_markdown(t) for t in tables]
         parts += [f"![{f.caption}]({f.png.relative_to(out).as_posix()})" for f in figures if f.bench == bench]
@@ -150,5 +179,5 @@ def _markdown(rep: Report, figures, out: Path) -> str:
 
 def _latex(rep: Report) -> str:
     head = ["% moebench leaderboard tables; needs \\usepackage{booktabs,graphicx}", ""]
-    tables = rep.overall + [t for _, ts in rep.bench_tables for t in ts]
+    tables = rep.headline_tables + rep.overall + [t for _, ts in rep.bench_tables for t in ts]
     return "\n".join(head) + "\n".join(to_latex(t) for t in tables)

@@ -30,6 +30,9 @@ figcaption{font-size:12px;color:#444}
 details{margin:.5em 0}
 summary{cursor:pointer;font-weight:600}
 .wrap{overflow-x:auto}
+.top td{white-space:normal;min-width:5em;vertical-align:top}
+.top td.l{min-width:9em;max-width:22em}
+.claims td:nth-last-child(-n+2),.claims th:nth-last-child(-n+2){text-align:left;min-width:14em}
 """
 
 
@@ -47,9 +50,13 @@ def _anchor(text: str) -> str:
 
 def render_page(title: str, summary: list[str], problems: list[str], per_bench: list[tuple[str, list[Table]]],
                 overall: list[Table], plots: list[Plot], extra: list[Table], findings: list[str] | None = None,
-                repro: list[tuple[str, str]] | None = None) -> str:
-    sections = (["Key findings"] if findings else []) + (["Reproducibility"] if repro else []) + \
+                repro: list[tuple[str, str]] | None = None, top: list[Table] | None = None,
+                task_notes: list[str] | None = None) -> str:
+    top = top or []
+    sections = [t.title for t in top] + (["Key findings"] if findings else []) + \
+        (["Reproducibility"] if repro else []) + \
         (["Problems with records"] if problems else []) + (["Across tasks"] if overall else []) + \
+        (["Per task, in words"] if task_notes else []) + \
         [f"Task: {b}" for b, _ in per_bench] + [t.title for t in extra]
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
@@ -58,9 +65,13 @@ def render_page(title: str, summary: list[str], problems: list[str], per_bench: 
            f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.</p>",
            "<nav><b>Contents</b><ul>" + "".join(f'<li><a href="#{_anchor(s)}">{html.escape(s)}</a></li>'
                                                for s in sections) + "</ul></nav>"]
+    for t in top:
+        kind = " claims" if t.label == "tab:claims" else ""
+        out.append(f'<div class="wrap top{kind}" id="{_anchor(t.title)}">{to_html(t, level=2)}</div>')
+    out += [_figure(p) for p in plots if p.kind == "profile"]
     if findings:
-        out.append(f'<h2 id="{_anchor("Key findings")}">Key findings</h2><div class="findings">'
-                   + "".join(f"<p>{html.escape(f)}</p>" for f in findings) + "</div>")
+        out.append(f'<h2 id="{_anchor("Key findings")}">Key findings</h2><div class="findings"><ul>'
+                   + "".join(f"<li>{html.escape(f)}</li>" for f in findings) + "</ul></div>")
     if repro:
         out.append(f'<h2 id="{_anchor("Reproducibility")}">Reproducibility</h2><table class="repro"><tbody>'
                    + "".join(f'<tr><td class="l"><b>{html.escape(k)}</b></td><td class="l">{html.escape(v)}</td></tr>'
@@ -71,6 +82,9 @@ def render_page(title: str, summary: list[str], problems: list[str], per_bench: 
     if overall:
         out.append(f'<h2 id="{_anchor("Across tasks")}">Across tasks</h2>')
         out += [f'<div class="wrap">{to_html(t)}</div>' for t in overall]
+    if task_notes:
+        out.append(f'<h2 id="{_anchor("Per task, in words")}">Per task, in words</h2>'
+                   + "".join(f"<p>{html.escape(f)}</p>" for f in task_notes))
     for bench, tables in per_bench:
         out.append(f'<h2 id="{_anchor("Task: " + bench)}">Task: {html.escape(bench)}</h2>')
         out += [f'<div class="wrap">{to_html(t)}</div>' for t in tables]

@@ -69,6 +69,7 @@ def load_record_set(results_dir) -> RecordSet:
         runs += missing
         problems += probs
     frame = _finish_runs(pd.DataFrame(runs), problems)
+    _fill_declared_margins(frame)
     _fill_switch_from_evals(frame, evals)
     lay_frame, ev_frame = (_attach_ids(pd.DataFrame(x), frame) for x in (layers, evals))
     return RecordSet(root, frame, lay_frame, ev_frame, problems, grids_with_expected)
@@ -152,6 +153,10 @@ def _read_run(run_dir: Path):
         "headline_name": headline.get("name"),
         "headline_value": _num(headline.get("value")),
         "higher_is_better": headline.get("higher_is_better"),
+        "equivalence_margin": _num(headline.get("margin")),  # "margin" is the gate's top-1 margin statistic
+        "equivalence_margin_reason": headline.get("margin_reason") if isinstance(headline.get("margin_reason"), str) else None,
+        "moe_mode": (moe.get("mode") or "replace") if isinstance(moe, dict) else None,
+        "data": _data_name(spec_ok.get("task_args")),
     }
     routing = final_ok.get("routing") or {}
     for key, value in (routing.get("mean") or {}).items():
@@ -184,6 +189,15 @@ def _read_run(run_dir: Path):
             entry[key] = _num(value)
         evals.append(entry)
     return row, layers, evals, problems
+
+
+def _data_name(task_args) -> str | None:
+    """The dataset a task ran on when its task_args name one (``dataset`` / ``data``), else None
+    (the task's offline default)."""
+    if not isinstance(task_args, dict):
+        return None
+    value = task_args.get("dataset", task_args.get("data"))
+    return str(value) if isinstance(value, (str, int)) else None
 
 
 def _num(value) -> float:
@@ -294,3 +308,27 @@ def _attach_ids(part: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=ids)
     ident = runs[ids].drop_duplicates("run_id")
     return part.merge(ident, on="run_id", how="left")
+
+
+def _fill_declared_margins(frame: pd.DataFrame) -> None:
+    """Runs recorded before final.json carried the task's equivalence margin take the one the task
+    class declares today (``Task.margin``); a task that cannot be imported keeps NaN (no TOST)."""
+    if frame.empty or "equivalence_margin" not in frame:
+        return
+    for task in frame.loc[frame["equivalence_margin"].isna(), "task"].dropna().unique():
+        margin, reason = declared_margin(str(task))
+        rows = frame["equivalence_margin"].isna() & (frame["task"] == task)
+        frame.loc[rows, "equivalence_margin"] = margin
+        frame.loc[rows, "equivalence_margin_reason"] = reason
+
+
+def declared_margin(task: str) -> tuple[float, str | None]:
+    """(margin, reason) from the registered task class; (NaN, None) when it is unknown or declares none."""
+    try:
+        from moebench.core.registry import TASKS
+
+        cls = TASKS.get(task)
+    except Exception:  # noqa: BLE001 - an unknown or broken task simply has no declared margin
+        return math.nan, None
+    margin = getattr(cls, "margin", None)
+    return (_num(margin), getattr(cls, "margin_reason", None) or None) if margin is not None else (math.nan, None)

@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib as mpl
 import numpy as np
@@ -24,7 +25,7 @@ BASELINE = "softmax-topk"  # the reference router the headline plot marks
 WIDTH = 3.5  # inches: one paper column
 WIDE = 7.0   # inches: the full page width, for small multiples
 DPI = 200
-RC = {"font.size": 7, "axes.labelsize": 7, "axes.titlesize": 7.5, "figure.titlesize": 7.5, "xtick.labelsize": 6.5,
+RC: Any = {  # matplotlib types its keys as literals"font.size": 7, "axes.labelsize": 7, "axes.titlesize": 7.5, "figure.titlesize": 7.5, "xtick.labelsize": 6.5,
       "ytick.labelsize": 6.5, "legend.fontsize": 6.5, "legend.title_fontsize": 6.5, "pdf.fonttype": 42,
       "axes.titleweight": "normal", "lines.linewidth": 1.2}
 MARKERS = "osD^vPX*<>p"
@@ -64,6 +65,27 @@ class Plotter:
                              self.load, self.specialisation):
                     plots += make(bench, lb_b, runs_b)
         return plots
+
+    def profile(self, totals) -> Plot:
+        """rliable's performance profile: share of a router's (task, seed) runs whose normalised score
+        exceeds τ, one line per router."""
+        from moebench.report.aggregate import performance_profile
+
+        sc = totals.run_scores.dropna(subset=["score"])
+        taus = np.linspace(min(0.0, sc["score"].min()), max(100.0, sc["score"].max()), 201)
+        fig = _figure((WIDTH, 2.6))
+        ax = fig.add_subplot()
+        for (label, variant), g in sc.groupby(["label", "variant"], sort=True):
+            ax.plot(taus, performance_profile(g["score"].to_numpy(), taus), label=entry_name(label, variant),
+                    color=self.color.get(label), drawstyle="steps-post")
+        ax.set_xlabel(f"normalised score τ (0 = {totals.zero_label}, 100 = best per task)")
+        ax.set_ylabel("share of runs with score > τ")
+        ax.set_ylim(-0.02, 1.02)
+        self._legend_below(ax, fig, sc["label"].nunique())
+        self.out.mkdir(parents=True, exist_ok=True)
+        return self._save(fig, "(all tasks)", "profile",
+                          "Performance profile (rliable): for each τ, the share of a router's (task, seed) runs whose "
+                          f"normalised score exceeds τ; higher and further right is better. 0 = {totals.zero_label}.")
 
     # -- helpers -----------------------------------------------------------------------------------
     def _save(self, fig: Figure, bench: str, kind: str, caption: str, suffix: str = "") -> Plot:
@@ -305,7 +327,7 @@ class Plotter:
 def _pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
     """Points no other point beats on both cost (x, lower better) and quality (y), sorted by cost."""
     better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
-    front = []
+    front: list = []
     for x, y in sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1])):
         if not front or better(y, front[-1][1]):
             front.append((x, y))
@@ -343,8 +365,14 @@ def metric_label(name: str, task: str, hib: bool, values) -> str:
 
 
 
-def write_plots(rs: RecordSet, lb: pd.DataFrame, out_dir) -> list[Plot]:
-    """Every figure for the record set; returns what was written, in report order."""
+def write_plots(rs: RecordSet, lb: pd.DataFrame, out_dir, totals=None) -> list[Plot]:
+    """Every figure for the record set; returns what was written, in report order (the performance
+    profile across tasks first, when ``totals`` has normalised scores)."""
     if lb.empty:
         return []
-    return Plotter(rs, lb, out_dir).all()
+    plotter = Plotter(rs, lb, out_dir)
+    plots = plotter.all()
+    if totals is not None and not totals.run_scores.empty and totals.run_scores["score"].notna().any():
+        with sns.axes_style("whitegrid"), mpl.rc_context(RC):
+            plots.insert(0, plotter.profile(totals))
+    return plots

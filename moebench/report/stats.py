@@ -159,6 +159,12 @@ def paired_bootstrap(a, b, level: float = 0.95, n_boot: int = 2000, seed: int = 
     return Interval(d.shape[0], d.shape[1], float(d.mean()), float(lo), float(hi), float(boot.std(ddof=1)), p)
 
 
+def paired_bootstrap_means(a, b, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """The resampled means of ``a - b`` behind ``paired_bootstrap`` (same seed: the same resamples),
+    for tests that need the whole distribution (TOST)."""
+    return _resampled_means(_as_matrix(a, "a") - _as_matrix(b, "b"), n_boot, seed)
+
+
 def holm(p_values) -> list[float]:
     """Holm-Bonferroni adjusted p values, in the input order: sort ascending, multiply the i-th
     smallest (0-based) by m - i, carry the running maximum, cap at 1. NaN entries stay NaN and do not

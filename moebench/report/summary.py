@@ -26,7 +26,7 @@ def key_findings(lb: pd.DataFrame, paired: pd.DataFrame, baseline: str) -> list[
     """One short paragraph per task: the best rank group, who beats / loses to the baseline after Holm
     correction, the minimum detectable effect, and the confounds (extra FLOPs, extra parameters,
     unrouted or dropped tokens)."""
-    out = []
+    out: list[str] = []
     if lb.empty:
         return out
     for bench, b in lb.groupby("bench", sort=False):
@@ -122,7 +122,7 @@ def reproducibility(runs: pd.DataFrame, root: Path, lb: pd.DataFrame | None = No
         if src is None and root.name == grid:
             src = _read(read_json, root / "grid_source.json")
         if src:
-            rows.append((f"Grid {grid}", f"{src.get('file')} (sha256 {str(src.get('sha256'))[:16]}…)"))
+            rows.append((f"Grid {grid}", f"{repo_relative(src.get('file'))} (sha256 {str(src.get('sha256'))[:16]}…)"))
             rows.append((f"Command ({grid})", str(src.get("command"))))
         else:
             rows.append((f"Grid {grid}", "no grid_source.json (launched before it was recorded, or by hand)"))
@@ -133,6 +133,43 @@ def reproducibility(runs: pd.DataFrame, root: Path, lb: pd.DataFrame | None = No
         n = f"; eval set {int(eval_n[bench])} items" if bench in eval_n else ""
         rows.append((f"Training ({bench})", _counts(c) + n))
     return rows
+
+
+def repo_relative(path) -> str:
+    """A grid file as the repository names it (``moebench/grids/configs/quick.yaml``), not the absolute
+    path of the machine that launched it; a file outside the repository keeps only its name."""
+    text = str(path or "")
+    marker = "moebench/grids/configs/"
+    if marker in text.replace("\\", "/"):
+        return marker + text.replace("\\", "/").rsplit(marker, 1)[1]
+    return Path(text).name or "unknown"
+
+
+def claim_findings(verdicts, totals, paired: pd.DataFrame, baseline: str) -> list[str]:
+    """Short bullets, one fact each: the claims audit's verdicts first, then the summary's leaders,
+    then per task who differs from or is equivalent to the baseline."""
+    out = [f"{claim}, {cand}: {verdict}" + (f" ({note})" if note else "") + "."
+           for claim, cand, verdict, note in verdicts]
+    t = totals.table
+    if not t.empty:
+        first = t[t["borda_rank"] == t["borda_rank"].min()]
+        out.append(f"Borda rank 1 over tasks: {', '.join(first['label'])} ({first['borda_points'].iloc[0]:g} points).")
+        if t["iqm"].notna().any():
+            best = t.loc[t["iqm"].idxmax()]
+            out.append(f"Highest IQM of the normalised score: {best['label']} {best['iqm']:.1f} "
+                       f"[{best['iqm_low']:.1f}, {best['iqm_high']:.1f}] (0 = {totals.zero_label}, 100 = best per task).")
+    if paired.empty:
+        return out
+    for bench, p in paired.groupby("bench", sort=False):
+        say = lambda f: ", ".join(f"{r['label']} ({r['diff_mean']:+.3g})" for _, r in f.iterrows())  # noqa: E731
+        for word, rows in (("better", p[p["verdict"] == "better"]), ("worse", p[p["verdict"] == "worse"])):
+            if len(rows):
+                out.append(f"{bench}: {word} than {baseline} after Holm correction: {say(rows)}.")
+        eq = p[p["tost"] == "equivalent"]
+        if len(eq):
+            out.append(f"{bench}: equivalent to {baseline} within ±{eq['margin'].iloc[0]:g}: "
+                       f"{', '.join(eq['label'])}.")
+    return out
 
 
 def _counts(c: Counter) -> str:

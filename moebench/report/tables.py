@@ -9,6 +9,11 @@ import math
 import numpy as np
 import pandas as pd
 
+from moebench.report.equivalence import (
+    p_improve_interval,
+    tost_bootstrap,
+    tost_t,
+)
 from moebench.report.items import seed_matrix
 from moebench.report.load import RecordSet
 from moebench.report.render import Table, slug
@@ -17,28 +22,45 @@ from moebench.report.stats import (
     holm,
     minimum_detectable_effect,
     paired_bootstrap,
+    paired_bootstrap_means,
     paired_difference,
     rank_groups,
     t_quantile,
 )
 
 GROUP = ["bench", "label", "variant"]
-# (column, header, better direction or None, formatter kind)
-STAT_COLUMNS = [
-    ("load_cv", "Load CV ↓", "lower", "f3"),
-    ("max_mean", "Max/mean ↓", "lower", "f2"),
-    ("norm_entropy", "Norm. entropy ↑", "higher", "f3"),
-    ("dead_experts", "Dead experts ↓", "lower", "f1"),
-    ("drop_rate", "Drop % ↓", "lower", "pct"),
-    ("switch_rate", "Switch % ↓", "lower", "pct"),
-    ("mutual_info", "MI (nats) ↑", "higher", "f3"),
-    ("flops_per_token", "{p}FLOPs/token", None, "si"),      # {p}: SI prefix chosen per table
-    ("params_active", "Active params ({p})", None, "si"),
-    ("params_total", "Params ({p})", None, "si"),
-    ("tokens_per_s", "Tokens/s ({p}) ↑", "higher", "si"),
-]
+# The one catalogue of the report's per-router columns: key -> (header, better direction or None,
+# formatter kind). Every table takes its headers from here, so a metric has one label everywhere.
+COLUMNS: dict[str, tuple[str, str | None, str]] = {
+    "load_cv": ("Load CV ↓", "lower", "f3"),
+    "max_mean": ("Max/mean ↓", "lower", "f2"),
+    "norm_entropy": ("Norm. entropy ↑", "higher", "f3"),
+    "max_vio": ("MaxVio ↓", "lower", "f2"),
+    "min_load_share": ("Min load (%)", None, "pct"),
+    "max_load_share": ("Max load (%)", None, "pct"),
+    "near_dead_experts": ("Near-dead experts ↓", "lower", "f1"),
+    "dead_experts": ("Dead experts ↓", "lower", "f1"),
+    "unrouted_rate": ("Unrouted (%) ↓", "lower", "pct"),
+    "drop_rate": ("Dropped (%) ↓", "lower", "pct"),
+    "switch_rate": ("Switch (%) ↓", "lower", "pct"),
+    "final_switch": ("Overlap w/ final (%) ↑", "higher", "overlap"),
+    "last_fluctuation_step": ("Last fluctuation (step)", None, "f0"),
+    "mutual_info": ("MI (nats) ↑", "higher", "f3"),
+    "nmi": ("NMI ↑", "higher", "f3"),
+    "ari": ("ARI ↑", "higher", "f3"),
+    "h_group_given_expert": ("H(group|expert) ↓", "lower", "f3"),
+    "h_expert_given_group": ("H(expert|group) ↓", "lower", "f3"),
+    "routing_accuracy": ("Routing acc. ↑", "higher", "f3"),
+    "flops_per_token": ("{p}FLOPs/token", None, "si"),      # {p}: SI prefix chosen per table
+    "params_active": ("Active params ({p})", None, "si"),
+    "params_total": ("Params ({p})", None, "si"),
+    "tokens_per_s": ("Tokens/s ({p}) ↑", "higher", "si"),
+}
+# the routing and cost statistics averaged per router
+STAT_COLUMNS = ["load_cv", "max_mean", "norm_entropy", "dead_experts", "drop_rate", "switch_rate", "mutual_info",
+                "flops_per_token", "params_active", "params_total", "tokens_per_s"]
 DIAG_EXTRA = ["max_vio", "min_load_share", "max_load_share", "near_dead_experts", "last_fluctuation_step"]
-MEAN_COLUMNS = [c for c, *_ in STAT_COLUMNS] + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "margin", "fallback_rate",
+MEAN_COLUMNS = STAT_COLUMNS + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "margin", "fallback_rate",
                                                  "unrouted_rate", "mutual_info_norm", "final_switch", "settle_fraction",
                                                  "wall_time_s", "peak_memory_mb", "nmi", "ari",
                                                  "h_group_given_expert", "h_expert_given_group", "routing_accuracy"]
@@ -91,10 +113,19 @@ def _group_row(bench, label, variant, g: pd.DataFrame, bench_seeds: set, grids_w
         "seeds_done": " ".join(_seed(s) for s in per_seed.index),
         "states": ", ".join(f"{k} {v}" for k, v in g["state"].value_counts().sort_index().items()),
         "problems": "; ".join(problems),
+        "equivalence_margin": _first(g, "equivalence_margin"),
+        "equivalence_margin_reason": _first(g, "equivalence_margin_reason"),
     }
     for c in cols[1:]:
         row[c] = float(per_seed[c].mean()) if n_done and per_seed[c].notna().any() else math.nan
     return row
+
+
+def _first(g: pd.DataFrame, col: str):
+    """The group's first recorded value of ``col`` (NaN when none)."""
+    if col not in g or not g[col].notna().any():
+        return math.nan
+    return g[col].dropna().iloc[0]
 
 
 def _seed(s) -> str:
@@ -190,22 +221,29 @@ def paired_frame(rs: RecordSet, lb: pd.DataFrame, baseline: str = "softmax-topk"
         gb = runs[(runs["bench"] == r["bench"]) & (runs["label"] == baseline) & (runs["variant"] == r["variant"])]
         sa, ma = seed_matrix(ga, items, set(seeds))
         sb, mb = seed_matrix(gb, items, set(seeds))
+        margin = _margin(runs, r["bench"])
         if ma is not None and mb is not None and sa == sb == seeds and ma.shape == mb.shape:
             iv = paired_bootstrap(ma, mb, level)
             method, n_items = "bootstrap", ma.shape[1]
             mean, sd, lo, hi, p, se = iv.mean, math.nan, iv.ci_low, iv.ci_high, iv.p_value, iv.se
+            tost = tost_bootstrap(paired_bootstrap_means(ma, mb), margin)
         else:
             res = paired_difference(a.loc[seeds].to_numpy(), b.loc[seeds].to_numpy(), level)
             method, n_items = "t", math.nan
             mean, sd, lo, hi, p = res.mean, res.sd, res.ci_low, res.ci_high, res.p_value
             se = res.sd / math.sqrt(res.n) if res.n >= 2 else math.nan
+            tost = tost_t(mean, se, res.n - 1, margin)
         hib = bool(r["higher_is_better"]) if r["higher_is_better"] is not None else True
+        pi, pi_lo, pi_hi = p_improve_interval(a.loc[seeds].to_numpy(), b.loc[seeds].to_numpy(), hib, level)
         rows.append({"bench": r["bench"], "label": r["label"], "variant": r["variant"], "baseline": baseline,
                      "headline_name": r["headline_name"], "higher_is_better": hib, "n_pairs": len(seeds),
                      "n_items": n_items, "method": method,
                      "seeds": " ".join(_seed(s) for s in seeds), "diff_mean": mean, "diff_sd": sd,
                      "diff_se": se, "ci_low": lo, "ci_high": hi, "level": level, "p_value": p,
-                     "mde": minimum_detectable_effect(se, 1 - level) if not math.isnan(se) else math.nan})
+                     "mde": minimum_detectable_effect(se, 1 - level) if not math.isnan(se) else math.nan,
+                     "margin": margin, "tost_p": tost.p, "tost_p_lower": tost.p_lower, "tost_p_upper": tost.p_upper,
+                     "tost_equivalent": tost.equivalent,
+                     "p_improve": pi, "p_improve_low": pi_lo, "p_improve_high": pi_hi})
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
@@ -221,7 +259,27 @@ def paired_frame(rs: RecordSet, lb: pd.DataFrame, baseline: str = "softmax-topk"
         else:
             verdicts.append("n.s.")
     frame["verdict"] = verdicts
+    frame["tost"] = [_tost_label(r) for _, r in frame.iterrows()]
     return frame
+
+
+def _tost_label(r) -> str:
+    """equivalent / different / inconclusive (``tost_verdict``), or why there is no TOST."""
+    if math.isnan(r["margin"]):
+        return "no margin"
+    if r["verdict"] == "n<2":
+        return "n<2"
+    if r["tost_equivalent"]:
+        return "equivalent"
+    return "different" if r["verdict"] in ("better", "worse") else "inconclusive"
+
+
+def _margin(runs: pd.DataFrame, bench) -> float:
+    """The task's equivalence margin (NaN when none is declared, or its runs disagree)."""
+    if "equivalence_margin" not in runs:
+        return math.nan
+    m = runs.loc[runs["bench"] == bench, "equivalence_margin"].dropna().unique()
+    return float(m[0]) if len(m) == 1 else math.nan
 
 
 # ---------------------------------------------------------------------------------------------- display
@@ -259,7 +317,7 @@ def mean_std(mean: float, std: float) -> str:
     return f"{mean:.{d}f}" if math.isnan(std) else f"{mean:.{d}f} ± {std:.{d}f}"
 
 
-def _si_scale(values) -> tuple[float, str]:
+def si_scale(values) -> tuple[float, str]:
     top = np.nanmax(np.abs(values)) if len(values) and np.isfinite(values).any() else 0.0
     for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if top >= scale:
@@ -316,11 +374,13 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
     hib = bool(b["higher_is_better"].dropna().iloc[0]) if b["higher_is_better"].notna().any() else True
     name = b["headline_name"].dropna().iloc[0] if b["headline_name"].notna().any() else "headline"
     show_variant = (b["variant"] != "").any()
-    pscale, pprefix = _si_scale(_col(b, "params_total").to_numpy(dtype=float))
+    pscale, pprefix = si_scale(_col(b, "params_total").to_numpy(dtype=float))
     columns = ["Router"] + (["Sweep"] if show_variant else []) + [
         "Seeds", f"{name} {'↑' if hib else '↓'} (95% CI)", "Rank group", "Eval n", "Eval SE",
         "FLOPs vs dense (%)", f"Params ({pprefix})".replace(" ()", ""), "Params × ref", "Unrouted (%)", "Dropped (%)"]
-    cells, notes, bold = [], [], set()
+    cells: list[list[str]] = []
+    notes: list[str] = []
+    bold: set[tuple[int, int]] = set()
     for i, (_, r) in enumerate(b.iterrows()):
         seeds = f"{r['n_done']}/{r['n_expected']}"
         if not r["complete"]:
@@ -354,31 +414,17 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
                "token over the dense model's (+ = costlier). Params × ref = total parameters / the "
                "reference router's. Unrouted = tokens sent to no expert; Dropped = (token, expert) "
                "assignments removed by the capacity limit.")
+    margin, reason = _first(b, "equivalence_margin"), _first(b, "equivalence_margin_reason")
+    if not pd.isna(margin):
+        general += f" Equivalence margin δ = {margin:g} {name}" + (f": {reason}." if isinstance(reason, str) else ".")
     return Table(title=f"Leaderboard: {bench}", columns=columns, rows=cells, bold=bold,
                  notes=[general] + notes, label=f"tab:leaderboard-{slug(bench)}", left=1 + show_variant)
 
 
-# (column, header, better direction or None, formatter kind)
-DIAG_COLUMNS = [
-    ("load_cv", "Load CV ↓", "lower", "f3"),
-    ("max_vio", "MaxVio ↓", "lower", "f2"),
-    ("min_load_share", "Min load (%)", None, "pct"),
-    ("max_load_share", "Max load (%)", None, "pct"),
-    ("near_dead_experts", "Near-dead experts ↓", "lower", "f1"),
-    ("dead_experts", "Dead experts ↓", "lower", "f1"),
-    ("unrouted_rate", "Unrouted (%) ↓", "lower", "pct"),
-    ("drop_rate", "Dropped (%) ↓", "lower", "pct"),
-    ("switch_rate", "Switch (%) ↓", "lower", "pct"),
-    ("final_switch", "Overlap w/ final (%) ↑", "higher", "overlap"),
-    ("last_fluctuation_step", "Last fluctuation (step)", None, "f0"),
-    ("mutual_info", "MI (nats) ↑", "higher", "f3"),
-    ("nmi", "NMI ↑", "higher", "f3"),
-    ("ari", "ARI ↑", "higher", "f3"),
-    ("h_group_given_expert", "H(group|expert) ↓", "lower", "f3"),
-    ("h_expert_given_group", "H(expert|group) ↓", "lower", "f3"),
-    ("routing_accuracy", "Routing acc. ↑", "higher", "f3"),
-    ("tokens_per_s", "Tokens/s ({p}) ↑", "higher", "si"),
-]
+# the diagnostics table's columns, in order (headers from COLUMNS)
+DIAG_COLUMNS = ["load_cv", "max_vio", "min_load_share", "max_load_share", "near_dead_experts", "dead_experts",
+                "unrouted_rate", "drop_rate", "switch_rate", "final_switch", "last_fluctuation_step", "mutual_info",
+                "nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy", "tokens_per_s"]
 _BALANCE_KEYS = {"load_cv", "max_vio", "near_dead_experts", "dead_experts", "unrouted_rate", "drop_rate"}
 
 
@@ -388,7 +434,8 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
     cells = [[r["label"]] + ([r["variant"]] if show_variant else []) for _, r in b.iterrows()]
     bold: set[tuple[int, int]] = set()
     hides = _hides_tokens(b)
-    for key, header, direction, kind in DIAG_COLUMNS:
+    for key in DIAG_COLUMNS:
+        header, direction, kind = COLUMNS[key]
         if key not in b or b[key].isna().all():
             continue
         vals = b[key].astype(float)
@@ -396,7 +443,7 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
             vals, kind = 1 - vals, "pct"
         scale = 1.0
         if kind == "si":
-            scale, prefix = _si_scale(vals.to_numpy(dtype=float))
+            scale, prefix = si_scale(vals.to_numpy(dtype=float))
             header = header.replace("{p}", prefix).replace(" ()", "")
         columns.append(header)
         texts = [fmt_value(v, kind, scale) for v in vals]
@@ -458,7 +505,8 @@ def rank_table(ranks: pd.DataFrame, lb: pd.DataFrame) -> Table:
 def paired_table(paired: pd.DataFrame, baseline: str) -> Table:
     show_variant = not paired.empty and (paired["variant"] != "").any()
     columns = ["Task", "Router"] + (["Sweep"] if show_variant else []) + \
-              [f"Δ vs {baseline}", "95% CI", "Seeds", "Eval n", "Method", "p", "p (Holm)", "MDE", "Verdict"]
+              [f"Δ vs {baseline}", "95% CI", "Seeds", "Eval n", "Method", "p", "p (Holm)", "MDE", "Verdict",
+               "±δ", "TOST", "P(improve) [95% CI]"]
     rows, bold = [], set()
     for i, (_, r) in enumerate(paired.iterrows()):
         d = _decimals(r["diff_mean"]) + 1 if r["diff_mean"] != 0 else 3
@@ -468,18 +516,31 @@ def paired_table(paired: pd.DataFrame, baseline: str) -> Table:
         mde = "–" if math.isnan(r["mde"]) else f"{r['mde']:.{d}f}"
         n_items = "–" if pd.isna(r["n_items"]) else str(int(r["n_items"]))
         rows.append([r["bench"], r["label"]] + ([r["variant"]] if show_variant else []) +
-                    [f"{r['diff_mean']:+.{d}f}", ci, str(r["n_pairs"]), n_items, r["method"], p, ph, mde, r["verdict"]])
+                    [f"{r['diff_mean']:+.{d}f}", ci, str(r["n_pairs"]), n_items, r["method"], p, ph, mde, r["verdict"],
+                     "–" if math.isnan(r["margin"]) else f"{r['margin']:g}", r["tost"], _p_improve_text(r)])
         if r["verdict"] == "better":
-            bold |= {(i, len(columns) - 9), (i, len(columns) - 1)}
+            bold |= {(i, len(columns) - 12), (i, len(columns) - 4)}
     notes = [f"Δ = router − {baseline} on the task's headline metric, over the seeds both finished. Method "
              f"bootstrap: 2000 paired resamples of seeds and eval items (the same items for both routers), "
              f"percentile 95% CI and two-sided p; t: paired t test over seeds (runs without per-example "
              f"outputs). p (Holm) = Holm-corrected across the routers of a task. better / worse: corrected "
              f"p < 0.05 and the CI excludes 0; n.s. otherwise; n<2: too few matched seeds. MDE = minimum "
              f"detectable effect, 2.8 × the difference's standard error (80 % power, α = 0.05, before "
-             f"correction): a smaller true difference is likely to read n.s."]
+             f"correction): a smaller true difference is likely to read n.s.",
+             "±δ = the task's equivalence margin (its reason is in the task's leaderboard notes). TOST = two "
+             "one-sided tests at α = 0.05 on the same resamples (or t): equivalent = the data rule out any "
+             "difference beyond ±δ; different = the Holm-corrected test above rejected; inconclusive = neither. "
+             "P(improve) = the probability that a seed of the router beats a seed of the reference on the "
+             "headline (rliable; ties count half; 'beats' follows the metric's direction), with a 95% "
+             "bootstrap interval over seeds."]
     return Table(f"Paired comparison against {baseline}", columns, rows, bold, notes, "tab:paired",
                  left=2 + show_variant)
+
+
+def _p_improve_text(r) -> str:
+    if math.isnan(r["p_improve"]):
+        return "–"
+    return f"{r['p_improve']:.2f} [{r['p_improve_low']:.2f}, {r['p_improve_high']:.2f}]"
 
 
 def unfinished_table(runs: pd.DataFrame) -> Table | None:

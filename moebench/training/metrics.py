@@ -1,5 +1,6 @@
-"""The suite's shared metric definitions (DESIGN.md "Metrics"), as pure functions on tensors / arrays,
-plus `RoutingStatsAccumulator`, which collects them per MoE layer over an evaluation pass.
+"""The suite's shared metric definitions (their one home: the README's "Results" section points here), as
+pure functions on tensors / arrays, plus `RoutingStatsAccumulator`, which collects them per MoE layer
+over an evaluation pass.
 
 Every report, plot and test reads these names, so a number called ``load_cv`` means the same thing in
 every run. Inputs may be torch tensors, numpy arrays or lists; outputs are Python floats (or None

@@ -11,7 +11,8 @@ A run lives in ``<results>/<grid>/<run_id>/``:
                       "routing": {"mean": {stat -> float}, "per_layer": [{"layer": str, stat -> float,
                                   "counts": [int per expert]}]}}
 - ``final.json``    {"run_id", "grid", "task", "router", "label", "seed", "sweep": {axis: value},
-                     "headline": {"name": str, "value": float, "higher_is_better": bool},
+                     "headline": {"name": str, "value": float, "higher_is_better": bool,
+                                  "margin": float|null (the task's equivalence margin), "margin_reason": str},
                      "metrics": {task metric -> float},
                      "routing": {"mean": {...}, "per_layer": [{..., "counts": [...],
                                  "label_by_expert": [[count per expert] per label], "labels": [str]}]},
@@ -89,14 +90,14 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
 def atomic_write_yaml(path, obj) -> None:
     atomic_write_text(path, yaml.safe_dump(obj, sort_keys=True))
 
 
-def _json_default(obj):
+def json_default(obj):
     if hasattr(obj, "item"):
         return obj.item()
     if hasattr(obj, "tolist"):
@@ -135,7 +136,7 @@ def append_jsonl(path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(json.dumps(obj, sort_keys=True, default=_json_default) + "\n")
+        f.write(json.dumps(obj, sort_keys=True, default=json_default) + "\n")
         f.flush()
         os.fsync(f.fileno())
 

@@ -237,7 +237,7 @@ def inspect(run_dir) -> dict:
     return out
 
 
-def _set_aside(run_dir: Path, names) -> Path | None:
+def set_aside(run_dir: Path, names) -> Path | None:
     """Move unusable record files to ``.stale/<time>/`` (kept for inspection, out of the reader's way)."""
     present = [n for n in names if (run_dir / n).exists() or (run_dir / n).is_symlink()]
     if not present:

@@ -109,7 +109,8 @@ def execute(spec: dict, results_dir="results", device=None, progress: bool | Non
         from moebench.core.registry import TASKS
         from moebench.training.train import train
 
-        result = train(TASKS.get(spec["task"])(**spec["task_args"]), spec, run_dir, device=device, progress=False)
+        result = train(TASKS.get(spec["task"])(**spec["task_args"]), spec, run_dir, device=device, progress=False,
+                       results=results_dir)
         return {**out, "state": result.get("state", "done"), "reason": result.get("reason"), "final": None}
     disk = disk_problem(run_dir)
     if disk:
@@ -127,7 +128,7 @@ def execute(spec: dict, results_dir="results", device=None, progress: bool | Non
         from moebench.training.train import train
 
         task = TASKS.get(spec["task"])(**spec["task_args"])
-        result = train(task, spec, run_dir, device=device, progress=progress)
+        result = train(task, spec, run_dir, device=device, progress=progress, results=results_dir)
     except Stopped as err:  # status stays "running": with the lock gone it reads as interrupted
         return {**out, "state": "stopped", "reason": str(err)}
     except Exception as err:  # a failing run must not stop the grid

@@ -33,25 +33,30 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from moebench.core.compile import compile_blocks
+from moebench.core.cost import model_cost
+from moebench.core.device import to_device
 from moebench.core.layer import MoELayer
 from moebench.core.progress import Progress
 from moebench.training import metrics as M
+from moebench.training.gradprobe import grad_cosine, mean_cos, probe_due
+from moebench.training.pretrained import with_weights_path
 from moebench.training.records import (
     EVAL_ITEMS_FILE,
     STATES,
-    _json_default,
     append_jsonl,
     atomic_write,
     atomic_write_json,
     atomic_write_text,
     environment_info,
+    json_default,
     read_jsonl,
     read_status_safe,
     remove_temp_files,
     write_eval_items,
     write_status,
 )
-from moebench.training.rundir import _set_aside
+from moebench.training.rundir import set_aside
 from moebench.training.spec import resolve_spec
 from moebench.training.spec import run_id as spec_run_id
 from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
@@ -66,19 +71,6 @@ class Diverged(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------
 # small helpers
-
-def to_device(batch, device, non_blocking: bool = False):
-    """Move every tensor inside a (nested) tuple / list / dict batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(to_device(b, device, non_blocking) for b in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device, non_blocking) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
-    return batch
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -218,27 +210,6 @@ def peak_memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def model_cost(model: nn.Module) -> dict:
-    """params_total; params_active = non-MoE params + each MoE layer's active_params(); flops_per_token
-    = 2 * (weights of every nn.Linear outside MoE layers) + each MoE layer's flops_per_token() (its
-    visited experts plus its router). An estimate per token of the blocks: attention score / softmax
-    FLOPs, convolutions (patch embeddings) and elementwise ops are not counted."""
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    moe_params = {id(p) for layer in layers for p in layer.parameters()}
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    non_moe = sum(p.numel() for pid, p in {id(p): p for p in model.parameters()}.items() if pid not in moe_params)
-    active = non_moe + sum(layer.active_params() for layer in layers)
-    flops = linear_flops_outside_moe(model) + sum(layer.flops_per_token() for layer in layers)
-    return {"params_total": int(total), "params_active": float(active), "flops_per_token": float(flops)}
-
-
-def linear_flops_outside_moe(model: nn.Module) -> float:
-    """2 x the weights of every nn.Linear outside the MoE layers: the non-MoE part of ``flops_per_token``
-    (shared with `grid show`, so its flops/tok column and the report's FLOPs/token are one number)."""
-    inside = {id(m) for layer in model.modules() if isinstance(layer, MoELayer) for m in layer.modules()}
-    return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside)
-
-
 def data_parallel() -> tuple[int, int]:
     """(rank, world size) of an initialised torch.distributed group (the grid launcher sets it up from
     submitit's environment, one process per GPU); (0, 1) otherwise."""
@@ -270,22 +241,6 @@ def force_eager():
     """A context in which compiled modules run eager (torch >= 2.6: set_stance; before: dynamo off)."""
     stance = getattr(torch.compiler, "set_stance", None)
     return stance("force_eager") if stance is not None else torch._dynamo.config.patch(disable=True)
-
-
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
-    """``torch.compile`` every transformer block in place (regional compilation: identical blocks share
-    one compiled graph, so compiling costs one block, not the model, and methods other than forward,
-    e.g. CLIP's encode_image, run compiled blocks too); the whole model's forward if it has no blocks
-    moefy knows. Parameters and state-dict keys are unchanged. Returns the number of compiled modules."""
-    from moebench.core.moefy import find_blocks
-
-    try:
-        blocks = [ref.block for ref in find_blocks(model)]
-    except ValueError:
-        blocks = []
-    for module in blocks or [model]:
-        module.compile(backend=backend)
-    return len(blocks) or 1
 
 
 class _TokenCounter:
@@ -341,7 +296,7 @@ def _set_rng_state(state: dict) -> None:
 def _plain(obj):
     """``obj`` as JSON-able plain types (numpy scalars / arrays -> floats / lists, tuples -> lists): what a
     checkpoint loaded with ``weights_only=True`` may hold, and what final.json would hold anyway."""
-    return json.loads(json.dumps(obj, default=_json_default))
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -361,14 +316,16 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 # the loop
 
 def train(task, spec: dict, run_dir, device=None, progress: bool | None = None,
-          on_step: Callable[[int], None] | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None, results=None) -> dict:
     """Train and evaluate ``task`` as ``spec`` says, recording into ``run_dir``; returns the final record
     (also written to ``final.json``), or ``{"state": "failed", "reason": ...}`` after a divergence
     (status.json says so too). ``on_step(step)`` runs after each completed step (tests use it to
     interrupt a run). ``progress``: None = a bar on a TTY, a line every 30 s in a log
-    (`moebench.core.progress`); True = always the bar; False = silent."""
+    (`moebench.core.progress`); True = always the bar; False = silent. ``results``: the results root a
+    ``model.pretrained: "pretrain:<run id>"`` reference resolves under (`moebench.training.pretrained`)."""
     spec = resolve_spec(spec)
     rid = spec_run_id(spec)
+    spec = with_weights_path(spec, results)  # after the id: the id names the pretrain, not a path
     run_dir = Path(run_dir)
     if data_parallel()[0] == 0:  # other data-parallel ranks write nothing
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -434,6 +391,7 @@ class _Trainer:
         self.tokens_per_sample: float | None = None
         self.peak_mb = 0.0
         self.last_eval: dict | None = None
+        self.grad_probes: list[dict] = []  # gradient purity at probe steps (moebench.training.gradprobe)
 
     def state(self) -> dict:
         return {
@@ -454,6 +412,7 @@ class _Trainer:
             "tokens_per_sample": self.tokens_per_sample,
             "peak_memory_mb": max(self.peak_mb, peak_memory_mb(self.device)),
             "last_eval": _plain(self.last_eval),
+            "grad_probes": _plain(self.grad_probes),
         }
 
     def save(self) -> None:
@@ -494,7 +453,7 @@ class _Trainer:
 
     def restart_from_zero(self, why: str) -> None:
         """Set the checkpoint and metrics aside, rebuild the start state, and log why."""
-        dest = _set_aside(self.run_dir, [CHECKPOINT, "metrics.jsonl"]) if self.writer else None
+        dest = set_aside(self.run_dir, [CHECKPOINT, "metrics.jsonl"]) if self.writer else None
         note = f"{why}; set aside to {dest} and restarted from step 0"
         print(f"moebench: run {self.rid}: {note}", file=sys.stderr, flush=True)
         if self.writer and (self.run_dir / "status.json").exists():
@@ -519,6 +478,7 @@ class _Trainer:
         self.tokens_per_sample = ck["tokens_per_sample"]
         self.peak_mb = float(ck["peak_memory_mb"])
         self.last_eval = ck["last_eval"]
+        self.grad_probes = list(ck.get("grad_probes") or [])
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -562,6 +522,10 @@ class _Trainer:
         if items and self.writer:
             write_eval_items(self.run_dir / EVAL_ITEMS_FILE, items)
         metrics = {k: float(v) for k, v in metrics.items()}
+        since = self.last_eval["step"] if self.last_eval else -1
+        probes = [g for g in self.grad_probes if since < g["step"] <= self.step]
+        if probes and probes[-1]["step"] == self.step:
+            routing["mean"]["grad_cos_task_balance"] = probes[-1]["grad_cos_task_balance"]
         n = self.interval["n"]
         line = {
             "step": self.step,
@@ -575,6 +539,7 @@ class _Trainer:
                               for d in routing["per_layer"]],
             },
             "elapsed_s": self.elapsed + (time.perf_counter() - self.t0),
+            **({"grad_probe": probes} if probes else {}),
         }
         if self.writer:
             append_jsonl(self.metrics_path, line)
@@ -606,7 +571,7 @@ class _Trainer:
         batches = train_batches(self.train_ds, t["batch_size"], self.spec["seed"], self.step,
                                 t["num_workers"], self.collate, self.device.type == "cuda", self.rank, self.world)
         self.model.train()
-        if self.step == 0 and any(getattr(m.router, "eval_at_start", False) for _, m in self.layers):
+        if self.step == 0 and any(m.router.eval_at_start for _, m in self.layers):
             self.evaluate()  # eigenbasis routers: the load before any learning (docs/ERMOE.md)
         try:
             while self.step < steps:
@@ -633,6 +598,10 @@ class _Trainer:
                     what = f"loss={loss_value:.6g}" if math.isfinite(loss_value) else f"loss={loss_value}"
                     limit = f" > max_loss={max_loss:g}" if math.isfinite(loss_value) else ""
                     raise Diverged(f"diverged at step {step}: {what}{limit}")
+                if self.layers and probe_due(step, steps, eval_every, t.get("probe_every")):
+                    probe = grad_cosine(task_loss, self.layers)
+                    if probe is not None:
+                        self.grad_probes.append({"step": step, **probe})
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.world > 1:
@@ -734,6 +703,9 @@ class _Trainer:
             "final_switch": {"steps": list(self.probe_steps), "per_eval": per_eval,
                              "mean": float(np.mean(per_eval[:-1])) if len(per_eval) > 1 else None},
         }
+        if self.grad_probes:  # gradient purity: the mean over probe steps, and every probe
+            routing["mean"]["grad_cos_task_balance"] = mean_cos(self.grad_probes)
+            routing["grad_probe"] = _plain(self.grad_probes)
         cost = model_cost(self.model)
         elapsed = self.elapsed + (time.perf_counter() - self.t0)
         cost.update({
@@ -759,7 +731,8 @@ class _Trainer:
             "model": self.model_cfg,
             "steps": self.step,
             "headline": {"name": task.headline, "value": metrics[task.headline],
-                         "higher_is_better": bool(task.higher_is_better)},
+                         "higher_is_better": bool(task.higher_is_better),
+                         "margin": getattr(task, "margin", None), "margin_reason": getattr(task, "margin_reason", "")},
             "metrics": metrics,
             "routing": routing,
             "cost": cost,

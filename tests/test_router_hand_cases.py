@@ -1,5 +1,6 @@
-"""Hand-computed cases for the 2026 additions: gated and shared experts, deepseek-v3, soft-moe, top-p
-(and the properties that define each). Equality with `transformers` lives in tests/test_peers.py."""
+"""Hand-computed cases for routers and expert variants (gated and shared experts, deepseek-v3, soft-moe,
+top-p, remoe, null experts, BASE, sinkhorn, priority capacity) and the properties that define each.
+Equality with `transformers` lives in tests/test_peers.py."""
 from __future__ import annotations
 
 import math
@@ -334,7 +335,7 @@ def test_layer_options_match_reference(name, args, options, grouped):
 def test_base_assignment_hand_case_and_optimality():
     from itertools import product
 
-    from moebench.routers.base import balanced_assignment
+    from moebench.routers.base_layers import balanced_assignment
 
     # every token prefers expert 0; with capacity 1 the best total gives expert 0 to token 1 (largest margin)
     scores = torch.tensor([[1.0, 0.9], [1.0, 0.0]])

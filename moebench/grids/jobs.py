@@ -1,0 +1,187 @@
+"""The job side of a phase: what submitit runs for one spec (`RunJob` -> `run_one`: lock, re-check,
+tidy the record, execute) and the submitit executors that run it (`make_executor`).
+
+- **One owner per run**: the process that trains a run holds an exclusive ``fcntl.flock`` on
+  ``<run_dir>/.lock`` for the whole run (taken here, around ``moebench.training.runner.execute``). The kernel
+  drops the lock when that process dies, so "locked" means "a live process is on it": two grids (or
+  two launchers of one grid) writing into one results folder never train the same run twice; the
+  second one reports it as "running elsewhere". flock works on local disks and NFSv4; on a shared
+  file system without lock support two launchers must not share a results folder.
+- **Preemption**: the submitted callable is a ``submitit.helpers.Checkpointable``; on preemption or
+  timeout SLURM signals it, submitit pickles the call again and requeues it, and the new attempt
+  resumes from the runner's latest periodic checkpoint. Each attempt appends a line to
+  ``<run_dir>/jobs.jsonl`` (job id, host, pid, ``SLURM_RESTART_COUNT``) so the history is visible.
+- **Multi-GPU** (``executor.gpus_per_node > 1``): one task per GPU; each task exports the
+  torch.distributed environment from ``submitit.JobEnvironment`` (MASTER_ADDR / PORT, RANK,
+  WORLD_SIZE, LOCAL_RANK) and calls ``init_process_group`` before ``execute``; only global rank 0
+  takes the run lock. The trainer splits each global batch over the ranks, averages gradients and
+  writes only from rank 0 (tested on CPU with two gloo processes; not yet run on several GPUs).
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from submitit.helpers import Checkpointable
+
+from moebench.training import records
+from moebench.training.rundir import JOBS_LOG, check_inside, inspect, run_lock, run_path, set_aside
+
+
+def _prepare(run_dir: Path) -> str | None:
+    """Under the run's lock: make the record consistent before (re)running. Returns why it skipped,
+    or None to run. Done and consistent -> skip. Unreadable or inconsistent status/final/spec -> set
+    aside (see ``rundir.record_problem``); killed writes' temp files -> deleted. With no checkpoint
+    to resume from, old metrics lines are set aside too, so a restart from step 0 never duplicates
+    them (with a checkpoint, the runner resumes and keeps the lines up to its step)."""
+    state = inspect(run_dir)
+    if state["state"] == "done":
+        return "already done"
+    records.remove_temp_files(run_dir)  # left by a killed write; we hold the lock, so no writer is live
+    if state["state"] == "corrupt":
+        set_aside(run_dir, ["status.json", "final.json", "spec.yaml"])
+    try:
+        records.read_jsonl(run_dir / "metrics.jsonl")  # a torn tail is cut back by the trainer on resume
+    except records.CorruptRecordError:  # a bad line inside: the history is gone, so start from zero
+        set_aside(run_dir, ["metrics.jsonl", "checkpoint.pt"])
+    if not (run_dir / "checkpoint.pt").exists():
+        set_aside(run_dir, ["final.json", "metrics.jsonl"])
+    return None
+
+
+# -- the submitted callable --------------------------------------------------------------------------
+def _execute(spec: dict, results) -> dict:
+    from moebench.training.runner import execute
+
+    return execute(spec, results)
+
+
+def _job_env() -> dict:
+    info = {"host": socket.gethostname(), "pid": os.getpid(),
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        info.update(job_id=env.job_id, cluster=env.cluster, global_rank=env.global_rank, num_tasks=env.num_tasks)
+    except RuntimeError:  # not inside a submitit job (a direct call)
+        info.update(job_id=None, cluster=None, global_rank=0, num_tasks=1)
+    return info
+
+
+def run_one(spec: dict, results, threads: int | None = None, lock_wait_s: float = 5.0, execute=None) -> dict:
+    """Run one spec as its owner: lock, re-check, tidy the record, log the attempt, execute.
+    Returns {"run_id", "state", "reason"}; state "skipped" when done already or running elsewhere."""
+    from moebench.training.spec import run_id
+
+    execute = execute or _execute
+    rid = run_id(spec)
+    run_dir = run_path(results, spec["grid"], rid)
+    try:
+        check_inside(results, run_dir)
+    except records.UnsafeRecordError as err:  # a planted link: write nothing through it
+        return {"run_id": rid, "state": "failed", "reason": str(err)}
+    env = _job_env()
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    if env["num_tasks"] > 1:  # multi-GPU: one process per GPU (see the module docstring)
+        import torch.distributed as dist
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export()
+        if not dist.is_initialized():
+            import torch
+
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if env["global_rank"] != 0:
+            execute(spec, results)
+            return {"run_id": rid, "state": "worker", "reason": None}
+    try:
+        with run_lock(run_dir, wait_s=lock_wait_s) as got:
+            if not got:
+                return {"run_id": rid, "state": "skipped", "reason": "running elsewhere"}
+            why = _prepare(run_dir)
+            if why:
+                return {"run_id": rid, "state": "skipped", "reason": why}
+            records.append_jsonl(run_dir / JOBS_LOG, env)
+            try:
+                execute(spec, results)
+            except Exception as err:  # the runner records its own failures; this is for the rest
+                status = records.read_status_safe(run_dir) or {}
+                if status.get("state") != "failed":
+                    records.write_status(run_dir, "failed", f"{type(err).__name__}: {err}",
+                                         traceback=traceback.format_exc(limit=20))
+            state = inspect(run_dir)
+    except records.UnsafeRecordError as err:  # a planted link (.lock, jobs.jsonl): refused, never followed
+        records.write_status(run_dir, "failed", str(err), retryable=False)  # atomic: replaces, never follows
+        return {"run_id": rid, "state": "failed", "reason": str(err)}
+    return {"run_id": rid, "state": state["state"], "reason": state["reason"]}
+
+
+class RunJob(Checkpointable):
+    """What submitit runs for one spec. Checkpointable: on preemption / timeout, submitit calls
+    ``checkpoint`` (inherited: resubmit this same call) and requeues; training resumes from the
+    runner's latest checkpoint, so nothing but the steps since it is lost."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads
+
+    def __call__(self, spec: dict, results: str) -> dict:
+        return run_one(spec, results, threads=self.threads)
+
+
+# -- executors ---------------------------------------------------------------------------------------
+def max_workers(ex: dict, n_runs: int) -> int:
+    """Local parallelism: the grid's max_workers, else as many runs as cores allow at cpus_per_task each."""
+    if ex.get("max_workers"):
+        return max(1, min(ex["max_workers"], n_runs))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n_runs, cores // max(1, ex.get("cpus_per_task") or 1)))
+
+
+def make_executor(cluster: str, folder: Path, ex: dict, grid_name: str):
+    """A submitit AutoExecutor for ``cluster`` with the grid's executor section translated to its
+    parameters (time limit, CPUs, GPUs as one task per GPU, memory, partition, array parallelism,
+    extra sbatch options); job logs and pickles go to ``folder``."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    gpus = ex.get("gpus_per_node") or 0
+    params = {"timeout_min": int(math.ceil(ex.get("time_min") or 60)), "name": f"moebench-{grid_name}"}
+    if cluster == "slurm":
+        params.update(cpus_per_task=ex.get("cpus_per_task") or 1,
+                      slurm_array_parallelism=ex.get("array_parallelism") or 64)
+        if gpus:
+            params.update(gpus_per_node=gpus, tasks_per_node=gpus)
+        if ex.get("mem_gb"):
+            params["mem_gb"] = ex["mem_gb"]
+        if ex.get("partition"):
+            params["slurm_partition"] = ex["partition"]
+        if ex.get("sbatch_extra"):
+            params["slurm_additional_parameters"] = dict(ex["sbatch_extra"])
+    elif cluster == "local" and gpus:
+        params.update(gpus_per_node=gpus, tasks_per_node=gpus)
+    executor.update_parameters(**params)
+    return executor
+
+
+def squeue_ids() -> set[str] | None:
+    """Job ids SLURM still knows (pending, running, requeued); None if squeue cannot be asked."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return {line.strip() for line in out.stdout.splitlines() if line.strip()}
+

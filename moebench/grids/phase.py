@@ -1,0 +1,268 @@
+"""One phase of a grid: plan its runs, say what is skipped and why, queue them, submit them through the
+executor, wait and show progress. The grid's runs are one phase, the dense pretraining runs they start
+from another (``moebench.grids.pretrain``); both go through `run_phase`.
+
+- **Idempotent**: a run is identified by its spec (``moebench.training.spec.run_id``), so running a grid again
+  skips runs whose ``status.json`` says done *and* whose ``final.json`` reads back; an interrupted run
+  (status running, but no live process holds its lock) is resubmitted and the runner resumes it from
+  its ``checkpoint.pt``; a failed run is rerun only with ``retry_failed``. An unreadable (half-written
+  or hand-edited) ``status.json`` / ``final.json`` is reported, set aside under ``.stale/`` and the run
+  is done again.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from moebench.core.progress import LOG_EVERY_S
+from moebench.grids.jobs import RunJob, make_executor, max_workers, squeue_ids
+from moebench.grids.status import count_states
+from moebench.training import records
+from moebench.training.rundir import ask_to_stop, inspect, run_lock, run_path
+from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
+
+
+@dataclass(frozen=True)
+class Executor:
+    """Where a phase's jobs run: the cluster (local, slurm or debug), the grid's ``executor:`` section
+    (time_min, cpus_per_task, max_workers, array_parallelism, ...), how often to look at the run
+    folders, and where progress lines go."""
+
+    cluster: str
+    section: dict
+    poll_s: float = 1.0
+    log: Callable[[str], None] = print
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What a phase runs into: ``name`` names its jobs, ``folder`` holds its run folders (and submitit's
+    ``.submitit/``), ``results`` is the results root the jobs write under."""
+
+    name: str
+    folder: Path
+    results: Path
+    verb: str = "run"   # "would <verb> ..." in a dry run
+
+
+def run_phase(runs: list[dict], phase: Phase, ex: Executor, dry_run: bool = False) -> list[dict]:
+    """Run the planned ``runs`` (from `plan`) whose action is run: log what is skipped or resumed,
+    queue them under their locks, submit them through the executor and wait, printing each state
+    change. Returns the runs submitted (none in a dry run, which only logs what it would do)."""
+    todo = [r for r in runs if r["action"] == "run"]
+    log_plan(runs, todo, ex.log, dry_run, verb=phase.verb)
+    if dry_run:
+        return []
+    todo = queue(todo)
+    progress = Progress(runs, ex.log)
+    progress.poll()
+    if todo:
+        submit_and_wait(todo, phase, ex, progress)
+    progress.poll()
+    return todo
+
+
+def _now() -> str:
+    return datetime.now().strftime("%H:%M:%S")
+
+
+class Progress:
+    """Prints one line per run state change, read from the run directories, and a count of states
+    when nothing changed for ``LOG_EVERY_S`` (30 s), so a long run still shows signs of life."""
+
+    def __init__(self, runs: list[dict], log):
+        self.runs, self.log = runs, log
+        self.start = self.quiet_since = time.monotonic()
+        self.last = {r["run_id"]: "done" for r in runs if r["why"] == "done"}  # the header counted them
+        self.width = max((len(r["run_id"]) for r in runs), default=10)
+
+    def poll(self) -> None:
+        for i, r in enumerate(self.runs, 1):
+            st = inspect(r["run_dir"])
+            shown = st["state"]
+            if r.get("outcome") == "elsewhere":
+                shown = "running elsewhere"
+            if self.last.get(r["run_id"]) != shown:
+                old = self.last.get(r["run_id"])
+                self.last[r["run_id"]] = shown
+                extra = f" ({st['reason']})" if st["reason"] and shown in ("failed", "corrupt") else ""
+                arrow = f"{old} -> {shown}" if old else shown
+                n = len(self.runs)
+                self.log(f"[{_now()}] [{i:>{len(str(n))}}/{n}] {r['run_id'].ljust(self.width)} {arrow}{extra}")
+                self.quiet_since = time.monotonic()
+        if time.monotonic() - self.quiet_since >= LOG_EVERY_S:
+            self.quiet_since = time.monotonic()
+            counts = count_states(self.runs)
+            self.log(f"[{_now()}] still working: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+                     + f" (of {len(self.runs)}; {int(time.monotonic() - self.start) // 60} min so far; "
+                       f"each run's own progress is in its job log)")
+
+
+def plan(specs: list[dict], results, retry_failed: bool = False, max_retries: int = 2) -> list[dict]:
+    """What to do with each run: ``action`` skip (done / failed without retry / running elsewhere)
+    or run, with ``why``. A run that failed for the machine's sake (killed, out of memory, disk full;
+    ``retryable`` in its status) is resumed while it has had at most ``max_retries`` retries; a run
+    that failed for the router's sake (divergence, a bug) only with ``retry_failed``."""
+    from moebench.training.spec import run_id
+
+    out = []
+    for spec in specs:
+        rid = run_id(spec)
+        run_dir = run_path(results, spec["grid"], rid)
+        st = inspect(run_dir)
+        action, why = "run", {"new": "new", "queued": "queued earlier, never started",
+                              "interrupted": "interrupted: resume from its checkpoint"}.get(st["state"])
+        if st["state"] == "done":
+            action, why = "skip", "done"
+        elif st["state"] == "running":
+            action, why = "skip", "running elsewhere"
+        elif st["state"] == "failed" and st["retryable"] and st["attempts"] <= max_retries:
+            action, why = "run", (f"retry {st['attempts']} of {max_retries} after an infrastructure failure: "
+                                  f"{st['reason']}")
+        elif st["state"] == "failed":
+            gave_up = f" after {st['attempts']} attempts (executor.max_retries={max_retries})" if st["retryable"] else ""
+            action, why = ("run", f"retry after failure: {st['reason']}") if retry_failed else \
+                ("skip", f"failed ({st['reason']}){gave_up}; rerun with --retry-failed")
+        elif st["state"] == "corrupt":
+            why = f"corrupt record, rerun: {st['corrupt']}"
+        out.append({"spec": spec, "run_id": rid, "run_dir": run_dir, "action": action, "why": why,
+                    "state": st["state"]})
+    return out
+
+
+def log_plan(runs: list[dict], todo: list[dict], log, dry_run: bool, verb: str = "run") -> None:
+    """Say what is skipped or resumed and why (new runs go unmentioned); with ``dry_run``, each run too."""
+    for r in runs:
+        if r["why"] != "done" and (r["action"] == "skip" or r["state"] != "new"):
+            log(f"  {r['run_id']}: {'skip' if r['action'] == 'skip' else 'run'}: {r['why']}")
+    if dry_run:
+        for r in todo:
+            log(f"  would {verb} {r['run_id']} ({r['why']})")
+
+
+def queue(todo: list[dict]) -> list[dict]:
+    """Mark each run queued under its lock, so a run finishing elsewhere is never overwritten; returns
+    the runs still to submit (one locked by another process, or done meanwhile, is skipped)."""
+    for r in todo:
+        with run_lock(r["run_dir"]) as got:
+            if not got:
+                r["action"], r["outcome"] = "skip", "elsewhere"
+            elif inspect(r["run_dir"])["state"] == "done":
+                r["action"] = "skip"
+            else:
+                if not (r["run_dir"] / "spec.yaml").exists():
+                    records.atomic_write_yaml(r["run_dir"] / "spec.yaml", r["spec"])
+                if r["state"] != "corrupt":
+                    records.write_status(r["run_dir"], "queued")
+    return [r for r in todo if r["action"] == "run"]
+
+def submit_and_wait(todo: list[dict], phase: Phase, ex: Executor, progress: Progress) -> None:
+    """Submit ``todo`` (in-process one by one on debug, at most ``max_workers`` local jobs at once, or one
+    SLURM array) and collect until every job is over; a signal stops the jobs (see `_stop_jobs`)."""
+    folder = phase.folder / ".submitit"
+    executor = make_executor(ex.cluster, folder, ex.section, phase.name)
+    job_fn = RunJob(threads=ex.section.get("cpus_per_task") if ex.cluster != "debug" else None)
+    if ex.cluster == "debug":  # in-process, one after the other, so a debugger can step in
+        with stop_on_signals():
+            for r in todo:
+                job = executor.submit(job_fn, r["spec"], str(phase.results))
+                _finish(r, job, ex.log)
+                progress.poll()
+                if STOP_REQUESTED.is_set():
+                    raise Stopped("stopped by a signal; rerun the same command to resume")
+        return
+    with stop_on_signals():
+        _wait(_Jobs(executor, job_fn, folder, todo), phase, ex, progress)
+
+
+@dataclass
+class _Jobs:
+    """The submitted side of one phase: the submitit executor, the callable, its log folder, the runs."""
+
+    executor: Any  # a submitit Executor
+    job_fn: RunJob
+    folder: Path
+    todo: list[dict]
+
+
+def _stop_jobs(running, cluster, log, wait_s: float = 120.0) -> None:
+    """SIGINT / SIGTERM reached the launcher: ask every running local job to checkpoint and exit, wait
+    for them (``wait_s`` at most), then cancel what is left; SLURM jobs keep running (``moebench cancel``
+    stops them). Raises `Stopped`, so ``moebench run`` exits non-zero and a rerun resumes."""
+    if cluster == "slurm":
+        raise Stopped("stopped by a signal; the SLURM jobs keep running (stop them with `moebench cancel`)")
+    asked = [pid for r, _ in running if (pid := ask_to_stop(r["run_dir"]))]
+    log(f"[{_now()}] stopping: asked {len(asked)} running job(s) to checkpoint and exit")
+    deadline = time.monotonic() + wait_s
+    while any(not job.done() for _, job in running) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for _, job in running:
+        if not job.done():
+            job.cancel(check=False)
+    raise Stopped(f"stopped by a signal; {len(running)} job(s) checkpointed; rerun the same command to resume")
+
+
+def _wait(jobs: _Jobs, phase: Phase, ex: Executor, progress: Progress) -> None:
+    """Submit (at most ``max_workers`` local jobs at once, or one SLURM array) and collect until done."""
+    cluster, log, poll_s, results, executor, job_fn = (ex.cluster, ex.log, ex.poll_s, phase.results,
+                                                       jobs.executor, jobs.job_fn)
+    pending, running = list(jobs.todo), []
+    if cluster == "slurm":
+        array = executor.map_array(job_fn, [r["spec"] for r in pending], [str(results)] * len(pending))
+        running = list(zip(pending, array))
+        pending = []
+        log(f"[{_now()}] submitted {len(array)} runs as SLURM array {array[0].job_id.split('_')[0]} "
+            f"(at most {ex.section.get('array_parallelism')} at once); logs in {jobs.folder}")
+    limit = max_workers(ex.section, len(jobs.todo)) if cluster == "local" else len(jobs.todo)
+    missing: dict[str, int] = {}
+    while pending or running:
+        if STOP_REQUESTED.is_set():
+            _stop_jobs(running, cluster, log)
+        while pending and len(running) < limit:
+            r = pending.pop(0)
+            running.append((r, executor.submit(job_fn, r["spec"], str(results))))
+        time.sleep(poll_s)
+        progress.poll()
+        alive = squeue_ids() if cluster == "slurm" else None
+        still = []
+        for r, job in running:
+            # SLURM: the result file, or squeue (without accounting, submitit's sacct check only warns)
+            finished = job.paths.result_pickle.exists() if cluster == "slurm" else job.done()
+            if not finished and alive is not None:  # a job SLURM no longer lists is over too
+                gone = job.job_id not in alive
+                missing[job.job_id] = missing.get(job.job_id, 0) + 1 if gone else 0
+                finished = missing[job.job_id] >= 3
+            if finished:
+                _finish(r, job, log)
+            else:
+                still.append((r, job))
+        running = still
+
+
+def _finish(r: dict, job, log) -> None:
+    """Collect a finished job; if it died without its run reaching a final state, record why."""
+    try:
+        if hasattr(job, "paths") and not job.paths.result_pickle.exists() and not hasattr(job, "_submission"):
+            raise RuntimeError("the job left no result (killed, cancelled or crashed)")
+        res = job.result()
+        if isinstance(res, dict) and res.get("state") == "skipped" and res.get("reason") == "running elsewhere":
+            r["outcome"] = "elsewhere"
+        err = None
+    except Exception as e:  # noqa: BLE001 - any job failure is recorded, the grid goes on
+        err = e
+    st = inspect(r["run_dir"])
+    if st["state"] in ("done", "failed") or r.get("outcome") == "elsewhere":
+        return
+    with run_lock(r["run_dir"]) as got:
+        if got and inspect(r["run_dir"])["state"] not in ("done", "failed"):
+            first = str(err).strip().splitlines()[-1][:500] if err else "the job ended but the run did not finish"
+            log_path = getattr(getattr(job, "paths", None), "stderr", None)
+            records.write_status(r["run_dir"], "failed",
+                                 f"job {job.job_id} ended without finishing the run: {first}"
+                                 + (f" (log: {log_path})" if log_path else ""),
+                                 retryable=True)  # killed, OOM or node loss: the next run resumes it
+
