@@ -18,6 +18,7 @@ from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 class OracleRouter(Router):
     """Expert = true group (``ctx.group``); see the module docstring."""
 
+    needs_group = True  # reads RoutingContext.group: runs only on tasks with ground truth (generic layer tests skip it)
     control = True  # a control with known answers, not a router to rank (grids list it where it applies)
     sequence_routing = True  # the group is the example's, so one decision per sequence is the same decision
 
