@@ -20,6 +20,7 @@ _PUBLIC = {
     "register_router": "moebench.core.registry", "register_task": "moebench.core.registry",
     "Router": "moebench.core.routing", "Routing": "moebench.core.routing",
     "RoutingContext": "moebench.core.routing", "topk_routing": "moebench.core.routing",
+    "moefy": "moebench.api", "routing_stats": "moebench.api",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

@@ -45,7 +45,9 @@ def test_the_grid_and_the_spec_know_the_same_keys():
 # One valid and one invalid value per bounded key; both readers must agree on each.
 PROBES = [("train", f.name, v) for f in dataclasses.fields(TrainConfig)
           for v in {"int": [0, 1, -1, 2.5], "float": [0.0, -0.1, 1e-3], "bool": [True, "maybe"],
-                    "choice": ["auto", True, "sometimes"]}[f.metadata["kind"]]]
+                    "choice": ["auto", True, "sometimes"],
+                    "list": [["tensorboard"], ["wandb", "tensorboard"], ["bogus"], ["wandb", "wandb"], "wandb"]}
+          [f.metadata["kind"]]]
 PROBES += [("moe", k, v) for k, vals in {"num_experts": [0, 4, 10**9], "capacity_factor": [0, 1.5, -1],
                                           "upcycle": [True, 3], "d_hidden": [None, 0, 16]}.items() for v in vals]
 

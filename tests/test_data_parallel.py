@@ -57,3 +57,23 @@ def test_two_gloo_processes_match_one_process_and_only_rank0_writes(tmp_path):
             assert b["metrics"][k] == pytest.approx(a["metrics"][k], rel=1e-4, abs=1e-6), k
     assert final["cost"]["tokens_per_sample"] == single["cost"]["tokens_per_sample"]
     assert final["steps"] == single["steps"] == 6
+
+
+def test_tasks_per_node_is_checked_against_the_batch_and_the_gpus(tmp_path):
+    import yaml
+
+    from moebench.grids.schema import GridError, load, tasks_per_node
+
+    def grid(**executor):
+        path = tmp_path / "g.yaml"
+        path.write_text(yaml.safe_dump({"name": "g", "task": "toy", "train": {"batch_size": 16}, "seeds": [0],
+                                        "routers": ["dense"], "executor": executor}))
+        return path
+
+    assert tasks_per_node(load(grid())["executor"]) == 1
+    assert tasks_per_node(load(grid(gpus_per_node=4))["executor"]) == 4
+    assert tasks_per_node(load(grid(tasks_per_node=2))["executor"]) == 2
+    with pytest.raises(GridError, match=r"executor.tasks_per_node: 3 processes cannot share train.batch_size 16"):
+        load(grid(tasks_per_node=3))
+    with pytest.raises(GridError, match=r"executor.tasks_per_node: is 4 but gpus_per_node is 2"):
+        load(grid(tasks_per_node=4, gpus_per_node=2))

@@ -92,11 +92,11 @@ def test_corrupt_records_are_reported_set_aside_and_rerun(tmp_path, capsys):
     assert rundir.inspect(d)["state"] == "corrupt"
     assert main(["status", str(results)]) == 1
     out = capsys.readouterr().out
-    assert f"corrupt record: {d.name}: {d / 'final.json'}: not valid JSON" in out
+    assert f"{d.name}: corrupt record: {d / 'final.json'}: not valid JSON" in out
 
     lines: list[str] = []
     res = launch.run_grid(path, cluster="debug", results=results, log=lines.append)
-    assert any("corrupt record, rerun" in line for line in lines)
+    assert any("run: corrupt record: " in line for line in lines)
     assert res["counts"]["done"] == 1
     assert records.read_json(d / "final.json")["run_id"] == d.name
     assert metric_steps(d) == [10, 20]  # retrained from scratch, old lines set aside, not duplicated

@@ -192,7 +192,7 @@ def test_an_interrupted_pretrain_is_resumed_from_its_checkpoint(tmp_path):
     assert rundir.inspect(d)["state"] == "interrupted"
     lines: list[str] = []
     out = launch.run_grid(path, cluster="debug", results=results, log=lines.append)
-    assert any("interrupted: resume from its checkpoint" in line for line in lines)
+    assert any("resumes it from its checkpoint" in line for line in lines)
     assert out["counts"]["done"] == 1 and (d / WEIGHTS).is_file()
     assert [row["step"] for row in records.read_jsonl(d / "metrics.jsonl")] == [3, 6, 8]
 

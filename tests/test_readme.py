@@ -1,7 +1,9 @@
-"""The README's router example is real code: it registers, routes, and matches the reference MoE."""
+"""The README's examples are real code: the router example registers, routes and matches the reference MoE;
+the Python API examples moefy a timm ViT and an open_clip CLIP, train, and read routing statistics."""
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from reference_moe import recorded_routing, reference_forward
 
@@ -39,3 +41,50 @@ def test_readme_router_example_registers_and_routes():
     emb = layer.router.emb.detach()
     cos = torch.nn.functional.normalize(x.reshape(-1, 16), dim=-1) @ torch.nn.functional.normalize(emb, dim=-1).T
     assert torch.equal(scores.argmax(-1), cos.argmax(-1))
+
+
+def _api_examples() -> list[str]:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    found = [b for b in blocks if "moebench.moefy(" in b]
+    assert len(found) == 2, "README lost its Python API examples (a timm ViT and an open_clip CLIP)"
+    return found
+
+
+def _run(code: str) -> dict:
+    namespace: dict = {"__name__": "readme_example"}
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), namespace)
+    return namespace
+
+
+def test_readme_python_api_on_a_timm_vit(one_thread):
+    import moebench
+    from moebench.training.metrics import load_cv
+
+    ns = _run(_api_examples()[0])
+    model, stats = ns["model"], ns["stats"]
+    assert list(ns["names"]) == ["blocks.2.mlp", "blocks.3.mlp"]
+    layers = moebench.moe_layers(model)
+    assert [type(m.router).__name__ for m in layers] == ["SoftmaxTopK"] * 2 and model.training
+    assert [d["layer"] for d in stats["per_layer"]] == list(ns["names"])
+    for d in stats["per_layer"]:
+        assert sum(d["counts"]) == 64 * 17 * 2            # 64 images x (16 patches + cls) x top-2
+        assert d["load_cv"] == pytest.approx(load_cv(d["counts"]))
+        assert d["mutual_info"] is None and d["unrouted_rate"] == 0.0
+    assert stats["mean"]["load_cv"] == pytest.approx(sum(d["load_cv"] for d in stats["per_layer"]) / 2)
+    assert ns["loss"].isfinite()
+    latest = moebench.routing_stats(model)                # the last forward: the second half of the images
+    assert [sum(d["counts"]) for d in latest["per_layer"]] == [32 * 17 * 2] * 2
+
+
+def test_readme_python_api_on_an_open_clip_model(one_thread):
+    import moebench
+
+    ns = _run(_api_examples()[1])
+    clip, stats = ns["clip"], ns["stats"]
+    layers = moebench.moe_layers(clip)
+    assert len(layers) == 1 and layers[0].router_name == "ermoe"  # only the visual tower's last block
+    (d,) = stats["per_layer"]
+    assert d["layer"] == "visual.transformer.resblocks.1.mlp"
+    assert sum(d["counts"]) == 8 * 17 * 2 and d["dead_experts"] is not None
+    assert ns["image"].shape == (8, 32) and ns["text"].shape == (8, 32)

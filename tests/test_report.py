@@ -154,17 +154,18 @@ def test_every_plot_written_and_embedded(tmp_path):
             write_run(grid, f"{label}{seed}", "brain-age", label, seed, v, higher=False, layers=1)
     out = write_report(grid, tmp_path / "rep", formats=("html",))
     plots = out / "plots"
-    for kind in ("headline", "tradeoff", "pareto_flops", "pareto_params", "stability", "load", "specialisation"):
+    for kind in ("headline", "tradeoff", "pareto_flops", "pareto_params", "stability", "per_layer", "load",
+                 "specialisation"):
         for ext in ("png", "pdf"):
             files = list(plots.glob(f"{kind}_brain-age*.{ext}"))
             assert files and all(f.stat().st_size > 1000 for f in files), (kind, ext)
     assert len(list(plots.glob("specialisation_*.png"))) == 1      # one small-multiples figure per task
     for png in plots.glob("*.png"):  # one paper column (3.5 in at 200 dpi); small multiples the page width (7 in)
-        wide = png.name.startswith(("stability", "specialisation"))
+        wide = png.name.startswith(("stability", "specialisation", "per_layer"))
         assert struct.unpack(">I", png.read_bytes()[16:20])[0] == (1400 if wide else 700), png.name
     page = (out / "report.html").read_text()
     assert len(list(plots.glob("profile_*.png"))) == 1            # the performance profile across tasks
-    assert page.count("data:image/png;base64,") == len(list(plots.glob("*.png"))) == 8
+    assert page.count("data:image/png;base64,") == len(list(plots.glob("*.png"))) == 9
 
 
 def test_csv_files_hold_the_numbers(report):
@@ -229,7 +230,7 @@ def test_corrupt_final_json_is_reported_not_fatal(tmp_path):
     out = write_report(grid, tmp_path / "rep", formats=("md", "html"), plots=False)
     runs = load_records(grid).set_index("run_id")
     assert runs.loc["e1", "state"] == "corrupt"
-    assert runs.loc["x", "state"] == "corrupt" and "spec.yaml is not valid YAML" in runs.loc["x", "reason"]
+    assert runs.loc["x", "state"] == "corrupt" and "spec.yaml: not valid YAML" in runs.loc["x", "reason"]
     md = (out / "leaderboard.md").read_text()
     assert "## Problems with records" in md and "final.json: not valid JSON" in md
     assert "seed 1 corrupt" in md

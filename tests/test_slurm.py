@@ -4,11 +4,11 @@ these tests skip and say why."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 
 import pytest
+from slurm_cluster import not_ready
 
 from moebench.grids import launch
 from moebench.training import records, rundir
@@ -18,24 +18,9 @@ from moebench.training.spec import resolve_spec, run_id
 pytestmark = pytest.mark.slurm
 
 
-def _not_ready() -> str | None:
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return "SLURM client tools (sinfo, sbatch) not found; start a cluster with scripts/local-slurm.sh"
-    try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError) as err:
-        return f"sinfo failed ({err}); start the cluster with scripts/local-slurm.sh"
-    if out.returncode != 0:
-        return f"sinfo failed: {out.stderr.strip()[:200]}; start the cluster with scripts/local-slurm.sh"
-    states = out.stdout.split()
-    if "idle" not in states:
-        return f"no idle SLURM node (node states: {states or 'none'}); is scripts/local-slurm.sh running?"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def slurm_ready():
-    why = _not_ready()
+    why = not_ready()
     if why:
         print(f"skipping SLURM tests: {why}")
         pytest.skip(why)

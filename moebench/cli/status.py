@@ -40,7 +40,7 @@ def run(args) -> int:
         print(format_table(rows, title=f"grid {d.name} ({d})"))
         for r in rows:
             if r["state"] == "corrupt":
-                print(f"corrupt record: {r['run_id']}: {r['reason']} (rerunning the grid sets it aside and reruns it)")
+                print(f"{r['run_id']}: {r['reason']}")
         bad += sum(r["state"] in ("failed", "corrupt") for r in rows)
         print()
     return 1 if bad else 0

@@ -20,6 +20,7 @@ MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take it; larger over
 MAX_EXPERTS = 4096
 # moebench.core.experts.ACTIVATIONS' names (this module stays torch-free; tests/test_config.py checks they agree)
 EXPERT_ACTIVATIONS = ("gelu", "gelu-tanh", "relu", "silu", "quick-gelu", "swiglu", "geglu")
+TRACKERS = ("tensorboard", "wandb")  # train.log_to: moebench.training.trackers writes to them
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a newline in an executor string is a new batch-script line
 
 
@@ -39,7 +40,8 @@ class ConfigError(ValueError):
 
 def option(default, kind: str, *, minimum=None, maximum=None, strict: bool = False, nullable: bool = False,
            choices: tuple = (), doc: str = "", flat: bool = False):
-    """A config field: ``kind`` is int | float | bool | str | dict | blocks | choice; ``strict`` makes
+    """A config field: ``kind`` is int | float | bool | str | dict | blocks | choice | list (of distinct
+    ``choices``); ``strict`` makes
     ``minimum`` exclusive; ``nullable`` admits null; ``choices`` lists the admitted values; ``flat``
     (dicts) admits only one level of plain string / number keys and values (they become shell lines)."""
     meta = {"kind": kind, "minimum": minimum, "maximum": maximum, "strict": strict, "nullable": nullable,
@@ -76,6 +78,9 @@ class TrainConfig:
     deterministic: Any = option("auto", "choice", choices=("auto", True, False),
                                 doc="deterministic kernels: auto (CPU only), true or false")
     compile: bool = option(False, "bool", doc="torch.compile the model for training (speed only: not in the run id)")
+    log_to: list = option([], "list", choices=TRACKERS,
+                          doc="also write metrics.jsonl's lines to tensorboard and / or wandb (offline); the run "
+                              "folder stays the record (not in the run id)")
 
 
 @dataclass
@@ -121,6 +126,9 @@ class ExecutorConfig:
     time_min: float = option(60, "float", minimum=0.0, strict=True, doc="SLURM time limit per job, minutes")
     cpus_per_task: int = option(1, "int", minimum=1, doc="CPU cores per job")
     gpus_per_node: int = option(0, "int", minimum=0, doc="GPUs per job (one task per GPU)")
+    tasks_per_node: int = option(None, "int", minimum=1, nullable=True,
+                                 doc="data-parallel processes per job (gloo on CPU, nccl on GPU); "
+                                     "null: one per GPU, or 1 on CPU")
     mem_gb: float = option(None, "float", minimum=0.0, strict=True, nullable=True, doc="memory per job")
     array_parallelism: int = option(64, "int", minimum=1, doc="SLURM array jobs at once")
     max_workers: int = option(None, "int", minimum=1, nullable=True, doc="local jobs at once; null: from the cores")
@@ -168,6 +176,8 @@ def expected(f: dataclasses.Field) -> str:
     if kind == "choice":
         words = ", ".join("true" if c is True else "false" if c is False else str(c) for c in m["choices"])
         text = f"one of {words}"
+    elif kind == "list":
+        text = "a list of distinct values from " + ", ".join(map(str, m["choices"]))
     elif kind == "blocks":
         text = "'all', 'last-N', 'every-N', a block index or a list of block indices"
     elif kind == "dict":
@@ -235,6 +245,11 @@ def coerce(f: dataclasses.Field, value, path: str):
                for c in m["choices"]):
             return value
         raise bad
+    if kind == "list":
+        if not isinstance(value, list) or len(set(map(str, value))) != len(value) or \
+                any(not isinstance(v, str) or v not in m["choices"] for v in value):
+            raise bad
+        return list(value)
     if kind == "str":
         if isinstance(value, str) and value:
             return _no_control(value, path)

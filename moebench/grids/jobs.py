@@ -11,11 +11,12 @@ tidy the record, execute) and the submitit executors that run it (`make_executor
   timeout SLURM signals it, submitit pickles the call again and requeues it, and the new attempt
   resumes from the runner's latest periodic checkpoint. Each attempt appends a line to
   ``<run_dir>/jobs.jsonl`` (job id, host, pid, ``SLURM_RESTART_COUNT``) so the history is visible.
-- **Multi-GPU** (``executor.gpus_per_node > 1``): one task per GPU; each task exports the
-  torch.distributed environment from ``submitit.JobEnvironment`` (MASTER_ADDR / PORT, RANK,
-  WORLD_SIZE, LOCAL_RANK) and calls ``init_process_group`` before ``execute``; only global rank 0
-  takes the run lock. The trainer splits each global batch over the ranks, averages gradients and
-  writes only from rank 0 (tested on CPU with two gloo processes; not yet run on several GPUs).
+- **Data parallel** (``executor.tasks_per_node > 1``, by default one task per GPU): each task exports
+  the torch.distributed environment from ``submitit.JobEnvironment`` (MASTER_ADDR / PORT, RANK,
+  WORLD_SIZE, LOCAL_RANK) and calls ``init_process_group`` (gloo on CPU, nccl on GPU); only global
+  rank 0 takes the run lock and decides for all ranks whether to train. The trainer splits each
+  global batch over the ranks, averages gradients and writes only from rank 0 (tested through a
+  real one-node SLURM with two gloo tasks, tests/test_slurm_dp.py; not yet run on several GPUs).
 """
 from __future__ import annotations
 
@@ -77,6 +78,58 @@ def _job_env() -> dict:
     return info
 
 
+def _init_data_parallel() -> None:
+    """torch.distributed from submitit's view of the job (SLURM or local tasks): MASTER_ADDR / PORT,
+    RANK, WORLD_SIZE, LOCAL_RANK exported, then one process group: nccl with GPUs, gloo without."""
+    import torch
+    import torch.distributed as dist
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _run_data_parallel(spec, results, run_dir, rid, env, lock_wait_s, execute) -> dict:
+    """Every rank trains in step; rank 0 alone owns the run: it takes the lock, tidies the record and
+    logs the attempt, then tells the other ranks whether to train (they must all skip together, or
+    the collectives would wait forever). Only rank 0 writes; it returns the run's outcome."""
+    import torch.distributed as dist
+
+    _init_data_parallel()
+    decision: list = [None]
+    if env["global_rank"] != 0:
+        dist.broadcast_object_list(decision, src=0)
+        if decision[0] is None:
+            execute(spec, results)
+        return {"run_id": rid, "state": "worker", "reason": decision[0]}
+    try:
+        with run_lock(run_dir, wait_s=lock_wait_s) as got:
+            decision[0] = _prepare(run_dir) if got else "running elsewhere"
+            if decision[0] is None:
+                records.append_jsonl(run_dir / JOBS_LOG, env)
+            dist.broadcast_object_list(decision, src=0)
+            if decision[0]:
+                return {"run_id": rid, "state": "skipped", "reason": decision[0]}
+            _execute_recording_errors(spec, results, run_dir, execute)
+            state = inspect(run_dir)
+    except records.UnsafeRecordError as err:
+        records.write_status(run_dir, "failed", str(err), retryable=False)
+        return {"run_id": rid, "state": "failed", "reason": str(err)}
+    return {"run_id": rid, "state": state["state"], "reason": state["reason"]}
+
+
+def _execute_recording_errors(spec, results, run_dir, execute) -> None:
+    """``execute``; an exception the runner did not record itself becomes the run's failure."""
+    try:
+        execute(spec, results)
+    except Exception as err:  # the runner records its own failures; this is for the rest
+        status = records.read_status_safe(run_dir) or {}
+        if status.get("state") != "failed":
+            records.write_status(run_dir, "failed", f"{type(err).__name__}: {err}",
+                                 traceback=traceback.format_exc(limit=20))
+
+
 def run_one(spec: dict, results, threads: int | None = None, lock_wait_s: float = 5.0, execute=None) -> dict:
     """Run one spec as its owner: lock, re-check, tidy the record, log the attempt, execute.
     Returns {"run_id", "state", "reason"}; state "skipped" when done already or running elsewhere."""
@@ -94,18 +147,8 @@ def run_one(spec: dict, results, threads: int | None = None, lock_wait_s: float 
         import torch
 
         torch.set_num_threads(int(threads))
-    if env["num_tasks"] > 1:  # multi-GPU: one process per GPU (see the module docstring)
-        import torch.distributed as dist
-        from submitit.helpers import TorchDistributedEnvironment
-
-        TorchDistributedEnvironment().export()
-        if not dist.is_initialized():
-            import torch
-
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        if env["global_rank"] != 0:
-            execute(spec, results)
-            return {"run_id": rid, "state": "worker", "reason": None}
+    if env["num_tasks"] > 1:  # data parallel: one process per task (see the module docstring)
+        return _run_data_parallel(spec, results, run_dir, rid, env, lock_wait_s, execute)
     try:
         with run_lock(run_dir, wait_s=lock_wait_s) as got:
             if not got:
@@ -114,13 +157,7 @@ def run_one(spec: dict, results, threads: int | None = None, lock_wait_s: float 
             if why:
                 return {"run_id": rid, "state": "skipped", "reason": why}
             records.append_jsonl(run_dir / JOBS_LOG, env)
-            try:
-                execute(spec, results)
-            except Exception as err:  # the runner records its own failures; this is for the rest
-                status = records.read_status_safe(run_dir) or {}
-                if status.get("state") != "failed":
-                    records.write_status(run_dir, "failed", f"{type(err).__name__}: {err}",
-                                         traceback=traceback.format_exc(limit=20))
+            _execute_recording_errors(spec, results, run_dir, execute)
             state = inspect(run_dir)
     except records.UnsafeRecordError as err:  # a planted link (.lock, jobs.jsonl): refused, never followed
         records.write_status(run_dir, "failed", str(err), retryable=False)  # atomic: replaces, never follows
@@ -156,21 +193,25 @@ def make_executor(cluster: str, folder: Path, ex: dict, grid_name: str):
     import submitit
 
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    gpus = ex.get("gpus_per_node") or 0
+    from moebench.grids.schema import tasks_per_node
+
+    gpus, tasks = ex.get("gpus_per_node") or 0, tasks_per_node(ex)
     params = {"timeout_min": int(math.ceil(ex.get("time_min") or 60)), "name": f"moebench-{grid_name}"}
     if cluster == "slurm":
         params.update(cpus_per_task=ex.get("cpus_per_task") or 1,
                       slurm_array_parallelism=ex.get("array_parallelism") or 64)
         if gpus:
-            params.update(gpus_per_node=gpus, tasks_per_node=gpus)
+            params["gpus_per_node"] = gpus
+        if tasks > 1:
+            params["tasks_per_node"] = tasks
         if ex.get("mem_gb"):
             params["mem_gb"] = ex["mem_gb"]
         if ex.get("partition"):
             params["slurm_partition"] = ex["partition"]
         if ex.get("sbatch_extra"):
             params["slurm_additional_parameters"] = dict(ex["sbatch_extra"])
-    elif cluster == "local" and gpus:
-        params.update(gpus_per_node=gpus, tasks_per_node=gpus)
+    elif cluster == "local" and (gpus or tasks > 1):
+        params.update(gpus_per_node=gpus, tasks_per_node=tasks)
     executor.update_parameters(**params)
     return executor
 

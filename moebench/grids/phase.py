@@ -89,7 +89,7 @@ class Progress:
             if self.last.get(r["run_id"]) != shown:
                 old = self.last.get(r["run_id"])
                 self.last[r["run_id"]] = shown
-                extra = f" ({st['reason']})" if st["reason"] and shown in ("failed", "corrupt") else ""
+                extra = f" ({st['why']})" if st["why"] and shown in ("failed", "corrupt", "interrupted") else ""
                 arrow = f"{old} -> {shown}" if old else shown
                 n = len(self.runs)
                 self.log(f"[{_now()}] [{i:>{len(str(n))}}/{n}] {r['run_id'].ljust(self.width)} {arrow}{extra}")
@@ -114,8 +114,7 @@ def plan(specs: list[dict], results, retry_failed: bool = False, max_retries: in
         rid = run_id(spec)
         run_dir = run_path(results, spec["grid"], rid)
         st = inspect(run_dir)
-        action, why = "run", {"new": "new", "queued": "queued earlier, never started",
-                              "interrupted": "interrupted: resume from its checkpoint"}.get(st["state"])
+        action, why = "run", {"new": "new", "queued": "queued earlier, never started"}.get(st["state"], st["why"])
         if st["state"] == "done":
             action, why = "skip", "done"
         elif st["state"] == "running":
@@ -128,7 +127,7 @@ def plan(specs: list[dict], results, retry_failed: bool = False, max_retries: in
             action, why = ("run", f"retry after failure: {st['reason']}") if retry_failed else \
                 ("skip", f"failed ({st['reason']}){gave_up}; rerun with --retry-failed")
         elif st["state"] == "corrupt":
-            why = f"corrupt record, rerun: {st['corrupt']}"
+            why = st["why"]
         out.append({"spec": spec, "run_id": rid, "run_dir": run_dir, "action": action, "why": why,
                     "state": st["state"]})
     return out
@@ -194,7 +193,10 @@ def _stop_jobs(running, cluster, log, wait_s: float = 120.0) -> None:
     for them (``wait_s`` at most), then cancel what is left; SLURM jobs keep running (``moebench cancel``
     stops them). Raises `Stopped`, so ``moebench run`` exits non-zero and a rerun resumes."""
     if cluster == "slurm":
-        raise Stopped("stopped by a signal; the SLURM jobs keep running (stop them with `moebench cancel`)")
+        where = running[0][0]["run_dir"].parent if running else None  # the cluster owns them (README: Ctrl-C)
+        how = f"`moebench status {where}`; stop them with `moebench cancel {where.parent} {where.name}`" if where \
+            else "`moebench status`; stop them with `moebench cancel`"
+        raise Stopped(f"stopped by a signal; the SLURM jobs keep running (follow them with {how})")
     asked = [pid for r, _ in running if (pid := ask_to_stop(r["run_dir"]))]
     log(f"[{_now()}] stopping: asked {len(asked)} running job(s) to checkpoint and exit")
     deadline = time.monotonic() + wait_s
@@ -248,7 +250,7 @@ def _finish(r: dict, job, log) -> None:
     try:
         if hasattr(job, "paths") and not job.paths.result_pickle.exists() and not hasattr(job, "_submission"):
             raise RuntimeError("the job left no result (killed, cancelled or crashed)")
-        res = job.result()
+        res = job.results()[0] if getattr(job, "_sub_jobs", None) else job.result()  # rank 0's, data parallel
         if isinstance(res, dict) and res.get("state") == "skipped" and res.get("reason") == "running elsewhere":
             r["outcome"] = "elsewhere"
         err = None

@@ -43,7 +43,7 @@ Schema (every key optional unless marked; unknown keys are rejected with the clo
     match: active_flops          # active_flops (default) | params | none
                                  # or {mode: active_flops, reference_active_experts: 2}
     executor: {cluster: auto, partition: null, time_min: 60, cpus_per_task: 1, gpus_per_node: 0,
-               mem_gb: null, array_parallelism: 64, max_workers: null, sbatch_extra: {}, max_retries: 2}
+               tasks_per_node: null, mem_gb: null, array_parallelism: 64, max_workers: null, sbatch_extra: {}, max_retries: 2}
 
 Precedence, most specific last: spec defaults < task preset < grid-level moe/train < task block's
 moe/train < router entry's moe < sweep value.
@@ -406,7 +406,33 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
                                                              f"by matching; remove it (or use match: none to set "
                                                              f"widths by hand)")
     grid["executor"] = {**defaults(ExecutorConfig), **ctx.section(ExecutorConfig, raw.get("executor"), "executor")}
+    _check_tasks(ctx, grid)
     return grid
+
+
+def tasks_per_node(ex: dict) -> int:
+    """Processes per job: ``executor.tasks_per_node``, else one per GPU, else 1."""
+    return int(ex.get("tasks_per_node") or ex.get("gpus_per_node") or 1)
+
+
+def _check_tasks(ctx: GridContext, grid: dict) -> None:
+    """Data parallel: one GPU per process, and every global batch split evenly over the processes
+    (refused here, naming the key, rather than in the first job an hour later)."""
+    ex = grid["executor"]
+    tasks, gpus = tasks_per_node(ex), ex.get("gpus_per_node") or 0
+    if gpus and ex.get("tasks_per_node") and tasks != gpus:
+        raise ctx.error("executor.tasks_per_node", f"is {tasks} but gpus_per_node is {gpus}: data parallel runs "
+                                                   f"one process per GPU; set tasks_per_node: {gpus} or remove it")
+    if tasks == 1:
+        return
+    sources = [grid["train"]] + [b[k] or {} for b in grid["tasks"] for k in ("train", "preset_train")]
+    sizes = {t.get("batch_size") for t in sources}
+    sizes |= {v for axis, values in grid["sweep"] if axis == "train.batch_size" for v in values}
+    for bs in sorted(s for s in sizes if isinstance(s, int)):
+        if bs % tasks:
+            raise ctx.error("executor.tasks_per_node", f"{tasks} processes cannot share train.batch_size {bs} "
+                                                       f"(the global batch) evenly; use a batch size that is a "
+                                                       f"multiple of {tasks}, or another tasks_per_node")
 
 
 def _check_task(ctx: GridContext, name: str, path: str) -> None:

@@ -4,17 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from moebench.training import records
-from moebench.training.rundir import inspect
+from moebench.training.rundir import inspect, verdict_text
 
 SUMMARY_STATES = ("done", "running", "failed", "queued")
 
 
 def _reason(st: dict) -> str:
-    """The state's reason, saying when a failure is the machine's (a rerun resumes it)."""
-    text = st["corrupt"] or st["reason"] or ""
-    if st["state"] == "failed" and st.get("retryable"):
-        text += " (infrastructure failure: the next `moebench run` resumes it, up to executor.max_retries)"
-    return text
+    """The state's reason: `rundir.verdict_text`, the words the launcher and the report use too."""
+    return str(st["why"] or "") if "why" in st else verdict_text(st)
 
 
 def plan_rows(runs: list[dict]) -> list[dict]:
@@ -94,6 +91,7 @@ def status_rows(grid_dir: Path) -> list[dict]:
             spec = records.read_spec(run_dir) or {}
         except records.CorruptRecordError as err:
             spec, st = {}, {**st, "state": "corrupt", "corrupt": st["corrupt"] or str(err)}
+            st["why"] = verdict_text(st)
         rows.append({"run_id": run_dir.name, "label": spec.get("label", "?"), "seed": spec.get("seed", "?"),
                      "state": st["state"], "attempts": st["attempts"],
                      "reason": _reason(st) or _resumed(run_dir, st)})

@@ -14,7 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from moebench.report.aggregate import Summary, summarise, summary_table
+from moebench.report.agreement import add_seed_agreement
 from moebench.report.claims import Audit, audit
+from moebench.report.cost_table import cost_table
 from moebench.report.items import load_headline_items
 from moebench.report.load import RecordSet, load_record_set, load_records  # noqa: F401  (public API)
 from moebench.report.render import Table, to_latex, to_markdown
@@ -66,11 +68,16 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
         raise ReportError(f"no run records under {rs.root} (looked for <grid>/<run_id>/ folders holding "
                           f"spec.yaml, status.json, final.json or metrics.jsonl); run a grid first or pass "
                           f"the results folder it wrote to")
+    add_seed_agreement(rs.runs, rs.layers, rs.problems)
     items = load_headline_items(rs.runs, rs.problems)
     lb = add_intervals(leaderboard_frame(rs), rs, items, baseline)
     ranks = rank_frame(lb)
     paired = paired_frame(rs, lb, baseline, items=items) if not lb.empty else pd.DataFrame()
     bench_tables = leaderboard_tables(lb) if not lb.empty else []
+    for bench, tables in bench_tables:
+        cost = cost_table(bench, lb[lb["bench"] == bench])
+        if cost is not None:
+            tables.append(cost)
     overall = []
     if not ranks.empty:
         overall.append(rank_table(ranks, lb))

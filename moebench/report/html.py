@@ -38,7 +38,7 @@ summary{cursor:pointer;font-weight:600}
 
 def _figure(plot: Plot) -> str:
     data = base64.b64encode(plot.png.read_bytes()).decode("ascii")
-    wide = ' class="wide"' if plot.kind in ("specialisation", "stability", "load") else ""
+    wide = ' class="wide"' if plot.kind in ("specialisation", "stability", "load", "per_layer") else ""
     return (f'<figure{wide}><img alt="{html.escape(plot.caption)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{html.escape(plot.caption)} "
             f'(<code>{html.escape(plot.pdf.name)}</code>)</figcaption></figure>')

@@ -18,17 +18,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from moebench.training.records import CorruptRecordError, read_json, read_jsonl, read_spec, read_status
-from moebench.training.rundir import record_problem
+from moebench.training.records import CorruptRecordError, read_json, read_jsonl, read_spec
+from moebench.training.rundir import inspect
 
 RECORD_FILES = ("spec.yaml", "status.json", "final.json", "metrics.jsonl")
 EXPECTED_FILE = "expected.json"
 ROUTING_STATS = ("load_cv", "max_mean", "norm_entropy", "gini", "dead_experts", "drop_rate", "balance",
                  "gate_entropy", "margin", "fallback_rate", "unrouted_rate", "switch_rate", "mutual_info",
                  "mutual_info_norm")
-COST_KEYS = ("params_total", "params_active", "flops_per_token", "wall_time_s", "tokens_per_s", "peak_memory_mb")
+COST_KEYS = ("params_total", "params_active", "flops_per_token", "router_params", "router_flops_per_token",
+             "ms_per_step", "wall_time_s", "tokens_per_s", "peak_memory_mb")
 ID_COLS = ("grid", "run_id", "bench", "task", "label", "variant", "seed")
-NOT_DONE = ("failed", "missing", "queued", "running", "corrupt")
+NOT_DONE = ("failed", "missing", "queued", "running", "interrupted", "new", "corrupt")
 
 
 @dataclass
@@ -108,33 +109,21 @@ def _name(value):
 
 def _read_run(run_dir: Path):
     problems: list[str] = []
-    spec = _safe(read_spec, run_dir, problems)
-    status = _safe(read_status, run_dir, problems)
-    final = _safe(read_json, run_dir / "final.json", problems)
+    seen: list[str] = []  # what is wrong with spec / status / final, the verdict below says once
+    spec = _safe(read_spec, run_dir, seen)
+    final = _safe(read_json, run_dir / "final.json", seen)
     metrics = _safe(read_jsonl, run_dir / "metrics.jsonl", problems)
     spec_ok = spec if isinstance(spec, dict) else {}
     final_ok = final if isinstance(final, dict) else {}
-    status_ok = status if isinstance(status, dict) else {}
-    damage = record_problem(run_dir, require_resolvable=False) if final_ok else None
-    if damage:  # e.g. a final.json copied from another run: never counted, listed as a problem
+    # one verdict: the state and words `moebench status` and the launcher give (rundir.inspect); only a
+    # done run's final.json is counted, so a damaged or unfinished record never enters a table
+    verdict = inspect(run_dir, require_resolvable=False)
+    state, reason = verdict["state"], verdict["why"] or None
+    if state == "corrupt":
         final_ok, metrics = {}, []
-
-    state, reason = status_ok.get("state"), status_ok.get("reason")
-    if final is CorruptRecordError:
-        state, reason = "corrupt", "final.json is not valid JSON; delete it and rerun the run"
-    elif damage:
-        state, reason = "corrupt", f"{damage}; rerunning the grid sets it aside and reruns it"
         problems.append(f"{run_dir}: {reason}")
-    elif state is None and final_ok:
-        state = "done"
-    elif state == "done" and not final_ok:
-        state, reason = "corrupt", "status says done but final.json is missing; rerun the run"
-        problems.append(f"{run_dir}: {reason}")
-    elif not final_ok and (status is CorruptRecordError or spec is CorruptRecordError):
-        bad = "status.json is not valid JSON" if status is CorruptRecordError else "spec.yaml is not valid YAML"
-        state, reason = "corrupt", f"{bad}; rerun the run (or delete its folder)"
-    elif state is None:
-        state, reason = "queued", reason or "no status.json yet"
+    elif state != "done":
+        final_ok = {}
 
     sweep = final_ok.get("sweep") or spec_ok.get("sweep") or {}
     moe = spec_ok.get("moe")
@@ -164,6 +153,7 @@ def _read_run(run_dir: Path):
     row["final_switch"] = _final_switch(routing.get("final_switch"))
     for key, value in (final_ok.get("cost") or {}).items():
         row[key] = _num(value)
+    row["device"] = device_name(final_ok.get("env"))
     for key, value in (final_ok.get("metrics") or {}).items():
         row[f"metric.{key}"] = _num(value)
     if row["label"] is None and state != "missing":
@@ -171,6 +161,10 @@ def _read_run(run_dir: Path):
 
     layers = []
     for i, layer in enumerate(routing.get("per_layer") or []):
+        if not isinstance(layer, dict):
+            problems.append(f"{run_dir}: final.json routing.per_layer[{i}] is not a mapping; skipped")
+            continue
+        row.update(per_layer_columns(layer, i))
         entry = {"run_id": row["run_id"], "layer_idx": i, "layer": str(layer.get("layer", f"layer{i}"))}
         for key, value in layer.items():
             if key in ("counts", "label_by_expert", "label_unrouted", "top1_counts", "labels",
@@ -189,6 +183,23 @@ def _read_run(run_dir: Path):
             entry[key] = _num(value)
         evals.append(entry)
     return row, layers, evals, problems
+
+
+def device_name(env) -> str | None:
+    """The device a run trained on, as final.json's env names it: the GPU's name, else the CPU model."""
+    if not isinstance(env, dict):
+        return None
+    if str(env.get("train_device", "")).startswith("cuda") and isinstance(env.get("device"), str):
+        return env["device"]
+    cpu = env.get("cpu_model") or env.get("processor")
+    return f"CPU ({cpu})" if isinstance(cpu, str) and cpu else ("CPU" if env.get("train_device") == "cpu" else None)
+
+
+def per_layer_columns(layer: dict, i: int) -> dict[str, float]:
+    """``<stat>.layer<i>`` for every scalar statistic of MoE layer ``i`` (the ones `routing.mean` averages),
+    so a statistic added to final.json becomes a runs.csv column by itself."""
+    return {f"{key}.layer{i}": _num(value) for key, value in layer.items()
+            if key not in ("layer", "tokens") and (value is None or isinstance(value, (int, float)))}
 
 
 def _data_name(task_args) -> str | None:

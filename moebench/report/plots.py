@@ -34,7 +34,7 @@ MARKERS = "osD^vPX*<>p"
 @dataclass
 class Plot:
     bench: str
-    kind: str       # headline | tradeoff | cost | stability | load | specialisation
+    kind: str       # headline | tradeoff | pareto_* | stability | per_layer | load | specialisation
     caption: str
     png: Path
     pdf: Path
@@ -61,8 +61,8 @@ class Plotter:
                 runs_b = runs_b[runs_b["headline_value"].notna()]
                 if runs_b.empty:
                     continue
-                for make in (self.headline, self.tradeoff, self.pareto_flops, self.pareto_params, self.stability,
-                             self.load, self.specialisation):
+                for make in (self.headline, self.tradeoff, self.pareto_flops, self.pareto_router_flops,
+                             self.pareto_params, self.stability, self.per_layer, self.load, self.specialisation):
                     plots += make(bench, lb_b, runs_b)
         return plots
 
@@ -188,6 +188,45 @@ class Plotter:
     def pareto_flops(self, bench, lb_b, runs_b) -> list[Plot]:
         return self._pareto(bench, lb_b, runs_b, "flops_per_token", "Active compute ({p}FLOPs per token)",
                             "pareto_flops")
+
+    def pareto_router_flops(self, bench, lb_b, runs_b) -> list[Plot]:
+        return self._pareto(bench, lb_b, runs_b, "router_flops_per_token", "Router compute ({p}FLOPs per token)",
+                            "pareto_router_flops")
+
+    def per_layer(self, bench, lb_b, runs_b) -> list[Plot]:
+        """Small multiples: one panel per statistic, x = MoE layer index, one line per router (seed mean)."""
+        lay = self.rs.layers
+        if lay.empty or "layer_idx" not in lay:
+            return []
+        lay = lay[lay["run_id"].isin(runs_b["run_id"])]
+        nmi = "nmi" if "nmi" in lay and lay["nmi"].notna().any() else "mutual_info_norm"
+        stats = [(c, t) for c, t in PER_LAYER_PANELS + [(nmi, "NMI ↑")]
+                 if c in lay and lay[c].notna().any()]
+        if lay.empty or not stats or lay["layer_idx"].nunique() < 1:
+            return []
+        entries = [(lab, var) for lab, var, _ in self._entries(lb_b)]
+        fig = _figure((WIDE, 2.3 + 0.13 * math.ceil(len(entries) / 4)))
+        axes = np.atleast_1d(fig.subplots(1, len(stats), squeeze=False)).ravel()
+        for ax, (col, title) in zip(axes, stats):
+            for label, variant in entries:
+                g = lay[(lay["label"] == label) & (lay["variant"] == variant)]
+                m = g.groupby("layer_idx")[col].mean().dropna()
+                if m.empty:
+                    continue
+                scale = 100.0 if col == "switch_rate" else 1.0
+                ax.plot(m.index, m.to_numpy() * scale, marker=self.marker[label], ms=3, color=self.color[label],
+                        label=entry_name(label, variant))
+            ax.set_title(title)
+            ax.set_xlabel("MoE layer (index)")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        fig.suptitle(f"{bench}: routing statistics per MoE layer, mean over seeds")
+        handles, labels = axes[0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), frameon=False)
+        names = ", ".join(f"{int(i)} = {n}" for i, n in lay.groupby("layer_idx")["layer"].first().items())
+        return [self._save(fig, bench, "per_layer", f"{bench}: load CV, top-1 switch rate, MI and NMI between "
+                                                    f"label and expert in each MoE layer, mean over seeds "
+                                                    f"(layers: {names}).")]
 
     def pareto_params(self, bench, lb_b, runs_b) -> list[Plot]:
         return self._pareto(bench, lb_b, runs_b, "params_total", "Total parameters ({p})", "pareto_params")
@@ -322,6 +361,10 @@ class Plotter:
         return [self._save(fig, bench, "specialisation",
                            f"{bench}: per router, the share of each label's tokens whose highest-weight dispatched "
                            f"expert is each expert (rows sum to 100%; 'none' = unrouted), last MoE layer, lowest seed.")]
+
+
+PER_LAYER_PANELS = [("load_cv", "Load CV ↓"), ("switch_rate", "Switch rate (%) ↓"),
+                    ("mutual_info", "MI (nats) ↑")]
 
 
 def _pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:

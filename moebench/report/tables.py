@@ -5,6 +5,7 @@ silently averaged over fewer seeds."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -55,6 +56,8 @@ COLUMNS: dict[str, tuple[str, str | None, str]] = {
     "params_active": ("Active params ({p})", None, "si"),
     "params_total": ("Params ({p})", None, "si"),
     "tokens_per_s": ("Tokens/s ({p}) ↑", "higher", "si"),
+    "seed_agreement": ("Seed agreement (%) ↑", "higher", "pct"),
+    "seed_load_jsd": ("Seed load JSD ↓", "lower", "f3"),
 }
 # the routing and cost statistics averaged per router
 STAT_COLUMNS = ["load_cv", "max_mean", "norm_entropy", "dead_experts", "drop_rate", "switch_rate", "mutual_info",
@@ -62,8 +65,13 @@ STAT_COLUMNS = ["load_cv", "max_mean", "norm_entropy", "dead_experts", "drop_rat
 DIAG_EXTRA = ["max_vio", "min_load_share", "max_load_share", "near_dead_experts", "last_fluctuation_step"]
 MEAN_COLUMNS = STAT_COLUMNS + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "margin", "fallback_rate",
                                                  "unrouted_rate", "mutual_info_norm", "final_switch", "settle_fraction",
-                                                 "wall_time_s", "peak_memory_mb", "nmi", "ari",
-                                                 "h_group_given_expert", "h_expert_given_group", "routing_accuracy"]
+                                                 "wall_time_s", "peak_memory_mb", "router_params",
+                                                 "router_flops_per_token", "ms_per_step", "seed_agreement",
+                                                 "seed_load_jsd", "nmi", "ari", "h_group_given_expert",
+                                                 "h_expert_given_group", "routing_accuracy"]
+
+
+_PER_LAYER = re.compile(r"\.layer\d+$")  # runs.csv's per-layer columns: leaderboard.csv gets their seed means
 
 
 # ---------------------------------------------------------------------------------------------- numbers
@@ -88,7 +96,7 @@ def leaderboard_frame(rs: RecordSet) -> pd.DataFrame:
 
 def _group_row(bench, label, variant, g: pd.DataFrame, bench_seeds: set, grids_with_expected: set) -> dict:
     done = g[(g["state"] == "done") & g["headline_value"].notna()]
-    cols = ["headline_value"] + [c for c in MEAN_COLUMNS if c in g]
+    cols = ["headline_value"] + [c for c in MEAN_COLUMNS if c in g] + [c for c in g if _PER_LAYER.search(str(c))]
     per_seed = done.groupby("seed")[cols].mean() if len(done) else pd.DataFrame(columns=cols)
     listed = set(g["seed"].dropna())
     expected = len(listed) if g["grid"].iloc[0] in grids_with_expected else len(bench_seeds | listed)
@@ -113,6 +121,7 @@ def _group_row(bench, label, variant, g: pd.DataFrame, bench_seeds: set, grids_w
         "seeds_done": " ".join(_seed(s) for s in per_seed.index),
         "states": ", ".join(f"{k} {v}" for k, v in g["state"].value_counts().sort_index().items()),
         "problems": "; ".join(problems),
+        "device": ", ".join(sorted(set(done["device"].dropna()))) if "device" in done else "",
         "equivalence_margin": _first(g, "equivalence_margin"),
         "equivalence_margin_reason": _first(g, "equivalence_margin_reason"),
     }
@@ -163,7 +172,7 @@ def add_intervals(lb: pd.DataFrame, rs: RecordSet, items: dict, baseline: str, l
         return lb
     lb = lb.copy()
     runs = rs.runs
-    for col in ("ci_low", "ci_high", "eval_n", "eval_se", "flops_overhead", "params_ratio"):
+    for col in ("ci_low", "ci_high", "eval_n", "eval_se", "flops_overhead", "params_ratio", "step_ratio"):
         lb[col] = math.nan
     lb["ci_method"] = ""
     for i, r in lb.iterrows():
@@ -190,7 +199,28 @@ def add_intervals(lb: pd.DataFrame, rs: RecordSet, items: dict, baseline: str, l
             lb.loc[b.index, "flops_overhead"] = 100 * (b["flops_per_token"] / dense.iloc[0] - 1)
         if len(ref) and ref.iloc[0] > 0:
             lb.loc[b.index, "params_ratio"] = b["params_total"] / ref.iloc[0]
+        lb.loc[b.index, "step_ratio"] = step_ratio(b, lb[lb["bench"] == b["bench"].iloc[0]])
     return lb
+
+
+def step_ratio(b: pd.DataFrame, bench: pd.DataFrame) -> pd.Series:
+    """Measured ms per training step over the dense twin's (same task and sweep point, else the task's
+    dense run without a sweep), only where both ran on the same one device (a ratio across devices says
+    nothing about the router)."""
+    out = pd.Series(math.nan, index=b.index)
+    if "ms_per_step" not in b:
+        return out
+    dense = b[b["label"] == "dense"]
+    if dense.empty:
+        dense = bench[(bench["label"] == "dense") & (bench["variant"] == "")]
+    if dense.empty or pd.isna(dense["ms_per_step"].iloc[0]) or not dense["ms_per_step"].iloc[0] > 0:
+        return out
+    if "device" not in b:
+        return out
+    ref, device = dense["ms_per_step"].iloc[0], dense["device"].fillna("").iloc[0]
+    devices = b["device"].fillna("")
+    same = (devices == device) & (device != "") & ~devices.str.contains(",", regex=False)
+    return (b["ms_per_step"] / ref).where(same)
 
 
 def paired_frame(rs: RecordSet, lb: pd.DataFrame, baseline: str = "softmax-topk", level: float = 0.95,
@@ -352,14 +382,15 @@ def leaderboard_tables(lb: pd.DataFrame) -> list[tuple[str, list[Table]]]:
     return out
 
 
-def _col(b: pd.DataFrame, key: str) -> pd.Series:
+def column_or_nan(b: pd.DataFrame, key: str) -> pd.Series:
+    """The column ``key`` of ``b``, or NaN for every row where the records never had it."""
     return b[key] if key in b else pd.Series([math.nan] * len(b), index=b.index)
 
 
 def _hides_tokens(b: pd.DataFrame) -> list[bool]:
     """Rows whose balance / drop numbers look better because tokens were left out (unrouted or dropped):
     such a value is never set in bold."""
-    un, dr = _col(b, "unrouted_rate").fillna(0), _col(b, "drop_rate").fillna(0)
+    un, dr = column_or_nan(b, "unrouted_rate").fillna(0), column_or_nan(b, "drop_rate").fillna(0)
     return [bool(u > 0 or d > 0) for u, d in zip(un, dr)]
 
 
@@ -374,7 +405,7 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
     hib = bool(b["higher_is_better"].dropna().iloc[0]) if b["higher_is_better"].notna().any() else True
     name = b["headline_name"].dropna().iloc[0] if b["headline_name"].notna().any() else "headline"
     show_variant = (b["variant"] != "").any()
-    pscale, pprefix = si_scale(_col(b, "params_total").to_numpy(dtype=float))
+    pscale, pprefix = si_scale(column_or_nan(b, "params_total").to_numpy(dtype=float))
     columns = ["Router"] + (["Sweep"] if show_variant else []) + [
         "Seeds", f"{name} {'↑' if hib else '↓'} (95% CI)", "Rank group", "Eval n", "Eval SE",
         "FLOPs vs dense (%)", f"Params ({pprefix})".replace(" ()", ""), "Params × ref", "Unrouted (%)", "Dropped (%)"]
@@ -399,9 +430,9 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
             fmt_value(r.get("params_total", math.nan), "si", pscale),
             "–" if pd.isna(r.get("params_ratio", math.nan)) else f"{r['params_ratio']:.2f}",
             fmt_value(r.get("unrouted_rate", math.nan), "pct"), fmt_value(r.get("drop_rate", math.nan), "pct")])
-        if group == 1 and r["complete"] and (_col(b, "rank_group") > 1).any():  # bold only if it singles out
+        if group == 1 and r["complete"] and (column_or_nan(b, "rank_group") > 1).any():  # bold only if it singles out
             bold |= {(i, len(columns) - 9), (i, len(columns) - 8)}
-    methods = set(_col(b, "ci_method").dropna()) if "ci_method" in b else set()
+    methods = set(column_or_nan(b, "ci_method").dropna()) if "ci_method" in b else set()
     how = []
     if "bootstrap" in methods:
         how.append("bootstrap: 2000 two-level resamples of seeds and eval items (percentile interval)")
@@ -421,10 +452,11 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
                  notes=[general] + notes, label=f"tab:leaderboard-{slug(bench)}", left=1 + show_variant)
 
 
-# the diagnostics table's columns, in order (headers from COLUMNS)
+# the diagnostics table's columns, in order (headers from COLUMNS); tokens/s is in the cost table
 DIAG_COLUMNS = ["load_cv", "max_vio", "min_load_share", "max_load_share", "near_dead_experts", "dead_experts",
                 "unrouted_rate", "drop_rate", "switch_rate", "final_switch", "last_fluctuation_step", "mutual_info",
-                "nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy", "tokens_per_s"]
+                "seed_agreement", "seed_load_jsd",
+                "nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy"]
 _BALANCE_KEYS = {"load_cv", "max_vio", "near_dead_experts", "dead_experts", "unrouted_rate", "drop_rate"}
 
 
@@ -462,9 +494,12 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
              "previous evaluation; overlap w/ final = probe tokens whose top-1 equals the final "
              "checkpoint's, averaged over evaluations (LibMoE); last fluctuation = the last evaluation "
              "step at which any probe token changed expert (StableMoE). MI = mutual information between "
-             "the token's label and its top-1 expert, unrouted tokens as their own category; NMI (arithmetic "
+             "the token's label and its top-1 expert, unrouted tokens as their own category. Seed agreement = "
+             "probe tokens whose top-1 expert is the same in two seeds after matching expert indices "
+             "(Hungarian method on co-assignment counts), mean over seed pairs; seed load JSD = "
+             "Jensen-Shannon divergence (base 2) between two seeds' matched load distributions. NMI (arithmetic "
              "normaliser), ARI, H(group|expert), H(expert|group) (nats) and the Hungarian-matched routing "
-             "accuracy (E = number of labels only) read the same label-by-expert table. Bold = best "
+             "accuracy (E = number of labels only) read the label-by-expert table. Bold = best "
              "among complete groups; a row with unrouted or dropped tokens is never bold in a balance "
              "column."]
     return Table(title=f"Routing diagnostics: {bench}", columns=columns, rows=cells, bold=bold, notes=notes,
@@ -473,7 +508,7 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
 
 def _no_value(r) -> str:
     states = r["states"]
-    for s in ("failed", "missing", "corrupt", "running", "queued"):
+    for s in ("failed", "missing", "corrupt", "running", "interrupted", "queued", "new"):
         if s in states:
             return s
     return "–"

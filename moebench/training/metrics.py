@@ -409,6 +409,13 @@ class RoutingStatsAccumulator:
         if batch_size:
             self._samples_seen += batch_size
 
+    def fold_latest(self) -> None:
+        """Fold in each layer's latest forward (its ``stats``) without hooks; unlabelled."""
+        for name, layer in self.layers:
+            if layer.stats:
+                self._pending[name].append(dict(layer.stats))
+        self.update(None)
+
     def _fold(self, name: str, stats: dict, batch, batch_size: int | None) -> None:
         a = self._acc[name]
         tokens = int(stats.get("tokens", 0))

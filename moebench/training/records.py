@@ -16,12 +16,16 @@ A run lives in ``<results>/<grid>/<run_id>/``:
                      "metrics": {task metric -> float},
                      "routing": {"mean": {...}, "per_layer": [{..., "counts": [...],
                                  "label_by_expert": [[count per expert] per label], "labels": [str]}]},
-                     "cost": {"params_total", "params_active", "flops_per_token", "wall_time_s",
+                     "cost": {"params_total", "params_active", "flops_per_token", "router_params",
+                              "router_flops_per_token", "ms_per_step", "wall_time_s",
                               "tokens_per_s", "peak_memory_mb"},
                      "env": environment_info()}
 - ``eval_items.npz`` per-eval-example outputs of the latest evaluation (the task's ``items``:
                      ``headline`` whose mean is the headline metric, plus raw ``correct`` /
                      ``abs_error`` / ``rank``), for the report's paired bootstrap
+- ``probe_top1.npz`` per MoE layer (``layer<i>`` plus ``names``) the dispatched top-1 expert of each
+                     fixed probe token at the end (-1 = unrouted), for the report's cross-seed agreement
+- ``tensorboard/``, ``wandb/`` mirrors of metrics.jsonl when ``train.log_to`` names them
 - ``checkpoint.pt`` latest training state (removed once the run is done); tensors and plain containers
                      only, loaded with ``weights_only=True``
 - ``jobs.jsonl``    one line per attempt (host, pid, job ids); ``.lock`` the owner's flock
@@ -297,3 +301,47 @@ def read_eval_items(path) -> dict | None:
             return {k: data[k] for k in data.files}
     except Exception as err:  # zipfile / ValueError / OSError: all mean "not a readable npz"
         raise CorruptRecordError(f"{path} is not a readable .npz file ({err}); rerun the run") from err
+
+
+PROBE_TOP1_FILE = "probe_top1.npz"
+
+
+def write_probe_top1(path, top1: dict) -> None:
+    """The dispatched top-1 expert of every fixed probe token (-1 = unrouted) at the end of the run, per
+    MoE layer in order: ``layer<i>`` int arrays plus ``names`` (the layers' module names), for the
+    report's cross-seed agreement. Written atomically, no pickles."""
+    import io
+
+    import numpy as np
+
+    names = list(top1)
+    arrays = {f"layer{i}": np.asarray(top1[name]).astype(np.int32).reshape(-1) for i, name in enumerate(names)}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, names=np.asarray(names, dtype=str), **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_probe_top1(path) -> tuple[list[str], list] | None:
+    """(layer names, [top-1 int array per layer]) from a probe_top1.npz; None when absent. It is untrusted
+    input: opened without following a symbolic link, no pickles; anything malformed (not an npz, a
+    non-integer or non-1-D array, an index below -1, a missing layer) raises `CorruptRecordError`."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        fd = open_nofollow(path, os.O_RDONLY)
+    except UnsafeRecordError as err:
+        raise CorruptRecordError(str(err)) from err
+    try:
+        with os.fdopen(fd, "rb") as f, np.load(f, allow_pickle=False) as data:
+            names = [str(n) for n in data["names"].reshape(-1)]
+            layers = [data[f"layer{i}"] for i in range(len(names))]
+    except Exception as err:  # zipfile / KeyError / ValueError / OSError: not the file we wrote
+        raise CorruptRecordError(f"{path} is not a readable probe_top1.npz ({type(err).__name__}: {err})") from err
+    for i, a in enumerate(layers):
+        if a.ndim != 1 or a.dtype.kind not in "iu" or (a.size and int(a.min()) < -1):
+            raise CorruptRecordError(f"{path}: layer{i} must be a 1-D integer array of expert indices >= -1, got "
+                                     f"dtype {a.dtype}, shape {a.shape}")
+    return names, [a.astype(np.int64) for a in layers]

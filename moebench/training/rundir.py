@@ -138,8 +138,6 @@ def spec_problem(run_dir, require_resolvable: bool = True) -> str | None:
     from moebench.training.spec import run_id
 
     run_dir = Path(run_dir)
-    if not require_resolvable and not re.fullmatch(r".+-s\d+-[0-9a-f]{10}", run_dir.name):
-        return None
     path = run_dir / "spec.yaml"
     try:
         spec = records.read_spec(run_dir)
@@ -149,6 +147,8 @@ def spec_problem(run_dir, require_resolvable: bool = True) -> str | None:
         return None
     if not isinstance(spec, dict):
         return f"{path}: not a mapping of spec keys"
+    if not require_resolvable and not re.fullmatch(r".+-s\d+-[0-9a-f]{10}", run_dir.name):
+        return None
     try:
         rid = run_id(spec)
     except Exception as err:  # noqa: BLE001 - any resolve error means the spec is not usable
@@ -200,11 +200,31 @@ def record_problem(run_dir, require_resolvable: bool = True) -> str | None:
     return None
 
 
-def inspect(run_dir) -> dict:
+def inspect(run_dir, require_resolvable: bool = True) -> dict:
     """The run's state as the launcher sees it: ``state`` (new, queued, running, interrupted, done,
     failed, corrupt), ``reason``, ``attempts``, ``retryable`` (a failure of the machine, not the
-    router) and, when corrupt, ``corrupt`` (what is unreadable or inconsistent)."""
-    run_dir = Path(run_dir)
+    router), when corrupt ``corrupt`` (what is unreadable or inconsistent), and ``why``: the one line
+    that ``moebench status``, the launcher and ``moebench report`` all print for it (`verdict_text`).
+    ``require_resolvable=False`` (the report) also reads hand-made or older specs (`spec_problem`)."""
+    st = _inspect(Path(run_dir), require_resolvable)
+    return {**st, "why": verdict_text(st)}
+
+
+def verdict_text(st: dict) -> str:
+    """The state's reason in words, the same wherever a run folder is shown: what is wrong with a
+    corrupt record and what a rerun does about it, a failure's reason (saying when it is the
+    machine's, which a rerun resumes), an interruption's."""
+    if st["state"] == "corrupt":
+        return f"corrupt record: {st['corrupt']}; rerunning the grid sets it aside and reruns it"
+    text = st["reason"] or ""
+    if st["state"] == "failed" and st.get("retryable"):
+        text += " (infrastructure failure: the next `moebench run` resumes it, up to executor.max_retries)"
+    if st["state"] == "interrupted":
+        text += "; the next `moebench run` resumes it from its checkpoint"
+    return text
+
+
+def _inspect(run_dir: Path, require_resolvable: bool) -> dict:
     out = {"state": "new", "reason": None, "attempts": 0, "corrupt": None, "retryable": False}
     if run_dir.is_symlink():
         return {**out, "state": "corrupt",
@@ -214,19 +234,23 @@ def inspect(run_dir) -> dict:
     except records.CorruptRecordError as err:
         return {**out, "state": "corrupt", "corrupt": str(err)}
     if status is None:
-        return {**out, "state": "running" if lock_held(run_dir) else "new"}
+        if lock_held(run_dir):
+            return {**out, "state": "running"}
+        problem = spec_problem(run_dir, require_resolvable)
+        return {**out, "state": "corrupt", "corrupt": problem} if problem else out
     if not isinstance(status, dict) or status.get("state") not in records.STATES:
+        got = status.get("state") if isinstance(status, dict) else None
         return {**out, "state": "corrupt",
-                "corrupt": f"{run_dir / 'status.json'}: no valid 'state' (one of {', '.join(records.STATES)})"}
+                "corrupt": f"{run_dir / 'status.json'}: state {got!r} is not one of {', '.join(records.STATES)}"}
     attempts = status.get("attempts") or 0
     out.update(state=status["state"], reason=status.get("reason"),
                attempts=attempts if isinstance(attempts, int) else 0, retryable=status.get("retryable") is True)
     if status["state"] == "done":
-        problem = record_problem(run_dir)
+        problem = record_problem(run_dir, require_resolvable)
         if problem:
             return {**out, "state": "corrupt", "corrupt": problem}
     elif status["state"] != "running" or not lock_held(run_dir):
-        problem = spec_problem(run_dir)
+        problem = spec_problem(run_dir, require_resolvable)
         if problem:
             return {**out, "state": "corrupt", "corrupt": problem}
     if status["state"] in ("running", "queued") and not lock_held(run_dir):

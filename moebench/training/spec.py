@@ -190,9 +190,9 @@ ID_OPTIONAL = {"moe": {"activation": None, "shared_experts": 0, "shared_expert_g
                        "capacity_policy": "position", "routing_unit": "token"},
                "train": {"interventions": False}}
 
-# Train options that change how fast a run goes, not what it computes (like the device, which is not
+# Train options that change how fast a run goes or where it is also logged, not what it computes (like the device, which is not
 # in the spec either): a grid can switch them on and still find its finished and checkpointed runs.
-SPEED_ONLY_TRAIN_KEYS = ("compile",)
+SPEED_ONLY_TRAIN_KEYS = ("compile", "log_to")
 
 
 def canonical_json(spec: dict) -> str:

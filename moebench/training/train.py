@@ -43,6 +43,7 @@ from moebench.training.gradprobe import grad_cosine, mean_cos, probe_due
 from moebench.training.pretrained import with_weights_path
 from moebench.training.records import (
     EVAL_ITEMS_FILE,
+    PROBE_TOP1_FILE,
     STATES,
     append_jsonl,
     atomic_write,
@@ -54,12 +55,14 @@ from moebench.training.records import (
     read_status_safe,
     remove_temp_files,
     write_eval_items,
+    write_probe_top1,
     write_status,
 )
 from moebench.training.rundir import set_aside
 from moebench.training.spec import resolve_spec
 from moebench.training.spec import run_id as spec_run_id
 from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
+from moebench.training.trackers import Trackers
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 2  # 2: plain types only (weights_only); a version-1 checkpoint restarts its run
@@ -349,6 +352,7 @@ class _Trainer:
         # data parallel: every rank trains and evaluates the same way, only rank 0 writes the record
         self.rank, self.world = data_parallel()
         self.writer = self.rank == 0
+        self.trackers = None  # train.log_to's writers (moebench.training.trackers), opened by run()
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -543,6 +547,8 @@ class _Trainer:
         }
         if self.writer:
             append_jsonl(self.metrics_path, line)
+        if self.trackers is not None:
+            self.trackers.log(line)
         self.interval = {"loss_sum": 0.0, "aux_sum": 0.0, "n": 0}
         self.last_eval = _plain({"step": self.step, "metrics": metrics, "routing": routing})
         return line
@@ -559,7 +565,15 @@ class _Trainer:
                   + (f" (attempt {attempt})" if attempt else ""), file=sys.stderr, flush=True)
             if self.writer and (self.run_dir / "status.json").exists():
                 write_status(self.run_dir, "running", None, resumed_from=self.step)
-        self.t0 = time.perf_counter()
+        self.trackers = Trackers(self.t["log_to"], self.run_dir, self.rid, self.spec, enabled=self.writer,
+                                 start_step=self.step)
+        self.t0 = time.perf_counter()  # after the trackers' set-up, like the data's and the model's
+        try:
+            return self._run()
+        finally:
+            self.trackers.close()
+
+    def _run(self) -> dict:
         t = self.t
         steps, eval_every, ckpt_every = t["steps"], t["eval_every"], t["checkpoint_every"]
         self.last_lr = self.opt.param_groups[0]["lr"]
@@ -660,6 +674,8 @@ class _Trainer:
         final = self.final_record()
         if not self.writer:
             return final
+        if self.probe_history:
+            write_probe_top1(self.run_dir / PROBE_TOP1_FILE, self.probe_history[-1])
         atomic_write_json(self.run_dir / "final.json", final)
         if not t["keep_checkpoint"] and self.ckpt_path.exists():
             self.ckpt_path.unlink()
@@ -711,6 +727,7 @@ class _Trainer:
         cost.update({
             "wall_time_s": elapsed,
             "train_time_s": self.train_time,
+            "ms_per_step": 1000.0 * self.train_time / self.step if self.step else None,
             "tokens_per_s": self.tokens_seen / self.train_time if self.train_time > 0 else None,
             "samples_per_s": self.samples_seen / self.train_time if self.train_time > 0 else None,
             "tokens_per_sample": self.tokens_per_sample,
