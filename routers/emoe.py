@@ -50,6 +50,8 @@ class EMoERouter(CapturesInitialBasis, Router):
     """EMoE's router (see the module docstring). ``rank`` r must be below d_model: with r = d the basis
     spans everything and the energies only re-express h in a rotated frame of the whole space."""
 
+    sequence_refusal = "its score is the energy (Q^T x)^2, quadratic in the token"
+
     def __init__(self, d_model: int, num_experts: int, rank: int = 128, mode: str = "top1", tau: float = 1.0,
                  lambda_orth: float = 1e-3):
         if mode not in MODES:

@@ -23,6 +23,8 @@ class ErmoeReleasedRouter(Router):
     expert's backbone by that multiple of each weight's std, its own seed, so scores differ).
     ``moe.blocks`` / ``d_hidden`` / ``mode`` do not apply: every expert is a whole backbone."""
 
+    sequence_refusal = "it is image-level already (one decision per image, whole-backbone experts)"
+
     image_level = True
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, threshold: float = 0.5,

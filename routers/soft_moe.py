@@ -34,6 +34,7 @@ from moebench.core.routing import Router, Routing, RoutingContext
 class SoftMoERouter(Router):
     """Slots as soft mixtures of a sequence's tokens; see the module docstring."""
 
+    sequence_refusal = "it sends weighted mixtures of tokens (dense dispatch), not one choice per token"
 
     def __init__(self, d_model: int, num_experts: int, slots_per_expert: int = 1,
                  tokens_per_sequence: int | None = None, normalize: bool = True):

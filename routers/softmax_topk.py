@@ -28,6 +28,8 @@ from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 class SoftmaxTopK(Router):
     """Linear gate, softmax in float32, top-k, weights renormalised over the chosen k (or raw: norm_topk_prob)."""
 
+    sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, balance_weight: float = 0.0,
                  balance_scope: str = "micro", norm_topk_prob: bool = True):
         super().__init__(d_model, num_experts, top_k)

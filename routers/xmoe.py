@@ -26,6 +26,8 @@ from moebench.core.routing import Router, Routing, RoutingContext, expert_counts
 class XMoERouter(Router):
     """Cosine routing in a ``proj_dim``-dimensional space with learnable temperature; see the module docstring."""
 
+    sequence_refusal = "it L2-normalises each token's projection before the cosine score"
+
     def __init__(
         self,
         d_model: int,

@@ -100,6 +100,9 @@ class MoEConfig:
     capacity_policy: str = option("position", "choice", choices=("position", "priority"),
                                   doc="which pairs a full expert keeps: earlier tokens, or higher top gate "
                                       "score (V-MoE batch-prioritised routing)")
+    routing_unit: str = option("token", "choice", choices=("token", "sequence"),
+                               doc="token: each token routed; sequence: one decision per example from its summed "
+                                   "tokens (= summed gate logits for linear gates; Chen et al. 2022)")
     activation: str = option(None, "choice", nullable=True, choices=EXPERT_ACTIVATIONS,
                              doc="expert activation; swiglu / geglu: gated experts (Mixtral); null: the dense MLP's")
     shared_experts: int = option(0, "int", minimum=0, maximum=MAX_EXPERTS,

@@ -322,6 +322,7 @@ def moefy(
     shared_expert_gate: bool = _MOE_DEFAULTS["shared_expert_gate"],
     null_experts: int = _MOE_DEFAULTS["null_experts"],
     capacity_policy: str = _MOE_DEFAULTS["capacity_policy"],
+    routing_unit: str = _MOE_DEFAULTS["routing_unit"],
     mode: str = _MOE_DEFAULTS["mode"],
     patches_only: bool = _MOE_DEFAULTS["patches_only"],
     freeze_backbone: bool = _MOE_DEFAULTS["freeze_backbone"],
@@ -338,6 +339,8 @@ def moefy(
     ``freeze_backbone`` leaves only the MoE layers and the head trainable."""
     if mode not in MODES:
         raise ValueError(f"moefy mode must be one of {MODES}, got {mode!r}")
+    if mode == "adapter" and routing_unit != "token":
+        raise ValueError("moefy routing_unit='sequence' applies to mode='replace' only; set routing_unit: token")
     if mode == "adapter":
         return _moefy_adapter(model, blocks, num_experts, router, router_args, d_hidden, capacity_factor, upcycle,
                               activation, tower, patches_only, freeze_backbone, train_norms,
@@ -382,7 +385,8 @@ def moefy(
         layer = MoELayer(d_model, hidden, num_experts, router=router, router_args=router_args,
                          capacity_factor=capacity_factor, activation=act_name, shared_experts=shared_experts,
                          shared_expert_gate=shared_expert_gate, null_experts=null_experts,
-                         capacity_policy=capacity_policy, router_init_std=router_init_std)
+                         capacity_policy=capacity_policy, router_init_std=router_init_std,
+                         routing_unit=routing_unit)
         if upcycle:
             if getattr(layer.experts, "gated", False):
                 layer_notes.append(f"upcycle skipped: {act_name} experts are gated and the dense MLP is not, "

@@ -714,6 +714,7 @@ class _Trainer:
         routing = {
             "mean": M.mean_over_layers(per_layer),
             "per_layer": per_layer,
+            "recovery_by_role": M.mean_recovery_by_role(per_layer),
             # StableMoE's curve averaged over layers; `mean` excludes the last evaluation (0 by definition)
             "final_switch": {"steps": list(self.probe_steps), "per_eval": per_eval,
                              "mean": float(np.mean(per_eval[:-1])) if len(per_eval) > 1 else None},
