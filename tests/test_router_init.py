@@ -23,7 +23,7 @@ LINEAR = 1 / math.sqrt(3 * D)  # nn.Linear's default: U(-1/sqrt(d), 1/sqrt(d))
 DEFAULT_STD = {name: LINEAR for name in ("softmax-topk", "switch", "expert-choice", "loss-free", "deepseek-v3",
                                          "top-p", "remoe", "base", "sinkhorn", "ssmoe", "xmoe")}
 DEFAULT_STD.update({"emoe": 1.0, "soft-moe": 1 / math.sqrt(D)})
-NO_GATE = {"hash", "uniform", "random", "ermoe"}
+NO_GATE = {"hash", "uniform", "random", "oracle", "collapse", "ermoe"}
 ARGS = {"emoe": {"rank": 64}, "soft-moe": {"tokens_per_sequence": 16}}
 LAYER_ROUTERS = [n for n in ROUTERS.builtin_names() if not getattr(ROUTERS.get(n), "image_level", False)]
 
