@@ -83,6 +83,8 @@ class BaseRouter(Router):
     cannot trace it into one graph and it reads values back to the host. Evaluation (greedy top-1)
     compiles into one graph."""
 
+    sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+
     compile_fullgraph = False
     compile_fullgraph_reason = ("the training assignment is an auction run until convergence: its rounds and "
                                 "bidders are data-dependent, so it breaks the graph and syncs with the host")

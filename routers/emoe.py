@@ -50,6 +50,8 @@ class EMoERouter(CapturesInitialBasis, Router):
     """EMoE's router (see the module docstring). ``rank`` r must be below d_model: with r = d the basis
     spans everything and the energies only re-express h in a rotated frame of the whole space."""
 
+    sequence_refusal = "its score is the energy (Q^T x)^2, quadratic in the token"
+
     def __init__(self, d_model: int, num_experts: int, rank: int = 128, mode: str = "top1", tau: float = 1.0,
                  lambda_orth: float = 1e-3):
         if mode not in MODES:
@@ -85,6 +87,10 @@ class EMoERouter(CapturesInitialBasis, Router):
     def flops_per_token(self) -> float:
         """Projection 2*d*r, energies ~4r, logits 2*E*r (the E x r mixing matrix is per layer, not per token)."""
         return float(2 * self.d_model * self.rank + 4 * self.rank + 2 * self.num_experts * self.rank)
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """M, the expert-mixing matrix the logits come from (moe.router_init_std); Q stays orthogonal."""
+        return [self.M]
 
     def probs(self, x: Tensor) -> Tensor:
         """Router probabilities (T, E), float32, differentiable in x, Q, gamma, M, b."""

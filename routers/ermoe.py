@@ -299,6 +299,8 @@ class ErMoERouter(CapturesInitialBasis, Router):
     a reference to it outside the module tree, so its parameters appear once in the state dict (under
     the layer's ``experts``) and nowhere under the router, which has no parameters of its own."""
 
+    sequence_refusal = "its score is the cosine of each token with an expert's eigen-subspace, not linear in the token"
+
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, ortho: str = "qr",
                  lambda_orth: float = 5e-4, route_rank: int | None = None, score: str = "subspace",
                  threshold: float = 0.0, free_experts: list[int] | None = None, weights: str = "normalized",

@@ -23,6 +23,8 @@ class ErmoeReleasedRouter(Router):
     expert's backbone by that multiple of each weight's std, its own seed, so scores differ).
     ``moe.blocks`` / ``d_hidden`` / ``mode`` do not apply: every expert is a whole backbone."""
 
+    sequence_refusal = "it is image-level already (one decision per image, whole-backbone experts)"
+
     image_level = True
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, threshold: float = 0.5,
@@ -63,6 +65,9 @@ class ErmoeReleasedRouter(Router):
     @classmethod
     def build_model(cls, backbone: nn.Module, moe: dict) -> ErmoeReleasedModel:
         """The released model around ``backbone`` from a spec's ``moe`` section."""
+        if moe.get("router_init_std") is not None:
+            raise ValueError("moe.router_init_std cannot apply to router 'ermoe-released': it has no learned gate "
+                             "(it scores images by the backbone's own attention); leave moe.router_init_std null for it")
         d = backbone.head.in_features if isinstance(getattr(backbone, "head", None), nn.Linear) else 0
         args = copy.deepcopy(moe.get("router_args") or {})
         router = cls(d, moe["num_experts"], **args)

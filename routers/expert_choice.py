@@ -29,6 +29,7 @@ class ExpertChoiceRouter(Router):
     ``capacity`` (default 2) is the average number of experts per token; ``top_k`` is accepted as an
     alias for it (so a grid that sets top_k for every router means the same compute here)."""
 
+    sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
 
     def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, capacity: float | None = None):
         if capacity is None:

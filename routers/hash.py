@@ -28,6 +28,8 @@ _PRIME = 2**31 - 1
 class HashRouter(Router):
     """Fixed hash routing by position, token id or locality-sensitive hash; see the module docstring."""
 
+    sequence_refusal = "it has no gate logits (a fixed hash of position, token id or input)"
+
     def __init__(
         self,
         d_model: int,

@@ -28,6 +28,8 @@ _SCORE_FNS = ("sigmoid", "softmax")
 class LossFreeRouter(Router):
     """Sigmoid (or softmax) gate with a load-driven selection bias; see the module docstring."""
 
+    sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+
     def __init__(
         self,
         d_model: int,

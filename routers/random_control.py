@@ -35,6 +35,9 @@ def _mix(x: Tensor) -> Tensor:
 class RandomRouter(Router):
     """Fresh uniform random k-subset of experts per token per forward; see the module docstring."""
 
+    control = True  # a control with known answers, not a router to rank (grids list it where it applies)
+    sequence_routing = True  # reads no content: one random draw per sequence
+
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, seed: int = 0):
         super().__init__(d_model, num_experts, top_k)
         if not isinstance(seed, int) or seed < 0:

@@ -30,6 +30,8 @@ from moebench.core.routing import Router, Routing, RoutingContext
 class ReMoERouter(Router):
     """ReLU gates with an adaptively weighted, load-balanced L1 penalty; see the module docstring."""
 
+    sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, alpha: float = 1.2,
                  lambda_init: float = 1e-8, balance: bool = True):
         super().__init__(d_model, num_experts, top_k)

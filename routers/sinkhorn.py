@@ -35,6 +35,8 @@ def sinkhorn(logits: Tensor, iterations: int) -> Tensor:
 class SinkhornRouter(Router):
     """Sinkhorn-balanced selection, raw-probability weights; see the module docstring."""
 
+    sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, iterations: int = 8):
         super().__init__(d_model, num_experts, top_k)
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:

@@ -34,6 +34,7 @@ from moebench.core.routing import Router, Routing, RoutingContext
 class SoftMoERouter(Router):
     """Slots as soft mixtures of a sequence's tokens; see the module docstring."""
 
+    sequence_refusal = "it sends weighted mixtures of tokens (dense dispatch), not one choice per token"
 
     def __init__(self, d_model: int, num_experts: int, slots_per_expert: int = 1,
                  tokens_per_sequence: int | None = None, normalize: bool = True):
@@ -48,6 +49,10 @@ class SoftMoERouter(Router):
         self.phi = nn.Parameter(torch.randn(d_model, self.num_slots) * d_model ** -0.5)
         self.scale = nn.Parameter(torch.ones(())) if self.normalize else None
         self.seen_seq_len: int | None = None
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The slot parameters phi (moe.router_init_std; with ``normalize`` their scale does not matter)."""
+        return [self.phi]
 
     @property
     def active_experts_per_token(self) -> float:

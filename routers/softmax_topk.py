@@ -2,7 +2,10 @@
 
     p = softmax(x W_g)            W_g: d x E, no bias, float32
     S = top-k(p)                  the k largest probabilities
-    w_i = p_i / sum_{j in S} p_j  weights renormalised over the k (Mixtral)
+    w_i = p_i / sum_{j in S} p_j  weights renormalised over the k (Mixtral; ``norm_topk_prob=True``, the default)
+    w_i = p_i                     ``norm_topk_prob=False``: the raw probabilities (Qwen1.5-MoE / Qwen2-MoE's
+                                  default, OLMoE), transformers' option of the same name; the k weights
+                                  then sum to less than 1
 
 Optional balance loss (``balance_weight`` > 0; off by default): alpha * E * sum_i f_i P_i with f_i the
 share of the T*k chosen pairs that go to expert i and P_i the mean probability (GShard / Switch), f over
@@ -20,13 +23,20 @@ from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
 
-@register_router("softmax-topk", "linear gate, softmax, top-k, weights renormalised over the k (Mixtral/GShard)")
+@register_router("softmax-topk", "linear gate, softmax, top-k, weights renormalised over the k (Mixtral/GShard) or raw "
+                                 "(norm_topk_prob: false, Qwen-MoE / OLMoE)")
 class SoftmaxTopK(Router):
-    """Linear gate, softmax in float32, top-k, weights renormalised over the chosen k."""
+    """Linear gate, softmax in float32, top-k, weights renormalised over the chosen k (or raw: norm_topk_prob)."""
+
+    sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2, balance_weight: float = 0.0,
-                 balance_scope: str = "micro"):
+                 balance_scope: str = "micro", norm_topk_prob: bool = True):
         super().__init__(d_model, num_experts, top_k)
+        if not isinstance(norm_topk_prob, bool):
+            raise ValueError(f"softmax-topk option norm_topk_prob must be true (renormalise over the k, Mixtral) or "
+                             f"false (raw probabilities, Qwen-MoE / OLMoE), got {norm_topk_prob!r}")
+        self.norm_topk_prob = norm_topk_prob
         if not balance_weight >= 0:
             raise ValueError(f"softmax-topk option balance_weight must be >= 0, got {balance_weight!r}")
         self.balance_weight = float(balance_weight)
@@ -42,7 +52,7 @@ class SoftmaxTopK(Router):
     def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:
         probs = torch.softmax(F.linear(x, self.gate.weight.float()), dim=-1)  # float32 even in a bf16 model
         top_p, top_i = probs.topk(self.top_k, dim=-1)
-        weights = top_p / top_p.sum(-1, keepdim=True)
+        weights = top_p / top_p.sum(-1, keepdim=True) if self.norm_topk_prob else top_p
         aux = {}
         if self.balance_weight > 0:
             f = self.frequencies(top_i, ctx.training)

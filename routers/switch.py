@@ -46,6 +46,8 @@ def _check_nonnegative(name: str, value: float) -> float:
 class SwitchRouter(Router):
     """Switch Transformer top-1 router (Fedus et al. 2021) with ST-MoE z-loss; see the module docstring."""
 
+    sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+
     def __init__(
         self,
         d_model: int,

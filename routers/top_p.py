@@ -28,6 +28,8 @@ from moebench.core.routing import Router, Routing, RoutingContext
 class TopPRouter(Router):
     """Variable experts per token by cumulative probability; see the module docstring."""
 
+    sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+
     def __init__(self, d_model: int, num_experts: int, p: float = 0.4, max_k: int | None = None,
                  dynamic_weight: float = 1e-4, balance_weight: float = 1e-2, expected_experts: float = 2.0):
         max_k = num_experts if max_k is None else max_k

@@ -15,6 +15,8 @@ from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 class UniformRouter(Router):
     """Round-robin over experts by token index, equal weights 1/k."""
 
+    sequence_refusal = "it has no gate logits (round-robin by position)"
+
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2):
         super().__init__(d_model, num_experts, top_k)
 

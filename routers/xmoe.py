@@ -26,6 +26,8 @@ from moebench.core.routing import Router, Routing, RoutingContext, expert_counts
 class XMoERouter(Router):
     """Cosine routing in a ``proj_dim``-dimensional space with learnable temperature; see the module docstring."""
 
+    sequence_refusal = "it L2-normalises each token's projection before the cosine score"
+
     def __init__(
         self,
         d_model: int,
@@ -68,6 +70,10 @@ class XMoERouter(Router):
     def temperature(self) -> Tensor:
         """The effective temperature tau, clamped to [min_temperature, max_temperature]."""
         return self.log_temperature.float().exp().clamp(self.min_temperature, self.max_temperature)
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The projection (moe.router_init_std); the score is a cosine, so only its directions matter."""
+        return [self.proj.weight]
 
     def flops_per_token(self) -> float:
         return 2.0 * self.d_model * self.proj_dim + 2.0 * self.proj_dim * self.num_experts

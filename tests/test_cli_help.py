@@ -30,7 +30,7 @@ def test_help_shows_defaults_and_choices():
     train = parsers[("moebench", "train")].format_help()
     assert "{tiny,quick}" in train and "(default: quick)" in train
     run = parsers[("moebench", "run")].format_help()
-    assert "{local,slurm,debug}" in run and "(default: quick)" in run
+    assert "{local,slurm,debug}" in run and "(default: quick, then structure)" in " ".join(run.split())
     for path, parser in parsers.items():  # no noise such as "(default: None)"
         text = " ".join(parser.format_help().split())
         assert "(default: None)" not in text and "(default: False)" not in text, path

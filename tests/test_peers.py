@@ -72,15 +72,17 @@ def test_softmax_topk_swiglu_equals_mixtral_block():
         torch.testing.assert_close(layer(x), block(x.clone()), rtol=1e-5, atol=1e-5)
 
 
-def test_softmax_topk_shared_gated_equals_qwen2_moe_block():
+@pytest.mark.parametrize("norm_topk_prob", [True, False], ids=["renormalised", "raw"])
+def test_softmax_topk_shared_gated_equals_qwen2_moe_block(norm_topk_prob):
+    """norm_topk_prob=False: the raw top-k softmax probabilities (Qwen2-MoE's default, Qwen1.5-MoE)."""
     from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
     cfg = Qwen2MoeConfig(hidden_size=D, moe_intermediate_size=H, shared_expert_intermediate_size=2 * H,
-                         num_experts=E, num_experts_per_tok=2, norm_topk_prob=True, hidden_act="silu")
+                         num_experts=E, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob, hidden_act="silu")
     block = _randomise(Qwen2MoeSparseMoeBlock(cfg)).eval()
-    layer = MoELayer(D, H, E, router="softmax-topk", router_args={"top_k": 2}, activation="swiglu",
-                     shared_experts=2, shared_expert_gate=True).eval()
+    layer = MoELayer(D, H, E, router="softmax-topk", router_args={"top_k": 2, "norm_topk_prob": norm_topk_prob},
+                     activation="swiglu", shared_experts=2, shared_expert_gate=True).eval()
     with torch.no_grad():
         layer.router.gate.weight.copy_(block.gate.weight)
         layer.shared.gate.weight.copy_(block.shared_expert_gate.weight)

@@ -375,3 +375,19 @@ def test_loss_free_bias_moves_toward_balance():
     assert cv(start) > 1.0, f"the stream must start skewed (CV {cv(start):.2f})"
     assert cv(end) < 0.5 * cv(start), (start.tolist(), end.tolist())
     assert r.expert_bias[0] < 0 and (r.expert_bias[1:] > r.expert_bias[0]).all()
+
+
+def test_softmax_topk_raw_weights_are_the_top_k_probabilities():
+    """norm_topk_prob=False (Qwen-MoE / OLMoE): the k weights are the softmax probabilities themselves."""
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(0))
+    raw = build("softmax-topk", 8, 4, norm_topk_prob=False)
+    norm = build("softmax-topk", 8, 4)
+    probs = torch.softmax(x @ raw.gate.weight.T, -1)
+    r_raw, r_norm = raw(x, RoutingContext()), norm(x, RoutingContext())
+    want_w, want_i = probs.topk(2, -1)
+    assert torch.equal(r_raw.expert.view(10, 2), want_i) and torch.equal(r_norm.expert, r_raw.expert)
+    torch.testing.assert_close(r_raw.weight.view(10, 2), want_w)
+    torch.testing.assert_close(r_norm.weight.view(10, 2), want_w / want_w.sum(-1, keepdim=True))
+    assert (r_raw.weight.view(10, 2).sum(-1) < 1).all()
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        build("softmax-topk", 8, 4, norm_topk_prob="no")

@@ -32,7 +32,8 @@ def _reference_top1(routing, num_tokens):
     return [best[t][2] if t in best else -1 for t in range(num_tokens)]
 
 
-LAYER_ROUTERS = [n for n in ROUTERS.names() if not getattr(ROUTERS.get(n), "image_level", False)]
+LAYER_ROUTERS = [n for n in ROUTERS.names() if not getattr(ROUTERS.get(n), "image_level", False)
+                 and not getattr(ROUTERS.get(n), "needs_group", False)]  # oracle needs a task's true groups
 SMALL_D_ARGS = {"emoe": {"rank": 4}}  # options a router needs at d = D (emoe's rank must be below d)
 
 

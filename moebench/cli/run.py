@@ -1,23 +1,28 @@
 """``moebench run``: expand a grid, launch its runs with submitit, then write the report."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from moebench.cli._help import SET_HELP, command
 
 DEFAULT_GRID = "quick"
+#: what `moebench run` with no GRID runs, in order: the pretrained-regime benchmark, then the ground-truth
+#: structure track (each with its own results folder and report)
+DEFAULT_GRIDS = (DEFAULT_GRID, "structure")
 
 
 def add_parser(sub) -> None:
-    p = command(sub, "run", f"run a grid (default: {DEFAULT_GRID}), then write its report",
+    p = command(sub, "run", f"run a grid (default: {', then '.join(DEFAULT_GRIDS)}), then write its report",
                 description=f"Expand a grid into matched runs, run what is not done yet (resuming interrupted "
                             f"runs from their checkpoints, skipping finished ones), then write "
                             f"RESULTS/<grid>/report/. With no GRID, runs the shipped '{DEFAULT_GRID}' grid on "
-                            f"the offline defaults (CPU, minutes). Rerunning the same command is safe: it "
+                            f"the offline defaults (CPU, minutes), then the 'structure' grid (ground-truth routing). Rerunning the same command is safe: it "
                             f"picks up where the last one stopped.", func=run)
-    p.add_argument("grid", nargs="?", default=DEFAULT_GRID,
-                   help="a YAML grid file, or the name of a shipped grid (see `moebench grid show NAME`)")
+    p.add_argument("grid", nargs="?", default=None,
+                   help="a YAML grid file, or the name of a shipped grid (see `moebench grid show NAME`) "
+                        f"(default: {', then '.join(DEFAULT_GRIDS)})")
     p.add_argument("--cluster", choices=["local", "slurm", "debug"], default=None,
                    help="where jobs run: local subprocesses, a SLURM job array, or in-process (debug); "
                         "default: the grid's executor.cluster, where auto means local unless the grid "
@@ -46,6 +51,20 @@ def _write_report(grid_dir: Path) -> str | None:
 
 
 def run(args) -> int:
+    """Run ``args.grid``, or each of `DEFAULT_GRIDS` in turn; the worst exit code wins."""
+    if args.grid is not None:
+        return run_one(args)
+    worst = 0
+    for name in DEFAULT_GRIDS:
+        print(f"== moebench run {name} ==", flush=True)
+        code = run_one(argparse.Namespace(**{**vars(args), "grid": name}))
+        if code in (2, 130):  # a bad grid or an interrupt: stop here
+            return code
+        worst = max(worst, code)
+    return worst
+
+
+def run_one(args) -> int:
     """Exit 0 when every run is done (or running elsewhere) and the report was written; 1 if any run
     failed, is left to run, or the report could not be written; 2 for a bad grid or unusable cluster."""
     from moebench.grids.launch import run_grid

@@ -85,6 +85,8 @@ class TrainConfig:
     log_to: list = option([], "list", choices=TRACKERS,
                           doc="also write metrics.jsonl's lines to tensorboard and / or wandb (offline); the run "
                               "folder stays the record (not in the run id)")
+    eval_at_start: bool = option(False, "bool", doc="also evaluate at step 0: the routing before any learning "
+                                                    "(eigenbasis and SVD routers always do)")
 
 
 @dataclass
@@ -108,6 +110,9 @@ class MoEConfig:
     capacity_policy: str = option("position", "choice", choices=("position", "priority"),
                                   doc="which pairs a full expert keeps: earlier tokens, or higher top gate "
                                       "score (V-MoE batch-prioritised routing)")
+    routing_unit: str = option("token", "choice", choices=("token", "sequence"),
+                               doc="token: each token routed; sequence: one decision per example from its summed "
+                                   "tokens (= summed gate logits for linear gates; Chen et al. 2022)")
     activation: str = option(None, "choice", nullable=True, choices=EXPERT_ACTIVATIONS,
                              doc="expert activation; swiglu / geglu: gated experts (Mixtral); null: the dense MLP's")
     shared_experts: int = option(0, "int", minimum=0, maximum=MAX_EXPERTS,
@@ -121,6 +126,9 @@ class MoEConfig:
     patches_only: bool = option(False, "bool", doc="adapter mode: CLS / register tokens bypass the MoE branch")
     freeze_backbone: bool = option(False, "bool", doc="train only the MoE layers (and adapter alphas) and the head")
     train_norms: bool = option(False, "bool", doc="with freeze_backbone: the LayerNorms train too")
+    router_init_std: float = option(None, "float", minimum=0.0, strict=True, nullable=True,
+                                    doc="draw the router's learned gate weights from N(0, std^2); null: each "
+                                        "router's own init (README, 'Router initialisation')")
 
 
 @dataclass

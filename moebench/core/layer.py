@@ -14,8 +14,17 @@ from moebench.core.dense_dispatch import dense_dispatch
 from moebench.core.experts import Experts
 from moebench.core.null_experts import NullExperts
 from moebench.core.registry import ROUTERS
-from moebench.core.routing import CAPACITY_POLICIES, RoutingContext, apply_capacity, expert_counts
+from moebench.core.routing import (
+    CAPACITY_POLICIES,
+    Routing,
+    RoutingContext,
+    apply_capacity,
+    expert_counts,
+    init_router_gate,
+)
 from moebench.core.shared_experts import SharedExperts
+
+ROUTING_UNITS = ("token", "sequence")
 
 
 class MoELayer(nn.Module):
@@ -37,6 +46,8 @@ class MoELayer(nn.Module):
         shared_expert_gate: bool = False,
         null_experts: int = 0,
         capacity_policy: str = "position",
+        router_init_std: float | None = None,
+        routing_unit: str = "token",
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
@@ -61,6 +72,14 @@ class MoELayer(nn.Module):
             self.router = router_cls(d_model=d_model, num_experts=num_experts + null_experts, **args)
         except TypeError as err:
             raise TypeError(f"bad router_args for router {router!r}: {err}") from err
+        if routing_unit not in ROUTING_UNITS:
+            raise ValueError(f"MoELayer routing_unit must be one of {list(ROUTING_UNITS)}, got {routing_unit!r}")
+        if routing_unit == "sequence" and not getattr(self.router, "sequence_routing", False):
+            raise ValueError(f"router {router!r} cannot route by sequence (moe.routing_unit: sequence): "
+                             f"{self.router.sequence_refusal}; use routing_unit: token, or a router with a "
+                             f"linear gate (softmax-topk, switch, top-p, loss-free, deepseek-v3, remoe, sinkhorn, "
+                             f"base, expert-choice) or the random / collapse / oracle controls")
+        self.routing_unit = routing_unit
         self.experts = self.router.wrap_experts(Experts(num_experts, d_model, d_hidden, activation))
         self.null = NullExperts(null_experts, num_experts, d_model) if null_experts else None
         self.shared = SharedExperts(shared_experts, d_model, d_hidden, activation, shared_expert_gate) \
@@ -69,7 +88,10 @@ class MoELayer(nn.Module):
         self.aux_losses: dict[str, Tensor] = {}  # the same, by name (the gradient-purity probe reads "balance")
         self.stats: dict = {}
         self.pending_context: Tensor | None = None  # set by a hook on the block's attention (moefy)
+        self.pending_group: Tensor | None = None  # (..., ) true group per token, set by a task that knows it
         self.intervention = None  # Routing -> Routing after capacity (moebench.training.interventions)
+        if router_init_std is not None:  # last: every other weight is drawn as without the option
+            init_router_gate(self.router, router_init_std, router)
 
     # --- cost -------------------------------------------------------------------------------------
     def flops_per_token(self) -> float:
@@ -110,18 +132,22 @@ class MoELayer(nn.Module):
         if context is not None and context.shape != shape:
             raise ValueError(f"context shape {tuple(context.shape)} must equal input shape {tuple(shape)}")
         seq_len = shape[-2] if x.dim() >= 3 else num_tokens
+        group, self.pending_group = self.pending_group, None
         ctx = RoutingContext(
             positions=torch.arange(seq_len, device=x.device).repeat(num_tokens // seq_len),
             token_ids=None if token_ids is None else token_ids.reshape(num_tokens),
             context=None if context is None else context.reshape(num_tokens, self.d_model).float(),
             training=self.training,
             seq_len=seq_len,
+            group=None if group is None else group.reshape(num_tokens).to(x.device),
         )
+        capacity = self.capacity_factor if self.capacity_factor is not None else self.router.default_capacity_factor(self.training)
         autocast_off = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
         with autocast_off:
-            routing = self.router(flat.float(), ctx)
-        capacity = self.capacity_factor if self.capacity_factor is not None else self.router.default_capacity_factor(self.training)
-        routing = apply_capacity(routing, capacity, self.capacity_policy)
+            if self.routing_unit == "sequence":
+                routing = self._route_sequences(flat.float(), ctx, seq_len, capacity)
+            else:
+                routing = apply_capacity(self.router(flat.float(), ctx), capacity, self.capacity_policy)
         if self.intervention is not None:
             routing = self.intervention(routing)
         null_out = None
@@ -149,6 +175,34 @@ class MoELayer(nn.Module):
         self.aux_loss = torch.stack(losses).sum() if losses else flat.new_zeros((), dtype=torch.float32)
         self._record_stats(routing, counts, num_tokens)
         return out.to(x.dtype).reshape(shape)
+
+    def _route_sequences(self, flat: Tensor, ctx: RoutingContext, seq_len: int, capacity) -> Routing:
+        """One decision per sequence (Chen et al. 2022 sum the gate logits over patches): the router sees
+        each sequence's summed tokens (for a linear gate, the summed logits), capacity counts sequences,
+        and every token of a sequence gets its sequence's pairs."""
+        num_seq = flat.shape[0] // seq_len
+        def pool(t: Tensor | None, how: str) -> Tensor | None:
+            if t is None:
+                return None
+            t = t.reshape(num_seq, seq_len, *t.shape[1:])
+            return t.sum(1) if how == "sum" else t[:, 0]
+        seq_ctx = RoutingContext(positions=torch.zeros(num_seq, dtype=torch.long, device=flat.device),
+                                 token_ids=None, context=pool(ctx.context, "sum"), training=ctx.training,
+                                 seq_len=1, group=pool(ctx.group, "first"))
+        r = apply_capacity(self.router(pool(flat, "sum"), seq_ctx), capacity, self.capacity_policy)
+        if r.is_dense:
+            raise ValueError(f"router {self.router_name!r} returned a dense routing under routing_unit: sequence")
+        offsets = torch.arange(seq_len, device=flat.device)
+        token = (r.token.unsqueeze(1) * seq_len + offsets).reshape(-1)
+
+        def spread(t: Tensor) -> Tensor:
+            return t.repeat_interleave(seq_len, 0)
+        stats = {k: (spread(v) if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == num_seq else v)
+                 for k, v in r.stats.items()}
+        slot = None if r.slot is None else spread(r.slot)
+        return Routing(token=token, expert=spread(r.expert), weight=spread(r.weight), num_tokens=num_seq * seq_len,
+                       num_experts=r.num_experts, slot=slot, aux_losses=r.aux_losses, stats=stats,
+                       dropped=r.dropped * seq_len)
 
     @torch.no_grad()
     def _record_stats(self, routing, counts: Tensor, num_tokens: int) -> None:

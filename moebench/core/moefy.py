@@ -324,10 +324,12 @@ def moefy(
     shared_expert_gate: bool = _MOE_DEFAULTS["shared_expert_gate"],
     null_experts: int = _MOE_DEFAULTS["null_experts"],
     capacity_policy: str = _MOE_DEFAULTS["capacity_policy"],
+    routing_unit: str = _MOE_DEFAULTS["routing_unit"],
     mode: str = _MOE_DEFAULTS["mode"],
     patches_only: bool = _MOE_DEFAULTS["patches_only"],
     freeze_backbone: bool = _MOE_DEFAULTS["freeze_backbone"],
     train_norms: bool = _MOE_DEFAULTS["train_norms"],
+    router_init_std: float | None = _MOE_DEFAULTS["router_init_std"],
 ) -> MoefyResult:
     """Replace the MLPs of the chosen blocks (``blocks`` applied per tower) by MoELayers, in place.
 
@@ -341,11 +343,14 @@ def moefy(
     ``freeze_backbone`` leaves only the MoE layers and the head trainable."""
     if mode not in MODES:
         raise ValueError(f"moefy mode must be one of {MODES}, got {mode!r}")
+    if mode == "adapter" and routing_unit != "token":
+        raise ValueError("moefy routing_unit='sequence' applies to mode='replace' only; set routing_unit: token")
     if mode == "adapter":
         return _moefy_adapter(model, blocks, num_experts, router, router_args, d_hidden, capacity_factor, upcycle,
                               activation, tower, patches_only, freeze_backbone, train_norms,
                               shared_experts=shared_experts, shared_expert_gate=shared_expert_gate,
-                              null_experts=null_experts, capacity_policy=capacity_policy)
+                              null_experts=null_experts, capacity_policy=capacity_policy,
+                              router_init_std=router_init_std)
     if patches_only:
         raise ValueError("moefy patches_only=True applies to mode='adapter' only (a replaced MLP must process "
                          "every token); set mode: adapter or patches_only: false")
@@ -388,7 +393,8 @@ def moefy(
         layer = MoELayer(d_model, hidden, num_experts, router=router, router_args=router_args,
                          capacity_factor=capacity_factor, activation=act_name, shared_experts=shared_experts,
                          shared_expert_gate=shared_expert_gate, null_experts=null_experts,
-                         capacity_policy=capacity_policy)
+                         capacity_policy=capacity_policy, router_init_std=router_init_std,
+                         routing_unit=routing_unit)
         if upcycle:
             if getattr(layer.experts, "gated", False):
                 layer_notes.append(f"upcycle skipped: {act_name} experts are gated and the dense MLP is not, "

@@ -21,13 +21,15 @@ class RoutingContext:
     """Optional extras a router may read. ``context`` is the token's attention output (T, d) for routers
     that declare ``needs_context``; ``positions`` (T,) index tokens within their sequence;
     ``token_ids`` (T,) exist only for text; ``seq_len`` is the tokens per sequence (the T tokens are
-    T / seq_len sequences laid out one after another)."""
+    T / seq_len sequences laid out one after another). ``group`` (T,) is the token's true group where a
+    task knows it (the ``structure`` task; -1 = none): only control routers such as ``oracle`` read it."""
 
     positions: Tensor | None = None
     token_ids: Tensor | None = None
     context: Tensor | None = None
     training: bool = False
     seq_len: int | None = None
+    group: Tensor | None = None
 
 
 @dataclass
@@ -186,6 +188,11 @@ class Router(nn.Module):
 
     #: the router reads ``ctx.context`` (the token's attention output), so the layer computes it
     needs_context: bool = False
+    #: ``moe.routing_unit: sequence`` routes the sum of a sequence's tokens once. That equals summing the
+    #: gate logits only when they are linear in x (a linear gate), or the router reads no content (the
+    #: controls); such routers set this True. Others set ``sequence_refusal`` to say why they cannot.
+    sequence_routing: bool = False
+    sequence_refusal: str = "its scores are not linear in the token, so routing the summed tokens is not summing its logits"
     #: the trainer evaluates once at step 0, before any learning (the initial load of the experts)
     eval_at_start: bool = False
     #: not a token router: it routes whole images and builds its own model around the backbone through
@@ -229,6 +236,26 @@ class Router(nn.Module):
 
     def default_capacity_factor(self, training: bool) -> float | None:
         return None
+
+    def gate_parameters(self) -> list[Tensor]:
+        """The learned gate weights that ``moe.router_init_std`` redraws: the weight of an ``nn.Linear``
+        named ``gate`` by default; a router with another gate overrides this, one with none returns []."""
+        gate = getattr(self, "gate", None)
+        return [gate.weight] if isinstance(gate, nn.Linear) else []
+
+
+def init_router_gate(router: Router, std: float, name: str) -> None:
+    """Redraw ``router``'s learned gate weights from N(0, std^2) (``moe.router_init_std``)."""
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or not std > 0:
+        raise ValueError(f"moe.router_init_std must be a number > 0 (or null: the router's own init), got {std!r}")
+    params = router.gate_parameters()
+    if not params:
+        raise ValueError(f"moe.router_init_std={std!r} cannot apply to router {name!r}: it has no learned gate "
+                         f"(it routes by hash, position, chance or the experts' own weights); leave "
+                         f"moe.router_init_std null for it")
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0.0, float(std))
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}"

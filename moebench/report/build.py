@@ -89,6 +89,10 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
         else:
             rs.problems.append(f"no task has finished seeds of both {baseline} and another router at the same "
                                f"sweep point: the paired comparison is skipped")
+    from moebench.report.structure import structure_section
+
+    structure_tables, structure_lines = structure_section(rs, lb, items) if not lb.empty else ([], [])
+    overall += structure_tables
     states = rs.runs["state"].value_counts()
     summary = [f"Results folder: {rs.root}",
                f"{len(rs.runs)} runs: " + ", ".join(f"{n} {s}" for s, n in states.sort_index().items()),
@@ -105,8 +109,13 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
     headline_tables = [t for t in (claims.table, summary_table(totals)) if t is not None]
     task_notes = key_findings(lb, paired, baseline)
     return Report(rs, lb, ranks, paired, bench_tables, overall, unfinished_table(rs.runs), summary,
+<<<<<<< HEAD
                   claim_findings(claims.verdicts, totals, paired, baseline) + collapse_findings(lb),
                   reproducibility(rs.runs, rs.root, lb),
+=======
+                  claim_findings(claims.verdicts, totals, paired, baseline)
+                  + [f"Structure recovery, {line}" for line in structure_lines], reproducibility(rs.runs, rs.root, lb),
+>>>>>>> main
                   claims, totals, headline_tables, task_notes)
 
 

@@ -47,6 +47,11 @@ COLUMNS: dict[str, tuple[str, str | None, str]] = {
     "final_switch": ("Overlap w/ final (%) ↑", "higher", "overlap"),
     "last_fluctuation_step": ("Last fluctuation (step)", None, "f0"),
     "mutual_info": ("MI (nats) ↑", "higher", "f3"),
+    "nmi": ("NMI ↑", "higher", "f3"),
+    "ari": ("ARI ↑", "higher", "f3"),
+    "h_group_given_expert": ("H(group|expert) ↓", "lower", "f3"),
+    "h_expert_given_group": ("H(expert|group) ↓", "lower", "f3"),
+    "routing_accuracy": ("Routing acc. ↑", "higher", "f3"),
     "flops_per_token": ("{p}FLOPs/token", None, "si"),      # {p}: SI prefix chosen per table
     "params_active": ("Active params ({p})", None, "si"),
     "params_total": ("Params ({p})", None, "si"),
@@ -66,7 +71,12 @@ MEAN_COLUMNS = STAT_COLUMNS + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "
                                                  "unrouted_rate", "mutual_info_norm", "final_switch", "settle_fraction",
                                                  "wall_time_s", "peak_memory_mb", "router_params",
                                                  "router_flops_per_token", "ms_per_step", "seed_agreement",
+<<<<<<< HEAD
                                                  "seed_load_jsd", *ROUTES_KEYS]
+=======
+                                                 "seed_load_jsd", "nmi", "ari", "h_group_given_expert",
+                                                 "h_expert_given_group", "routing_accuracy"]
+>>>>>>> main
 
 
 _PER_LAYER = re.compile(r"\.layer\d+$")  # runs.csv's per-layer columns: leaderboard.csv gets their seed means
@@ -454,7 +464,8 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
 DIAG_COLUMNS = ["load_cv", "max_vio", "min_load_share", "max_load_share", "first_choice_max_share_init",
                 "first_choice_max_share", "collapsed", "moved_from_init", "near_dead_experts", "dead_experts",
                 "unrouted_rate", "drop_rate", "switch_rate", "final_switch", "last_fluctuation_step", "mutual_info",
-                "seed_agreement", "seed_load_jsd"]
+                "seed_agreement", "seed_load_jsd",
+                "nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy"]
 _BALANCE_KEYS = {"load_cv", "max_vio", "near_dead_experts", "dead_experts", "unrouted_rate", "drop_rate"}
 _STABILITY_KEYS = {"switch_rate", "final_switch", "last_fluctuation_step"}  # never "stable" when collapsed
 
@@ -527,7 +538,9 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
              "token's label and its top-1 expert, unrouted tokens as their own category. Seed agreement = "
              "probe tokens whose top-1 expert is the same in two seeds after matching expert indices "
              "(Hungarian method on co-assignment counts), mean over seed pairs; seed load JSD = "
-             "Jensen-Shannon divergence (base 2) between two seeds' matched load distributions. Bold = best "
+             "Jensen-Shannon divergence (base 2) between two seeds' matched load distributions. NMI (arithmetic "
+             "normaliser), ARI, H(group|expert), H(expert|group) (nats) and the Hungarian-matched routing "
+             "accuracy (E = number of labels only) read the label-by-expert table. Bold = best "
              "among complete groups; a row with unrouted or dropped tokens is never bold in a balance "
              "column."]
     return Table(title=f"Routing diagnostics: {bench}", columns=columns, rows=cells, bold=bold, notes=notes,

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from moebench.training.recovery import RECOVERY_METRICS, mean_recovery_by_role, recovery
+
 # ----------------------------------------------------------------------------------------------------
 # helpers
 
@@ -339,7 +341,11 @@ LAYER_STATS = (
     "load_cv", "max_mean", "max_vio", "min_load_share", "max_load_share", "norm_entropy", "gini",
     "dead_experts", "near_dead_experts", "drop_rate", "balance",
     "gate_entropy", "margin", "fallback_rate", "unrouted_rate", "mutual_info", "mutual_info_norm",
+<<<<<<< HEAD
     "switch_rate", "first_choice_max_share", "collapsed",
+=======
+    "switch_rate", *RECOVERY_METRICS,
+>>>>>>> main
 )
 
 
@@ -360,6 +366,7 @@ class _LayerAcc:
         self.extra_weights: dict[str, float] = {}
         self.label_by_expert: np.ndarray | None = None
         self.label_unrouted: np.ndarray | None = None
+        self.role_tables: dict[int, np.ndarray] = {}  # role -> (labels, E + 1) with the unrouted column
         self.top1: list[np.ndarray] = []
         self.top1_kept = 0
 
@@ -525,6 +532,18 @@ class RoutingStatsAccumulator:
         routed = keep & (top1 >= 0)
         np.add.at(a.label_by_expert, (lab[routed], top1[routed]), 1)
         np.add.at(a.label_unrouted, lab[keep & (top1 < 0)], 1)
+        roles_fn = getattr(self.task, "token_roles", None)
+        roles = roles_fn(batch, name, tokens // batch_size) if roles_fn is not None else None
+        if roles is not None:
+            role = _np(roles).astype(np.int64).reshape(-1)
+            col = np.where(top1 >= 0, top1, a.e)  # unrouted: its own category, column E
+            for r in np.unique(role[keep]):
+                sel = keep & (role == r)
+                table = a.role_tables.setdefault(int(r), np.zeros((num_labels, a.e + 1), dtype=np.int64))
+                if table.shape[0] < num_labels:
+                    table = a.role_tables[int(r)] = np.vstack(
+                        [table, np.zeros((num_labels - table.shape[0], a.e + 1), dtype=np.int64)])
+                np.add.at(table, (lab[sel], col[sel]), 1)
 
     # -- results -----------------------------------------------------------------------------------
     def top1(self) -> dict[str, np.ndarray]:
@@ -560,8 +579,17 @@ class RoutingStatsAccumulator:
             d["mutual_info"] = mutual_information(lbe) if lbe is not None else None
             d["mutual_info_norm"] = normalized_mutual_information(lbe) if lbe is not None else None
             d["switch_rate"] = None  # filled by the trainer from the probe history
+<<<<<<< HEAD
             d["first_choice_max_share"] = first_choice_max_share(a.top1_counts) if a.top1_counts.sum() else None
             d["collapsed"] = collapsed(d["first_choice_max_share"])
+=======
+            if lbe is not None:  # structure recovery (moebench.training.recovery), same (label, expert) table
+                d.update(recovery(lbe, a.e))
+                role_names = list(getattr(self.task, "role_names", []) or [])
+                d["recovery_by_role"] = {
+                    (role_names[r] if r < len(role_names) else str(r)): recovery(t, a.e)
+                    for r, t in sorted(a.role_tables.items())}
+>>>>>>> main
             for key in sorted(a.extra_sums):
                 if key == "fallback":
                     continue
@@ -582,7 +610,8 @@ class RoutingStatsAccumulator:
 
     def result(self) -> dict:
         per_layer = self.per_layer()
-        return {"mean": mean_over_layers(per_layer), "per_layer": per_layer}
+        return {"mean": mean_over_layers(per_layer), "per_layer": per_layer,
+                "recovery_by_role": mean_recovery_by_role(per_layer)}
 
 
 def mean_over_layers(per_layer: list[dict]) -> dict:

@@ -190,8 +190,8 @@ def resolve_versions(value, task: str, router: str | None) -> dict:
 
 # Keys added after 0.1.0: left out of the run id while at their default, so every earlier run keeps its id.
 ID_OPTIONAL = {"moe": {"activation": None, "shared_experts": 0, "shared_expert_gate": False, "null_experts": 0,
-                       "capacity_policy": "position"},
-               "train": {"interventions": False}}
+                       "capacity_policy": "position", "router_init_std": None, "routing_unit": "token"},
+               "train": {"interventions": False, "eval_at_start": False}}
 
 # Train options that change how fast a run goes or where it is also logged, not what it computes (like the device, which is not
 # in the spec either): a grid can switch them on and still find its finished and checkpointed runs.

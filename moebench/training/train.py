@@ -624,8 +624,13 @@ class _Trainer:
         batches = train_batches(self.train_ds, t["batch_size"], self.spec["seed"], self.step,
                                 t["num_workers"], self.collate, self.device.type == "cuda", self.rank, self.world)
         self.model.train()
+<<<<<<< HEAD
         if self.step == 0 and self.layers:
             self.evaluate()  # the routing before any learning: first_choice_max_share_init, moved_from_init
+=======
+        if self.step == 0 and (t.get("eval_at_start") or any(m.router.eval_at_start for _, m in self.layers)):
+            self.evaluate()  # the load before any learning (eigenbasis routers always: docs/ERMOE.md)
+>>>>>>> main
         try:
             while self.step < steps:
                 tic = time.perf_counter()
@@ -760,6 +765,7 @@ class _Trainer:
         routing = {
             "mean": M.mean_over_layers(per_layer),
             "per_layer": per_layer,
+            "recovery_by_role": M.mean_recovery_by_role(per_layer),
             # StableMoE's curve averaged over layers; `mean` excludes the last evaluation (0 by definition)
             "final_switch": {"steps": list(self.probe_steps), "per_eval": per_eval,
                              "mean": float(np.mean(per_eval[:-1])) if len(per_eval) > 1 else None},

@@ -1,0 +1,117 @@
+"""Structure-recovery metrics: how well the dispatched top-1 experts recover a task's true groups.
+
+All read one contingency matrix C (groups x experts, with the "unrouted" tokens as one more column,
+so a token sent nowhere is its own category), counted over held-out tokens that have a group. They
+equal scikit-learn's label-based functions on the same pairs (``tests/test_recovery.py`` checks it) but
+work on counts, so an evaluation never expands millions of tokens into label arrays:
+
+- ``h_group_given_expert``: H(group | expert), nats; 0 = every expert is pure (one group each).
+- ``h_expert_given_group``: H(expert | group), nats; 0 = every group goes to one expert.
+- ``nmi``: I(group; expert) / mean(H(group), H(expert)) (sklearn's default, arithmetic normaliser).
+- ``ari``: adjusted Rand index over token pairs (Hubert & Arabie 1985), 0 = chance, 1 = same partition.
+- ``routing_accuracy``: with as many experts as groups, the share of tokens on their group's expert
+  under the best one-to-one expert-group map (Hungarian, scipy); None otherwise.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+RECOVERY_METRICS = ("nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy")
+
+
+def _table(contingency) -> np.ndarray:
+    c = np.asarray(contingency, dtype=np.float64)
+    if c.ndim != 2:
+        raise ValueError(f"a contingency matrix is 2-D (groups x experts), got shape {c.shape}")
+    if (c < 0).any():
+        raise ValueError("a contingency matrix holds counts >= 0")
+    return c
+
+
+def _h(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def _parts(c: np.ndarray) -> tuple[float, float, float]:
+    """H(group), H(expert), H(group, expert) of the normalised table."""
+    p = c / c.sum()
+    return _h(p.sum(1)), _h(p.sum(0)), _h(p.reshape(-1))
+
+
+def h_group_given_expert(contingency) -> float | None:
+    c = _table(contingency)
+    if c.sum() == 0:
+        return None
+    _, he, hge = _parts(c)
+    return max(hge - he, 0.0)
+
+
+def h_expert_given_group(contingency) -> float | None:
+    c = _table(contingency)
+    if c.sum() == 0:
+        return None
+    hg, _, hge = _parts(c)
+    return max(hge - hg, 0.0)
+
+
+def nmi(contingency) -> float | None:
+    """sklearn's normalized_mutual_info_score (arithmetic): 1 when both sides are one category."""
+    c = _table(contingency)
+    if c.sum() == 0:
+        return None
+    hg, he, hge = _parts(c)
+    if hg == 0 and he == 0:
+        return 1.0
+    mi = max(hg + he - hge, 0.0)
+    return float(min(mi / max((hg + he) / 2, np.finfo(float).eps), 1.0))
+
+
+def ari(contingency) -> float | None:
+    """sklearn's adjusted_rand_score, from the pair confusion matrix of the table."""
+    c = _table(contingency)
+    n = c.sum()
+    if n == 0:
+        return None
+    sum_sq = (c ** 2).sum()
+    rows, cols = c.sum(1), c.sum(0)
+    tp = sum_sq - n
+    fp = (cols ** 2).sum() - sum_sq
+    fn = (rows ** 2).sum() - sum_sq
+    tn = n * n - fp - fn - sum_sq
+    if fn == 0 and fp == 0:
+        return 1.0
+    return float(2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn)))
+
+
+def routing_accuracy(contingency, num_experts: int | None = None) -> float | None:
+    """Hungarian-matched accuracy when the groups number the experts (the first ``num_experts``
+    columns; any further column, "unrouted", always counts as wrong); None when they differ."""
+    c = _table(contingency)
+    e = c.shape[1] if num_experts is None else num_experts
+    if c.sum() == 0 or c.shape[0] != e:
+        return None
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(c[:, :e], maximize=True)
+    return float(c[rows, cols].sum() / c.sum())
+
+
+def recovery(contingency, num_experts: int | None = None) -> dict:
+    """Every metric of `RECOVERY_METRICS` for one table (None where undefined or empty)."""
+    c = _table(contingency)
+    c = c[c.sum(1) > 0] if c.sum() else c  # groups absent from the eval tokens carry no information
+    return {"nmi": nmi(c), "ari": ari(c), "h_group_given_expert": h_group_given_expert(c),
+            "h_expert_given_group": h_expert_given_group(c),
+            "routing_accuracy": routing_accuracy(contingency, num_experts) if c.size else None}
+
+
+def mean_recovery_by_role(per_layer: list[dict]) -> dict:
+    """``recovery_by_role[role][metric]`` averaged over the layers that define it."""
+    out: dict = {}
+    for d in per_layer:
+        for role, metrics in (d.get("recovery_by_role") or {}).items():
+            for k, v in metrics.items():
+                if v is not None:
+                    out.setdefault(role, {}).setdefault(k, []).append(v)
+    return {role: {k: float(np.mean(v)) for k, v in m.items()} for role, m in out.items()}

@@ -1,0 +1,75 @@
+"""Structure-recovery metrics (moebench.training.recovery) against scikit-learn and hand cases."""
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from moebench.training.recovery import (
+    ari,
+    h_expert_given_group,
+    h_group_given_expert,
+    mean_recovery_by_role,
+    nmi,
+    recovery,
+    routing_accuracy,
+)
+
+
+def _table(groups, experts, k, e):
+    c = np.zeros((k, e), dtype=int)
+    np.add.at(c, (groups, experts), 1)
+    return c
+
+
+@pytest.mark.parametrize("seed, k, e, purity", [(0, 4, 4, 0.9), (1, 4, 8, 0.5), (2, 3, 5, 0.0), (3, 6, 2, 0.7)])
+def test_nmi_and_ari_equal_sklearn_on_the_same_pairs(seed, k, e, purity):
+    rng = np.random.default_rng(seed)
+    g = rng.integers(k, size=3000)
+    ex = np.where(rng.random(3000) < purity, g % e, rng.integers(e, size=3000))
+    c = _table(g, ex, k, e)
+    assert nmi(c) == pytest.approx(normalized_mutual_info_score(g, ex), abs=1e-10)
+    assert ari(c) == pytest.approx(adjusted_rand_score(g, ex), abs=1e-10)
+
+
+def test_conditional_entropies_by_hand():
+    # group 0 split evenly over experts 0 and 1; group 1 all on expert 1
+    c = np.array([[5, 5], [0, 10]])
+    # H(expert | group) = 0.5 * log 2 + 0.5 * 0
+    assert h_expert_given_group(c) == pytest.approx(0.5 * math.log(2))
+    # expert 0 pure; expert 1 holds 5 of group 0 and 10 of group 1 (3/4 of the tokens)
+    h1 = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))
+    assert h_group_given_expert(c) == pytest.approx(0.75 * h1)
+
+
+def test_a_permuted_perfect_partition_scores_perfectly_and_collapse_scores_zero():
+    perfect = np.array([[0, 7, 0, 0], [0, 0, 0, 9], [8, 0, 0, 0], [0, 0, 6, 0]])
+    r = recovery(perfect, 4)
+    assert r == {"nmi": 1.0, "ari": 1.0, "h_group_given_expert": 0.0, "h_expert_given_group": 0.0,
+                 "routing_accuracy": 1.0}
+    collapse = np.array([[10, 0, 0, 0]] * 4)
+    r = recovery(collapse, 4)
+    assert r["nmi"] == 0.0 and r["ari"] == 0.0 and r["routing_accuracy"] == 0.25
+    assert r["h_group_given_expert"] == pytest.approx(math.log(4)) and r["h_expert_given_group"] == 0.0
+
+
+def test_routing_accuracy_needs_as_many_experts_as_groups_and_counts_unrouted_as_wrong():
+    assert routing_accuracy(np.ones((3, 4)), 4) is None
+    # E = 2 experts + an "unrouted" column: 2 of group 0's 10 tokens were sent nowhere
+    c = np.array([[8, 0, 2], [0, 10, 0]])
+    assert routing_accuracy(c, 2) == pytest.approx(18 / 20)
+    # the unrouted column is a category of its own: pure in group, but group 0 is now split in two
+    assert h_group_given_expert(c) == pytest.approx(0.0, abs=1e-12) and h_expert_given_group(c) > 0.1
+
+
+def test_empty_tables_give_none_and_bad_tables_are_refused():
+    assert recovery(np.zeros((2, 2)), 2) == dict.fromkeys(
+        ("nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy"))
+    with pytest.raises(ValueError, match="2-D"):
+        nmi(np.zeros(3))
+
+
+def test_per_role_means_skip_layers_without_a_value():
+    layers = [{"recovery_by_role": {"centre": {"nmi": 1.0, "routing_accuracy": None}}},
+              {"recovery_by_role": {"centre": {"nmi": 0.5, "routing_accuracy": 0.5}}}, {}]
+    assert mean_recovery_by_role(layers) == {"centre": {"nmi": 0.75, "routing_accuracy": 0.5}}
