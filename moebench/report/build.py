@@ -109,13 +109,8 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
     headline_tables = [t for t in (claims.table, summary_table(totals)) if t is not None]
     task_notes = key_findings(lb, paired, baseline)
     return Report(rs, lb, ranks, paired, bench_tables, overall, unfinished_table(rs.runs), summary,
-<<<<<<< HEAD
-                  claim_findings(claims.verdicts, totals, paired, baseline) + collapse_findings(lb),
-                  reproducibility(rs.runs, rs.root, lb),
-=======
-                  claim_findings(claims.verdicts, totals, paired, baseline)
+                  claim_findings(claims.verdicts, totals, paired, baseline) + collapse_findings(lb)
                   + [f"Structure recovery, {line}" for line in structure_lines], reproducibility(rs.runs, rs.root, lb),
->>>>>>> main
                   claims, totals, headline_tables, task_notes)
 
 

@@ -71,12 +71,8 @@ MEAN_COLUMNS = STAT_COLUMNS + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "
                                                  "unrouted_rate", "mutual_info_norm", "final_switch", "settle_fraction",
                                                  "wall_time_s", "peak_memory_mb", "router_params",
                                                  "router_flops_per_token", "ms_per_step", "seed_agreement",
-<<<<<<< HEAD
-                                                 "seed_load_jsd", *ROUTES_KEYS]
-=======
                                                  "seed_load_jsd", "nmi", "ari", "h_group_given_expert",
-                                                 "h_expert_given_group", "routing_accuracy"]
->>>>>>> main
+                                                 "h_expert_given_group", "routing_accuracy", *ROUTES_KEYS]
 
 
 _PER_LAYER = re.compile(r"\.layer\d+$")  # runs.csv's per-layer columns: leaderboard.csv gets their seed means

@@ -341,11 +341,7 @@ LAYER_STATS = (
     "load_cv", "max_mean", "max_vio", "min_load_share", "max_load_share", "norm_entropy", "gini",
     "dead_experts", "near_dead_experts", "drop_rate", "balance",
     "gate_entropy", "margin", "fallback_rate", "unrouted_rate", "mutual_info", "mutual_info_norm",
-<<<<<<< HEAD
-    "switch_rate", "first_choice_max_share", "collapsed",
-=======
-    "switch_rate", *RECOVERY_METRICS,
->>>>>>> main
+    "switch_rate", "first_choice_max_share", "collapsed", *RECOVERY_METRICS,
 )
 
 
@@ -579,17 +575,14 @@ class RoutingStatsAccumulator:
             d["mutual_info"] = mutual_information(lbe) if lbe is not None else None
             d["mutual_info_norm"] = normalized_mutual_information(lbe) if lbe is not None else None
             d["switch_rate"] = None  # filled by the trainer from the probe history
-<<<<<<< HEAD
             d["first_choice_max_share"] = first_choice_max_share(a.top1_counts) if a.top1_counts.sum() else None
             d["collapsed"] = collapsed(d["first_choice_max_share"])
-=======
             if lbe is not None:  # structure recovery (moebench.training.recovery), same (label, expert) table
                 d.update(recovery(lbe, a.e))
                 role_names = list(getattr(self.task, "role_names", []) or [])
                 d["recovery_by_role"] = {
                     (role_names[r] if r < len(role_names) else str(r)): recovery(t, a.e)
                     for r, t in sorted(a.role_tables.items())}
->>>>>>> main
             for key in sorted(a.extra_sums):
                 if key == "fallback":
                     continue

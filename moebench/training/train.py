@@ -624,13 +624,8 @@ class _Trainer:
         batches = train_batches(self.train_ds, t["batch_size"], self.spec["seed"], self.step,
                                 t["num_workers"], self.collate, self.device.type == "cuda", self.rank, self.world)
         self.model.train()
-<<<<<<< HEAD
-        if self.step == 0 and self.layers:
+        if self.step == 0 and (self.layers or t.get("eval_at_start")):
             self.evaluate()  # the routing before any learning: first_choice_max_share_init, moved_from_init
-=======
-        if self.step == 0 and (t.get("eval_at_start") or any(m.router.eval_at_start for _, m in self.layers)):
-            self.evaluate()  # the load before any learning (eigenbasis routers always: docs/ERMOE.md)
->>>>>>> main
         try:
             while self.step < steps:
                 tic = time.perf_counter()
