@@ -82,7 +82,6 @@ class EMoERouter(CapturesInitialBasis, Router):
         self.register_buffer("basis_captured", torch.zeros((), dtype=torch.bool), persistent=True)
         self._overlap_cache: Tensor | None = None
 
-    eval_at_start = True  # the trainer evaluates at step 0: the load before any learning
     # 2: the step-0 evaluation no longer hid the tokens-per-sample count (tokens/s read as samples/s)
     version = 2
     def flops_per_token(self) -> float:

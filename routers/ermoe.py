@@ -12,9 +12,26 @@ Expert e (first layer in a learned orthonormal eigenbasis, second layer dense):
 
 Routing basis B_e = V_e[:, :r] (``route_rank`` r, default max(8, d // E), capped at m - 1; r >= m is
 refused: B_e would be the expert's whole eigenbasis, and with m = d the subspace score is identically 1).
-Upcycling gives every expert the same SVD, so each expert's columns are then rotated so that expert e
-routes on its own slice e*r .. e*r + r - 1 (mod m) of the dense eigen-directions; V, s and U are
-permuted together, so the expert's function stays exactly the dense MLP's. Score S (T, E):
+Upcycling gives every expert the same SVD, so each expert's columns are then permuted so that expert e
+routes on its own r of the dense eigen-directions (option ``slices``; V, s and U are permuted together,
+so the expert's function stays exactly the dense MLP's):
+
+    interleaved (default)  expert e: directions e, e+E, e+2E, ... (mod m): every expert gets one
+                           direction of each band of E, so no expert holds all the leading ones
+    snake                  as interleaved, every other band reversed (e, 2E-1-e, 2E+e, ...)
+    contiguous             expert e: e*r .. e*r + r - 1 (mod m) (issue 11's; expert 0 holds the leading
+                           directions, which carry most of every token's energy: it collapses)
+
+Slices alone still leave the expert holding direction 0 ahead (26-39 % of first choices at E = 8 on
+classification, docs/ERMOE.md), so upcycled experts are also ``calibrate``d (default true, THIS SUITE'S
+FIX, not in the abstract): at the first forward after upcycling, per-expert gains g (E,) are fitted on
+that batch so that argmax_e g_e S_e spreads the first choices evenly, then frozen (a buffer, saved with
+the model); the score is g_e S_e from then on, for selection and gate weights alike. Identical
+upcycled experts with weights summing to 1 still compute exactly the dense MLP. In the trainer that
+first batch is the step-0 evaluation's first batch (inputs only, no labels). Not for ``score:
+context`` (a cosine that may be negative: a gain would not rescale it).
+
+Score S (T, E):
 
     subspace  S_e = ||B_e^T x|| / ||x||                            cosine of x with span(B_e), in [0, 1]
     context   S_e = cos(B_e^T x, B_e^T c)                          c = the token's attention output
@@ -66,6 +83,7 @@ from ._eigen import CapturesInitialBasis, scale_lr, subspace_overlap
 
 ORTHO_CHOICES = ("qr", "cayley", "matrix_exp", "penalty")
 SCORE_CHOICES = ("subspace", "context", "weighted")
+SLICE_CHOICES = ("interleaved", "snake", "contiguous")
 WEIGHT_CHOICES = ("normalized", "softmax")
 FC1_MODES = ("auto", "factored", "dense")
 _EPS = 1e-8
@@ -102,7 +120,9 @@ class EigenExperts(Experts):
         self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model))
         self.use_grouped_mm = True
-        self.routing_stride = 0  # set by the router: load_dense staggers each expert's leading columns by it
+        self.routing_stride = 0  # set by the router: load_dense gives each expert its own leading columns
+        self.routing_slices = "interleaved"  # ... in this layout (SLICE_CHOICES)
+        self.upcycled = False  # set by load_dense / load_experts: the router may calibrate its selection
         if init:
             self.reset_parameters()
 
@@ -186,21 +206,31 @@ class EigenExperts(Experts):
         E = self.num_experts
         b1 = fc1_bias if fc1_bias is not None else fc1_weight.new_zeros(self.d_hidden)
         b2 = fc2_bias if fc2_bias is not None else fc2_weight.new_zeros(self.d_model)
-        self._set_dense(fc1_weight.t().unsqueeze(0).expand(E, -1, -1), b1.expand(E, -1),
-                        fc2_weight.t().unsqueeze(0).expand(E, -1, -1), b2.expand(E, -1))
-        if self.routing_stride:
-            self.stagger_columns(self.routing_stride)
+        self.load_experts(fc1_weight.t().unsqueeze(0).expand(E, -1, -1), b1.expand(E, -1),
+                          fc2_weight.t().unsqueeze(0).expand(E, -1, -1), b2.expand(E, -1))
 
     @torch.no_grad()
-    def stagger_columns(self, stride: int) -> None:
-        """Rotate expert e's SVD columns by e * stride (V, s and U together: the function is unchanged),
-        so identical experts lead with different eigen-directions (expert e: e*stride .. mod m)."""
-        m = self.rank
-        perm = torch.stack([torch.roll(torch.arange(m), -(e * stride) % m) for e in range(self.num_experts)])
+    def load_experts(self, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> None:
+        """Upcycle from per-expert dense weights (E, d, h) / (E, h) / (E, h, d) / (E, d) (Drop-Upcycling
+        gives each expert its own), via each one's SVD, then give each expert its routing slice."""
+        self._set_dense(w1, b1, w2, b2)
+        self.upcycled = True
+        if self.routing_stride:
+            self.assign_slices(self.routing_stride, self.routing_slices)
+
+    @torch.no_grad()
+    def assign_slices(self, r: int, kind: str = "interleaved") -> None:
+        """Permute expert e's SVD columns (V, s and U together: the function is unchanged) so that its
+        first r columns are its own eigen-directions (`slice_indices`), the rest after them in order."""
+        perm = slice_permutation(kind, self.num_experts, self.rank, r)
         for name in ("V", "U"):
             value = getattr(self, name).detach()
             self._assign(name, torch.gather(value, 2, perm.unsqueeze(1).expand_as(value).to(value.device)))
         self.s.copy_(torch.gather(self.s, 1, perm.to(self.s.device)))
+
+    def stagger_columns(self, stride: int) -> None:
+        """Issue 11's contiguous slices (expert e: e*stride ..): kept for the design comparison."""
+        self.assign_slices(stride, "contiguous")
 
     # --- forward ----------------------------------------------------------------------------------
     def uses_factored(self, num_rows: int) -> bool:
@@ -223,6 +253,43 @@ class EigenExperts(Experts):
                 f"rank={self.rank}, fc1_mode={self.fc1_mode!r}")
 
 
+@torch.no_grad()
+def balance_offsets(S: Tensor, iters: int = 300) -> Tensor:
+    """Offsets c (E,) such that argmax_e (S - c) gives each expert about 1/E of the first choices of
+    the tokens S (T, E): c_e rises while expert e is over its share (a decaying step, so it settles);
+    returned centred (mean 0)."""
+    T, E = S.shape
+    c = S.new_zeros(E, dtype=torch.float32)
+    spread = float((S.float().amax(-1) - S.float().amin(-1)).mean().clamp_min(1e-6))
+    for i in range(iters):
+        counts = torch.bincount((S.float() - c).argmax(-1), minlength=E).float() / T
+        c += spread * 0.5 * 0.985 ** i * (counts - 1.0 / E)
+    return c - c.mean()
+
+
+def slice_indices(kind: str, num_experts: int, m: int, r: int) -> list[list[int]]:
+    """The r eigen-directions (indices into the m singular directions, largest first) expert e routes
+    on, per expert: ``interleaved`` e + j*E, ``snake`` the same with odd bands reversed, ``contiguous``
+    e*r + j (all mod m)."""
+    _choice("slices", kind, SLICE_CHOICES)
+    E = num_experts
+    if kind == "contiguous":
+        return [[(e * r + j) % m for j in range(r)] for e in range(E)]
+    if kind == "snake":
+        return [[(j * E + (e if j % 2 == 0 else E - 1 - e)) % m for j in range(r)] for e in range(E)]
+    return [[(j * E + e) % m for j in range(r)] for e in range(E)]
+
+
+def slice_permutation(kind: str, num_experts: int, m: int, r: int) -> Tensor:
+    """(E, m) column order per expert: its `slice_indices` first (a repeat, possible when E*r > m, is
+    kept once), then every other column in its original order."""
+    rows = []
+    for lead in slice_indices(kind, num_experts, m, r):
+        first = list(dict.fromkeys(lead))
+        rows.append(first + [i for i in range(m) if i not in set(first)])
+    return torch.tensor(rows, dtype=torch.long)
+
+
 @register_router("ermoe", "eigenbasis-score routing over orthonormally reparameterised experts, no balance loss (ERMoE "
                           "reconstruction from the abstract; score=context and threshold/free_experts are this suite's extensions)")
 class ErMoERouter(CapturesInitialBasis, Router):
@@ -238,7 +305,7 @@ class ErMoERouter(CapturesInitialBasis, Router):
                  lambda_orth: float = 5e-4, route_rank: int | None = None, score: str = "subspace",
                  threshold: float = 0.0, free_experts: list[int] | None = None, weights: str = "normalized",
                  temperature: float = 0.7, fc1_mode: str = "auto", freeze_basis: bool = False,
-                 eigen_lr_scale: float = 1.0):
+                 eigen_lr_scale: float = 1.0, slices: str = "interleaved", calibrate: bool = True):
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
             raise ValueError(f"ermoe option top_k must be an integer, got {top_k!r}")
         super().__init__(d_model, num_experts, int(top_k))
@@ -246,6 +313,11 @@ class ErMoERouter(CapturesInitialBasis, Router):
         self.score = _choice("score", score, SCORE_CHOICES)
         self.weights = _choice("weights", weights, WEIGHT_CHOICES)
         self.fc1_mode = _choice("fc1_mode", fc1_mode, FC1_MODES)
+        self.slices = _choice("slices", slices, SLICE_CHOICES)
+        if not isinstance(calibrate, bool):
+            raise ValueError(f"ermoe option calibrate must be true or false (per-expert score gains fitted "
+                             f"at the first forward after upcycling), got {calibrate!r}")
+        self.calibrate = calibrate
         if not _is_real(lambda_orth) or lambda_orth < 0:
             raise ValueError(f"ermoe option lambda_orth must be a number >= 0 (penalty weight), got {lambda_orth!r}")
         if not _is_real(temperature) or not temperature > 0:
@@ -285,10 +357,12 @@ class ErMoERouter(CapturesInitialBasis, Router):
         # (sized in wrap_experts; saved with the model so a resumed run measures drift from the same B0)
         self.register_buffer("initial_basis", torch.zeros(0), persistent=True)
         self.register_buffer("basis_captured", torch.zeros((), dtype=torch.bool), persistent=True)
+        # per-expert score gains of upcycled experts (``calibrate``): fitted at the first forward, then fixed
+        self.register_buffer("score_gain", torch.ones(num_experts), persistent=True)
 
-    eval_at_start = True  # the trainer evaluates at step 0: the load before any learning
     # 2: the step-0 evaluation no longer hid the tokens-per-sample count (tokens/s read as samples/s)
-    version = 2
+    # 3: upcycled experts route on interleaved eigen-directions (slices), not contiguous ones (issue 18)
+    version = 3
     @staticmethod
     def _check_free(free_experts, num_experts: int) -> tuple[int, ...]:
         if free_experts is None:
@@ -323,6 +397,7 @@ class ErMoERouter(CapturesInitialBasis, Router):
             self.route_rank = eig.rank - 1
         self.initial_basis = torch.zeros(self.num_experts, self.d_model, self.route_rank, device=eig.V.device)
         eig.routing_stride = self.route_rank  # upcycling: expert e routes on its own slice of the dense SVD
+        eig.routing_slices = self.slices
         scale_lr((eig.V, eig.U, eig.s), self.eigen_lr_scale)
         if self.ortho in ("cayley", "matrix_exp"):
             eig.parametrize_orthogonal(self.ortho)
@@ -421,7 +496,12 @@ class ErMoERouter(CapturesInitialBasis, Router):
         context = ctx.context if self.score == "context" else None
         self._check_context(context)
         V = eig.V  # one access: a parametrised basis is computed once per forward here
+        first = not self._captured_flag
         self.capture_initial_basis(V[..., : self.route_rank])  # first forward only (a Python flag: no host read)
+        if first and self.calibrate and eig.upcycled and self.score != "context":
+            with torch.no_grad():  # gains g = exp(-c), c fitted on log S: argmax_e g_e S_e spreads evenly
+                self.score_gain.copy_(torch.exp(-balance_offsets(self.scores(x, context, V).clamp_min(_EPS).log())))
+        gain = self.score_gain
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, V, eig.s, context))
         # On CPU the projection's FLOPs dominate, so the backward runs over the chosen pairs only; on a
@@ -429,10 +509,11 @@ class ErMoERouter(CapturesInitialBasis, Router):
         if needs_grad and self.top_k < self.num_experts and x.device.type == "cpu":
             with torch.no_grad():
                 S = self.scores(x, context, V)
+                S = S * gain
             idx, fallback = self.select(S)
-            s_sel = self._pair_scores(x, context, V, idx)
+            s_sel = self._pair_scores(x, context, V, idx) * gain[idx]
         else:
-            S = self.scores(x, context, V)
+            S = self.scores(x, context, V) * gain
             idx, fallback = self.select(S)
             s_sel = S.gather(1, idx)
         if self.weights == "softmax":

@@ -103,7 +103,7 @@ def test_an_unreadable_checkpoint_restarts_the_run_from_zero_with_the_reason(tmp
     assert res["state"] == "done"
     status = records.read_status(run_dir)
     assert status["state"] == "done" and "restarted from step 0" in status["note"]
-    assert [r["step"] for r in records.read_jsonl(run_dir / "metrics.jsonl")] == [4, 8]
+    assert [r["step"] for r in records.read_jsonl(run_dir / "metrics.jsonl")] == [0, 4, 8]  # 0: the routing before learning
     assert not list(run_dir.glob(".*.tmp"))
 
 
@@ -125,7 +125,7 @@ def test_a_torn_metrics_tail_is_cut_before_resuming(tmp_path):
     full = train(task_for(spec), spec, tmp_path / "full", progress=False)
     assert comparable(resumed) == comparable(full)
     lines = records.read_jsonl(tmp_path / "cut" / "metrics.jsonl", strict=True)
-    assert [r["step"] for r in lines] == [4, 8]
+    assert [r["step"] for r in lines] == [0, 4, 8]
 
 
 # --- 2. symlinks --------------------------------------------------------------------------------------

@@ -142,8 +142,10 @@ def test_state_dict_holds_the_eigen_experts_once_and_deepcopy_keeps_the_link():
     layer = MoELayer(8, 16, 4, router="ermoe")
     keys = list(layer.state_dict())
     assert sorted(k for k in keys if k.endswith((".V", ".U", ".s"))) == ["experts.U", "experts.V", "experts.s"]
-    # the router's only state: the snapshot B0 of the routing bases (drift diagnostic), a buffer
-    assert sorted(k for k in keys if k.startswith("router.")) == ["router.basis_captured", "router.initial_basis"]
+    # the router's only state, buffers: the snapshot B0 of the routing bases (drift diagnostic) and the
+    # per-expert score gains of upcycled experts (calibrate)
+    assert sorted(k for k in keys if k.startswith("router.")) == ["router.basis_captured", "router.initial_basis",
+                                                                  "router.score_gain"]
     assert sum(p.numel() for p in layer.router.parameters()) == 0
     clone = copy.deepcopy(layer)
     assert clone.router.eigen_experts is clone.experts
@@ -405,19 +407,60 @@ def _upcycled(d=16, h=32, E=4, **args):
     return layer, fc1, fc2
 
 
-def test_upcycled_experts_route_on_different_slices_and_stay_the_dense_mlp():
-    layer, fc1, fc2 = _upcycled(route_rank=4)
+@pytest.mark.parametrize("slices", ["interleaved", "snake", "contiguous"])
+def test_upcycled_experts_route_on_different_slices_and_stay_the_dense_mlp(slices):
+    layer, fc1, fc2 = _upcycled(route_rank=4, slices=slices)
     x = torch.randn(3, 20, 16)
     torch.testing.assert_close(layer(x), fc2(F.gelu(fc1(x))), atol=1e-5, rtol=1e-5)  # function exact
     S = layer.stats["scores"]
     assert (S.max(-1).values - S.min(-1).values > 1e-3).all()  # no token sees all experts tie
     assert len(set(layer.stats["top1"].tolist())) > 1
-    # expert e leads with dense eigen-directions e*4 .. e*4 + 3
+    # expert e leads with its own dense eigen-directions: interleaved e, e+4, e+8, e+12
     V = layer.experts.V.detach()
     u_dense = torch.linalg.svd(fc1.weight.detach().t(), full_matrices=False)[0]
+    want = {"interleaved": lambda e: [e, e + 4, e + 8, e + 12], "snake": lambda e: [e, 7 - e, 8 + e, 15 - e],
+            "contiguous": lambda e: [4 * e + j for j in range(4)]}[slices]
     for e in range(4):
-        overlap = (u_dense[:, 4 * e: 4 * e + 4].T @ V[e, :, :4]).square().sum() / 4
+        overlap = (u_dense[:, want(e)].T @ V[e, :, :4]).square().sum() / 4
         assert overlap > 0.999
+
+
+@pytest.mark.parametrize("slices", ["contiguous", "interleaved"])
+def test_calibrated_upcycling_spreads_first_choices_and_keeps_the_dense_function(slices):
+    """Tokens whose energy sits in the leading eigen-directions (as real tokens' does) all pick the
+    expert holding direction 0 without calibration; the gains fitted at the first forward spread
+    them, keep the dense function, stay fixed afterwards and are saved with the model."""
+    torch.manual_seed(0)
+    d, h, E = 16, 32, 4
+    fc1, fc2 = nn.Linear(d, h), nn.Linear(h, d)
+    u = torch.linalg.svd(fc1.weight.detach().t(), full_matrices=False)[0]  # dense eigen-directions
+    x = (torch.randn(400, d) * torch.linspace(3.0, 0.2, d)) @ u.T  # energy decays along them
+    shares = {}
+    for calibrate in (False, True):
+        layer = MoELayer(d, h, E, router="ermoe", router_args={"route_rank": 4, "slices": slices,
+                                                               "calibrate": calibrate})
+        layer.experts.load_dense(fc1.weight.detach(), fc1.bias.detach(), fc2.weight.detach(), fc2.bias.detach())
+        y = layer(x.unsqueeze(0))
+        torch.testing.assert_close(y[0], fc2(F.gelu(fc1(x))), atol=1e-5, rtol=1e-5)  # still the dense MLP
+        shares[calibrate] = torch.bincount(layer.stats["top1"], minlength=E).max().item() / 400
+        gain = layer.router.score_gain.clone()
+        layer(x[:50].unsqueeze(0))  # a later forward does not refit
+        assert torch.equal(layer.router.score_gain, gain)
+        assert (not torch.equal(gain, torch.ones(E))) == calibrate
+    assert shares[True] <= 1.2 / E < shares[False]  # near the uniform 1/E
+    if slices == "contiguous":
+        assert shares[False] > 0.5  # issue 18: expert 0 takes most first choices
+
+
+def test_interleaved_slices_give_no_expert_the_leading_direction_band():
+    """Contiguous slices put every leading direction in expert 0; interleaved ones one per expert per band."""
+    from moebench.routers.ermoe import slice_indices
+
+    assert slice_indices("contiguous", 4, 16, 4)[0] == [0, 1, 2, 3]
+    assert [s[0] for s in slice_indices("interleaved", 4, 16, 4)] == [0, 1, 2, 3]
+    assert sorted(i for s in slice_indices("interleaved", 4, 16, 4) for i in s) == list(range(16))
+    with pytest.raises(ValueError, match="slices"):
+        _upcycled(slices="diagonal")
 
 
 def test_basis_overlap_starts_at_one_and_falls_as_the_basis_learns():

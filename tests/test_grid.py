@@ -255,9 +255,9 @@ def test_grid_show_reports_errors_without_a_traceback(tmp_path, capsys):
     assert "routers[0].name: unknown router 'swich'" in capsys.readouterr().err
 
 
-CLOSING_ROUTERS = {"dense", "softmax-topk", "switch", "hash", "ermoe"}
+CLOSING_ROUTERS = {"dense", "softmax-topk", "switch", "hash-position", "hash-lsh", "random", "ermoe"}
 ADAPTER_TRACK = {"emoe-adapter", "softmax-topk-adapter"}
-PARAM_CONTROLS = {"hash-params", "switch-params"}
+PARAM_CONTROLS = {"hash-position-params", "switch-params"}
 
 
 def test_quick_is_the_pretrained_regime_with_three_seeds_on_the_three_tasks():

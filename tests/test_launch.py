@@ -47,7 +47,8 @@ def run_dirs(grid_path, results) -> dict[str, Path]:
 
 
 def metric_steps(run_dir: Path) -> list[int]:
-    return [row["step"] for row in records.read_jsonl(run_dir / "metrics.jsonl")]
+    """Evaluation steps after training began (an MoE run also logs step 0: its routing before learning)."""
+    return [row["step"] for row in records.read_jsonl(run_dir / "metrics.jsonl") if row["step"] > 0]
 
 
 def attempts_logged(run_dir: Path) -> int:

@@ -100,10 +100,12 @@ def test_toy_learns_and_writes_schema_conformant_records(tmp_path):
     assert not (run_dir / "checkpoint.pt").exists()
 
     lines = records.read_jsonl(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in lines] == [20, 40, 60]
+    assert [r["step"] for r in lines] == [0, 20, 40, 60]  # step 0: the routing before any learning
+    assert lines[0]["train_loss"] is None
     for r in lines:
         assert {"step", "train_loss", "lr", "metrics", "routing"} <= set(r)
-        assert math.isfinite(r["train_loss"]) and r["lr"] > 0
+        assert r["step"] == 0 or math.isfinite(r["train_loss"])
+        assert r["lr"] > 0
         assert len(r["routing"]["per_layer"]) == 2
         for d in r["routing"]["per_layer"]:
             assert len(d["counts"]) == 4 and sum(d["counts"]) == 64 * 16 * 2  # top-2 of every eval token
@@ -120,10 +122,22 @@ def test_toy_learns_and_writes_schema_conformant_records(tmp_path):
     assert final["headline"]["value"] == final["metrics"]["accuracy"] > 0.6  # chance is 0.25
     layer = final["routing"]["per_layer"][0]
     assert len(layer["label_by_expert"]) == 4 and len(layer["labels"]) == 4
-    assert layer["final_switch"][-1] == 0.0 and len(layer["final_switch"]) == 3
+    # probe_every null: steps // 10, so probe points 0, 6, ..., 60 plus the evaluations at 20 and 40
+    steps = sorted(set(range(0, 61, 6)) | {20, 40})
+    assert layer["final_switch"][-1] == 0.0 and len(layer["final_switch"]) == len(steps) == 13
     fs = final["routing"]["final_switch"]
-    assert fs["steps"] == [20, 40, 60] and fs["per_eval"][-1] == 0.0
-    assert fs["mean"] == pytest.approx(sum(fs["per_eval"][:2]) / 2)
+    assert fs["steps"] == steps and fs["per_eval"][-1] == 0.0
+    probe = final["routing"]["probe"]
+    assert probe["steps"] == fs["steps"] and probe["switch_rate"][0] is None and len(probe["switch_rate"]) == 13
+    for d in final["routing"]["per_layer"]:
+        counts = d["top1_counts"]
+        assert d["first_choice_max_share"] == pytest.approx(max(counts) / sum(counts))
+        assert d["collapsed"] is (d["first_choice_max_share"] > 0.5)
+        assert d["first_choice_max_share_init"] == lines[0]["routing"]["per_layer"][
+            final["routing"]["per_layer"].index(d)]["first_choice_max_share"]
+        assert 0.0 <= d["moved_from_init"] <= 1.0 and d["moved_from_init"] == pytest.approx(d["final_switch"][0])
+    assert final["routing"]["mean"]["collapsed"] is any(d["collapsed"] for d in final["routing"]["per_layer"])
+    assert fs["mean"] == pytest.approx(sum(fs["per_eval"][:-1]) / 12)
     assert fs["mean"] == pytest.approx(final["routing"]["mean"]["final_switch_mean"])
     assert final["routing"]["mean"]["mutual_info"] > 0.05  # experts pick up the token components
     cost = final["cost"]
@@ -185,7 +199,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, router):
     with pytest.raises(Interrupt):
         train(task_for(spec), spec, run, progress=False, on_step=stop)
     assert (run / "checkpoint.pt").exists()
-    assert [r["step"] for r in records.read_jsonl(run / "metrics.jsonl")] == [10]
+    assert [r["step"] for r in records.read_jsonl(run / "metrics.jsonl")] == [0, 10]
     # a line written after the checkpoint (killed between eval and save) must be dropped on resume
     records.append_jsonl(run / "metrics.jsonl", {"step": 20, "metrics": {"accuracy": -1.0}})
 
@@ -194,10 +208,23 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, router):
     assert resumed["cost"]["wall_time_s"] > 0
     cut_lines = records.read_jsonl(run / "metrics.jsonl")
     full_lines = records.read_jsonl(tmp_path / "full" / "metrics.jsonl")
-    assert [r["step"] for r in cut_lines] == [10, 20, 30]
+    assert [r["step"] for r in cut_lines] == [0, 10, 20, 30]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
     assert strip(cut_lines) == strip(full_lines)
     assert not (run / "checkpoint.pt").exists()
+
+
+def test_probes_do_not_change_the_run(tmp_path):
+    """Routing the probe samples every step must leave training exactly as without probes (they run in
+    eval mode, under no_grad, with the RNG state forked: switch's jitter draws from the global RNG)."""
+    finals = {}
+    for every in (0, 1):
+        spec = make_spec("switch", steps=12, eval_every=6, checkpoint_every=0, probe_every=every)
+        spec["moe"]["router_args"] = {"top_k": 1}
+        finals[every] = train(task_for(spec), spec, tmp_path / str(every), progress=False)
+    assert finals[1]["metrics"] == finals[0]["metrics"]
+    assert finals[0]["routing"]["probe"]["steps"] == [0, 6, 12]  # 0: only at the evaluations
+    assert finals[1]["routing"]["probe"]["steps"] == list(range(13))
 
 
 def test_checkpoint_of_another_run_is_set_aside_and_the_run_restarts(tmp_path, capsys):
@@ -215,7 +242,7 @@ def test_checkpoint_of_another_run_is_set_aside_and_the_run_restarts(tmp_path, c
     assert "belongs to run 'softmax-topk-s0-" in err and "restarted from step 0" in err
     clean = train(task_for(other), other, tmp_path / "clean", progress=False)
     assert comparable(resumed) == comparable(clean)  # started from zero, not from the other run's weights
-    assert [r["step"] for r in records.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [4, 8]
+    assert [r["step"] for r in records.read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 4, 8]
     assert len(list((tmp_path / "run" / ".stale").glob("*/checkpoint.pt"))) == 1
 
 
@@ -342,4 +369,4 @@ def test_eigenbasis_routers_log_the_load_at_step_0_and_basis_drift(tmp_path):
     assert first["train_loss"] is None and first["routing"]["mean"]["load_cv"] is not None
     assert first["routing"]["mean"]["router_basis_overlap"] == pytest.approx(1.0, abs=1e-5)
     assert 0.0 < last["routing"]["mean"]["router_basis_overlap"] < 1.0
-    assert [line["step"] for line in lines["softmax-topk"]] == [6]  # other routers: unchanged
+    assert [line["step"] for line in lines["softmax-topk"]] == [0, 6]  # every MoE run: the routing at step 0

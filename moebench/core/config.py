@@ -74,6 +74,10 @@ class TrainConfig:
                                      "dropped, and at capacity factors 0.5/1/1.5/2 (E x layers + 5 evaluations)")
     probe_size: int = option(64, "int", minimum=0,
                              doc="eval samples whose top-1 experts are tracked for stability; 0: off")
+    probe_every: int = option(None, "int", minimum=0, nullable=True,
+                              doc="steps between routings of the probe samples (no eval set: cheap); null: "
+                                  "steps // 10 (at least 1), so every run has >= 10 stability points; 0: only "
+                                  "at evaluations")
     keep_checkpoint: bool = option(False, "bool", doc="keep checkpoint.pt after the run is done")
     deterministic: Any = option("auto", "choice", choices=("auto", True, False),
                                 doc="deterministic kernels: auto (CPU only), true or false")
@@ -96,7 +100,13 @@ class MoEConfig:
     d_hidden: int = option(None, "int", minimum=1, nullable=True, doc="expert hidden width; null: the dense MLP's")
     capacity_factor: float = option(None, "float", minimum=0.0, strict=True, nullable=True,
                                     doc="null: the router's default (dropless for most)")
-    upcycle: bool = option(False, "bool", doc="copy the dense MLP into every expert")
+    upcycle: Any = option(False, "choice", choices=(False, True, "drop"),
+                          doc="true: copy the dense MLP into every expert; drop: Drop-Upcycling (copy, then "
+                              "re-draw a share upcycle_drop of each expert's hidden units from the dense "
+                              "weights' statistics); false: fresh experts")
+    upcycle_drop: float = option(None, "float", minimum=0.0, maximum=1.0, nullable=True,
+                                 doc="with upcycle: drop, the share of each expert's hidden units re-drawn "
+                                     "(Nakamura et al. 2025: 0.5); null: 0.5")
     capacity_policy: str = option("position", "choice", choices=("position", "priority"),
                                   doc="which pairs a full expert keeps: earlier tokens, or higher top gate "
                                       "score (V-MoE batch-prioritised routing)")

@@ -216,6 +216,15 @@ class Experts(nn.Module):
         self.b1.copy_(fc1_bias if fc1_bias is not None else torch.zeros(self.d_hidden))
         self.b2.copy_(fc2_bias if fc2_bias is not None else torch.zeros(self.d_model))
 
+    @torch.no_grad()
+    def load_experts(self, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> None:
+        """Upcycle from per-expert weights (E, d, h) / (E, h) / (E, h, d) / (E, d) (Drop-Upcycling)."""
+        if self.gated:
+            raise ValueError(f"cannot upcycle a dense (non-gated) MLP into {self.activation!r} experts; "
+                             f"set moe.activation to null (the dense MLP's) or moe.upcycle to false")
+        for name, value in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+            getattr(self, name).copy_(value)
+
     def fc1(self, x_sorted: Tensor, counts: Tensor, contiguous_grad: bool = True) -> Tensor:
         """First projection without bias; a reparameterising subclass (ERMoE) overrides this alone."""
         return grouped_matmul(x_sorted, self.fc1_weight().to(x_sorted.dtype), counts, self.use_grouped_mm,

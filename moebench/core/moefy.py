@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from moebench.core.adapter import ADAPTER_ACTIVATION, MODES, AdapterHook, AdapterMoE, build_adapter_layer, prefix_tokens
 from moebench.core.adapter import freeze_backbone as freeze_backbone_fn
 from moebench.core.config import MoEConfig, defaults
+from moebench.core.drop_upcycle import drop_generator, drop_upcycle
 from moebench.core.experts import ACTIVATIONS
 from moebench.core.layer import MoELayer
 
@@ -315,7 +316,8 @@ def moefy(
     router_args: dict | None = None,
     d_hidden: int | None = _MOE_DEFAULTS["d_hidden"],
     capacity_factor: float | None = _MOE_DEFAULTS["capacity_factor"],
-    upcycle: bool = _MOE_DEFAULTS["upcycle"],
+    upcycle: bool | str = _MOE_DEFAULTS["upcycle"],
+    upcycle_drop: float | None = _MOE_DEFAULTS["upcycle_drop"],
     activation: str | None = None,
     tower: str = "both",
     shared_experts: int = _MOE_DEFAULTS["shared_experts"],
@@ -333,7 +335,9 @@ def moefy(
 
     Returns the replaced modules' names (``model.get_submodule(name)`` is the MoELayer) with ``.notes``.
     ``d_hidden`` None keeps the dense MLP width; ``upcycle`` copies the dense MLP into every expert
-    (only possible at the dense width; otherwise experts start fresh and a note says so).
+    (only possible at the dense width; otherwise experts start fresh and a note says so); ``"drop"``
+    then re-draws a share ``upcycle_drop`` (None: 0.5) of each expert's hidden units
+    (Drop-Upcycling, ``moebench.core.drop_upcycle``).
     ``mode="adapter"`` keeps the MLPs and adds a residual MoE branch after each chosen block instead
     (``moebench.core.adapter``; the names returned are then ``<block>.moe_adapter.moe``);
     ``freeze_backbone`` leaves only the MoE layers and the head trainable."""
@@ -352,8 +356,12 @@ def moefy(
                          "every token); set mode: adapter or patches_only: false")
     if d_hidden is not None and (isinstance(d_hidden, bool) or not isinstance(d_hidden, int) or d_hidden < 1):
         raise ValueError(f"moefy d_hidden must be a positive integer or None (the dense MLP width), got {d_hidden!r}")
-    if not isinstance(upcycle, bool):
-        raise ValueError(f"moefy upcycle must be true or false, got {upcycle!r}")
+    if not isinstance(upcycle, bool) and upcycle != "drop":
+        raise ValueError(f"moefy upcycle must be true, false or 'drop' (Drop-Upcycling), got {upcycle!r}")
+    if upcycle_drop is not None and upcycle != "drop":
+        raise ValueError(f"moefy upcycle_drop={upcycle_drop!r} applies only with upcycle='drop' (got "
+                         f"upcycle={upcycle!r}); set moe.upcycle: drop or remove moe.upcycle_drop")
+    drop_ratio = (0.5 if upcycle_drop is None else upcycle_drop) if upcycle == "drop" else 0.0
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"moefy activation must be None (detect from the MLP) or one of {sorted(ACTIVATIONS)}, "
                          f"got {activation!r}")
@@ -397,11 +405,10 @@ def moefy(
             elif not hasattr(layer.experts, "load_dense"):
                 layer_notes.append(f"upcycle skipped: {type(layer.experts).__name__} has no load_dense, so "
                                    f"experts start from fresh init")
+            elif upcycle == "drop":
+                _drop_upcycle(layer, dense, drop_ratio, name)
             else:
-                layer.experts.load_dense(dense.fc1.weight.detach().float(),
-                                         None if dense.fc1.bias is None else dense.fc1.bias.detach().float(),
-                                         dense.fc2.weight.detach().float(),
-                                         None if dense.fc2.bias is None else dense.fc2.bias.detach().float())
+                layer.experts.load_dense(*_dense_weights(dense))
                 if activation is not None and dense.act is not None and activation != detect_activation(dense.act)[0]:
                     layer_notes.append(f"upcycled experts use activation {activation!r}, not the dense MLP's "
                                        f"{type(dense.act).__name__}")
@@ -443,6 +450,27 @@ def moefy(
     if freeze_backbone:
         _freeze(model, train_norms)
     return names
+
+
+def _dense_weights(dense: _Dense) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """The dense MLP's fc1 / fc2 weights and biases, float32, nn.Linear layout (out, in)."""
+    return (dense.fc1.weight.detach().float(), None if dense.fc1.bias is None else dense.fc1.bias.detach().float(),
+            dense.fc2.weight.detach().float(), None if dense.fc2.bias is None else dense.fc2.bias.detach().float())
+
+
+def _drop_upcycle(layer: MoELayer, dense: _Dense, ratio: float, name: str) -> None:
+    """Drop-Upcycling: every expert the dense MLP with its own share ``ratio`` of hidden units re-drawn."""
+    if not hasattr(layer.experts, "load_experts"):
+        raise ValueError(f"moe.upcycle: drop needs experts with per-expert loading; {type(layer.experts).__name__} "
+                         f"(in {name}) has no load_experts: use moe.upcycle: true")
+    fc1_w, fc1_b, fc2_w, fc2_b = _dense_weights(dense)
+    h, d = fc1_w.shape
+    b1 = fc1_b if fc1_b is not None else fc1_w.new_zeros(h)
+    b2 = fc2_b if fc2_b is not None else fc2_w.new_zeros(d)
+    (w1, b1e, w2, b2e), _ = drop_upcycle(fc1_w.t(), b1, fc2_w.t(), b2, layer.num_experts, ratio,
+                                         drop_generator(name))
+    layer.experts.check_dense_shapes(fc1_w, fc2_w)
+    layer.experts.load_experts(w1, b1e, w2, b2e)
 
 
 def _moefy_adapter(model, blocks, num_experts, router, router_args, d_hidden, capacity_factor, upcycle, activation,

@@ -112,7 +112,7 @@ def _moe_spec(name: str, moe: dict, router_args: dict) -> dict:
         "router_args": router_args,
         "d_hidden": moe.get("d_hidden"),
         "capacity_factor": moe.get("capacity_factor"),
-        "upcycle": bool(moe.get("upcycle", False)),
+        "upcycle": moe.get("upcycle", False),
         **{k: copy.deepcopy(moe[k]) for k in MOE_KEYS
            if k not in ("blocks", "num_experts", "d_hidden", "capacity_factor", "upcycle")},
     }

@@ -22,7 +22,8 @@ Schema (every key optional unless marked; unknown keys are rejected with the clo
       num_experts: 8
       d_hidden: 192              # REFERENCE expert width (see matching below); null = the dense MLP's
       capacity_factor: null      # null = dropless (or the router's own default, e.g. Switch)
-      upcycle: false             # copy the dense MLP into every expert
+      upcycle: false             # true: copy the dense MLP into every expert; drop: Drop-Upcycling
+      upcycle_drop: null         # with upcycle: drop, the share of hidden units re-drawn per expert (null: 0.5)
       mode: replace              # replace the MLP | adapter: x + alpha * MoE(x) after the block (EMoE)
       patches_only: false        # adapter mode: CLS / register tokens bypass the branch
       freeze_backbone: false     # train only MoE layers (+ adapter alphas) and the head; train_norms: + norms
@@ -70,8 +71,9 @@ Matching (what every run's ``spec['match']`` records):
 - The dense baseline keeps the model's own MLP width (it is "the model without MoE", the one a
   reader knows). It is FLOP-matched to the MoE runs exactly when that width equals
   ``reference_active_experts * d_hidden``; ``moebench grid show`` prints both so it is visible.
-- ``upcycle: true`` copies the dense MLP into each expert, which needs every run's width to be the
-  same; a grid whose matching would give different widths is refused.
+- ``upcycle: true`` copies the dense MLP into each expert (``drop``: then re-draws a share
+  ``upcycle_drop`` of each expert's hidden units, Drop-Upcycling), which needs every run's width to be
+  the same; a grid whose matching would give different widths is refused.
 
 Measuring: matching needs each MoE layer's d_model (and ``d_hidden: null`` the dense MLP width), so
 ``expand`` builds the task's model once per (task, task_args, model, blocks, num_experts), with tiny

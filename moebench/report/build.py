@@ -20,7 +20,7 @@ from moebench.report.cost_table import cost_table
 from moebench.report.items import load_headline_items
 from moebench.report.load import RecordSet, load_record_set, load_records  # noqa: F401  (public API)
 from moebench.report.render import Table, to_latex, to_markdown
-from moebench.report.summary import claim_findings, key_findings, reproducibility
+from moebench.report.summary import claim_findings, collapse_findings, key_findings, reproducibility
 from moebench.report.tables import (
     add_intervals,
     leaderboard_frame,
@@ -109,7 +109,7 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
     headline_tables = [t for t in (claims.table, summary_table(totals)) if t is not None]
     task_notes = key_findings(lb, paired, baseline)
     return Report(rs, lb, ranks, paired, bench_tables, overall, unfinished_table(rs.runs), summary,
-                  claim_findings(claims.verdicts, totals, paired, baseline)
+                  claim_findings(claims.verdicts, totals, paired, baseline) + collapse_findings(lb)
                   + [f"Structure recovery, {line}" for line in structure_lines], reproducibility(rs.runs, rs.root, lb),
                   claims, totals, headline_tables, task_notes)
 
@@ -153,7 +153,9 @@ def _write_csvs(rep: Report, out: Path) -> None:
     rep.paired.to_csv(out / "paired.csv", index=False)
     rep.claims.frame.to_csv(out / "claims.csv", index=False)
     rep.totals.table.to_csv(out / "summary.csv", index=False)
-    runs = rep.rs.runs.drop(columns=["sweep"], errors="ignore")
+    runs = rep.rs.runs.drop(columns=["sweep"], errors="ignore").copy()
+    for col in [c for c in runs if c == "collapsed" or c.startswith("collapsed.")]:
+        runs[col] = runs[col].map(lambda v: None if pd.isna(v) else bool(v)).astype("boolean")  # True / False
     if not rep.paired.empty:  # each run carries its group's verdicts against the baseline
         cols = ["tost", "p_improve", "p_improve_low", "p_improve_high"]
         runs = runs.merge(rep.paired[["bench", "label", "variant"] + cols], on=["bench", "label", "variant"], how="left")

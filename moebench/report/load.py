@@ -29,6 +29,8 @@ ROUTING_STATS = ("load_cv", "max_mean", "norm_entropy", "gini", "dead_experts", 
 COST_KEYS = ("params_total", "params_active", "flops_per_token", "router_params", "router_flops_per_token",
              "ms_per_step", "wall_time_s", "tokens_per_s", "peak_memory_mb")
 ID_COLS = ("grid", "run_id", "bench", "task", "label", "variant", "seed")
+#: does the router route? per run (routing.mean) and per layer (columns ``<key>.layer<i>``)
+ROUTES_KEYS = ("first_choice_max_share_init", "first_choice_max_share", "collapsed", "moved_from_init")
 NOT_DONE = ("failed", "missing", "queued", "running", "interrupted", "new", "corrupt")
 
 
@@ -36,7 +38,8 @@ NOT_DONE = ("failed", "missing", "queued", "running", "interrupted", "new", "cor
 class RecordSet:
     """All records under one results folder: ``runs`` (one row per run), ``layers`` (one row per run
     and MoE layer, from final.json), ``evals`` (one row per run and evaluation, from metrics.jsonl),
-    ``problems`` (human-readable lines about unreadable or inconsistent records)."""
+    ``problems`` (human-readable lines about unreadable or inconsistent records), ``probes`` (one row
+    per run and probe point: the switch rate since the previous one, from final.json)."""
 
     root: Path
     runs: pd.DataFrame
@@ -44,6 +47,7 @@ class RecordSet:
     evals: pd.DataFrame
     problems: list[str] = field(default_factory=list)
     grids_with_expected: set[str] = field(default_factory=set)
+    probes: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def load_records(results_dir) -> pd.DataFrame:
@@ -56,9 +60,10 @@ def load_record_set(results_dir) -> RecordSet:
     if not root.is_dir():
         raise FileNotFoundError(f"results folder {root} does not exist; run a grid first (`moebench run`) "
                                 f"or pass the folder that holds <grid>/<run_id>/ record folders")
-    runs, layers, evals, problems = [], [], [], []
+    runs, layers, evals, problems, probes = [], [], [], [], []
     for run_dir in sorted(find_run_dirs(root)):
         row, lay, ev, probs = _read_run(run_dir)
+        probes += row.pop("_probes", [])
         runs.append(row)
         layers += lay
         evals += ev
@@ -72,8 +77,8 @@ def load_record_set(results_dir) -> RecordSet:
     frame = _finish_runs(pd.DataFrame(runs), problems)
     _fill_declared_margins(frame)
     _fill_switch_from_evals(frame, evals)
-    lay_frame, ev_frame = (_attach_ids(pd.DataFrame(x), frame) for x in (layers, evals))
-    return RecordSet(root, frame, lay_frame, ev_frame, problems, grids_with_expected)
+    lay_frame, ev_frame, probe_frame = (_attach_ids(pd.DataFrame(x), frame) for x in (layers, evals, probes))
+    return RecordSet(root, frame, lay_frame, ev_frame, problems, grids_with_expected, probe_frame)
 
 
 def find_run_dirs(root: Path, max_depth: int = 3):
@@ -151,6 +156,13 @@ def _read_run(run_dir: Path):
     for key, value in (routing.get("mean") or {}).items():
         row[key] = _num(value)
     row["final_switch"] = _final_switch(routing.get("final_switch"))
+    for i, layer in enumerate(routing.get("per_layer") or []):
+        for key in ROUTES_KEYS:
+            if isinstance(layer, dict) and key in layer:
+                row[f"{key}.layer{i}"] = _num(layer[key])
+    probe = routing.get("probe") or {}
+    row["_probes"] = [{"run_id": row["run_id"], "step": st, "switch_rate": _num(sw)}
+                      for st, sw in zip(probe.get("steps") or [], probe.get("switch_rate") or [])]
     for key, value in (final_ok.get("cost") or {}).items():
         row[key] = _num(value)
     row["device"] = device_name(final_ok.get("env"))

@@ -232,7 +232,10 @@ class Plotter:
         return self._pareto(bench, lb_b, runs_b, "params_total", "Total parameters ({p})", "pareto_params")
 
     def stability(self, bench, lb_b, runs_b) -> list[Plot]:
-        ev = self.rs.evals
+        # the probe points (every train.probe_every steps) where the runs recorded them, else the evaluations
+        probes = self.rs.probes
+        has_probes = not probes.empty and "switch_rate" in probes and probes["switch_rate"].notna().any()
+        ev = probes if has_probes else self.rs.evals
         if ev.empty or "switch_rate" not in ev:
             return []
         ev = ev[ev["run_id"].isin(runs_b["run_id"]) & ev["switch_rate"].notna()].copy()
@@ -243,6 +246,8 @@ class Plotter:
         seen = set(ev["entry"])
         order = [entry_name(lab, var) for lab, var, _ in self._entries(lb_b) if entry_name(lab, var) in seen]
         colour = {entry_name(lab, var): self.color[lab] for lab, var, _ in self._entries(lb_b)}
+        collapsed = {entry_name(r["label"], r["variant"]) for _, r in lb_b.iterrows()
+                     if not pd.isna(r.get("collapsed", math.nan)) and r["collapsed"] > 0}
         cols = min(4, len(order))
         rows = math.ceil(len(order) / cols)
         fig = _figure((WIDE, 0.5 + 1.3 * rows))
@@ -253,15 +258,16 @@ class Plotter:
             m, sd = e.mean(), e.std(ddof=1).fillna(0)
             ax.fill_between(m.index, (m - sd).clip(lower=0), m + sd, color=colour[entry], alpha=0.2, lw=0)
             ax.plot(m.index, m.to_numpy(), marker="o", ms=2.5, color=colour[entry])
-            ax.set_title(entry)
+            ax.set_title(entry + (" (collapsed)" if entry in collapsed else ""))  # trivially stable
             ax.set_ylim(-0.03 * max(top, 1.0), max(top * 1.05, 1.0))  # a 0 line stays visible
         for ax in axes[len(order):]:
             ax.set_visible(False)
         fig.supxlabel("Training step", fontsize=7)
         fig.supylabel("Top-1 switch rate (% of probe tokens)", fontsize=7)
         fig.suptitle(f"{bench}: routing stability, mean ± s.d. over seeds")
+        since = "probe point" if has_probes else "evaluation"
         return [self._save(fig, bench, "stability", f"{bench}: share of fixed probe tokens whose top-1 expert "
-                                                    f"changed since the previous evaluation, one panel per router.")]
+                                                    f"changed since the previous {since}, one panel per router.")]
 
     def _layers_with(self, runs_b, column: str) -> pd.DataFrame:
         """Per-layer rows of these runs that recorded a non-empty list in ``column``."""

@@ -15,6 +15,7 @@ from moebench.training.records import CorruptRecordError, read_json, read_spec
 
 FLOPS_TOLERANCE_PCT = 1.0   # active-FLOPs overhead over dense worth calling a confound
 PARAMS_TOLERANCE = 1.10     # total-parameter ratio to the reference worth calling a confound
+NOT_MOVED = 0.05            # moved_from_init below this: the router kept (almost) its step-0 routing
 
 
 def _fmt(x: float) -> str:
@@ -56,6 +57,7 @@ def key_findings(lb: pd.DataFrame, paired: pd.DataFrame, baseline: str) -> list[
                     n_items = f" × {int(items.max())} eval items" if len(items) else ""
                     parts.append(f"With {seeds} seed(s){n_items}, differences below about {_fmt(mde.median())} "
                                  f"{name} are unlikely to be detected (median minimum detectable effect, 80 % power).")
+        parts.append(_routing_sentence(b))
         conf = []
         for _, r in b.iterrows():
             fo, pr = r.get("flops_overhead", math.nan), r.get("params_ratio", math.nan)
@@ -76,6 +78,58 @@ def key_findings(lb: pd.DataFrame, paired: pd.DataFrame, baseline: str) -> list[
                      + ".")
         out.append(f"{bench}: " + " ".join(parts))
     return out
+
+
+def collapse_findings(lb: pd.DataFrame) -> list[str]:
+    """One key-finding bullet per task where a router collapsed (one expert takes over 50 % of first
+    choices in some layer): such a router does not route, whatever its headline or stability."""
+    from moebench.report.tables import collapsed_seeds
+
+    out = []
+    if lb.empty or "collapsed" not in lb:
+        return out
+    for bench, b in lb.groupby("bench", sort=False):
+        bad = [f"{r['label']}{' (' + r['variant'] + ')' if r['variant'] else ''} ({collapsed_seeds(r)}/"
+               f"{int(r['n_done'])} seeds)" for _, r in b.iterrows() if collapsed_seeds(r)]
+        if bad:
+            out.append(f"{bench}: collapsed, so not routing (one expert takes over 50 % of first choices in a "
+                       f"layer): {', '.join(bad)}.")
+    return out
+
+
+def _routing_sentence(b: pd.DataFrame) -> str:
+    """Who collapsed (one expert takes > 50 % of first choices in some layer), who never left its step-0
+    routing, and the most stable router among those that did not collapse (a collapsed router is
+    trivially stable, so it is never named as such)."""
+    from moebench.report.tables import collapsed_seeds, layers_text
+
+    routed = b[b["collapsed"].notna()] if "collapsed" in b else b.iloc[:0]
+    if routed.empty:
+        return ""
+    bad, still, ok = [], [], []
+    for _, r in routed.iterrows():
+        name = r["label"] + (f" ({r['variant']})" if r["variant"] else "")
+        n = collapsed_seeds(r)
+        if n:
+            bad.append(f"{name} ({n}/{int(r['n_done'])} seeds; first-choice max "
+                       f"{layers_text(r, 'first_choice_max_share')} % per layer, "
+                       f"{layers_text(r, 'first_choice_max_share_init')} % at step 0)")
+        else:
+            ok.append(r)
+        moved = r.get("moved_from_init", math.nan)
+        if not pd.isna(moved) and moved < NOT_MOVED:
+            still.append(f"{name} ({100 * moved:.1f} %)")
+    text = (f"Collapsed (one expert takes over 50 % of first choices in a layer): {'; '.join(bad) or 'none'}. "
+            f"Kept its step-0 routing (under {100 * NOT_MOVED:g} % of probe tokens moved): "
+            f"{', '.join(still) or 'none'}.")
+    stable = [r for r in ok if not pd.isna(r.get("switch_rate", math.nan))]
+    if stable:
+        best = min(stable, key=lambda r: r["switch_rate"])
+        text += (f" Most stable router that did not collapse: {best['label']} (switch "
+                 f"{100 * best['switch_rate']:.1f} % of probe tokens at the last probe point).")
+    elif bad:
+        text += " No router that did not collapse has a stability measure."
+    return text
 
 
 def _read(read, path):

@@ -16,7 +16,7 @@ from moebench.report.equivalence import (
     tost_t,
 )
 from moebench.report.items import seed_matrix
-from moebench.report.load import RecordSet
+from moebench.report.load import ROUTES_KEYS, RecordSet
 from moebench.report.render import Table, slug
 from moebench.report.stats import (
     bootstrap_mean,
@@ -58,6 +58,10 @@ COLUMNS: dict[str, tuple[str, str | None, str]] = {
     "tokens_per_s": ("Tokens/s ({p}) ↑", "higher", "si"),
     "seed_agreement": ("Seed agreement (%) ↑", "higher", "pct"),
     "seed_load_jsd": ("Seed load JSD ↓", "lower", "f3"),
+    "first_choice_max_share_init": ("1st-choice max at step 0 (%, per layer)", None, "layers"),
+    "first_choice_max_share": ("1st-choice max (%, per layer)", None, "layers"),
+    "collapsed": ("Collapsed (seeds)", None, "seeds"),
+    "moved_from_init": ("Moved from init (%)", None, "pct"),
 }
 # the routing and cost statistics averaged per router
 STAT_COLUMNS = ["load_cv", "max_mean", "norm_entropy", "dead_experts", "drop_rate", "switch_rate", "mutual_info",
@@ -68,7 +72,7 @@ MEAN_COLUMNS = STAT_COLUMNS + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "
                                                  "wall_time_s", "peak_memory_mb", "router_params",
                                                  "router_flops_per_token", "ms_per_step", "seed_agreement",
                                                  "seed_load_jsd", "nmi", "ari", "h_group_given_expert",
-                                                 "h_expert_given_group", "routing_accuracy"]
+                                                 "h_expert_given_group", "routing_accuracy", *ROUTES_KEYS]
 
 
 _PER_LAYER = re.compile(r"\.layer\d+$")  # runs.csv's per-layer columns: leaderboard.csv gets their seed means
@@ -453,11 +457,26 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
 
 
 # the diagnostics table's columns, in order (headers from COLUMNS); tokens/s is in the cost table
-DIAG_COLUMNS = ["load_cv", "max_vio", "min_load_share", "max_load_share", "near_dead_experts", "dead_experts",
+DIAG_COLUMNS = ["load_cv", "max_vio", "min_load_share", "max_load_share", "first_choice_max_share_init",
+                "first_choice_max_share", "collapsed", "moved_from_init", "near_dead_experts", "dead_experts",
                 "unrouted_rate", "drop_rate", "switch_rate", "final_switch", "last_fluctuation_step", "mutual_info",
                 "seed_agreement", "seed_load_jsd",
                 "nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy"]
 _BALANCE_KEYS = {"load_cv", "max_vio", "near_dead_experts", "dead_experts", "unrouted_rate", "drop_rate"}
+_STABILITY_KEYS = {"switch_rate", "final_switch", "last_fluctuation_step"}  # never "stable" when collapsed
+
+
+def collapsed_seeds(r) -> int:
+    """Seeds of a leaderboard group whose router collapsed (``collapsed`` is their mean, 0..1)."""
+    share = r.get("collapsed", math.nan)
+    return 0 if pd.isna(share) else int(round(float(share) * int(r["n_done"])))
+
+
+def layers_text(r, key: str) -> str:
+    """Per-layer means over seeds in %, "L0 / L1 / ..." (the run mean when no layer column exists)."""
+    cols = sorted((c for c in r.index if c.startswith(f"{key}.layer")), key=lambda c: int(c.rsplit("layer", 1)[1]))
+    vals = [r[c] for c in cols if not pd.isna(r[c])] or ([r[key]] if key in r and not pd.isna(r[key]) else [])
+    return " / ".join(f"{100 * float(v):.0f}" for v in vals) if vals else "–"
 
 
 def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
@@ -466,9 +485,19 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
     cells = [[r["label"]] + ([r["variant"]] if show_variant else []) for _, r in b.iterrows()]
     bold: set[tuple[int, int]] = set()
     hides = _hides_tokens(b)
+    collapsed = [collapsed_seeds(r) > 0 for _, r in b.iterrows()]
     for key in DIAG_COLUMNS:
         header, direction, kind = COLUMNS[key]
         if key not in b or b[key].isna().all():
+            continue
+        if kind in ("layers", "seeds"):
+            columns.append(header)
+            for i, (_, r) in enumerate(b.iterrows()):
+                if kind == "layers":
+                    cells[i].append(layers_text(r, key))
+                else:
+                    n = collapsed_seeds(r)
+                    cells[i].append("–" if pd.isna(r[key]) else (f"yes ({n}/{int(r['n_done'])})" if n else "no"))
             continue
         vals = b[key].astype(float)
         if kind == "overlap":  # mean over evaluations of the share matching the final routing = 1 - final_switch
@@ -480,21 +509,29 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
         columns.append(header)
         texts = [fmt_value(v, kind, scale) for v in vals]
         for i, t in enumerate(texts):
-            cells[i].append(t)
+            # a collapsed router's routing is trivially "stable": say so next to the number
+            cells[i].append(t + (" (collapsed)" if key in _STABILITY_KEYS and collapsed[i] and t != "–" else ""))
         if direction:
-            eligible = [(i, float(v), bool(b["complete"].iloc[i]) and not (key in _BALANCE_KEYS and hides[i]))
+            eligible = [(i, float(v), bool(b["complete"].iloc[i]) and not (key in _BALANCE_KEYS and hides[i])
+                         and not (key in _STABILITY_KEYS and collapsed[i]))
                         for i, v in enumerate(vals)]
-            if key in _BALANCE_KEYS:  # a row that leaves tokens out never wins a balance column
+            if key in _BALANCE_KEYS or key in _STABILITY_KEYS:  # never bold: tokens left out / collapsed
                 eligible = [e for e in eligible if e[2]]
             bold |= {(i, len(columns) - 1) for i in _bold_best(eligible, texts, direction)}
     notes = ["Means over seeds and MoE layers, from the experts tokens were actually dispatched to. Load = "
              "routed (token, expert) pairs per expert: CV = std/mean; MaxVio = max/mean − 1; min / max "
              "load = the least / most loaded expert's share (uniform = 100/E %); near-dead = experts "
-             "under 1 % of the uniform share. Switch = probe tokens whose top-1 expert changed since the "
-             "previous evaluation; overlap w/ final = probe tokens whose top-1 equals the final "
-             "checkpoint's, averaged over evaluations (LibMoE); last fluctuation = the last evaluation "
-             "step at which any probe token changed expert (StableMoE). MI = mutual information between "
-             "the token's label and its top-1 expert, unrouted tokens as their own category. Seed agreement = "
+             "under 1 % of the uniform share. 1st-choice max = share of the dispatched first choices "
+             "(top-1) taken by the most popular expert, per MoE layer, at step 0 (before training) and at "
+             "the end (uniform = 100/E %); collapsed = one expert takes more than 50 % of them in some "
+             "layer (seeds where it did); moved from init = probe tokens whose top-1 differs from step 0's "
+             "(0: the router never left its initial routing). Switch = probe tokens whose top-1 expert "
+             "changed since the previous probe point (the probe samples are routed every "
+             "train.probe_every steps); overlap w/ final = probe tokens whose top-1 equals the final "
+             "checkpoint's, averaged over probe points (LibMoE); last fluctuation = the last probe step at "
+             "which any probe token changed expert (StableMoE). A collapsed router is trivially stable: its "
+             "stability values are marked (collapsed) and never bold. MI = mutual information between the "
+             "token's label and its top-1 expert, unrouted tokens as their own category. Seed agreement = "
              "probe tokens whose top-1 expert is the same in two seeds after matching expert indices "
              "(Hungarian method on co-assignment counts), mean over seed pairs; seed load JSD = "
              "Jensen-Shannon divergence (base 2) between two seeds' matched load distributions. NMI (arithmetic "

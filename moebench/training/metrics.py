@@ -264,6 +264,38 @@ def settle_fraction(history: Sequence, steps: Sequence[int], total_steps: int | 
     return None if denom <= 0 else float(settle.mean() / denom)
 
 
+def moved_from_init(init_top1, cur_top1) -> float | None:
+    """Share in [0, 1] of the probe tokens whose dispatched top-1 expert differs from the one at step 0
+    (before training): 0 = the router never left its initial routing (e.g. a fixed hash, or a learned
+    gate the task loss never moved)."""
+    return switch_rate(init_top1, cur_top1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# collapse (does the router route at all?)
+
+#: A layer is ``collapsed`` when one expert takes more than this share of the dispatched first choices.
+#: Why 0.5: above it one expert gets more first choices than all the other E - 1 together, so the
+#: layer is mostly one MLP whatever the router is called (4x the uniform share 1/E at E = 8; with top-2
+#: routing a second choice may still spread, but the first one decides most of the output). It is a
+#: majority rule that does not depend on E, unlike 2/E (the issue's step-0 bar for a fixed upcycling),
+#: which at E = 8 would flag routers that are merely uneven (one expert at 26 %).
+COLLAPSE_SHARE = 0.5
+
+
+def first_choice_max_share(top1_counts) -> float | None:
+    """Share of the dispatched first choices (top-1, unrouted tokens excluded) that go to the most
+    popular expert: 1/E = perfectly spread, 1 = every token's first choice is the same expert."""
+    c = _counts(top1_counts)
+    total = c.sum()
+    return None if total == 0 else float(c.max() / total)
+
+
+def collapsed(share: float | None) -> bool | None:
+    """True when ``first_choice_max_share`` exceeds `COLLAPSE_SHARE` (None without a share)."""
+    return None if share is None else bool(share > COLLAPSE_SHARE)
+
+
 # ----------------------------------------------------------------------------------------------------
 # specialisation
 
@@ -303,12 +335,13 @@ def normalized_mutual_information(label_by_expert) -> float | None:
 
 #: per-layer scalar stats written to metrics.jsonl / final.json; `mean` averages each over layers.
 #: balance = switch_balance(), margin = top1_margin(), mutual_info(_norm) = (normalized_)mutual_information(),
-#: switch_rate = switch_rate() against the previous evaluation's probe assignments.
+#: switch_rate = switch_rate() against the previous probe point's assignments;
+#: first_choice_max_share / collapsed = first_choice_max_share() / collapsed() of the top-1 counts.
 LAYER_STATS = (
     "load_cv", "max_mean", "max_vio", "min_load_share", "max_load_share", "norm_entropy", "gini",
     "dead_experts", "near_dead_experts", "drop_rate", "balance",
     "gate_entropy", "margin", "fallback_rate", "unrouted_rate", "mutual_info", "mutual_info_norm",
-    "switch_rate", *RECOVERY_METRICS,
+    "switch_rate", "first_choice_max_share", "collapsed", *RECOVERY_METRICS,
 )
 
 
@@ -542,6 +575,8 @@ class RoutingStatsAccumulator:
             d["mutual_info"] = mutual_information(lbe) if lbe is not None else None
             d["mutual_info_norm"] = normalized_mutual_information(lbe) if lbe is not None else None
             d["switch_rate"] = None  # filled by the trainer from the probe history
+            d["first_choice_max_share"] = first_choice_max_share(a.top1_counts) if a.top1_counts.sum() else None
+            d["collapsed"] = collapsed(d["first_choice_max_share"])
             if lbe is not None:  # structure recovery (moebench.training.recovery), same (label, expert) table
                 d.update(recovery(lbe, a.e))
                 role_names = list(getattr(self.task, "role_names", []) or [])
@@ -573,14 +608,19 @@ class RoutingStatsAccumulator:
 
 
 def mean_over_layers(per_layer: list[dict]) -> dict:
-    """Mean of every scalar stat over the layers that define it (None where no layer does)."""
+    """Mean of every scalar stat over the layers that define it (None where no layer does); a
+    true / false stat (``collapsed``) is true for the run when any layer's is."""
     keys: list[str] = []
     for d in per_layer:
         for k, v in d.items():
             if k not in keys and k not in ("layer", "tokens") and (v is None or isinstance(v, (int, float))):
                 keys.append(k)
-    mean = {}
+    mean: dict = {}
     for k in keys:
-        vals = [d[k] for d in per_layer if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)]
+        flags = [d[k] for d in per_layer if isinstance(d.get(k), bool)]
+        if flags:
+            mean[k] = any(flags)
+            continue
+        vals = [d[k] for d in per_layer if isinstance(d.get(k), (int, float))]
         mean[k] = float(np.mean(vals)) if vals else None
     return mean

@@ -113,6 +113,9 @@ def resolve_moe(moe) -> dict | None:
         raise _spec_error(err, "moe") from None
     if not m["router"]:
         raise SpecError(f"spec field moe.router must be a router name (see `moebench routers`), got {m['router']!r}")
+    if m["upcycle_drop"] is not None and m["upcycle"] != "drop":
+        raise SpecError(f"spec field moe.upcycle_drop={m['upcycle_drop']!r} applies only with moe.upcycle: drop "
+                        f"(got upcycle: {m['upcycle']!r}); set moe.upcycle: drop or remove moe.upcycle_drop")
     return m
 
 

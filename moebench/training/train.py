@@ -8,9 +8,12 @@ order, optimiser, schedule, precision, evaluation, statistics) is the same code.
   (and on CUDA with ``train.deterministic: true``), so a resumed run ends bit-identical.
 - Loss = task loss + the MoE layers' auxiliary losses; ``after_step()`` of every MoE layer after each
   optimiser step. AdamW, linear warmup then cosine decay to 0, gradient clipping, bf16 autocast on CUDA.
-- Every ``eval_every`` steps and at the end: task metrics, routing statistics over the eval set, and
-  stability on a fixed probe batch (the first ``probe_size`` eval samples); one line of
-  ``metrics.jsonl`` each (schema in ``moebench.training.records``).
+- Every ``eval_every`` steps and at the end (and at step 0 when the model has MoE layers: the routing
+  before any learning, e.g. ``first_choice_max_share_init``): task metrics and routing statistics over
+  the eval set; one line of ``metrics.jsonl`` each (schema in ``moebench.training.records``).
+- Every ``probe_every`` steps (and at every evaluation): the fixed probe samples (the first
+  ``probe_size`` eval samples) are routed on their own, no task metrics, so stability (switch rate,
+  last fluctuation, moved from init) has >= 10 points per run at the cost of a few small forwards.
 - ``checkpoint.pt`` (atomic) every ``checkpoint_every`` steps and at each evaluation; a rerun resumes
   from it and ends with the same metrics as an uninterrupted run.
 - NaN / inf / loss above ``max_loss``: the run stops with status failed ("diverged at step 37:
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from moebench.core.compile import compile_blocks
 from moebench.core.cost import model_cost
@@ -383,10 +386,14 @@ class _Trainer:
         self.eval_loader = DataLoader(self.eval_ds, batch_size=t["eval_batch_size"], shuffle=False,
                                       num_workers=t["num_workers"], collate_fn=collate, pin_memory=pin)
         self.probe_size = min(t["probe_size"], len(self.eval_ds))
+        self.probe_loader = DataLoader(Subset(self.eval_ds, range(self.probe_size)), batch_size=t["eval_batch_size"],
+                                       shuffle=False, num_workers=0, collate_fn=collate)
+        self.probe_every = t["probe_every"] if t["probe_every"] is not None else max(1, t["steps"] // 10)
         # state that a checkpoint carries
         self.step = 0
         self.probe_history: list[dict[str, np.ndarray]] = []
         self.probe_steps: list[int] = []
+        self.init_shares: dict[str, float | None] = {}  # per layer: first_choice_max_share at step 0
         self.interval = {"loss_sum": 0.0, "aux_sum": 0.0, "n": 0}
         self.elapsed = 0.0
         self.train_time = 0.0
@@ -408,6 +415,7 @@ class _Trainer:
             "rng": _rng_state(),
             "probe_history": [{k: torch.from_numpy(v) for k, v in h.items()} for h in self.probe_history],
             "probe_steps": list(self.probe_steps),
+            "init_shares": dict(self.init_shares),
             "interval": dict(self.interval),
             "elapsed_s": self.elapsed + (time.perf_counter() - self.t0),
             "train_time_s": self.train_time,
@@ -474,6 +482,7 @@ class _Trainer:
         self.step = int(ck["step"])
         self.probe_history = [{k: v.numpy() for k, v in h.items()} for h in ck["probe_history"]]
         self.probe_steps = list(ck["probe_steps"])
+        self.init_shares = dict(ck.get("init_shares") or {})
         self.interval = dict(ck["interval"])
         self.elapsed = float(ck["elapsed_s"])
         self.train_time = float(ck["train_time_s"])
@@ -500,20 +509,17 @@ class _Trainer:
                 metrics = task.evaluate(model, self.eval_loader, self.device)
                 routing = {"mean": {}, "per_layer": []}
                 if self.layers:
-                    acc = M.RoutingStatsAccumulator(model, task, keep_top1=self.probe_size)
+                    acc = M.RoutingStatsAccumulator(model, task)
                     with acc:
                         for batch in self.eval_loader:
                             task.forward(model, to_device(batch, self.device))
                             acc.update(batch)
                     per_layer = acc.per_layer()
-                    if self.probe_size:
-                        top1 = acc.top1()
-                        prev = self.probe_history[-1] if self.probe_history else None
-                        for d in per_layer:
-                            if prev is not None and d["layer"] in prev and prev[d["layer"]].size == top1[d["layer"]].size:
-                                d["switch_rate"] = M.switch_rate(prev[d["layer"]], top1[d["layer"]])
-                        self.probe_history.append(top1)
-                        self.probe_steps.append(self.step)
+                    self._probe()
+                    for d in per_layer:
+                        d["switch_rate"] = self._last_switch(d["layer"])
+                    if self.step == 0:
+                        self.init_shares = {d["layer"]: d["first_choice_max_share"] for d in per_layer}
                     routing = {"mean": M.mean_over_layers(per_layer), "per_layer": per_layer}
         finally:
             model.train()
@@ -553,6 +559,39 @@ class _Trainer:
         self.last_eval = _plain({"step": self.step, "metrics": metrics, "routing": routing})
         return line
 
+    def probe(self) -> None:
+        """Route the probe samples alone (eval mode, no task metrics) and record their top-1 experts."""
+        with force_eager() if self.t["compile"] else contextlib.nullcontext():
+            self.model.eval()
+            try:
+                self._probe()
+            finally:
+                self.model.train()
+
+    @torch.no_grad()
+    def _probe(self) -> None:
+        if not self.probe_size or not self.layers or (self.probe_steps and self.probe_steps[-1] == self.step):
+            return
+        # a probe must not change the run: DataLoader iterators draw a seed from the global RNG
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.autocast():
+            acc = M.RoutingStatsAccumulator(self.model, self.task, keep_top1=self.probe_size)
+            with acc:
+                for batch in self.probe_loader:
+                    self.task.forward(self.model, to_device(batch, self.device))
+                    acc.update(batch)
+        self.probe_history.append(acc.top1())
+        self.probe_steps.append(self.step)
+
+    def _last_switch(self, layer: str) -> float | None:
+        """Switch rate of ``layer`` between the last two probe points (None before the second)."""
+        if len(self.probe_history) < 2:
+            return None
+        prev, cur = self.probe_history[-2].get(layer), self.probe_history[-1].get(layer)
+        if prev is None or cur is None or prev.size != cur.size:
+            return None
+        return M.switch_rate(prev, cur)
+
     # -- training ----------------------------------------------------------------------------------
     def run(self) -> dict:
         self.t0 = time.perf_counter()
@@ -585,8 +624,8 @@ class _Trainer:
         batches = train_batches(self.train_ds, t["batch_size"], self.spec["seed"], self.step,
                                 t["num_workers"], self.collate, self.device.type == "cuda", self.rank, self.world)
         self.model.train()
-        if self.step == 0 and (t.get("eval_at_start") or any(m.router.eval_at_start for _, m in self.layers)):
-            self.evaluate()  # the load before any learning (eigenbasis routers always: docs/ERMOE.md)
+        if self.step == 0 and (self.layers or t.get("eval_at_start")):
+            self.evaluate()  # the routing before any learning: first_choice_max_share_init, moved_from_init
         try:
             while self.step < steps:
                 tic = time.perf_counter()
@@ -639,6 +678,8 @@ class _Trainer:
                 self.interval["aux_sum"] += float(losses[1])
                 self.interval["n"] += 1
                 is_eval = step == steps or (eval_every > 0 and step % eval_every == 0)
+                if not is_eval and self.probe_every > 0 and step % self.probe_every == 0:
+                    self.probe()
                 if is_eval:
                     line = self.evaluate()
                     if bar is not None:
@@ -709,8 +750,13 @@ class _Trainer:
                 d["settle_fraction"] = M.settle_fraction(hist, self.probe_steps, spec["train"]["steps"])
                 d["overlap_with_final"] = M.overlap_with_final(hist)
                 d["last_fluctuation_step"] = M.last_fluctuation_step(hist, self.probe_steps)
+                d["probe_switch"] = [None] + [M.switch_rate(a, b) for a, b in zip(hist[:-1], hist[1:])]
+                d["moved_from_init"] = M.moved_from_init(hist[0], hist[-1]) if self.probe_steps[0] == 0 else None
+            d["first_choice_max_share_init"] = self.init_shares.get(d["layer"])
         curves = [d["final_switch"] for d in per_layer if "final_switch" in d]
         per_eval = [float(np.mean(col)) for col in zip(*curves)] if curves else []
+        switches = [d["probe_switch"] for d in per_layer if "probe_switch" in d]
+        per_probe = [None if None in col else float(np.mean(col)) for col in zip(*switches)] if switches else []
         routing = {
             "mean": M.mean_over_layers(per_layer),
             "per_layer": per_layer,
@@ -718,6 +764,8 @@ class _Trainer:
             # StableMoE's curve averaged over layers; `mean` excludes the last evaluation (0 by definition)
             "final_switch": {"steps": list(self.probe_steps), "per_eval": per_eval,
                              "mean": float(np.mean(per_eval[:-1])) if len(per_eval) > 1 else None},
+            # the probe points: switch rate since the previous one, averaged over layers (the stability plot)
+            "probe": {"steps": list(self.probe_steps), "switch_rate": per_probe},
         }
         if self.grad_probes:  # gradient purity: the mean over probe steps, and every probe
             routing["mean"]["grad_cos_task_balance"] = mean_cos(self.grad_probes)
