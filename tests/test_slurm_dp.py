@@ -68,7 +68,8 @@ def _rank0_only(d, attempts: int) -> None:
     assert [(j["global_rank"], j["num_tasks"]) for j in jobs] == [(0, 2)] * attempts, jobs
     assert records.read_status(d)["owner"].endswith(f":{jobs[-1]['pid']}")  # rank 0 wrote status.json
     assert {p.name for p in d.iterdir()} <= {"spec.yaml", "status.json", "metrics.jsonl", "final.json",
-                                             "eval_items.npz", "checkpoint.pt", "jobs.jsonl", ".lock", ".stale"}
+                                             "eval_items.npz", "probe_top1.npz", "checkpoint.pt", "jobs.jsonl",
+                                             ".lock", ".stale"}
 
 
 def test_a_two_task_slurm_job_equals_one_process_and_only_rank0_writes(tmp_path):

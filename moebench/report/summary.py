@@ -85,7 +85,7 @@ def collapse_findings(lb: pd.DataFrame) -> list[str]:
     choices in some layer): such a router does not route, whatever its headline or stability."""
     from moebench.report.tables import collapsed_seeds
 
-    out = []
+    out: list[str] = []
     if lb.empty or "collapsed" not in lb:
         return out
     for bench, b in lb.groupby("bench", sort=False):
