@@ -47,7 +47,6 @@ SECOND_LAYER = ("reshape", "transpose")
 class SSMoERouter(Router):
     """Routes on the mean right singular vectors of each expert's weights; see the module docstring."""
 
-    eval_at_start = True  # training-free: the step-0 evaluation is the router as the paper uses it
     basis: Tensor
     basis_ready: Tensor
 

@@ -78,7 +78,7 @@ def test_the_registries_refuse_what_is_not_a_router_or_a_task_with_the_reason():
 
 def test_the_router_contract_is_declared_on_the_base_class():
     """What the layer, trainer, tasks and grid read from a router class is a documented class attribute."""
-    for attr, default in (("needs_context", False), ("eval_at_start", False), ("image_level", False), ("version", 1)):
+    for attr, default in (("needs_context", False), ("image_level", False), ("version", 1)):
         assert getattr(Router, attr) == default
     assert not hasattr(Router, "token_choice")
     with pytest.raises(NotImplementedError, match="token router"):

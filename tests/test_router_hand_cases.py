@@ -445,8 +445,8 @@ def test_routers_all_grid_covers_every_router_flop_matched():
     specs = expand_mod.expand("routers-all")
     routers = {s["moe"]["router"] if s["moe"] else "dense" for s in specs}
     layer_routers = {n for n in ROUTERS.builtin_names() if not getattr(ROUTERS.get(n), "image_level", False)
-                     and not getattr(ROUTERS.get(n), "control", False)}
-    # image-level ermoe-released: the ermoe-readings grid; controls (random, collapse, oracle): structure
+                     and (n == "random" or not getattr(ROUTERS.get(n), "control", False))}
+    # image-level ermoe-released: the ermoe-readings grid; the oracle and collapse controls: structure
     assert routers == layer_routers | {"dense"}
     assert {s["seed"] for s in specs} == {0, 1, 2}
     assert len({s["match"]["expert_flops_per_token"] for s in specs if s["moe"]}) == 1

@@ -61,7 +61,7 @@ def test_tensorboard_events_read_back_as_metrics_jsonl(logged):
 
     run_dir, lines = logged
     expected = _expected(lines)
-    assert sorted(expected) == [4, 8] and len(expected[8]) > 20  # loss, lr, task metrics, routing per layer
+    assert sorted(expected) == [0, 4, 8] and len(expected[8]) > 20  # loss, lr, task metrics, routing per layer
     acc = EventAccumulator(f"{run_dir}/tensorboard", size_guidance={"scalars": 0})
     acc.Reload()
     got: dict[int, dict[str, float]] = {}

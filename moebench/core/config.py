@@ -85,8 +85,8 @@ class TrainConfig:
     log_to: list = option([], "list", choices=TRACKERS,
                           doc="also write metrics.jsonl's lines to tensorboard and / or wandb (offline); the run "
                               "folder stays the record (not in the run id)")
-    eval_at_start: bool = option(False, "bool", doc="also evaluate at step 0: the routing before any learning "
-                                                    "(eigenbasis and SVD routers always do)")
+    eval_at_start: bool = option(False, "bool", doc="also evaluate at step 0 (every MoE run already does: the routing "
+                                                    "before any learning); for a dense run, its step-0 metrics")
 
 
 @dataclass

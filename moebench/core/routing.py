@@ -193,8 +193,6 @@ class Router(nn.Module):
     #: controls); such routers set this True. Others set ``sequence_refusal`` to say why they cannot.
     sequence_routing: bool = False
     sequence_refusal: str = "its scores are not linear in the token, so routing the summed tokens is not summing its logits"
-    #: the trainer evaluates once at step 0, before any learning (the initial load of the experts)
-    eval_at_start: bool = False
     #: not a token router: it routes whole images and builds its own model around the backbone through
     #: the classmethod ``build_model(backbone, moe) -> nn.Module`` (tasks call it instead of moefy; grid
     #: matching counts its cost per image). Token routers leave it False and never define build_model.
