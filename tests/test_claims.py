@@ -34,7 +34,7 @@ def write(grid, task, label, router, seed, value, *, higher=True, margin=None, t
         "cost": {"params_total": 4e6 if moe else 1e6, "params_active": 1e6, "flops_per_token": 2e6}})
 
 
-def claims_folder(root, collapse=False):
+def claims_folder(root, collapse=False, ermoe_switch=None):
     """Classification: ermoe as stable as claimed (switch rate 0.01 vs 0.2), less balanced (load CV 0.9
     vs 0.3), equivalent in accuracy and label MI; switch's balance gradient opposes the task's (cos
     -0.4); brain age: ermoe's MAE 20 % below both references. No retrieval runs."""
@@ -43,7 +43,7 @@ def claims_folder(root, collapse=False):
         e = 1e-4 * (s - 1.5)
         top1 = (90, 4, 3, 3) if collapse else (30, 25, 25, 20)
         write(grid, "classification", "ermoe", "ermoe", s, 0.80 + 0.01 * s + e, margin=0.01, top1=top1,
-              switch_rate=0.01 + 0.001 * s, load_cv=0.9 + 0.01 * s, mutual_info_norm=0.300 + 0.001 * s)
+              switch_rate=(0.01 + 0.001 * s) if ermoe_switch is None else ermoe_switch(s), load_cv=0.9 + 0.01 * s, mutual_info_norm=0.300 + 0.001 * s)
         for lab in ("softmax-topk", "switch"):
             extra = {"grad_cos_task_balance": -0.4 - 0.02 * s} if lab == "switch" else {}
             write(grid, "classification", lab, lab, s, 0.80 + 0.01 * s, margin=0.01,
@@ -85,6 +85,17 @@ def test_collapsed_router_cannot_support_stability_or_utilisation(tmp_path):
     v = verdicts(build_report(claims_folder(tmp_path, collapse=True)))
     assert v["Stable routing"] == ("not testable here", "collapsed in 4/8 runs: trivially stable")  # classification only
     assert v["High utilisation, flatter expert load without a balance loss"][0] == "contradicted"
+
+
+def test_collapsed_router_is_never_as_stable_as_the_references(tmp_path):
+    """Equivalent switch rates (within the 0.02 margin of both references) read "equivalent" for a
+    router that routes, and "not testable here" once it has collapsed: a collapsed router is stable
+    by construction, so "as stable as" says nothing either."""
+    same = {"ermoe_switch": lambda s: 0.2 + 0.01 * s + 1e-4 * (s - 1.5)}
+    routes = verdicts(build_report(claims_folder(tmp_path / "a", **same)))
+    assert routes["Stable routing"][0] == "equivalent"
+    collapsed = verdicts(build_report(claims_folder(tmp_path / "b", collapse=True, **same)))
+    assert collapsed["Stable routing"] == ("not testable here", "collapsed in 4/8 runs: trivially stable")
 
 
 def test_report_opens_with_claims_and_summary(tmp_path):

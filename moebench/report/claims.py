@@ -181,13 +181,14 @@ def _collapse_note(cand: pd.DataFrame) -> tuple[int, int]:
 
 def rule_stability(cand, refs, ctx) -> Outcome:
     """Fewer probe tokens switching expert (switch rate at the last evaluation) than every reference;
-    a collapsed router is trivially stable, so it cannot support the claim."""
+    a collapsed router is trivially stable, so it can neither support the claim nor be "as stable as"
+    the references: with any collapsed run, supported and equivalent become not testable here."""
     readings, details = _compared(cand, refs, SWITCH)
     verdict = combine(list(readings.values()))
     k, n = _collapse_note(cand)
     moved = cand["moved_from_init"].dropna() if "moved_from_init" in cand else pd.Series(dtype=float)
     extra = [f"moved from init {100 * moved.mean():.0f} %"] if len(moved) else []
-    if k and verdict == SUPPORTED:
+    if k and verdict in (SUPPORTED, EQUIVALENT):
         return Outcome(NOT_TESTABLE, readings, "; ".join([f"collapsed in {k}/{n} runs: trivially stable"] + extra),
                        details)
     return Outcome(verdict, readings, "; ".join(([f"collapsed in {k}/{n} runs"] if k else []) + extra), details)
