@@ -19,3 +19,26 @@ def test_a_failed_control_is_said_plainly():
 def test_collapse_tied_with_the_last_within_noise_is_reported_as_a_tie():
     text = _controls({"collapse": 0.0}, {"collapse": (0.851, 0.840, 0.862), "switch": (0.850, 0.84, 0.86)})
     assert "NOT strictly last" in text and "tied with the last" in text and "did NOT" not in text
+
+
+def test_the_section_is_only_for_tasks_with_ground_truth(tmp_path):
+    """Every task's runs carry the expert-label NMI; only a task that records per-role recovery (it knows
+    each token's true group) gets a structure-recovery table."""
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from moebench.report.structure import structure_section
+
+    rows = []
+    for task, roles in (("classification", {}), ("structure", {"centre": {"nmi": 0.9}})):
+        for seed in (0, 1):
+            run = tmp_path / f"{task}-{seed}"
+            run.mkdir()
+            (run / "final.json").write_text(json.dumps({"routing": {"recovery_by_role": roles}}))
+            rows.append({"state": "done", "run_dir": str(run), "bench": task, "variant": "", "label": "switch",
+                         "nmi": 0.5 + 0.01 * seed, "headline_name": "score", "headline_value": 0.8 + 0.01 * seed})
+    tables, lines = structure_section(SimpleNamespace(runs=pd.DataFrame(rows)), pd.DataFrame({"label": ["switch"]}), {})
+    assert [t.title for t in tables] == ["Structure recovery: structure"] and len(lines) == 1
+    assert tables[0].rows[0][-3:][1].startswith("0.900")  # the centre role's NMI is read from the record
