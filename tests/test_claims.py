@@ -213,3 +213,21 @@ def test_claims_and_summary_fit_1400px(tmp_path):
     assert line is not None, f"Chromium printed no result: {proc.stderr[-2000:]}"
     _, n_tables, bad = line.split("RESULT", 1)[1].strip().split(" ", 2)
     assert int(n_tables) >= 4 and bad.startswith("[]"), f"tables wider than the page at {WIDTH}px: {bad}"
+
+
+def test_a_data_sweep_is_a_task_of_its_own_in_the_summary():
+    """Two generators with different scales: each is normalised and Borda-counted on its own."""
+    from moebench.report.aggregate import summarise
+
+    rows, runs = [], []
+    for variant, scale in (("task_args.data=a", 1.0), ("task_args.data=b", 100.0)):
+        for label, v in (("random", 0.1), ("switch", 0.5), ("oracle", 0.9)):
+            rows.append({"bench": "structure", "label": label, "variant": variant, "headline_mean": v * scale,
+                         "higher_is_better": True, "params_active": 1.0, "params_total": 1.0})
+            runs.append({"bench": "structure", "label": label, "variant": variant, "seed": 0, "state": "done",
+                         "headline_value": v * scale})
+    t = summarise(pd.DataFrame(rows), pd.DataFrame(runs)).table.set_index("label")
+    assert set(t.index) == {"random", "switch", "oracle"} and (t["variant"] == "").all()
+    assert t.loc["switch", "score:structure (task_args.data=a)"] == pytest.approx(50.0)
+    assert t.loc["switch", "score:structure (task_args.data=b)"] == pytest.approx(50.0)
+    assert t.loc["oracle", "borda_points"] == 4 and t.loc["oracle", "borda_rank"] == 1

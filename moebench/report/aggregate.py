@@ -92,10 +92,27 @@ def stratified_iqm_interval(scores: pd.DataFrame, level: float = 0.95, n_boot: i
     return est, float(lo), float(hi)
 
 
+def task_sweeps_as_tasks(frame: pd.DataFrame) -> pd.DataFrame:
+    """A sweep point that changes only the task's data (``task_args.*``, e.g. the structure track's four
+    generators) is a task of its own, with its own headline scale: it becomes part of ``bench`` and
+    leaves the router's ``variant`` empty, so Borda points and normalised scores never mix its points."""
+    if frame.empty or "variant" not in frame:
+        return frame
+    variant = frame["variant"].fillna("").astype(str)
+    is_task = variant.map(lambda v: bool(v) and all(p.strip().startswith("task_args.") for p in v.split(", ")))
+    if not is_task.any():
+        return frame
+    out = frame.copy()
+    out.loc[is_task, "bench"] = out.loc[is_task, "bench"].astype(str) + " (" + variant[is_task] + ")"
+    out.loc[is_task, "variant"] = ""
+    return out
+
+
 def summarise(lb: pd.DataFrame, runs: pd.DataFrame) -> Summary:
     """The summary table (rows in Borda order) and every run's normalised score."""
     if lb.empty:
         return Summary(pd.DataFrame(), pd.DataFrame(), None)
+    lb, runs = task_sweeps_as_tasks(lb), task_sweeps_as_tasks(runs)
     labels = set(lb["label"])
     zero_label = ZERO if ZERO in labels else FALLBACK_ZERO if FALLBACK_ZERO in labels else None
     table = borda(lb)
