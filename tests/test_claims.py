@@ -228,6 +228,6 @@ def test_a_data_sweep_is_a_task_of_its_own_in_the_summary():
                          "headline_value": v * scale})
     t = summarise(pd.DataFrame(rows), pd.DataFrame(runs)).table.set_index("label")
     assert set(t.index) == {"random", "switch", "oracle"} and (t["variant"] == "").all()
-    assert t.loc["switch", "score:structure (task_args.data=a)"] == pytest.approx(50.0)
-    assert t.loc["switch", "score:structure (task_args.data=b)"] == pytest.approx(50.0)
+    assert t.loc["switch", "score:structure: a"] == pytest.approx(50.0)
+    assert t.loc["switch", "score:structure: b"] == pytest.approx(50.0)
     assert t.loc["oracle", "borda_points"] == 4 and t.loc["oracle", "borda_rank"] == 1

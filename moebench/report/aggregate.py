@@ -103,7 +103,8 @@ def task_sweeps_as_tasks(frame: pd.DataFrame) -> pd.DataFrame:
     if not is_task.any():
         return frame
     out = frame.copy()
-    out.loc[is_task, "bench"] = out.loc[is_task, "bench"].astype(str) + " (" + variant[is_task] + ")"
+    values = variant[is_task].map(lambda v: ", ".join(p.split("=", 1)[-1] for p in v.split(", ")))  # short headers
+    out.loc[is_task, "bench"] = out.loc[is_task, "bench"].astype(str) + ": " + values
     out.loc[is_task, "variant"] = ""
     return out
 
