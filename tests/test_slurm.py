@@ -54,7 +54,7 @@ def test_a_grid_runs_as_a_slurm_job_array(tmp_path):
         d = results / "slurm-e2e" / row["run_id"]
         (job,) = records.read_jsonl(d / rundir.JOBS_LOG)
         assert job["cluster"] == "slurm" and job["slurm_job_id"] and job["slurm_array_task_id"] is not None
-        assert [m["step"] for m in records.read_jsonl(d / "metrics.jsonl")] == [10, 20]
+        assert [m["step"] for m in records.read_jsonl(d / "metrics.jsonl")] == [0, 10, 20]  # step 0: every MoE run evaluates before learning
         assert records.read_json(d / "final.json")["run_id"] == row["run_id"]
 
 
@@ -98,6 +98,6 @@ def test_a_preempted_job_requeues_and_resumes_from_its_checkpoint(tmp_path):
     assert [a["slurm_restart_count"] for a in attempts] == [0, 1], attempts
     assert attempts[0]["slurm_job_id"] == attempts[1]["slurm_job_id"]  # the same job, requeued
     steps = [m["step"] for m in records.read_jsonl(d / "metrics.jsonl")]
-    assert steps == [250, 500, 750, 1000, 1250, 1500]  # no duplicate and no missing evaluation
+    assert steps == [0, 250, 500, 750, 1000, 1250, 1500]  # step 0 once, no duplicate, none missing
     assert json.loads((d / "final.json").read_text())["run_id"] == d.name
     print(f"preempted run finished {elapsed:.0f}s after submission")
