@@ -38,8 +38,10 @@ def grad_cosine(task_loss: torch.Tensor, layers) -> dict | None:
     total_balance = torch.stack([b.float() for _, b in balance]).sum()
     g_task = torch.autograd.grad(task_loss, flat, retain_graph=True, allow_unused=True)
     g_bal = torch.autograd.grad(total_balance, flat, retain_graph=True, allow_unused=True)
-    vec = lambda gs, ps: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()  # noqa: E731
-                                    for g, p in zip(gs, ps)])
+
+    def vec(gs, ps):
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(gs, ps)])
+
     out: dict = {"per_layer": {}}
     i = 0
     for name, ps in params.items():
