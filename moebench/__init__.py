@@ -8,6 +8,7 @@ Built-in routers and tasks install as ``moebench.routers`` and ``moebench.tasks`
 The public names below are imported lazily, so ``import moebench`` (and ``moebench --help``) does
 not pay for torch.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -15,12 +16,18 @@ import importlib
 from moebench.version import __version__
 
 _PUBLIC = {
-    "MoELayer": "moebench.core.layer", "moe_layers": "moebench.core.layer",
-    "ROUTERS": "moebench.core.registry", "TASKS": "moebench.core.registry",
-    "register_router": "moebench.core.registry", "register_task": "moebench.core.registry",
-    "Router": "moebench.core.routing", "Routing": "moebench.core.routing",
-    "RoutingContext": "moebench.core.routing", "topk_routing": "moebench.core.routing",
-    "moefy": "moebench.api", "routing_stats": "moebench.api",
+    "MoELayer": "moebench.core.layer",
+    "moe_layers": "moebench.core.layer",
+    "ROUTERS": "moebench.core.registry",
+    "TASKS": "moebench.core.registry",
+    "register_router": "moebench.core.registry",
+    "register_task": "moebench.core.registry",
+    "Router": "moebench.core.routing",
+    "Routing": "moebench.core.routing",
+    "RoutingContext": "moebench.core.routing",
+    "topk_routing": "moebench.core.routing",
+    "moefy": "moebench.api",
+    "routing_stats": "moebench.api",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

@@ -2,6 +2,7 @@
 open_clip CLIP into MoE layers with any registered router; ``moebench.routing_stats`` reads the routing
 statistics afterwards. Both are faces of the code the benchmark itself runs (`moebench.core.moefy`,
 `moebench.training.metrics`), so a user's numbers mean what the report's mean."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -12,8 +13,16 @@ from moebench.training.routing_stats import routing_stats
 __all__ = ["moefy", "routing_stats"]
 
 
-def moefy(model: nn.Module, *, router: str = "softmax-topk", blocks="all", num_experts: int = 8,
-          upcycle: bool = False, router_args: dict | None = None, **options) -> list[str]:
+def moefy(
+    model: nn.Module,
+    *,
+    router: str = "softmax-topk",
+    blocks="all",
+    num_experts: int = 8,
+    upcycle: bool = False,
+    router_args: dict | None = None,
+    **options,
+) -> list[str]:
     """Replace the MLPs of ``blocks`` ('all', 'last-N', 'first-N', 'every-N' or a list of indices; for
     CLIP, per tower) by MoE layers routed by ``router`` (any name `moebench routers` lists, with its own
     ``router_args``, e.g. ``{"top_k": 1}``), in place. ``upcycle`` copies each dense MLP into every
@@ -24,5 +33,12 @@ def moefy(model: nn.Module, *, router: str = "softmax-topk", blocks="all", num_e
     losses of the latest forward: ``sum(m.aux_loss for m in moebench.moe_layers(model))``; routers with
     per-step updates (bias balancing, re-orthonormalisation) want ``m.after_step()`` after each
     optimiser step."""
-    return _moefy.moefy(model, router=router, blocks=blocks, num_experts=num_experts, upcycle=upcycle,
-                        router_args=router_args, **options)
+    return _moefy.moefy(
+        model,
+        router=router,
+        blocks=blocks,
+        num_experts=num_experts,
+        upcycle=upcycle,
+        router_args=router_args,
+        **options,
+    )

@@ -1,4 +1,5 @@
 """Diagnostics shared by the eigenbasis routers (ermoe, emoe): how far a routing basis has moved."""
+
 from __future__ import annotations
 
 import torch

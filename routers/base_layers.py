@@ -12,6 +12,7 @@ expert at price + (best - second best value) + eps, each expert keeps its C high
 becomes the lowest bid it holds once full; after ``max_iterations`` rounds any token still without an
 expert takes the best expert with room (so balance is exact, optimality approximate to eps per token).
 """
+
 from __future__ import annotations
 
 import math
@@ -74,7 +75,9 @@ def balanced_assignment(scores: Tensor, capacity: int, eps: float = 1e-3, max_it
     return owner
 
 
-@register_router("base", "BASE layers (Lewis et al. 2021): balanced linear assignment in training, greedy top-1 at eval")
+@register_router(
+    "base", "BASE layers (Lewis et al. 2021): balanced linear assignment in training, greedy top-1 at eval"
+)
 class BaseRouter(Router):
     """Top-1 by balanced assignment in training, greedy at evaluation; see the module docstring.
 
@@ -86,8 +89,10 @@ class BaseRouter(Router):
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
 
     compile_fullgraph = False
-    compile_fullgraph_reason = ("the training assignment is an auction run until convergence: its rounds and "
-                                "bidders are data-dependent, so it breaks the graph and syncs with the host")
+    compile_fullgraph_reason = (
+        "the training assignment is an auction run until convergence: its rounds and "
+        "bidders are data-dependent, so it breaks the graph and syncs with the host"
+    )
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, eps: float = 1e-3, max_iterations: int = 100):
         if top_k != 1:
@@ -109,5 +114,6 @@ class BaseRouter(Router):
         else:
             expert = scores.detach().argmax(-1)
         weight = torch.sigmoid(scores.gather(1, expert.unsqueeze(1)))
-        return topk_routing(expert.unsqueeze(1), weight, self.num_experts,
-                            stats={"scores": torch.softmax(scores, -1).detach()})
+        return topk_routing(
+            expert.unsqueeze(1), weight, self.num_experts, stats={"scores": torch.softmax(scores, -1).detach()}
+        )

@@ -4,6 +4,7 @@ The routing carries no information about any label (NMI = 0, one expert holds al
 model has one expert's capacity: on a task where routing matters it must come last. A control with
 known answers for the recovery metrics and the load statistics.
 """
+
 from __future__ import annotations
 
 import torch

@@ -15,6 +15,7 @@ Defaults for small E: G = 4 groups and 2 of them allowed when E is a multiple of
 else no group limit (G = 1); scaling 1. DeepSeek-V3 itself: E = 256, G = 8, group_top_k = 4, k = 8,
 scaling 2.5. Same cost as ``loss-free``: one d x E gate.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,26 +27,44 @@ from moebench.core.routing import Routing, RoutingContext, topk_routing
 from moebench.routers.loss_free import LossFreeRouter
 
 
-@register_router("deepseek-v3", "DeepSeek-V3: sigmoid gate, loss-free selection bias, group-limited top-k, scaled weights")
+@register_router(
+    "deepseek-v3", "DeepSeek-V3: sigmoid gate, loss-free selection bias, group-limited top-k, scaled weights"
+)
 class DeepSeekV3Router(LossFreeRouter):
     """Group-limited sigmoid top-k with the loss-free bias; see the module docstring."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, num_groups: int | None = None,
-                 group_top_k: int | None = None, scaling: float = 1.0, update_rate: float = 1e-3):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        num_groups: int | None = None,
+        group_top_k: int | None = None,
+        scaling: float = 1.0,
+        update_rate: float = 1e-3,
+    ):
         super().__init__(d_model, num_experts, top_k, score_fn="sigmoid", update_rate=update_rate)
         if num_groups is None:
             num_groups = 4 if num_experts % 4 == 0 and num_experts >= 8 else 1
         if group_top_k is None:
             group_top_k = max(1, num_groups // 2)
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or num_experts % num_groups:
-            raise ValueError(f"deepseek-v3 option num_groups={num_groups!r} must be a positive divisor of "
-                             f"num_experts={num_experts}")
+        if (
+            isinstance(num_groups, bool)
+            or not isinstance(num_groups, int)
+            or num_groups < 1
+            or num_experts % num_groups
+        ):
+            raise ValueError(
+                f"deepseek-v3 option num_groups={num_groups!r} must be a positive divisor of num_experts={num_experts}"
+            )
         if isinstance(group_top_k, bool) or not isinstance(group_top_k, int) or not 1 <= group_top_k <= num_groups:
             raise ValueError(f"deepseek-v3 option group_top_k={group_top_k!r} must be in [1, num_groups={num_groups}]")
         group_size = num_experts // num_groups
         if top_k > group_top_k * group_size:
-            raise ValueError(f"deepseek-v3: top_k={top_k} exceeds the experts of the {group_top_k} allowed groups "
-                             f"({group_top_k} x {group_size}); raise group_top_k or lower top_k")
+            raise ValueError(
+                f"deepseek-v3: top_k={top_k} exceeds the experts of the {group_top_k} allowed groups "
+                f"({group_top_k} x {group_size}); raise group_top_k or lower top_k"
+            )
         if not scaling > 0:
             raise ValueError(f"deepseek-v3 option scaling must be > 0, got {scaling!r}")
         self.num_groups, self.group_top_k, self.scaling = num_groups, group_top_k, float(scaling)
@@ -72,5 +91,7 @@ class DeepSeekV3Router(LossFreeRouter):
         return choice.topk(self.top_k, dim=-1).indices
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, num_groups={self.num_groups}, group_top_k={self.group_top_k}, "
-                f"scaling={self.scaling}")
+        return (
+            f"{super().extra_repr()}, num_groups={self.num_groups}, group_top_k={self.group_top_k}, "
+            f"scaling={self.scaling}"
+        )

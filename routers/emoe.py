@@ -20,6 +20,7 @@ neither enters the logits, so they never affect routing (nor the output) and are
 Stats: ``scores`` (the probabilities) and ``basis_overlap`` = ||Q0^T Q||_F^2 / r, the share of the
 basis's span at the first forward that it still holds (1: unmoved; r / d: random).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,15 +46,24 @@ def retract_qr(q: Tensor) -> None:
     q.copy_((qq * sign).to(q.dtype))
 
 
-@register_router("emoe", "shared-eigenbasis energy routing, soft / top-1 / top-2, orthogonality loss only (EMoE, authors' code)")
+@register_router(
+    "emoe", "shared-eigenbasis energy routing, soft / top-1 / top-2, orthogonality loss only (EMoE, authors' code)"
+)
 class EMoERouter(CapturesInitialBasis, Router):
     """EMoE's router (see the module docstring). ``rank`` r must be below d_model: with r = d the basis
     spans everything and the energies only re-express h in a rotated frame of the whole space."""
 
     sequence_refusal = "its score is the energy (Q^T x)^2, quadratic in the token"
 
-    def __init__(self, d_model: int, num_experts: int, rank: int = 128, mode: str = "top1", tau: float = 1.0,
-                 lambda_orth: float = 1e-3):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        rank: int = 128,
+        mode: str = "top1",
+        tau: float = 1.0,
+        lambda_orth: float = 1e-3,
+    ):
         if mode not in MODES:
             raise ValueError(f"emoe option mode={mode!r} is not valid; choose one of {', '.join(map(repr, MODES))}")
         k = MODES[mode] or num_experts
@@ -69,9 +79,15 @@ class EMoERouter(CapturesInitialBasis, Router):
                 f"(EMoE uses 128 on ViT-B's d=768)"
             )
         for name, value, ok in (("tau", tau, lambda v: v > 0), ("lambda_orth", lambda_orth, lambda v: v >= 0)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
-                raise ValueError(f"emoe option {name} must be a finite number {'> 0' if name == 'tau' else '>= 0'}, "
-                                 f"got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+                or not ok(value)
+            ):
+                raise ValueError(
+                    f"emoe option {name} must be a finite number {'> 0' if name == 'tau' else '>= 0'}, got {value!r}"
+                )
         self.mode, self.rank, self.tau, self.lambda_orth = mode, int(rank), float(tau), float(lambda_orth)
         self.Q = nn.Parameter(nn.init.orthogonal_(torch.empty(d_model, self.rank)))
         self.gamma = nn.Parameter(torch.ones(self.rank))
@@ -84,6 +100,7 @@ class EMoERouter(CapturesInitialBasis, Router):
 
     # 2: the step-0 evaluation no longer hid the tokens-per-sample count (tokens/s read as samples/s)
     version = 2
+
     def flops_per_token(self) -> float:
         """Projection 2*d*r, energies ~4r, logits 2*E*r (the E x r mixing matrix is per layer, not per token)."""
         return float(2 * self.d_model * self.rank + 4 * self.rank + 2 * self.num_experts * self.rank)
@@ -117,7 +134,9 @@ class EMoERouter(CapturesInitialBasis, Router):
         else:
             w, idx = p.topk(self.top_k, dim=-1)  # not renormalised
         aux = {"orth": self.lambda_orth * self.orthogonality_loss()} if self.lambda_orth > 0 else {}
-        return topk_routing(idx, w, self.num_experts, aux_losses=aux, stats={"scores": p.detach(), "basis_overlap": self._overlap_cache})
+        return topk_routing(
+            idx, w, self.num_experts, aux_losses=aux, stats={"scores": p.detach(), "basis_overlap": self._overlap_cache}
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, mode={self.mode!r}, tau={self.tau}, lambda_orth={self.lambda_orth}"

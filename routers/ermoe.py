@@ -64,6 +64,7 @@ only runs over the k chosen pairs. The eigen experts apply fc1 factored (an extr
 per token and active expert) or rebuild W1 once per forward, whichever is cheaper (``fc1_mode``);
 the layer's FLOP count, like the paper's, counts the function: a dense d x h first layer.
 """
+
 from __future__ import annotations
 
 import math
@@ -104,8 +105,15 @@ class EigenExperts(Experts):
     then U^T: N*m*(d+h) multiply-adds for N rows), ``dense`` (rebuild W1 = V diag(s) U^T once per
     forward: E*d*m*h, then N*d*h) or ``auto`` (whichever of the two costs fewer multiply-adds)."""
 
-    def __init__(self, num_experts: int, d_model: int, d_hidden: int, activation: str = "gelu",
-                 fc1_mode: str = "auto", init: bool = True):
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_hidden: int,
+        activation: str = "gelu",
+        fc1_mode: str = "auto",
+        init: bool = True,
+    ):
         nn.Module.__init__(self)  # Experts.__init__ would create a dense w1 this module replaces
         self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
         self.rank = min(d_model, d_hidden)
@@ -131,12 +139,22 @@ class EigenExperts(Experts):
         """Reparameterise existing dense experts (same function, to float tolerance)."""
         for attr in ("num_experts", "d_model", "d_hidden", "b1", "w2", "b2"):
             if not hasattr(experts, attr):
-                raise TypeError(f"ermoe can only wrap moebench.core.experts.Experts-like modules; {type(experts).__name__} lacks {attr!r}")
+                raise TypeError(
+                    f"ermoe can only wrap moebench.core.experts.Experts-like modules; {type(experts).__name__} lacks {attr!r}"
+                )
         if getattr(experts, "gated", False):
-            raise ValueError(f"ermoe reparameterises a single fc1, not gated {experts.activation!r} experts; "
-                             f"use a non-gated moe.activation (or null) with router ermoe")
-        eig = cls(experts.num_experts, experts.d_model, experts.d_hidden,
-                  getattr(experts, "activation", "gelu"), fc1_mode=fc1_mode, init=False)
+            raise ValueError(
+                f"ermoe reparameterises a single fc1, not gated {experts.activation!r} experts; "
+                f"use a non-gated moe.activation (or null) with router ermoe"
+            )
+        eig = cls(
+            experts.num_experts,
+            experts.d_model,
+            experts.d_hidden,
+            getattr(experts, "activation", "gelu"),
+            fc1_mode=fc1_mode,
+            init=False,
+        )
         eig._set_dense(experts.fc1_weight().detach(), experts.b1.detach(), experts.w2.detach(), experts.b2.detach())
         return eig
 
@@ -200,14 +218,20 @@ class EigenExperts(Experts):
         return (self.V * self.s.unsqueeze(1)) @ self.U.mT
 
     @torch.no_grad()
-    def load_dense(self, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None) -> None:
+    def load_dense(
+        self, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None
+    ) -> None:
         """Upcycle: every expert becomes the dense MLP (nn.Linear layout (out, in)), via its SVD."""
         self.check_dense_shapes(fc1_weight, fc2_weight)
         E = self.num_experts
         b1 = fc1_bias if fc1_bias is not None else fc1_weight.new_zeros(self.d_hidden)
         b2 = fc2_bias if fc2_bias is not None else fc2_weight.new_zeros(self.d_model)
-        self.load_experts(fc1_weight.t().unsqueeze(0).expand(E, -1, -1), b1.expand(E, -1),
-                          fc2_weight.t().unsqueeze(0).expand(E, -1, -1), b2.expand(E, -1))
+        self.load_experts(
+            fc1_weight.t().unsqueeze(0).expand(E, -1, -1),
+            b1.expand(E, -1),
+            fc2_weight.t().unsqueeze(0).expand(E, -1, -1),
+            b2.expand(E, -1),
+        )
 
     @torch.no_grad()
     def load_experts(self, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> None:
@@ -245,12 +269,15 @@ class EigenExperts(Experts):
             return grouped_matmul(x_sorted, self.fc1_weight().to(dtype), counts, gmm, contiguous_grad)
         vs = (self.V * self.s.unsqueeze(1)).to(dtype)  # (E, d, m): s folded into V, no per-row scale
         # U^T as a column-major view: no (E, m, h) copy per forward
-        return grouped_matmul(grouped_matmul(x_sorted, vs, counts, gmm), self.U.to(dtype).mT, counts, gmm,
-                              contiguous_grad)
+        return grouped_matmul(
+            grouped_matmul(x_sorted, vs, counts, gmm), self.U.to(dtype).mT, counts, gmm, contiguous_grad
+        )
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
-                f"rank={self.rank}, fc1_mode={self.fc1_mode!r}")
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
+            f"rank={self.rank}, fc1_mode={self.fc1_mode!r}"
+        )
 
 
 @torch.no_grad()
@@ -263,7 +290,7 @@ def balance_offsets(S: Tensor, iters: int = 300) -> Tensor:
     spread = float((S.float().amax(-1) - S.float().amin(-1)).mean().clamp_min(1e-6))
     for i in range(iters):
         counts = torch.bincount((S.float() - c).argmax(-1), minlength=E).float() / T
-        c += spread * 0.5 * 0.985 ** i * (counts - 1.0 / E)
+        c += spread * 0.5 * 0.985**i * (counts - 1.0 / E)
     return c - c.mean()
 
 
@@ -290,8 +317,11 @@ def slice_permutation(kind: str, num_experts: int, m: int, r: int) -> Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-@register_router("ermoe", "eigenbasis-score routing over orthonormally reparameterised experts, no balance loss (ERMoE "
-                          "reconstruction from the abstract; score=context and threshold/free_experts are this suite's extensions)")
+@register_router(
+    "ermoe",
+    "eigenbasis-score routing over orthonormally reparameterised experts, no balance loss (ERMoE "
+    "reconstruction from the abstract; score=context and threshold/free_experts are this suite's extensions)",
+)
 class ErMoERouter(CapturesInitialBasis, Router):
     """ERMoE (arXiv 2511.10971, CVPR 2026), reconstructed from the abstract; see the module docstring.
 
@@ -301,11 +331,25 @@ class ErMoERouter(CapturesInitialBasis, Router):
 
     sequence_refusal = "its score is the cosine of each token with an expert's eigen-subspace, not linear in the token"
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, ortho: str = "qr",
-                 lambda_orth: float = 5e-4, route_rank: int | None = None, score: str = "subspace",
-                 threshold: float = 0.0, free_experts: list[int] | None = None, weights: str = "normalized",
-                 temperature: float = 0.7, fc1_mode: str = "auto", freeze_basis: bool = False,
-                 eigen_lr_scale: float = 1.0, slices: str = "interleaved", calibrate: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        ortho: str = "qr",
+        lambda_orth: float = 5e-4,
+        route_rank: int | None = None,
+        score: str = "subspace",
+        threshold: float = 0.0,
+        free_experts: list[int] | None = None,
+        weights: str = "normalized",
+        temperature: float = 0.7,
+        fc1_mode: str = "auto",
+        freeze_basis: bool = False,
+        eigen_lr_scale: float = 1.0,
+        slices: str = "interleaved",
+        calibrate: bool = True,
+    ):
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
             raise ValueError(f"ermoe option top_k must be an integer, got {top_k!r}")
         super().__init__(d_model, num_experts, int(top_k))
@@ -315,20 +359,27 @@ class ErMoERouter(CapturesInitialBasis, Router):
         self.fc1_mode = _choice("fc1_mode", fc1_mode, FC1_MODES)
         self.slices = _choice("slices", slices, SLICE_CHOICES)
         if not isinstance(calibrate, bool):
-            raise ValueError(f"ermoe option calibrate must be true or false (per-expert score gains fitted "
-                             f"at the first forward after upcycling), got {calibrate!r}")
+            raise ValueError(
+                f"ermoe option calibrate must be true or false (per-expert score gains fitted "
+                f"at the first forward after upcycling), got {calibrate!r}"
+            )
         self.calibrate = calibrate
         if not _is_real(lambda_orth) or lambda_orth < 0:
             raise ValueError(f"ermoe option lambda_orth must be a number >= 0 (penalty weight), got {lambda_orth!r}")
         if not _is_real(temperature) or not temperature > 0:
-            raise ValueError(f"ermoe option temperature must be a number > 0 (softmax temperature), got {temperature!r}")
+            raise ValueError(
+                f"ermoe option temperature must be a number > 0 (softmax temperature), got {temperature!r}"
+            )
         if not _is_real(threshold) or not -1.0 <= threshold <= 1.0:
             raise ValueError(
                 f"ermoe option threshold must be a number in [-1, 1] (scores are cosines), got {threshold!r}; "
                 f"use 0.0 for plain top-k"
             )
-        if route_rank is not None and (isinstance(route_rank, bool) or not isinstance(route_rank, numbers.Integral)
-                                       or not 1 <= route_rank < d_model):
+        if route_rank is not None and (
+            isinstance(route_rank, bool)
+            or not isinstance(route_rank, numbers.Integral)
+            or not 1 <= route_rank < d_model
+        ):
             raise ValueError(
                 f"ermoe option route_rank must be an integer in [1, d_model={d_model}) or None "
                 f"(default max(8, d_model // num_experts)), got {route_rank!r}: at r = d_model the routing "
@@ -337,14 +388,17 @@ class ErMoERouter(CapturesInitialBasis, Router):
         if not isinstance(freeze_basis, bool):
             raise ValueError(f"ermoe option freeze_basis must be true or false, got {freeze_basis!r}")
         if not _is_real(eigen_lr_scale) or not eigen_lr_scale > 0:
-            raise ValueError(f"ermoe option eigen_lr_scale must be a number > 0 (x the run's lr for V, U, s), "
-                             f"got {eigen_lr_scale!r}")
+            raise ValueError(
+                f"ermoe option eigen_lr_scale must be a number > 0 (x the run's lr for V, U, s), got {eigen_lr_scale!r}"
+            )
         self.freeze_basis, self.eigen_lr_scale = freeze_basis, float(eigen_lr_scale)
         self.lambda_orth = float(lambda_orth)
         self.temperature = float(temperature)
         self.threshold = float(threshold)
         self.route_rank_option = route_rank
-        self.route_rank = int(route_rank) if route_rank is not None else min(d_model - 1, max(8, d_model // num_experts))
+        self.route_rank = (
+            int(route_rank) if route_rank is not None else min(d_model - 1, max(8, d_model // num_experts))
+        )
         self.free_experts = self._check_free(free_experts, num_experts)
         free_mask = torch.zeros(num_experts, dtype=torch.bool)
         free_mask[list(self.free_experts)] = True
@@ -363,12 +417,15 @@ class ErMoERouter(CapturesInitialBasis, Router):
     # 2: the step-0 evaluation no longer hid the tokens-per-sample count (tokens/s read as samples/s)
     # 3: upcycled experts route on interleaved eigen-directions (slices), not contiguous ones (issue 18)
     version = 3
+
     @staticmethod
     def _check_free(free_experts, num_experts: int) -> tuple[int, ...]:
         if free_experts is None:
             return ()
         if isinstance(free_experts, (str, bytes)) or not hasattr(free_experts, "__iter__"):
-            raise ValueError(f"ermoe option free_experts must be a list of expert indices or None, got {free_experts!r}")
+            raise ValueError(
+                f"ermoe option free_experts must be a list of expert indices or None, got {free_experts!r}"
+            )
         items = list(free_experts)
         for i in items:
             if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < num_experts:
@@ -381,7 +438,10 @@ class ErMoERouter(CapturesInitialBasis, Router):
 
     # --- expert ownership -------------------------------------------------------------------------
     def wrap_experts(self, experts: nn.Module) -> EigenExperts:
-        if getattr(experts, "num_experts", None) != self.num_experts or getattr(experts, "d_model", None) != self.d_model:
+        if (
+            getattr(experts, "num_experts", None) != self.num_experts
+            or getattr(experts, "d_model", None) != self.d_model
+        ):
             raise ValueError(
                 f"ermoe router (d_model={self.d_model}, num_experts={self.num_experts}) cannot wrap experts with "
                 f"d_model={getattr(experts, 'd_model', None)}, num_experts={getattr(experts, 'num_experts', None)}"
@@ -502,8 +562,7 @@ class ErMoERouter(CapturesInitialBasis, Router):
             with torch.no_grad():  # gains g = exp(-c), c fitted on log S: argmax_e g_e S_e spreads evenly
                 self.score_gain.copy_(torch.exp(-balance_offsets(self.scores(x, context, V).clamp_min(_EPS).log())))
         gain = self.score_gain
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, V, eig.s, context))
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, V, eig.s, context))
         # On CPU the projection's FLOPs dominate, so the backward runs over the chosen pairs only; on a
         # GPU the dense (T, d) x (d, E*r) product is cheap and the pair path's sort would cost more.
         if needs_grad and self.top_k < self.num_experts and x.device.type == "cpu":
@@ -556,9 +615,11 @@ class ErMoERouter(CapturesInitialBasis, Router):
             self._experts_ref[0].reorthonormalize()
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, score={self.score!r}, ortho={self.ortho!r}, route_rank={self.route_rank}, "
-                f"threshold={self.threshold}, free_experts={list(self.free_experts)}, weights={self.weights!r}, "
-                f"freeze_basis={self.freeze_basis}, eigen_lr_scale={self.eigen_lr_scale}")
+        return (
+            f"{super().extra_repr()}, score={self.score!r}, ortho={self.ortho!r}, route_rank={self.route_rank}, "
+            f"threshold={self.threshold}, free_experts={list(self.free_experts)}, weights={self.weights!r}, "
+            f"freeze_basis={self.freeze_basis}, eigen_lr_scale={self.eigen_lr_scale}"
+        )
 
 
 def _is_real(v) -> bool:

@@ -2,6 +2,7 @@
 experts), as a router name a grid can use. It is not a token router: tasks whose ``build_model``
 goes through ``tasks.common.apply_moe`` (classification, brain age) build the
 `moebench.core.image_moe.ErmoeReleasedModel` around their backbone instead of moefying it."""
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,11 @@ from moebench.core.registry import register_router
 from moebench.core.routing import Router
 
 
-@register_router("ermoe-released", "ERMoE's released code: image-level eigen-attention score over frozen backbone "
-                                   "copies with their own heads, threshold 0.5, free expert 0 (a model family)")
+@register_router(
+    "ermoe-released",
+    "ERMoE's released code: image-level eigen-attention score over frozen backbone "
+    "copies with their own heads, threshold 0.5, free expert 0 (a model family)",
+)
 class ErmoeReleasedRouter(Router):
     """Options: ``top_k`` (2), ``threshold`` (0.5), ``free_experts`` ([0]), ``freeze_experts`` (true: only the
     heads train, as released), ``expert_noise`` (0: identical copies, every score ties; > 0 perturbs each
@@ -27,16 +31,26 @@ class ErmoeReleasedRouter(Router):
 
     image_level = True
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, threshold: float = 0.5,
-                 free_experts: list[int] | None = None, freeze_experts: bool = True, expert_noise: float = 0.0,
-                 num_patches: int | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        threshold: float = 0.5,
+        free_experts: list[int] | None = None,
+        freeze_experts: bool = True,
+        expert_noise: float = 0.0,
+        num_patches: int | None = None,
+    ):
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
             raise ValueError(f"ermoe-released option top_k must be an integer, got {top_k!r}")
         super().__init__(d_model, num_experts, int(top_k))
         free = [0] if free_experts is None else list(free_experts)
         if any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < num_experts for e in free):
-            raise ValueError(f"ermoe-released option free_experts must list expert indices in [0, {num_experts - 1}], "
-                             f"got {free_experts!r}")
+            raise ValueError(
+                f"ermoe-released option free_experts must list expert indices in [0, {num_experts - 1}], "
+                f"got {free_experts!r}"
+            )
         for name, value in (("threshold", threshold), ("expert_noise", expert_noise)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"ermoe-released option {name} must be a finite number >= 0, got {value!r}")
@@ -54,24 +68,33 @@ class ErmoeReleasedRouter(Router):
         """Per image: for each expert, the Gram matrix (2 P^2 d), eigh (~9 P^3), U^T A U (4 P^3), the
         head-averaged attention recomputed (2 P^2 d). An estimate (eigh's cost is iterative)."""
         P, d = self.num_patches or 0, self.d_model
-        return float(self.num_experts * (4 * P * P * d + 13 * P ** 3))
+        return float(self.num_experts * (4 * P * P * d + 13 * P**3))
 
     def wrap_experts(self, experts: nn.Module) -> nn.Module:
         raise ValueError(
             "router 'ermoe-released' routes whole images over whole-backbone experts, so it cannot sit in a "
             "MoE layer: use it as moe.router in a task whose model build supports it (classification, "
-            "brain-age), which builds moebench.core.image_moe.ErmoeReleasedModel around the backbone")
+            "brain-age), which builds moebench.core.image_moe.ErmoeReleasedModel around the backbone"
+        )
 
     @classmethod
     def build_model(cls, backbone: nn.Module, moe: dict) -> ErmoeReleasedModel:
         """The released model around ``backbone`` from a spec's ``moe`` section."""
         if moe.get("router_init_std") is not None:
-            raise ValueError("moe.router_init_std cannot apply to router 'ermoe-released': it has no learned gate "
-                             "(it scores images by the backbone's own attention); leave moe.router_init_std null for it")
+            raise ValueError(
+                "moe.router_init_std cannot apply to router 'ermoe-released': it has no learned gate "
+                "(it scores images by the backbone's own attention); leave moe.router_init_std null for it"
+            )
         d = backbone.head.in_features if isinstance(getattr(backbone, "head", None), nn.Linear) else 0
         args = copy.deepcopy(moe.get("router_args") or {})
         router = cls(d, moe["num_experts"], **args)
         patch_embed = getattr(backbone, "patch_embed", None)
         router.num_patches = getattr(patch_embed, "num_patches", None) or getattr(backbone, "num_patches", None)
-        return ErmoeReleasedModel(backbone, router, router.threshold, router.free_experts,
-                                  freeze_experts=router.freeze_experts, expert_noise=router.expert_noise)
+        return ErmoeReleasedModel(
+            backbone,
+            router,
+            router.threshold,
+            router.free_experts,
+            freeze_experts=router.freeze_experts,
+            expert_noise=router.expert_noise,
+        )

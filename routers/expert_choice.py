@@ -10,6 +10,7 @@ loss; a token may be picked by several experts or by none (``stats['unrouted']``
 tokens picked by no expert; the residual carries them). The choice looks at the whole batch, so it is
 non-causal: fine for vision / encoders, not for autoregressive decoding.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,9 @@ from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, expert_counts
 
 
-@register_router("expert-choice", "experts pick their top-C tokens (Zhou et al. 2022): perfectly balanced, no aux loss, non-causal")
+@register_router(
+    "expert-choice", "experts pick their top-C tokens (Zhou et al. 2022): perfectly balanced, no aux loss, non-causal"
+)
 class ExpertChoiceRouter(Router):
     """Each expert takes its C highest-scoring tokens; see the module docstring.
 

@@ -12,6 +12,7 @@
 Nothing here is learned and the position / token-id assignments do not look at the content at all; all
 tables are drawn from ``seed`` so every run (and every rank) gets the same assignment.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,9 @@ _MODES = ("position", "token-id", "lsh")
 _PRIME = 2**31 - 1
 
 
-@register_router("hash", "fixed unlearned hash assignment (Roller et al. 2021) by position, token id or LSH of the input")
+@register_router(
+    "hash", "fixed unlearned hash assignment (Roller et al. 2021) by position, token id or LSH of the input"
+)
 class HashRouter(Router):
     """Fixed hash routing by position, token id or locality-sensitive hash; see the module docstring."""
 

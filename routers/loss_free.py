@@ -12,6 +12,7 @@ No auxiliary loss: overloaded experts get their bias lowered and are chosen less
 Under torch.distributed the counts are summed over ranks before the update so every rank keeps the
 same bias.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,9 @@ from moebench.core.routing import Router, Routing, RoutingContext, expert_counts
 _SCORE_FNS = ("sigmoid", "softmax")
 
 
-@register_router("loss-free", "DeepSeek aux-loss-free balancing: sigmoid gate, per-expert selection bias updated by load")
+@register_router(
+    "loss-free", "DeepSeek aux-loss-free balancing: sigmoid gate, per-expert selection bias updated by load"
+)
 class LossFreeRouter(Router):
     """Sigmoid (or softmax) gate with a load-driven selection bias; see the module docstring."""
 

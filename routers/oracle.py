@@ -5,6 +5,7 @@ the example each token belongs to); tokens without a group (-1) go to expert 0. 
 expert-group map is the identity, so the recovery metrics must come out perfect (NMI = 1): a control
 with a known answer for the metrics, not a router one could deploy. Weight 1, top-1.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,14 +30,18 @@ class OracleRouter(Router):
 
     def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:
         if ctx.group is None:
-            raise ValueError("router 'oracle' needs each token's true group (RoutingContext.group), which only "
-                             "tasks with ground truth provide (the 'structure' task); use another router here")
+            raise ValueError(
+                "router 'oracle' needs each token's true group (RoutingContext.group), which only "
+                "tasks with ground truth provide (the 'structure' task); use another router here"
+            )
         group = ctx.group.to(x.device).long().reshape(-1)
         if group.shape[0] != x.shape[0]:
             raise ValueError(f"router 'oracle': {group.shape[0]} groups for {x.shape[0]} tokens")
         if int(group.max()) >= self.num_experts:
-            raise ValueError(f"router 'oracle' needs moe.num_experts >= the task's groups (a group "
-                             f"{int(group.max())} came with {self.num_experts} experts); raise num_experts")
+            raise ValueError(
+                f"router 'oracle' needs moe.num_experts >= the task's groups (a group "
+                f"{int(group.max())} came with {self.num_experts} experts); raise num_experts"
+            )
         idx = group.clamp(min=0).unsqueeze(1)
         weights = torch.ones(x.shape[0], 1, device=x.device)
         scores = torch.zeros(x.shape[0], self.num_experts, device=x.device).scatter_(1, idx, 1.0)

@@ -12,6 +12,7 @@ and the token takes the k experts with the largest keys (a uniform random k-subs
 touch the global RNG stream (the rest of the run is unchanged by adding the control), and a resumed run
 (the buffer is in the checkpoint) continues the same sequence. Weights are 1 / k.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,9 @@ def _mix(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-@register_router("random", "control: each forward, each token to k experts drawn uniformly at random (no content, no position)")
+@register_router(
+    "random", "control: each forward, each token to k experts drawn uniformly at random (no content, no position)"
+)
 class RandomRouter(Router):
     """Fresh uniform random k-subset of experts per token per forward; see the module docstring."""
 

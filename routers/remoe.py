@@ -15,6 +15,7 @@ fully differentiable. ``stats['sparsity']`` is each forward's share of zero gate
 sparsity) and ``active_experts_per_token`` the measured mean (see moebench.core.measured), k before
 any data. A token with every gate at zero is carried by the residual alone.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,14 +27,23 @@ from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext
 
 
-@register_router("remoe", "ReLU routing (ReMoE, Wang et al. 2025): gates ReLU(xW), adaptive L1 toward k experts per token")
+@register_router(
+    "remoe", "ReLU routing (ReMoE, Wang et al. 2025): gates ReLU(xW), adaptive L1 toward k experts per token"
+)
 class ReMoERouter(Router):
     """ReLU gates with an adaptively weighted, load-balanced L1 penalty; see the module docstring."""
 
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, alpha: float = 1.2,
-                 lambda_init: float = 1e-8, balance: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        alpha: float = 1.2,
+        lambda_init: float = 1e-8,
+        balance: bool = True,
+    ):
         super().__init__(d_model, num_experts, top_k)
         if not alpha > 1:
             raise ValueError(f"remoe option alpha must be > 1 (the lambda step factor), got {alpha!r}")
@@ -68,14 +78,27 @@ class ReMoERouter(Router):
         sparsity = 1.0 - n_active.float() / max(gates.numel(), 1)
         if ctx.training:
             with torch.no_grad():
-                self.zeros_seen += torch.stack([(gates.numel() - n_active).double(),
-                                                torch.tensor(float(gates.numel()), dtype=torch.float64,
-                                                             device=x.device)])
+                self.zeros_seen += torch.stack(
+                    [
+                        (gates.numel() - n_active).double(),
+                        torch.tensor(float(gates.numel()), dtype=torch.float64, device=x.device),
+                    ]
+                )
         self.meter.add(num_tokens, token.numel(), ctx.training)
-        return Routing(token=token, expert=expert, weight=gates[token, expert], num_tokens=num_tokens,
-                       num_experts=self.num_experts, slot=None, aux_losses={"l1": reg},
-                       stats={"scores": gates.detach(), "sparsity": sparsity.detach(),
-                              "experts_per_token": (n_active.float() / max(num_tokens, 1)).detach()})
+        return Routing(
+            token=token,
+            expert=expert,
+            weight=gates[token, expert],
+            num_tokens=num_tokens,
+            num_experts=self.num_experts,
+            slot=None,
+            aux_losses={"l1": reg},
+            stats={
+                "scores": gates.detach(),
+                "sparsity": sparsity.detach(),
+                "experts_per_token": (n_active.float() / max(num_tokens, 1)).detach(),
+            },
+        )
 
     @torch.no_grad()
     def after_step(self) -> None:

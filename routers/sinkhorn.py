@@ -9,6 +9,7 @@ after BASE layers, Lewis et al. 2021).
 
 No auxiliary loss. Sinkhorn is a few matrix-vector products, far cheaper than BASE's exact assignment.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,9 @@ def sinkhorn(logits: Tensor, iterations: int) -> Tensor:
     return log_p.exp()
 
 
-@register_router("sinkhorn", "S-BASE (Clark et al. 2022): Sinkhorn-balanced top-k in training, raw probabilities as weights")
+@register_router(
+    "sinkhorn", "S-BASE (Clark et al. 2022): Sinkhorn-balanced top-k in training, raw probabilities as weights"
+)
 class SinkhornRouter(Router):
     """Sinkhorn-balanced selection, raw-probability weights; see the module docstring."""
 

@@ -20,6 +20,7 @@ sequence length seen. One setting fits one sequence length, so a grid mixing tas
 towers) cannot FLOP-match soft-moe with one set of options. The router's own cost,
 logits + dispatch + combine, is 3 * 2 * d * M FLOPs per token (``flops_per_token``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,14 +31,22 @@ from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext
 
 
-@register_router("soft-moe", "Soft MoE (Puigcerver et al. 2024): experts process softmax-weighted slots; dense dispatch/combine")
+@register_router(
+    "soft-moe", "Soft MoE (Puigcerver et al. 2024): experts process softmax-weighted slots; dense dispatch/combine"
+)
 class SoftMoERouter(Router):
     """Slots as soft mixtures of a sequence's tokens; see the module docstring."""
 
     sequence_refusal = "it sends weighted mixtures of tokens (dense dispatch), not one choice per token"
 
-    def __init__(self, d_model: int, num_experts: int, slots_per_expert: int = 1,
-                 tokens_per_sequence: int | None = None, normalize: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        slots_per_expert: int = 1,
+        tokens_per_sequence: int | None = None,
+        normalize: bool = True,
+    ):
         super().__init__(d_model, num_experts, top_k=1)
         for name, value in (("slots_per_expert", slots_per_expert), ("tokens_per_sequence", tokens_per_sequence)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -46,7 +55,7 @@ class SoftMoERouter(Router):
         self.tokens_per_sequence = tokens_per_sequence
         self.num_slots = num_experts * slots_per_expert
         self.normalize = bool(normalize)
-        self.phi = nn.Parameter(torch.randn(d_model, self.num_slots) * d_model ** -0.5)
+        self.phi = nn.Parameter(torch.randn(d_model, self.num_slots) * d_model**-0.5)
         self.scale = nn.Parameter(torch.ones(())) if self.normalize else None
         self.seen_seq_len: int | None = None
 
@@ -58,9 +67,11 @@ class SoftMoERouter(Router):
     def active_experts_per_token(self) -> float:
         n = self.tokens_per_sequence or self.seen_seq_len
         if n is None:
-            raise ValueError("soft-moe cannot count its experts per token (E * slots_per_expert / tokens per "
-                             "sequence) before it has seen data: set router_args.tokens_per_sequence to the "
-                             "model's tokens per sample (e.g. 65 for 64 patches + a class token)")
+            raise ValueError(
+                "soft-moe cannot count its experts per token (E * slots_per_expert / tokens per "
+                "sequence) before it has seen data: set router_args.tokens_per_sequence to the "
+                "model's tokens per sample (e.g. 65 for 64 patches + a class token)"
+            )
         return self.num_slots / n
 
     def flops_per_token(self) -> float:
@@ -72,8 +83,10 @@ class SoftMoERouter(Router):
         if num_tokens % n:
             raise ValueError(f"soft-moe: {num_tokens} tokens are not whole sequences of {n}")
         if self.tokens_per_sequence is not None and n != self.tokens_per_sequence:
-            raise ValueError(f"soft-moe was declared with tokens_per_sequence={self.tokens_per_sequence} (its FLOP "
-                             f"count) but sees sequences of {n} tokens; set router_args.tokens_per_sequence: {n}")
+            raise ValueError(
+                f"soft-moe was declared with tokens_per_sequence={self.tokens_per_sequence} (its FLOP "
+                f"count) but sees sequences of {n} tokens; set router_args.tokens_per_sequence: {n}"
+            )
         self.seen_seq_len = n
         xb = x.float().reshape(num_tokens // n, n, self.d_model)
         phi = self.phi.float()
@@ -85,10 +98,19 @@ class SoftMoERouter(Router):
         combine = torch.softmax(logits, dim=2)
         per_expert = combine.reshape(num_tokens, self.num_experts, self.slots_per_expert).sum(-1)
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
-        return Routing(token=empty, expert=empty, weight=x.new_zeros(0, dtype=torch.float32),
-                       num_tokens=num_tokens, num_experts=self.num_experts, dispatch=dispatch, combine=combine,
-                       stats={"scores": per_expert.detach()})
+        return Routing(
+            token=empty,
+            expert=empty,
+            weight=x.new_zeros(0, dtype=torch.float32),
+            num_tokens=num_tokens,
+            num_experts=self.num_experts,
+            dispatch=dispatch,
+            combine=combine,
+            stats={"scores": per_expert.detach()},
+        )
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
-                f"tokens_per_sequence={self.tokens_per_sequence}")
+        return (
+            f"d_model={self.d_model}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
+            f"tokens_per_sequence={self.tokens_per_sequence}"
+        )

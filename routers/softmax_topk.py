@@ -12,6 +12,7 @@ share of the T*k chosen pairs that go to expert i and P_i the mean probability (
 the micro-batch or, with ``balance_scope='global'``, over the global batch (Qiu et al. 2025; see
 moebench.core.balance).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,19 +24,31 @@ from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
 
-@register_router("softmax-topk", "linear gate, softmax, top-k, weights renormalised over the k (Mixtral/GShard) or raw "
-                                 "(norm_topk_prob: false, Qwen-MoE / OLMoE)")
+@register_router(
+    "softmax-topk",
+    "linear gate, softmax, top-k, weights renormalised over the k (Mixtral/GShard) or raw "
+    "(norm_topk_prob: false, Qwen-MoE / OLMoE)",
+)
 class SoftmaxTopK(Router):
     """Linear gate, softmax in float32, top-k, weights renormalised over the chosen k (or raw: norm_topk_prob)."""
 
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, balance_weight: float = 0.0,
-                 balance_scope: str = "micro", norm_topk_prob: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        balance_weight: float = 0.0,
+        balance_scope: str = "micro",
+        norm_topk_prob: bool = True,
+    ):
         super().__init__(d_model, num_experts, top_k)
         if not isinstance(norm_topk_prob, bool):
-            raise ValueError(f"softmax-topk option norm_topk_prob must be true (renormalise over the k, Mixtral) or "
-                             f"false (raw probabilities, Qwen-MoE / OLMoE), got {norm_topk_prob!r}")
+            raise ValueError(
+                f"softmax-topk option norm_topk_prob must be true (renormalise over the k, Mixtral) or "
+                f"false (raw probabilities, Qwen-MoE / OLMoE), got {norm_topk_prob!r}"
+            )
         self.norm_topk_prob = norm_topk_prob
         if not balance_weight >= 0:
             raise ValueError(f"softmax-topk option balance_weight must be >= 0, got {balance_weight!r}")

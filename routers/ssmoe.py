@@ -27,6 +27,7 @@ Gradients reach the token (softmax of the SVD logits) and, for c < 1, the gate; 
 are constants. No balance loss. Cost: 2 d E M per token for the projections (M matrices per expert),
 plus 2 d E for the gate when c < 1; the SVDs (once, or every N steps) are not counted per token.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,16 +43,26 @@ from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 SECOND_LAYER = ("reshape", "transpose")
 
 
-@register_router("ssmoe", "SSMoE (Do et al. 2026): training-free routing on experts' right singular vectors, "
-                          "mixed with the gate by c")
+@register_router(
+    "ssmoe",
+    "SSMoE (Do et al. 2026): training-free routing on experts' right singular vectors, mixed with the gate by c",
+)
 class SSMoERouter(Router):
     """Routes on the mean right singular vectors of each expert's weights; see the module docstring."""
 
     basis: Tensor
     basis_ready: Tensor
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int = 2, c: float = 1.0, k: int = 5,
-                 refresh_every: int = 0, second_layer: str = "reshape"):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        c: float = 1.0,
+        k: int = 5,
+        refresh_every: int = 0,
+        second_layer: str = "reshape",
+    ):
         super().__init__(d_model, num_experts, top_k)
         if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c) or not 0 <= c <= 1:
             raise ValueError(f"ssmoe option c={c!r} must be a number in [0, 1] (1: SVD logits only, 0: the gate only)")
@@ -59,8 +70,10 @@ class SSMoERouter(Router):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"ssmoe option {name}={value!r} must be an integer >= {low}")
         if second_layer not in SECOND_LAYER:
-            raise ValueError(f"ssmoe option second_layer={second_layer!r} is not valid; choose one of "
-                             f"{', '.join(map(repr, SECOND_LAYER))}")
+            raise ValueError(
+                f"ssmoe option second_layer={second_layer!r} is not valid; choose one of "
+                f"{', '.join(map(repr, SECOND_LAYER))}"
+            )
         self.c, self.k, self.refresh_every, self.second_layer = float(c), int(k), int(refresh_every), second_layer
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self._experts_ref: list[nn.Module] = []  # plain list: the layer owns the experts, not the router
@@ -78,20 +91,28 @@ class SSMoERouter(Router):
     # --- experts ----------------------------------------------------------------------------------
     def wrap_experts(self, experts: nn.Module) -> nn.Module:
         """Keeps a reference to the experts (unchanged): the routing vectors come from their weights."""
-        if getattr(experts, "num_experts", None) != self.num_experts or getattr(experts, "d_model", None) != self.d_model:
+        if (
+            getattr(experts, "num_experts", None) != self.num_experts
+            or getattr(experts, "d_model", None) != self.d_model
+        ):
             raise ValueError(
                 f"ssmoe routes on each expert's own weights, so it needs one expert per router output: router "
                 f"(d_model={self.d_model}, num_experts={self.num_experts}) vs experts (d_model="
                 f"{getattr(experts, 'd_model', None)}, num_experts={getattr(experts, 'num_experts', None)}); "
-                f"null experts have no weights: set moe.null_experts to 0 with router ssmoe")
+                f"null experts have no weights: set moe.null_experts to 0 with router ssmoe"
+            )
         if not (callable(getattr(experts, "fc1_weight", None)) and hasattr(experts, "w2")):
-            raise TypeError(f"ssmoe needs experts with fc1_weight() and w2 (moebench.core.experts.Experts); "
-                            f"got {type(experts).__name__}")
+            raise TypeError(
+                f"ssmoe needs experts with fc1_weight() and w2 (moebench.core.experts.Experts); "
+                f"got {type(experts).__name__}"
+            )
         self.num_matrices = 3 if getattr(experts, "gated", False) else 2
         ranks = [min(experts.d_hidden, self.d_model)] + ([] if self.second_layer == "transpose" else [self.d_model])
         if self.k > min(ranks):
-            raise ValueError(f"ssmoe option k={self.k} exceeds the {min(ranks)} singular vectors an expert matrix "
-                             f"has (d_model={self.d_model}, d_hidden={experts.d_hidden}); choose k <= {min(ranks)}")
+            raise ValueError(
+                f"ssmoe option k={self.k} exceeds the {min(ranks)} singular vectors an expert matrix "
+                f"has (d_model={self.d_model}, d_hidden={experts.d_hidden}); choose k <= {min(ranks)}"
+            )
         self.basis = torch.zeros(self.d_model, self.num_experts * self.num_matrices, device=self.basis.device)
         self._experts_ref = [experts]
         return experts
@@ -159,5 +180,7 @@ class SSMoERouter(Router):
         return topk_routing(top_i, weights, self.num_experts, stats={"scores": probs.detach()})
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, c={self.c}, k={self.k}, refresh_every={self.refresh_every}, "
-                f"second_layer={self.second_layer!r}")
+        return (
+            f"{super().extra_repr()}, c={self.c}, k={self.k}, refresh_every={self.refresh_every}, "
+            f"second_layer={self.second_layer!r}"
+        )

@@ -16,6 +16,7 @@ Capacity C = ceil(cf * T / E) slots per expert with cf = ``capacity_factor`` (1.
 ``eval_capacity_factor`` (2.0) in evaluation, unless the layer sets its own; overflowing tokens are
 dropped (the residual carries them).
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,9 @@ def _check_nonnegative(name: str, value: float) -> float:
     return float(value)
 
 
-@register_router("switch", "Switch Transformer top-1: raw-probability gate, balance loss, z-loss, jitter, capacity 1.25/2.0")
+@register_router(
+    "switch", "Switch Transformer top-1: raw-probability gate, balance loss, z-loss, jitter, capacity 1.25/2.0"
+)
 class SwitchRouter(Router):
     """Switch Transformer top-1 router (Fedus et al. 2021) with ST-MoE z-loss; see the module docstring."""
 
@@ -97,8 +100,8 @@ class SwitchRouter(Router):
         probs = torch.softmax(logits, dim=-1)
         top_p, top_i = probs.max(dim=-1, keepdim=True)
         aux = {
-            "balance": self.balance_weight * switch_balance_loss(
-                probs, top_i.squeeze(1), self.num_experts, self.frequencies(top_i, ctx.training)),
+            "balance": self.balance_weight
+            * switch_balance_loss(probs, top_i.squeeze(1), self.num_experts, self.frequencies(top_i, ctx.training)),
             "z": self.z_weight * torch.logsumexp(logits, dim=-1).pow(2).mean(),
         }
         return topk_routing(top_i, top_p, self.num_experts, aux_losses=aux, stats={"scores": probs.detach()})

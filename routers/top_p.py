@@ -13,6 +13,7 @@ The number of experts per token varies. ``stats['experts_per_token']`` holds eac
 else training forwards, else ``expected_experts`` (default 2: what a grid matches the width to before
 any data is seen).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,14 +25,24 @@ from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext
 
 
-@register_router("top-p", "dynamic top-p (Huang et al. 2024): fewest experts reaching cumulative probability p, entropy loss")
+@register_router(
+    "top-p", "dynamic top-p (Huang et al. 2024): fewest experts reaching cumulative probability p, entropy loss"
+)
 class TopPRouter(Router):
     """Variable experts per token by cumulative probability; see the module docstring."""
 
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
 
-    def __init__(self, d_model: int, num_experts: int, p: float = 0.4, max_k: int | None = None,
-                 dynamic_weight: float = 1e-4, balance_weight: float = 1e-2, expected_experts: float = 2.0):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        p: float = 0.4,
+        max_k: int | None = None,
+        dynamic_weight: float = 1e-4,
+        balance_weight: float = 1e-2,
+        expected_experts: float = 2.0,
+    ):
         max_k = num_experts if max_k is None else max_k
         super().__init__(d_model, num_experts, top_k=max_k)
         if not 0 < p <= 1:
@@ -61,7 +72,7 @@ class TopPRouter(Router):
         before = sorted_p.cumsum(-1) - sorted_p  # probability mass of the experts ranked above
         keep = before < self.p
         keep[:, 0] = True
-        keep[:, self.max_k:] = False
+        keep[:, self.max_k :] = False
         token, slot = keep.nonzero(as_tuple=True)
         expert = order[token, slot]
         weight = probs[token, expert]
@@ -73,10 +84,20 @@ class TopPRouter(Router):
             "dynamic": self.dynamic_weight * -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean(),
         }
         per_token = keep.sum(-1).float()
-        return Routing(token=token, expert=expert, weight=weight, num_tokens=num_tokens,
-                       num_experts=self.num_experts, slot=slot, aux_losses=aux,
-                       stats={"scores": probs.detach(), "experts_per_token": per_token.mean().detach(),
-                              "experts_per_token_hist": torch.bincount(keep.sum(-1), minlength=self.max_k + 1)})
+        return Routing(
+            token=token,
+            expert=expert,
+            weight=weight,
+            num_tokens=num_tokens,
+            num_experts=self.num_experts,
+            slot=slot,
+            aux_losses=aux,
+            stats={
+                "scores": probs.detach(),
+                "experts_per_token": per_token.mean().detach(),
+                "experts_per_token_hist": torch.bincount(keep.sum(-1), minlength=self.max_k + 1),
+            },
+        )
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, p={self.p}, max_k={self.max_k}"

@@ -2,6 +2,7 @@
 
 Ignores content entirely, so it measures the pure dispatch cost of the layer and the value of
 routing at all (a content-aware router should beat it)."""
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ Routing scores are computed on a low-dimensional hypersphere to avoid representa
     balance = alpha * E * sum_i f_i P_i     f_i: share of the T*k assignments that go to expert i,
                                             P_i: mean p_i (Switch-style; uniform routing -> alpha)
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,9 @@ from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, expert_counts, topk_routing
 
 
-@register_router("xmoe", "X-MoE (Chi et al. 2022): low-dim cosine routing with learnable temperature, Switch balance loss")
+@register_router(
+    "xmoe", "X-MoE (Chi et al. 2022): low-dim cosine routing with learnable temperature, Switch balance loss"
+)
 class XMoERouter(Router):
     """Cosine routing in a ``proj_dim``-dimensional space with learnable temperature; see the module docstring."""
 

@@ -16,6 +16,7 @@ Usage (from the repository root, with the project's Python):
 Prints one line per trial (target, moment, what was killed, verdict) and a final count; writes
 <out>/trials.jsonl; exits 1 when any trial lost, duplicated or changed a record.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,16 @@ TRAIN = {"steps": 40, "batch_size": 16, "eval_every": 20, "checkpoint_every": 10
 def write_grid(folder: Path, name: str = "g") -> Path:
     """Two toy runs, one job at a time (so a kill can land between them); every trial has its own
     results folder, so run ids (and records) are the reference's."""
-    grid = {"name": name, "task": "toy", "task_args": {"num_train": 64, "num_eval": 32},
-            "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 16}, "train": TRAIN, "seeds": [0],
-            "routers": ["softmax-topk", "dense"],
-            "executor": {"time_min": 10, "cpus_per_task": 1, "max_workers": 1,
-                         "array_parallelism": 1, "max_retries": 3}}
+    grid = {
+        "name": name,
+        "task": "toy",
+        "task_args": {"num_train": 64, "num_eval": 32},
+        "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 16},
+        "train": TRAIN,
+        "seeds": [0],
+        "routers": ["softmax-topk", "dense"],
+        "executor": {"time_min": 10, "cpus_per_task": 1, "max_workers": 1, "array_parallelism": 1, "max_retries": 3},
+    }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
@@ -63,17 +69,33 @@ def snapshot(dirs: dict[str, Path]) -> dict:
 
     out = {}
     for label, d in dirs.items():
-        lines = [{k: v for k, v in m.items() if k != "elapsed_s"}
-                 for m in records.read_jsonl(d / "metrics.jsonl", strict=True)]
+        lines = [
+            {k: v for k, v in m.items() if k != "elapsed_s"}
+            for m in records.read_jsonl(d / "metrics.jsonl", strict=True)
+        ]
         final = {k: v for k, v in records.read_json(d / "final.json").items() if k not in ("cost", "env")}
         out[label] = (lines, final)
     return out
 
 
 def launch(path: Path, results: Path, cluster: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "moebench", "run", str(path), "--cluster", cluster,
-                             "--results", str(results), "--no-report"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moebench",
+            "run",
+            str(path),
+            "--cluster",
+            cluster,
+            "--results",
+            str(results),
+            "--no-report",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def job_pids(dirs: dict[str, Path]) -> list[int]:
@@ -112,8 +134,9 @@ def settle(proc: subprocess.Popen, dirs: dict[str, Path], name: str, cluster: st
             except ProcessLookupError:
                 pass
         else:
-            out = subprocess.run(["squeue", "-h", "-n", f"moebench-{name}", "-o", "%i"], capture_output=True,
-                                 text=True, timeout=30).stdout
+            out = subprocess.run(
+                ["squeue", "-h", "-n", f"moebench-{name}", "-o", "%i"], capture_output=True, text=True, timeout=30
+            ).stdout
             busy = busy or bool(out.strip())
         if not busy:
             return
@@ -142,16 +165,40 @@ def trial(i: int, rng: random.Random, args, reference: dict) -> dict:
     settle(proc, dirs, name, args.cluster)
     rc = rerun(path, results, args.cluster)
     problems = check(dirs, reference, rc)
-    return {"trial": i, "target": target, "moment_s": moment, "killed_at_s": at, "launcher_alive": alive, "killed": killed,
-            "rerun_rc": rc, "ok": not problems, "problems": problems, "wall_s": round(time.monotonic() - t0, 1)}
+    return {
+        "trial": i,
+        "target": target,
+        "moment_s": moment,
+        "killed_at_s": at,
+        "launcher_alive": alive,
+        "killed": killed,
+        "rerun_rc": rc,
+        "ok": not problems,
+        "problems": problems,
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
 
 
 def rerun(path: Path, results: Path, cluster: str) -> int:
     """The user's next `moebench run`: in this process for the local executor (it trains in-process,
     one Python start less per trial), through SLURM for slurm. 0 when every run ended done."""
     if cluster == "slurm":
-        return subprocess.run([sys.executable, "-m", "moebench", "run", str(path), "--cluster", cluster,
-                               "--results", str(results), "--no-report"], capture_output=True, text=True).returncode
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "moebench",
+                "run",
+                str(path),
+                "--cluster",
+                cluster,
+                "--results",
+                str(results),
+                "--no-report",
+            ],
+            capture_output=True,
+            text=True,
+        ).returncode
     from moebench.grids import launch as launcher
 
     out = launcher.run_grid(path, cluster="debug", results=results, log=lambda s: None)
@@ -188,9 +235,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1, help="seed of the targets and moments (default 1)")
     p.add_argument("--cluster", choices=("local", "slurm"), default="local")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from launcher,jobs,both")
-    p.add_argument("--max-s", type=float, default=10.0, dest="max_s",
-                   help="kill moments are uniform in [0, MAX_S] seconds after the launch (default 10); a "
-                        "`jobs` kill then waits for a job to be training")
+    p.add_argument(
+        "--max-s",
+        type=float,
+        default=10.0,
+        dest="max_s",
+        help="kill moments are uniform in [0, MAX_S] seconds after the launch (default 10); a "
+        "`jobs` kill then waits for a job to be training",
+    )
     p.add_argument("--out", type=Path, default=Path("/tmp/kill-sweep"), help="trial folders and trials.jsonl")
     args = p.parse_args(argv)
     args.targets = [t for t in args.targets.split(",") if t]
@@ -213,15 +265,19 @@ def main(argv=None) -> int:
             rows.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()
-            print(f"trial {i:>3}: kill {row['target']:<8} at {row['killed_at_s']:>5.2f}s "
-                  f"(drawn {row['moment_s']:.2f}s): "
-                  f"{', '.join(row['killed']) or 'nothing alive'}; "
-                  f"{'recorded once, identical' if row['ok'] else 'PROBLEM: ' + '; '.join(row['problems'])}",
-                  flush=True)
+            print(
+                f"trial {i:>3}: kill {row['target']:<8} at {row['killed_at_s']:>5.2f}s "
+                f"(drawn {row['moment_s']:.2f}s): "
+                f"{', '.join(row['killed']) or 'nothing alive'}; "
+                f"{'recorded once, identical' if row['ok'] else 'PROBLEM: ' + '; '.join(row['problems'])}",
+                flush=True,
+            )
     good = sum(r["ok"] for r in rows)
-    print(f"kill sweep (seed {args.seed}, {args.cluster}): {good}/{len(rows)} trials recorded once and identical; "
-          f"targets {dict((t, sum(r['target'] == t for r in rows)) for t in args.targets)}; "
-          f"something killed in {sum(bool(r['killed']) for r in rows)}")
+    print(
+        f"kill sweep (seed {args.seed}, {args.cluster}): {good}/{len(rows)} trials recorded once and identical; "
+        f"targets {dict((t, sum(r['target'] == t for r in rows)) for t in args.targets)}; "
+        f"something killed in {sum(bool(r['killed']) for r in rows)}"
+    )
     return 0 if good == len(rows) else 1
 
 

@@ -7,6 +7,7 @@ ROUTER with BASELINE (default softmax-topk) seed by seed, and prints: the mean d
 equal the report's Δ exactly), a normal-theory 95% interval from the textbook standard error, and an
 independent percentile bootstrap (index resampling, not the report's multinomial-weight code). Compare
 with the row of <report>/paired.csv that it prints last."""
+
 from __future__ import annotations
 
 import csv
@@ -36,7 +37,7 @@ def main(grid: str, router: str, baseline: str = "softmax-topk", task: str | Non
     g = Path(grid)
     a, b = items_by_seed(g, router, task), items_by_seed(g, baseline, task)
     seeds = sorted(set(a) & set(b))
-    d = np.vstack([a[s] - b[s] for s in seeds])            # seeds x items, paired by item index
+    d = np.vstack([a[s] - b[s] for s in seeds])  # seeds x items, paired by item index
     s, n = d.shape
     mean = d.mean()
     print(f"{router} - {baseline}: {s} seed(s) {seeds} x {n} eval items")
@@ -50,7 +51,7 @@ def main(grid: str, router: str, baseline: str = "softmax-topk", task: str | Non
     print(f"  normal 95% CI              [{mean - 1.96 * se:+.6f}, {mean + 1.96 * se:+.6f}]")
     rng = np.random.default_rng(12345)
     boot = np.empty(4000)
-    for i in range(boot.size):                             # resample seeds, then the same items for all
+    for i in range(boot.size):  # resample seeds, then the same items for all
         rows = rng.integers(0, s, s)
         cols = rng.integers(0, n, n)
         boot[i] = d[np.ix_(rows, cols)].mean()
@@ -60,9 +61,11 @@ def main(grid: str, router: str, baseline: str = "softmax-topk", task: str | Non
     if paired.is_file():
         for row in csv.DictReader(paired.open()):
             if row["label"] == router and (task is None or row.get("bench", task) == task):
-                print(f"  report paired.csv          diff {float(row['diff_mean']):+.6f}  CI [{float(row['ci_low']):+.6f}, "
-                      f"{float(row['ci_high']):+.6f}]  p {float(row['p_value']):.3f}  p(Holm) {float(row['p_holm']):.3f}  "
-                      f"{row['method']}  {row['verdict']}")
+                print(
+                    f"  report paired.csv          diff {float(row['diff_mean']):+.6f}  CI [{float(row['ci_low']):+.6f}, "
+                    f"{float(row['ci_high']):+.6f}]  p {float(row['p_value']):.3f}  p(Holm) {float(row['p_holm']):.3f}  "
+                    f"{row['method']}  {row['verdict']}"
+                )
 
 
 if __name__ == "__main__":

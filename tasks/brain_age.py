@@ -5,6 +5,7 @@ Model: a 3D ViT (Conv3d patches + timm blocks) regressing age from the cls token
 years (lower is better); also Pearson r, the MAE of a bias-corrected estimate, and the MAE of always
 predicting the training mean (the bar a model must clear). Specialisation label: each 3D patch's
 majority tissue (background / grey matter / white matter / CSF)."""
+
 from __future__ import annotations
 
 import torch
@@ -17,18 +18,26 @@ from moebench.core.task import Preset, Task
 from .common import apply_moe, with_prefix_tokens
 
 OPTIONS = {
-    "data": "synthetic",    # or the path of a BIDS folder (participants.tsv + sub-*/anat/*_T1w.nii.gz)
-    "n_train": 400,         # synthetic only
+    "data": "synthetic",  # or the path of a BIDS folder (participants.tsv + sub-*/anat/*_T1w.nii.gz)
+    "n_train": 400,  # synthetic only
     "n_eval": 100,
-    "shape": 32,            # volumes are resampled to shape^3
-    "space": "mni",         # BIDS only: mni (template grid, tissue labels) | native
-    "eval_fraction": 0.2,   # BIDS only: held-out participants
+    "shape": 32,  # volumes are resampled to shape^3
+    "space": "mni",  # BIDS only: mni (template grid, tissue labels) | native
+    "eval_fraction": 0.2,  # BIDS only: held-out participants
     "data_seed": 0,
     "bias_fit_samples": 256,  # training subjects used to fit the linear bias correction
 }
 
-TINY_VIT3D = {"family": "vit3d", "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4,
-              "mlp_ratio": 4.0, "num_outputs": 1}
+TINY_VIT3D = {
+    "family": "vit3d",
+    "img_size": 32,
+    "patch_size": 8,
+    "embed_dim": 64,
+    "depth": 4,
+    "num_heads": 4,
+    "mlp_ratio": 4.0,
+    "num_outputs": 1,
+}
 
 PRESETS = {
     "tiny": Preset(
@@ -43,8 +52,15 @@ PRESETS = {
         task_args={"n_train": 400, "n_eval": 100},
         model=TINY_VIT3D,
         moe={"blocks": "last-2", "num_experts": 8},
-        train={"steps": 300, "batch_size": 16, "lr": 1e-3, "warmup_steps": 30, "eval_every": 75,
-               "probe_size": 32, "weight_decay": 0.05},
+        train={
+            "steps": 300,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "warmup_steps": 30,
+            "eval_every": 75,
+            "probe_size": 32,
+            "weight_decay": 0.05,
+        },
     ),
 }
 
@@ -84,7 +100,6 @@ class BrainAgeTask(Task):
         self._datasets = None
         self._patch = TINY_VIT3D["patch_size"]
 
-
     def datasets(self):
         if self._datasets is None:
             o = self.opts
@@ -93,8 +108,9 @@ class BrainAgeTask(Task):
             if o["data"] == "synthetic":
                 self._datasets = D.synthetic_brain_age_datasets(o["n_train"], o["n_eval"], o["shape"], o["data_seed"])
             else:
-                self._datasets = D.bids_brain_age_datasets(o["data"], shape=o["shape"], space=o["space"],
-                                                           eval_fraction=o["eval_fraction"], seed=o["data_seed"])
+                self._datasets = D.bids_brain_age_datasets(
+                    o["data"], shape=o["shape"], space=o["space"], eval_fraction=o["eval_fraction"], seed=o["data_seed"]
+                )
             ages = self._datasets[0].ages.float()
             self.age_mean, self.age_std = float(ages.mean()), float(ages.std().clamp_min(1.0))
         return self._datasets
@@ -103,7 +119,9 @@ class BrainAgeTask(Task):
         cfg = {**(model or self.default_model)}
         cfg.setdefault("img_size", self.opts["shape"])
         if cfg["img_size"] != self.opts["shape"]:
-            raise ValueError(f"brain-age model img_size {cfg['img_size']} must equal task_args.shape {self.opts['shape']}")
+            raise ValueError(
+                f"brain-age model img_size {cfg['img_size']} must equal task_args.shape {self.opts['shape']}"
+            )
         self._patch = cfg["patch_size"]
         self.datasets()  # the age normalisation is part of the model's output scale
         return apply_moe(build_model(cfg), moe)
@@ -113,7 +131,9 @@ class BrainAgeTask(Task):
         return model(batch[0]).squeeze(-1).float() * self.age_std + self.age_mean
 
     def loss(self, outputs, batch):
-        return F.smooth_l1_loss((outputs - self.age_mean) / self.age_std, (batch[1].float() - self.age_mean) / self.age_std)
+        return F.smooth_l1_loss(
+            (outputs - self.age_mean) / self.age_std, (batch[1].float() - self.age_mean) / self.age_std
+        )
 
     @torch.no_grad()
     def _predict(self, model, loader, device, limit: int | None = None):

@@ -3,6 +3,7 @@
 
 Model: a timm ViT (any timm name, or a tiny custom config for CPU), MoE-fied by ``moebench.core.moefy``.
 Headline: top-1 accuracy (also top-5). Specialisation label: the image's class, on every token."""
+
 from __future__ import annotations
 
 import torch
@@ -15,22 +16,33 @@ from moebench.core.task import Preset, Task
 from .common import apply_moe, topk_correct
 
 OPTIONS = {
-    "data": "fashion-mnist",   # cifar10 | cifar100 (with root), or the path of an ImageFolder root (train/, val/)
-    "root": None,              # cifar10 / cifar100: the folder holding cifar-10-batches-py/ or cifar-100-python/
-    "train_size": None,        # None = all
+    "data": "fashion-mnist",  # cifar10 | cifar100 (with root), or the path of an ImageFolder root (train/, val/)
+    "root": None,  # cifar10 / cifar100: the folder holding cifar-10-batches-py/ or cifar-100-python/
+    "train_size": None,  # None = all
     "eval_size": None,
     "data_seed": 0,
-    "img_size": None,          # ImageFolder: timm transforms at this resolution (null: 224);
-                               # CIFAR: resize the 32 px images to it (null: keep 32)
-    "mixup": 0.0,              # timm Mixup alpha (0 = off); cutmix / label smoothing below
+    "img_size": None,  # ImageFolder: timm transforms at this resolution (null: 224);
+    # CIFAR: resize the 32 px images to it (null: keep 32)
+    "mixup": 0.0,  # timm Mixup alpha (0 = off); cutmix / label smoothing below
     "cutmix": 0.0,
     "label_smoothing": 0.0,
-    "auto_augment": None,      # ImageFolder only: timm auto-augment policy, e.g. "rand-m9-mstd0.5-inc1"
+    "auto_augment": None,  # ImageFolder only: timm auto-augment policy, e.g. "rand-m9-mstd0.5-inc1"
 }
 
-TINY_VIT = {"family": "timm", "name": "vit-custom", "img_size": 28, "patch_size": 7, "in_chans": 1,
-            "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0, "num_classes": 10,
-            "global_pool": "avg", "class_token": False}
+TINY_VIT = {
+    "family": "timm",
+    "name": "vit-custom",
+    "img_size": 28,
+    "patch_size": 7,
+    "in_chans": 1,
+    "embed_dim": 64,
+    "depth": 4,
+    "num_heads": 4,
+    "mlp_ratio": 4.0,
+    "num_classes": 10,
+    "global_pool": "avg",
+    "class_token": False,
+}
 
 PRESETS = {
     "tiny": Preset(
@@ -44,13 +56,22 @@ PRESETS = {
         task_args={"train_size": 20000, "eval_size": 2000},
         model=TINY_VIT,
         moe={"blocks": "last-2", "num_experts": 8},
-        train={"steps": 300, "batch_size": 64, "lr": 2e-3, "warmup_steps": 30, "eval_every": 75,
-               "probe_size": 256, "weight_decay": 0.05},
+        train={
+            "steps": 300,
+            "batch_size": 64,
+            "lr": 2e-3,
+            "warmup_steps": 30,
+            "eval_every": 75,
+            "probe_size": 256,
+            "weight_decay": 0.05,
+        },
     ),
 }
 
 
-@register_task("classification", "image classification: ImageNet ImageFolder, CIFAR-10/100, offline Fashion-MNIST; top-1")
+@register_task(
+    "classification", "image classification: ImageNet ImageFolder, CIFAR-10/100, offline Fashion-MNIST; top-1"
+)
 class ClassificationTask(Task):
     """Top-1 / top-5 on ImageFolder data (ImageNet layout), CIFAR-10/100 or offline Fashion-MNIST."""
 
@@ -66,16 +87,21 @@ class ClassificationTask(Task):
         super().__init__(**options)
         self.opts = self.check_options(options, OPTIONS)
         if self.opts["root"] is not None and not self.cifar:
-            raise ValueError(f"classification task_args.root is only read for data cifar10 / cifar100 (got data "
-                             f"{self.opts['data']!r}); remove root, or set data: cifar10 / cifar100")
+            raise ValueError(
+                f"classification task_args.root is only read for data cifar10 / cifar100 (got data "
+                f"{self.opts['data']!r}); remove root, or set data: cifar10 / cifar100"
+            )
         self._datasets = None
         self._mixup = None
         if self.opts["mixup"] or self.opts["cutmix"]:
             from timm.data import Mixup
 
-            self._mixup = Mixup(mixup_alpha=self.opts["mixup"], cutmix_alpha=self.opts["cutmix"],
-                                label_smoothing=self.opts["label_smoothing"], num_classes=self.num_classes)
-
+            self._mixup = Mixup(
+                mixup_alpha=self.opts["mixup"],
+                cutmix_alpha=self.opts["cutmix"],
+                label_smoothing=self.opts["label_smoothing"],
+                num_classes=self.num_classes,
+            )
 
     @property
     def offline(self) -> bool:
@@ -102,14 +128,20 @@ class ClassificationTask(Task):
             if self.offline:
                 from .datasets import fashion_mnist_datasets
 
-                self._datasets = fashion_mnist_datasets(train_size=o["train_size"], eval_size=o["eval_size"],
-                                                        seed=o["data_seed"])
+                self._datasets = fashion_mnist_datasets(
+                    train_size=o["train_size"], eval_size=o["eval_size"], seed=o["data_seed"]
+                )
             elif self.cifar:
                 from .datasets import cifar_datasets
 
-                self._datasets = cifar_datasets(o["root"], self.cifar, train_size=o["train_size"],
-                                                eval_size=o["eval_size"], seed=o["data_seed"],
-                                                img_size=o["img_size"] or 32)
+                self._datasets = cifar_datasets(
+                    o["root"],
+                    self.cifar,
+                    train_size=o["train_size"],
+                    eval_size=o["eval_size"],
+                    seed=o["data_seed"],
+                    img_size=o["img_size"] or 32,
+                )
             else:
                 from timm.data import create_transform
 
@@ -155,8 +187,12 @@ class ClassificationTask(Task):
             top1_hits.append((logits.argmax(-1) == batch[1]).cpu())
             n += int(batch[1].numel())
         correct = torch.cat(top1_hits).numpy().astype("int8") if top1_hits else None
-        return {"top1": hits[1] / max(n, 1), "top5": hits[5] / max(n, 1), "loss": loss_sum / max(n, 1),
-                "items": {"headline": correct, "correct": correct}}
+        return {
+            "top1": hits[1] / max(n, 1),
+            "top5": hits[5] / max(n, 1),
+            "loss": loss_sum / max(n, 1),
+            "items": {"headline": correct, "correct": correct},
+        }
 
     def token_labels(self, batch, layer_name, tokens_per_sample):
         labels = batch[1]

@@ -1,5 +1,6 @@
 """Small pieces the task adapters share: MoE placement on a built model, per-token labels with
 prefix (class) tokens, and top-k accuracy. Not a task itself (registers nothing)."""
+
 from __future__ import annotations
 
 import torch

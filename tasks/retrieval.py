@@ -5,6 +5,7 @@ Model: an open_clip CLIP (named, or a tiny custom config for CPU) with MoE layer
 trained with the CLIP contrastive loss. Headline: mean of image->text and text->image R@1 (also R@5,
 R@10 both ways). Specialisation label: for image-tower tokens, the Fashion-MNIST item under the patch
 (or background); text-tower tokens carry no label (their towers never share experts)."""
+
 from __future__ import annotations
 
 import torch
@@ -16,18 +17,20 @@ from moebench.core.task import Preset, Task
 from .common import apply_moe, with_prefix_tokens
 
 OPTIONS = {
-    "data": "compositional",   # compositional | coco | flickr30k | karpathy
-    "root": None,              # coco: folder with annotations/ and train2017/, val2017/
-    "split_file": None,        # flickr30k / karpathy: dataset_flickr30k.json (Karpathy split)
-    "image_dir": None,         # flickr30k / karpathy: folder of the images
-    "n_train": 10000,          # compositional only
+    "data": "compositional",  # compositional | coco | flickr30k | karpathy
+    "root": None,  # coco: folder with annotations/ and train2017/, val2017/
+    "split_file": None,  # flickr30k / karpathy: dataset_flickr30k.json (Karpathy split)
+    "image_dir": None,  # flickr30k / karpathy: folder of the images
+    "n_train": 10000,  # compositional only
     "n_eval": 1000,
     "canvas": 56,
     "data_seed": 0,
 }
 
 TINY_CLIP = {
-    "family": "open_clip", "name": "custom", "embed_dim": 64,
+    "family": "open_clip",
+    "name": "custom",
+    "embed_dim": 64,
     "vision_cfg": {"image_size": 56, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32, "mlp_ratio": 4.0},
     "text_cfg": {"width": 64, "heads": 2, "layers": 2},  # context_length / vocab_size from the tokenizer
 }
@@ -46,8 +49,15 @@ PRESETS = {
         task_args={"n_train": 10000, "n_eval": 500},
         model=TINY_CLIP,
         moe={"blocks": "last-2", "num_experts": 8},
-        train={"steps": 250, "batch_size": 64, "lr": 3e-3, "warmup_steps": 25, "eval_every": 50,
-               "probe_size": 128, "weight_decay": 0.1},
+        train={
+            "steps": 250,
+            "batch_size": 64,
+            "lr": 3e-3,
+            "warmup_steps": 25,
+            "eval_every": 50,
+            "probe_size": 128,
+            "weight_decay": 0.1,
+        },
     ),
 }
 
@@ -85,10 +95,14 @@ def retrieval_items(similarity: torch.Tensor, text_to_image: torch.Tensor) -> di
     i2t_rank = (similarity > best_correct.unsqueeze(1)).sum(1)
     t2i_rank = (similarity > similarity[text_to_image, torch.arange(num_texts)].unsqueeze(0)).sum(0)
     n = num_images + num_texts
-    headline = torch.cat([(i2t_rank == 0).double() * n / (2 * num_images),
-                          (t2i_rank == 0).double() * n / (2 * num_texts)])
-    return {"headline": headline.numpy(), "rank": torch.cat([i2t_rank, t2i_rank]).numpy().astype("int32"),
-            "is_image": torch.cat([torch.ones(num_images), torch.zeros(num_texts)]).numpy().astype("int8")}
+    headline = torch.cat(
+        [(i2t_rank == 0).double() * n / (2 * num_images), (t2i_rank == 0).double() * n / (2 * num_texts)]
+    )
+    return {
+        "headline": headline.numpy(),
+        "rank": torch.cat([i2t_rank, t2i_rank]).numpy().astype("int32"),
+        "is_image": torch.cat([torch.ones(num_images), torch.zeros(num_texts)]).numpy().astype("int8"),
+    }
 
 
 @register_task("retrieval", "image-text retrieval: COCO / Flickr30K, offline compositional canvases; mean R@1")
@@ -107,14 +121,14 @@ class RetrievalTask(Task):
         super().__init__(**options)
         self.opts = self.check_options(options, OPTIONS)
         if self.opts["data"] not in ("compositional", "coco", "flickr30k", "karpathy"):
-            raise ValueError(f"retrieval option data must be compositional, coco, flickr30k or karpathy; "
-                             f"got {self.opts['data']!r}")
+            raise ValueError(
+                f"retrieval option data must be compositional, coco, flickr30k or karpathy; got {self.opts['data']!r}"
+            )
         self._datasets = None
         self._tokenizer = None
         from .datasets import FASHION_MNIST_CLASSES
 
         self.label_names = [c.lower() for c in FASHION_MNIST_CLASSES] + ["background"]
-
 
     @property
     def offline(self) -> bool:
@@ -127,8 +141,9 @@ class RetrievalTask(Task):
             if self.offline:
                 from .datasets import compositional_datasets
 
-                self._datasets = compositional_datasets(n_train=o["n_train"], n_eval=o["n_eval"],
-                                                        canvas=o["canvas"], seed=o["data_seed"])
+                self._datasets = compositional_datasets(
+                    n_train=o["n_train"], n_eval=o["n_eval"], canvas=o["canvas"], seed=o["data_seed"]
+                )
                 self._tokenizer = self._datasets[0].tokenizer
             else:
                 self._datasets = self._real_datasets()
@@ -149,8 +164,10 @@ class RetrievalTask(Task):
                 raise ValueError("retrieval with data: coco needs task_args.root, the folder holding annotations/")
             return coco_retrieval_datasets(o["root"], train_tf, eval_tf, self._tokenizer)
         if not (o["split_file"] and o["image_dir"]):
-            raise ValueError(f"retrieval with data: {o['data']} needs task_args.split_file (the Karpathy split JSON, "
-                             f"e.g. dataset_flickr30k.json) and task_args.image_dir")
+            raise ValueError(
+                f"retrieval with data: {o['data']} needs task_args.split_file (the Karpathy split JSON, "
+                f"e.g. dataset_flickr30k.json) and task_args.image_dir"
+            )
         return karpathy_retrieval_datasets(o["split_file"], o["image_dir"], train_tf, eval_tf, self._tokenizer)
 
     _model_cfg: dict | None = None
@@ -161,8 +178,11 @@ class RetrievalTask(Task):
         self._model_cfg = cfg
         if self.offline and cfg.get("name") == "custom":
             tok = self.datasets()[0].tokenizer
-            cfg["text_cfg"] = {**cfg.get("text_cfg", {}), "context_length": tok.context_length,
-                               "vocab_size": tok.vocab_size}
+            cfg["text_cfg"] = {
+                **cfg.get("text_cfg", {}),
+                "context_length": tok.context_length,
+                "vocab_size": tok.vocab_size,
+            }
             cfg["vision_cfg"] = {**cfg.get("vision_cfg", {}), "image_size": self.opts["canvas"]}
         return apply_moe(build_model(cfg), moe)
 
@@ -194,7 +214,9 @@ class RetrievalTask(Task):
             batch = to_device(batch, device)
             images.append(model.encode_image(self._rgb(batch[0]), normalize=True).float())
         texts = dataset.tokenized_texts()
-        text_feats = [model.encode_text(t.to(device), normalize=True).float() for t in texts.split(loader.batch_size or 256)]
+        text_feats = [
+            model.encode_text(t.to(device), normalize=True).float() for t in texts.split(loader.batch_size or 256)
+        ]
         sim = torch.cat(images) @ torch.cat(text_feats).T
         t2i = dataset.text_to_image
         if sim.shape[0] != int(t2i.max()) + 1:

@@ -31,6 +31,7 @@ Model: a token-wise MLP (``depth`` pre-norm residual blocks x + MLP(LN(x)), no a
 ``attn`` module is an identity that only exposes the normed tokens to context-reading routers), mean
 pooling, a linear head. With no token mixing, a dense model cannot combine the centre with the
 feature on ``clusters``; an MoE routing each *sequence* on its summed tokens can (Chen's router)."""
+
 from __future__ import annotations
 
 import math
@@ -51,23 +52,46 @@ FEATURE, CENTRE, DISTRACTOR, NOISE = range(4)
 
 OPTIONS = {
     "data": "clusters",
-    "setting": 1,            # clusters: noise σ = setting / √50 (Chen's settings 1 and 2)
+    "setting": 1,  # clusters: noise σ = setting / √50 (Chen's settings 1 and 2)
     "num_train": 8192,
     "num_eval": 2000,
     "data_seed": 0,
-    "seq_len": 8,            # tokens per example for subspaces / mean-shift / latent-regression
-    "noise_tokens": 2,       # of which irrelevant N(0, I) tokens
-    "angle": 60.0,           # subspaces: every principal angle between two groups' subspaces, degrees
-    "rho": 3.0,              # mean-shift / latent-regression: distance of the cluster means from 0
+    "seq_len": 8,  # tokens per example for subspaces / mean-shift / latent-regression
+    "noise_tokens": 2,  # of which irrelevant N(0, I) tokens
+    "angle": 60.0,  # subspaces: every principal angle between two groups' subspaces, degrees
+    "rho": 3.0,  # mean-shift / latent-regression: distance of the cluster means from 0
 }
 
 PRESETS = {
-    "tiny": Preset(task_args={"num_train": 1024, "num_eval": 256}, model={}, moe={"num_experts": 4},
-                   train={"steps": 60, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5, "eval_every": 30,
-                          "probe_size": 32, "weight_decay": 0.0}),
-    "quick": Preset(task_args={}, model={}, moe={"blocks": [-1], "num_experts": 4, "d_hidden": 64},
-                    train={"steps": 800, "batch_size": 64, "lr": 3e-3, "warmup_steps": 40, "eval_every": 400,
-                           "checkpoint_every": 400, "probe_size": 64, "weight_decay": 0.0}),
+    "tiny": Preset(
+        task_args={"num_train": 1024, "num_eval": 256},
+        model={},
+        moe={"num_experts": 4},
+        train={
+            "steps": 60,
+            "batch_size": 64,
+            "lr": 3e-3,
+            "warmup_steps": 5,
+            "eval_every": 30,
+            "probe_size": 32,
+            "weight_decay": 0.0,
+        },
+    ),
+    "quick": Preset(
+        task_args={},
+        model={},
+        moe={"blocks": [-1], "num_experts": 4, "d_hidden": 64},
+        train={
+            "steps": 800,
+            "batch_size": 64,
+            "lr": 3e-3,
+            "warmup_steps": 40,
+            "eval_every": 400,
+            "checkpoint_every": 400,
+            "probe_size": 64,
+            "weight_decay": 0.0,
+        },
+    ),
 }
 
 
@@ -83,16 +107,15 @@ def subspace_bases(d: int, k: int, r: int, angle_deg: float, g: torch.Generator)
     theta = math.acos(math.sqrt(max(cos_phi, 0.0)))
     q = orthonormal(d, r * (k + 1), g)
     shared = q[:, :r]
-    return torch.stack([math.cos(theta) * shared + math.sin(theta) * q[:, r * (c + 1): r * (c + 2)]
-                        for c in range(k)])
+    return torch.stack([math.cos(theta) * shared + math.sin(theta) * q[:, r * (c + 1) : r * (c + 2)] for c in range(k)])
 
 
 def hermite3(z):
-    return (z ** 3 - 3 * z) / math.sqrt(6)
+    return (z**3 - 3 * z) / math.sqrt(6)
 
 
 def hermite2(z):
-    return (z ** 2 - 1) / math.sqrt(2)
+    return (z**2 - 1) / math.sqrt(2)
 
 
 class _Constants:
@@ -102,17 +125,17 @@ class _Constants:
         data = o["data"]
         if data == "clusters":
             vc = orthonormal(50, 8, g)
-            self.v, self.c = vc[:, :4].T, vc[:, 4:].T                      # (4, 50) each
+            self.v, self.c = vc[:, :4].T, vc[:, 4:].T  # (4, 50) each
         elif data == "subspaces":
-            self.u = subspace_bases(32, 4, 4, o["angle"], g)                # (4, 32, 4)
-            self.w = F.normalize(torch.randn(4, 4, generator=g), dim=1)     # (4, r)
+            self.u = subspace_bases(32, 4, 4, o["angle"], g)  # (4, 32, 4)
+            self.w = F.normalize(torch.randn(4, 4, generator=g), dim=1)  # (4, r)
         elif data == "mean-shift":
             q = orthonormal(16, 6, g)
-            self.mu = q[:, :2].T                                            # (2, 16)
-            self.w = q[:, 2:].T                                             # (4, 16), ⟂ every μ
+            self.mu = q[:, :2].T  # (2, 16)
+            self.w = q[:, 2:].T  # (4, 16), ⟂ every μ
         else:
             q = orthonormal(16, 9, g)
-            self.v, self.wc, self.wg = q[:, :4].T, q[:, 4:8].T, q[:, 8]     # means, f_c and g directions
+            self.v, self.wc, self.wg = q[:, :4].T, q[:, 4:8].T, q[:, 8]  # means, f_c and g directions
             self.s = torch.tensor([1.0, -1.0, 1.0, -1.0])
 
 
@@ -134,13 +157,14 @@ def generate(o: dict, n: int, const: _Constants, g: torch.Generator):
         target = ((feat @ const.w[grp].unsqueeze(-1)).squeeze(-1).sum(1) > 0).long()
     else:
         feat = o["rho"] * const.v[grp][:, None, :] + torch.randn(n, f, 16, generator=g)
-        per_token = hermite3((feat * const.wc[grp][:, None, :]).sum(-1)) + \
-            const.s[grp][:, None] * hermite2(feat @ const.wg)
+        per_token = hermite3((feat * const.wc[grp][:, None, :]).sum(-1)) + const.s[grp][:, None] * hermite2(
+            feat @ const.wg
+        )
         target = per_token.mean(1) + 0.1 * torch.randn(n, generator=g)
     noise = torch.randn(n, m, feat.shape[-1], generator=g)
     x = torch.cat([feat, noise], 1)
     role = torch.cat([torch.full((n, f), FEATURE), torch.full((n, m), NOISE)], 1)
-    perm = torch.argsort(torch.rand(n, t, generator=g), dim=1)       # noise tokens at random positions
+    perm = torch.argsort(torch.rand(n, t, generator=g), dim=1)  # noise tokens at random positions
     x = torch.gather(x, 1, perm[..., None].expand_as(x))
     role = torch.gather(role, 1, perm)
     label = torch.where(role == NOISE, -1, grp[:, None].expand(n, t))
@@ -150,7 +174,7 @@ def generate(o: dict, n: int, const: _Constants, g: torch.Generator):
 def _clusters(o: dict, n: int, const: _Constants, g: torch.Generator):
     """Chen et al. 2022's data (see the module docstring); label y in {0, 1} for y = -1 / +1."""
     k = torch.randint(4, (n,), generator=g)
-    other = (k + torch.randint(1, 4, (n,), generator=g)) % 4             # k' != k, uniform
+    other = (k + torch.randint(1, 4, (n,), generator=g)) % 4  # k' != k, uniform
     y = torch.randint(2, (n,), generator=g)
     sign_y = 2.0 * y.float() - 1.0
     eps = 2.0 * torch.randint(2, (n,), generator=g).float() - 1.0
@@ -158,12 +182,18 @@ def _clusters(o: dict, n: int, const: _Constants, g: torch.Generator):
     beta = 1.0 + torch.rand(n, generator=g)
     gamma = 0.5 + 2.5 * torch.rand(n, generator=g)
     sigma = float(o["setting"]) / math.sqrt(50)
-    patches = torch.stack([
-        (sign_y * alpha)[:, None] * const.v[k],
-        beta[:, None] * const.c[k],
-        (eps * gamma)[:, None] * const.v[other],
-        sigma * torch.randn(n, 50, generator=g),
-    ], 1) * 10.0
+    patches = (
+        torch.stack(
+            [
+                (sign_y * alpha)[:, None] * const.v[k],
+                beta[:, None] * const.c[k],
+                (eps * gamma)[:, None] * const.v[other],
+                sigma * torch.randn(n, 50, generator=g),
+            ],
+            1,
+        )
+        * 10.0
+    )
     role = torch.tensor([FEATURE, CENTRE, DISTRACTOR, NOISE]).repeat(n, 1)
     perm = torch.argsort(torch.rand(n, 4, generator=g), dim=1)
     patches = torch.gather(patches, 1, perm[..., None].expand_as(patches))
@@ -202,7 +232,9 @@ class StructureNet(nn.Module):
         return self.head(self.norm(self.blocks(self.embed(x))).mean(1))
 
 
-@register_task("structure", "ground-truth routing: Chen et al. clusters, subspaces, mean-shift, Kawata latent regression")
+@register_task(
+    "structure", "ground-truth routing: Chen et al. clusters, subspaces, mean-shift, Kawata latent regression"
+)
 class StructureTask(Task):
     """Known token groups and roles; headline accuracy (or R² for latent-regression)."""
 
@@ -243,8 +275,13 @@ class StructureTask(Task):
 
     def build_model(self, model: dict, moe: dict | None) -> nn.Module:
         cfg = self.check_options(dict(model), self.default_model)
-        net = StructureNet(self.in_dim, 1 if self.regression else 2, dim=int(cfg["dim"]), depth=int(cfg["depth"]),
-                           mlp_ratio=float(cfg["mlp_ratio"]))
+        net = StructureNet(
+            self.in_dim,
+            1 if self.regression else 2,
+            dim=int(cfg["dim"]),
+            depth=int(cfg["depth"]),
+            mlp_ratio=float(cfg["mlp_ratio"]),
+        )
         return apply_moe(net, moe)
 
     def forward(self, model, batch):
@@ -274,13 +311,21 @@ class StructureTask(Task):
         if self.regression:
             err = (out - target.float()) ** 2
             var = float(((target - target.mean()) ** 2).mean()) or 1.0
-            items = (1.0 - err / var).numpy()           # mean = R²
-            return {"score": float(items.mean()), "r2": float(items.mean()), "mse": float(err.mean()),
-                    "items": {"headline": items, "sq_error": err.numpy()}}
+            items = (1.0 - err / var).numpy()  # mean = R²
+            return {
+                "score": float(items.mean()),
+                "r2": float(items.mean()),
+                "mse": float(err.mean()),
+                "items": {"headline": items, "sq_error": err.numpy()},
+            }
         hit = (out.argmax(-1) == target).numpy().astype("int8")
         loss = float(F.cross_entropy(out, target))
-        return {"score": float(hit.mean()), "accuracy": float(hit.mean()), "loss": loss,
-                "items": {"headline": hit, "correct": hit}}
+        return {
+            "score": float(hit.mean()),
+            "accuracy": float(hit.mean()),
+            "loss": loss,
+            "items": {"headline": hit, "correct": hit},
+        }
 
     def token_labels(self, batch, layer_name, tokens_per_sample):
         return batch[2] if tokens_per_sample == batch[2].shape[1] else None

@@ -7,6 +7,7 @@ tokens. Every token's component is its specialisation label: an expert that spec
 component gives high mutual information between expert choice and label.
 
 It exists to test the training loop, grids, launchers and SLURM end to end, not to rank routers."""
+
 from __future__ import annotations
 
 import torch
@@ -25,9 +26,9 @@ DEFAULT_OPTIONS = {
     "num_classes": 4,
     "seq_len": 16,
     "in_dim": 8,
-    "separation": 2.0,   # std of the component means
-    "noise": 1.0,        # std of the token noise
-    "purity": 0.5,       # share of a sequence's tokens drawn from its own class's component
+    "separation": 2.0,  # std of the component means
+    "noise": 1.0,  # std of the token noise
+    "purity": 0.5,  # share of a sequence's tokens drawn from its own class's component
     "data_seed": 0,
 }
 
@@ -36,22 +37,43 @@ PRESETS = {
         task_args={"num_train": 512, "num_eval": 256},
         model={},
         moe={"num_experts": 4},
-        train={"steps": 60, "batch_size": 32, "lr": 3e-3, "warmup_steps": 5, "eval_every": 20,
-               "checkpoint_every": 20, "probe_size": 32},
+        train={
+            "steps": 60,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "warmup_steps": 5,
+            "eval_every": 20,
+            "checkpoint_every": 20,
+            "probe_size": 32,
+        },
     ),
     "quick": Preset(
         task_args={},
         model={},
         moe={"num_experts": 4},
-        train={"steps": 300, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "eval_every": 100,
-               "checkpoint_every": 100, "probe_size": 64},
+        train={
+            "steps": 300,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "warmup_steps": 20,
+            "eval_every": 100,
+            "checkpoint_every": 100,
+            "probe_size": 64,
+        },
     ),
     "full": Preset(
         task_args={"num_train": 16384, "num_eval": 2048},
         model={"dim": 64, "depth": 4, "num_heads": 4},
         moe={"num_experts": 8},
-        train={"steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "eval_every": 250,
-               "checkpoint_every": 250, "probe_size": 128},
+        train={
+            "steps": 2000,
+            "batch_size": 64,
+            "lr": 1e-3,
+            "warmup_steps": 100,
+            "eval_every": 250,
+            "checkpoint_every": 250,
+            "probe_size": 128,
+        },
     ),
 }
 
@@ -60,8 +82,16 @@ class ToyTransformer(nn.Module):
     """Linear token embedding + learned positions, timm ``Block``s, mean pooling, linear head.
     ``.blocks`` is an ``nn.Sequential`` of timm blocks so ``moebench.core.moefy`` can MoE-fy their MLPs."""
 
-    def __init__(self, in_dim: int, seq_len: int, num_classes: int, dim: int = 32, depth: int = 2,
-                 num_heads: int = 2, mlp_ratio: float = 2.0):
+    def __init__(
+        self,
+        in_dim: int,
+        seq_len: int,
+        num_classes: int,
+        dim: int = 32,
+        depth: int = 2,
+        num_heads: int = 2,
+        mlp_ratio: float = 2.0,
+    ):
         super().__init__()
         from timm.models.vision_transformer import Block
 
@@ -104,7 +134,6 @@ class ToyTask(Task):
         self.label_names = [f"component{i}" for i in range(o["num_classes"])]
         self._datasets = None
 
-
     # -- data --------------------------------------------------------------------------------------
     def _make(self, n: int, g: torch.Generator, means: torch.Tensor):
         o = self.opts
@@ -129,9 +158,15 @@ class ToyTask(Task):
         model = dict(model)
         weights, strict = model.pop("pretrained", None), model.pop("pretrained_strict", True)
         cfg = self.check_options(model, self.default_model)
-        net = ToyTransformer(self.opts["in_dim"], self.opts["seq_len"], self.opts["num_classes"],
-                             dim=int(cfg["dim"]), depth=int(cfg["depth"]), num_heads=int(cfg["num_heads"]),
-                             mlp_ratio=float(cfg["mlp_ratio"]))
+        net = ToyTransformer(
+            self.opts["in_dim"],
+            self.opts["seq_len"],
+            self.opts["num_classes"],
+            dim=int(cfg["dim"]),
+            depth=int(cfg["depth"]),
+            num_heads=int(cfg["num_heads"]),
+            mlp_ratio=float(cfg["mlp_ratio"]),
+        )
         if weights:  # local weights (e.g. a grid's dense pretrain), as `model.pretrained` means elsewhere
             from moebench.core.models import load_checkpoint
 
@@ -159,8 +194,11 @@ class ToyTask(Task):
             correct += int(hit.sum())
             n += int(batch[1].numel())
         item_hits = torch.cat(hits).numpy().astype("int8") if hits else None
-        return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1),
-                "items": {"headline": item_hits, "correct": item_hits}}
+        return {
+            "accuracy": correct / max(n, 1),
+            "loss": loss_sum / max(n, 1),
+            "items": {"headline": item_hits, "correct": item_hits},
+        }
 
     def token_labels(self, batch, layer_name, tokens_per_sample):
         comp = batch[2]

@@ -1,4 +1,5 @@
 """Fixtures shared by several test files (plain helpers live in tests/helpers/, on pytest's pythonpath)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Adapter MoE (moe.mode: adapter) and frozen backbones: the branch computes x + alpha * MoE(x) on the
 patch tokens only, experts are bias-free bottlenecks, only MoE + head train, costs count it all."""
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,16 @@ ROUTER_ARGS = {"emoe": {"rank": 8}}
 
 def tiny_vit(seed=0):
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=16, patch_size=4,
-                             embed_dim=32, depth=3, num_heads=2).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=5,
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+    ).eval()
 
 
 def test_adapter_branch_is_residual_on_patches_only():
@@ -42,16 +51,31 @@ def test_adapter_branch_is_residual_on_patches_only():
     want[:, 1:] = y1[:, 1:] + 0.7 * adapter.moe(y1[:, 1:])
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got[:, 0], y1[:, 0])  # CLS untouched
-    assert adapter.moe.stats["tokens"] == 2 * 16    # 16 patches per image routed, not 17
+    assert adapter.moe.stats["tokens"] == 2 * 16  # 16 patches per image routed, not 17
 
 
-@pytest.mark.parametrize("router", [n for n in ROUTERS.builtin_names() if not getattr(ROUTERS.get(n), "image_level", False)
-                                    and not getattr(ROUTERS.get(n), "needs_group", False)])  # oracle: test_structure.py
+@pytest.mark.parametrize(
+    "router",
+    [
+        n
+        for n in ROUTERS.builtin_names()
+        if not getattr(ROUTERS.get(n), "image_level", False) and not getattr(ROUTERS.get(n), "needs_group", False)
+    ],
+)  # oracle: test_structure.py
 def test_every_router_runs_as_adapter_on_a_frozen_backbone(router):
     net = tiny_vit()
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    moefy(net, blocks="last-2", num_experts=4, router=router, router_args=ROUTER_ARGS.get(router, {}), d_hidden=8,
-          mode="adapter", patches_only=True, freeze_backbone=True)
+    moefy(
+        net,
+        blocks="last-2",
+        num_experts=4,
+        router=router,
+        router_args=ROUTER_ARGS.get(router, {}),
+        d_hidden=8,
+        mode="adapter",
+        patches_only=True,
+        freeze_backbone=True,
+    )
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     assert trainable and all(".moe_adapter." in n or n.startswith("head.") for n in trainable)
     assert {"head.weight", "blocks.2.moe_adapter.alpha"} <= trainable
@@ -70,8 +94,16 @@ def test_every_router_runs_as_adapter_on_a_frozen_backbone(router):
 
 def test_train_norms_unfreezes_layernorms_only():
     net = tiny_vit()
-    moefy(net, blocks=[2], num_experts=2, router="softmax-topk", d_hidden=8, mode="adapter",
-          freeze_backbone=True, train_norms=True)
+    moefy(
+        net,
+        blocks=[2],
+        num_experts=2,
+        router="softmax-topk",
+        d_hidden=8,
+        mode="adapter",
+        freeze_backbone=True,
+        train_norms=True,
+    )
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     assert "blocks.0.norm1.weight" in trainable and "blocks.0.attn.qkv.weight" not in trainable
 
@@ -83,11 +115,14 @@ def test_replace_mode_can_freeze_too():
     assert trainable == {n for n, _ in net.named_parameters() if n.startswith(("blocks.2.mlp.", "head."))}
 
 
-@pytest.mark.parametrize("kw,msg", [
-    ({"mode": "adapter", "upcycle": True}, "upcycle=True needs mode='replace'"),
-    ({"patches_only": True}, "patches_only=True applies to mode='adapter'"),
-    ({"mode": "sideways"}, "mode must be one of"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"mode": "adapter", "upcycle": True}, "upcycle=True needs mode='replace'"),
+        ({"patches_only": True}, "patches_only=True applies to mode='adapter'"),
+        ({"mode": "sideways"}, "mode must be one of"),
+    ],
+)
 def test_bad_adapter_options(kw, msg):
     with pytest.raises(ValueError, match=msg):
         moefy(tiny_vit(), blocks=[1], num_experts=2, **kw)
@@ -105,10 +140,22 @@ def test_grid_costs_count_the_adapter_branch_on_top_of_the_dense_mlps(tmp_path):
     from moebench.grids import expand as expand_mod
     from moebench.grids.matching import costs
 
-    grid = {"name": "adapt", "task": "classification", "preset": "quick", "seeds": [0], "match": "none",
-            "moe": {"blocks": "last-2", "num_experts": 8, "d_hidden": 16, "mode": "adapter", "patches_only": True,
-                    "freeze_backbone": True},
-            "routers": ["dense", "softmax-topk"]}
+    grid = {
+        "name": "adapt",
+        "task": "classification",
+        "preset": "quick",
+        "seeds": [0],
+        "match": "none",
+        "moe": {
+            "blocks": "last-2",
+            "num_experts": 8,
+            "d_hidden": 16,
+            "mode": "adapter",
+            "patches_only": True,
+            "freeze_backbone": True,
+        },
+        "routers": ["dense", "softmax-topk"],
+    }
     path = tmp_path / "adapt.yaml"
     path.write_text(yaml.safe_dump(grid))
     dense, moe = expand_mod.expand(str(path))

@@ -1,6 +1,7 @@
 """Cross-seed agreement on hand cases: permuted expert indices agree fully, known partial overlaps give
 their share, unrouted tokens count as their own answer, and a results folder's probe_top1.npz is read as
 untrusted input (no pickles, no links, a damaged file is absent with its reason)."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ def test_permuted_expert_indices_agree_fully():
 
 def test_partial_agreement_by_hand():
     a = np.array([0, 0, 0, 1, 1, 1, 2, 2])
-    b = np.array([1, 1, 0, 0, 0, 0, 2, 1])   # best matching 0->1, 1->0, 2->2: tokens 0,1,3,4,5,6 agree
+    b = np.array([1, 1, 0, 0, 0, 0, 2, 1])  # best matching 0->1, 1->0, 2->2: tokens 0,1,3,4,5,6 agree
     assert top1_agreement(a, b) == pytest.approx(6 / 8)
     assert top1_agreement(a, a) == 1.0
 
@@ -40,7 +41,7 @@ def test_partial_agreement_by_hand():
 def test_unrouted_tokens_agree_only_with_unrouted():
     a = np.array([-1, -1, 0, 1])
     b = np.array([-1, 1, 1, 0])
-    assert top1_agreement(a, b) == pytest.approx(3 / 4)   # token 0 both unrouted; 2, 3 after swapping
+    assert top1_agreement(a, b) == pytest.approx(3 / 4)  # token 0 both unrouted; 2, 3 after swapping
     assert top1_agreement([-1, -1], [-1, -1]) == 1.0 and top1_agreement([-1, -1], [0, 0]) == 0.0
 
 
@@ -50,7 +51,7 @@ def test_load_jsd_is_zero_under_the_matching_and_known_otherwise():
     assert load_jsd([1, 0], [0, 1], np.array([0, 1])) == pytest.approx(1.0)
     m = np.array([0.75, 0.25])
     kl = lambda p, q: sum(x * np.log2(x / y) for x, y in zip(p, q) if x > 0)  # noqa: E731
-    assert load_jsd([1, 0], [1, 1], np.array([0, 1])) == pytest.approx(0.5 * kl([1, 0], m) + 0.5 * kl([.5, .5], m))
+    assert load_jsd([1, 0], [1, 1], np.array([0, 1])) == pytest.approx(0.5 * kl([1, 0], m) + 0.5 * kl([0.5, 0.5], m))
 
 
 def test_probe_file_round_trip_and_untrusted_input(tmp_path):
@@ -61,7 +62,7 @@ def test_probe_file_round_trip_and_untrusted_input(tmp_path):
     assert read_probe_top1(tmp_path / "absent.npz") is None
     np.savez(tmp_path / "pickled.npz", names=np.array(["x"]), layer0=np.array([{"a": 1}], dtype=object))
     with pytest.raises(CorruptRecordError, match="not a readable"):
-        read_probe_top1(tmp_path / "pickled.npz")   # object arrays need pickle: refused
+        read_probe_top1(tmp_path / "pickled.npz")  # object arrays need pickle: refused
     np.savez(tmp_path / "float.npz", names=np.array(["x"]), layer0=np.array([0.5]))
     with pytest.raises(CorruptRecordError, match="1-D integer"):
         read_probe_top1(tmp_path / "float.npz")
@@ -88,14 +89,14 @@ def test_report_agreement_column_per_group_and_layer(tmp_path):
         run = write_run(grid, f"s-{seed}", "cls", "softmax-topk", seed, 0.6)
         _probe(run, [perm[base], layer1])
         final = json.loads((run / "final.json").read_text())
-        for layer in final["routing"]["per_layer"]:   # the same load in every seed, in that seed's indices
+        for layer in final["routing"]["per_layer"]:  # the same load in every seed, in that seed's indices
             counts = np.zeros(4, int)
             counts[perm] = [10, 20, 30, 40]
             layer["counts"] = counts.tolist()
         atomic_write_json(run / "final.json", final)
         _probe(write_run(grid, f"e-{seed}", "cls", "ermoe-context", seed, 0.6), [rng.integers(0, 4, 64)] * 2)
         write_run(grid, f"d-{seed}", "cls", "dense", seed, 0.5)
-    (grid / "e-2" / PROBE_TOP1_FILE).write_bytes(b"not a zip")   # damaged: treated as absent, said so
+    (grid / "e-2" / PROBE_TOP1_FILE).write_bytes(b"not a zip")  # damaged: treated as absent, said so
     rep = build_report(grid)
     runs = rep.rs.runs.set_index("run_id")
     assert runs.loc["s-0", "seed_agreement.layer0"] == 1.0

@@ -1,5 +1,6 @@
 """moebench.moefy / moebench.routing_stats beyond the README: options pass through to the one moefy,
 mistakes are refused with the fix, and routing_stats counts exactly what the layers dispatched."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,7 +20,7 @@ def test_moefy_passes_options_through_and_refuses_unknown_ones():
     assert [(m.router_name, m.num_experts, m.d_hidden) for m in layers] == [("hash", 3, 8)] * 2
     with pytest.raises(TypeError, match="num_expert"):
         moebench.moefy(_model(TIMM), num_expert=4)
-    with pytest.raises(KeyError, match="softmax-topk"):       # the registry names what exists
+    with pytest.raises(KeyError, match="softmax-topk"):  # the registry names what exists
         moebench.moefy(_model(TIMM), router="softmax-top")
 
 
@@ -36,7 +37,7 @@ def test_routing_stats_counts_what_was_dispatched():
             expected += moebench.moe_layers(model)[0].stats["counts"]
     model.train()
     stats = moebench.routing_stats(model, batches)
-    assert model.training                                     # the mode is restored
+    assert model.training  # the mode is restored
     (layer,) = stats["per_layer"]
     assert layer["counts"] == expected.tolist() and sum(layer["counts"]) == 9 * 17 * 2  # (16 patches + cls) x top-2
     assert stats["mean"]["load_cv"] == layer["load_cv"]

@@ -1,5 +1,6 @@
 """The package layout is the architecture: lower layers never import higher ones, and the built-in
 routers and tasks install inside the moebench namespace, not as top-level packages."""
+
 from __future__ import annotations
 
 import ast
@@ -12,9 +13,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # package -> rank; a module may import only packages of lower or equal rank (cli may import anything).
 RANKS = {"core": 0, "training": 1, "grids": 2, "report": 2, "bench": 2, "cli": 3}
-SIBLINGS_FORBIDDEN = {("grids", "report"), ("report", "grids"), ("bench", "grids"), ("bench", "report"),
-                      ("grids", "bench"), ("report", "bench"),
-                      ("bench", "training")}  # bench times layers and models: core is all it needs
+SIBLINGS_FORBIDDEN = {
+    ("grids", "report"),
+    ("report", "grids"),
+    ("bench", "grids"),
+    ("bench", "report"),
+    ("grids", "bench"),
+    ("report", "bench"),
+    ("bench", "training"),
+}  # bench times layers and models: core is all it needs
 
 
 def _imports(path: Path) -> set[str]:
@@ -44,18 +51,29 @@ def test_lower_layers_never_import_higher_ones():
 
 
 def test_plugins_import_only_the_core_and_training_layers():
-    bad = [f"{p.relative_to(ROOT)} imports {m}" for folder in ("routers", "tasks")
-           for p in sorted((ROOT / folder).rglob("*.py")) for m in _imports(p)
-           if (_layer_of(m) or "core") not in ("core", "training")]
+    bad = [
+        f"{p.relative_to(ROOT)} imports {m}"
+        for folder in ("routers", "tasks")
+        for p in sorted((ROOT / folder).rglob("*.py"))
+        for m in _imports(p)
+        if (_layer_of(m) or "core") not in ("core", "training")
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_routers_and_tasks_install_inside_the_namespace(tmp_path):
     """From a folder outside the repository, only moebench.routers / moebench.tasks exist."""
-    code = ("import importlib.util as u, moebench.routers, moebench.tasks;"
-            "print(u.find_spec('routers') is None, u.find_spec('tasks') is None)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"})
+    code = (
+        "import importlib.util as u, moebench.routers, moebench.tasks;"
+        "print(u.find_spec('routers') is None, u.find_spec('tasks') is None)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"},
+    )
     if out.returncode != 0:
         pytest.fail(out.stderr)
     assert out.stdout.split() == ["True", "True"]
@@ -116,9 +134,14 @@ def _scan(mod: str, path: Path, mods: dict[str, Path]) -> tuple[set[str], list[s
                     bound[alias.asname or alias.name] = full
                 elif _is_private(alias.name) and src != mod:
                     private.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {alias.name} from {src}")
-    private += [f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}" for node in ast.walk(tree)
-                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                and node.value.id in bound and _is_private(node.attr)]
+    private += [
+        f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in bound
+        and _is_private(node.attr)
+    ]
     return edges - {mod}, private
 
 

@@ -1,5 +1,6 @@
 """A results folder is untrusted input: each test plants one attack or one kind of damage and checks
 that it is refused (no file created, no link target changed) or caught and redone."""
+
 from __future__ import annotations
 
 import contextlib
@@ -31,12 +32,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def toy_spec(steps=8, **train_opts):
-    return resolve_spec({
-        "grid": "t", "task": "toy", "task_args": {"num_train": 64, "num_eval": 32},
-        "model": {"dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
-        "moe": {"blocks": "all", "num_experts": 4, "router": "softmax-topk", "router_args": {}},
-        "seed": 0, "train": {"steps": steps, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "eval_every": 4,
-                             "checkpoint_every": 4, "probe_size": 8, **train_opts}})
+    return resolve_spec(
+        {
+            "grid": "t",
+            "task": "toy",
+            "task_args": {"num_train": 64, "num_eval": 32},
+            "model": {"dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+            "moe": {"blocks": "all", "num_experts": 4, "router": "softmax-topk", "router_args": {}},
+            "seed": 0,
+            "train": {
+                "steps": steps,
+                "batch_size": 16,
+                "lr": 3e-3,
+                "warmup_steps": 2,
+                "eval_every": 4,
+                "checkpoint_every": 4,
+                "probe_size": 8,
+                **train_opts,
+            },
+        }
+    )
 
 
 def task_for(spec):
@@ -48,11 +63,24 @@ def comparable(final):
 
 
 def toy_grid(tmp_path, routers=("softmax-topk",), **extra):
-    grid = {"name": "g", "task": "toy", "task_args": {"num_train": 64, "num_eval": 32},
-            "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 16},
-            "train": {"steps": 8, "batch_size": 16, "eval_every": 4, "checkpoint_every": 4, "probe_size": 8,
-                      "warmup_steps": 2},
-            "seeds": [0], "routers": list(routers), "executor": {"time_min": 5, "cpus_per_task": 1}, **extra}
+    grid = {
+        "name": "g",
+        "task": "toy",
+        "task_args": {"num_train": 64, "num_eval": 32},
+        "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 16},
+        "train": {
+            "steps": 8,
+            "batch_size": 16,
+            "eval_every": 4,
+            "checkpoint_every": 4,
+            "probe_size": 8,
+            "warmup_steps": 2,
+        },
+        "seeds": [0],
+        "routers": list(routers),
+        "executor": {"time_min": 5, "cpus_per_task": 1},
+        **extra,
+    }
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
     return path
@@ -103,7 +131,11 @@ def test_an_unreadable_checkpoint_restarts_the_run_from_zero_with_the_reason(tmp
     assert res["state"] == "done"
     status = records.read_status(run_dir)
     assert status["state"] == "done" and "restarted from step 0" in status["note"]
-    assert [r["step"] for r in records.read_jsonl(run_dir / "metrics.jsonl")] == [0, 4, 8]  # 0: the routing before learning
+    assert [r["step"] for r in records.read_jsonl(run_dir / "metrics.jsonl")] == [
+        0,
+        4,
+        8,
+    ]  # 0: the routing before learning
     assert not list(run_dir.glob(".*.tmp"))
 
 
@@ -179,12 +211,15 @@ def test_a_run_folder_linked_outside_the_results_root_is_refused(tmp_path):
 
 
 # --- 3. executor strings ------------------------------------------------------------------------------
-@pytest.mark.parametrize("executor, key", [
-    ({"partition": "x\ntouch F #"}, "executor.partition"),
-    ({"sbatch_extra": {"qos": "x\ntouch F #"}}, "executor.sbatch_extra.qos"),
-    ({"sbatch_extra": {"qos\ntouch F #": "x"}}, "executor.sbatch_extra.qos\ntouch F #"),
-    ({"sbatch_extra": {"account": "a\rb"}}, "executor.sbatch_extra.account"),
-])
+@pytest.mark.parametrize(
+    "executor, key",
+    [
+        ({"partition": "x\ntouch F #"}, "executor.partition"),
+        ({"sbatch_extra": {"qos": "x\ntouch F #"}}, "executor.sbatch_extra.qos"),
+        ({"sbatch_extra": {"qos\ntouch F #": "x"}}, "executor.sbatch_extra.qos\ntouch F #"),
+        ({"sbatch_extra": {"account": "a\rb"}}, "executor.sbatch_extra.account"),
+    ],
+)
 def test_control_characters_in_executor_strings_are_refused(tmp_path, monkeypatch, executor, key):
     monkeypatch.chdir(tmp_path)
     path = toy_grid(tmp_path, executor=executor)
@@ -262,8 +297,9 @@ def test_a_killed_job_is_resumed_up_to_max_retries_and_divergence_is_not(tmp_pat
     (spec,) = expand(path)
     for attempts, action in ((1, "run"), (2, "skip")):
         records.atomic_write_yaml(d / "spec.yaml", resolve_spec(spec))
-        records.write_status(d, "failed", "job 7 ended without finishing the run: killed", attempts=attempts,
-                             retryable=True)
+        records.write_status(
+            d, "failed", "job 7 ended without finishing the run: killed", attempts=attempts, retryable=True
+        )
         (r,) = launch.plan([spec], results, max_retries=1)
         assert r["action"] == action, r["why"]
     records.write_status(d, "failed", "diverged at step 3: loss=nan", attempts=1, retryable=False)
@@ -365,7 +401,11 @@ def test_moebench_cancel_asks_the_process_holding_a_run_to_stop(tmp_path, capsys
     run_dir = tmp_path / "g" / "softmax-topk-s0-0123456789"
     run_dir.mkdir(parents=True)
     records.write_status(run_dir, "running")
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import time
 from moebench.training.rundir import run_lock
 from moebench.training.stop import STOP_REQUESTED, stop_on_signals
@@ -374,7 +414,11 @@ with run_lock({str(run_dir)!r}) as got, stop_on_signals():
     while not STOP_REQUESTED.is_set():
         time.sleep(0.05)
     print("stopped cleanly", flush=True)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     assert main(["cancel", str(tmp_path), "g"]) == 0
     assert f"g/{run_dir.name}: asked pid {holder.pid} to checkpoint and exit" in capsys.readouterr().out
@@ -401,7 +445,9 @@ def test_moebench_cancel_scancels_recorded_slurm_jobs(tmp_path, monkeypatch, cap
     (grid / ".submitit" / "12_submitted.pkl").write_bytes(b"")  # finished: squeue no longer lists it
     monkeypatch.setattr(jobs, "squeue_ids", lambda: {"41", "57_0", "57_1", "99"})
     calls = []
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    monkeypatch.setattr(
+        subprocess, "run", lambda cmd, **k: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", "")
+    )
     assert main(["cancel", str(tmp_path)]) == 0
     assert calls == [["scancel", "41", "57"]]
     assert "cancelled SLURM job(s) 41, 57" in capsys.readouterr().out
@@ -444,6 +490,7 @@ def _crash_in_write(kind: str, nth: int, spec, results):
                 count["n"] += 1
                 if count["n"] == nth:
                     import tempfile
+
                     fd, _ = tempfile.mkstemp(prefix=f".{kind}.", suffix=".tmp", dir=os.path.dirname(path))
                     os.write(fd, b"half")
                     os._exit(9)
@@ -459,6 +506,7 @@ def _crash_in_write(kind: str, nth: int, spec, results):
             return real_append(path, obj)
 
         import moebench.training.train as train_mod
+
         for mod in (records, train_mod, runner, launch):
             for name, fn in (("atomic_write", atomic), ("append_jsonl", append)):
                 if hasattr(mod, name):
@@ -470,8 +518,9 @@ def _crash_in_write(kind: str, nth: int, spec, results):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, nth", [("checkpoint.pt", 2), ("metrics.jsonl", 2), ("status.json", 2),
-                                       ("final.json", 1), ("jobs.jsonl", 1)])
+@pytest.mark.parametrize(
+    "kind, nth", [("checkpoint.pt", 2), ("metrics.jsonl", 2), ("status.json", 2), ("final.json", 1), ("jobs.jsonl", 1)]
+)
 def test_a_crash_in_the_middle_of_each_kind_of_write_is_redone_identically(tmp_path, kind, nth):
     spec = toy_spec(steps=12)
     ref = runner.execute(spec, tmp_path / "ref", progress=False)["final"]
@@ -527,13 +576,37 @@ def test_sigterm_to_moebench_run_stops_its_local_jobs_cleanly(tmp_path):
     import sys
     import time
 
-    path = toy_grid(tmp_path, train={"steps": 5000, "batch_size": 16, "eval_every": 10, "checkpoint_every": 0,
-                                     "probe_size": 8, "warmup_steps": 2})
+    path = toy_grid(
+        tmp_path,
+        train={
+            "steps": 5000,
+            "batch_size": 16,
+            "eval_every": 10,
+            "checkpoint_every": 0,
+            "probe_size": 8,
+            "warmup_steps": 2,
+        },
+    )
     results = tmp_path / "results"
     d = only_run_dir(path, results)
-    proc = subprocess.Popen([sys.executable, "-m", "moebench", "run", str(path), "--cluster", "local",
-                             "--results", str(results), "--no-report"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moebench",
+            "run",
+            str(path),
+            "--cluster",
+            "local",
+            "--results",
+            str(results),
+            "--no-report",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not records.read_jsonl(d / "metrics.jsonl") and time.monotonic() < deadline:

@@ -1,5 +1,6 @@
 """The benchmarks' bookkeeping: memory of a step, the model benchmark's rows and ratios, layer presets.
 (Timings themselves are machine-dependent: only their arithmetic is asserted.)"""
+
 from __future__ import annotations
 
 import pytest
@@ -26,9 +27,20 @@ def test_saved_memory_counts_activations_once_and_leaves_parameters_out():
 
 
 TINY = model_bench.ModelConfig(
-    {"family": "timm", "name": "vit-custom", "img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 2,
-     "num_heads": 2, "num_classes": 1000},
-    {"blocks": "last-1", "num_experts": 4}, "image", 16)
+    {
+        "family": "timm",
+        "name": "vit-custom",
+        "img_size": 16,
+        "patch_size": 8,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "num_classes": 1000,
+    },
+    {"blocks": "last-1", "num_experts": 4},
+    "image",
+    16,
+)
 
 
 def test_model_bench_row_is_consistent(monkeypatch):
@@ -57,8 +69,27 @@ def test_layer_preset_sets_realistic_sizes(monkeypatch, capsys):
 
     def fake_bench_layer(routers, num_experts, ks, tokens, d_model, d_hidden, dtype, device, repeats, peers):
         seen.update(tokens=tokens, d_model=d_model, d_hidden=d_hidden, dtype=dtype)
-        return [{c: 0 for c in ("router", "E", "k", "T", "d", "d_hidden", "dtype", "ms", "ratio", "ratio_to",
-                                "saved_mb", "saved_ratio", "peak_mb", "peak_ratio")}]
+        return [
+            {
+                c: 0
+                for c in (
+                    "router",
+                    "E",
+                    "k",
+                    "T",
+                    "d",
+                    "d_hidden",
+                    "dtype",
+                    "ms",
+                    "ratio",
+                    "ratio_to",
+                    "saved_mb",
+                    "saved_ratio",
+                    "peak_mb",
+                    "peak_ratio",
+                )
+            }
+        ]
 
     import moebench.bench.layer as layer_bench
 

@@ -1,5 +1,6 @@
 """CIFAR-10 / CIFAR-100 in torchvision's on-disk format: small fixture files written in that format,
 read through the classification task; a tampered pickle is refused without running its code."""
+
 from __future__ import annotations
 
 import pickle
@@ -19,12 +20,14 @@ def test_cifar_reads_every_batch_in_order_with_labels_and_class_names(tmp_path, 
     make_cifar(tmp_path, kind, per_batch=6, n_test=5)
     images, labels, classes = load_cifar(tmp_path, kind, train=True)
     assert images.shape == (30, 3, 32, 32) and images.dtype == torch.uint8
-    assert images[:, 0, 0, 0].tolist() == list(range(30))       # batch 1 .. 5, in file order
+    assert images[:, 0, 0, 0].tolist() == list(range(30))  # batch 1 .. 5, in file order
     n = 10 if kind == "cifar10" else 100
     assert labels.tolist() == [i % n for i in range(30)]
     assert len(classes) == n and classes[3] == ("class3" if kind == "cifar10" else "fine3")
     test_images, test_labels, _ = load_cifar(tmp_path, kind, train=False)
-    assert test_images[:, 0, 0, 0].tolist() == list(range(30, 35)) and test_labels.tolist() == [i % n for i in range(30, 35)]
+    assert test_images[:, 0, 0, 0].tolist() == list(range(30, 35)) and test_labels.tolist() == [
+        i % n for i in range(30, 35)
+    ]
 
 
 def test_cifar_rows_are_channel_planes_normalised_and_resized(tmp_path):
@@ -33,8 +36,9 @@ def test_cifar_rows_are_channel_planes_normalised_and_resized(tmp_path):
     tr, ev = cifar_datasets(folder, "cifar10")  # root may be the batches folder itself
     x, y = tr[1]
     planes = raw.reshape(3, 32, 32).astype(np.float32) / 255.0
-    want = (torch.from_numpy(planes) - torch.tensor(CIFAR_MEAN["cifar10"]).view(3, 1, 1)) / \
-        torch.tensor(CIFAR_STD["cifar10"]).view(3, 1, 1)
+    want = (torch.from_numpy(planes) - torch.tensor(CIFAR_MEAN["cifar10"]).view(3, 1, 1)) / torch.tensor(
+        CIFAR_STD["cifar10"]
+    ).view(3, 1, 1)
     assert torch.allclose(x, want) and int(y) == 1 and len(ev) == 2
     big, _ = cifar_datasets(tmp_path, "cifar10", img_size=64)
     assert big[1][0].shape == (3, 64, 64)
@@ -79,9 +83,20 @@ def test_classification_task_trains_on_cifar100_fixture(tmp_path):
     make_cifar(tmp_path, "cifar100", per_batch=8, n_test=6)
     task = TASKS.get("classification")(data="cifar100", root=str(tmp_path))
     assert task.num_classes == 100
-    model = task.build_model({"family": "timm", "name": "vit-custom", "img_size": 32, "patch_size": 8,
-                              "embed_dim": 32, "depth": 2, "num_heads": 2, "global_pool": "avg",
-                              "class_token": False}, {"blocks": "last-1", "num_experts": 2})
+    model = task.build_model(
+        {
+            "family": "timm",
+            "name": "vit-custom",
+            "img_size": 32,
+            "patch_size": 8,
+            "embed_dim": 32,
+            "depth": 2,
+            "num_heads": 2,
+            "global_pool": "avg",
+            "class_token": False,
+        },
+        {"blocks": "last-1", "num_experts": 2},
+    )
     train, ev = task.datasets()
     assert task.label_names[7] == "fine7"
     batch = next(iter(torch.utils.data.DataLoader(train, batch_size=8)))

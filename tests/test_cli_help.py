@@ -1,4 +1,5 @@
 """Every command has a real description and every flag says what it does (issue 13)."""
+
 import argparse
 
 from moebench.cli import build_parser

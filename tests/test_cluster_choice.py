@@ -1,5 +1,6 @@
 """`cluster: auto` never submits to a SLURM cluster the user did not name, and says what it chose
 and why on the first line (issue 13: a quick grid once queued behind another user's cluster)."""
+
 import pytest
 import yaml
 
@@ -21,7 +22,9 @@ def test_auto_without_a_partition_stays_local_even_where_slurm_answers(slurm_her
 
 def test_auto_with_a_partition_uses_slurm_where_it_answers(slurm_here, monkeypatch):
     assert launch.explain_cluster(None, "auto", "gpu") == (
-        "slurm", "executor.cluster is auto, the grid declares partition 'gpu' and SLURM answers")
+        "slurm",
+        "executor.cluster is auto, the grid declares partition 'gpu' and SLURM answers",
+    )
     monkeypatch.setattr(launch, "slurm_available", lambda: False)
     cluster, why = launch.explain_cluster(None, "auto", "gpu")
     assert cluster == "local" and "no SLURM controller answers" in why
@@ -35,12 +38,20 @@ def test_a_named_cluster_wins(slurm_here):
 
 
 def test_run_says_which_executor_and_why_on_its_first_line(slurm_here, tmp_path):
-    grid = {"name": "tiny", "task": "toy", "task_args": {"num_train": 64, "num_eval": 32},
-            "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 32}, "train": {"steps": 2, "batch_size": 8},
-            "seeds": [0], "routers": ["dense"]}
+    grid = {
+        "name": "tiny",
+        "task": "toy",
+        "task_args": {"num_train": 64, "num_eval": 32},
+        "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 32},
+        "train": {"steps": 2, "batch_size": 8},
+        "seeds": [0],
+        "routers": ["dense"],
+    }
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(grid))
     lines: list[str] = []
     launch.run_grid(path, results=tmp_path / "results", dry_run=True, log=lines.append)
-    assert lines[0].startswith("executor: local (executor.cluster is auto and the grid declares no "
-                               "executor.partition; SLURM is installed here: pass --cluster slurm")
+    assert lines[0].startswith(
+        "executor: local (executor.cluster is auto and the grid declares no "
+        "executor.partition; SLURM is installed here: pass --cluster slurm"
+    )

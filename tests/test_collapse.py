@@ -1,6 +1,7 @@
 """A router that does not route is called so everywhere: a gate whose bias sends every token's first
 choice to expert 0 is `collapsed` in final.json (per layer and run), in runs.csv, in the diagnostics
 table (and never bold for stability there) and in the key findings; the random control is not."""
+
 import csv
 
 import pytest
@@ -31,8 +32,9 @@ class BiasedGate(Router):
     def forward(self, x, ctx):
         probs = torch.softmax(self.gate(x.float()), -1)
         w, idx = probs.topk(self.top_k, -1)
-        return topk_routing(idx, w / w.sum(-1, keepdim=True), self.num_experts,
-                            stats={"scores": probs.detach(), "top1": idx[:, 0]})
+        return topk_routing(
+            idx, w / w.sum(-1, keepdim=True), self.num_experts, stats={"scores": probs.detach(), "top1": idx[:, 0]}
+        )
 
 
 def test_metric_definitions():
@@ -43,12 +45,24 @@ def test_metric_definitions():
 
 
 def _spec(router, label, seed, **args):
-    return {"grid": "collapse", "task": "toy", "label": label, "seed": seed,
-            "task_args": {"num_train": 256, "num_eval": 64},
-            "model": {"dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
-            "moe": {"blocks": "all", "num_experts": 4, "router": router, "router_args": args},
-            "train": {"steps": 20, "batch_size": 32, "lr": 3e-3, "warmup_steps": 2, "eval_every": 0,
-                      "checkpoint_every": 0, "probe_size": 16}}
+    return {
+        "grid": "collapse",
+        "task": "toy",
+        "label": label,
+        "seed": seed,
+        "task_args": {"num_train": 256, "num_eval": 64},
+        "model": {"dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+        "moe": {"blocks": "all", "num_experts": 4, "router": router, "router_args": args},
+        "train": {
+            "steps": 20,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "eval_every": 0,
+            "checkpoint_every": 0,
+            "probe_size": 16,
+        },
+    }
 
 
 @pytest.fixture(scope="module")

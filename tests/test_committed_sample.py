@@ -1,5 +1,6 @@
 """The committed sample (results/quick): every run id recomputes from its spec, and a fresh clone's
 `moebench run --dry-run` plans nothing (no pretrain either: every run that needs one is done)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,8 +30,10 @@ def test_every_committed_run_id_recomputes_from_its_spec():
 def test_a_fresh_clone_plans_nothing_for_the_committed_sample(tmp_path):
     pretrained = [_spec(p)["model"].get("pretrained") for p in RUNS]
     if any(isinstance(w, str) and not is_pretrain_ref(w) for w in pretrained):
-        pytest.skip("the committed sample predates pretrain references (model.pretrained is a path): "
-                    "regenerate it with `moebench run` so its run ids are the new ones")
+        pytest.skip(
+            "the committed sample predates pretrain references (model.pretrained is a path): "
+            "regenerate it with `moebench run` so its run ids are the new ones"
+        )
     from moebench.grids import launch
 
     lines: list[str] = []

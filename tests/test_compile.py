@@ -4,6 +4,7 @@ dispatch, routing and statistics read no value back to the host.
 
 The AOT-autograd backend ("aot_eager") traces exactly what inductor is handed (fake tensors,
 functionalisation, the backward graph) in a fraction of a second; the one inductor run is slow."""
+
 from __future__ import annotations
 
 import copy
@@ -23,12 +24,19 @@ D, H, E = 16, 32, 4
 # the graph by design and is not tested here.
 # emoe refuses rank >= d_model (D = 16): the option every small-d test gives it.
 DROPLESS_ARGS = {"switch": {"capacity_factor": None, "eval_capacity_factor": None}, "emoe": {"rank": 8}}
-EXTRA = [("hash", {"by": "token-id"}), ("ermoe", {"ortho": "cayley"}), ("ermoe", {"score": "context", "ortho": "penalty"}),
-         ("expert-choice", {"capacity": 1})]
+EXTRA = [
+    ("hash", {"by": "token-id"}),
+    ("ermoe", {"ortho": "cayley"}),
+    ("ermoe", {"score": "context", "ortho": "penalty"}),
+    ("expert-choice", {"capacity": 1}),
+]
 # Image-level routers (one routing per image, outside the blocks) never sit in a MoE layer, so there is
 # no layer of theirs to compile; tests/test_routing_basis.py leaves them out the same way.
-LAYER_ROUTERS = [n for n in ROUTERS.names() if not getattr(ROUTERS.get(n), "image_level", False)
-                 and not getattr(ROUTERS.get(n), "needs_group", False)]  # oracle needs a task's true groups
+LAYER_ROUTERS = [
+    n
+    for n in ROUTERS.names()
+    if not getattr(ROUTERS.get(n), "image_level", False) and not getattr(ROUTERS.get(n), "needs_group", False)
+]  # oracle needs a task's true groups
 CASES = [(n, DROPLESS_ARGS.get(n, {})) for n in LAYER_ROUTERS] + [c for c in EXTRA if c[0] in ROUTERS]
 IDS = [n + "".join(f"-{k}={v}" for k, v in a.items() if n not in DROPLESS_ARGS) for n, a in CASES]
 
@@ -114,8 +122,10 @@ def test_dropless_dispatch_routing_and_stats_make_no_host_sync(name, args):
     torch.manual_seed(0)
     layer = MoELayer(D, H, E, router=name, router_args=dict(args)).train()
     if name == "ermoe":
-        pytest.skip("ermoe's router reads its own (eigen) experts, so they cannot be swapped for a stand-in; "
-                    "its routing is covered by the one-graph test above")
+        pytest.skip(
+            "ermoe's router reads its own (eigen) experts, so they cannot be swapped for a stand-in; "
+            "its routing is covered by the one-graph test above"
+        )
     layer.experts = _DenseStandIn()
     x, context, token_ids = _inputs()
     with _SyncCounter() as counter:
@@ -145,11 +155,24 @@ def test_inductor_compiled_layer_matches_eager():
 
 # --- train.compile ------------------------------------------------------------------------------------
 def _toy_spec(compile_: bool) -> dict:
-    return {"grid": "test", "task": "toy", "task_args": {"num_train": 128, "num_eval": 32},
-            "model": {"dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
-            "moe": {"blocks": "all", "num_experts": 4, "router": "softmax-topk", "router_args": {}}, "seed": 0,
-            "train": {"steps": 4, "batch_size": 32, "lr": 3e-3, "warmup_steps": 1, "eval_every": 0,
-                      "checkpoint_every": 0, "probe_size": 8, "compile": compile_}}
+    return {
+        "grid": "test",
+        "task": "toy",
+        "task_args": {"num_train": 128, "num_eval": 32},
+        "model": {"dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+        "moe": {"blocks": "all", "num_experts": 4, "router": "softmax-topk", "router_args": {}},
+        "seed": 0,
+        "train": {
+            "steps": 4,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "warmup_steps": 1,
+            "eval_every": 0,
+            "checkpoint_every": 0,
+            "probe_size": 8,
+            "compile": compile_,
+        },
+    }
 
 
 @pytest.mark.slow  # ~15 s idle, ~50 s on a busy 2-core machine: AOT-traces a block forward + backward
@@ -170,8 +193,9 @@ def test_train_compile_compiles_every_block_and_matches_eager(tmp_path, monkeypa
     results = {}
     for flag in (False, True):
         spec = _toy_spec(flag)
-        results[flag] = train_mod.train(TASKS.get("toy")(**spec["task_args"]), spec, tmp_path / str(flag),
-                                        progress=False)
+        results[flag] = train_mod.train(
+            TASKS.get("toy")(**spec["task_args"]), spec, tmp_path / str(flag), progress=False
+        )
     assert len(compiled) == 1
     blocks = [m for m in compiled[0].modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert len(blocks) == 2  # both transformer blocks, not the model: regional compilation

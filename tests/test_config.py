@@ -1,4 +1,5 @@
 """The grid validator and the spec resolver read one schema: they accept the same keys and bounds."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,14 @@ from moebench.grids.expand import expand
 from moebench.grids.schema import GridError
 from moebench.training.spec import DEFAULT_MOE, DEFAULT_TRAIN, SpecError, resolve_spec
 
-BASE_GRID = {"name": "g", "task": "toy", "preset": "tiny", "seeds": [0], "routers": ["softmax-topk"],
-             "moe": {"blocks": [-1], "d_hidden": 32}}
+BASE_GRID = {
+    "name": "g",
+    "task": "toy",
+    "preset": "tiny",
+    "seeds": [0],
+    "routers": ["softmax-topk"],
+    "moe": {"blocks": [-1], "d_hidden": 32},
+}
 BASE_SPEC = {"task": "toy", "moe": {"router": "softmax-topk", "num_experts": 4}}
 
 
@@ -43,13 +50,27 @@ def test_the_grid_and_the_spec_know_the_same_keys():
 
 
 # One valid and one invalid value per bounded key; both readers must agree on each.
-PROBES = [("train", f.name, v) for f in dataclasses.fields(TrainConfig)
-          for v in {"int": [0, 1, -1, 2.5], "float": [0.0, -0.1, 1e-3], "bool": [True, "maybe"],
-                    "choice": ["auto", True, "sometimes"],
-                    "list": [["tensorboard"], ["wandb", "tensorboard"], ["bogus"], ["wandb", "wandb"], "wandb"]}
-          [f.metadata["kind"]]]
-PROBES += [("moe", k, v) for k, vals in {"num_experts": [0, 4, 10**9], "capacity_factor": [0, 1.5, -1],
-                                          "upcycle": [True, 3], "d_hidden": [None, 0, 16]}.items() for v in vals]
+PROBES = [
+    ("train", f.name, v)
+    for f in dataclasses.fields(TrainConfig)
+    for v in {
+        "int": [0, 1, -1, 2.5],
+        "float": [0.0, -0.1, 1e-3],
+        "bool": [True, "maybe"],
+        "choice": ["auto", True, "sometimes"],
+        "list": [["tensorboard"], ["wandb", "tensorboard"], ["bogus"], ["wandb", "wandb"], "wandb"],
+    }[f.metadata["kind"]]
+]
+PROBES += [
+    ("moe", k, v)
+    for k, vals in {
+        "num_experts": [0, 4, 10**9],
+        "capacity_factor": [0, 1.5, -1],
+        "upcycle": [True, 3],
+        "d_hidden": [None, 0, 16],
+    }.items()
+    for v in vals
+]
 
 
 @pytest.mark.parametrize("section,key,value", PROBES)

@@ -1,5 +1,6 @@
 """Data parallelism on CPU (gloo, two processes): the same losses and metrics as one process with
 the same global batch, and only rank 0 writes the run's record."""
+
 from __future__ import annotations
 
 import json
@@ -14,12 +15,24 @@ from moebench.training.train import EpochBatchSampler, train
 
 
 def _spec() -> dict:
-    return {"grid": "test", "task": "toy", "task_args": {"num_train": 128, "num_eval": 32},
-            "model": {"dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
-            # softmax-topk: no auxiliary loss, whose balance term would depend on the per-rank batch
-            "moe": {"blocks": "all", "num_experts": 4, "router": "softmax-topk", "router_args": {}}, "seed": 0,
-            "train": {"steps": 6, "batch_size": 32, "lr": 3e-3, "warmup_steps": 1, "eval_every": 3,
-                      "checkpoint_every": 0, "probe_size": 8}}
+    return {
+        "grid": "test",
+        "task": "toy",
+        "task_args": {"num_train": 128, "num_eval": 32},
+        "model": {"dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+        # softmax-topk: no auxiliary loss, whose balance term would depend on the per-rank batch
+        "moe": {"blocks": "all", "num_experts": 4, "router": "softmax-topk", "router_args": {}},
+        "seed": 0,
+        "train": {
+            "steps": 6,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "warmup_steps": 1,
+            "eval_every": 3,
+            "checkpoint_every": 0,
+            "probe_size": 8,
+        },
+    }
 
 
 def _worker(rank: int, world: int, init_file: str, root: str) -> None:
@@ -67,8 +80,18 @@ def test_tasks_per_node_is_checked_against_the_batch_and_the_gpus(tmp_path):
 
     def grid(**executor):
         path = tmp_path / "g.yaml"
-        path.write_text(yaml.safe_dump({"name": "g", "task": "toy", "train": {"batch_size": 16}, "seeds": [0],
-                                        "routers": ["dense"], "executor": executor}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "g",
+                    "task": "toy",
+                    "train": {"batch_size": 16},
+                    "seeds": [0],
+                    "routers": ["dense"],
+                    "executor": executor,
+                }
+            )
+        )
         return path
 
     assert tasks_per_node(load(grid())["executor"]) == 1

@@ -1,5 +1,6 @@
 """Data readers and offline generators: real formats built here as tiny fixtures, plus the offline
 defaults (Fashion-MNIST, compositional canvases, synthetic brain cohort)."""
+
 from __future__ import annotations
 
 import gzip
@@ -47,7 +48,6 @@ def _cache(tmp_path_factory, monkeypatch):
     return root
 
 
-
 def test_cache_builds_once_keys_by_params_and_leaves_no_temp_files(tmp_path):
     calls = []
 
@@ -61,7 +61,7 @@ def test_cache_builds_once_keys_by_params_and_leaves_no_temp_files(tmp_path):
     cache.cached("thing", {"n": 4}, build, "1", root=tmp_path)
     cache.cached("thing", {"n": 3}, build, "2", root=tmp_path)
     assert len(calls) == 3
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".pt"] * 3      # no .tmp left behind
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".pt"] * 3  # no .tmp left behind
     # a corrupt entry is rebuilt, not fatal
     entry = tmp_path / f"thing-{cache.cache_key({'n': 3}, '1')}.pt"
     entry.write_bytes(b"garbage")
@@ -86,10 +86,11 @@ def test_imagefolder_loads_and_validates(tmp_path):
             for i in range(2):
                 make_png(tmp_path / split / cls / f"{i}.png", colour)
     import torchvision.transforms as T
+
     tr, va = imagefolder_datasets(tmp_path, T.ToTensor(), T.ToTensor())
     assert tr.classes == va.classes == ["cat", "dog"] and len(tr) == len(va) == 4
     x, y = tr[3]
-    assert x.shape == (3, 6, 8) and y == 1 and x[2].mean() > 0.9          # blue dog
+    assert x.shape == (3, 6, 8) and y == 1 and x[2].mean() > 0.9  # blue dog
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         imagefolder_datasets(tmp_path / "nope")
@@ -111,7 +112,7 @@ def test_fashion_mnist_shapes_normalisation_and_seeded_subsets():
     assert tr.images.shape == (500, 1, 28, 28) and tr.images.dtype == torch.float32
     assert ev.images.shape == (100, 1, 28, 28) and tr.labels.dtype == torch.long
     assert tr.classes == FASHION_MNIST_CLASSES and len(tr.classes) == 10
-    assert abs(tr.images.mean().item()) < 0.15 and 0.8 < tr.images.std().item() < 1.2   # normalised
+    assert abs(tr.images.mean().item()) < 0.15 and 0.8 < tr.images.std().item() < 1.2  # normalised
     again, _ = fashion_mnist_datasets(train_size=500, eval_size=100, seed=3)
     other, _ = fashion_mnist_datasets(train_size=500, eval_size=100, seed=4)
     assert torch.equal(tr.images, again.images) and not torch.equal(tr.images, other.images)
@@ -133,20 +134,22 @@ def test_fashion_mnist_missing_files_say_how_to_install(tmp_path):
 # retrieval: real formats
 # ------------------------------------------------------------------------------------------------
 
+
 def test_coco_captions_keep_all_captions_and_ground_truth(tmp_path):
     make_coco(tmp_path, "train")
     make_coco(tmp_path, "val")
     tok = WordTokenizer(["image", "caption", "0", "1"], context_length=8)
     import torchvision.transforms as T
+
     tr, ev = coco_retrieval_datasets(tmp_path, T.ToTensor(), T.ToTensor(), tokenizer=tok)
     assert len(ev) == 4 and [len(c) for c in ev.captions] == [6, 5, 5, 5]
-    assert ev.captions[1][0] == "image 1 caption 0"                          # stripped, in order
+    assert ev.captions[1][0] == "image 1 caption 0"  # stripped, in order
     assert ev.text_to_image.tolist() == [0] * 6 + [1] * 5 + [2] * 5 + [3] * 5
     assert len(ev.all_texts()) == 21 and ev.tokenized_texts().shape == (21, 8)
     img, text, idx = ev[2]
     assert img.shape == (3, 6, 8) and text.shape == (8,) and idx == 2
     assert text.tolist()[:2] == [tok.SOT, tok.index["image"]]
-    assert tr.sample_caption and not ev.sample_caption          # train draws a caption, eval is fixed
+    assert tr.sample_caption and not ev.sample_caption  # train draws a caption, eval is fixed
     # without tokenizer / transform: raw caption string and PIL image
     paths, caps = read_coco_captions(tmp_path / "annotations" / "captions_val2017.json", tmp_path / "val2017")
     assert paths[3].name == "000000000003.jpg" and caps[3][4] == "image 3 caption 4"
@@ -184,11 +187,10 @@ def test_coco_validation_errors(tmp_path):
         read_coco_captions(tmp_path / "none.json", tmp_path)
 
 
-
 def test_karpathy_split_selects_splits_and_keeps_five_captions(tmp_path):
     path = make_karpathy(tmp_path)
     tr, ev = karpathy_retrieval_datasets(path, tmp_path / "flickr30k-images")
-    assert [p.name for p in tr.image_paths] == ["1000.jpg", "1001.jpg", "1005.jpg"]     # train + restval
+    assert [p.name for p in tr.image_paths] == ["1000.jpg", "1001.jpg", "1005.jpg"]  # train + restval
     assert [p.name for p in ev.image_paths] == ["1003.jpg", "1004.jpg"]
     assert all(len(c) == 5 for c in ev.captions) and ev.captions[1][2] == "photo 4 sentence 2"
     assert ev.text_to_image.tolist() == [0] * 5 + [1] * 5
@@ -218,9 +220,9 @@ def test_karpathy_validation_errors(tmp_path):
 # retrieval: compositional canvases
 # ------------------------------------------------------------------------------------------------
 def test_captions_need_position_and_identity():
-    a = caption_for([7, -1, -1, 8])      # sneaker top left, bag bottom right
-    b = caption_for([-1, 7, 8, -1])      # same items, other cells
-    c = caption_for([8, -1, -1, 7])      # same cells, items swapped
+    a = caption_for([7, -1, -1, 8])  # sneaker top left, bag bottom right
+    b = caption_for([-1, 7, 8, -1])  # same items, other cells
+    c = caption_for([8, -1, -1, 7])  # same cells, items swapped
     assert a == "a sneaker at top left and a bag at bottom right"
     assert len({a, b, c}) == 3
     assert caption_for([9, -1, -1, 0], order=[3, 0]) == "a t-shirt at bottom right and an ankle boot at top left"
@@ -234,7 +236,7 @@ def test_word_tokenizer_matches_open_clip_conventions():
     longest = caption_for([9, 9, 9, 9])
     ids = tok([longest, "a bag at top left", "a zebra at top left"])
     assert ids.shape == (3, tok.context_length) and tok.context_length >= len(longest.split()) + 2
-    assert (ids.argmax(-1) == (ids != 0).sum(-1) - 1).all()            # EOT is the largest id, at the end
+    assert (ids.argmax(-1) == (ids != 0).sum(-1) - 1).all()  # EOT is the largest id, at the end
     assert tok.decode(ids[0]) == longest
     assert ids[2, 2] == tok.UNK and ids[1, -1] == tok.PAD
 
@@ -266,7 +268,7 @@ def test_compositional_canvases(tmp_path):
             for r in range(2):
                 for q in range(2):
                     if ds.cells[k, r, q] >= 0:
-                        assert bytes(ds.canvases[k, 28 * r:28 * r + 28, 28 * q:28 * q + 28].numpy()) in own
+                        assert bytes(ds.canvases[k, 28 * r : 28 * r + 28, 28 * q : 28 * q + 28].numpy()) in own
     # seeded and cached
     again_tr, _ = compositional_datasets(n_train=60, n_eval=40, seed=1, cache=tmp_path)
     assert torch.equal(again_tr.canvases, tr.canvases) and again_tr.captions == tr.captions
@@ -298,6 +300,7 @@ def test_patch_cell_labels_follow_vit_order():
 # brain age: BIDS
 # ------------------------------------------------------------------------------------------------
 
+
 def test_bids_reads_resamples_and_normalises(tmp_path):
     root = make_bids(tmp_path / "bids")
     ds = bids_brain_age_dataset(root, shape=16, cache=tmp_path / "c")
@@ -308,7 +311,7 @@ def test_bids_reads_resamples_and_normalises(tmp_path):
     # scanner gain (x1, x2, x3 across subjects) is normalised away
     assert torch.allclose(ds.volumes[0], ds.volumes[2], atol=0.02)
     assert 0.95 < torch.quantile(vol[vol > 0], 0.99) < 1.05 and vol.min() >= 0
-    assert set(tissue.unique().tolist()) == {0, 1, 2, 3}                      # MNI template labels
+    assert set(tissue.unique().tolist()) == {0, 1, 2, 3}  # MNI template labels
     # the cache is keyed by the files: replacing an image is picked up, not served stale
     f = root / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
     img = nib.load(f)
@@ -346,7 +349,7 @@ def test_bids_validation_errors(tmp_path):
 
     root = make_bids(tmp_path / "bids2")
     bad = root / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
-    bad.write_bytes(bad.read_bytes()[:200])                                  # truncated download
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated download
     with pytest.raises(ValueError, match=r"cannot read NIfTI file .*sub-02_T1w\.nii\.gz"):
         bids_brain_age_dataset(root, shape=16, use_cache=False)
     bad.write_bytes(b"this is not a nifti file")
@@ -386,14 +389,14 @@ def test_synthetic_datasets_are_cached(tmp_path):
 
 
 def test_patch_tissue_labels_majority_in_vit_order():
-    vol = torch.zeros(4, 4, 4, dtype=torch.long)          # 2x2x2 patches of size 2
-    vol[:2, :2, 2:] = 1                                   # patch (0, 0, 1): all grey matter
+    vol = torch.zeros(4, 4, 4, dtype=torch.long)  # 2x2x2 patches of size 2
+    vol[:2, :2, 2:] = 1  # patch (0, 0, 1): all grey matter
     vol[2:, :2, :2] = 2
-    vol[2, 0, 0] = 3                                      # patch (1, 0, 0): 7 WM + 1 CSF -> WM
+    vol[2, 0, 0] = 3  # patch (1, 0, 0): 7 WM + 1 CSF -> WM
     vol[2:, 2:, 2:] = 3
-    vol[2:, 2:, 2] = 1                                    # patch (1, 1, 1): 4 CSF / 4 GM tie -> GM
+    vol[2:, 2:, 2] = 1  # patch (1, 1, 1): 4 CSF / 4 GM tie -> GM
     vol[:2, 2:, :2] = -1
-    vol[0, 2, 0] = 2                                      # patch (0, 1, 0): 7 unknown + 1 WM -> unknown
+    vol[0, 2, 0] = 2  # patch (0, 1, 0): 7 unknown + 1 WM -> unknown
     out = patch_tissue_labels(vol, 2)
     assert out.tolist() == [0, 1, -1, 0, 2, 0, 0, 1]
     assert patch_tissue_labels(vol[None].repeat(3, 1, 1, 1), 2).shape == (3, 8)
@@ -407,4 +410,4 @@ def test_template_tissue_labels_cover_all_tissues():
     lab = brain.template_tissue_labels(16)
     counts = torch.bincount(lab.flatten().long(), minlength=4)
     assert lab.shape == (16, 16, 16) and (counts > 0).all()
-    assert counts[1] > counts[3] and counts[2] > counts[3]              # more GM and WM than CSF
+    assert counts[1] > counts[3] and counts[2] > counts[3]  # more GM and WM than CSF

@@ -1,6 +1,7 @@
 """Drop-Upcycling (moe.upcycle: drop): ratio 0 is plain upcycling, the re-drawn share is the one asked
 for, each expert re-draws its own units from the dense weights' statistics, every router accepts it,
 and bad values are refused naming the field and the fix."""
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,16 @@ from moebench.core.models import build_model
 from moebench.core.moefy import moefy
 from moebench.training.spec import SpecError, resolve_spec
 
-TIMM = {"family": "timm", "name": "vit-custom", "img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2,
-        "num_heads": 2, "num_classes": 5}  # mlp width 128
+TIMM = {
+    "family": "timm",
+    "name": "vit-custom",
+    "img_size": 16,
+    "patch_size": 4,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "num_classes": 5,
+}  # mlp width 128
 
 
 def _dense():
@@ -92,10 +101,15 @@ def test_bad_values_name_the_field_and_the_fix():
     base = {"task": "toy", "moe": {"router": "softmax-topk", "upcycle": "drop", "upcycle_drop": 1.5}}
     with pytest.raises(SpecError, match=r"moe.upcycle_drop must be a number >= 0 and <= 1"):
         resolve_spec(base)
-    with pytest.raises(SpecError, match=r"moe.upcycle_drop=0.5 applies only with moe.upcycle: drop.*set moe.upcycle: drop"):
+    with pytest.raises(
+        SpecError, match=r"moe.upcycle_drop=0.5 applies only with moe.upcycle: drop.*set moe.upcycle: drop"
+    ):
         resolve_spec({"task": "toy", "moe": {"router": "softmax-topk", "upcycle": True, "upcycle_drop": 0.5}})
     with pytest.raises(SpecError, match=r"moe.upcycle must be one of false, true, drop"):
         resolve_spec({"task": "toy", "moe": {"router": "softmax-topk", "upcycle": "dropped"}})
-    assert resolve_spec({"task": "toy", "moe": {"router": "softmax-topk", "upcycle": "drop"}})["moe"]["upcycle_drop"] is None
+    assert (
+        resolve_spec({"task": "toy", "moe": {"router": "softmax-topk", "upcycle": "drop"}})["moe"]["upcycle_drop"]
+        is None
+    )
     with pytest.raises(ValueError, match="upcycle must be true, false or 'drop'"):
         moefy(_dense(), upcycle="yes please")

@@ -1,5 +1,6 @@
 """EMoE router: equal to an independent transcription of the authors' formulas; Q stays orthonormal
 under training; bad options are refused with the reason."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,10 +19,11 @@ def transcription(h, Q, gamma, M, b, tau=1.0):
     w = torch.exp(M) / torch.exp(M).sum(0, keepdim=True)  # softmax over experts, per direction
     for t in range(T):
         proj = torch.stack([torch.dot(Q[:, j], h[t]) for j in range(Q.shape[1])])
-        e = proj ** 2
+        e = proj**2
         e = e / (e.sum() + 1e-6)
-        logits = torch.stack([sum(e[j] * gamma[j] * w[i, j] for j in range(Q.shape[1])) + b[i]
-                              for i in range(M.shape[0])])
+        logits = torch.stack(
+            [sum(e[j] * gamma[j] * w[i, j] for j in range(Q.shape[1])) + b[i] for i in range(M.shape[0])]
+        )
         out[t] = torch.exp(logits / tau) / torch.exp(logits / tau).sum()
     return out
 
@@ -51,8 +53,9 @@ def test_emoe_matches_transcription(mode, k):
     if mode != "soft":
         assert (routing.weight.view(10, k).sum(-1) < 1 - 1e-3).all()
     q = r.Q.detach()
-    torch.testing.assert_close(routing.aux_losses["orth"],
-                               1e-3 * ((q.T @ q - torch.eye(R)) ** 2).sum(), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(
+        routing.aux_losses["orth"], 1e-3 * ((q.T @ q - torch.eye(R)) ** 2).sum(), rtol=1e-5, atol=1e-9
+    )
 
 
 def test_emoe_defaults_are_the_authors():
@@ -81,12 +84,15 @@ def test_retraction_keeps_q_orthonormal_while_training():
     assert moved > 1e-4  # the steps did move Q off the manifold, so the retraction had work to do
 
 
-@pytest.mark.parametrize("args,msg", [
-    ({"rank": D}, r"rank=32 must be below d_model=32"),
-    ({"rank": 40}, r"rank=40 must be below d_model=32"),
-    ({"rank": 4, "mode": "top3"}, r"mode='top3' is not valid"),
-    ({"rank": 4, "tau": 0}, r"tau must be"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        ({"rank": D}, r"rank=32 must be below d_model=32"),
+        ({"rank": 40}, r"rank=40 must be below d_model=32"),
+        ({"rank": 4, "mode": "top3"}, r"mode='top3' is not valid"),
+        ({"rank": 4, "tau": 0}, r"tau must be"),
+    ],
+)
 def test_emoe_refuses_bad_options(args, msg):
     with pytest.raises(ValueError, match=msg):
         MoELayer(D, 16, E, router="emoe", router_args=args)

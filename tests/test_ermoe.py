@@ -1,5 +1,6 @@
 """ERMoE router and eigen experts: hand-computed scores, exact equivalence with plain experts at init and
 after upcycling, orthonormality under training, selection with threshold / free experts, losses, errors."""
+
 from __future__ import annotations
 
 import copy
@@ -144,8 +145,11 @@ def test_state_dict_holds_the_eigen_experts_once_and_deepcopy_keeps_the_link():
     assert sorted(k for k in keys if k.endswith((".V", ".U", ".s"))) == ["experts.U", "experts.V", "experts.s"]
     # the router's only state, buffers: the snapshot B0 of the routing bases (drift diagnostic) and the
     # per-expert score gains of upcycled experts (calibrate)
-    assert sorted(k for k in keys if k.startswith("router.")) == ["router.basis_captured", "router.initial_basis",
-                                                                  "router.score_gain"]
+    assert sorted(k for k in keys if k.startswith("router.")) == [
+        "router.basis_captured",
+        "router.initial_basis",
+        "router.score_gain",
+    ]
     assert sum(p.numel() for p in layer.router.parameters()) == 0
     clone = copy.deepcopy(layer)
     assert clone.router.eigen_experts is clone.experts
@@ -239,7 +243,9 @@ def test_penalty_adds_the_orth_loss_and_nothing_else():
 def test_no_aux_loss_but_orth_for_any_option_combination():
     x, c = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
     combos = itertools.product(
-        ["qr", "cayley", "matrix_exp", "penalty"], ["subspace", "context", "weighted"], ["normalized", "softmax"],
+        ["qr", "cayley", "matrix_exp", "penalty"],
+        ["subspace", "context", "weighted"],
+        ["normalized", "softmax"],
         [{}, {"threshold": 0.6, "free_experts": [0]}],
     )
     for ortho, score, weights, extra in combos:
@@ -257,12 +263,14 @@ def test_no_aux_loss_but_orth_for_any_option_combination():
 # --------------------------------------------------------------------------------------------------
 # Selection: d=4, E=4, r=2, expert e's basis = axes (e, e+1 mod 4), so S_e = ||(x_e, x_{e+1})|| / ||x||.
 CYCLIC = [[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1], [3, 0, 1, 2]]
-TOKENS = torch.tensor([
-    [0.0, 1.0, 0.0, 0.0],  # S = (1, 1, 0, 0): two candidates -> {0, 1}, no fallback
-    [0.6, 0.8, 0.0, 0.0],  # S = (1, .8, 0, .6): one candidate -> 0, then free 3 (before 1) ; fallback
-    [0.8, 0.0, 0.6, 0.0],  # S = (.8, .6, .6, .8): none -> free 3, then best remaining 0 ; fallback
-    [0.0, 0.0, 1.0, 0.0],  # S = (0, 1, 1, 0): two candidates -> {1, 2}, no fallback
-])
+TOKENS = torch.tensor(
+    [
+        [0.0, 1.0, 0.0, 0.0],  # S = (1, 1, 0, 0): two candidates -> {0, 1}, no fallback
+        [0.6, 0.8, 0.0, 0.0],  # S = (1, .8, 0, .6): one candidate -> 0, then free 3 (before 1) ; fallback
+        [0.8, 0.0, 0.6, 0.0],  # S = (.8, .6, .6, .8): none -> free 3, then best remaining 0 ; fallback
+        [0.0, 0.0, 1.0, 0.0],  # S = (0, 1, 1, 0): two candidates -> {1, 2}, no fallback
+    ]
+)
 
 
 def test_threshold_free_experts_fill_first_and_fallback_is_counted():
@@ -300,7 +308,7 @@ def test_every_token_gets_k_distinct_experts_when_few_qualify():
         q, f = int(qualified[t]), int(free_left[t])
         if q < 3:
             assert set(per_token[t][:q]) == set(S[t].topk(q).indices.tolist()) if q else True
-            assert set(per_token[t][q:q + min(f, 3 - q)]) <= {5, 2}
+            assert set(per_token[t][q : q + min(f, 3 - q)]) <= {5, 2}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,24 +348,27 @@ def test_deterministic_with_a_fixed_seed():
 
 
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs,match", [
-    ({"ortho": "svd"}, r"ortho='svd'.*'qr', 'cayley', 'matrix_exp', 'penalty'"),
-    ({"score": "cosine"}, r"score='cosine'.*'subspace', 'context', 'weighted'"),
-    ({"weights": "sum"}, r"weights='sum'.*'normalized', 'softmax'"),
-    ({"fc1_mode": "fast"}, r"fc1_mode='fast'.*'auto'"),
-    ({"temperature": 0}, r"temperature must be a number > 0"),
-    ({"threshold": 1.5}, r"threshold must be a number in \[-1, 1\]"),
-    ({"lambda_orth": -1.0}, r"lambda_orth must be a number >= 0"),
-    ({"route_rank": 0}, r"route_rank must be an integer in \[1, d_model=8\)"),
-    ({"route_rank": 8}, r"route_rank must be .* identically 1"),
-    ({"eigen_lr_scale": 0}, r"eigen_lr_scale must be a number > 0"),
-    ({"route_rank": 2.5}, r"route_rank must be an integer"),
-    ({"free_experts": [4]}, r"free_experts has 4: every entry must be an expert index in \[0, 3\]"),
-    ({"free_experts": [1, 1]}, r"free_experts lists an expert twice"),
-    ({"free_experts": "01"}, r"free_experts must be a list"),
-    ({"top_k": 5}, r"top_k=5 is invalid for num_experts=4"),
-    ({"top_k": 1.5}, r"top_k must be an integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"ortho": "svd"}, r"ortho='svd'.*'qr', 'cayley', 'matrix_exp', 'penalty'"),
+        ({"score": "cosine"}, r"score='cosine'.*'subspace', 'context', 'weighted'"),
+        ({"weights": "sum"}, r"weights='sum'.*'normalized', 'softmax'"),
+        ({"fc1_mode": "fast"}, r"fc1_mode='fast'.*'auto'"),
+        ({"temperature": 0}, r"temperature must be a number > 0"),
+        ({"threshold": 1.5}, r"threshold must be a number in \[-1, 1\]"),
+        ({"lambda_orth": -1.0}, r"lambda_orth must be a number >= 0"),
+        ({"route_rank": 0}, r"route_rank must be an integer in \[1, d_model=8\)"),
+        ({"route_rank": 8}, r"route_rank must be .* identically 1"),
+        ({"eigen_lr_scale": 0}, r"eigen_lr_scale must be a number > 0"),
+        ({"route_rank": 2.5}, r"route_rank must be an integer"),
+        ({"free_experts": [4]}, r"free_experts has 4: every entry must be an expert index in \[0, 3\]"),
+        ({"free_experts": [1, 1]}, r"free_experts lists an expert twice"),
+        ({"free_experts": "01"}, r"free_experts must be a list"),
+        ({"top_k": 5}, r"top_k=5 is invalid for num_experts=4"),
+        ({"top_k": 1.5}, r"top_k must be an integer"),
+    ],
+)
 def test_bad_options_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ErMoERouter(8, 4, **kwargs)
@@ -418,8 +429,11 @@ def test_upcycled_experts_route_on_different_slices_and_stay_the_dense_mlp(slice
     # expert e leads with its own dense eigen-directions: interleaved e, e+4, e+8, e+12
     V = layer.experts.V.detach()
     u_dense = torch.linalg.svd(fc1.weight.detach().t(), full_matrices=False)[0]
-    want = {"interleaved": lambda e: [e, e + 4, e + 8, e + 12], "snake": lambda e: [e, 7 - e, 8 + e, 15 - e],
-            "contiguous": lambda e: [4 * e + j for j in range(4)]}[slices]
+    want = {
+        "interleaved": lambda e: [e, e + 4, e + 8, e + 12],
+        "snake": lambda e: [e, 7 - e, 8 + e, 15 - e],
+        "contiguous": lambda e: [4 * e + j for j in range(4)],
+    }[slices]
     for e in range(4):
         overlap = (u_dense[:, want(e)].T @ V[e, :, :4]).square().sum() / 4
         assert overlap > 0.999
@@ -437,8 +451,9 @@ def test_calibrated_upcycling_spreads_first_choices_and_keeps_the_dense_function
     x = (torch.randn(400, d) * torch.linspace(3.0, 0.2, d)) @ u.T  # energy decays along them
     shares = {}
     for calibrate in (False, True):
-        layer = MoELayer(d, h, E, router="ermoe", router_args={"route_rank": 4, "slices": slices,
-                                                               "calibrate": calibrate})
+        layer = MoELayer(
+            d, h, E, router="ermoe", router_args={"route_rank": 4, "slices": slices, "calibrate": calibrate}
+        )
         layer.experts.load_dense(fc1.weight.detach(), fc1.bias.detach(), fc2.weight.detach(), fc2.bias.detach())
         y = layer(x.unsqueeze(0))
         torch.testing.assert_close(y[0], fc2(F.gelu(fc1(x))), atol=1e-5, rtol=1e-5)  # still the dense MLP
@@ -502,7 +517,11 @@ def test_eigen_lr_scale_gives_the_eigen_parameters_their_own_group():
     layer = MoELayer(16, 32, 4, router="ermoe", router_args={"eigen_lr_scale": 0.1})
     groups = param_groups(layer, 0.05, lr=1e-3)
     scaled = [g for g in groups if "lr" in g]
-    assert {id(p) for g in scaled for p in g["params"]} == {id(layer.experts.V), id(layer.experts.U), id(layer.experts.s)}
+    assert {id(p) for g in scaled for p in g["params"]} == {
+        id(layer.experts.V),
+        id(layer.experts.U),
+        id(layer.experts.s),
+    }
     assert all(g["lr"] == pytest.approx(1e-4) for g in scaled)
     plain = param_groups(MoELayer(16, 32, 4, router="ermoe"), 0.05, lr=1e-3)
     assert len(plain) == 2 and all("lr" not in g for g in plain)

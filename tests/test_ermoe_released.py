@@ -1,5 +1,6 @@
 """ermoe-released: the released ERMoE method (image-level routing over whole-backbone experts), checked
 against a transcription of the facts in docs/ERMOE.md; identical copies tie, perturbed ones do not."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,17 @@ from tasks.common import apply_moe
 
 def tiny_vit(seed=0):
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=16, patch_size=4,
-                             embed_dim=32, depth=2, num_heads=2, in_chans=1)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=5,
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        in_chans=1,
+    )
 
 
 def build(E=4, **args):
@@ -33,14 +43,18 @@ def test_score_matches_a_numpy_transcription():
         xb, ab = x[b].numpy().astype(np.float64), a[b].numpy().astype(np.float64)
         _, u = np.linalg.eigh(xb @ xb.T)
         m = u.T @ ab @ u
-        want = np.sum(np.diag(m) ** 2) / (np.sum(m ** 2) + 1e-10)
+        want = np.sum(np.diag(m) ** 2) / (np.sum(m**2) + 1e-10)
         assert got[b].item() == pytest.approx(want, rel=1e-5)
 
 
 def test_selection_threshold_free_experts_then_highest():
-    s = torch.tensor([[0.9, 0.2, 0.7, 0.6],    # three qualify: the top-2 of them
-                      [0.1, 0.3, 0.8, 0.2],    # one qualifies: + free expert 0
-                      [0.1, 0.3, 0.4, 0.2]])   # none: free expert 0, then the highest remaining (2)
+    s = torch.tensor(
+        [
+            [0.9, 0.2, 0.7, 0.6],  # three qualify: the top-2 of them
+            [0.1, 0.3, 0.8, 0.2],  # one qualifies: + free expert 0
+            [0.1, 0.3, 0.4, 0.2],
+        ]
+    )  # none: free expert 0, then the highest remaining (2)
     idx, fallback = select_experts(s, 2, 0.5, (0,))
     assert idx.tolist() == [[0, 2], [2, 0], [0, 2]]
     assert fallback.tolist() == [False, True, True]
@@ -53,7 +67,7 @@ def test_identical_copies_tie_and_the_output_is_the_score_weighted_head_average(
     x = torch.randn(6, 1, 16, 16)
     out = net(x)
     stats = net.routing.stats
-    assert float(stats["tie"]) == 1.0                     # the faithful, degenerate case
+    assert float(stats["tie"]) == 1.0  # the faithful, degenerate case
     assert float(stats["fallback"]) == 1.0 or float(stats["fallback"]) == 0.0
     S = stats["scores"]
     logits = torch.stack([e.head(e.forward_features(x)[:, 0]) for e in net.experts], 1)  # CLS token (timm default)
@@ -97,8 +111,19 @@ def test_ermoe_released_refuses_to_sit_in_a_moe_layer():
 
 def test_a_backbone_without_class_token_uses_its_own_pooling_and_routes_every_patch():
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=16, patch_size=4,
-                            embed_dim=32, depth=2, num_heads=2, in_chans=1, class_token=False, global_pool="avg")
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=5,
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        in_chans=1,
+        class_token=False,
+        global_pool="avg",
+    )
     net = apply_moe(vit, {"router": "ermoe-released", "num_experts": 2, "router_args": {}})
     assert net.prefix == 0
     x = torch.randn(3, 1, 16, 16)
@@ -114,9 +139,14 @@ def test_grid_show_costs_count_every_backbone_copy(tmp_path):
     from moebench.grids import expand as expand_mod
     from moebench.grids.matching import costs
 
-    grid = {"name": "rel", "task": "classification", "preset": "tiny", "seeds": [0],
-            "moe": {"blocks": "last-2", "num_experts": 3},
-            "routers": ["dense", "softmax-topk", "ermoe-released"]}
+    grid = {
+        "name": "rel",
+        "task": "classification",
+        "preset": "tiny",
+        "seeds": [0],
+        "moe": {"blocks": "last-2", "num_experts": 3},
+        "routers": ["dense", "softmax-topk", "ermoe-released"],
+    }
     path = tmp_path / "rel.yaml"
     path.write_text(yaml.safe_dump(grid))
     dense, _, rel = expand_mod.expand(str(path))

@@ -1,5 +1,6 @@
 """The two grouped bias-add kernels (CPU in-place, accelerator gather + one-hot GEMM gradient) equal
 the obvious ``h + bias[group]``, forward and backward, including empty groups."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """One FLOPs definition everywhere: `grid show`'s flops/tok is the number a run records as
 cost.flops_per_token (the report's FLOPs/token), and mlp_flops/tok is the MoE blocks' part of it."""
+
 import pytest
 
 from moebench.core.registry import TASKS
@@ -7,10 +8,15 @@ from moebench.grids.expand import expand
 from moebench.grids.matching import costs
 from moebench.training.train import model_cost
 
-GRID = {"name": "flops", "task": "toy", "task_args": {"num_train": 64, "num_eval": 32},
-        "model": {"dim": 32, "depth": 3, "num_heads": 2, "mlp_ratio": 2.0},
-        "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 32}, "seeds": [0],
-        "routers": ["dense", "softmax-topk", "switch", "ermoe"]}
+GRID = {
+    "name": "flops",
+    "task": "toy",
+    "task_args": {"num_train": 64, "num_eval": 32},
+    "model": {"dim": 32, "depth": 3, "num_heads": 2, "mlp_ratio": 2.0},
+    "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 32},
+    "seeds": [0],
+    "routers": ["dense", "softmax-topk", "switch", "ermoe"],
+}
 
 
 @pytest.mark.parametrize("label", ["dense", "softmax-topk", "switch", "ermoe"])

@@ -1,5 +1,6 @@
 """Gradient purity (issue 20): the cosine between the router's task-loss and balance-loss gradients,
 checked against a hand computation and logged at probe steps of a real (toy) run."""
+
 import math
 
 import pytest
@@ -47,10 +48,16 @@ def test_run_logs_the_cosine_at_each_eval_and_its_mean(tmp_path):
     spec["moe"]["router_args"] = {"top_k": 1}
     final = train(task_for(spec), spec, tmp_path / "run", progress=False)
     lines = records.read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    per_step = [ln["routing"]["mean"]["grad_cos_task_balance"] for ln in lines if ln["step"] > 0]  # step 0: no gradient yet
+    per_step = [
+        ln["routing"]["mean"]["grad_cos_task_balance"] for ln in lines if ln["step"] > 0
+    ]  # step 0: no gradient yet
     assert [ln["step"] for ln in lines] == [0, 10, 20] and all(isinstance(v, float) for v in per_step)
     assert [p["step"] for p in final["routing"]["grad_probe"]] == [10, 20]
     assert math.isclose(final["routing"]["mean"]["grad_cos_task_balance"], sum(per_step) / 2, rel_tol=1e-9)
-    plain = train(task_for(make_spec("softmax-topk", steps=10)), make_spec("softmax-topk", steps=10),
-                  tmp_path / "plain", progress=False)
+    plain = train(
+        task_for(make_spec("softmax-topk", steps=10)),
+        make_spec("softmax-topk", steps=10),
+        tmp_path / "plain",
+        progress=False,
+    )
     assert "grad_cos_task_balance" not in plain["routing"]["mean"]

@@ -1,5 +1,6 @@
 """Grid files: validation messages, deterministic expansion, stable run ids, sweeps, FLOP / parameter
 matching, refusal of unmatchable grids, and `moebench grid show`. Uses the toy task (tiny models)."""
+
 from __future__ import annotations
 
 import copy
@@ -22,8 +23,13 @@ BASE = {
     "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 32},
     "train": {"steps": 4, "batch_size": 8},
     "seeds": [0, 1],
-    "routers": ["dense", "softmax-topk", "switch", "expert-choice",
-                {"name": "softmax-topk", "label": "top1", "args": {"top_k": 1}}],
+    "routers": [
+        "dense",
+        "softmax-topk",
+        "switch",
+        "expert-choice",
+        {"name": "softmax-topk", "label": "top1", "args": {"top_k": 1}},
+    ],
 }
 
 
@@ -52,17 +58,23 @@ def with_(**changes) -> dict:
 
 
 # -- validation ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("grid, path, expected", [
-    (with_(moe__num_experts="eight"), "moe.num_experts", "expected an integer >= 1 and <= 4096, got 'eight' (str)"),
-    (with_(train__lr=-1), "train.lr", "expected a number > 0"),
-    (with_(seeds=[0, 0]), "seeds", "expected a non-empty list of distinct integers"),
-    (with_(executor={"cluster": "kubernetes"}), "executor.cluster", "expected one of auto, local, slurm, debug"),
-    (with_(routers=["dense", {"name": "switch", "args": [1]}]), "routers[1].args", "expected a mapping"),
-    (with_(routers=["dense", "switch", {"name": "softmax-topk", "label": "bad", "args": {"top_k": 9}}]),
-     "routers[2].args.top_k", "top_k=9 is invalid for num_experts=4"),
-    (with_(sweep={"moe.num_experts": [4, "x"]}), "sweep.moe.num_experts[1]", "expected an integer >= 1"),
-    (with_(match="flops"), "match", "expected one of active_flops, params, none"),
-])
+@pytest.mark.parametrize(
+    "grid, path, expected",
+    [
+        (with_(moe__num_experts="eight"), "moe.num_experts", "expected an integer >= 1 and <= 4096, got 'eight' (str)"),
+        (with_(train__lr=-1), "train.lr", "expected a number > 0"),
+        (with_(seeds=[0, 0]), "seeds", "expected a non-empty list of distinct integers"),
+        (with_(executor={"cluster": "kubernetes"}), "executor.cluster", "expected one of auto, local, slurm, debug"),
+        (with_(routers=["dense", {"name": "switch", "args": [1]}]), "routers[1].args", "expected a mapping"),
+        (
+            with_(routers=["dense", "switch", {"name": "softmax-topk", "label": "bad", "args": {"top_k": 9}}]),
+            "routers[2].args.top_k",
+            "top_k=9 is invalid for num_experts=4",
+        ),
+        (with_(sweep={"moe.num_experts": [4, "x"]}), "sweep.moe.num_experts[1]", "expected an integer >= 1"),
+        (with_(match="flops"), "match", "expected one of active_flops, params, none"),
+    ],
+)
 def test_errors_name_file_key_path_and_expected_type(tmp_path, grid, path, expected):
     msg = error_of(tmp_path, grid)
     assert msg.startswith(f"{tmp_path / 'g.yaml'}: {path}: "), msg
@@ -76,12 +88,15 @@ def test_task_block_paths_are_named(tmp_path):
     assert ": tasks[1].task_args: expected a mapping, got [1, 2] (list)" in msg
 
 
-@pytest.mark.parametrize("grid, path, suggestion", [
-    ({**{k: v for k, v in BASE.items() if k != "routers"}, "rooters": ["dense"]}, "rooters", "routers"),
-    (with_(moe={"blocks": [-1], "num_expert": 4}), "moe.num_expert", "num_experts"),
-    (with_(routers=[{"name": "softmax-topk", "args": {"topk": 1}}]), "routers[0].args.topk", "top_k"),
-    (with_(train={"step": 3}), "train.step", "steps"),
-])
+@pytest.mark.parametrize(
+    "grid, path, suggestion",
+    [
+        ({**{k: v for k, v in BASE.items() if k != "routers"}, "rooters": ["dense"]}, "rooters", "routers"),
+        (with_(moe={"blocks": [-1], "num_expert": 4}), "moe.num_expert", "num_experts"),
+        (with_(routers=[{"name": "softmax-topk", "args": {"topk": 1}}]), "routers[0].args.topk", "top_k"),
+        (with_(train={"step": 3}), "train.step", "steps"),
+    ],
+)
 def test_unknown_keys_are_rejected_with_the_closest_known_key(tmp_path, grid, path, suggestion):
     msg = error_of(tmp_path, grid)
     assert f": {path}: " in msg and f"did you mean {suggestion!r}" in msg, msg
@@ -122,20 +137,28 @@ def test_expansion_is_deterministic_and_run_ids_stable_under_key_order(tmp_path)
     assert ids == [run_id(s) for s in expand_mod.expand(write(tmp_path, BASE, "a.yaml"))]
     assert len(set(ids)) == len(ids) == 5 * 2
     # order: router entry, then seed
-    assert [(s["label"], s["seed"]) for s in a[:4]] == [("dense", 0), ("dense", 1), ("softmax-topk", 0),
-                                                       ("softmax-topk", 1)]
+    assert [(s["label"], s["seed"]) for s in a[:4]] == [
+        ("dense", 0),
+        ("dense", 1),
+        ("softmax-topk", 0),
+        ("softmax-topk", 1),
+    ]
     # a changed budget is a different run
     c = expand_mod.expand(write(tmp_path, with_(train__steps=5), "c.yaml"))
     assert not set(ids) & {run_id(s) for s in c}
 
 
 def test_sweep_is_a_product_and_the_dense_baseline_is_not_repeated(tmp_path):
-    grid = with_(seeds=[0], routers=["dense", "softmax-topk", "uniform"],
-                 sweep={"moe.num_experts": [4, 8], "train.lr": [0.001, 0.003]})
+    grid = with_(
+        seeds=[0],
+        routers=["dense", "softmax-topk", "uniform"],
+        sweep={"moe.num_experts": [4, 8], "train.lr": [0.001, 0.003]},
+    )
     specs = expand_mod.expand(write(tmp_path, grid))
     moe = [s for s in specs if s["moe"]]
     assert sorted((s["label"], s["moe"]["num_experts"], s["train"]["lr"]) for s in moe) == sorted(
-        (r, e, lr) for r in ("softmax-topk", "uniform") for e in (4, 8) for lr in (0.001, 0.003))
+        (r, e, lr) for r in ("softmax-topk", "uniform") for e in (4, 8) for lr in (0.001, 0.003)
+    )
     dense = [s for s in specs if s["moe"] is None]
     assert sorted(s["train"]["lr"] for s in dense) == [0.001, 0.003]  # the moe axis does not apply to it
     assert all("moe.num_experts" not in s["sweep"] for s in dense)
@@ -146,17 +169,25 @@ def test_router_args_axis_and_explicit_args_conflict(tmp_path):
     grid = with_(routers=["softmax-topk", "uniform"], sweep={"router_args.top_k": [1, 2]})
     specs = expand_mod.expand(write(tmp_path, grid))
     assert sorted((s["label"], s["moe"]["router_args"]["top_k"], s["moe"]["d_hidden"]) for s in specs) == sorted(
-        (r, k, 64 // k) for r in ("softmax-topk", "uniform") for k in (1, 2) for _ in (0, 1))
-    msg = error_of(tmp_path, with_(routers=[{"name": "softmax-topk", "args": {"top_k": 1}}],
-                                   sweep={"router_args.top_k": [1, 2]}))
+        (r, k, 64 // k) for r in ("softmax-topk", "uniform") for k in (1, 2) for _ in (0, 1)
+    )
+    msg = error_of(
+        tmp_path, with_(routers=[{"name": "softmax-topk", "args": {"top_k": 1}}], sweep={"router_args.top_k": [1, 2]})
+    )
     assert "routers[0].args.top_k: also swept by sweep.router_args.top_k" in msg
 
 
 def test_a_preset_fills_in_what_the_grid_leaves_out(tmp_path):
     from moebench.tasks.toy import PRESETS
 
-    grid = {"name": "p", "task": "toy", "preset": "tiny", "train": {"steps": 7}, "routers": ["softmax-topk"],
-            "moe": {"blocks": [-1], "d_hidden": 32}}
+    grid = {
+        "name": "p",
+        "task": "toy",
+        "preset": "tiny",
+        "train": {"steps": 7},
+        "routers": ["softmax-topk"],
+        "moe": {"blocks": [-1], "d_hidden": 32},
+    }
     (spec,) = expand_mod.expand(write(tmp_path, grid))
     tiny = PRESETS["tiny"]
     assert spec["task_args"] == tiny.task_args
@@ -185,8 +216,12 @@ def test_active_flop_matching_gives_top1_experts_twice_the_width(tmp_path):
 
 
 def test_expert_choice_capacity_counts_as_its_active_experts(tmp_path):
-    grid = with_(routers=[{"name": "expert-choice", "label": "ec1", "args": {"capacity": 1}},
-                          {"name": "expert-choice", "label": "ec4", "args": {"capacity": 4}}])
+    grid = with_(
+        routers=[
+            {"name": "expert-choice", "label": "ec1", "args": {"capacity": 1}},
+            {"name": "expert-choice", "label": "ec4", "args": {"capacity": 4}},
+        ]
+    )
     width = {s["label"]: s["moe"]["d_hidden"] for s in expand_mod.expand(write(tmp_path, grid))}
     assert width == {"ec1": 64, "ec4": 16}
 
@@ -237,8 +272,19 @@ def test_grid_show_prints_one_row_per_run_with_costs(tmp_path, capsys):
     lines = out.splitlines()
     assert "9 runs, match: active_flops" in lines[0]  # dense once + 4 routers x 2 sweep values
     head = lines[1].split()
-    assert head == ["run_id", "task", "label", "seed", "moe.num_experts", "d_hidden", "flops/tok", "mlp_flops/tok",
-                    "router_flops/tok", "params", "active_params"]
+    assert head == [
+        "run_id",
+        "task",
+        "label",
+        "seed",
+        "moe.num_experts",
+        "d_hidden",
+        "flops/tok",
+        "mlp_flops/tok",
+        "router_flops/tok",
+        "params",
+        "active_params",
+    ]
     rows = {r.split()[0]: r.split() for r in lines[3:12]}
     for spec in expand_mod.expand(path):
         row = rows[run_id(spec)]
@@ -286,7 +332,9 @@ def test_quick_all_has_every_router_and_shares_quicks_pretraining():
     # oracle needs a task that knows the true groups and collapse is planted: both live in the structure
     # grid; the random control runs everywhere
     controls = {n for n in ROUTERS.builtin_names() if getattr(ROUTERS.get(n), "control", False)} - {"random"}
-    layer_routers = set(ROUTERS.builtin_names()) - {"soft-moe", "ermoe-released"} - controls  # quick-all.yaml's footnote
+    layer_routers = (
+        set(ROUTERS.builtin_names()) - {"soft-moe", "ermoe-released"} - controls
+    )  # quick-all.yaml's footnote
     assert {s["moe"]["router"] if s["moe"] else "dense" for s in specs} == layer_routers | {"dense"}
     _, quick = expand_mod.expand_with_pretrain("quick")
     assert sorted(run_id(p["spec"]) for p in pretrains) == sorted(run_id(p["spec"]) for p in quick)
@@ -314,8 +362,9 @@ def test_quick_scratch_is_flop_matched_from_random_weights_with_the_same_eval_se
         assert mine[0]["task_args"] == theirs["task_args"]  # the same eval sets in both regimes
 
 
-@pytest.mark.parametrize("name", ["emoe-cifar100", "emoe-imagenet", "ermoe-cifar10", "quick-adapter",
-                                  "retrieval-coco-flickr-adapter"])
+@pytest.mark.parametrize(
+    "name", ["emoe-cifar100", "emoe-imagenet", "ermoe-cifar10", "quick-adapter", "retrieval-coco-flickr-adapter"]
+)
 def test_adapter_and_paper_protocol_grids_expand_once_their_paths_are_set(name):
     """The EMoE / released-ERMoE protocol grids: placeholders refused, then (with every path given by
     --set) every run expands with the adapter / released-method settings their headers state."""

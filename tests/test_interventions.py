@@ -1,4 +1,5 @@
 """Final-evaluation interventions: expert ablation, drop-top-1, the test-time capacity sweep."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,13 +12,24 @@ from moebench.training.interventions import intervening, measure, without_expert
 
 
 def test_without_top1_removes_each_tokens_first_choice():
-    r = Routing(token=torch.tensor([0, 0, 1, 1]), expert=torch.tensor([2, 0, 1, 3]),
-                weight=torch.tensor([0.7, 0.3, 0.6, 0.4]), num_tokens=2, num_experts=4, slot=torch.tensor([0, 1, 0, 1]))
+    r = Routing(
+        token=torch.tensor([0, 0, 1, 1]),
+        expert=torch.tensor([2, 0, 1, 3]),
+        weight=torch.tensor([0.7, 0.3, 0.6, 0.4]),
+        num_tokens=2,
+        num_experts=4,
+        slot=torch.tensor([0, 1, 0, 1]),
+    )
     kept = without_top1(r)
     assert kept.expert.tolist() == [0, 3]
     # no slots (expert choice, remoe): the largest-weight pair of each token, one even on ties
-    r2 = Routing(token=torch.tensor([0, 1, 0, 1, 2]), expert=torch.tensor([0, 0, 1, 1, 2]),
-                 weight=torch.tensor([0.2, 0.5, 0.9, 0.5, 0.1]), num_tokens=3, num_experts=3)
+    r2 = Routing(
+        token=torch.tensor([0, 1, 0, 1, 2]),
+        expert=torch.tensor([0, 0, 1, 1, 2]),
+        weight=torch.tensor([0.2, 0.5, 0.9, 0.5, 0.1]),
+        num_tokens=3,
+        num_experts=3,
+    )
     kept2 = without_top1(r2)
     assert sorted(zip(kept2.token.tolist(), kept2.expert.tolist())) == [(0, 0), (1, 1)]
 

@@ -1,6 +1,7 @@
 """The launcher with the real runner and the toy task: local subprocesses and in-process (debug) runs,
 skipping finished runs, resuming a killed grid, corrupt records, failures, --retry-failed, run locks
 and two grids sharing one results folder."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,14 @@ def toy_grid(tmp_path, name="g", routers=("dense", "softmax-topk"), steps=20, fi
         "task": "toy",
         "task_args": {"num_train": 128, "num_eval": 64},
         "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 32},
-        "train": {"steps": steps, "batch_size": 16, "eval_every": 10, "checkpoint_every": 10, "probe_size": 16,
-                  "warmup_steps": 2},
+        "train": {
+            "steps": steps,
+            "batch_size": 16,
+            "eval_every": 10,
+            "checkpoint_every": 10,
+            "probe_size": 16,
+            "warmup_steps": 2,
+        },
         "seeds": [0],
         "routers": list(routers),
         "executor": {"time_min": 10, "cpus_per_task": 1},
@@ -104,7 +111,7 @@ def test_corrupt_records_are_reported_set_aside_and_rerun(tmp_path, capsys):
     stale = list((d / rundir.STALE_DIR).glob("*/final.json"))
     assert len(stale) == 1 and stale[0].read_text() == good_final[: len(good_final) // 2]
 
-    (d / "status.json").write_text("{\"state\": ")
+    (d / "status.json").write_text('{"state": ')
     assert rundir.inspect(d)["state"] == "corrupt"
     res = launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
     assert res["counts"]["done"] == 1 and records.read_status(d)["state"] == "done"
@@ -129,8 +136,9 @@ def test_a_failed_run_is_recorded_the_grid_goes_on_and_retry_failed_reruns_it(tm
     assert any("rerun with --retry-failed" in line for line in lines)
     assert records.read_status(failed_dir)["attempts"] == 1
 
-    assert main(["run", str(path), "--cluster", "debug", "--results", str(results), "--no-report",
-                 "--retry-failed"]) == 1  # still fails, so the exit status says so
+    assert (
+        main(["run", str(path), "--cluster", "debug", "--results", str(results), "--no-report", "--retry-failed"]) == 1
+    )  # still fails, so the exit status says so
     assert records.read_status(failed_dir)["attempts"] == 2
     assert attempts_logged(failed_dir) == 2
 
@@ -141,10 +149,18 @@ def test_a_run_locked_by_a_live_process_is_left_alone(tmp_path):
     (spec,) = expand_mod.expand(path)
     d = rundir.run_dir_of(spec, results)
     records.write_status(d, "running")
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from moebench.training.rundir import run_lock\n"
-        f"with run_lock({str(d)!r}) as got:\n    print(got, flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from moebench.training.rundir import run_lock\n"
+                f"with run_lock({str(d)!r}) as got:\n    print(got, flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "True"
         assert rundir.lock_held(d) and rundir.inspect(d)["state"] == "running"
@@ -173,14 +189,30 @@ def test_auto_cluster_is_local_without_a_slurm_controller(monkeypatch):
 
 def _moebench_run(path, results, log) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "moebench", "run", str(path), "--cluster", "local", "--results", str(results),
-         "--no-report"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "moebench",
+            "run",
+            str(path),
+            "--cluster",
+            "local",
+            "--results",
+            str(results),
+            "--no-report",
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 @pytest.mark.slow
 def test_a_killed_grid_resumes_and_finishes_every_run_exactly_once(tmp_path):
-    path = toy_grid(tmp_path, routers=["dense", "softmax-topk", "switch"], steps=300,
-                    executor={"time_min": 10, "max_workers": 1})
+    path = toy_grid(
+        tmp_path, routers=["dense", "softmax-topk", "switch"], steps=300, executor={"time_min": 10, "max_workers": 1}
+    )
     gpath = yaml.safe_load(path.read_text())
     gpath["train"].update(eval_every=50, checkpoint_every=10)
     path.write_text(yaml.safe_dump(gpath))
@@ -223,10 +255,20 @@ def test_a_killed_grid_resumes_and_finishes_every_run_exactly_once(tmp_path):
 
 @pytest.mark.slow
 def test_two_grids_sharing_a_results_folder_train_a_shared_run_once(tmp_path):
-    a = toy_grid(tmp_path, name="shared", routers=["softmax-topk", "dense"], file="a.yaml",
-                 executor={"time_min": 10, "max_workers": 1})
-    b = toy_grid(tmp_path, name="shared", routers=["softmax-topk", "switch"], file="b.yaml",
-                 executor={"time_min": 10, "max_workers": 1})
+    a = toy_grid(
+        tmp_path,
+        name="shared",
+        routers=["softmax-topk", "dense"],
+        file="a.yaml",
+        executor={"time_min": 10, "max_workers": 1},
+    )
+    b = toy_grid(
+        tmp_path,
+        name="shared",
+        routers=["softmax-topk", "switch"],
+        file="b.yaml",
+        executor={"time_min": 10, "max_workers": 1},
+    )
     results = tmp_path / "results"
     with open(tmp_path / "a.log", "w") as la, open(tmp_path / "b.log", "w") as lb:
         procs = [_moebench_run(a, results, la), _moebench_run(b, results, lb)]

@@ -1,5 +1,6 @@
 """MoELayer: the fast path (sort + grouped GEMM + scatter) against the slow reference, for every router
 in the registry; capacity / drop semantics; determinism; clear errors on bad input."""
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,9 @@ IMAGE_LEVEL = {n for n in ROUTERS.names() if getattr(ROUTERS.get(n), "image_leve
 def _cases():
     cases = [(name, ROUTER_ARGS.get(name, {})) for name in ROUTERS.names() if name not in IMAGE_LEVEL]
     cases += [c for c in EXTRA_CASES if c[0] in ROUTERS]
-    return [pytest.param(n, a, id=f"{n}{'-' + '-'.join(f'{k}={v}' for k, v in a.items()) if a else ''}") for n, a in cases]
+    return [
+        pytest.param(n, a, id=f"{n}{'-' + '-'.join(f'{k}={v}' for k, v in a.items()) if a else ''}") for n, a in cases
+    ]
 
 
 CASES = _cases()
@@ -85,9 +88,11 @@ def test_fast_path_matches_reference(name, args, grouped, training, monkeypatch)
     calls = {"n": 0, "in_experts": False}
     real_grouped_mm = getattr(torch, "_grouped_mm", None)
     if real_grouped_mm is not None:
+
         def counting(*a, **k):
             calls["n"] += calls["in_experts"]
             return real_grouped_mm(*a, **k)
+
         monkeypatch.setattr(torch, "_grouped_mm", counting)
         experts_forward = layer.experts.forward
 
@@ -97,6 +102,7 @@ def test_fast_path_matches_reference(name, args, grouped, training, monkeypatch)
                 return experts_forward(*a, **k)
             finally:
                 calls["in_experts"] = False
+
         monkeypatch.setattr(layer.experts, "forward", flagged_forward)
 
     x, context, token_ids = make_inputs()
@@ -153,6 +159,7 @@ def test_grouped_mm_is_usable_for_test_dims():
 
 # --- capacity -------------------------------------------------------------------------------------
 
+
 def _pairs(r: Routing) -> set[tuple[int, int]]:
     return set(zip(r.token.tolist(), r.expert.tolist()))
 
@@ -180,8 +187,16 @@ def test_capacity_with_drops_matches_reference(grouped):
     kept = apply_capacity(routing, 0.5)
     kept_pairs = _pairs(kept)
     for e in range(E):
-        first = [(t, e) for t, ee, s in zip(routing.token.tolist(), routing.expert.tolist(), routing.slot.tolist()) if ee == e and s == 0]
-        second_kept = [(t, ee) for t, ee, s in zip(kept.token.tolist(), kept.expert.tolist(), kept.slot.tolist()) if ee == e and s == 1]
+        first = [
+            (t, e)
+            for t, ee, s in zip(routing.token.tolist(), routing.expert.tolist(), routing.slot.tolist())
+            if ee == e and s == 0
+        ]
+        second_kept = [
+            (t, ee)
+            for t, ee, s in zip(kept.token.tolist(), kept.expert.tolist(), kept.slot.tolist())
+            if ee == e and s == 1
+        ]
         if second_kept:
             assert all(p in kept_pairs for p in first), f"expert {e}: a first choice was dropped for a second choice"
 
@@ -191,8 +206,12 @@ def test_dropped_tokens_contribute_zero():
     layer = make_layer("softmax-topk", {"top_k": 1}, capacity_factor=0.5)  # cap = ceil(0.5 * 8 / 4) = 1
     x = torch.randn(T, D, requires_grad=True)
     routing = Routing(
-        token=torch.arange(T), expert=torch.zeros(T, dtype=torch.long), weight=torch.full((T,), 0.5),
-        num_tokens=T, num_experts=E, slot=torch.zeros(T, dtype=torch.long),
+        token=torch.arange(T),
+        expert=torch.zeros(T, dtype=torch.long),
+        weight=torch.full((T,), 0.5),
+        num_tokens=T,
+        num_experts=E,
+        slot=torch.zeros(T, dtype=torch.long),
     )
     with fixed_routing(layer, routing):
         out = layer(x)
@@ -224,7 +243,7 @@ def test_k_major_priority_hand_case():
         out = layer(x)
     first = {0: 1, 1: 0, 2: 0, 3: 1}
     for t, e in first.items():
-        torch.testing.assert_close(out[t], 0.5 * dense_expert(layer, e, x[t:t + 1])[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[t], 0.5 * dense_expert(layer, e, x[t : t + 1])[0], rtol=1e-5, atol=1e-6)
 
 
 def test_capacity_never_above_token_count():
@@ -236,8 +255,14 @@ def test_capacity_never_above_token_count():
     assert expert_capacity(10, 2, 4, 1000.0) == 10
     # every token on one expert with a huge factor: nothing can be dropped, and nothing beyond T is kept
     T = 6
-    routing = Routing(token=torch.arange(T), expert=torch.zeros(T, dtype=torch.long), weight=torch.ones(T),
-                      num_tokens=T, num_experts=E, slot=torch.zeros(T, dtype=torch.long))
+    routing = Routing(
+        token=torch.arange(T),
+        expert=torch.zeros(T, dtype=torch.long),
+        weight=torch.ones(T),
+        num_tokens=T,
+        num_experts=E,
+        slot=torch.zeros(T, dtype=torch.long),
+    )
     assert apply_capacity(routing, 1000.0).dropped == 0
     layer = make_layer("softmax-topk", {"top_k": 1}, capacity_factor=1000.0)
     with fixed_routing(layer, routing):
@@ -246,6 +271,7 @@ def test_capacity_never_above_token_count():
 
 
 # --- determinism --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name,args", CASES)
 def test_same_seed_is_bitwise_identical(name, args):
@@ -265,6 +291,7 @@ def test_same_seed_is_bitwise_identical(name, args):
 
 
 # --- bad input ----------------------------------------------------------------------------------
+
 
 def test_unknown_router_lists_known_names_and_closest():
     with pytest.raises(UnknownNameError) as err:

@@ -1,5 +1,6 @@
 """A router entry's own `match:` overrides the grid's (issue 9): `match: params` control rows for the
 top-1 routers tell "more parameters" apart from "better routing"."""
+
 from __future__ import annotations
 
 import copy

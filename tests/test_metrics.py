@@ -1,4 +1,5 @@
 """Hand-computed values for every shared metric, and the accumulator on a model with known routing."""
+
 import math
 
 import numpy as np

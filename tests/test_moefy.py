@@ -1,4 +1,5 @@
 """moefy and build_model on tiny timm / open_clip / vit3d models (CPU, a few seconds)."""
+
 from __future__ import annotations
 
 import copy
@@ -15,16 +16,36 @@ from moebench.core.moefy import find_blocks, moefy, select_blocks
 from moebench.core.registry import ROUTERS, register_router
 from moebench.core.routing import Router, topk_routing
 
-TIMM = {"family": "timm", "name": "vit-custom", "img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 4,
-        "num_heads": 2, "num_classes": 5}
-CLIP = {"family": "open_clip", "name": "custom", "embed_dim": 16,
-        "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "head_width": 16},
-        "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 3}}
-VIT3D = {"family": "vit3d", "img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2,
-         "num_outputs": 2}
+TIMM = {
+    "family": "timm",
+    "name": "vit-custom",
+    "img_size": 16,
+    "patch_size": 4,
+    "embed_dim": 32,
+    "depth": 4,
+    "num_heads": 2,
+    "num_classes": 5,
+}
+CLIP = {
+    "family": "open_clip",
+    "name": "custom",
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 3},
+}
+VIT3D = {
+    "family": "vit3d",
+    "img_size": 16,
+    "patch_size": 8,
+    "embed_dim": 32,
+    "depth": 3,
+    "num_heads": 2,
+    "num_outputs": 2,
+}
 
 
 if "test-context-recorder" not in ROUTERS:
+
     @register_router("test-context-recorder", "test only: softmax top-2 that records what it was given")
     class ContextRecorder(Router):
         """Needs context; records the context, positions and token ids of every call."""
@@ -37,9 +58,14 @@ if "test-context-recorder" not in ROUTERS:
             self.seen = []
 
         def forward(self, x, ctx):
-            self.seen.append({"x": x.detach().clone(), "context": ctx.context.detach().clone(),
-                              "positions": ctx.positions.clone(),
-                              "token_ids": None if ctx.token_ids is None else ctx.token_ids.clone()})
+            self.seen.append(
+                {
+                    "x": x.detach().clone(),
+                    "context": ctx.context.detach().clone(),
+                    "positions": ctx.positions.clone(),
+                    "token_ids": None if ctx.token_ids is None else ctx.token_ids.clone(),
+                }
+            )
             probs = torch.softmax(self.gate(x), -1)
             p, i = probs.topk(self.top_k, -1)
             return topk_routing(i, p / p.sum(-1, keepdim=True), self.num_experts, stats={"scores": probs})
@@ -72,17 +98,28 @@ CFGS = {"timm": TIMM, "open_clip": CLIP, "vit3d": VIT3D}
 
 
 # --- block selection --------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec, n, expected", [
-    ("all", 4, [0, 1, 2, 3]), ("last-2", 4, [2, 3]), ("last-1", 4, [3]), ("first-3", 4, [0, 1, 2]),
-    ("every-2", 4, [1, 3]), ("every-2", 5, [1, 3]), ("every-3", 7, [2, 5]), ("Last-4", 4, [0, 1, 2, 3]),
-    ([0, -1, 3], 4, [0, 3]), ((2,), 4, [2]),
-])
+@pytest.mark.parametrize(
+    "spec, n, expected",
+    [
+        ("all", 4, [0, 1, 2, 3]),
+        ("last-2", 4, [2, 3]),
+        ("last-1", 4, [3]),
+        ("first-3", 4, [0, 1, 2]),
+        ("every-2", 4, [1, 3]),
+        ("every-2", 5, [1, 3]),
+        ("every-3", 7, [2, 5]),
+        ("Last-4", 4, [0, 1, 2, 3]),
+        ([0, -1, 3], 4, [0, 3]),
+        ((2,), 4, [2]),
+    ],
+)
 def test_select_blocks_forms(spec, n, expected):
     assert select_blocks(spec, n) == expected
 
 
-@pytest.mark.parametrize("spec", ["last-5", "every-5", "first-0", "middle", "last2", [], [4], [-5], [1.0],
-                                  [True], 2, None])
+@pytest.mark.parametrize(
+    "spec", ["last-5", "every-5", "first-0", "middle", "last2", [], [4], [-5], [1.0], [True], 2, None]
+)
 def test_select_blocks_rejects_with_accepted_forms(spec):
     with pytest.raises(ValueError) as err:
         select_blocks(spec, 4)
@@ -90,9 +127,16 @@ def test_select_blocks_rejects_with_accepted_forms(spec):
     assert "4 blocks" in msg and "last-N" in msg and "every-N" in msg and "list of block indices" in msg
 
 
-@pytest.mark.parametrize("spec, replaced", [
-    ("last-2", [2, 3]), ("every-2", [1, 3]), ("all", [0, 1, 2, 3]), ([0, 2], [0, 2]), ("first-1", [0]),
-])
+@pytest.mark.parametrize(
+    "spec, replaced",
+    [
+        ("last-2", [2, 3]),
+        ("every-2", [1, 3]),
+        ("all", [0, 1, 2, 3]),
+        ([0, 2], [0, 2]),
+        ("first-1", [0]),
+    ],
+)
 def test_moefy_replaces_exactly_the_chosen_timm_blocks(spec, replaced):
     model = _model(TIMM)
     names = moefy(model, blocks=spec, num_experts=4)
@@ -215,8 +259,10 @@ def test_context_for_both_open_clip_towers_and_token_ids():
     with torch.no_grad():
         model.encode_image(_images())
         model.encode_text(text)
-        for blocks, inputs, i in ((model.visual.transformer.resblocks, vis_in, 1),
-                                  (model.transformer.resblocks, txt_in, 2)):
+        for blocks, inputs, i in (
+            (model.visual.transformer.resblocks, vis_in, 1),
+            (model.transformer.resblocks, txt_in, 2),
+        ):
             block = blocks[i]
             mask = model.attn_mask if blocks is model.transformer.resblocks else None
             expected = block.attention(block.ln_1(inputs[i]), attn_mask=mask)
@@ -306,15 +352,26 @@ def test_model_config_errors_name_the_field():
         build_model({**TIMM, "pretrained_strict": "yes"})
 
 
-@pytest.mark.parametrize("family, wrap", [
-    ("timm", "plain"), ("open_clip", "plain"), ("vit3d", "plain"), ("vit3d", "state_dict"), ("vit3d", "model"),
-    ("timm", "module-prefix"),
-])
+@pytest.mark.parametrize(
+    "family, wrap",
+    [
+        ("timm", "plain"),
+        ("open_clip", "plain"),
+        ("vit3d", "plain"),
+        ("vit3d", "state_dict"),
+        ("vit3d", "model"),
+        ("timm", "module-prefix"),
+    ],
+)
 def test_pretrained_path_round_trip(tmp_path, family, wrap):
     source = _model(CFGS[family], seed=0)
     state = source.state_dict()
-    obj = {"plain": state, "state_dict": {"state_dict": state, "step": 3}, "model": {"model": state},
-           "module-prefix": {f"module.{k}": v for k, v in state.items()}}[wrap]
+    obj = {
+        "plain": state,
+        "state_dict": {"state_dict": state, "step": 3},
+        "model": {"model": state},
+        "module-prefix": {f"module.{k}": v for k, v in state.items()},
+    }[wrap]
     path = tmp_path / "weights.pt"
     torch.save(obj, path)
     loaded = _model({**CFGS[family], "pretrained": str(path)}, seed=1)
@@ -357,8 +414,11 @@ def test_hub_failure_says_how_to_use_a_local_file(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(RuntimeError, match="pretrained: /path/to/file"):
         build_model({"family": "timm", "name": "vit_tiny_patch16_224", "pretrained": True})
-    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: (_ for _ in ()).throw(
-        RuntimeError("Failed to download weights for tag 'openai'")))
+    monkeypatch.setattr(
+        open_clip,
+        "create_model",
+        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("Failed to download weights for tag 'openai'")),
+    )
     with pytest.raises(RuntimeError, match="machine with network access"):
         build_model({"family": "open_clip", "name": "ViT-B-32", "pretrained": "openai"})
     with pytest.raises(ValueError, match="no hub weights"):

@@ -2,6 +2,7 @@
 Mixtral's sparse MoE block (softmax top-k + SwiGLU experts), Qwen2-MoE's block (+ a gated shared expert),
 DeepSeek-V3's router and MoE block (group-limited sigmoid top-k, scaled weights, shared experts).
 Skipped, with the reason, when `transformers` is not installed (`pip install -e .[peers]`)."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,10 @@ from moebench.core.layer import MoELayer
 try:
     import transformers  # noqa: F401
 except ImportError:  # pragma: no cover - depends on the environment
-    pytest.skip("transformers is not installed: these equality tests need the `peers` extra "
-                "(pip install -e .[peers])", allow_module_level=True)
+    pytest.skip(
+        "transformers is not installed: these equality tests need the `peers` extra (pip install -e .[peers])",
+        allow_module_level=True,
+    )
 
 D, H, E = 16, 32, 8
 
@@ -60,8 +63,14 @@ def test_softmax_topk_swiglu_equals_mixtral_block():
     from transformers.models.mixtral.configuration_mixtral import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    cfg = MixtralConfig(hidden_size=D, intermediate_size=H, num_local_experts=E, num_experts_per_tok=2,
-                        hidden_act="silu", router_jitter_noise=0.0)
+    cfg = MixtralConfig(
+        hidden_size=D,
+        intermediate_size=H,
+        num_local_experts=E,
+        num_experts_per_tok=2,
+        hidden_act="silu",
+        router_jitter_noise=0.0,
+    )
     block = _randomise(MixtralSparseMoeBlock(cfg)).eval()
     layer = MoELayer(D, H, E, router="softmax-topk", router_args={"top_k": 2}, activation="swiglu").eval()
     with torch.no_grad():
@@ -78,11 +87,26 @@ def test_softmax_topk_shared_gated_equals_qwen2_moe_block(norm_topk_prob):
     from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
-    cfg = Qwen2MoeConfig(hidden_size=D, moe_intermediate_size=H, shared_expert_intermediate_size=2 * H,
-                         num_experts=E, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob, hidden_act="silu")
+    cfg = Qwen2MoeConfig(
+        hidden_size=D,
+        moe_intermediate_size=H,
+        shared_expert_intermediate_size=2 * H,
+        num_experts=E,
+        num_experts_per_tok=2,
+        norm_topk_prob=norm_topk_prob,
+        hidden_act="silu",
+    )
     block = _randomise(Qwen2MoeSparseMoeBlock(cfg)).eval()
-    layer = MoELayer(D, H, E, router="softmax-topk", router_args={"top_k": 2, "norm_topk_prob": norm_topk_prob},
-                     activation="swiglu", shared_experts=2, shared_expert_gate=True).eval()
+    layer = MoELayer(
+        D,
+        H,
+        E,
+        router="softmax-topk",
+        router_args={"top_k": 2, "norm_topk_prob": norm_topk_prob},
+        activation="swiglu",
+        shared_experts=2,
+        shared_expert_gate=True,
+    ).eval()
     with torch.no_grad():
         layer.router.gate.weight.copy_(block.gate.weight)
         layer.shared.gate.weight.copy_(block.shared_expert_gate.weight)
@@ -96,8 +120,18 @@ def test_softmax_topk_shared_gated_equals_qwen2_moe_block(norm_topk_prob):
 def _deepseek_config(**kw):
     from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
 
-    args = dict(hidden_size=D, moe_intermediate_size=H, n_routed_experts=E, num_experts_per_tok=2, n_group=4,
-                topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1, hidden_act="silu")
+    args = dict(
+        hidden_size=D,
+        moe_intermediate_size=H,
+        n_routed_experts=E,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        n_shared_experts=1,
+        hidden_act="silu",
+    )
     return DeepseekV3Config(**{**args, **kw})
 
 
@@ -106,8 +140,9 @@ def test_deepseek_v3_router_equals_transformers(with_bias):
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
     ref = _randomise(DeepseekV3TopkRouter(_deepseek_config()))
-    router = MoELayer(D, H, E, router="deepseek-v3",
-                      router_args={"num_groups": 4, "group_top_k": 2, "scaling": 2.5}).router.eval()
+    router = MoELayer(
+        D, H, E, router="deepseek-v3", router_args={"num_groups": 4, "group_top_k": 2, "scaling": 2.5}
+    ).router.eval()
     with torch.no_grad():
         router.gate.weight.copy_(ref.weight)
         if with_bias:
@@ -129,8 +164,15 @@ def test_deepseek_v3_layer_equals_transformers_moe_block():
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     block = _randomise(DeepseekV3MoE(_deepseek_config())).eval()
-    layer = MoELayer(D, H, E, router="deepseek-v3", router_args={"num_groups": 4, "group_top_k": 2, "scaling": 2.5},
-                     activation="swiglu", shared_experts=1).eval()
+    layer = MoELayer(
+        D,
+        H,
+        E,
+        router="deepseek-v3",
+        router_args={"num_groups": 4, "group_top_k": 2, "scaling": 2.5},
+        activation="swiglu",
+        shared_experts=1,
+    ).eval()
     with torch.no_grad():
         layer.router.gate.weight.copy_(block.gate.weight)
         layer.router.expert_bias.copy_(block.gate.e_score_correction_bias)

@@ -2,6 +2,7 @@
 the router's own parameters / FLOPs and the measured ms per step are recorded, the report's MoE / dense
 step ratio is their quotient on the same device, and each run leaves its probe top-1 for the
 cross-seed agreement."""
+
 from __future__ import annotations
 
 import math

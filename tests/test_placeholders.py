@@ -1,6 +1,7 @@
 """Shipped grids keep `/path/to/...` placeholders for data and weights; nothing may plan or run on
 them. `run`, `run --dry-run` and `grid show` refuse, naming each key and the file, and `--set` gives a
 value without editing the shipped file (issue 13)."""
+
 import re
 
 import pytest
@@ -68,10 +69,15 @@ def test_set_reaches_nested_keys_and_does_not_leak_through_yaml_aliases():
     assert g["executor"]["sbatch_extra"] == {"account": "proj"}
 
 
-@pytest.mark.parametrize("bad,match", [("task_args.data", "expected KEY=VALUE"),
-                                       ("tasks.5.task_args.root=/x", r"tasks\[5\] does not exist"),
-                                       ("seeds.x=1", "not a mapping"),
-                                       ("tasks[0.x=1", "dotted path")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ("task_args.data", "expected KEY=VALUE"),
+        ("tasks.5.task_args.root=/x", r"tasks\[5\] does not exist"),
+        ("seeds.x=1", "not a mapping"),
+        ("tasks[0.x=1", "dotted path"),
+    ],
+)
 def test_bad_set_is_explained(bad, match):
     raw = {"tasks": [{"task": "toy"}], "seeds": [0]}
     with pytest.raises(GridError, match=match):

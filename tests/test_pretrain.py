@@ -1,6 +1,7 @@
 """The pretrain stage: a grid's `pretrain:` section, its expansion into one dense pretraining run per
 task block and seed, the launcher running it first (debug cluster, toy task), dependants starting
 from its weights, held back when it fails, and the weights file read without unpickling objects."""
+
 from __future__ import annotations
 
 import pickle
@@ -25,8 +26,14 @@ def grid(tmp_path, name="g", routers=("dense", "softmax-topk", "hash"), **extra)
         "task": "toy",
         "task_args": {"num_train": 128, "num_eval": 64},
         "moe": {"blocks": [-1], "num_experts": 4, "upcycle": True},
-        "train": {"steps": 6, "batch_size": 16, "eval_every": 3, "checkpoint_every": 3, "probe_size": 16,
-                  "warmup_steps": 1},
+        "train": {
+            "steps": 6,
+            "batch_size": 16,
+            "eval_every": 3,
+            "checkpoint_every": 3,
+            "probe_size": 16,
+            "warmup_steps": 1,
+        },
         "pretrain": {"steps": 8, "lr": 3e-3},
         "seeds": [0, 1],
         "routers": list(routers),
@@ -56,8 +63,10 @@ def test_a_block_can_switch_the_grids_pretrain_off(tmp_path):
     g = grid(tmp_path)
     g.pop("task")
     g.pop("task_args")
-    g["tasks"] = [{"task": "toy", "task_args": {"num_train": 128, "num_eval": 64}},
-                  {"task": "toy", "task_args": {"num_train": 96, "num_eval": 64}, "pretrain": None}]
+    g["tasks"] = [
+        {"task": "toy", "task_args": {"num_train": 128, "num_eval": 64}},
+        {"task": "toy", "task_args": {"num_train": 96, "num_eval": 64}, "pretrain": None},
+    ]
     specs, pretrains = expand_with_pretrain(g)
     assert {p["spec"]["task_args"]["num_train"] for p in pretrains} == {128}
     assert all("pretrained" not in s["model"] for s in specs if s["task_args"]["num_train"] == 96)
@@ -108,9 +117,12 @@ def test_the_launcher_pretrains_once_per_seed_and_runs_start_from_its_weights(tm
     topk = next(s for s in specs if s["label"] == "softmax-topk" and s["seed"] == 1)
     x = task.datasets()[1].tensors[0][:8]
     with torch.no_grad():
-        torch.testing.assert_close(task.build_model(with_weights_path(topk, results)["model"], topk["moe"]).eval()(x),
-                                   net.eval()(x),
-                                   atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            task.build_model(with_weights_path(topk, results)["model"], topk["moe"]).eval()(x),
+            net.eval()(x),
+            atol=2e-5,
+            rtol=1e-5,
+        )
     # a second launch trains nothing again
     lines.clear()
     launch.run_grid(path, cluster="debug", results=results, log=lines.append)
@@ -197,8 +209,7 @@ def test_an_interrupted_pretrain_is_resumed_from_its_checkpoint(tmp_path):
     assert [row["step"] for row in records.read_jsonl(d / "metrics.jsonl")] == [3, 6, 8]
 
 
-def test_run_ids_do_not_depend_on_the_results_folder_and_a_finished_grid_plans_nothing(tmp_path, monkeypatch,
-                                                                                         capsys):
+def test_run_ids_do_not_depend_on_the_results_folder_and_a_finished_grid_plans_nothing(tmp_path, monkeypatch, capsys):
     """The same grid under --results res (relative) and --results /abs/elsewhere has the same run ids;
     run to completion, then moved, `moebench run --dry-run` plans no pretrain and no run."""
     from moebench.cli import main

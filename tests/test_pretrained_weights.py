@@ -5,6 +5,7 @@ the upcycled MoE model must compute what the loaded dense model computes. Nothin
 
 The last test loads the same file into an adapter model with ``moe.freeze_backbone`` and checks that
 training steps leave every loaded backbone weight exactly as the file has it."""
+
 from __future__ import annotations
 
 import logging
@@ -17,18 +18,36 @@ from moebench.core.models import build_model
 from moebench.core.registry import TASKS
 from moebench.tasks.common import apply_moe
 
-TIMM_NAMED = {"family": "timm", "name": "vit_tiny_patch16_224", "img_size": 28, "patch_size": 7, "in_chans": 1,
-              "depth": 2, "num_classes": 10}
-CLIP = {"family": "open_clip", "name": "custom", "embed_dim": 16,
-        "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "head_width": 16},
-        "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 2}}
+TIMM_NAMED = {
+    "family": "timm",
+    "name": "vit_tiny_patch16_224",
+    "img_size": 28,
+    "patch_size": 7,
+    "in_chans": 1,
+    "depth": 2,
+    "num_classes": 10,
+}
+CLIP = {
+    "family": "open_clip",
+    "name": "custom",
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 2},
+}
 # routers whose upcycled layer is the dense MLP exactly: weights over the chosen identical experts sum to 1
 EXACT = ["softmax-topk", "hash", "ermoe", "uniform", "loss-free"]
 
 
 def _moe(router: str) -> dict:
-    return {"blocks": "all", "num_experts": 4, "router": router, "router_args": {}, "d_hidden": None,
-            "capacity_factor": None, "upcycle": True}
+    return {
+        "blocks": "all",
+        "num_experts": 4,
+        "router": router,
+        "router_args": {},
+        "d_hidden": None,
+        "capacity_factor": None,
+        "upcycle": True,
+    }
 
 
 def _nudge(model: torch.nn.Module) -> None:
@@ -108,9 +127,18 @@ def test_loaded_backbone_stays_frozen_under_adapter_training(timm_weights):
     _, path = timm_weights
     saved = torch.load(path, weights_only=True)
     task = TASKS.get("classification")()
-    moe = {"blocks": "last-1", "num_experts": 4, "router": "softmax-topk", "router_args": {"top_k": 1},
-           "d_hidden": 8, "capacity_factor": None, "upcycle": False, "mode": "adapter", "patches_only": True,
-           "freeze_backbone": True}
+    moe = {
+        "blocks": "last-1",
+        "num_experts": 4,
+        "router": "softmax-topk",
+        "router_args": {"top_k": 1},
+        "d_hidden": 8,
+        "capacity_factor": None,
+        "upcycle": False,
+        "mode": "adapter",
+        "patches_only": True,
+        "freeze_backbone": True,
+    }
     torch.manual_seed(7)
     net = task.build_model({**TIMM_NAMED, "pretrained": str(path)}, moe).train()
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -126,4 +154,3 @@ def test_loaded_backbone_stays_frozen_under_adapter_training(timm_weights):
     frozen = dict(net.named_parameters())
     assert all(not frozen[k].requires_grad for k in backbone if k in frozen)
     assert any(not torch.equal(state[k], saved[k]) for k in saved if k.startswith("head."))  # the head trains
-

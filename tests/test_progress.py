@@ -1,4 +1,5 @@
 """Signs of life: progress lines in logs (no TTY) without flooding, and a resumed run says from where."""
+
 import io
 
 import pytest

@@ -1,4 +1,5 @@
 """The `random` control: a fresh uniform draw per token per forward, independent of content and position."""
+
 import torch
 
 from moebench.core.registry import ROUTERS

@@ -1,5 +1,6 @@
 """The README's examples are real code: the router example registers, routes and matches the reference MoE;
 the Python API examples moefy a timm ViT and an open_clip CLIP, train, and read routing statistics."""
+
 import re
 from pathlib import Path
 
@@ -68,12 +69,12 @@ def test_readme_python_api_on_a_timm_vit(one_thread):
     assert [type(m.router).__name__ for m in layers] == ["SoftmaxTopK"] * 2 and model.training
     assert [d["layer"] for d in stats["per_layer"]] == list(ns["names"])
     for d in stats["per_layer"]:
-        assert sum(d["counts"]) == 64 * 17 * 2            # 64 images x (16 patches + cls) x top-2
+        assert sum(d["counts"]) == 64 * 17 * 2  # 64 images x (16 patches + cls) x top-2
         assert d["load_cv"] == pytest.approx(load_cv(d["counts"]))
         assert d["mutual_info"] is None and d["unrouted_rate"] == 0.0
     assert stats["mean"]["load_cv"] == pytest.approx(sum(d["load_cv"] for d in stats["per_layer"]) / 2)
     assert ns["loss"].isfinite()
-    latest = moebench.routing_stats(model)                # the last forward: the second half of the images
+    latest = moebench.routing_stats(model)  # the last forward: the second half of the images
     assert [sum(d["counts"]) for d in latest["per_layer"]] == [32 * 17 * 2] * 2
 
 

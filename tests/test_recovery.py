@@ -1,4 +1,5 @@
 """Structure-recovery metrics (moebench.training.recovery) against scikit-learn and hand cases."""
+
 import math
 
 import numpy as np
@@ -45,8 +46,13 @@ def test_conditional_entropies_by_hand():
 def test_a_permuted_perfect_partition_scores_perfectly_and_collapse_scores_zero():
     perfect = np.array([[0, 7, 0, 0], [0, 0, 0, 9], [8, 0, 0, 0], [0, 0, 6, 0]])
     r = recovery(perfect, 4)
-    assert r == {"nmi": 1.0, "ari": 1.0, "h_group_given_expert": 0.0, "h_expert_given_group": 0.0,
-                 "routing_accuracy": 1.0}
+    assert r == {
+        "nmi": 1.0,
+        "ari": 1.0,
+        "h_group_given_expert": 0.0,
+        "h_expert_given_group": 0.0,
+        "routing_accuracy": 1.0,
+    }
     collapse = np.array([[10, 0, 0, 0]] * 4)
     r = recovery(collapse, 4)
     assert r["nmi"] == 0.0 and r["ari"] == 0.0 and r["routing_accuracy"] == 0.25
@@ -64,12 +70,16 @@ def test_routing_accuracy_needs_as_many_experts_as_groups_and_counts_unrouted_as
 
 def test_empty_tables_give_none_and_bad_tables_are_refused():
     assert recovery(np.zeros((2, 2)), 2) == dict.fromkeys(
-        ("nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy"))
+        ("nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy")
+    )
     with pytest.raises(ValueError, match="2-D"):
         nmi(np.zeros(3))
 
 
 def test_per_role_means_skip_layers_without_a_value():
-    layers = [{"recovery_by_role": {"centre": {"nmi": 1.0, "routing_accuracy": None}}},
-              {"recovery_by_role": {"centre": {"nmi": 0.5, "routing_accuracy": 0.5}}}, {}]
+    layers = [
+        {"recovery_by_role": {"centre": {"nmi": 1.0, "routing_accuracy": None}}},
+        {"recovery_by_role": {"centre": {"nmi": 0.5, "routing_accuracy": 0.5}}},
+        {},
+    ]
     assert mean_recovery_by_role(layers) == {"centre": {"nmi": 0.75, "routing_accuracy": 0.5}}

@@ -1,4 +1,5 @@
 """Registry: decorator registration, lookup errors that list the known names, entry-point plugins."""
+
 import pytest
 
 from moebench.core import registry as R
@@ -30,8 +31,13 @@ def test_a_third_party_router_arrives_through_the_entry_point_group(monkeypatch)
     class PluginRouter(Router):
         """A router shipped by another package."""
 
-    reg = _fresh(monkeypatch, [_FakeEntryPoint("plugin-router", "moebench.routers", PluginRouter),
-                               _FakeEntryPoint("not-mine", "moebench.tasks", object)])
+    reg = _fresh(
+        monkeypatch,
+        [
+            _FakeEntryPoint("plugin-router", "moebench.routers", PluginRouter),
+            _FakeEntryPoint("not-mine", "moebench.tasks", object),
+        ],
+    )
     assert reg.get("plugin-router") is PluginRouter
     assert "not-mine" not in reg.names()
     assert "plugin-router" not in reg.builtin_names()  # shipped routers only
@@ -49,6 +55,7 @@ def test_names_must_be_kebab_case_and_unique(monkeypatch):
         pass
 
     with pytest.raises(ValueError, match="registered twice"):
+
         @reg.register("twice")
         class B:
             pass
@@ -57,8 +64,12 @@ def test_names_must_be_kebab_case_and_unique(monkeypatch):
 def test_the_registries_refuse_what_is_not_a_router_or_a_task_with_the_reason():
     from moebench.core.task import Task
 
-    with pytest.raises(TypeError, match=r"router 'not-a-router' must be a subclass of moebench\.core\.routing\.Router"
-                                        r".*got class .*NotARouter"):
+    with pytest.raises(
+        TypeError,
+        match=r"router 'not-a-router' must be a subclass of moebench\.core\.routing\.Router"
+        r".*got class .*NotARouter",
+    ):
+
         @R.register_router("not-a-router")
         class NotARouter:
             pass

@@ -1,6 +1,7 @@
 """The report against hand-made run records with known numbers: means, sample std (ddof=1), ranks,
 paired differences and their t intervals computed by hand here; failed / missing / corrupt runs
 shown as such; every plot written; best values bold."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from moebench.report.stats import paired_difference, t_cdf, t_quantile
 from moebench.training.records import append_jsonl, atomic_write_json, atomic_write_yaml, write_status
 
 T975_DF2 = 4.302652729911275  # Student t 97.5% quantile, 2 degrees of freedom (statistical tables)
-E = 4                         # experts per MoE layer in the fake records
+E = 4  # experts per MoE layer in the fake records
 
 # headline values per (task, router) over seeds 0, 1, 2
 CLS = {"softmax-topk": [0.60, 0.62, 0.64], "ermoe-context": [0.65, 0.66, 0.70], "dense": [0.55, 0.58, 0.58]}
@@ -24,38 +25,90 @@ AGE = {"softmax-topk": [4.7, 4.9, 5.1], "ermoe-context": [4.8, 5.0, 5.3], "dense
 LOAD_CV = {"softmax-topk": 0.40, "ermoe-context": 0.10}
 
 
-def write_run(grid_dir, run_id, task, label, seed, value=None, *, higher=True, state="done", reason=None,
-              load_cv=None, layers=2, evals=3, labels=("grey", "white", "csf")):
+def write_run(
+    grid_dir,
+    run_id,
+    task,
+    label,
+    seed,
+    value=None,
+    *,
+    higher=True,
+    state="done",
+    reason=None,
+    load_cv=None,
+    layers=2,
+    evals=3,
+    labels=("grey", "white", "csf"),
+):
     """One run record folder in the layout the runner writes (spec, status, metrics.jsonl, final.json)."""
     run = grid_dir / run_id
     moe = None if label == "dense" else {"router": label.split("-")[0], "num_experts": E}
-    atomic_write_yaml(run / "spec.yaml", {"grid": grid_dir.name, "task": task, "label": label, "seed": seed,
-                                          "sweep": {}, "moe": moe})
+    atomic_write_yaml(
+        run / "spec.yaml", {"grid": grid_dir.name, "task": task, "label": label, "seed": seed, "sweep": {}, "moe": moe}
+    )
     write_status(run, state, reason)
     if state != "done":
         return run
     rng = np.random.default_rng(seed)
     cv = (LOAD_CV.get(label, 0.25) if load_cv is None else load_cv) + 0.01 * seed
-    mean = {"load_cv": cv, "max_mean": 1 + 2 * cv, "norm_entropy": 1 - cv / 4, "dead_experts": 0.0,
-            "drop_rate": 0.0, "switch_rate": 0.05 + 0.01 * seed, "mutual_info": 0.2 + cv}
+    mean = {
+        "load_cv": cv,
+        "max_mean": 1 + 2 * cv,
+        "norm_entropy": 1 - cv / 4,
+        "dead_experts": 0.0,
+        "drop_rate": 0.0,
+        "switch_rate": 0.05 + 0.01 * seed,
+        "mutual_info": 0.2 + cv,
+    }
     per_layer = []
     if moe:
         for i in range(layers):
             counts = (100 * (1 + cv * np.linspace(1, -1, E))).round().astype(int).tolist()
             lbe = rng.integers(0, 50, size=(len(labels), E)).tolist()
-            per_layer.append({"layer": f"blocks.{2 * i + 1}", **mean, "counts": counts,
-                              "label_by_expert": lbe, "labels": list(labels)})
+            per_layer.append(
+                {
+                    "layer": f"blocks.{2 * i + 1}",
+                    **mean,
+                    "counts": counts,
+                    "label_by_expert": lbe,
+                    "labels": list(labels),
+                }
+            )
         for step in range(evals):
-            append_jsonl(run / "metrics.jsonl", {"step": 100 * (step + 1), "train_loss": 1.0 / (step + 1),
-                                                 "lr": 1e-3, "metrics": {"top1": value},
-                                                 "routing": {"mean": {**mean, "switch_rate": 0.3 / (step + 1)}}})
-    atomic_write_json(run / "final.json", {
-        "run_id": run_id, "grid": grid_dir.name, "task": task, "router": (moe or {}).get("router", "dense"),
-        "label": label, "seed": seed, "sweep": {},
-        "headline": {"name": "top1" if higher else "mae", "value": value, "higher_is_better": higher},
-        "metrics": {}, "routing": {"mean": mean if moe else {}, "per_layer": per_layer},
-        "cost": {"params_total": 4e6 if moe else 1e6, "params_active": 1e6, "flops_per_token": 2.0e6,
-                 "wall_time_s": 10.0, "tokens_per_s": 5000.0 + seed, "peak_memory_mb": 100.0}})
+            append_jsonl(
+                run / "metrics.jsonl",
+                {
+                    "step": 100 * (step + 1),
+                    "train_loss": 1.0 / (step + 1),
+                    "lr": 1e-3,
+                    "metrics": {"top1": value},
+                    "routing": {"mean": {**mean, "switch_rate": 0.3 / (step + 1)}},
+                },
+            )
+    atomic_write_json(
+        run / "final.json",
+        {
+            "run_id": run_id,
+            "grid": grid_dir.name,
+            "task": task,
+            "router": (moe or {}).get("router", "dense"),
+            "label": label,
+            "seed": seed,
+            "sweep": {},
+            "headline": {"name": "top1" if higher else "mae", "value": value, "higher_is_better": higher},
+            "metrics": {},
+            "routing": {"mean": mean if moe else {}, "per_layer": per_layer},
+            "cost": {
+                "params_total": 4e6 if moe else 1e6,
+                "params_active": 1e6,
+                "flops_per_token": 2.0e6,
+                "wall_time_s": 10.0,
+                "tokens_per_s": 5000.0 + seed,
+                "peak_memory_mb": 100.0,
+            },
+        },
+    )
     return run
 
 
@@ -80,7 +133,7 @@ def test_t_quantile_and_paired_interval_match_hand_values():
     assert t_quantile(0.975, 1) == pytest.approx(12.706204736174705, rel=1e-9)
     assert t_quantile(0.025, 9) == pytest.approx(-2.2621571627409915, rel=1e-9)
     assert t_cdf(0.0, 5) == pytest.approx(0.5)
-    res = paired_difference(CLS["ermoe-context"], CLS["softmax-topk"])   # diffs 0.05, 0.04, 0.06
+    res = paired_difference(CLS["ermoe-context"], CLS["softmax-topk"])  # diffs 0.05, 0.04, 0.06
     half = T975_DF2 * 0.01 / math.sqrt(3)
     assert (res.n, res.mean, res.sd) == (3, pytest.approx(0.05), pytest.approx(0.01))
     assert (res.ci_low, res.ci_high) == (pytest.approx(0.05 - half), pytest.approx(0.05 + half))
@@ -100,14 +153,14 @@ def test_load_records_one_row_per_run_with_stats(results):
 def test_leaderboard_means_std_ddof1_and_order(results):
     lb = build_report(results).leaderboard
     cls = lb[lb["bench"] == "cls"].set_index("label")
-    assert list(cls.index) == ["ermoe-context", "softmax-topk", "dense"]   # best first, higher is better
+    assert list(cls.index) == ["ermoe-context", "softmax-topk", "dense"]  # best first, higher is better
     assert cls.loc["ermoe-context", "headline_mean"] == pytest.approx(0.67)
-    assert cls.loc["ermoe-context", "headline_std"] == pytest.approx(math.sqrt(7e-4))   # ddof=1, not ddof=0
+    assert cls.loc["ermoe-context", "headline_std"] == pytest.approx(math.sqrt(7e-4))  # ddof=1, not ddof=0
     assert cls.loc["softmax-topk", "headline_std"] == pytest.approx(0.02)
-    assert cls.loc["softmax-topk", "load_cv"] == pytest.approx(0.41)     # mean of 0.40, 0.41, 0.42
+    assert cls.loc["softmax-topk", "load_cv"] == pytest.approx(0.41)  # mean of 0.40, 0.41, 0.42
     assert cls["complete"].all() and (cls["n_done"] == 3).all()
     age = lb[lb["bench"] == "brain-age"]
-    assert list(age["label"]) == ["softmax-topk", "ermoe-context", "dense"]   # lower MAE first
+    assert list(age["label"]) == ["softmax-topk", "ermoe-context", "dense"]  # lower MAE first
 
 
 def test_average_rank_respects_direction(results):
@@ -125,7 +178,7 @@ def test_paired_comparison_against_softmax_topk(results):
     assert cls["diff_mean"] == pytest.approx(0.05)
     assert (cls["ci_low"], cls["ci_high"]) == (pytest.approx(0.05 - half), pytest.approx(0.05 + half))
     assert cls["verdict"] == "better"
-    age = paired.loc[("brain-age", "ermoe-context")]               # diffs 0.1, 0.1, 0.2 (MAE, lower better)
+    age = paired.loc[("brain-age", "ermoe-context")]  # diffs 0.1, 0.1, 0.2 (MAE, lower better)
     sd = np.std([0.1, 0.1, 0.2], ddof=1)
     assert age["ci_low"] == pytest.approx(0.4 / 3 - T975_DF2 * sd / math.sqrt(3))
     assert age["verdict"] == "n.s."
@@ -139,12 +192,12 @@ def test_markdown_and_latex_bold_the_best(report):
     # best's, so all share rank group 1 and nothing is singled out in bold
     assert "| ermoe-context | 3/3 | 0.670 [0.604, 0.736] | 1 |" in md
     assert "| softmax-topk | 3/3 | 0.620 [0.570, 0.670] | 1 |" in md
-    assert md.count("**0.110**") == 2                              # lowest load CV (ermoe), both tasks
-    assert "**0.0**" not in md                                     # dead experts equal everywhere: no bold
+    assert md.count("**0.110**") == 2  # lowest load CV (ermoe), both tasks
+    assert "**0.0**" not in md  # dead experts equal everywhere: no bold
     tex = (report / "leaderboard.tex").read_text()
-    assert r"\textbf{+0.0500}" in tex and r"\toprule" in tex          # cls ermoe-context beats the baseline
-    assert "cls & dense & $-$0.0500" in tex                       # a real minus sign, escaped names
-    assert r"\begin{table*}" in tex                                # the wide leaderboard spans the page
+    assert r"\textbf{+0.0500}" in tex and r"\toprule" in tex  # cls ermoe-context beats the baseline
+    assert "cls & dense & $-$0.0500" in tex  # a real minus sign, escaped names
+    assert r"\begin{table*}" in tex  # the wide leaderboard spans the page
 
 
 def test_every_plot_written_and_embedded(tmp_path):
@@ -154,17 +207,25 @@ def test_every_plot_written_and_embedded(tmp_path):
             write_run(grid, f"{label}{seed}", "brain-age", label, seed, v, higher=False, layers=1)
     out = write_report(grid, tmp_path / "rep", formats=("html",))
     plots = out / "plots"
-    for kind in ("headline", "tradeoff", "pareto_flops", "pareto_params", "stability", "per_layer", "load",
-                 "specialisation"):
+    for kind in (
+        "headline",
+        "tradeoff",
+        "pareto_flops",
+        "pareto_params",
+        "stability",
+        "per_layer",
+        "load",
+        "specialisation",
+    ):
         for ext in ("png", "pdf"):
             files = list(plots.glob(f"{kind}_brain-age*.{ext}"))
             assert files and all(f.stat().st_size > 1000 for f in files), (kind, ext)
-    assert len(list(plots.glob("specialisation_*.png"))) == 1      # one small-multiples figure per task
+    assert len(list(plots.glob("specialisation_*.png"))) == 1  # one small-multiples figure per task
     for png in plots.glob("*.png"):  # one paper column (3.5 in at 200 dpi); small multiples the page width (7 in)
         wide = png.name.startswith(("stability", "specialisation", "per_layer"))
         assert struct.unpack(">I", png.read_bytes()[16:20])[0] == (1400 if wide else 700), png.name
     page = (out / "report.html").read_text()
-    assert len(list(plots.glob("profile_*.png"))) == 1            # the performance profile across tasks
+    assert len(list(plots.glob("profile_*.png"))) == 1  # the performance profile across tasks
     assert page.count("data:image/png;base64,") == len(list(plots.glob("*.png"))) == 9
 
 
@@ -188,7 +249,7 @@ def test_failed_and_missing_runs_flag_the_group(tmp_path):
             expected.append({"run_id": rid, "label": label, "task": "cls", "seed": seed, "sweep": {}})
             if label == "softmax-topk" and seed == 2:
                 write_run(grid, rid, "cls", label, seed, state="failed", reason="NaN loss at step 40")
-            elif not (label == "ermoe-context" and seed == 1):        # seed 1 of ermoe never ran
+            elif not (label == "ermoe-context" and seed == 1):  # seed 1 of ermoe never ran
                 write_run(grid, rid, "cls", label, seed, v)
     atomic_write_json(grid / "expected.json", expected)
     rep = build_report(grid)
@@ -197,14 +258,14 @@ def test_failed_and_missing_runs_flag_the_group(tmp_path):
     assert runs.loc["softmax-topk-2", "state"] == "failed"
     lb = rep.leaderboard.set_index("label")
     assert not lb["complete"].any()
-    assert lb.loc["softmax-topk", "headline_mean"] == pytest.approx(0.61)   # the two seeds that finished
+    assert lb.loc["softmax-topk", "headline_mean"] == pytest.approx(0.61)  # the two seeds that finished
     assert (lb.loc["softmax-topk", "n_done"], lb.loc["softmax-topk", "n_expected"]) == (2, 3)
     out = write_report(grid, tmp_path / "rep", formats=("md",), plots=False)
     md = (out / "leaderboard.md").read_text()
     assert "2/3 [1]" in md and "2/3 [2]" in md
     assert "seed 2 failed: NaN loss at step 40" in md
     assert "seed 1 missing" in md
-    assert "| cls | ermoe-context |  | 1 | missing |" in md          # the runs-without-a-result table
+    assert "| cls | ermoe-context |  | 1 | missing |" in md  # the runs-without-a-result table
 
 
 def test_missing_seed_detected_without_expected_json(tmp_path):
@@ -226,7 +287,7 @@ def test_corrupt_final_json_is_reported_not_fatal(tmp_path):
         write_run(grid, f"e{seed}", "cls", "ermoe-context", seed, 0.7)
     (grid / "e1" / "final.json").write_text('{"run_id": "e1", "headline": {')
     (grid / "x").mkdir()
-    (grid / "x" / "spec.yaml").write_text("task: [cls")                    # torn spec, no status, no final
+    (grid / "x" / "spec.yaml").write_text("task: [cls")  # torn spec, no status, no final
     out = write_report(grid, tmp_path / "rep", formats=("md", "html"), plots=False)
     runs = load_records(grid).set_index("run_id")
     assert runs.loc["e1", "state"] == "corrupt"

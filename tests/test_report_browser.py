@@ -1,6 +1,7 @@
 """The HTML report in a real browser (issue 9): rendered by headless Chromium at 1400 px, no table may
 be wider than the page (a hidden FLOPs or parameter column is what a reader trips on). Skipped, with
 the reason, where Chromium is not installed."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def _widest_columns(run, label, rng):
     """What a current record adds to the widest tables: router cost, step time, device, probe top-1."""
     final = json.loads((run / "final.json").read_text())
     moe = label != "dense"
-    final["cost"].update({"router_params": 1536.0 * moe, "router_flops_per_token": 3072.0 * moe,
-                          "ms_per_step": 61.25 + 20 * moe})
+    final["cost"].update(
+        {"router_params": 1536.0 * moe, "router_flops_per_token": 3072.0 * moe, "ms_per_step": 61.25 + 20 * moe}
+    )
     final["env"] = {"train_device": "cpu", "cpu_model": "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"}
     atomic_write_json(run / "final.json", final)
     if moe:
@@ -54,9 +56,21 @@ def test_every_table_fits_1400px(tmp_path):
     page = (out / "report.html").read_text().replace("</body>", PROBE + "</body>")
     probe = tmp_path / "probe.html"
     probe.write_text(page)
-    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--window-size={WIDTH},900",
-                           "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--window-size={WIDTH},900",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     line = next((ln for ln in proc.stdout.splitlines() if "RESULT" in ln), None)
     assert line is not None, f"Chromium printed no result: {proc.stderr[-2000:]}"
     width, n_tables, bad = line.split("RESULT", 1)[1].strip().split(" ", 2)

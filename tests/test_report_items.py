@@ -1,5 +1,6 @@
 """The report reads per-example outputs (eval_items.npz): bootstrap intervals, Holm-corrected paired
 comparison, rank groups and the columns that show matching and left-out tokens (issue 9)."""
+
 from __future__ import annotations
 
 import json
@@ -66,7 +67,7 @@ def test_findings_and_table_say_what_was_left_out(grid, tmp_path):
     assert "good: 15.0 % tokens unrouted" in md
     assert "| good | 3/3 | **0.750 [" in md and "| **1** | 400 |" in md  # bold: group 1 singles it out
     # the diagnostics table never bolds a balance value of a row that leaves tokens out
-    diag = md[md.index("### Routing diagnostics"):]
+    diag = md[md.index("### Routing diagnostics") :]
     good_row = next(line for line in diag.splitlines() if line.startswith("| good |"))
     assert "**" not in good_row.split("|")[2]  # load CV
     assert "15.0" in good_row

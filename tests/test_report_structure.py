@@ -1,10 +1,13 @@
 """The report's control verdicts for ground-truth tasks (moebench.report.structure)."""
+
 from moebench.report.structure import _controls
 
 
 def test_controls_pass_when_they_come_out_as_they_must():
-    text = _controls({"oracle": 0.99, "random": 0.01, "collapse": 0.0},
-                     {"oracle": (1.0, 1.0, 1.0), "collapse": (0.5, 0.45, 0.55), "dense": (0.8, 0.7, 0.9)})
+    text = _controls(
+        {"oracle": 0.99, "random": 0.01, "collapse": 0.0},
+        {"oracle": (1.0, 1.0, 1.0), "collapse": (0.5, 0.45, 0.55), "dense": (0.8, 0.7, 0.9)},
+    )
     assert text.startswith("controls came out as they must") and "collapse last" in text
 
 
@@ -37,8 +40,18 @@ def test_the_section_is_only_for_tasks_with_ground_truth(tmp_path):
             run = tmp_path / f"{task}-{seed}"
             run.mkdir()
             (run / "final.json").write_text(json.dumps({"routing": {"recovery_by_role": roles}}))
-            rows.append({"state": "done", "run_dir": str(run), "bench": task, "variant": "", "label": "switch",
-                         "nmi": 0.5 + 0.01 * seed, "headline_name": "score", "headline_value": 0.8 + 0.01 * seed})
+            rows.append(
+                {
+                    "state": "done",
+                    "run_dir": str(run),
+                    "bench": task,
+                    "variant": "",
+                    "label": "switch",
+                    "nmi": 0.5 + 0.01 * seed,
+                    "headline_name": "score",
+                    "headline_value": 0.8 + 0.01 * seed,
+                }
+            )
     tables, lines = structure_section(SimpleNamespace(runs=pd.DataFrame(rows)), pd.DataFrame({"label": ["switch"]}), {})
     assert [t.title for t in tables] == ["Structure recovery: structure"] and len(lines) == 1
     assert tables[0].rows[0][-3:][1].startswith("0.900")  # the centre role's NMI is read from the record

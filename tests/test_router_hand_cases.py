@@ -1,6 +1,7 @@
 """Hand-computed cases for routers and expert variants (gated and shared experts, deepseek-v3, soft-moe,
 top-p, remoe, null experts, BASE, sinkhorn, priority capacity) and the properties that define each.
 Equality with `transformers` lives in tests/test_peers.py."""
+
 from __future__ import annotations
 
 import math
@@ -36,11 +37,14 @@ def test_registered_with_paper_and_formula(name):
 
 # --- gated experts ----------------------------------------------------------------------------------
 
+
 def test_config_lists_the_experts_activations():
     assert set(EXPERT_ACTIVATIONS) == set(ACTIVATIONS)
 
 
-@pytest.mark.parametrize("act,gate_fn", [("swiglu", silu), ("geglu", lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2))))])
+@pytest.mark.parametrize(
+    "act,gate_fn", [("swiglu", silu), ("geglu", lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2))))]
+)
 def test_gated_expert_hand_case(act, gate_fn):
     # d = 2, h = 1: W1 = [W_gate | W_up] = [[1, 2], [0, 1]], W2 = [[2, -1]]; x = (1, 1): gate 1, up 3
     ex = Experts(1, 2, 1, act)
@@ -64,14 +68,20 @@ def test_gated_experts_cannot_upcycle_a_dense_mlp():
 
 # --- shared experts ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("act", ["gelu", "swiglu"])
 @pytest.mark.parametrize("gate", [False, True])
 def test_shared_experts_are_n_always_on_experts(act, gate):
     d, h, n = 8, 4, 3
     layer = MoELayer(d, h, 4, router="softmax-topk", activation=act, shared_experts=n, shared_expert_gate=gate)
     x = torch.randn(5, d)
-    no_pairs = Routing(token=torch.zeros(0, dtype=torch.long), expert=torch.zeros(0, dtype=torch.long),
-                       weight=torch.zeros(0), num_tokens=5, num_experts=4)
+    no_pairs = Routing(
+        token=torch.zeros(0, dtype=torch.long),
+        expert=torch.zeros(0, dtype=torch.long),
+        weight=torch.zeros(0),
+        num_tokens=5,
+        num_experts=4,
+    )
     with fixed_routing(layer, no_pairs):
         y = layer(x)
     mlp = layer.shared.mlp
@@ -82,7 +92,7 @@ def test_shared_experts_are_n_always_on_experts(act, gate):
         if act == "swiglu":
             cols = torch.cat([cols, cols + n * h])
         hid = mlp.act(x @ w1[:, cols] + b1[cols])
-        expected = expected + hid @ mlp.w2[0][j * h:(j + 1) * h]
+        expected = expected + hid @ mlp.w2[0][j * h : (j + 1) * h]
     if gate:
         expected = torch.sigmoid(x @ layer.shared.gate.weight[0]).unsqueeze(1) * expected
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
@@ -93,6 +103,7 @@ def test_shared_experts_are_n_always_on_experts(act, gate):
 
 
 # --- deepseek-v3 ------------------------------------------------------------------------------------
+
 
 def _logit(p):
     return math.log(p / (1 - p))
@@ -137,6 +148,7 @@ def test_deepseek_v3_defaults_and_errors():
 
 # --- soft-moe ---------------------------------------------------------------------------------------
 
+
 def test_soft_moe_hand_case():
     # one sequence of 2 tokens, 2 experts x 1 slot, Phi = I, no normalisation: logits = X
     r = build("soft-moe", 2, 2, normalize=False)
@@ -159,8 +171,10 @@ def test_soft_moe_hand_case():
         layer.experts.b2.zero_()
     y = layer(x.unsqueeze(0))[0]
     slots = [(a * 1, (1 - a) * 2), ((1 - b) * 1, b * 2)]
-    expected = [[a * slots[0][0] + (1 - a) * slots[1][0], a * slots[0][1] + (1 - a) * slots[1][1]],
-                [(1 - b) * slots[0][0] + b * slots[1][0], (1 - b) * slots[0][1] + b * slots[1][1]]]
+    expected = [
+        [a * slots[0][0] + (1 - a) * slots[1][0], a * slots[0][1] + (1 - a) * slots[1][1]],
+        [(1 - b) * slots[0][0] + b * slots[1][0], (1 - b) * slots[0][1] + b * slots[1][1]],
+    ]
     torch.testing.assert_close(y, torch.tensor(expected))
     assert layer.stats["counts"].tolist() == [1, 1] and layer.stats["dropped"] == 0
     # routing statistics: every token reaches the experts (none unrouted); its top-1 is the expert
@@ -189,6 +203,7 @@ def test_soft_moe_mixes_within_a_sequence_only_and_counts_slots():
 
 
 # --- top-p ------------------------------------------------------------------------------------------
+
 
 def test_top_p_hand_case():
     r = build("top-p", 3, 3, p=0.6, dynamic_weight=0.1, balance_weight=0.0)
@@ -220,6 +235,7 @@ def test_top_p_active_experts_prefers_evaluation_mean():
 
 
 # --- remoe ------------------------------------------------------------------------------------------
+
 
 def test_remoe_hand_case_and_adaptive_l1():
     r = build("remoe", 3, 3, top_k=1, lambda_init=0.01, alpha=2.0)
@@ -262,6 +278,7 @@ def test_remoe_l1_drives_sparsity_toward_target():
 
 # --- null experts -----------------------------------------------------------------------------------
 
+
 def test_null_experts_hand_case():
     d = 4
     layer = MoELayer(d, 8, 2, router="softmax-topk", null_experts=4)  # experts 2..5: zero, copy, constant x2
@@ -271,9 +288,14 @@ def test_null_experts_hand_case():
     with torch.no_grad():
         layer.null.vectors.copy_(torch.arange(2 * d, dtype=torch.float32).reshape(2, d))
         layer.null.mix.zero_()  # a = softmax(0) = (1/2, 1/2)
-    routing = Routing(token=torch.tensor([0, 1, 2, 2]), expert=torch.tensor([2, 3, 5, 0]),
-                      weight=torch.tensor([0.9, 0.5, 0.25, 0.75]), num_tokens=3, num_experts=6,
-                      slot=torch.tensor([0, 0, 0, 1]))
+    routing = Routing(
+        token=torch.tensor([0, 1, 2, 2]),
+        expert=torch.tensor([2, 3, 5, 0]),
+        weight=torch.tensor([0.9, 0.5, 0.25, 0.75]),
+        num_tokens=3,
+        num_experts=6,
+        slot=torch.tensor([0, 0, 0, 1]),
+    )
     with fixed_routing(layer, routing):
         y = layer(x)
     ex = layer.experts
@@ -332,6 +354,7 @@ def test_layer_options_match_reference(name, args, options, grouped):
 
 # --- base / sinkhorn --------------------------------------------------------------------------------
 
+
 def test_base_assignment_hand_case_and_optimality():
     from itertools import product
 
@@ -345,8 +368,11 @@ def test_base_assignment_hand_case_and_optimality():
         s = torch.randn(6, 3, generator=g)
         a = balanced_assignment(s, 2, eps=1e-5)
         assert torch.bincount(a, minlength=3).max() <= 2
-        best = max(sum(float(s[t, p[t]]) for t in range(6)) for p in product(range(3), repeat=6)
-                   if max(p.count(ex) for ex in range(3)) <= 2)
+        best = max(
+            sum(float(s[t, p[t]]) for t in range(6))
+            for p in product(range(3), repeat=6)
+            if max(p.count(ex) for ex in range(3)) <= 2
+        )
         assert sum(float(s[t, a[t]]) for t in range(6)) >= best - 6e-5
 
 
@@ -382,33 +408,55 @@ def test_sinkhorn_balances_a_skewed_router():
 
 # --- capacity policy (V-MoE batch-prioritised routing) -----------------------------------------------
 
+
 def test_priority_capacity_keeps_confident_tokens():
     from moebench.core.routing import apply_capacity
 
     # 4 tokens all to expert 0 (top-1), capacity ceil(0.5 * 4 / 2) = 1: position keeps token 0,
     # priority keeps the token with the highest top gate score (token 2)
     scores = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.9, 0.1], [0.55, 0.45]])
-    routing = Routing(token=torch.arange(4), expert=torch.zeros(4, dtype=torch.long), weight=scores[:, 0],
-                      num_tokens=4, num_experts=2, slot=torch.zeros(4, dtype=torch.long), stats={"scores": scores})
+    routing = Routing(
+        token=torch.arange(4),
+        expert=torch.zeros(4, dtype=torch.long),
+        weight=scores[:, 0],
+        num_tokens=4,
+        num_experts=2,
+        slot=torch.zeros(4, dtype=torch.long),
+        stats={"scores": scores},
+    )
     assert apply_capacity(routing, 0.5).token.tolist() == [0]
     assert apply_capacity(routing, 0.5, "priority").token.tolist() == [2]
     assert apply_capacity(routing, 1.0, "priority").token.tolist() == [1, 2]
     # k-major still holds: a confident token's second choice loses to any first choice
-    two = Routing(token=torch.tensor([0, 0, 1]), expert=torch.tensor([1, 0, 0]), weight=torch.ones(3),
-                  num_tokens=2, num_experts=2, slot=torch.tensor([0, 1, 0]),
-                  stats={"scores": torch.tensor([[0.2, 0.8], [0.6, 0.4]])})
-    assert sorted(zip(*[t.tolist() for t in (apply_capacity(two, 0.5, "priority").token,
-                                             apply_capacity(two, 0.5, "priority").expert)])) == [(0, 1), (1, 0)]
+    two = Routing(
+        token=torch.tensor([0, 0, 1]),
+        expert=torch.tensor([1, 0, 0]),
+        weight=torch.ones(3),
+        num_tokens=2,
+        num_experts=2,
+        slot=torch.tensor([0, 1, 0]),
+        stats={"scores": torch.tensor([[0.2, 0.8], [0.6, 0.4]])},
+    )
+    assert sorted(
+        zip(
+            *[
+                t.tolist()
+                for t in (apply_capacity(two, 0.5, "priority").token, apply_capacity(two, 0.5, "priority").expert)
+            ]
+        )
+    ) == [(0, 1), (1, 0)]
     with pytest.raises(ValueError, match="capacity policy 'random' is unknown"):
         apply_capacity(routing, 0.5, "random")
-    layer = MoELayer(4, 8, 2, router="softmax-topk", router_args={"top_k": 1}, capacity_factor=0.5,
-                     capacity_policy="priority")
+    layer = MoELayer(
+        4, 8, 2, router="softmax-topk", router_args={"top_k": 1}, capacity_factor=0.5, capacity_policy="priority"
+    )
     with fixed_routing(layer, routing):
         layer(torch.randn(4, 4))
     assert layer.stats["counts"].tolist() == [1, 0] and layer.stats["dropped"] == 3
 
 
 # --- global-batch balance loss -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["switch", "softmax-topk"])
 def test_global_batch_balance_accumulates_over_micro_batches(name):
@@ -439,13 +487,18 @@ def test_softmax_topk_has_no_balance_loss_by_default():
 
 # --- the routers-all grid -------------------------------------------------------------------------------
 
+
 def test_routers_all_grid_covers_every_router_flop_matched():
     from moebench.grids import expand as expand_mod
 
     specs = expand_mod.expand("routers-all")
     routers = {s["moe"]["router"] if s["moe"] else "dense" for s in specs}
-    layer_routers = {n for n in ROUTERS.builtin_names() if not getattr(ROUTERS.get(n), "image_level", False)
-                     and (n == "random" or not getattr(ROUTERS.get(n), "control", False))}
+    layer_routers = {
+        n
+        for n in ROUTERS.builtin_names()
+        if not getattr(ROUTERS.get(n), "image_level", False)
+        and (n == "random" or not getattr(ROUTERS.get(n), "control", False))
+    }
     # image-level ermoe-released: the ermoe-readings grid; the oracle and collapse controls: structure
     assert routers == layer_routers | {"dense"}
     assert {s["seed"] for s in specs} == {0, 1, 2}
@@ -466,8 +519,11 @@ def test_new_schema_keys_leave_run_ids_alone_at_their_defaults():
 
     spec = expand_mod.expand("toy")[1]
     assert spec["moe"] is not None
-    bare = {**spec, "moe": {k: v for k, v in spec["moe"].items() if k not in ID_OPTIONAL["moe"]},
-            "train": {k: v for k, v in spec["train"].items() if k not in ID_OPTIONAL["train"]}}
+    bare = {
+        **spec,
+        "moe": {k: v for k, v in spec["moe"].items() if k not in ID_OPTIONAL["moe"]},
+        "train": {k: v for k, v in spec["train"].items() if k not in ID_OPTIONAL["train"]},
+    }
     assert run_id(bare) == run_id(spec)
     assert run_id({**spec, "moe": {**spec["moe"], "capacity_policy": "position"}}) == run_id(spec)
     assert run_id({**spec, "moe": {**spec["moe"], "shared_experts": 1}}) != run_id(spec)

@@ -1,6 +1,7 @@
 """moe.router_init_std: each router's default gate init is what the README documents; the option
 redraws exactly the learned gate from N(0, std^2), is refused (naming the field) by routers without one,
 leaves every earlier run id alone at its default, and reaches the model through moefy and a run spec."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 D, H, E = 256, 32, 8
 LINEAR = 1 / math.sqrt(3 * D)  # nn.Linear's default: U(-1/sqrt(d), 1/sqrt(d))
 # The README's table "Router initialisation": the default std of each router's learned gate at d = D.
-DEFAULT_STD = {name: LINEAR for name in ("softmax-topk", "switch", "expert-choice", "loss-free", "deepseek-v3",
-                                         "top-p", "remoe", "base", "sinkhorn", "ssmoe", "xmoe")}
+DEFAULT_STD = {
+    name: LINEAR
+    for name in (
+        "softmax-topk",
+        "switch",
+        "expert-choice",
+        "loss-free",
+        "deepseek-v3",
+        "top-p",
+        "remoe",
+        "base",
+        "sinkhorn",
+        "ssmoe",
+        "xmoe",
+    )
+}
 DEFAULT_STD.update({"emoe": 1.0, "soft-moe": 1 / math.sqrt(D)})
 NO_GATE = {"hash", "uniform", "random", "oracle", "collapse", "ermoe"}
 ARGS = {"emoe": {"rank": 64}, "soft-moe": {"tokens_per_sequence": 16}}

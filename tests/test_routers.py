@@ -1,5 +1,6 @@
 """Each router against hand-computed cases, plus the properties that define it (balance-loss values,
 expert-choice capacity, hash content-independence, loss-free bias dynamics, X-MoE temperature)."""
+
 from __future__ import annotations
 
 import math
@@ -45,6 +46,7 @@ def test_registered_with_description_and_formula(name):
 
 def re_year(text):
     import re
+
     return re.search(r"(19|20)\d\d", text or "")
 
 
@@ -67,6 +69,7 @@ def test_computes_in_float32_and_returns_valid_routing(name):
 
 
 # --- switch -------------------------------------------------------------------------------------
+
 
 def test_switch_hand_case():
     r = build("switch", 2, 2, balance_weight=0.01, z_weight=1e-3)
@@ -97,7 +100,7 @@ def test_switch_balance_is_weight_at_uniform_and_grows_with_imbalance():
     values = []
     for m in range(4):  # redirect m tokens to expert 0
         x = balanced.clone()
-        x[1:m + 1] = torch.tensor([5.0, 0, 0, 0])
+        x[1 : m + 1] = torch.tensor([5.0, 0, 0, 0])
         values.append(float(r(x, EVAL).aux_losses["balance"].detach()))
     assert all(b > a for a, b in zip(values, values[1:])), values
     assert values[-1] > 3.5 * w  # near the maximum E * w when everything collapses onto one expert
@@ -137,6 +140,7 @@ def test_switch_capacity_defaults():
 
 
 # --- expert choice -------------------------------------------------------------------------------
+
 
 def test_expert_choice_hand_case():
     r = build("expert-choice", 2, 2, capacity=1)  # C = ceil(4 * 1 / 2) = 2
@@ -196,14 +200,19 @@ def test_expert_choice_capacity_capped_at_tokens_and_validated():
 
 # --- hash ---------------------------------------------------------------------------------------
 
+
 def test_hash_position_hand_case():
     r = build("hash", 4, 4, top_k=2)
     r.position_table = torch.tensor([2, 0, 3, 1])
     ctx = RoutingContext(positions=torch.tensor([0, 1, 2, 3, 4, 5]))
     out = r(torch.randn(6, 4), ctx)
     assert by_token(out) == {
-        0: [(2, 0.5), (3, 0.5)], 1: [(0, 0.5), (1, 0.5)], 2: [(3, 0.5), (0, 0.5)],
-        3: [(1, 0.5), (2, 0.5)], 4: [(2, 0.5), (3, 0.5)], 5: [(0, 0.5), (1, 0.5)],
+        0: [(2, 0.5), (3, 0.5)],
+        1: [(0, 0.5), (1, 0.5)],
+        2: [(3, 0.5), (0, 0.5)],
+        3: [(1, 0.5), (2, 0.5)],
+        4: [(2, 0.5), (3, 0.5)],
+        5: [(0, 0.5), (1, 0.5)],
     }
     assert list(r.parameters()) == [], "hash routing learns nothing"
 
@@ -257,6 +266,7 @@ def test_hash_lsh():
 
 
 # --- X-MoE --------------------------------------------------------------------------------------
+
 
 def _xmoe(**kw):
     r = build("xmoe", 2, 2, proj_dim=2, **kw)
@@ -313,6 +323,7 @@ def test_xmoe_normalisation_and_temperature():
 
 
 # --- loss-free ----------------------------------------------------------------------------------
+
 
 def test_loss_free_hand_case():
     r = build("loss-free", 2, 3, top_k=2)

@@ -4,6 +4,7 @@ For every registered router: the recorded top-1 is, per token, the highest-weigh
 that survived capacity (or -1 when none did), and the accumulator's top-1 counts equal those dispatch
 counts. Hand-made cases pin uniform / expert-choice / loss-free, the three routers whose score argmax
 differs from their dispatch."""
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,11 @@ def _reference_top1(routing, num_tokens):
     return [best[t][2] if t in best else -1 for t in range(num_tokens)]
 
 
-LAYER_ROUTERS = [n for n in ROUTERS.names() if not getattr(ROUTERS.get(n), "image_level", False)
-                 and not getattr(ROUTERS.get(n), "needs_group", False)]  # oracle needs a task's true groups
+LAYER_ROUTERS = [
+    n
+    for n in ROUTERS.names()
+    if not getattr(ROUTERS.get(n), "image_level", False) and not getattr(ROUTERS.get(n), "needs_group", False)
+]  # oracle needs a task's true groups
 SMALL_D_ARGS = {"emoe": {"rank": 4}}  # options a router needs at d = D (emoe's rank must be below d)
 
 
@@ -51,8 +55,11 @@ def test_recorded_top1_is_the_dispatched_top1(name):
     layer._record_stats = spy  # type: ignore[method-assign]
     x = torch.randn(2, 12, D)
     with torch.no_grad():
-        layer(x, context=torch.randn(2, 12, D) if layer.router.needs_context else None,
-              token_ids=torch.randint(0, 50, (2, 12)))
+        layer(
+            x,
+            context=torch.randn(2, 12, D) if layer.router.needs_context else None,
+            token_ids=torch.randint(0, 50, (2, 12)),
+        )
     routing = captured["routing"]
     if routing.is_dense:  # soft-moe: every token reaches every expert; top-1 = most combine weight
         want = routing.combine.reshape(24, E, -1).sum(-1).argmax(-1).tolist()
@@ -63,8 +70,11 @@ def test_recorded_top1_is_the_dispatched_top1(name):
     # the accumulator's top-1 counts are exactly these dispatch counts
     acc = M.RoutingStatsAccumulator(nn.Sequential(layer), None)
     with acc, torch.no_grad():
-        layer(x, context=torch.randn(2, 12, D) if layer.router.needs_context else None,
-              token_ids=torch.randint(0, 50, (2, 12)))
+        layer(
+            x,
+            context=torch.randn(2, 12, D) if layer.router.needs_context else None,
+            token_ids=torch.randint(0, 50, (2, 12)),
+        )
         acc.update(x, batch_size=2)
     d = acc.per_layer()[0]
     got = np.bincount([e for e in layer.stats["top1"].tolist() if e >= 0], minlength=E)

@@ -1,6 +1,7 @@
 """The SLURM path against a real (one-node) cluster: a grid as a job array, and preemption ->
 requeue -> resume from the checkpoint. Start the cluster with `scripts/local-slurm.sh`; without it
 these tests skip and say why."""
+
 from __future__ import annotations
 
 import json
@@ -27,22 +28,39 @@ def slurm_ready():
 
 
 def _toy_spec(grid: str, steps: int, eval_every: int, checkpoint_every: int) -> dict:
-    return resolve_spec({
-        "grid": grid, "task": "toy", "task_args": {"num_train": 128, "num_eval": 64},
-        "moe": {"blocks": [-1], "num_experts": 4, "router": "softmax-topk", "d_hidden": 32},
-        "label": "softmax-topk", "seed": 0,
-        "train": {"steps": steps, "batch_size": 16, "eval_every": eval_every,
-                  "checkpoint_every": checkpoint_every, "probe_size": 16, "warmup_steps": 2}})
+    return resolve_spec(
+        {
+            "grid": grid,
+            "task": "toy",
+            "task_args": {"num_train": 128, "num_eval": 64},
+            "moe": {"blocks": [-1], "num_experts": 4, "router": "softmax-topk", "d_hidden": 32},
+            "label": "softmax-topk",
+            "seed": 0,
+            "train": {
+                "steps": steps,
+                "batch_size": 16,
+                "eval_every": eval_every,
+                "checkpoint_every": checkpoint_every,
+                "probe_size": 16,
+                "warmup_steps": 2,
+            },
+        }
+    )
 
 
 def test_a_grid_runs_as_a_slurm_job_array(tmp_path):
     import yaml
 
-    grid = {"name": "slurm-e2e", "task": "toy", "task_args": {"num_train": 128, "num_eval": 64},
-            "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 32},
-            "train": {"steps": 20, "batch_size": 16, "eval_every": 10, "checkpoint_every": 10, "probe_size": 16},
-            "seeds": [0], "routers": ["dense", "switch"],
-            "executor": {"cluster": "slurm", "time_min": 10, "cpus_per_task": 1, "array_parallelism": 2}}
+    grid = {
+        "name": "slurm-e2e",
+        "task": "toy",
+        "task_args": {"num_train": 128, "num_eval": 64},
+        "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 32},
+        "train": {"steps": 20, "batch_size": 16, "eval_every": 10, "checkpoint_every": 10, "probe_size": 16},
+        "seeds": [0],
+        "routers": ["dense", "switch"],
+        "executor": {"cluster": "slurm", "time_min": 10, "cpus_per_task": 1, "array_parallelism": 2},
+    }
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(grid))
     results = tmp_path / "results"
@@ -63,8 +81,9 @@ def test_a_preempted_job_requeues_and_resumes_from_its_checkpoint(tmp_path):
     results = tmp_path / "results"
     spec = _toy_spec("slurm-preempt", steps=1500, eval_every=250, checkpoint_every=50)
     d = run_path(results, spec["grid"], run_id(spec))
-    executor = launch.make_executor("slurm", results / spec["grid"] / ".submitit",
-                                    {"time_min": 15, "cpus_per_task": 1}, "preempt")
+    executor = launch.make_executor(
+        "slurm", results / spec["grid"] / ".submitit", {"time_min": 15, "cpus_per_task": 1}, "preempt"
+    )
     job = executor.submit(launch.RunJob(threads=1), spec, str(results))
     t0 = time.monotonic()
     while not (d / "checkpoint.pt").exists():
@@ -85,11 +104,16 @@ def test_a_preempted_job_requeues_and_resumes_from_its_checkpoint(tmp_path):
         if status.get("state") in ("done", "failed"):
             break
         if not released:
-            queue = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T %r"], capture_output=True,
-                                   text=True, timeout=20).stdout
+            queue = subprocess.run(
+                ["squeue", "-h", "-j", job.job_id, "-o", "%T %r"], capture_output=True, text=True, timeout=20
+            ).stdout
             if "BeginTime" in queue:
-                released = subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"],
-                                          capture_output=True, timeout=20).returncode == 0
+                released = (
+                    subprocess.run(
+                        ["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], capture_output=True, timeout=20
+                    ).returncode
+                    == 0
+                )
         assert time.monotonic() - t0 < 420, f"not finished after requeue: {status}; log: {job.paths.stderr}"
         time.sleep(2)
     elapsed = time.monotonic() - t0

@@ -2,6 +2,7 @@
 init_process_group(gloo) -> the trainer's all-reduce) matches one process with the same global
 batch, only rank 0 writes, and a requeued 2-task job resumes to the same result. Needs the one-node
 cluster of scripts/local-slurm.sh (2 CPUs); skips, saying why, without it."""
+
 from __future__ import annotations
 
 import subprocess
@@ -29,13 +30,26 @@ def slurm_ready():
 
 def _spec(grid: str, steps: int, eval_every: int, checkpoint_every: int) -> dict:
     # softmax-topk: no auxiliary loss, whose balance term would depend on the per-rank batch
-    return resolve_spec({
-        "grid": grid, "task": "toy", "task_args": {"num_train": 128, "num_eval": 32},
-        "model": {"dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
-        "moe": {"blocks": "all", "num_experts": 4, "router": "softmax-topk", "router_args": {}},
-        "label": "softmax-topk", "seed": 0,
-        "train": {"steps": steps, "batch_size": 32, "lr": 3e-3, "warmup_steps": 1, "eval_every": eval_every,
-                  "checkpoint_every": checkpoint_every, "probe_size": 8}})
+    return resolve_spec(
+        {
+            "grid": grid,
+            "task": "toy",
+            "task_args": {"num_train": 128, "num_eval": 32},
+            "model": {"dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+            "moe": {"blocks": "all", "num_experts": 4, "router": "softmax-topk", "router_args": {}},
+            "label": "softmax-topk",
+            "seed": 0,
+            "train": {
+                "steps": steps,
+                "batch_size": 32,
+                "lr": 3e-3,
+                "warmup_steps": 1,
+                "eval_every": eval_every,
+                "checkpoint_every": checkpoint_every,
+                "probe_size": 8,
+            },
+        }
+    )
 
 
 def _one_process(spec, tmp_path) -> list[dict]:
@@ -48,8 +62,10 @@ def _one_process(spec, tmp_path) -> list[dict]:
 
 def _same_as(lines: list[dict], ref: list[dict]) -> None:
     """The tolerance of tests/test_data_parallel.py: gloo's sum order differs from one process's."""
-    print(f"2 tasks vs 1 process at step {ref[-1]['step']}: train_loss {lines[-1]['train_loss']!r} vs "
-          f"{ref[-1]['train_loss']!r}; metrics {lines[-1]['metrics']} vs {ref[-1]['metrics']}")
+    print(
+        f"2 tasks vs 1 process at step {ref[-1]['step']}: train_loss {lines[-1]['train_loss']!r} vs "
+        f"{ref[-1]['train_loss']!r}; metrics {lines[-1]['metrics']} vs {ref[-1]['metrics']}"
+    )
     assert [m["step"] for m in lines] == [m["step"] for m in ref]  # no duplicate, none missing
     for a, b in zip(ref, lines, strict=True):
         if a["train_loss"] is None:  # the step-0 evaluation (every MoE run), before any training step
@@ -70,9 +86,18 @@ def _rank0_only(d, attempts: int) -> None:
     jobs = records.read_jsonl(d / rundir.JOBS_LOG, strict=True)
     assert [(j["global_rank"], j["num_tasks"]) for j in jobs] == [(0, 2)] * attempts, jobs
     assert records.read_status(d)["owner"].endswith(f":{jobs[-1]['pid']}")  # rank 0 wrote status.json
-    assert {p.name for p in d.iterdir()} <= {"spec.yaml", "status.json", "metrics.jsonl", "final.json",
-                                             "eval_items.npz", "probe_top1.npz", "checkpoint.pt", "jobs.jsonl",
-                                             ".lock", ".stale"}
+    assert {p.name for p in d.iterdir()} <= {
+        "spec.yaml",
+        "status.json",
+        "metrics.jsonl",
+        "final.json",
+        "eval_items.npz",
+        "probe_top1.npz",
+        "checkpoint.pt",
+        "jobs.jsonl",
+        ".lock",
+        ".stale",
+    }
 
 
 def test_a_two_task_slurm_job_equals_one_process_and_only_rank0_writes(tmp_path):

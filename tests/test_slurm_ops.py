@@ -1,6 +1,7 @@
 """What a user does to a grid on a real (one-node) SLURM cluster: `moebench cancel` one grid while
 another runs, Ctrl-C on `moebench run`, and a node lost while a job trains. Each ends with every run
 recorded once. Needs scripts/local-slurm.sh's cluster (skips, saying why, without it)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -33,13 +34,27 @@ def slurm_ready():
 
 def grid(tmp_path, name, routers, steps, eval_every=50, checkpoint_every=25, parallel=2) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": name, "task": "toy", "task_args": {"num_train": 128, "num_eval": 64},
-        "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 32},
-        "train": {"steps": steps, "batch_size": 16, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
-                  "probe_size": 16, "warmup_steps": 2},
-        "seeds": [0], "routers": list(routers),
-        "executor": {"time_min": 10, "cpus_per_task": 1, "array_parallelism": parallel}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "task": "toy",
+                "task_args": {"num_train": 128, "num_eval": 64},
+                "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 32},
+                "train": {
+                    "steps": steps,
+                    "batch_size": 16,
+                    "eval_every": eval_every,
+                    "checkpoint_every": checkpoint_every,
+                    "probe_size": 16,
+                    "warmup_steps": 2,
+                },
+                "seeds": [0],
+                "routers": list(routers),
+                "executor": {"time_min": 10, "cpus_per_task": 1, "array_parallelism": parallel},
+            }
+        )
+    )
     return path
 
 
@@ -49,19 +64,50 @@ def dirs_of(path, results) -> dict[str, Path]:
 
 def launch(path, results) -> subprocess.Popen:
     """`moebench run GRID --cluster slurm` as a user starts it, in its own process group."""
-    return subprocess.Popen([sys.executable, "-m", "moebench", "run", str(path), "--cluster", "slurm", "--results",
-                             str(results), "--no-report"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moebench",
+            "run",
+            str(path),
+            "--cluster",
+            "slurm",
+            "--results",
+            str(results),
+            "--no-report",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def rerun(path, results) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moebench", "run", str(path), "--cluster", "slurm", "--results",
-                           str(results), "--no-report"], capture_output=True, text=True, timeout=420)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moebench",
+            "run",
+            str(path),
+            "--cluster",
+            "slurm",
+            "--results",
+            str(results),
+            "--no-report",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
 
 
 def jobs_named(name: str) -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-r", "-n", f"moebench-{name}", "-o", "%i %T"], capture_output=True,
-                         text=True, timeout=30).stdout
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-n", f"moebench-{name}", "-o", "%i %T"], capture_output=True, text=True, timeout=30
+    ).stdout
     return [line for line in out.splitlines() if line.strip()]
 
 
@@ -86,15 +132,22 @@ def test_cancel_stops_one_grids_running_and_queued_jobs_and_leaves_the_other(tmp
     pa = launch(a, results)
     pb = None
     with reaped(pa, grids=("cancel-a", "cancel-b")):
-        wait_for(lambda: any(rundir.lock_held(d) for d in a_dirs.values()) and len(jobs_named("cancel-a")) == 2,
-                 "grid a: one job training, one queued", 240)
+        wait_for(
+            lambda: any(rundir.lock_held(d) for d in a_dirs.values()) and len(jobs_named("cancel-a")) == 2,
+            "grid a: one job training, one queued",
+            240,
+        )
         pb = launch(b, results)
         with reaped(pb):
             wait_for(lambda: all(rundir.lock_held(d) for d in b_dirs.values()), "grid b training", 240)
             states = " ".join(jobs_named("cancel-a"))
             assert "RUNNING" in states and "PENDING" in states, states
-            out = subprocess.run([sys.executable, "-m", "moebench", "cancel", str(results), "cancel-a"],
-                                 capture_output=True, text=True, timeout=120)
+            out = subprocess.run(
+                [sys.executable, "-m", "moebench", "cancel", str(results), "cancel-a"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert out.returncode == 0 and "cancelled SLURM job(s)" in out.stdout, out
             wait_for(lambda: not jobs_named("cancel-a"), "grid a's jobs gone from squeue", 90)
             assert pa.wait(timeout=120) == 1  # its runs did not finish: the launcher says so
@@ -171,8 +224,11 @@ def test_a_lost_node_ends_with_the_run_resumed_by_the_next_moebench_run_and_reco
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             # what slurmctld does once the node stops answering (SlurmdTimeout, 300 s here)
-            subprocess.run(["scontrol", "update", f"NodeName={host}", "State=DOWN", "Reason=lost node (test)"],
-                           check=True, timeout=30)
+            subprocess.run(
+                ["scontrol", "update", f"NodeName={host}", "State=DOWN", "Reason=lost node (test)"],
+                check=True,
+                timeout=30,
+            )
             assert proc.wait(timeout=180) == 1  # the launcher saw the job end without finishing the run
         st = rundir.inspect(d)
         assert st["state"] == "failed" and st["retryable"], st

@@ -1,6 +1,7 @@
 """SSMoE (routers/ssmoe.py) against an independent transcription of the released CLIP-MoE block on copied
 weights; c = 0 is softmax top-k bit for bit; the cache is taken at the first forward, kept across a
 state-dict round trip and refreshed only when asked."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,8 +37,9 @@ def test_matches_the_release_on_copied_weights(second_layer, c):
     with torch.no_grad():
         want, selected, weights = release_moe(x, gate, experts, top_k=2, c=c, transpose_fc2=second_layer == "transpose")
         got = layer(x)
-    torch.testing.assert_close(layer.router.basis, release_svd(gate, experts, transpose_fc2=second_layer == "transpose"),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        layer.router.basis, release_svd(gate, experts, transpose_fc2=second_layer == "transpose"), rtol=1e-5, atol=1e-6
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     routing = layer.router(x.reshape(-1, D), _ctx())
     assert torch.equal(routing.expert.view(-1, 2), selected)
@@ -52,7 +54,9 @@ def _ctx():
 def test_c0_is_softmax_topk_exactly():
     ss = _layer(c=0.0)
     sm = MoELayer(D, H, E, router="softmax-topk").eval()
-    sm.load_state_dict({k: v for k, v in ss.state_dict().items() if not k.startswith("router.") or k == "router.gate.weight"})
+    sm.load_state_dict(
+        {k: v for k, v in ss.state_dict().items() if not k.startswith("router.") or k == "router.gate.weight"}
+    )
     x = _x()
     with torch.no_grad():
         a, b = ss(x), sm(x)
@@ -116,10 +120,16 @@ def test_gated_experts_use_gate_up_and_down():
     assert layer.router.flops_per_token() == 2 * D * E * 3 + E * 3
 
 
-@pytest.mark.parametrize("args,words", [
-    ({"c": 1.5}, "c=1.5"), ({"k": 0}, "k=0"), ({"k": 17}, "k=17"), ({"second_layer": "both"}, "second_layer"),
-    ({"refresh_every": -1}, "refresh_every"),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        ({"c": 1.5}, "c=1.5"),
+        ({"k": 0}, "k=0"),
+        ({"k": 17}, "k=17"),
+        ({"second_layer": "both"}, "second_layer"),
+        ({"refresh_every": -1}, "refresh_every"),
+    ],
+)
 def test_bad_options_name_the_option(args, words):
     with pytest.raises((ValueError, TypeError), match=words):
         MoELayer(D, H, E, router="ssmoe", router_args=args)

@@ -1,4 +1,5 @@
 """Bootstrap, Holm and rank groups on hand-made data with known answers (issue 9)."""
+
 from __future__ import annotations
 
 import math
@@ -67,12 +68,20 @@ def test_paired_bootstrap_rejects_unpaired_shapes():
 
 
 def test_rank_groups():
-    entries = [("a", 0.90, 0.88, 0.92), ("b", 0.89, 0.87, 0.91), ("c", 0.80, 0.78, 0.86), ("d", 0.70, 0.65, 0.75),
-               ("e", math.nan, math.nan, math.nan)]
+    entries = [
+        ("a", 0.90, 0.88, 0.92),
+        ("b", 0.89, 0.87, 0.91),
+        ("c", 0.80, 0.78, 0.86),
+        ("d", 0.70, 0.65, 0.75),
+        ("e", math.nan, math.nan, math.nan),
+    ]
     assert rank_groups(entries) == {"a": 1, "b": 1, "c": 2, "d": 3}
     # lower is better (MAE): the smallest mean leads
-    assert rank_groups([("x", 3.0, 2.5, 3.5), ("y", 3.4, 3.2, 3.6), ("z", 5.0, 4.0, 6.0)], higher_is_better=False) == \
-        {"x": 1, "y": 1, "z": 2}
+    assert rank_groups([("x", 3.0, 2.5, 3.5), ("y", 3.4, 3.2, 3.6), ("z", 5.0, 4.0, 6.0)], higher_is_better=False) == {
+        "x": 1,
+        "y": 1,
+        "z": 2,
+    }
 
 
 def test_minimum_detectable_effect():

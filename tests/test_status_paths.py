@@ -1,5 +1,6 @@
 """`moebench status` takes a grid's folder (results/quick, holding <run_id>/, the README's layout) as
 well as a results root (results, holding <grid>/<run_id>/), and says what it looked for otherwise."""
+
 from moebench.cli import main
 from moebench.training import records
 from moebench.training.rundir import run_path

@@ -1,4 +1,5 @@
 """The `structure` task's generators, sequence-level routing and the oracle / collapse controls."""
+
 import math
 
 import pytest
@@ -127,9 +128,25 @@ def test_controls_come_out_as_they_must_on_clusters(tmp_path, one_thread):
 
     finals = {}
     for router in ("oracle", "random", "collapse"):
-        args = ["train", "--task", "structure", "--size", "tiny", "--router", router, "--results", str(tmp_path),
-                "--router-args", "{top_k: 1}", "--set", "moe.blocks=[-1]", "--set", "train.steps=150",
-                "--set", "task_args.num_eval=512"]
+        args = [
+            "train",
+            "--task",
+            "structure",
+            "--size",
+            "tiny",
+            "--router",
+            router,
+            "--results",
+            str(tmp_path),
+            "--router-args",
+            "{top_k: 1}",
+            "--set",
+            "moe.blocks=[-1]",
+            "--set",
+            "train.steps=150",
+            "--set",
+            "task_args.num_eval=512",
+        ]
         assert main(args) == 0
         (path,) = [p for p in Path(tmp_path, "single").glob(f"{router}-*/final.json")]
         finals[router] = json.loads(path.read_text())

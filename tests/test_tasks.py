@@ -1,5 +1,6 @@
 """Each task adapter on a tiny fixture in its real public format: loading, one training step through
 the shared loop's pieces, the metric on known values, and the specialisation labels."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,15 @@ from moebench.tasks.common import with_prefix_tokens
 from moebench.tasks.datasets import cache
 from moebench.tasks.retrieval import retrieval_recall
 
-MOE = {"blocks": "last-2", "num_experts": 4, "router": "softmax-topk", "router_args": {"top_k": 2},
-       "d_hidden": None, "capacity_factor": None, "upcycle": True}
+MOE = {
+    "blocks": "last-2",
+    "num_experts": 4,
+    "router": "softmax-topk",
+    "router_args": {"top_k": 2},
+    "d_hidden": None,
+    "capacity_factor": None,
+    "upcycle": True,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -44,11 +52,13 @@ def _loader(ds, n):
 def test_retrieval_recall_on_a_hand_made_similarity_matrix():
     # 3 images, 5 captions: captions 0,1 -> image 0; 2,3 -> image 1; 4 -> image 2
     t2i = torch.tensor([0, 0, 1, 1, 2])
-    sim = torch.tensor([
-        [0.1, 0.9, 0.0, 0.2, 0.3],   # image 0: best text is 1 (its own)            -> i2t rank 0
-        [0.8, 0.0, 0.7, 0.1, 0.0],   # image 1: text 0 (wrong) beats 2 (own)        -> i2t rank 1
-        [0.5, 0.0, 0.9, 0.6, 0.4],   # image 2: texts 2,3,0 beat its own text 4     -> i2t rank 3
-    ])
+    sim = torch.tensor(
+        [
+            [0.1, 0.9, 0.0, 0.2, 0.3],  # image 0: best text is 1 (its own)            -> i2t rank 0
+            [0.8, 0.0, 0.7, 0.1, 0.0],  # image 1: text 0 (wrong) beats 2 (own)        -> i2t rank 1
+            [0.5, 0.0, 0.9, 0.6, 0.4],  # image 2: texts 2,3,0 beat its own text 4     -> i2t rank 3
+        ]
+    )
     r = retrieval_recall(sim, t2i, ks=(1, 2))
     assert r["i2t_r1"] == pytest.approx(1 / 3) and r["i2t_r2"] == pytest.approx(2 / 3)
     # text 0: image 1 (0.8) beats image 0 (0.1) -> miss at 1, miss at 2 (image 2 has 0.5)
@@ -90,8 +100,18 @@ def test_classification_on_a_two_class_imagefolder(tmp_path):
     task = TASKS.get("classification")(data=str(tmp_path), img_size=32)
     train, val = task.datasets()
     assert task.label_names == ["cat", "dog"] and len(train) == len(val) == 8
-    model = task.build_model({"family": "timm", "name": "vit-custom", "img_size": 32, "patch_size": 8,
-                              "embed_dim": 32, "depth": 2, "num_heads": 2}, MOE)
+    model = task.build_model(
+        {
+            "family": "timm",
+            "name": "vit-custom",
+            "img_size": 32,
+            "patch_size": 8,
+            "embed_dim": 32,
+            "depth": 2,
+            "num_heads": 2,
+        },
+        MOE,
+    )
     assert model.head.out_features == 2 and len(moe_layers(model)) == 2
     batch = next(iter(_loader(train, 8)))
     before, after = _one_step(task, model, batch)
@@ -113,9 +133,13 @@ def test_retrieval_on_a_four_image_coco_json(tmp_path):
     make_coco(tmp_path, "train")
     make_coco(tmp_path, "val")
     task = TASKS.get("retrieval")(data="coco", root=str(tmp_path))
-    model_cfg = {"family": "open_clip", "name": "custom", "embed_dim": 16,
-                 "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
-                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    model_cfg = {
+        "family": "open_clip",
+        "name": "custom",
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
     task._model_cfg = model_cfg  # transforms follow the model's image size
     train, val = task.datasets()
     assert len(train) == len(val) == 4 and len(val.all_texts()) == 21  # 6 + 5 + 5 + 5 captions
@@ -127,7 +151,7 @@ def test_retrieval_on_a_four_image_coco_json(tmp_path):
     metrics = task.evaluate(model.eval(), _loader(val, 4), torch.device("cpu"))
     assert {"i2t_r1", "t2i_r1", "i2t_r10", "mean_r1"} <= set(metrics)
     assert metrics["i2t_r1"] <= metrics["i2t_r5"] <= metrics["i2t_r10"]
-    assert metrics["t2i_r5"] == 1.0   # only 4 images exist: every caption's image is in the top 5
+    assert metrics["t2i_r5"] == 1.0  # only 4 images exist: every caption's image is in the top 5
     assert task.token_labels(batch, "transformer.resblocks.1.mlp", 77) is None
 
 
@@ -137,8 +161,9 @@ def test_brain_age_on_a_three_subject_bids_folder(tmp_path):
     task = TASKS.get("brain-age")(data=str(root), shape=16, eval_fraction=0.34)
     train, val = task.datasets()
     assert len(train) + len(val) == 3 and len(val) == 1
-    model = task.build_model({"family": "vit3d", "img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 2,
-                              "num_heads": 2}, MOE)
+    model = task.build_model(
+        {"family": "vit3d", "img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}, MOE
+    )
     batch = next(iter(_loader(train, 2)))
     before, after = _one_step(task, model, batch)
     assert after < before
@@ -149,5 +174,6 @@ def test_brain_age_on_a_three_subject_bids_folder(tmp_path):
     labels = task.token_labels(batch, "blocks.1.mlp", 1 + 8)
     assert labels.shape == (2, 9) and (labels[:, 0] == -1).all()
     with pytest.raises(ValueError, match="img_size 32 must equal task_args.shape 16"):
-        task.build_model({"family": "vit3d", "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
-                          "num_heads": 2}, None)
+        task.build_model(
+            {"family": "vit3d", "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}, None
+        )

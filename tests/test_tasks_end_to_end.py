@@ -1,5 +1,6 @@
 """`moebench train` on each real task's offline default (tiny size), end to end through the CLI:
 a record with the task's headline, routing statistics, specialisation labels and cost."""
+
 import json
 from pathlib import Path
 
@@ -17,11 +18,14 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv(cache.ENV_VAR, str(tmp_path_factory.getbasetemp() / "moebench-cache"))
 
 
-@pytest.mark.parametrize("task, router, headline, labels", [
-    ("classification", "ermoe", "top1", 10),
-    ("retrieval", "switch", "mean_r1", 11),
-    ("brain-age", "ermoe-context-check", "mae", 4),
-])
+@pytest.mark.parametrize(
+    "task, router, headline, labels",
+    [
+        ("classification", "ermoe", "top1", 10),
+        ("retrieval", "switch", "mean_r1", 11),
+        ("brain-age", "ermoe-context-check", "mae", 4),
+    ],
+)
 def test_train_cli_writes_a_complete_record(tmp_path, task, router, headline, labels):
     if task != "brain-age" and not HAVE_FMNIST:
         pytest.skip("apt-get install dataset-fashion-mnist")

@@ -1,6 +1,7 @@
 """train.log_to: TensorBoard event files and an offline W&B run hold exactly metrics.jsonl's numbers
 (read back with TensorBoard's own reader and a reader of W&B's file format). Each tracker's test is
 skipped, with the reason, where that optional package is not installed."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,8 +21,8 @@ HAVE = {name: importlib.util.find_spec(name) is not None for name in ("tensorboa
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.delenv("WANDB_MODE", raising=False)      # offline by default, no network
-    monkeypatch_module.setenv("WANDB_API_KEY", "")              # and no credentials to find
+    monkeypatch_module.delenv("WANDB_MODE", raising=False)  # offline by default, no network
+    monkeypatch_module.setenv("WANDB_API_KEY", "")  # and no credentials to find
     log_to = [name for name, ok in HAVE.items() if ok]
     if not log_to:
         pytest.skip("neither tensorboard nor wandb is installed (pip install 'moebench[trackers]')")
@@ -43,12 +44,28 @@ def _expected(lines):
 
 
 def test_scalars_flattens_a_metrics_line():
-    line = {"step": 5, "train_loss": 0.5, "aux_loss": None, "lr": 1e-3, "metrics": {"accuracy": 0.75},
-            "routing": {"mean": {"load_cv": 0.2, "switch_rate": None},
-                        "per_layer": [{"layer": "blocks.0.mlp", "load_cv": 0.1, "counts": [1, 2]},
-                                      {"layer": "blocks.1.mlp", "load_cv": 0.3}]}}
-    assert scalars(line) == {"train_loss": 0.5, "lr": 1e-3, "metrics/accuracy": 0.75, "routing/load_cv": 0.2,
-                             "routing/load_cv.layer0": 0.1, "routing/load_cv.layer1": 0.3}
+    line = {
+        "step": 5,
+        "train_loss": 0.5,
+        "aux_loss": None,
+        "lr": 1e-3,
+        "metrics": {"accuracy": 0.75},
+        "routing": {
+            "mean": {"load_cv": 0.2, "switch_rate": None},
+            "per_layer": [
+                {"layer": "blocks.0.mlp", "load_cv": 0.1, "counts": [1, 2]},
+                {"layer": "blocks.1.mlp", "load_cv": 0.3},
+            ],
+        },
+    }
+    assert scalars(line) == {
+        "train_loss": 0.5,
+        "lr": 1e-3,
+        "metrics/accuracy": 0.75,
+        "routing/load_cv": 0.2,
+        "routing/load_cv.layer0": 0.1,
+        "routing/load_cv.layer1": 0.3,
+    }
 
 
 def test_log_to_is_not_in_the_run_id():

@@ -1,4 +1,5 @@
 """The training loop, run records and runner on the toy task (a few seconds per run on one thread)."""
+
 import copy
 import json
 import math
@@ -21,8 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_spec(router="softmax-topk", steps=30, **train):
-    moe = None if router == "dense" else {"blocks": "all", "num_experts": 4, "router": router,
-                                          "router_args": {}}
+    moe = None if router == "dense" else {"blocks": "all", "num_experts": 4, "router": router, "router_args": {}}
     return {
         "grid": "test",
         "task": "toy",
@@ -30,8 +30,16 @@ def make_spec(router="softmax-topk", steps=30, **train):
         "model": {"dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
         "moe": moe,
         "seed": 0,
-        "train": {"steps": steps, "batch_size": 32, "lr": 3e-3, "warmup_steps": 3, "eval_every": 10,
-                  "checkpoint_every": 4, "probe_size": 16, **train},
+        "train": {
+            "steps": steps,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "warmup_steps": 3,
+            "eval_every": 10,
+            "checkpoint_every": 4,
+            "probe_size": 16,
+            **train,
+        },
     }
 
 
@@ -115,8 +123,20 @@ def test_toy_learns_and_writes_schema_conformant_records(tmp_path):
 
     final = records.read_json(run_dir / "final.json")
     assert final == json.loads(json.dumps(res["final"], default=records.json_default))
-    for key in ("run_id", "grid", "task", "router", "label", "seed", "sweep", "headline", "metrics",
-                "routing", "cost", "env"):
+    for key in (
+        "run_id",
+        "grid",
+        "task",
+        "router",
+        "label",
+        "seed",
+        "sweep",
+        "headline",
+        "metrics",
+        "routing",
+        "cost",
+        "env",
+    ):
         assert key in final, key
     assert final["headline"]["name"] == "accuracy" and final["headline"]["higher_is_better"] is True
     assert final["headline"]["value"] == final["metrics"]["accuracy"] > 0.6  # chance is 0.25
@@ -133,16 +153,17 @@ def test_toy_learns_and_writes_schema_conformant_records(tmp_path):
         counts = d["top1_counts"]
         assert d["first_choice_max_share"] == pytest.approx(max(counts) / sum(counts))
         assert d["collapsed"] is (d["first_choice_max_share"] > 0.5)
-        assert d["first_choice_max_share_init"] == lines[0]["routing"]["per_layer"][
-            final["routing"]["per_layer"].index(d)]["first_choice_max_share"]
+        assert (
+            d["first_choice_max_share_init"]
+            == lines[0]["routing"]["per_layer"][final["routing"]["per_layer"].index(d)]["first_choice_max_share"]
+        )
         assert 0.0 <= d["moved_from_init"] <= 1.0 and d["moved_from_init"] == pytest.approx(d["final_switch"][0])
     assert final["routing"]["mean"]["collapsed"] is any(d["collapsed"] for d in final["routing"]["per_layer"])
     assert fs["mean"] == pytest.approx(sum(fs["per_eval"][:-1]) / 12)
     assert fs["mean"] == pytest.approx(final["routing"]["mean"]["final_switch_mean"])
     assert final["routing"]["mean"]["mutual_info"] > 0.05  # experts pick up the token components
     cost = final["cost"]
-    for key in ("params_total", "params_active", "flops_per_token", "wall_time_s", "tokens_per_s",
-                "peak_memory_mb"):
+    for key in ("params_total", "params_active", "flops_per_token", "wall_time_s", "tokens_per_s", "peak_memory_mb"):
         assert cost[key] > 0, key
     assert cost["params_active"] < cost["params_total"]  # 2 of 4 experts per token
     assert final["env"]["libraries"]["torch"]
@@ -164,8 +185,9 @@ def test_flops_include_the_router():
     router = sum(m.router.flops_per_token() for m in layers)
     assert router == 2 * 2 * 16 * 4  # 2 layers of a d x E linear gate
     experts = sum(2 * 2 * 2 * 16 * 32 for _ in layers)  # top-2, two projections, 2 FLOPs per MAC
-    linear_outside = 2 * sum(m.weight.numel() for n, m in net.named_modules()
-                             if isinstance(m, nn.Linear) and ".mlp" not in n)
+    linear_outside = 2 * sum(
+        m.weight.numel() for n, m in net.named_modules() if isinstance(m, nn.Linear) and ".mlp" not in n
+    )
     assert cost["flops_per_token"] == pytest.approx(linear_outside + experts + router)
 
 
@@ -301,8 +323,13 @@ class AuxCounterRouter(Router):
         probs = torch.softmax(self.gate(x), -1)
         top_p, top_i = probs.topk(self.top_k, -1)
         aux = {"l2": self.coef * self.gate.weight.pow(2).sum()}
-        return topk_routing(top_i, top_p / top_p.sum(-1, keepdim=True), self.num_experts,
-                            aux_losses=aux, stats={"scores": probs.detach()})
+        return topk_routing(
+            top_i,
+            top_p / top_p.sum(-1, keepdim=True),
+            self.num_experts,
+            aux_losses=aux,
+            stats={"scores": probs.detach()},
+        )
 
     def after_step(self):
         type(self).after_steps += 1
@@ -341,9 +368,27 @@ def test_dense_baseline_has_no_routing(tmp_path):
 
 # --- CLI ----------------------------------------------------------------------------------------------
 def test_cli_train_runs_and_rejects_bad_overrides(tmp_path, capsys):
-    args = ["train", "--task", "toy", "--size", "tiny", "--router", "switch", "--router-args", "{top_k: 1}",
-            "--steps", "4", "--set", "train.eval_every=2", "--set", "task_args.num_train=128",
-            "--set", "model.dim=16", "--results", str(tmp_path)]
+    args = [
+        "train",
+        "--task",
+        "toy",
+        "--size",
+        "tiny",
+        "--router",
+        "switch",
+        "--router-args",
+        "{top_k: 1}",
+        "--steps",
+        "4",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "task_args.num_train=128",
+        "--set",
+        "model.dim=16",
+        "--results",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "toy / switch seed 0: accuracy = " in out and f"record: {tmp_path}/single/switch-s0-" in out

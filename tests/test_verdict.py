@@ -1,6 +1,7 @@
 """One verdict on a run folder: `moebench status`, the launcher and `moebench report` ask the same
 function (`rundir.inspect`) and give the same state and the same words for every kind of damaged or
 unfinished record (issue 23: a status.json saying "finished" was listed raw by the report)."""
+
 from __future__ import annotations
 
 import shutil
@@ -40,15 +41,22 @@ DAMAGE = {  # kind -> (damage(run_dir, other_run_dir), the state all three must 
     "final.json empty mapping": (lambda d, o: records.atomic_write_json(d / "final.json", {}), "corrupt"),
     "final.json missing": (lambda d, o: (d / "final.json").unlink(), "corrupt"),
     "final.json of another run": (lambda d, o: shutil.copy(o / "final.json", d / "final.json"), "corrupt"),
-    "final.json headline not a number": (lambda d, o: records.atomic_write_json(
-        d / "final.json", {**records.read_json(d / "final.json"), "headline": {"name": "top1", "value": "high"}}),
-        "corrupt"),
-    "metrics.jsonl torn tail": (lambda d, o: (d / "metrics.jsonl").write_bytes(
-        (d / "metrics.jsonl").read_bytes()[:-9]), "corrupt"),
+    "final.json headline not a number": (
+        lambda d, o: records.atomic_write_json(
+            d / "final.json", {**records.read_json(d / "final.json"), "headline": {"name": "top1", "value": "high"}}
+        ),
+        "corrupt",
+    ),
+    "metrics.jsonl torn tail": (
+        lambda d, o: (d / "metrics.jsonl").write_bytes((d / "metrics.jsonl").read_bytes()[:-9]),
+        "corrupt",
+    ),
     "spec.yaml of another run": (lambda d, o: shutil.copy(o / "spec.yaml", d / "spec.yaml"), "corrupt"),
     "spec.yaml not YAML": (lambda d, o: (d / "spec.yaml").write_text("seed: [unclosed\n"), "corrupt"),
-    "no status.json, spec.yaml not YAML": (lambda d, o: ((d / "status.json").unlink(),
-                                                        (d / "spec.yaml").write_text("seed: [x\n")), "corrupt"),
+    "no status.json, spec.yaml not YAML": (
+        lambda d, o: ((d / "status.json").unlink(), (d / "spec.yaml").write_text("seed: [x\n")),
+        "corrupt",
+    ),
     "running, no live process": (_status(state="running"), "interrupted"),
     "failed, out of memory": (_status(state="failed", reason="MemoryError", retryable=True), "failed"),
     "queued, never started": (_status(state="queued"), "queued"),

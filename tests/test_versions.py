@@ -1,5 +1,6 @@
 """Results follow the code (issue 9): the suite's, task's and router's versions are part of the
 resolved spec and so of the run id; bumping one router's version changes only its runs' ids."""
+
 from __future__ import annotations
 
 from pathlib import Path

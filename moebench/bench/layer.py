@@ -5,6 +5,7 @@ Ratios, not absolute times, are the result: both sides share the machine, thread
 the ratio isolates what routing and dispatch cost. Medians of interleaved repeats resist noise.
 Memory of one step per module (``moebench.bench.memory``): activations saved for the backward on
 every device, the allocator's peak on CUDA."""
+
 from __future__ import annotations
 
 import math
@@ -59,7 +60,9 @@ def _step_time(module: nn.Module, x: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def time_side_by_side(modules: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int = 3) -> dict[str, float]:
+def time_side_by_side(
+    modules: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int = 3
+) -> dict[str, float]:
     """Median seconds per forward+backward for each module, interleaving them each repeat."""
     for _ in range(warmup):
         for m in modules.values():
@@ -99,8 +102,13 @@ def _mixtral_peer(d_model: int, d_hidden: int, num_experts: int, k: int):
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except ImportError:
         return None
-    cfg = MixtralConfig(hidden_size=d_model, intermediate_size=d_hidden, num_local_experts=num_experts,
-                        num_experts_per_tok=k, router_jitter_noise=0.0)
+    cfg = MixtralConfig(
+        hidden_size=d_model,
+        intermediate_size=d_hidden,
+        num_local_experts=num_experts,
+        num_experts_per_tok=k,
+        router_jitter_noise=0.0,
+    )
     return MixtralSparseMoeBlock(cfg)
 
 
@@ -120,9 +128,18 @@ def router_args_at(name: str, k: int, tokens: int, num_experts: int) -> dict:
     return {}
 
 
-def bench_layer(routers: list[str], num_experts: int, ks: list[int], tokens: int, d_model: int, d_hidden: int,
-                dtype: torch.dtype = torch.float32, device: str = "cpu", repeats: int = 15,
-                peers: bool = True) -> list[dict]:
+def bench_layer(
+    routers: list[str],
+    num_experts: int,
+    ks: list[int],
+    tokens: int,
+    d_model: int,
+    d_hidden: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    repeats: int = 15,
+    peers: bool = True,
+) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(tokens, d_model, device=device, dtype=dtype)
     rows = []
@@ -131,8 +148,13 @@ def bench_layer(routers: list[str], num_experts: int, ks: list[int], tokens: int
         modules: dict[str, nn.Module] = {"dense": DenseFFN(d_model, k * d_hidden)}
         for name in routers:
             try:
-                modules[name] = MoELayer(d_model, d_hidden, num_experts, router=name,
-                                         router_args=router_args_at(name, k, tokens, num_experts))
+                modules[name] = MoELayer(
+                    d_model,
+                    d_hidden,
+                    num_experts,
+                    router=name,
+                    router_args=router_args_at(name, k, tokens, num_experts),
+                )
             except ValueError as err:  # e.g. Switch is top-1 only: no row at this k
                 print(f"skip {name} at k={k}: {err}")
         for name in [n for n in routers if n in modules]:
@@ -144,8 +166,10 @@ def bench_layer(routers: list[str], num_experts: int, ks: list[int], tokens: int
         for m in modules.values():
             m.to(device=device, dtype=dtype).train()
         times = time_side_by_side(modules, x.unsqueeze(0), repeats)
-        memory = {name: step_memory(lambda m=m: _step_time(m, x.unsqueeze(0)), torch.device(device), m.parameters())
-                  for name, m in modules.items()}
+        memory = {
+            name: step_memory(lambda m=m: _step_time(m, x.unsqueeze(0)), torch.device(device), m.parameters())
+            for name, m in modules.items()
+        }
         for name, seconds in times.items():
             base_name = "dense swiglu" if name.startswith("mixtral") else "dense"
             base, base_mem = times[base_name], memory[base_name]
@@ -153,22 +177,51 @@ def bench_layer(routers: list[str], num_experts: int, ks: list[int], tokens: int
                 base, base_name = times["softmax-topk"], "softmax-topk layer"  # routing's share of a layer
                 base_mem = memory["softmax-topk"]
             mem = memory[name]
-            rows.append({"router": name, "E": num_experts, "k": k, "T": tokens, "d": d_model, "d_hidden": d_hidden,
-                         "dtype": str(dtype).replace("torch.", ""), "device": device,
-                         "ms": round(seconds * 1e3, 2), "ratio": round(seconds / base, 3), "ratio_to": base_name,
-                         "saved_mb": round(mem["saved_mb"], 1),
-                         "saved_ratio": round(mem["saved_mb"] / base_mem["saved_mb"], 3) if base_mem["saved_mb"] else None,
-                         "peak_mb": None if mem["peak_mb"] is None else round(mem["peak_mb"], 1),
-                         "peak_ratio": (None if mem["peak_mb"] is None or not base_mem["peak_mb"]
-                                        else round(mem["peak_mb"] / base_mem["peak_mb"], 3))})
+            rows.append(
+                {
+                    "router": name,
+                    "E": num_experts,
+                    "k": k,
+                    "T": tokens,
+                    "d": d_model,
+                    "d_hidden": d_hidden,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "device": device,
+                    "ms": round(seconds * 1e3, 2),
+                    "ratio": round(seconds / base, 3),
+                    "ratio_to": base_name,
+                    "saved_mb": round(mem["saved_mb"], 1),
+                    "saved_ratio": round(mem["saved_mb"] / base_mem["saved_mb"], 3) if base_mem["saved_mb"] else None,
+                    "peak_mb": None if mem["peak_mb"] is None else round(mem["peak_mb"], 1),
+                    "peak_ratio": (
+                        None
+                        if mem["peak_mb"] is None or not base_mem["peak_mb"]
+                        else round(mem["peak_mb"] / base_mem["peak_mb"], 3)
+                    ),
+                }
+            )
         bar.update()
     bar.close()
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["router", "E", "k", "T", "d", "d_hidden", "dtype", "ms", "ratio", "ratio_to", "saved_mb", "saved_ratio",
-            "peak_mb", "peak_ratio"]
+    cols = [
+        "router",
+        "E",
+        "k",
+        "T",
+        "d",
+        "d_hidden",
+        "dtype",
+        "ms",
+        "ratio",
+        "ratio_to",
+        "saved_mb",
+        "saved_ratio",
+        "peak_mb",
+        "peak_ratio",
+    ]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]

@@ -5,6 +5,7 @@ CPU included: the activation bytes autograd keeps for the backward (``saved_tens
 storage once, the parameters themselves left out), which is what grows with the batch and what
 dispatch buffers add; the CPU has no
 allocator peak to read (the process's max RSS only ever grows), so this is the number compared there."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -14,8 +15,9 @@ import torch
 MB = 2**20
 
 
-def step_memory(step: Callable[[], None], device: torch.device,
-                params: Iterable[torch.Tensor] = ()) -> dict[str, float | None]:
+def step_memory(
+    step: Callable[[], None], device: torch.device, params: Iterable[torch.Tensor] = ()
+) -> dict[str, float | None]:
     """Run ``step`` (forward + backward) once; return ``saved_mb`` (activations saved for the backward,
     ``params`` excluded) and ``peak_mb`` (CUDA only, else None)."""
     storages: dict[int, int] = {}

@@ -6,6 +6,7 @@ autocast on CUDA, as the training loop does). The two models alternate every rep
 machine's speed hits both; the medians' ratio is the result, and it replaces the grids' assumed
 "+20 % for the MoE layers". Tokens per sample are those the first MoE layer sees (CLIP: the vision
 tower's). Memory: see ``moebench.bench.memory``."""
+
 from __future__ import annotations
 
 import copy
@@ -31,27 +32,51 @@ class ModelConfig:
     model: dict
     moe: dict
     inputs: str  # image | clip | volume
-    size: int    # image side (2D) or volume side (3D) at full scale
+    size: int  # image side (2D) or volume side (3D) at full scale
     note: str = ""
     skip: str = ""  # why this config cannot run in this build (empty: it can)
     extra: dict = field(default_factory=dict)
 
 
 CONFIGS: dict[str, ModelConfig] = {
-    "vit-s16": ModelConfig({"family": "timm", "name": "vit_small_patch16_224", "num_classes": 1000},
-                           {"blocks": "last-2", "num_experts": 8, "d_hidden": 768}, "image", 224,
-                           "imagenet grid: ViT-S/16, MoE in the last 2 blocks"),
-    "vit-b16-adapters": ModelConfig({"family": "timm", "name": "vit_base_patch16_224", "num_classes": 1000},
-                                    {"blocks": "last-6", "num_experts": 8}, "image", 224,
-                                    "ViT-B/16 with MoE adapters on the last 6 blocks",
-                                    skip="the adapter mode of moefy (issue 11) is not in this build"),
-    "clip-b32": ModelConfig({"family": "open_clip", "name": "ViT-B-32"},
-                            {"blocks": "last-2", "num_experts": 8, "d_hidden": 1536}, "clip", 224,
-                            "retrieval grid: CLIP ViT-B/32, MoE in the last 2 blocks of each tower"),
-    "vit3d": ModelConfig({"family": "vit3d", "img_size": 96, "patch_size": 16, "embed_dim": 384, "depth": 8,
-                          "num_heads": 6, "mlp_ratio": 4.0, "num_outputs": 1},
-                         {"blocks": "last-2", "num_experts": 8, "d_hidden": 768}, "volume", 96,
-                         "brain-age grid: 3D ViT 96^3 / 16^3, MoE in the last 2 blocks"),
+    "vit-s16": ModelConfig(
+        {"family": "timm", "name": "vit_small_patch16_224", "num_classes": 1000},
+        {"blocks": "last-2", "num_experts": 8, "d_hidden": 768},
+        "image",
+        224,
+        "imagenet grid: ViT-S/16, MoE in the last 2 blocks",
+    ),
+    "vit-b16-adapters": ModelConfig(
+        {"family": "timm", "name": "vit_base_patch16_224", "num_classes": 1000},
+        {"blocks": "last-6", "num_experts": 8},
+        "image",
+        224,
+        "ViT-B/16 with MoE adapters on the last 6 blocks",
+        skip="the adapter mode of moefy (issue 11) is not in this build",
+    ),
+    "clip-b32": ModelConfig(
+        {"family": "open_clip", "name": "ViT-B-32"},
+        {"blocks": "last-2", "num_experts": 8, "d_hidden": 1536},
+        "clip",
+        224,
+        "retrieval grid: CLIP ViT-B/32, MoE in the last 2 blocks of each tower",
+    ),
+    "vit3d": ModelConfig(
+        {
+            "family": "vit3d",
+            "img_size": 96,
+            "patch_size": 16,
+            "embed_dim": 384,
+            "depth": 8,
+            "num_heads": 6,
+            "mlp_ratio": 4.0,
+            "num_outputs": 1,
+        },
+        {"blocks": "last-2", "num_experts": 8, "d_hidden": 768},
+        "volume",
+        96,
+        "brain-age grid: 3D ViT 96^3 / 16^3, MoE in the last 2 blocks",
+    ),
 }
 
 
@@ -72,14 +97,20 @@ def _sized(cfg: ModelConfig, size: int | None) -> dict:
 def _batch(cfg: ModelConfig, model: nn.Module, batch_size: int, size: int, device) -> tuple:
     g = torch.Generator().manual_seed(0)
     if cfg.inputs == "image":
-        return (torch.randn(batch_size, 3, size, size, generator=g).to(device),
-                torch.randint(0, 1000, (batch_size,), generator=g).to(device))
+        return (
+            torch.randn(batch_size, 3, size, size, generator=g).to(device),
+            torch.randint(0, 1000, (batch_size,), generator=g).to(device),
+        )
     if cfg.inputs == "clip":
         ctx, vocab = model.context_length, model.vocab_size
-        return (torch.randn(batch_size, 3, size, size, generator=g).to(device),
-                torch.randint(0, vocab, (batch_size, ctx), generator=g).to(device))
-    return (torch.randn(batch_size, 1, size, size, size, generator=g).to(device),
-            torch.randn(batch_size, generator=g).to(device))
+        return (
+            torch.randn(batch_size, 3, size, size, generator=g).to(device),
+            torch.randint(0, vocab, (batch_size, ctx), generator=g).to(device),
+        )
+    return (
+        torch.randn(batch_size, 1, size, size, size, generator=g).to(device),
+        torch.randn(batch_size, generator=g).to(device),
+    )
 
 
 def _loss(cfg: ModelConfig, model: nn.Module, batch: tuple) -> torch.Tensor:
@@ -130,9 +161,18 @@ def _tokens_per_sample(model: nn.Module, run: Callable, batch_size: int) -> floa
     return seen[0] if seen else None
 
 
-def bench_model(name: str, router: str = "softmax-topk", top_k: int = 2, batch_size: int = 64,
-                size: int | None = None, device: str = "cpu", repeats: int = 10, warmup: int = 3,
-                compile: bool = False, num_experts: int | None = None) -> dict:
+def bench_model(
+    name: str,
+    router: str = "softmax-topk",
+    top_k: int = 2,
+    batch_size: int = 64,
+    size: int | None = None,
+    device: str = "cpu",
+    repeats: int = 10,
+    warmup: int = 3,
+    compile: bool = False,
+    num_experts: int | None = None,
+) -> dict:
     """One config, MoE vs dense: median step time, samples/s, tokens/s and memory of each, and ratios."""
     if name not in CONFIGS:
         raise ValueError(f"unknown bench model config {name!r}; choose from {', '.join(CONFIGS)}")
@@ -165,8 +205,16 @@ def bench_model(name: str, router: str = "softmax-topk", top_k: int = 2, batch_s
     for _ in range(repeats):
         for k, s in steps.items():
             samples[k].append(_timed(s, dev))
-    row: dict = {"config": name, "router": router, "k": top_k, "batch": batch_size, "size": side,
-                 "device": str(dev), "compile": compile, "tokens_per_sample": tokens}
+    row: dict = {
+        "config": name,
+        "router": router,
+        "k": top_k,
+        "batch": batch_size,
+        "size": side,
+        "device": str(dev),
+        "compile": compile,
+        "tokens_per_sample": tokens,
+    }
     for k in steps:
         sec = statistics.median(samples[k])
         row[f"{k}_ms"] = round(sec * 1e3, 2)
@@ -176,16 +224,31 @@ def bench_model(name: str, router: str = "softmax-topk", top_k: int = 2, batch_s
         row[f"{k}_peak_mb"] = None if memory[k]["peak_mb"] is None else round(memory[k]["peak_mb"], 1)
     row["time_ratio"] = round(row["moe_ms"] / row["dense_ms"], 3)
     row["saved_mem_ratio"] = round(row["moe_saved_mb"] / row["dense_saved_mb"], 3)
-    row["peak_mem_ratio"] = (None if row["dense_peak_mb"] is None
-                             else round(row["moe_peak_mb"] / row["dense_peak_mb"], 3))
+    row["peak_mem_ratio"] = (
+        None if row["dense_peak_mb"] is None else round(row["moe_peak_mb"] / row["dense_peak_mb"], 3)
+    )
     return row
 
 
 def format_rows(rows: list[dict]) -> str:
     """Dense and MoE side by side, one line per config, with MoE/dense ratios."""
-    cols = ["config", "batch", "size", "dense_ms", "moe_ms", "time_ratio", "dense_samples_per_s",
-            "moe_samples_per_s", "moe_tokens_per_s", "dense_saved_mb", "moe_saved_mb", "saved_mem_ratio",
-            "dense_peak_mb", "moe_peak_mb", "peak_mem_ratio"]
+    cols = [
+        "config",
+        "batch",
+        "size",
+        "dense_ms",
+        "moe_ms",
+        "time_ratio",
+        "dense_samples_per_s",
+        "moe_samples_per_s",
+        "moe_tokens_per_s",
+        "dense_saved_mb",
+        "moe_saved_mb",
+        "saved_mem_ratio",
+        "dense_peak_mb",
+        "moe_peak_mb",
+        "peak_mem_ratio",
+    ]
     done = [r for r in rows if "skipped" not in r]
     lines = []
     if done:

@@ -3,6 +3,7 @@
 Each subcommand module imports only argparse at the top, and its heavy imports (torch, pandas,
 submitit) inside ``run``, so ``moebench --help`` and ``moebench routers`` start fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,13 @@ defaults and writes a report to results/quick/report/."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moebench", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="moebench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--version", action="version", version=f"moebench {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                           help="`moebench COMMAND --help` describes each")
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="`moebench COMMAND --help` describes each"
+    )
     for module in COMMANDS:
         module.add_parser(sub)
     return p

@@ -1,11 +1,14 @@
 """The formatter every subcommand uses: defaults shown, description kept as written."""
+
 from __future__ import annotations
 
 import argparse
 import textwrap
 
-SET_HELP = ("set a grid entry without editing the grid file, e.g. --set task_args.data=/data/imagenet, "
-            "--set executor.partition=gpu, --set tasks.0.task_args.root=/data/coco (VALUE is YAML; repeatable)")
+SET_HELP = (
+    "set a grid entry without editing the grid file, e.g. --set task_args.data=/data/imagenet, "
+    "--set executor.partition=gpu, --set tasks.0.task_args.root=/data/coco (VALUE is YAML; repeatable)"
+)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -15,8 +18,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     def _get_help_string(self, action):
         help = action.help or ""
         default = action.default
-        if ("(default" in help or default is None or default is False or default is argparse.SUPPRESS
-                or (isinstance(default, (list, str)) and not default)):
+        if (
+            "(default" in help
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or (isinstance(default, (list, str)) and not default)
+        ):
             return help
         return super()._get_help_string(action)
 

@@ -1,5 +1,6 @@
 """``moebench bench layer`` / ``model``: an MoE layer against a dense FFN of equal active FLOPs, and a
 whole model's training step against its dense twin, each timed side by side in one process."""
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,26 @@ from moebench.cli._help import command
 
 
 def add_parser(sub) -> None:
-    bench = command(sub, "bench", "benchmarks, timed side by side in one process",
-                    description="Benchmarks, timed side by side in one process (interleaved, median of "
-                                "repeats) and printed as ratios, so the machine's speed cancels out.")
-    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK",
-                                     help="layer: one MoE layer per router against a dense FFN")
-    layer = command(bench_sub, "layer", "MoE layer vs dense FFN of equal active FLOPs (forward + backward)",
-                    description="Time one MoE layer per router (forward + backward) against a dense FFN "
-                                "of the same active FLOPs per token (hidden width k x d_hidden), and each "
-                                "router alone as a share of the softmax-topk layer. Prints a table, then "
-                                "the rows as JSON.", func=run_layer)
+    bench = command(
+        sub,
+        "bench",
+        "benchmarks, timed side by side in one process",
+        description="Benchmarks, timed side by side in one process (interleaved, median of "
+        "repeats) and printed as ratios, so the machine's speed cancels out.",
+    )
+    bench_sub = bench.add_subparsers(
+        dest="bench", required=True, metavar="BENCHMARK", help="layer: one MoE layer per router against a dense FFN"
+    )
+    layer = command(
+        bench_sub,
+        "layer",
+        "MoE layer vs dense FFN of equal active FLOPs (forward + backward)",
+        description="Time one MoE layer per router (forward + backward) against a dense FFN "
+        "of the same active FLOPs per token (hidden width k x d_hidden), and each "
+        "router alone as a share of the softmax-topk layer. Prints a table, then "
+        "the rows as JSON.",
+        func=run_layer,
+    )
     layer.add_argument("--routers", default="uniform,softmax-topk,ermoe", help="comma-separated router names")
     layer.add_argument("--experts", type=int, default=8, help="number of experts E")
     layer.add_argument("--top-k", default="2,1", help="comma-separated k values (experts per token)")
@@ -31,20 +42,36 @@ def add_parser(sub) -> None:
     layer.add_argument("--repeats", type=int, default=15, help="timed steps per module (interleaved)")
     layer.add_argument("--json", default=None, help="also write the results as JSON to this file")
     layer.add_argument("--no-peers", action="store_true", help="skip the transformers Mixtral peer row")
-    layer.add_argument("--preset", default=None, choices=sorted(LAYER_PRESETS),
-                       help="realistic sizes: " + "; ".join(f"{k}: {v['doc']}" for k, v in sorted(LAYER_PRESETS.items()))
-                       + " (sets --d-model, --d-hidden, --tokens; bf16 on cuda, float32 on cpu)")
+    layer.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(LAYER_PRESETS),
+        help="realistic sizes: "
+        + "; ".join(f"{k}: {v['doc']}" for k, v in sorted(LAYER_PRESETS.items()))
+        + " (sets --d-model, --d-hidden, --tokens; bf16 on cuda, float32 on cpu)",
+    )
 
-    model = command(bench_sub, "model", "a model's training step (samples/s, tokens/s, memory): MoE vs its dense twin",
-                    func=run_model)
-    model.add_argument("--configs", default="vit-s16,vit-b16-adapters,clip-b32,vit3d",
-                       help="comma-separated configs: vit-s16, vit-b16-adapters, clip-b32, vit3d")
+    model = command(
+        bench_sub,
+        "model",
+        "a model's training step (samples/s, tokens/s, memory): MoE vs its dense twin",
+        func=run_model,
+    )
+    model.add_argument(
+        "--configs",
+        default="vit-s16,vit-b16-adapters,clip-b32,vit3d",
+        help="comma-separated configs: vit-s16, vit-b16-adapters, clip-b32, vit3d",
+    )
     model.add_argument("--router", default="softmax-topk", help="router of the MoE layers")
     model.add_argument("--top-k", type=int, default=2, help="experts per token")
     model.add_argument("--experts", type=int, default=None, help="experts per layer; default: the grid's (8)")
     model.add_argument("--batch-size", type=int, default=64, help="samples per step (use 2-8 on a CPU)")
-    model.add_argument("--size", type=int, default=None,
-                       help="input side in pixels / voxels (default: full scale, 224 / 96); e.g. 64 / 32 on a CPU")
+    model.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="input side in pixels / voxels (default: full scale, 224 / 96); e.g. 64 / 32 on a CPU",
+    )
     model.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     model.add_argument("--repeats", type=int, default=10, help="timed steps per model (interleaved)")
     model.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (and the compile)")
@@ -53,12 +80,19 @@ def add_parser(sub) -> None:
 
 
 LAYER_PRESETS = {
-    "vit-s": {"d_model": 384, "d_hidden": 1536, "tokens": 32768,
-              "doc": "d=384, h=1536 (ViT-S), T=32768 (a batch of 164 ViT-S/16 images)"},
-    "vit-b": {"d_model": 768, "d_hidden": 3072, "tokens": 32768,
-              "doc": "d=768, h=3072 (ViT-B), T=32768"},
-    "vit-b-large-batch": {"d_model": 768, "d_hidden": 3072, "tokens": 200704,
-                          "doc": "d=768, h=3072, T=200704 (1024 ViT-B/16 images of 196 patches)"},
+    "vit-s": {
+        "d_model": 384,
+        "d_hidden": 1536,
+        "tokens": 32768,
+        "doc": "d=384, h=1536 (ViT-S), T=32768 (a batch of 164 ViT-S/16 images)",
+    },
+    "vit-b": {"d_model": 768, "d_hidden": 3072, "tokens": 32768, "doc": "d=768, h=3072 (ViT-B), T=32768"},
+    "vit-b-large-batch": {
+        "d_model": 768,
+        "d_hidden": 3072,
+        "tokens": 200704,
+        "doc": "d=768, h=3072, T=200704 (1024 ViT-B/16 images of 196 patches)",
+    },
 }
 
 
@@ -69,16 +103,29 @@ def run_layer(args) -> int:
     from moebench.core.registry import ROUTERS
 
     routers = [r for r in args.routers.split(",") if r]
-    print(f"moebench bench layer: {', '.join(routers)} vs dense, k = {args.top_k}, {args.repeats} timed steps each",
-          file=sys.stderr, flush=True)
+    print(
+        f"moebench bench layer: {', '.join(routers)} vs dense, k = {args.top_k}, {args.repeats} timed steps each",
+        file=sys.stderr,
+        flush=True,
+    )
     for r in routers:
         ROUTERS.get(r)  # clear error for an unknown name before any timing
     if args.preset:
         preset = LAYER_PRESETS[args.preset]
         args.d_model, args.d_hidden, args.tokens = preset["d_model"], preset["d_hidden"], preset["tokens"]
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    rows = bench_layer(routers, args.experts, [int(k) for k in args.top_k.split(",")], args.tokens, args.d_model,
-                       args.d_hidden, getattr(torch, args.dtype), args.device, args.repeats, peers=not args.no_peers)
+    rows = bench_layer(
+        routers,
+        args.experts,
+        [int(k) for k in args.top_k.split(",")],
+        args.tokens,
+        args.d_model,
+        args.d_hidden,
+        getattr(torch, args.dtype),
+        args.device,
+        args.repeats,
+        peers=not args.no_peers,
+    )
     print(format_table(rows))
     print(json.dumps(rows))
     if args.json:
@@ -98,8 +145,20 @@ def run_model(args) -> int:
     ROUTERS.get(args.router)
     rows = []
     for name in names:
-        rows.append(bench_model(name, args.router, args.top_k, args.batch_size, args.size, args.device,
-                                args.repeats, args.warmup, args.compile, args.experts))
+        rows.append(
+            bench_model(
+                name,
+                args.router,
+                args.top_k,
+                args.batch_size,
+                args.size,
+                args.device,
+                args.repeats,
+                args.warmup,
+                args.compile,
+                args.experts,
+            )
+        )
         print(format_rows(rows[-1:]), flush=True)
     print(format_rows(rows))
     print(json.dumps(rows))

@@ -4,6 +4,7 @@ Local runs (``moebench run`` on this host, ``moebench train``) get SIGINT: each 
 current step and exits, so a rerun resumes it. SLURM jobs are cancelled with ``scancel``: the job ids
 recorded in each run's ``jobs.jsonl`` and the ids submitit left in ``<grid>/.submitit/`` (queued array
 tasks that have not started yet), as far as ``squeue`` still lists them."""
+
 from __future__ import annotations
 
 import sys
@@ -13,9 +14,14 @@ from moebench.cli._help import command
 
 
 def add_parser(sub) -> None:
-    p = command(sub, "cancel", "stop the running and queued jobs of a results folder (local and SLURM)",
-                func=run, description="Stop what is training under RESULTS (or RESULTS/GRID): local runs "
-                "checkpoint and exit (a rerun resumes them); SLURM jobs are cancelled with scancel.")
+    p = command(
+        sub,
+        "cancel",
+        "stop the running and queued jobs of a results folder (local and SLURM)",
+        func=run,
+        description="Stop what is training under RESULTS (or RESULTS/GRID): local runs "
+        "checkpoint and exit (a rerun resumes them); SLURM jobs are cancelled with scancel.",
+    )
     p.add_argument("results", help="a results folder (holding <grid>/<run_id>/) or one grid's folder")
     p.add_argument("grid", nargs="?", default=None, help="only this grid (a folder name under RESULTS)")
 
@@ -47,8 +53,10 @@ def run(args) -> int:
 
     root = Path(args.results) / args.grid if args.grid else Path(args.results)
     if not root.is_dir():
-        print(f"error: {root} is not a folder; give the results folder (and optionally a grid name in it)",
-              file=sys.stderr)
+        print(
+            f"error: {root} is not a folder; give the results folder (and optionally a grid name in it)",
+            file=sys.stderr,
+        )
         return 2
     stopped, elsewhere, rc = 0, [], 0
     for grid_dir in grid_dirs(root):
@@ -62,8 +70,9 @@ def run(args) -> int:
         ids = slurm_job_ids(grid_dir)
         alive = squeue_ids() if ids else set()
         if alive is None:  # only asked when there are ids
-            print(f"{grid_dir.name}: squeue does not answer; cannot cancel its SLURM jobs {sorted(ids)}",
-                  file=sys.stderr)
+            print(
+                f"{grid_dir.name}: squeue does not answer; cannot cancel its SLURM jobs {sorted(ids)}", file=sys.stderr
+            )
             rc = 1
             continue
         # an array's tasks show as <array>_<i>: cancel by the array id when any of its tasks is listed

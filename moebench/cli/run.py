@@ -1,4 +1,5 @@
 """``moebench run``: expand a grid, launch its runs with submitit, then write the report."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,24 +15,40 @@ DEFAULT_GRIDS = (DEFAULT_GRID, "structure")
 
 
 def add_parser(sub) -> None:
-    p = command(sub, "run", f"run a grid (default: {', then '.join(DEFAULT_GRIDS)}), then write its report",
-                description=f"Expand a grid into matched runs, run what is not done yet (resuming interrupted "
-                            f"runs from their checkpoints, skipping finished ones), then write "
-                            f"RESULTS/<grid>/report/. With no GRID, runs the shipped '{DEFAULT_GRID}' grid on "
-                            f"the offline defaults (CPU, minutes), then the 'structure' grid (ground-truth routing). Rerunning the same command is safe: it "
-                            f"picks up where the last one stopped.", func=run)
-    p.add_argument("grid", nargs="?", default=None,
-                   help="a YAML grid file, or the name of a shipped grid (see `moebench grid show NAME`) "
-                        f"(default: {', then '.join(DEFAULT_GRIDS)})")
-    p.add_argument("--cluster", choices=["local", "slurm", "debug"], default=None,
-                   help="where jobs run: local subprocesses, a SLURM job array, or in-process (debug); "
-                        "default: the grid's executor.cluster, where auto means local unless the grid "
-                        "declares executor.partition and SLURM answers")
+    p = command(
+        sub,
+        "run",
+        f"run a grid (default: {', then '.join(DEFAULT_GRIDS)}), then write its report",
+        description=f"Expand a grid into matched runs, run what is not done yet (resuming interrupted "
+        f"runs from their checkpoints, skipping finished ones), then write "
+        f"RESULTS/<grid>/report/. With no GRID, runs the shipped '{DEFAULT_GRID}' grid on "
+        f"the offline defaults (CPU, minutes), then the 'structure' grid (ground-truth routing). Rerunning the same command is safe: it "
+        f"picks up where the last one stopped.",
+        func=run,
+    )
+    p.add_argument(
+        "grid",
+        nargs="?",
+        default=None,
+        help="a YAML grid file, or the name of a shipped grid (see `moebench grid show NAME`) "
+        f"(default: {', then '.join(DEFAULT_GRIDS)})",
+    )
+    p.add_argument(
+        "--cluster",
+        choices=["local", "slurm", "debug"],
+        default=None,
+        help="where jobs run: local subprocesses, a SLURM job array, or in-process (debug); "
+        "default: the grid's executor.cluster, where auto means local unless the grid "
+        "declares executor.partition and SLURM answers",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--results", default="results", help="results root; runs go to RESULTS/<grid>/<run_id>/")
     p.add_argument("--dry-run", action="store_true", help="print what would run and where, run nothing")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="rerun runs that failed before (by default they are skipped and listed)")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="rerun runs that failed before (by default they are skipped and listed)",
+    )
     p.add_argument("--no-report", action="store_true", help="do not write the report afterwards")
 
 
@@ -43,8 +60,9 @@ def _write_report(grid_dir: Path) -> str | None:
     try:
         write_report(grid_dir, out)
     except Exception as err:  # noqa: BLE001 - the runs are safe on disk; say what broke
-        print(f"report failed: {type(err).__name__}: {err}; rerun it with `moebench report {grid_dir}`",
-              file=sys.stderr)
+        print(
+            f"report failed: {type(err).__name__}: {err}; rerun it with `moebench report {grid_dir}`", file=sys.stderr
+        )
         return None
     print(f"report: {out}")
     return str(out)
@@ -72,8 +90,13 @@ def run_one(args) -> int:
     from moebench.training.stop import Stopped
 
     try:
-        out = run_grid(load(args.grid, overrides=args.set), cluster=args.cluster, results=args.results, dry_run=args.dry_run,
-                       retry_failed=args.retry_failed)
+        out = run_grid(
+            load(args.grid, overrides=args.set),
+            cluster=args.cluster,
+            results=args.results,
+            dry_run=args.dry_run,
+            retry_failed=args.retry_failed,
+        )
     except Stopped as err:  # SIGINT / SIGTERM: the jobs checkpointed; no report of a half-run grid
         print(f"{err}", file=sys.stderr)
         return 130

@@ -1,4 +1,5 @@
 """``moebench status``: done / running / failed / queued for every run under a results folder."""
+
 from __future__ import annotations
 
 import sys
@@ -8,14 +9,23 @@ from moebench.cli._help import command
 
 
 def add_parser(sub) -> None:
-    p = command(sub, "status", "state of every run under a results folder, with each failure's reason",
-                description="One table per grid folder: each run's state (done, running, queued, "
-                            "interrupted, failed, corrupt), its attempts, and why it failed or from which "
-                            "step it resumed. Read from the run records alone; works while a grid runs. "
-                            "Exit status 1 when a run failed or its record is unreadable.", func=run)
-    p.add_argument("results", nargs="?", default="results",
-                   help="a results root holding <grid>/<run_id>/ (e.g. results), or one grid's folder "
-                        "holding <run_id>/ (e.g. results/quick)")
+    p = command(
+        sub,
+        "status",
+        "state of every run under a results folder, with each failure's reason",
+        description="One table per grid folder: each run's state (done, running, queued, "
+        "interrupted, failed, corrupt), its attempts, and why it failed or from which "
+        "step it resumed. Read from the run records alone; works while a grid runs. "
+        "Exit status 1 when a run failed or its record is unreadable.",
+        func=run,
+    )
+    p.add_argument(
+        "results",
+        nargs="?",
+        default="results",
+        help="a results root holding <grid>/<run_id>/ (e.g. results), or one grid's folder "
+        "holding <run_id>/ (e.g. results/quick)",
+    )
 
 
 def run(args) -> int:
@@ -26,13 +36,18 @@ def run(args) -> int:
     dirs = grid_dirs(root)
     if not dirs:
         if not root.is_dir():
-            print(f"{root}: no such folder. `moebench run GRID` writes results/<grid>/<run_id>/; give "
-                  f"results (every grid) or results/<grid> (one grid)", file=sys.stderr)
+            print(
+                f"{root}: no such folder. `moebench run GRID` writes results/<grid>/<run_id>/; give "
+                f"results (every grid) or results/<grid> (one grid)",
+                file=sys.stderr,
+            )
         else:
-            print(f"no run records under {root}: looked for {root}/<run_id>/status.json (a grid's folder, "
-                  f"e.g. results/quick) and {root}/<grid>/<run_id>/status.json (a results root, e.g. "
-                  f"results). Runs appear there once `moebench run` or `moebench train` starts them.",
-                  file=sys.stderr)
+            print(
+                f"no run records under {root}: looked for {root}/<run_id>/status.json (a grid's folder, "
+                f"e.g. results/quick) and {root}/<grid>/<run_id>/status.json (a results root, e.g. "
+                f"results). Runs appear there once `moebench run` or `moebench train` starts them.",
+                file=sys.stderr,
+            )
         return 1
     bad = 0
     for d in dirs:

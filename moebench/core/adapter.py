@@ -12,6 +12,7 @@ live under ``<block>.moe_adapter``.
 section so every task's build path gets it through moefy): only the MoE layers (and adapter
 alphas) and the classifier head train; ``train_norms`` also leaves the LayerNorms trainable.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,13 +39,27 @@ def drop_expert_biases(layer: MoELayer) -> MoELayer:
     return layer
 
 
-def build_adapter_layer(d_model: int, d_hidden: int | None, num_experts: int, router: str, router_args: dict | None,
-                        capacity_factor: float | None, **layer_options) -> MoELayer:
+def build_adapter_layer(
+    d_model: int,
+    d_hidden: int | None,
+    num_experts: int,
+    router: str,
+    router_args: dict | None,
+    capacity_factor: float | None,
+    **layer_options,
+) -> MoELayer:
     """One adapter MoE layer: bottleneck experts, GELU, no bias. ``layer_options`` (shared / null
     experts, capacity policy) are MoELayer's, the same as in replace mode."""
-    layer = MoELayer(d_model, adapter_width(d_model, d_hidden), num_experts, router=router,
-                     router_args=router_args, capacity_factor=capacity_factor, activation=ADAPTER_ACTIVATION,
-                     **layer_options)
+    layer = MoELayer(
+        d_model,
+        adapter_width(d_model, d_hidden),
+        num_experts,
+        router=router,
+        router_args=router_args,
+        capacity_factor=capacity_factor,
+        activation=ADAPTER_ACTIVATION,
+        **layer_options,
+    )
     return drop_expert_biases(layer)
 
 
@@ -66,8 +81,11 @@ class AdapterMoE(nn.Module):
         if context is not None:
             context = (context.transpose(0, 1) if self.seq_first else context)[:, p:]
         branch = self.moe(y[:, p:], context=context)
-        out = torch.cat([y[:, :p], y[:, p:] + self.alpha.to(y.dtype) * branch], dim=1) if p else \
-            y + self.alpha.to(y.dtype) * branch
+        out = (
+            torch.cat([y[:, :p], y[:, p:] + self.alpha.to(y.dtype) * branch], dim=1)
+            if p
+            else y + self.alpha.to(y.dtype) * branch
+        )
         return out.transpose(0, 1) if self.seq_first else out
 
     def extra_repr(self) -> str:

@@ -9,6 +9,7 @@ batch rather than inside each small batch, which lets experts specialise by doma
 gradient (it is a count), so only P_i is trained either way. Evaluation forwards always use ``micro``
 and do not touch the accumulator; ``reset()`` runs after each optimiser step.
 """
+
 from __future__ import annotations
 
 import torch

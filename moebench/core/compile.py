@@ -1,4 +1,5 @@
 """Regional ``torch.compile``: the trainer's ``train.compile`` and ``moebench bench --compile``."""
+
 from __future__ import annotations
 
 from torch import nn

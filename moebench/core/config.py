@@ -7,6 +7,7 @@ accepted by one and refused by the other (``tests/test_config.py`` checks it). E
 error its own way (a spec names "spec field train.lr", a grid names its file and key path); the
 check itself, what was expected and the closest known key, come from here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,14 +39,32 @@ class ConfigError(ValueError):
         return f"expected {self.expected}, got {self.value!r} ({kind}){self.hint}"
 
 
-def option(default, kind: str, *, minimum=None, maximum=None, strict: bool = False, nullable: bool = False,
-           choices: tuple = (), doc: str = "", flat: bool = False):
+def option(
+    default,
+    kind: str,
+    *,
+    minimum=None,
+    maximum=None,
+    strict: bool = False,
+    nullable: bool = False,
+    choices: tuple = (),
+    doc: str = "",
+    flat: bool = False,
+):
     """A config field: ``kind`` is int | float | bool | str | dict | blocks | choice | list (of distinct
     ``choices``); ``strict`` makes
     ``minimum`` exclusive; ``nullable`` admits null; ``choices`` lists the admitted values; ``flat``
     (dicts) admits only one level of plain string / number keys and values (they become shell lines)."""
-    meta = {"kind": kind, "minimum": minimum, "maximum": maximum, "strict": strict, "nullable": nullable,
-            "choices": tuple(choices), "doc": doc, "flat": flat}
+    meta = {
+        "kind": kind,
+        "minimum": minimum,
+        "maximum": maximum,
+        "strict": strict,
+        "nullable": nullable,
+        "choices": tuple(choices),
+        "doc": doc,
+        "flat": flat,
+    }
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -62,31 +81,56 @@ class TrainConfig:
     warmup_steps: int = option(50, "int", minimum=0, doc="linear warm-up steps, then cosine decay")
     eval_every: int = option(200, "int", minimum=0, doc="steps between evaluations; 0: only at the end")
     grad_clip: float = option(1.0, "float", minimum=0.0, nullable=True, doc="gradient norm clip; 0 or null: none")
-    amp: Any = option("auto", "choice", choices=("auto", True, False),
-                      doc="bf16 autocast: auto (CUDA only), true or false")
+    amp: Any = option(
+        "auto", "choice", choices=("auto", True, False), doc="bf16 autocast: auto (CUDA only), true or false"
+    )
     checkpoint_every: int = option(200, "int", minimum=0, doc="steps between checkpoints; 0: at evaluations")
-    max_loss: float = option(1e6, "float", minimum=0.0, strict=True, nullable=True,
-                             doc="a loss above this (or NaN / inf) fails the run; null: only NaN / inf")
+    max_loss: float = option(
+        1e6,
+        "float",
+        minimum=0.0,
+        strict=True,
+        nullable=True,
+        doc="a loss above this (or NaN / inf) fails the run; null: only NaN / inf",
+    )
     num_workers: int = option(0, "int", minimum=0, doc="DataLoader worker processes")
     eval_batch_size: int = option(None, "int", minimum=1, nullable=True, doc="null: batch_size")
-    interventions: bool = option(False, "bool",
-                                 doc="at the end, also evaluate with each expert dropped, each token's top-1 "
-                                     "dropped, and at capacity factors 0.5/1/1.5/2 (E x layers + 5 evaluations)")
-    probe_size: int = option(64, "int", minimum=0,
-                             doc="eval samples whose top-1 experts are tracked for stability; 0: off")
-    probe_every: int = option(None, "int", minimum=0, nullable=True,
-                              doc="steps between routings of the probe samples (no eval set: cheap); null: "
-                                  "steps // 10 (at least 1), so every run has >= 10 stability points; 0: only "
-                                  "at evaluations")
+    interventions: bool = option(
+        False,
+        "bool",
+        doc="at the end, also evaluate with each expert dropped, each token's top-1 "
+        "dropped, and at capacity factors 0.5/1/1.5/2 (E x layers + 5 evaluations)",
+    )
+    probe_size: int = option(
+        64, "int", minimum=0, doc="eval samples whose top-1 experts are tracked for stability; 0: off"
+    )
+    probe_every: int = option(
+        None,
+        "int",
+        minimum=0,
+        nullable=True,
+        doc="steps between routings of the probe samples (no eval set: cheap); null: "
+        "steps // 10 (at least 1), so every run has >= 10 stability points; 0: only "
+        "at evaluations",
+    )
     keep_checkpoint: bool = option(False, "bool", doc="keep checkpoint.pt after the run is done")
-    deterministic: Any = option("auto", "choice", choices=("auto", True, False),
-                                doc="deterministic kernels: auto (CPU only), true or false")
+    deterministic: Any = option(
+        "auto", "choice", choices=("auto", True, False), doc="deterministic kernels: auto (CPU only), true or false"
+    )
     compile: bool = option(False, "bool", doc="torch.compile the model for training (speed only: not in the run id)")
-    log_to: list = option([], "list", choices=TRACKERS,
-                          doc="also write metrics.jsonl's lines to tensorboard and / or wandb (offline); the run "
-                              "folder stays the record (not in the run id)")
-    eval_at_start: bool = option(False, "bool", doc="also evaluate at step 0 (every MoE run already does: the routing "
-                                                    "before any learning); for a dense run, its step-0 metrics")
+    log_to: list = option(
+        [],
+        "list",
+        choices=TRACKERS,
+        doc="also write metrics.jsonl's lines to tensorboard and / or wandb (offline); the run "
+        "folder stays the record (not in the run id)",
+    )
+    eval_at_start: bool = option(
+        False,
+        "bool",
+        doc="also evaluate at step 0 (every MoE run already does: the routing "
+        "before any learning); for a dense run, its step-0 metrics",
+    )
 
 
 @dataclass
@@ -98,58 +142,111 @@ class MoEConfig:
     router: str = option("softmax-topk", "str", doc="registered router name (see `moebench routers`)")
     router_args: dict = option({}, "dict", doc="the router's own options")
     d_hidden: int = option(None, "int", minimum=1, nullable=True, doc="expert hidden width; null: the dense MLP's")
-    capacity_factor: float = option(None, "float", minimum=0.0, strict=True, nullable=True,
-                                    doc="null: the router's default (dropless for most)")
-    upcycle: Any = option(False, "choice", choices=(False, True, "drop"),
-                          doc="true: copy the dense MLP into every expert; drop: Drop-Upcycling (copy, then "
-                              "re-draw a share upcycle_drop of each expert's hidden units from the dense "
-                              "weights' statistics); false: fresh experts")
-    upcycle_drop: float = option(None, "float", minimum=0.0, maximum=1.0, nullable=True,
-                                 doc="with upcycle: drop, the share of each expert's hidden units re-drawn "
-                                     "(Nakamura et al. 2025: 0.5); null: 0.5")
-    capacity_policy: str = option("position", "choice", choices=("position", "priority"),
-                                  doc="which pairs a full expert keeps: earlier tokens, or higher top gate "
-                                      "score (V-MoE batch-prioritised routing)")
-    routing_unit: str = option("token", "choice", choices=("token", "sequence"),
-                               doc="token: each token routed; sequence: one decision per example from its summed "
-                                   "tokens (= summed gate logits for linear gates; Chen et al. 2022)")
-    activation: str = option(None, "choice", nullable=True, choices=EXPERT_ACTIVATIONS,
-                             doc="expert activation; swiglu / geglu: gated experts (Mixtral); null: the dense MLP's")
-    shared_experts: int = option(0, "int", minimum=0, maximum=MAX_EXPERTS,
-                                 doc="always-on experts added to the routed output (DeepSeek-MoE, Qwen2-MoE)")
+    capacity_factor: float = option(
+        None, "float", minimum=0.0, strict=True, nullable=True, doc="null: the router's default (dropless for most)"
+    )
+    upcycle: Any = option(
+        False,
+        "choice",
+        choices=(False, True, "drop"),
+        doc="true: copy the dense MLP into every expert; drop: Drop-Upcycling (copy, then "
+        "re-draw a share upcycle_drop of each expert's hidden units from the dense "
+        "weights' statistics); false: fresh experts",
+    )
+    upcycle_drop: float = option(
+        None,
+        "float",
+        minimum=0.0,
+        maximum=1.0,
+        nullable=True,
+        doc="with upcycle: drop, the share of each expert's hidden units re-drawn "
+        "(Nakamura et al. 2025: 0.5); null: 0.5",
+    )
+    capacity_policy: str = option(
+        "position",
+        "choice",
+        choices=("position", "priority"),
+        doc="which pairs a full expert keeps: earlier tokens, or higher top gate "
+        "score (V-MoE batch-prioritised routing)",
+    )
+    routing_unit: str = option(
+        "token",
+        "choice",
+        choices=("token", "sequence"),
+        doc="token: each token routed; sequence: one decision per example from its summed "
+        "tokens (= summed gate logits for linear gates; Chen et al. 2022)",
+    )
+    activation: str = option(
+        None,
+        "choice",
+        nullable=True,
+        choices=EXPERT_ACTIVATIONS,
+        doc="expert activation; swiglu / geglu: gated experts (Mixtral); null: the dense MLP's",
+    )
+    shared_experts: int = option(
+        0,
+        "int",
+        minimum=0,
+        maximum=MAX_EXPERTS,
+        doc="always-on experts added to the routed output (DeepSeek-MoE, Qwen2-MoE)",
+    )
     shared_expert_gate: bool = option(False, "bool", doc="scale the shared experts by sigmoid(x w) (Qwen2-MoE)")
-    null_experts: int = option(0, "int", minimum=0, maximum=MAX_EXPERTS,
-                               doc="zero / copy / constant experts added to the router's pool (MoE++)")
-    mode: str = option("replace", "choice", choices=("replace", "adapter"),
-                       doc="replace: MoE takes the MLP's place; adapter: x + alpha * MoE(x) after the block "
-                           "(bottleneck experts d -> d_hidden -> d, GELU, no bias; d_hidden null: d / 4)")
+    null_experts: int = option(
+        0,
+        "int",
+        minimum=0,
+        maximum=MAX_EXPERTS,
+        doc="zero / copy / constant experts added to the router's pool (MoE++)",
+    )
+    mode: str = option(
+        "replace",
+        "choice",
+        choices=("replace", "adapter"),
+        doc="replace: MoE takes the MLP's place; adapter: x + alpha * MoE(x) after the block "
+        "(bottleneck experts d -> d_hidden -> d, GELU, no bias; d_hidden null: d / 4)",
+    )
     patches_only: bool = option(False, "bool", doc="adapter mode: CLS / register tokens bypass the MoE branch")
     freeze_backbone: bool = option(False, "bool", doc="train only the MoE layers (and adapter alphas) and the head")
     train_norms: bool = option(False, "bool", doc="with freeze_backbone: the LayerNorms train too")
-    router_init_std: float = option(None, "float", minimum=0.0, strict=True, nullable=True,
-                                    doc="draw the router's learned gate weights from N(0, std^2); null: each "
-                                        "router's own init (README, 'Router initialisation')")
+    router_init_std: float = option(
+        None,
+        "float",
+        minimum=0.0,
+        strict=True,
+        nullable=True,
+        doc="draw the router's learned gate weights from N(0, std^2); null: each "
+        "router's own init (README, 'Router initialisation')",
+    )
 
 
 @dataclass
 class ExecutorConfig:
     """Where a grid's jobs run (submitit)."""
 
-    cluster: str = option("auto", "choice", choices=("auto", "local", "slurm", "debug"),
-                          doc="auto: SLURM when the grid sets executor.partition and sbatch answers, else local subprocesses")
+    cluster: str = option(
+        "auto",
+        "choice",
+        choices=("auto", "local", "slurm", "debug"),
+        doc="auto: SLURM when the grid sets executor.partition and sbatch answers, else local subprocesses",
+    )
     partition: str = option(None, "str", nullable=True, doc="SLURM partition")
     time_min: float = option(60, "float", minimum=0.0, strict=True, doc="SLURM time limit per job, minutes")
     cpus_per_task: int = option(1, "int", minimum=1, doc="CPU cores per job")
     gpus_per_node: int = option(0, "int", minimum=0, doc="GPUs per job (one task per GPU)")
-    tasks_per_node: int = option(None, "int", minimum=1, nullable=True,
-                                 doc="data-parallel processes per job (gloo on CPU, nccl on GPU); "
-                                     "null: one per GPU, or 1 on CPU")
+    tasks_per_node: int = option(
+        None,
+        "int",
+        minimum=1,
+        nullable=True,
+        doc="data-parallel processes per job (gloo on CPU, nccl on GPU); null: one per GPU, or 1 on CPU",
+    )
     mem_gb: float = option(None, "float", minimum=0.0, strict=True, nullable=True, doc="memory per job")
     array_parallelism: int = option(64, "int", minimum=1, doc="SLURM array jobs at once")
     max_workers: int = option(None, "int", minimum=1, nullable=True, doc="local jobs at once; null: from the cores")
     sbatch_extra: dict = option({}, "dict", flat=True, doc="extra sbatch options, e.g. {account: ..., qos: ...}")
-    max_retries: int = option(2, "int", minimum=0,
-                              doc="times a job killed by a signal, OOM or node loss is resumed by a rerun")
+    max_retries: int = option(
+        2, "int", minimum=0, doc="times a job killed by a signal, OOM or node loss is resumed by a rerun"
+    )
 
 
 def fields_of(cls) -> dict[str, dataclasses.Field]:
@@ -256,13 +353,17 @@ def coerce(f: dataclasses.Field, value, path: str):
     if kind == "choice":
         if isinstance(value, str) and value.lower() in ("true", "false") and True in m["choices"]:
             value = value.lower() == "true"
-        if any(value is c or (not isinstance(c, bool) and not isinstance(value, bool) and value == c)
-               for c in m["choices"]):
+        if any(
+            value is c or (not isinstance(c, bool) and not isinstance(value, bool) and value == c) for c in m["choices"]
+        ):
             return value
         raise bad
     if kind == "list":
-        if not isinstance(value, list) or len(set(map(str, value))) != len(value) or \
-                any(not isinstance(v, str) or v not in m["choices"] for v in value):
+        if (
+            not isinstance(value, list)
+            or len(set(map(str, value))) != len(value)
+            or any(not isinstance(v, str) or v not in m["choices"] for v in value)
+        ):
             raise bad
         return list(value)
     if kind == "str":
@@ -284,8 +385,11 @@ def coerce(f: dataclasses.Field, value, path: str):
         return dict(value)
     if kind == "blocks":
         is_int = isinstance(value, int) and not isinstance(value, bool)
-        if isinstance(value, str) or is_int or (
-                isinstance(value, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in value)):
+        if (
+            isinstance(value, str)
+            or is_int
+            or (isinstance(value, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in value))
+        ):
             return value
         raise bad
     raise AssertionError(f"unknown field kind {kind!r}")
@@ -296,8 +400,9 @@ def _no_control(text: str, path: str) -> str:
     written into SLURM batch scripts, where a newline starts a new command)."""
     bad = _CONTROL.search(text)
     if bad:
-        raise ConfigError(path, f"a string without newlines or control characters (found {bad.group()!r})",
-                          text, "; remove it")
+        raise ConfigError(
+            path, f"a string without newlines or control characters (found {bad.group()!r})", text, "; remove it"
+        )
     return text
 
 
@@ -317,14 +422,17 @@ def resolve_section(cls, mapping: dict | None, path: str) -> dict:
 
 def check_seed(value, path: str) -> int:
     """A run seed: an integer in [0, 2**32 - 1]."""
-    f = dataclasses.field(metadata={"kind": "int", "minimum": 0, "maximum": MAX_SEED, "strict": False,
-                                    "nullable": False, "choices": ()})
+    f = dataclasses.field(
+        metadata={"kind": "int", "minimum": 0, "maximum": MAX_SEED, "strict": False, "nullable": False, "choices": ()}
+    )
     return coerce(f, value, path)
 
 
-PRETRAIN_DOC = ("a grid's `pretrain:` section: the dense model of the same architecture trained first, once per "
-                "seed, that every run of the block starts from; any train key (steps required) overriding the "
-                "block's train section; null: no pretraining")
+PRETRAIN_DOC = (
+    "a grid's `pretrain:` section: the dense model of the same architecture trained first, once per "
+    "seed, that every run of the block starts from; any train key (steps required) overriding the "
+    "block's train section; null: no pretraining"
+)
 
 
 def check_pretrain(mapping, path: str) -> dict | None:
@@ -336,6 +444,7 @@ def check_pretrain(mapping, path: str) -> dict | None:
         raise ConfigError(path, "a mapping of train keys with at least `steps` (or null: no pretraining)", mapping)
     out = check_section(TrainConfig, mapping, path)
     if "steps" not in out:
-        raise ConfigError(f"{path}.steps", "an integer >= 1 (the dense pretraining budget)", None,
-                          "; e.g. pretrain: {steps: 300}")
+        raise ConfigError(
+            f"{path}.steps", "an integer >= 1 (the dense pretraining budget)", None, "; e.g. pretrain: {steps: 300}"
+        )
     return out

@@ -1,5 +1,6 @@
 """What a model costs per token: parameters (total and active) and forward FLOPs, counted the same way
 for the trainer's record (``final.json``'s cost) and for ``moebench grid show``."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -20,9 +21,13 @@ def model_cost(model: nn.Module) -> dict:
     non_moe = sum(p.numel() for pid, p in {id(p): p for p in model.parameters()}.items() if pid not in moe_params)
     active = non_moe + sum(layer.active_params() for layer in layers)
     flops = linear_flops_outside_moe(model) + sum(layer.flops_per_token() for layer in layers)
-    return {"params_total": int(total), "params_active": float(active), "flops_per_token": float(flops),
-            "router_params": int(sum(p.numel() for p in routers.values())),
-            "router_flops_per_token": float(sum(layer.router.flops_per_token() for layer in layers))}
+    return {
+        "params_total": int(total),
+        "params_active": float(active),
+        "flops_per_token": float(flops),
+        "router_params": int(sum(p.numel() for p in routers.values())),
+        "router_flops_per_token": float(sum(layer.router.flops_per_token() for layer in layers)),
+    }
 
 
 def linear_flops_outside_moe(model: nn.Module) -> float:

@@ -1,6 +1,7 @@
 """The layer's one extra path, for dense routings (`Routing.dispatch` / ``combine``, e.g. Soft MoE):
 slots are weighted mixtures of a sequence's tokens, the experts run on their slots through the same
 grouped GEMM as routed tokens, and each token's output is a weighted mixture of slot outputs."""
+
 from __future__ import annotations
 
 import torch
@@ -9,7 +10,9 @@ from torch import Tensor, nn
 from moebench.core.routing import Routing
 
 
-def dense_dispatch(experts: nn.Module, x: Tensor, routing: Routing, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def dense_dispatch(
+    experts: nn.Module, x: Tensor, routing: Routing, compute_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """``x`` (T, d) -> (output (T, d), slots per expert (E,)).
 
     slots[b] = dispatch[b]^T x[b] (M, d); slots are regrouped expert-major (expert e's B * S slots in

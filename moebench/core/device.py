@@ -1,4 +1,5 @@
 """Moving a task's batch to a device: the one helper every task's ``evaluate`` and the trainer share."""
+
 from __future__ import annotations
 
 import torch

@@ -13,6 +13,7 @@ the dense MLP's knowledge. ratio 0 is plain upcycling; the paper uses 0.5. The d
 generator seeded from torch's initial seed and the layer's name: the same run gets the same experts,
 and the global RNG stream (router init, everything after) is the same as with plain upcycling.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,14 +36,17 @@ def _redraw(like: Tensor, generator: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def drop_upcycle(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, num_experts: int, ratio: float,
-                 generator: torch.Generator) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor]:
+def drop_upcycle(
+    w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, num_experts: int, ratio: float, generator: torch.Generator
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor]:
     """Per-expert weights from one dense MLP in expert layout (w1 (d, h), b1 (h,), w2 (h, d), b2 (d,)):
     ((E, d, h), (E, h), (E, h, d), (E, d)) with a share ``ratio`` of each expert's hidden units
     re-drawn, and the (E, h) mask of the re-drawn units."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"moe.upcycle_drop must be a number in [0, 1] (the share of each expert's hidden units "
-                         f"re-drawn; Drop-Upcycling uses 0.5), got {ratio!r}")
+        raise ValueError(
+            f"moe.upcycle_drop must be a number in [0, 1] (the share of each expert's hidden units "
+            f"re-drawn; Drop-Upcycling uses 0.5), got {ratio!r}"
+        )
     d, h = w1.shape
     E = num_experts
     n_drop = int(round(ratio * h))

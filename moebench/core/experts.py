@@ -1,5 +1,6 @@
 """Batched experts: E two-layer MLPs stored as (E, d, h) / (E, h, d) tensors and run as one grouped
 matrix product per projection over tokens already sorted by expert."""
+
 from __future__ import annotations
 
 import math
@@ -97,8 +98,9 @@ def _grouped_mm_usable(x: Tensor, w: Tensor) -> bool:
     return ok_dtype and w.dtype == x.dtype and x.shape[-1] % align == 0 and w.shape[-1] % align == 0
 
 
-def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, use_grouped_mm: bool = True,
-                   contiguous_grad: bool = True) -> Tensor:
+def grouped_matmul(
+    x: Tensor, w: Tensor, counts: Tensor, use_grouped_mm: bool = True, contiguous_grad: bool = True
+) -> Tensor:
     """Rows of ``x`` (N, a) come in E consecutive groups of sizes ``counts``; group e is multiplied by
     ``w[e]`` (a, b). One grouped GEMM where the build supports it, a loop over groups otherwise.
     ``contiguous_grad=False`` only when the caller's next op already hands back a contiguous gradient.
@@ -107,7 +109,11 @@ def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, use_grouped_mm: bool = 
     admits only bf16 / fp16, or the loop, whose group sizes are host values) runs as one opaque custom
     op, ``moebench::grouped_mm``, so the graph does not break there."""
     compiling = torch.compiler.is_compiling()
-    if use_grouped_mm and _grouped_mm_usable(x, w) and not (compiling and x.dtype not in (torch.bfloat16, torch.float16)):
+    if (
+        use_grouped_mm
+        and _grouped_mm_usable(x, w)
+        and not (compiling and x.dtype not in (torch.bfloat16, torch.float16))
+    ):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         if w.stride(-1) != 1 and w.stride(-2) != 1:  # row- or column-major (e.g. U.mT) go in as they are
             w = w.contiguous()
@@ -205,11 +211,15 @@ class Experts(nn.Module):
         return 2.0 * self.d_model * self.d_hidden * (3 if getattr(self, "gated", False) else 2)
 
     @torch.no_grad()
-    def load_dense(self, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None) -> None:
+    def load_dense(
+        self, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor, fc2_bias: Tensor | None
+    ) -> None:
         """Upcycle: every expert becomes a copy of a dense MLP given in nn.Linear layout (out, in)."""
         if self.gated:
-            raise ValueError(f"cannot upcycle a dense (non-gated) MLP into {self.activation!r} experts; "
-                             f"set moe.activation to null (the dense MLP's) or moe.upcycle to false")
+            raise ValueError(
+                f"cannot upcycle a dense (non-gated) MLP into {self.activation!r} experts; "
+                f"set moe.activation to null (the dense MLP's) or moe.upcycle to false"
+            )
         self.check_dense_shapes(fc1_weight, fc2_weight)
         self.w1.copy_(fc1_weight.t().unsqueeze(0).expand_as(self.w1))
         self.w2.copy_(fc2_weight.t().unsqueeze(0).expand_as(self.w2))
@@ -220,15 +230,18 @@ class Experts(nn.Module):
     def load_experts(self, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> None:
         """Upcycle from per-expert weights (E, d, h) / (E, h) / (E, h, d) / (E, d) (Drop-Upcycling)."""
         if self.gated:
-            raise ValueError(f"cannot upcycle a dense (non-gated) MLP into {self.activation!r} experts; "
-                             f"set moe.activation to null (the dense MLP's) or moe.upcycle to false")
+            raise ValueError(
+                f"cannot upcycle a dense (non-gated) MLP into {self.activation!r} experts; "
+                f"set moe.activation to null (the dense MLP's) or moe.upcycle to false"
+            )
         for name, value in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
             getattr(self, name).copy_(value)
 
     def fc1(self, x_sorted: Tensor, counts: Tensor, contiguous_grad: bool = True) -> Tensor:
         """First projection without bias; a reparameterising subclass (ERMoE) overrides this alone."""
-        return grouped_matmul(x_sorted, self.fc1_weight().to(x_sorted.dtype), counts, self.use_grouped_mm,
-                              contiguous_grad)
+        return grouped_matmul(
+            x_sorted, self.fc1_weight().to(x_sorted.dtype), counts, self.use_grouped_mm, contiguous_grad
+        )
 
     def check_dense_shapes(self, fc1_weight: Tensor, fc2_weight: Tensor) -> None:
         """A dense MLP can only be upcycled into experts of its own width."""

@@ -22,6 +22,7 @@ or ``freeze_experts: false`` make them differ -- the two documented ways to see 
 Routing statistics go through `ImageRoutingRecord`, a `MoELayer` whose routed unit is the image, so
 metrics.jsonl and the report treat it like any token-level layer.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,8 +48,13 @@ def eigen_attention_score(x: Tensor, attn: Tensor) -> Tensor:
     return (diag.square().sum(-1) / (m.square().sum((-2, -1)) + 1e-10)).float()
 
 
-def select_experts(scores: Tensor, top_k: int, threshold: float, free_experts: tuple[int, ...],
-                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def select_experts(
+    scores: Tensor,
+    top_k: int,
+    threshold: float,
+    free_experts: tuple[int, ...],
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """(B, k) expert indices in priority order and the (B,) fallback flag (fewer than k qualified)."""
     B, E = scores.shape
     out = torch.empty(B, top_k, dtype=torch.long)
@@ -91,9 +97,17 @@ class ImageRoutingRecord(MoELayer):
     def forward(self, scores: Tensor, idx: Tensor, weights: Tensor, fallback: Tensor) -> None:  # type: ignore[override]
         spread = scores.max(-1).values - scores.min(-1).values
         tie = (spread <= TIE_TOLERANCE * scores.abs().max(-1).values.clamp_min(1.0)).float()
-        routing = topk_routing(idx, weights.detach(), self.num_experts,
-                               stats={"scores": scores.detach(), "top1": idx[:, 0], "fallback": fallback.float().mean(),
-                                      "tie": tie.mean()})
+        routing = topk_routing(
+            idx,
+            weights.detach(),
+            self.num_experts,
+            stats={
+                "scores": scores.detach(),
+                "top1": idx[:, 0],
+                "fallback": fallback.float().mean(),
+                "tie": tie.mean(),
+            },
+        )
         self.aux_loss = scores.new_zeros(())
         self._record_stats(routing, expert_counts(routing.expert, self.num_experts), scores.shape[0])
 
@@ -118,14 +132,22 @@ class _LastAttention:
 class ErmoeReleasedModel(nn.Module):
     """E backbone copies with their own heads, routed per image (see the module docstring)."""
 
-    def __init__(self, backbone: Any, router: Router, threshold: float, free_experts: tuple[int, ...],
-                 freeze_experts: bool = True, expert_noise: float = 0.0):
+    def __init__(
+        self,
+        backbone: Any,
+        router: Router,
+        threshold: float,
+        free_experts: tuple[int, ...],
+        freeze_experts: bool = True,
+        expert_noise: float = 0.0,
+    ):
         super().__init__()
         for attr in ("forward_features", "blocks", "head"):
             if not hasattr(backbone, attr):
                 raise ValueError(
                     f"ermoe-released needs a ViT with forward_features, blocks and a linear head (timm ViT, "
-                    f"moebench's vit3d); {type(backbone).__name__} has no {attr!r}")
+                    f"moebench's vit3d); {type(backbone).__name__} has no {attr!r}"
+                )
         if not isinstance(backbone.head, nn.Linear) or not hasattr(backbone.blocks[-1].attn, "qkv"):
             raise ValueError("ermoe-released needs a linear head and a last block with attn.qkv (timm-style attention)")
         self.router, self.threshold, self.free_experts = router, float(threshold), tuple(free_experts)
@@ -152,8 +174,12 @@ class ErmoeReleasedModel(nn.Module):
         d = backbone.head.in_features
         patches = getattr(getattr(backbone, "patch_embed", None), "num_patches", None)
         if patches is not None and patches > d:
-            log.warning("ermoe-released: %d patches > d = %d: the patch Gram matrix is rank-deficient, so its "
-                        "null-space eigenvectors (and the score) are arbitrary", patches, d)
+            log.warning(
+                "ermoe-released: %d patches > d = %d: the patch Gram matrix is rank-deficient, so its "
+                "null-space eigenvectors (and the score) are arbitrary",
+                patches,
+                d,
+            )
         self.routing = ImageRoutingRecord(router, d, float(router.flops_per_token()))
         self.num_classes = backbone.head.out_features
 
@@ -163,7 +189,7 @@ class ErmoeReleasedModel(nn.Module):
         if hasattr(expert, "forward_head"):
             return expert.forward_head(feats)
         if getattr(expert, "global_pool", "token") == "avg":
-            return expert.head(feats[:, self.prefix:].mean(1))
+            return expert.head(feats[:, self.prefix :].mean(1))
         return expert.head(feats[:, 0])
 
     def forward(self, x: Tensor) -> Tensor:

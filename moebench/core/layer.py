@@ -2,6 +2,7 @@
 
 Every router speaks the same flat `Routing` form, so this is the only dispatch code in the suite;
 capacity (k-major slot priority, never above the token count) is applied here, once."""
+
 from __future__ import annotations
 
 import math
@@ -60,7 +61,9 @@ class MoELayer(nn.Module):
         self.d_model, self.d_hidden, self.num_experts = d_model, d_hidden, num_experts
         self.capacity_factor = capacity_factor
         if capacity_policy not in CAPACITY_POLICIES:
-            raise ValueError(f"MoELayer capacity_policy must be one of {list(CAPACITY_POLICIES)}, got {capacity_policy!r}")
+            raise ValueError(
+                f"MoELayer capacity_policy must be one of {list(CAPACITY_POLICIES)}, got {capacity_policy!r}"
+            )
         self.capacity_policy = capacity_policy
         self.router_name = router
         router_cls = ROUTERS.get(router)
@@ -75,15 +78,18 @@ class MoELayer(nn.Module):
         if routing_unit not in ROUTING_UNITS:
             raise ValueError(f"MoELayer routing_unit must be one of {list(ROUTING_UNITS)}, got {routing_unit!r}")
         if routing_unit == "sequence" and not getattr(self.router, "sequence_routing", False):
-            raise ValueError(f"router {router!r} cannot route by sequence (moe.routing_unit: sequence): "
-                             f"{self.router.sequence_refusal}; use routing_unit: token, or a router with a "
-                             f"linear gate (softmax-topk, switch, top-p, loss-free, deepseek-v3, remoe, sinkhorn, "
-                             f"base, expert-choice) or the random / collapse / oracle controls")
+            raise ValueError(
+                f"router {router!r} cannot route by sequence (moe.routing_unit: sequence): "
+                f"{self.router.sequence_refusal}; use routing_unit: token, or a router with a "
+                f"linear gate (softmax-topk, switch, top-p, loss-free, deepseek-v3, remoe, sinkhorn, "
+                f"base, expert-choice) or the random / collapse / oracle controls"
+            )
         self.routing_unit = routing_unit
         self.experts = self.router.wrap_experts(Experts(num_experts, d_model, d_hidden, activation))
         self.null = NullExperts(null_experts, num_experts, d_model) if null_experts else None
-        self.shared = SharedExperts(shared_experts, d_model, d_hidden, activation, shared_expert_gate) \
-            if shared_experts else None
+        self.shared = (
+            SharedExperts(shared_experts, d_model, d_hidden, activation, shared_expert_gate) if shared_experts else None
+        )
         self.aux_loss: Tensor = torch.zeros(())
         self.aux_losses: dict[str, Tensor] = {}  # the same, by name (the gradient-purity probe reads "balance")
         self.stats: dict = {}
@@ -141,8 +147,14 @@ class MoELayer(nn.Module):
             seq_len=seq_len,
             group=None if group is None else group.reshape(num_tokens).to(x.device),
         )
-        capacity = self.capacity_factor if self.capacity_factor is not None else self.router.default_capacity_factor(self.training)
-        autocast_off = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
+        capacity = (
+            self.capacity_factor
+            if self.capacity_factor is not None
+            else self.router.default_capacity_factor(self.training)
+        )
+        autocast_off = (
+            torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
+        )
         with autocast_off:
             if self.routing_unit == "sequence":
                 routing = self._route_sequences(flat.float(), ctx, seq_len, capacity)
@@ -153,7 +165,9 @@ class MoELayer(nn.Module):
         null_out = None
         if self.null is not None:
             routing, null_out = self.null.split(routing, flat, self.training)
-        compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else flat.dtype
+        compute_dtype = (
+            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else flat.dtype
+        )
 
         if routing.is_dense:
             out, counts = dense_dispatch(self.experts, flat, routing, compute_dtype)
@@ -181,14 +195,21 @@ class MoELayer(nn.Module):
         each sequence's summed tokens (for a linear gate, the summed logits), capacity counts sequences,
         and every token of a sequence gets its sequence's pairs."""
         num_seq = flat.shape[0] // seq_len
+
         def pool(t: Tensor | None, how: str) -> Tensor | None:
             if t is None:
                 return None
             t = t.reshape(num_seq, seq_len, *t.shape[1:])
             return t.sum(1) if how == "sum" else t[:, 0]
-        seq_ctx = RoutingContext(positions=torch.zeros(num_seq, dtype=torch.long, device=flat.device),
-                                 token_ids=None, context=pool(ctx.context, "sum"), training=ctx.training,
-                                 seq_len=1, group=pool(ctx.group, "first"))
+
+        seq_ctx = RoutingContext(
+            positions=torch.zeros(num_seq, dtype=torch.long, device=flat.device),
+            token_ids=None,
+            context=pool(ctx.context, "sum"),
+            training=ctx.training,
+            seq_len=1,
+            group=pool(ctx.group, "first"),
+        )
         r = apply_capacity(self.router(pool(flat, "sum"), seq_ctx), capacity, self.capacity_policy)
         if r.is_dense:
             raise ValueError(f"router {self.router_name!r} returned a dense routing under routing_unit: sequence")
@@ -197,12 +218,23 @@ class MoELayer(nn.Module):
 
         def spread(t: Tensor) -> Tensor:
             return t.repeat_interleave(seq_len, 0)
-        stats = {k: (spread(v) if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == num_seq else v)
-                 for k, v in r.stats.items()}
+
+        stats = {
+            k: (spread(v) if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == num_seq else v)
+            for k, v in r.stats.items()
+        }
         slot = None if r.slot is None else spread(r.slot)
-        return Routing(token=token, expert=spread(r.expert), weight=spread(r.weight), num_tokens=num_seq * seq_len,
-                       num_experts=r.num_experts, slot=slot, aux_losses=r.aux_losses, stats=stats,
-                       dropped=r.dropped * seq_len)
+        return Routing(
+            token=token,
+            expert=spread(r.expert),
+            weight=spread(r.weight),
+            num_tokens=num_seq * seq_len,
+            num_experts=r.num_experts,
+            slot=slot,
+            aux_losses=r.aux_losses,
+            stats=stats,
+            dropped=r.dropped * seq_len,
+        )
 
     @torch.no_grad()
     def _record_stats(self, routing, counts: Tensor, num_tokens: int) -> None:
@@ -214,8 +246,9 @@ class MoELayer(nn.Module):
             combine = routing.combine.detach().float().reshape(num_tokens, self.num_experts, -1)
             top1 = combine.sum(-1).argmax(-1)
         else:
-            top1 = dispatched_top1(routing.token, routing.expert, routing.weight, num_tokens, self.num_experts,
-                                   routing.slot)
+            top1 = dispatched_top1(
+                routing.token, routing.expert, routing.weight, num_tokens, self.num_experts, routing.slot
+            )
         self.stats = {  # tensors stay on the device: no host sync in the forward pass
             "counts": counts.detach(),
             "tokens": num_tokens,
@@ -236,8 +269,9 @@ class MoELayer(nn.Module):
         return f"router={self.router_name!r}, capacity_factor={self.capacity_factor}"
 
 
-def dispatched_top1(token: Tensor, expert: Tensor, weight: Tensor, num_tokens: int, num_experts: int,
-                    slot: Tensor | None = None) -> Tensor:
+def dispatched_top1(
+    token: Tensor, expert: Tensor, weight: Tensor, num_tokens: int, num_experts: int, slot: Tensor | None = None
+) -> Tensor:
     """Per token, the highest-weight expert it was actually sent to, or -1 where no pair survived
     ("unrouted": expert-choice leftovers, capacity drops of every choice). Equal weights go to the
     token's earlier choice (lower ``slot``: round-robin's own expert, not always expert 0), then to
@@ -250,7 +284,6 @@ def dispatched_top1(token: Tensor, expert: Tensor, weight: Tensor, num_tokens: i
     candidate = torch.where(w == best[token], rank, torch.full_like(rank, none))
     key = torch.full((num_tokens,), none, dtype=torch.long, device=device).scatter_reduce(0, token, candidate, "amin")
     return torch.where(key == none, torch.full_like(key, -1), key % num_experts)
-
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -3,6 +3,7 @@
 FLOP accounting must use what the router actually did, not what it was asked for: the mean over
 evaluation forwards when there were any (the model as it is reported), else over training forwards,
 else a declared value (what a grid matches widths to before any data is seen)."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ One config dict per run (the grid's ``model`` section) so every task builds mode
 added afterwards by ``moebench.core.moefy``. Weights come from a local file (``pretrained: /path``) or, where
 the machine has network, from the timm / open_clip hubs (``pretrained: true`` or a hub tag).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,28 +32,33 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     DataParallel 'module.' prefix is removed."""
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"model 'pretrained' checkpoint {path!r} does not exist; give the path of a "
-                                f"local weights file")
+        raise FileNotFoundError(
+            f"model 'pretrained' checkpoint {path!r} does not exist; give the path of a local weights file"
+        )
     obj: Any
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
+
         obj = load_file(path)
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"cannot read checkpoint {path!r} as tensors ({type(err).__name__}: {err}); save "
-                             f"a plain state dict instead: torch.save(model.state_dict(), path)") from err
+            raise ValueError(
+                f"cannot read checkpoint {path!r} as tensors ({type(err).__name__}: {err}); save "
+                f"a plain state dict instead: torch.save(model.state_dict(), path)"
+            ) from err
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
-        raise ValueError(f"checkpoint {path!r} holds no state dict (expected name -> tensor, possibly under "
-                         f"'state_dict' or 'model')")
+        raise ValueError(
+            f"checkpoint {path!r} holds no state dict (expected name -> tensor, possibly under 'state_dict' or 'model')"
+        )
     if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -69,13 +75,17 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or mismatched:
-        detail = (f"missing keys ({len(missing)}): {_short(missing)}; unexpected keys ({len(unexpected)}): "
-                  f"{_short(unexpected)}; shape mismatches ({len(mismatched)}): "
-                  + _short([f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched]))
+        detail = (
+            f"missing keys ({len(missing)}): {_short(missing)}; unexpected keys ({len(unexpected)}): "
+            f"{_short(unexpected)}; shape mismatches ({len(mismatched)}): "
+            + _short([f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched])
+        )
         if strict:
-            raise ValueError(f"checkpoint {path!r} does not match the {type(model).__name__} model: {detail}. "
-                             f"Check the model config (name, sizes), or set 'pretrained_strict: false' to load "
-                             f"only the matching keys")
+            raise ValueError(
+                f"checkpoint {path!r} does not match the {type(model).__name__} model: {detail}. "
+                f"Check the model config (name, sizes), or set 'pretrained_strict: false' to load "
+                f"only the matching keys"
+            )
         warnings.warn(f"non-strict load of {path!r} skipped keys: {detail}", stacklevel=2)
     model.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
     return model
@@ -102,8 +112,10 @@ def _timm(cfg: dict, pretrained) -> tuple[nn.Module, str | None]:
     common, kwargs = _split(cfg)
     name = common.get("name")
     if not isinstance(name, str) or not name:
-        raise ValueError("timm model config needs 'name': a timm model name (e.g. 'vit_tiny_patch16_224') or "
-                         "'vit-custom' with VisionTransformer kwargs (img_size, patch_size, embed_dim, depth, ...)")
+        raise ValueError(
+            "timm model config needs 'name': a timm model name (e.g. 'vit_tiny_patch16_224') or "
+            "'vit-custom' with VisionTransformer kwargs (img_size, patch_size, embed_dim, depth, ...)"
+        )
     for key in ("img_size", "patch_size"):
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
@@ -118,8 +130,10 @@ def _timm(cfg: dict, pretrained) -> tuple[nn.Module, str | None]:
     full = f"{name}.{pretrained}" if isinstance(pretrained, str) and hub else name
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        raise ValueError(f"unknown timm model {name!r}; similar names: {close}. Or use name 'vit-custom' with "
-                         f"VisionTransformer kwargs")
+        raise ValueError(
+            f"unknown timm model {name!r}; similar names: {close}. Or use name 'vit-custom' with "
+            f"VisionTransformer kwargs"
+        )
     try:
         return timm.create_model(full, pretrained=hub, **kwargs), (None if hub else pretrained)
     except TypeError as err:
@@ -154,8 +168,10 @@ def _open_clip(cfg: dict, pretrained) -> tuple[nn.Module, str | None]:
     if custom:
         missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in kwargs]
         if missing:
-            raise ValueError(f"custom open_clip model config lacks {missing}: give 'embed_dim', 'vision_cfg' and "
-                             f"'text_cfg', or 'name' of an open_clip model (e.g. 'ViT-B-32')")
+            raise ValueError(
+                f"custom open_clip model config lacks {missing}: give 'embed_dim', 'vision_cfg' and "
+                f"'text_cfg', or 'name' of an open_clip model (e.g. 'ViT-B-32')"
+            )
         if pretrained is True:
             raise ValueError("a custom open_clip model has no hub weights; set 'pretrained' to a local checkpoint path")
         vision = _dataclass_cfg(CLIPVisionCfg, kwargs.pop("vision_cfg"), "vision_cfg")
@@ -164,19 +180,25 @@ def _open_clip(cfg: dict, pretrained) -> tuple[nn.Module, str | None]:
             hw = getattr(c, "head_width", None)
             heads = c.width // hw if hw else getattr(c, "heads", 1)
             if heads < 1:
-                raise ValueError(f"open_clip {tower}: width {c.width} < head_width {hw} gives 0 heads; set "
-                                 f"head_width to a divisor of width")
+                raise ValueError(
+                    f"open_clip {tower}: width {c.width} < head_width {hw} gives 0 heads; set "
+                    f"head_width to a divisor of width"
+                )
         try:
             return open_clip.CLIP(kwargs.pop("embed_dim"), vision, text, **kwargs), pretrained
         except TypeError as err:
             raise TypeError(f"open_clip model config has a key open_clip.CLIP rejects: {err}") from err
     if "vision_cfg" in kwargs or "text_cfg" in kwargs:
-        raise ValueError(f"open_clip model config gives both name {name!r} and vision_cfg/text_cfg: use a named "
-                         f"model, or name 'custom' with embed_dim, vision_cfg and text_cfg")
+        raise ValueError(
+            f"open_clip model config gives both name {name!r} and vision_cfg/text_cfg: use a named "
+            f"model, or name 'custom' with embed_dim, vision_cfg and text_cfg"
+        )
     if name not in open_clip.list_models():
         close = difflib.get_close_matches(name, open_clip.list_models(), n=5)
-        raise ValueError(f"unknown open_clip model {name!r}; close names: {close} (open_clip.list_models() lists "
-                         f"all), or name 'custom' with embed_dim, vision_cfg and text_cfg")
+        raise ValueError(
+            f"unknown open_clip model {name!r}; close names: {close} (open_clip.list_models() lists "
+            f"all), or name 'custom' with embed_dim, vision_cfg and text_cfg"
+        )
     tag = None
     if pretrained is True:
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -209,23 +231,42 @@ class ViT3D(nn.Module):
     """ViT on volumes (B, C, D, H, W): Conv3d patches, cls token, learned positions, timm ``Block`` s
     (so moefy sees ``model.blocks`` like a timm ViT), a linear head on the cls token."""
 
-    def __init__(self, img_size, patch_size, embed_dim: int, depth: int, num_heads: int, in_chans: int = 1,
-                 mlp_ratio: float = 4.0, num_outputs: int = 1, qkv_bias: bool = True, drop_path_rate: float = 0.0,
-                 global_pool: str = "token"):
+    def __init__(
+        self,
+        img_size,
+        patch_size,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        in_chans: int = 1,
+        mlp_ratio: float = 4.0,
+        num_outputs: int = 1,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "token",
+    ):
         super().__init__()
         if global_pool not in ("token", "avg"):
-            raise ValueError(f"vit3d global_pool must be 'token' (cls token) or 'avg' (mean of patch tokens), "
-                             f"got {global_pool!r}")
+            raise ValueError(
+                f"vit3d global_pool must be 'token' (cls token) or 'avg' (mean of patch tokens), got {global_pool!r}"
+            )
         self.global_pool = global_pool
         from timm.models.vision_transformer import Block
 
         self.img_size, self.patch_size = _triple(img_size, "img_size"), _triple(patch_size, "patch_size")
         for d, (s, p) in enumerate(zip(self.img_size, self.patch_size)):
             if s % p:
-                raise ValueError(f"vit3d img_size {self.img_size} is not divisible by patch_size {self.patch_size} "
-                                 f"(axis {d}); choose a patch size that divides the volume")
-        for key, v in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads), ("in_chans", in_chans),
-                       ("num_outputs", num_outputs)):
+                raise ValueError(
+                    f"vit3d img_size {self.img_size} is not divisible by patch_size {self.patch_size} "
+                    f"(axis {d}); choose a patch size that divides the volume"
+                )
+        for key, v in (
+            ("embed_dim", embed_dim),
+            ("depth", depth),
+            ("num_heads", num_heads),
+            ("in_chans", in_chans),
+            ("num_outputs", num_outputs),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"vit3d {key} must be a positive integer, got {v!r}")
         if embed_dim % num_heads:
@@ -237,11 +278,19 @@ class ViT3D(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim))
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6))  # type: ignore[arg-type]  # timm takes any callable
-            for i in range(depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop_path=dpr[i],
+                    norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                )  # type: ignore[arg-type]  # timm takes any callable
+                for i in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_outputs)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -250,8 +299,9 @@ class ViT3D(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Token features (B, 1 + patches, d) after the final norm; token 0 is the cls token."""
         if x.dim() != 5 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != self.img_size:
-            raise ValueError(f"vit3d expects input (B, {self.in_chans}, {', '.join(map(str, self.img_size))}), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"vit3d expects input (B, {self.in_chans}, {', '.join(map(str, self.img_size))}), got {tuple(x.shape)}"
+            )
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         return self.norm(self.blocks(x))
@@ -261,8 +311,19 @@ class ViT3D(nn.Module):
         return self.head(tokens[:, 1:].mean(1) if self.global_pool == "avg" else tokens[:, 0])
 
 
-VIT3D_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "num_outputs",
-              "qkv_bias", "drop_path_rate", "global_pool")
+VIT3D_KEYS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "num_outputs",
+    "qkv_bias",
+    "drop_path_rate",
+    "global_pool",
+)
 
 
 def _vit3d(cfg: dict, pretrained) -> tuple[nn.Module, str | None]:
@@ -272,8 +333,10 @@ def _vit3d(cfg: dict, pretrained) -> tuple[nn.Module, str | None]:
         raise ValueError(f"vit3d model config has unknown key(s) {unknown}; known: {list(VIT3D_KEYS)}")
     missing = [k for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads") if k not in kwargs]
     if missing:
-        raise ValueError(f"vit3d model config lacks {missing} (also accepted: in_chans=1, mlp_ratio=4, "
-                         f"num_outputs=1, qkv_bias, drop_path_rate)")
+        raise ValueError(
+            f"vit3d model config lacks {missing} (also accepted: in_chans=1, mlp_ratio=4, "
+            f"num_outputs=1, qkv_bias, drop_path_rate)"
+        )
     if pretrained is True:
         raise ValueError("vit3d has no hub weights; set 'pretrained' to a local checkpoint path")
     return ViT3D(**kwargs), pretrained
@@ -293,8 +356,10 @@ def build_model(cfg: dict) -> nn.Module:
     if pretrained is False:
         pretrained = None
     if pretrained is not None and not isinstance(pretrained, (bool, str, os.PathLike)):
-        raise ValueError(f"model config 'pretrained' must be a local checkpoint path, true (hub weights) or a hub "
-                         f"tag, got {pretrained!r}")
+        raise ValueError(
+            f"model config 'pretrained' must be a local checkpoint path, true (hub weights) or a hub "
+            f"tag, got {pretrained!r}"
+        )
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
     strict = cfg.get("pretrained_strict", True)

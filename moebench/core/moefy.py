@@ -7,6 +7,7 @@ that declare ``needs_context``, token ids for the text tower), so any block that
 keeps working. Hooks are small callable objects holding the layer, so ``copy.deepcopy`` and pickling
 carry them over to the copy's own layers.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,9 +59,12 @@ class MoefyResult(list[str]):
 # --- block selection ----------------------------------------------------------------------------------
 def select_blocks(spec, num_blocks: int, where: str = "model") -> list[int]:
     """Resolve a ``blocks`` spec to sorted block indices for a stack of ``num_blocks`` blocks."""
+
     def bad(why: str) -> ValueError:
-        return ValueError(f"bad moe 'blocks' value {spec!r} for {where} with {num_blocks} blocks: {why}. "
-                          f"Accepted forms: {BLOCK_FORMS}")
+        return ValueError(
+            f"bad moe 'blocks' value {spec!r} for {where} with {num_blocks} blocks: {why}. "
+            f"Accepted forms: {BLOCK_FORMS}"
+        )
 
     if isinstance(spec, str):
         s = spec.strip().lower()
@@ -96,10 +100,10 @@ def select_blocks(spec, num_blocks: int, where: str = "model") -> list[int]:
 
 # --- finding blocks -----------------------------------------------------------------------------------
 class _Stack(NamedTuple):
-    tower: str            # "visual" | "text" | "model" (a single-stack model)
-    prefix: str           # qualified name of the block list
+    tower: str  # "visual" | "text" | "model" (a single-stack model)
+    prefix: str  # qualified name of the block list
     blocks: nn.ModuleList | nn.Sequential  # the block list
-    batch_first: bool     # False: blocks see (L, B, d) (open_clip with batch_first=False)
+    batch_first: bool  # False: blocks see (L, B, d) (open_clip with batch_first=False)
     token_embedding: nn.Module | None  # text tower: where token ids enter
 
 
@@ -125,8 +129,10 @@ def _find_stacks(model: nn.Module) -> list[_Stack]:
             if (s := _stack(model, "visual", path)) is not None:
                 stacks.append(s)
                 break
-        for path, emb in (("transformer.resblocks", "token_embedding"),
-                          ("text.transformer.resblocks", "text.token_embedding")):
+        for path, emb in (
+            ("transformer.resblocks", "token_embedding"),
+            ("text.transformer.resblocks", "text.token_embedding"),
+        ):
             if (s := _stack(model, "text", path, _get(model, emb))) is not None:
                 stacks.append(s)
                 break
@@ -157,8 +163,7 @@ def _select_stacks(model: nn.Module, tower: str) -> list[_Stack]:
         )
     chosen = [s for s in stacks if s.tower == tower]
     if not chosen:
-        raise ValueError(f"moefy found no {tower} tower in {type(model).__name__}; it has "
-                         f"{[s.tower for s in stacks]}")
+        raise ValueError(f"moefy found no {tower} tower in {type(model).__name__}; it has {[s.tower for s in stacks]}")
     return chosen
 
 
@@ -186,30 +191,34 @@ class _Dense(NamedTuple):
     fc1: nn.Linear
     fc2: nn.Linear
     act: nn.Module | None
-    extras: list[str]     # parts the experts cannot reproduce (hidden norm, dropout)
+    extras: list[str]  # parts the experts cannot reproduce (hidden norm, dropout)
 
 
 def _dense_mlp(mlp: nn.Module, name: str) -> _Dense:
     if isinstance(mlp, MoELayer):
         raise ValueError(f"{name} is already a MoELayer: moefy a model only once")
     if hasattr(mlp, "fc1_g") or hasattr(mlp, "w12"):
-        raise ValueError(f"{name} is a gated MLP ({type(mlp).__name__}, SwiGLU-style); moefy supports "
-                         f"two-layer MLPs only (fc1 -> act -> fc2)")
-    if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):          # timm Mlp
+        raise ValueError(
+            f"{name} is a gated MLP ({type(mlp).__name__}, SwiGLU-style); moefy supports "
+            f"two-layer MLPs only (fc1 -> act -> fc2)"
+        )
+    if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):  # timm Mlp
         fc1, fc2, act = mlp.fc1, mlp.fc2, getattr(mlp, "act", None)
-    elif hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):    # open_clip
+    elif hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):  # open_clip
         fc1, fc2 = mlp.c_fc, mlp.c_proj
         act = getattr(mlp, "gelu", None)
     else:
-        raise ValueError(f"{name} ({type(mlp).__name__}) is not a recognised MLP: expected fc1/fc2 (timm) "
-                         f"or c_fc/c_proj (open_clip)")
+        raise ValueError(
+            f"{name} ({type(mlp).__name__}) is not a recognised MLP: expected fc1/fc2 (timm) or c_fc/c_proj (open_clip)"
+        )
     if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear):
-        raise ValueError(f"{name}: MLP projections must be nn.Linear, got {type(fc1).__name__}/"
-                         f"{type(fc2).__name__}")
+        raise ValueError(f"{name}: MLP projections must be nn.Linear, got {type(fc1).__name__}/{type(fc2).__name__}")
     if fc2.in_features != fc1.out_features or fc2.out_features != fc1.in_features:
-        raise ValueError(f"{name}: MLP shapes fc1 {fc1.in_features}->{fc1.out_features}, fc2 "
-                         f"{fc2.in_features}->{fc2.out_features} are not a d->h->d MLP (gated MLPs are not "
-                         f"supported)")
+        raise ValueError(
+            f"{name}: MLP shapes fc1 {fc1.in_features}->{fc1.out_features}, fc2 "
+            f"{fc2.in_features}->{fc2.out_features} are not a d->h->d MLP (gated MLPs are not "
+            f"supported)"
+        )
     extras = []
     for child_name, child in mlp.named_children():
         if child is fc1 or child is fc2 or child is act:
@@ -225,8 +234,7 @@ def _dense_mlp(mlp: nn.Module, name: str) -> _Dense:
 def detect_activation(act: nn.Module | None) -> tuple[str, str | None]:
     """Name of the experts' activation matching a dense MLP's, plus a note when it is only approximate."""
     if act is None:
-        raise ValueError("moefy could not find the MLP's activation; pass activation= one of "
-                         f"{sorted(ACTIVATIONS)}")
+        raise ValueError(f"moefy could not find the MLP's activation; pass activation= one of {sorted(ACTIVATIONS)}")
     kind = type(act).__name__
     if kind == "GELU":
         return ("gelu-tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu"), None
@@ -235,14 +243,18 @@ def detect_activation(act: nn.Module | None) -> tuple[str, str | None]:
     if kind == "QuickGELU":
         if "quick-gelu" in ACTIVATIONS:
             return "quick-gelu", None
-        return "gelu", ("the dense MLP uses QuickGELU (x*sigmoid(1.702x)), which the experts lack; they use "
-                        "exact GELU, so upcycled outputs differ slightly")
+        return "gelu", (
+            "the dense MLP uses QuickGELU (x*sigmoid(1.702x)), which the experts lack; they use "
+            "exact GELU, so upcycled outputs differ slightly"
+        )
     if kind == "ReLU":
         return "relu", None
     if kind in ("SiLU", "Swish"):
         return "silu", None
-    raise ValueError(f"moefy cannot map the MLP activation {kind} to an expert activation; pass activation= "
-                     f"one of {sorted(ACTIVATIONS)}")
+    raise ValueError(
+        f"moefy cannot map the MLP activation {kind} to an expert activation; pass activation= "
+        f"one of {sorted(ACTIVATIONS)}"
+    )
 
 
 # --- hooks --------------------------------------------------------------------------------------------
@@ -303,8 +315,11 @@ class _WeightDtype:
         self.layer = layer
 
     def __call__(self) -> torch.dtype:
-        return self.layer.experts.w1.dtype if hasattr(self.layer.experts, "w1") else \
-            next(self.layer.experts.parameters()).dtype
+        return (
+            self.layer.experts.w1.dtype
+            if hasattr(self.layer.experts, "w1")
+            else next(self.layer.experts.parameters()).dtype
+        )
 
 
 # --- moefy --------------------------------------------------------------------------------------------
@@ -346,25 +361,45 @@ def moefy(
     if mode == "adapter" and routing_unit != "token":
         raise ValueError("moefy routing_unit='sequence' applies to mode='replace' only; set routing_unit: token")
     if mode == "adapter":
-        return _moefy_adapter(model, blocks, num_experts, router, router_args, d_hidden, capacity_factor, upcycle,
-                              activation, tower, patches_only, freeze_backbone, train_norms,
-                              shared_experts=shared_experts, shared_expert_gate=shared_expert_gate,
-                              null_experts=null_experts, capacity_policy=capacity_policy,
-                              router_init_std=router_init_std)
+        return _moefy_adapter(
+            model,
+            blocks,
+            num_experts,
+            router,
+            router_args,
+            d_hidden,
+            capacity_factor,
+            upcycle,
+            activation,
+            tower,
+            patches_only,
+            freeze_backbone,
+            train_norms,
+            shared_experts=shared_experts,
+            shared_expert_gate=shared_expert_gate,
+            null_experts=null_experts,
+            capacity_policy=capacity_policy,
+            router_init_std=router_init_std,
+        )
     if patches_only:
-        raise ValueError("moefy patches_only=True applies to mode='adapter' only (a replaced MLP must process "
-                         "every token); set mode: adapter or patches_only: false")
+        raise ValueError(
+            "moefy patches_only=True applies to mode='adapter' only (a replaced MLP must process "
+            "every token); set mode: adapter or patches_only: false"
+        )
     if d_hidden is not None and (isinstance(d_hidden, bool) or not isinstance(d_hidden, int) or d_hidden < 1):
         raise ValueError(f"moefy d_hidden must be a positive integer or None (the dense MLP width), got {d_hidden!r}")
     if not isinstance(upcycle, bool) and upcycle != "drop":
         raise ValueError(f"moefy upcycle must be true, false or 'drop' (Drop-Upcycling), got {upcycle!r}")
     if upcycle_drop is not None and upcycle != "drop":
-        raise ValueError(f"moefy upcycle_drop={upcycle_drop!r} applies only with upcycle='drop' (got "
-                         f"upcycle={upcycle!r}); set moe.upcycle: drop or remove moe.upcycle_drop")
+        raise ValueError(
+            f"moefy upcycle_drop={upcycle_drop!r} applies only with upcycle='drop' (got "
+            f"upcycle={upcycle!r}); set moe.upcycle: drop or remove moe.upcycle_drop"
+        )
     drop_ratio = (0.5 if upcycle_drop is None else upcycle_drop) if upcycle == "drop" else 0.0
     if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"moefy activation must be None (detect from the MLP) or one of {sorted(ACTIVATIONS)}, "
-                         f"got {activation!r}")
+        raise ValueError(
+            f"moefy activation must be None (detect from the MLP) or one of {sorted(ACTIVATIONS)}, got {activation!r}"
+        )
 
     # Plan and build everything first, so a bad argument leaves the model untouched.
     plan = []
@@ -390,28 +425,46 @@ def moefy(
                 layer_notes.append(act_note)
         else:
             act_name = activation
-        layer = MoELayer(d_model, hidden, num_experts, router=router, router_args=router_args,
-                         capacity_factor=capacity_factor, activation=act_name, shared_experts=shared_experts,
-                         shared_expert_gate=shared_expert_gate, null_experts=null_experts,
-                         capacity_policy=capacity_policy, router_init_std=router_init_std,
-                         routing_unit=routing_unit)
+        layer = MoELayer(
+            d_model,
+            hidden,
+            num_experts,
+            router=router,
+            router_args=router_args,
+            capacity_factor=capacity_factor,
+            activation=act_name,
+            shared_experts=shared_experts,
+            shared_expert_gate=shared_expert_gate,
+            null_experts=null_experts,
+            capacity_policy=capacity_policy,
+            router_init_std=router_init_std,
+            routing_unit=routing_unit,
+        )
         if upcycle:
             if getattr(layer.experts, "gated", False):
-                layer_notes.append(f"upcycle skipped: {act_name} experts are gated and the dense MLP is not, "
-                                   f"so experts start from fresh init")
+                layer_notes.append(
+                    f"upcycle skipped: {act_name} experts are gated and the dense MLP is not, "
+                    f"so experts start from fresh init"
+                )
             elif hidden != width:
-                layer_notes.append(f"upcycle skipped: d_hidden={hidden} differs from the dense MLP width {width}, "
-                                   f"so experts start from fresh init")
+                layer_notes.append(
+                    f"upcycle skipped: d_hidden={hidden} differs from the dense MLP width {width}, "
+                    f"so experts start from fresh init"
+                )
             elif not hasattr(layer.experts, "load_dense"):
-                layer_notes.append(f"upcycle skipped: {type(layer.experts).__name__} has no load_dense, so "
-                                   f"experts start from fresh init")
+                layer_notes.append(
+                    f"upcycle skipped: {type(layer.experts).__name__} has no load_dense, so "
+                    f"experts start from fresh init"
+                )
             elif upcycle == "drop":
                 _drop_upcycle(layer, dense, drop_ratio, name)
             else:
                 layer.experts.load_dense(*_dense_weights(dense))
                 if activation is not None and dense.act is not None and activation != detect_activation(dense.act)[0]:
-                    layer_notes.append(f"upcycled experts use activation {activation!r}, not the dense MLP's "
-                                       f"{type(dense.act).__name__}")
+                    layer_notes.append(
+                        f"upcycled experts use activation {activation!r}, not the dense MLP's "
+                        f"{type(dense.act).__name__}"
+                    )
                 layer_notes += [f"upcycled experts omit the {extra}" for extra in dense.extras]
         for note in layer_notes:
             notes.setdefault(note, []).append(f"{name}.mlp")
@@ -454,33 +507,56 @@ def moefy(
 
 def _dense_weights(dense: _Dense) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """The dense MLP's fc1 / fc2 weights and biases, float32, nn.Linear layout (out, in)."""
-    return (dense.fc1.weight.detach().float(), None if dense.fc1.bias is None else dense.fc1.bias.detach().float(),
-            dense.fc2.weight.detach().float(), None if dense.fc2.bias is None else dense.fc2.bias.detach().float())
+    return (
+        dense.fc1.weight.detach().float(),
+        None if dense.fc1.bias is None else dense.fc1.bias.detach().float(),
+        dense.fc2.weight.detach().float(),
+        None if dense.fc2.bias is None else dense.fc2.bias.detach().float(),
+    )
 
 
 def _drop_upcycle(layer: MoELayer, dense: _Dense, ratio: float, name: str) -> None:
     """Drop-Upcycling: every expert the dense MLP with its own share ``ratio`` of hidden units re-drawn."""
     if not hasattr(layer.experts, "load_experts"):
-        raise ValueError(f"moe.upcycle: drop needs experts with per-expert loading; {type(layer.experts).__name__} "
-                         f"(in {name}) has no load_experts: use moe.upcycle: true")
+        raise ValueError(
+            f"moe.upcycle: drop needs experts with per-expert loading; {type(layer.experts).__name__} "
+            f"(in {name}) has no load_experts: use moe.upcycle: true"
+        )
     fc1_w, fc1_b, fc2_w, fc2_b = _dense_weights(dense)
     h, d = fc1_w.shape
     b1 = fc1_b if fc1_b is not None else fc1_w.new_zeros(h)
     b2 = fc2_b if fc2_b is not None else fc2_w.new_zeros(d)
-    (w1, b1e, w2, b2e), _ = drop_upcycle(fc1_w.t(), b1, fc2_w.t(), b2, layer.num_experts, ratio,
-                                         drop_generator(name))
+    (w1, b1e, w2, b2e), _ = drop_upcycle(fc1_w.t(), b1, fc2_w.t(), b2, layer.num_experts, ratio, drop_generator(name))
     layer.experts.check_dense_shapes(fc1_w, fc2_w)
     layer.experts.load_experts(w1, b1e, w2, b2e)
 
 
-def _moefy_adapter(model, blocks, num_experts, router, router_args, d_hidden, capacity_factor, upcycle, activation,
-                   tower, patches_only, freeze, train_norms, **layer_options) -> MoefyResult:
+def _moefy_adapter(
+    model,
+    blocks,
+    num_experts,
+    router,
+    router_args,
+    d_hidden,
+    capacity_factor,
+    upcycle,
+    activation,
+    tower,
+    patches_only,
+    freeze,
+    train_norms,
+    **layer_options,
+) -> MoefyResult:
     """Adapter mode: a residual MoE branch (``moe_adapter``) after each chosen block, hooked in."""
     if upcycle:
-        raise ValueError("moefy upcycle=True needs mode='replace': an adapter branch has no dense MLP to copy "
-                         "(it starts fresh; with alpha = 1 and a frozen backbone that is EMoE's setting)")
+        raise ValueError(
+            "moefy upcycle=True needs mode='replace': an adapter branch has no dense MLP to copy "
+            "(it starts fresh; with alpha = 1 and a frozen backbone that is EMoE's setting)"
+        )
     if activation is not None and activation != ADAPTER_ACTIVATION:
-        raise ValueError(f"adapter experts use {ADAPTER_ACTIVATION!r} (EMoE's bottleneck); got activation={activation!r}")
+        raise ValueError(
+            f"adapter experts use {ADAPTER_ACTIVATION!r} (EMoE's bottleneck); got activation={activation!r}"
+        )
     plan = []
     for s in _select_stacks(model, tower):
         where = f"the {s.tower} tower" if s.tower != "model" else type(model).__name__
@@ -490,8 +566,9 @@ def _moefy_adapter(model, blocks, num_experts, router, router_args, d_hidden, ca
             if hasattr(block, "moe_adapter"):
                 raise ValueError(f"{name} already has a moe_adapter: moefy a model only once")
             d_model = _block_width(block, name)
-            layer = build_adapter_layer(d_model, d_hidden, num_experts, router, router_args, capacity_factor,
-                                        **layer_options)
+            layer = build_adapter_layer(
+                d_model, d_hidden, num_experts, router, router_args, capacity_factor, **layer_options
+            )
             plan.append((s, i, block, name, AdapterMoE(layer, prefix, seq_first=not s.batch_first)))
     names = MoefyResult()
     for s, i, block, name, adapter in plan:

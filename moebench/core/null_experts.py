@@ -13,6 +13,7 @@ A pair (t, e, w) to a null expert adds w * E(x_t) without touching the expert GE
 FLOPs count only the real experts a token visits (measured share of null choices). The routing
 statistics cover the real experts (scores restricted to their columns) plus ``null_share``, the share
 of chosen pairs that went to null experts."""
+
 from __future__ import annotations
 
 import torch
@@ -37,7 +38,7 @@ class NullExperts(nn.Module):
             raise ValueError(f"null_experts must be a positive integer, got {num_null!r}")
         self.num_real, self.kinds = num_real, null_kinds(num_null)
         n_const = self.kinds.count("constant")
-        self.vectors = nn.Parameter(torch.randn(n_const, d_model) * d_model ** -0.5)
+        self.vectors = nn.Parameter(torch.randn(n_const, d_model) * d_model**-0.5)
         self.mix = nn.Parameter(torch.zeros(n_const, 2, d_model))
         self.meter = ExpertsPerTokenMeter()  # real experts per token
 
@@ -48,7 +49,7 @@ class NullExperts(nn.Module):
     def _real_scores(self, stats: dict) -> dict:
         """Scores over the real experts only: the statistics are per real expert (counts, loads)."""
         scores = stats.get("scores")
-        return {} if scores is None else {"scores": scores[:, :self.num_real]}
+        return {} if scores is None else {"scores": scores[:, : self.num_real]}
 
     def split(self, routing: Routing, x: Tensor, training: bool) -> tuple[Routing, Tensor]:
         """(the routing restricted to real experts, the null experts' summed output (T, d))."""
@@ -61,8 +62,9 @@ class NullExperts(nn.Module):
             xt = x[token]
             copy = torch.tensor([k == "copy" for k in self.kinds], device=x.device)[kind_id]
             out = out.index_add(0, token[copy], weight[copy] * xt[copy])
-            const_slot = torch.tensor([self.kinds[:i].count("constant") for i in range(len(self.kinds))],
-                                      device=x.device)[kind_id]
+            const_slot = torch.tensor(
+                [self.kinds[:i].count("constant") for i in range(len(self.kinds))], device=x.device
+            )[kind_id]
             const = torch.tensor([k == "constant" for k in self.kinds], device=x.device)[kind_id]
             if const.any():
                 c, xc = const_slot[const], xt[const]
@@ -70,10 +72,19 @@ class NullExperts(nn.Module):
                 y = a[:, :1] * xc + a[:, 1:] * self.vectors[c].to(x.dtype)
                 out = out.index_add(0, token[const], weight[const] * y)
         self.meter.add(routing.num_tokens, int(real.sum()), training)
-        kept = Routing(token=routing.token[real], expert=routing.expert[real], weight=routing.weight[real],
-                       num_tokens=routing.num_tokens, num_experts=self.num_real,
-                       slot=None if routing.slot is None else routing.slot[real], aux_losses=routing.aux_losses,
-                       stats={**routing.stats, **self._real_scores(routing.stats),
-                              "null_share": (~real).float().mean() if real.numel() else x.new_zeros(())},
-                       dropped=routing.dropped)
+        kept = Routing(
+            token=routing.token[real],
+            expert=routing.expert[real],
+            weight=routing.weight[real],
+            num_tokens=routing.num_tokens,
+            num_experts=self.num_real,
+            slot=None if routing.slot is None else routing.slot[real],
+            aux_losses=routing.aux_losses,
+            stats={
+                **routing.stats,
+                **self._real_scores(routing.stats),
+                "null_share": (~real).float().mean() if real.numel() else x.new_zeros(()),
+            },
+            dropped=routing.dropped,
+        )
         return kept, out

@@ -1,5 +1,6 @@
 """One progress display for every slow command: a tqdm bar on a terminal, a plain line every few
 seconds in a log (no TTY), so a job log shows signs of life without being flooded."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,11 @@ LOG_EVERY_S = float(os.environ.get("MOEBENCH_PROGRESS_EVERY_S", "30"))
 
 def _eta(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 class Progress:
@@ -22,8 +26,16 @@ class Progress:
     most one every ``every_s`` seconds (default 30, env ``MOEBENCH_PROGRESS_EVERY_S``), and one at the
     end, each ``desc: n/total (pct) elapsed, eta, note``."""
 
-    def __init__(self, total: int | None, desc: str, initial: int = 0, every_s: float | None = None,
-                 file=None, tty: bool | None = None, unit: str = "it"):
+    def __init__(
+        self,
+        total: int | None,
+        desc: str,
+        initial: int = 0,
+        every_s: float | None = None,
+        file=None,
+        tty: bool | None = None,
+        unit: str = "it",
+    ):
         self.total, self.desc, self.n, self.unit = total, desc, initial, unit
         self.file = file or sys.stderr
         self.every_s = LOG_EVERY_S if every_s is None else every_s
@@ -35,8 +47,16 @@ class Progress:
         if tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, file=self.file, mininterval=0.5,
-                            dynamic_ncols=True, unit=unit, leave=True)
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                file=self.file,
+                mininterval=0.5,
+                dynamic_ncols=True,
+                unit=unit,
+                leave=True,
+            )
         else:
             self._line("started")
         self.closed = False

@@ -4,6 +4,7 @@ Routers and tasks register themselves with a decorator in their own module, so a
 file. Third-party packages add entries through the ``moebench.routers`` / ``moebench.tasks``
 entry-point groups; the built-in ``routers`` / ``tasks`` packages are imported lazily on first lookup.
 """
+
 from __future__ import annotations
 
 import ast
@@ -66,9 +67,15 @@ class Registry:
         module, _, cls_name = self.base.partition(":")
         base = getattr(importlib.import_module(module), cls_name)
         if not (isinstance(obj, type) and issubclass(obj, base)):
-            what = f"class {obj.__module__}.{obj.__qualname__}" if isinstance(obj, type) else f"{type(obj).__name__} {obj!r}"
-            raise TypeError(f"{self.kind} {name!r} must be a subclass of {module}.{cls_name} (the {self.kind} "
-                            f"contract: see its docstring), got {what}")
+            what = (
+                f"class {obj.__module__}.{obj.__qualname__}"
+                if isinstance(obj, type)
+                else f"{type(obj).__name__} {obj!r}"
+            )
+            raise TypeError(
+                f"{self.kind} {name!r} must be a subclass of {module}.{cls_name} (the {self.kind} "
+                f"contract: see its docstring), got {what}"
+            )
 
     def load(self) -> None:
         """Import the built-in modules and the entry points once, so they register themselves."""
@@ -168,8 +175,10 @@ def _static_registrations(module: str, kind: str) -> dict[str, str] | None:
             if not isinstance(deco, ast.Call):
                 continue
             func = deco.func
-            if not ((isinstance(func, ast.Name) and func.id == f"register_{kind}")
-                    or (isinstance(func, ast.Attribute) and func.attr == "register")):
+            if not (
+                (isinstance(func, ast.Name) and func.id == f"register_{kind}")
+                or (isinstance(func, ast.Attribute) and func.attr == "register")
+            ):
                 continue
             nodes = list(deco.args) + [k.value for k in deco.keywords if k.arg in ("name", "description")]
             args = [a.value for a in nodes if isinstance(a, ast.Constant) and isinstance(a.value, (str, type(None)))]

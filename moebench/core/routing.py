@@ -7,6 +7,7 @@ capacity limit removes pairs. The one other form is dense: routers that send wei
 tokens (Soft MoE) give ``dispatch`` / ``combine`` matrices instead (see `Routing`). The MoE layer
 handles exactly these two forms, so it needs no per-router code.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,11 +65,17 @@ class Routing:
             raise ValueError("a dense Routing needs both dispatch and combine (shape (B, N, E * slots))")
         if self.dispatch is not None and self.combine is not None:
             shape = tuple(self.dispatch.shape)
-            if (len(shape) != 3 or tuple(self.combine.shape) != shape or shape[0] * shape[1] != self.num_tokens
-                    or shape[2] % self.num_experts):
-                raise ValueError(f"dense Routing: dispatch {shape} and combine {tuple(self.combine.shape)} must both "
-                                 f"be (B, N, E * slots) with B * N = {self.num_tokens} tokens and "
-                                 f"E = {self.num_experts}")
+            if (
+                len(shape) != 3
+                or tuple(self.combine.shape) != shape
+                or shape[0] * shape[1] != self.num_tokens
+                or shape[2] % self.num_experts
+            ):
+                raise ValueError(
+                    f"dense Routing: dispatch {shape} and combine {tuple(self.combine.shape)} must both "
+                    f"be (B, N, E * slots) with B * N = {self.num_tokens} tokens and "
+                    f"E = {self.num_experts}"
+                )
 
     @property
     def is_dense(self) -> bool:
@@ -192,7 +199,9 @@ class Router(nn.Module):
     #: gate logits only when they are linear in x (a linear gate), or the router reads no content (the
     #: controls); such routers set this True. Others set ``sequence_refusal`` to say why they cannot.
     sequence_routing: bool = False
-    sequence_refusal: str = "its scores are not linear in the token, so routing the summed tokens is not summing its logits"
+    sequence_refusal: str = (
+        "its scores are not linear in the token, so routing the summed tokens is not summing its logits"
+    )
     #: not a token router: it routes whole images and builds its own model around the backbone through
     #: the classmethod ``build_model(backbone, moe) -> nn.Module`` (tasks call it instead of moefy; grid
     #: matching counts its cost per image). Token routers leave it False and never define build_model.
@@ -203,8 +212,10 @@ class Router(nn.Module):
     @classmethod
     def build_model(cls, backbone: nn.Module, moe: dict) -> nn.Module:
         """The whole model of an ``image_level`` router around ``backbone`` (only those define it)."""
-        raise NotImplementedError(f"{cls.__name__} is a token router (image_level is False): moefy places it in "
-                                  f"the model's blocks; only image-level routers build their own model")
+        raise NotImplementedError(
+            f"{cls.__name__} is a token router (image_level is False): moefy places it in "
+            f"the model's blocks; only image-level routers build their own model"
+        )
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2):
         super().__init__()
@@ -248,9 +259,11 @@ def init_router_gate(router: Router, std: float, name: str) -> None:
         raise ValueError(f"moe.router_init_std must be a number > 0 (or null: the router's own init), got {std!r}")
     params = router.gate_parameters()
     if not params:
-        raise ValueError(f"moe.router_init_std={std!r} cannot apply to router {name!r}: it has no learned gate "
-                         f"(it routes by hash, position, chance or the experts' own weights); leave "
-                         f"moe.router_init_std null for it")
+        raise ValueError(
+            f"moe.router_init_std={std!r} cannot apply to router {name!r}: it has no learned gate "
+            f"(it routes by hash, position, chance or the experts' own weights); leave "
+            f"moe.router_init_std null for it"
+        )
     with torch.no_grad():
         for p in params:
             p.normal_(0.0, float(std))

@@ -8,6 +8,7 @@
 
 Every token pays for the shared experts, so they count N whole experts in the active FLOPs and params.
 """
+
 from __future__ import annotations
 
 import torch

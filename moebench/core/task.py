@@ -3,6 +3,7 @@
 A task turns its options into datasets (real public format, or the small offline default), a model
 (dense, or MoE through `moebench.core.moefy`), a loss and an evaluation with a named headline metric.
 It also labels tokens for the specialisation metric (class / tissue / ...)."""
+
 from __future__ import annotations
 
 import copy
@@ -20,7 +21,7 @@ class Preset:
 
     task_args: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
-    moe: dict = field(default_factory=dict)         # MoE placement defaults (blocks, num_experts, ...)
+    moe: dict = field(default_factory=dict)  # MoE placement defaults (blocks, num_experts, ...)
     train: dict = field(default_factory=dict)
 
 
@@ -30,11 +31,11 @@ class Task:
     ``__init__(**options)`` takes the grid's ``task_args``; an unknown option must raise a
     ``TypeError`` naming it and the known ones (``check_options`` does that)."""
 
-    headline: str = ""              # key of evaluate()'s dict that leaderboards rank by
-    version: int = 1                # bump when a change alters this class's numbers: its runs get new ids
+    headline: str = ""  # key of evaluate()'s dict that leaderboards rank by
+    version: int = 1  # bump when a change alters this class's numbers: its runs get new ids
     higher_is_better: bool = True
-    label_kind: str = "class"       # what token_labels() means: class | tissue | item | ...
-    default_model: dict = {}        # model config used when the grid gives none
+    label_kind: str = "class"  # what token_labels() means: class | tissue | item | ...
+    default_model: dict = {}  # model config used when the grid gives none
     # Equivalence margin δ on the headline (same units) and why: the report's TOST calls two routers
     # equivalent when the data rule out any difference beyond ±δ. None: no equivalence test.
     margin: float | None = None
@@ -57,8 +58,9 @@ class Task:
             raise ValueError(f"task {name!r} has no size {size!r}; sizes: {known}")
         preset = cls.presets[size]
         if not isinstance(preset, Preset):
-            raise TypeError(f"{cls.__name__}.presets[{size!r}] must be a moebench.core.task.Preset, "
-                            f"got {type(preset).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.presets[{size!r}] must be a moebench.core.task.Preset, got {type(preset).__name__}"
+            )
         return copy.deepcopy(preset)
 
     # -- data --------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Expansion: a validated grid -> its deterministic list of resolved, matched run specs (order: task
 block, sweep point, router entry, seed). Matching itself lives in ``moebench.grids.matching``."""
+
 from __future__ import annotations
 
 import copy
@@ -68,17 +69,24 @@ MATCHING_KEYS = ("_where", "_router_path", "_ref_e", "_match_mode")
 
 def _matching_keys(g: dict, block: dict, router: dict) -> dict:
     where = router["path"] if block["path"] == "(top level)" else f"{block['path']}, {router['path']}"
-    return {"_where": where, "_router_path": router["path"], "_match_mode": router.get("match"),
-            "_ref_e": {**block["preset_moe"], **g["moe"], **block["moe"]}.get("num_experts")}
+    return {
+        "_where": where,
+        "_router_path": router["path"],
+        "_match_mode": router.get("match"),
+        "_ref_e": {**block["preset_moe"], **g["moe"], **block["moe"]}.get("num_experts"),
+    }
 
 
 def _sections(g: dict, block: dict, router: dict, point: tuple, ctx: GridContext) -> dict:
     """One (task block, sweep point, router entry): its task_args, model, train, moe sections and the
     sweep values that apply (the moe / router_args axes do not exist for the dense model)."""
     dense = router["name"] == DENSE
-    out = {"sweep": {}, "task_args": copy.deepcopy(block["task_args"]),
-           "model": copy.deepcopy(block["model"] if block["model"] is not None else {}),  # {}: the task's default
-           "train": _merged_train(g, block)}
+    out = {
+        "sweep": {},
+        "task_args": copy.deepcopy(block["task_args"]),
+        "model": copy.deepcopy(block["model"] if block["model"] is not None else {}),  # {}: the task's default
+        "train": _merged_train(g, block),
+    }
     moe = {**block["preset_moe"], **g["moe"], **block["moe"], **router["moe"]}
     router_args = copy.deepcopy(router["args"])
     for axis, value in point:
@@ -89,8 +97,10 @@ def _sections(g: dict, block: dict, router: dict, point: tuple, ctx: GridContext
         if head in ("moe", "router_args"):
             own = router["moe"] if head == "moe" else router["args"]
             if rest[0] in own:
-                raise ctx.error(f"{router['path']}.{'moe' if head == 'moe' else 'args'}.{rest[0]}",
-                                f"also swept by sweep.{axis}; remove one of the two")
+                raise ctx.error(
+                    f"{router['path']}.{'moe' if head == 'moe' else 'args'}.{rest[0]}",
+                    f"also swept by sweep.{axis}; remove one of the two",
+                )
             (moe if head == "moe" else router_args)[rest[0]] = copy.deepcopy(value)
         elif head == "train":
             out["train"][rest[0]] = copy.deepcopy(value)
@@ -113,15 +123,19 @@ def _moe_spec(name: str, moe: dict, router_args: dict) -> dict:
         "d_hidden": moe.get("d_hidden"),
         "capacity_factor": moe.get("capacity_factor"),
         "upcycle": moe.get("upcycle", False),
-        **{k: copy.deepcopy(moe[k]) for k in MOE_KEYS
-           if k not in ("blocks", "num_experts", "d_hidden", "capacity_factor", "upcycle")},
+        **{
+            k: copy.deepcopy(moe[k])
+            for k in MOE_KEYS
+            if k not in ("blocks", "num_experts", "d_hidden", "capacity_factor", "upcycle")
+        },
     }
     spec.update({k: copy.deepcopy(moe[k]) for k in MOE_KEYS if k not in spec})
     return spec
 
 
-def _seed_spec(g: dict, block: dict, router: dict, sections: dict, seed: int, ctx: GridContext,
-               pretrains: dict) -> dict:
+def _seed_spec(
+    g: dict, block: dict, router: dict, sections: dict, seed: int, ctx: GridContext, pretrains: dict
+) -> dict:
     """The unresolved spec of one seed; a block with ``pretrain:`` makes its model start from the
     pretrain of this seed (recorded in ``pretrains``)."""
     model = sections["model"]
@@ -150,13 +164,17 @@ def _check_unique_ids(specs: list[dict], ctx: GridContext) -> None:
     for spec in specs:
         rid = run_id(spec)
         if rid in ids:
-            raise ctx.error("routers", f"two runs resolve to the same spec (run id {rid}): labels "
-                                       f"{ids[rid]!r} and {spec['label']!r}; make the entries differ")
+            raise ctx.error(
+                "routers",
+                f"two runs resolve to the same spec (run id {rid}): labels "
+                f"{ids[rid]!r} and {spec['label']!r}; make the entries differ",
+            )
         ids[rid] = spec["label"]
 
 
-def _pretrain_for(ctx: GridContext, block: dict, task_args: dict, model: dict, seed: int, train: dict,
-                  pretrains: dict) -> str:
+def _pretrain_for(
+    ctx: GridContext, block: dict, task_args: dict, model: dict, seed: int, train: dict, pretrains: dict
+) -> str:
     """The reference to the block's dense pretraining run for this seed (recorded once in ``pretrains``)."""
     from moebench.training.spec import SpecError
 

@@ -18,6 +18,7 @@ tidy the record, execute) and the submitit executors that run it (`make_executor
   global batch over the ranks, averages gradients and writes only from rank 0 (tested through a
   real one-node SLURM with two gloo tasks, tests/test_slurm_dp.py; not yet run on several GPUs).
 """
+
 from __future__ import annotations
 
 import math
@@ -63,11 +64,14 @@ def _execute(spec: dict, results) -> dict:
 
 
 def _job_env() -> dict:
-    info = {"host": socket.gethostname(), "pid": os.getpid(),
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
-            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+    info = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+    }
     try:
         import submitit
 
@@ -126,8 +130,9 @@ def _execute_recording_errors(spec, results, run_dir, execute) -> None:
     except Exception as err:  # the runner records its own failures; this is for the rest
         status = records.read_status_safe(run_dir) or {}
         if status.get("state") != "failed":
-            records.write_status(run_dir, "failed", f"{type(err).__name__}: {err}",
-                                 traceback=traceback.format_exc(limit=20))
+            records.write_status(
+                run_dir, "failed", f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=20)
+            )
 
 
 def run_one(spec: dict, results, threads: int | None = None, lock_wait_s: float = 5.0, execute=None) -> dict:
@@ -198,8 +203,9 @@ def make_executor(cluster: str, folder: Path, ex: dict, grid_name: str):
     gpus, tasks = ex.get("gpus_per_node") or 0, tasks_per_node(ex)
     params = {"timeout_min": int(math.ceil(ex.get("time_min") or 60)), "name": f"moebench-{grid_name}"}
     if cluster == "slurm":
-        params.update(cpus_per_task=ex.get("cpus_per_task") or 1,
-                      slurm_array_parallelism=ex.get("array_parallelism") or 64)
+        params.update(
+            cpus_per_task=ex.get("cpus_per_task") or 1, slurm_array_parallelism=ex.get("array_parallelism") or 64
+        )
         if gpus:
             params["gpus_per_node"] = gpus
         if tasks > 1:
@@ -225,4 +231,3 @@ def squeue_ids() -> set[str] | None:
     if out.returncode != 0:
         return None
     return {line.strip() for line in out.stdout.splitlines() if line.strip()}
-

@@ -5,6 +5,7 @@ The grid is two phases (``moebench.grids.phase``): the dense pretraining runs th
 do start from (``moebench.grids.pretrain``), then the runs. What a job runs and how jobs are made is
 ``moebench.grids.jobs``; `plan`, `run_one`, `RunJob`, `make_executor`, ... are re-exported here.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -17,8 +18,20 @@ from moebench.grids.phase import Executor, Phase, log_plan, plan, queue, run_pha
 from moebench.grids.status import count_states, format_table, plan_rows
 from moebench.training import records
 
-__all__ = ["RunJob", "make_executor", "max_workers", "run_one", "squeue_ids", "log_plan", "plan", "queue",
-           "choose_cluster", "explain_cluster", "run_grid", "slurm_available"]
+__all__ = [
+    "RunJob",
+    "make_executor",
+    "max_workers",
+    "run_one",
+    "squeue_ids",
+    "log_plan",
+    "plan",
+    "queue",
+    "choose_cluster",
+    "explain_cluster",
+    "run_grid",
+    "slurm_available",
+]
 
 
 # -- executors ---------------------------------------------------------------------------------------
@@ -37,8 +50,7 @@ def choose_cluster(requested: str | None, grid_cluster: str = "auto", partition:
     return explain_cluster(requested, grid_cluster, partition)[0]
 
 
-def explain_cluster(requested: str | None, grid_cluster: str = "auto",
-                    partition: str | None = None) -> tuple[str, str]:
+def explain_cluster(requested: str | None, grid_cluster: str = "auto", partition: str | None = None) -> tuple[str, str]:
     """(executor, why): the CLI's ``--cluster``, else the grid's ``executor.cluster``. ``auto`` means
     slurm only when the grid declares ``executor.partition`` and a SLURM controller answers; else
     local. Why not "slurm whenever sbatch answers": on a shared machine that sent a user's grid into
@@ -58,13 +70,22 @@ def explain_cluster(requested: str | None, grid_cluster: str = "auto",
         cluster = "local"
         why = f"executor.cluster is auto and the grid declares partition {partition!r}, but no SLURM controller answers here"
     if cluster == "slurm" and not shutil.which("sbatch"):
-        raise RuntimeError("cluster slurm requested but `sbatch` is not on PATH; run on a SLURM login node, "
-                           "start the one-node cluster with scripts/local-slurm.sh, or use --cluster local")
+        raise RuntimeError(
+            "cluster slurm requested but `sbatch` is not on PATH; run on a SLURM login node, "
+            "start the one-node cluster with scripts/local-slurm.sh, or use --cluster local"
+        )
     return cluster, why
 
 
-def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool = False,
-             retry_failed: bool = False, poll_s: float | None = None, log=print) -> dict:
+def run_grid(
+    grid,
+    cluster: str | None = None,
+    results="results",
+    dry_run: bool = False,
+    retry_failed: bool = False,
+    poll_s: float | None = None,
+    log=print,
+) -> dict:
     """Expand ``grid`` (path or shipped name), run what is not done, print progress and a summary.
     Returns {"grid", "results", "runs": [{run_id, label, seed, state, reason}], "counts": {state: n}}.
     The report is the caller's job (``moebench run`` writes it afterwards)."""
@@ -85,8 +106,10 @@ def run_grid(grid, cluster: str | None = None, results="results", dry_run: bool 
     hold_back(runs, pretrain_phase(needed(pretrains, runs), results, ex, g["name"], retry_failed, dry_run))
     # phase 2: the grid's runs
     todo = [r for r in runs if r["action"] == "run"]
-    log(f"grid {g['name']}: {len(runs)} runs -> {grid_dir} ({cluster}); "
-        f"{sum(r['why'] == 'done' for r in runs)} done already, {len(todo)} to run")
+    log(
+        f"grid {g['name']}: {len(runs)} runs -> {grid_dir} ({cluster}); "
+        f"{sum(r['why'] == 'done' for r in runs)} done already, {len(todo)} to run"
+    )
     if not dry_run:
         write_expected(grid_dir, runs)
         write_grid_source(grid_dir, g)
@@ -107,15 +130,29 @@ def write_grid_source(grid_dir: Path, g: dict) -> None:
     digest = None
     if file and Path(file).is_file():
         digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()
-    records.atomic_write_json(grid_dir / "grid_source.json", {
-        "file": str(file) if file else None, "sha256": digest,
-        "command": " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv)),
-        "launched": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    records.atomic_write_json(
+        grid_dir / "grid_source.json",
+        {
+            "file": str(file) if file else None,
+            "sha256": digest,
+            "command": " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv)),
+            "launched": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
 
 
 def write_expected(grid_dir: Path, runs: list[dict]) -> None:
     """``<grid>/expected.json``: every run the grid expands to, so the report can list missing ones."""
-    records.atomic_write_json(grid_dir / "expected.json", [
-        {"run_id": r["run_id"], "label": r["spec"]["label"], "task": r["spec"]["task"],
-         "seed": r["spec"]["seed"], "sweep": r["spec"]["sweep"]} for r in runs])
-
+    records.atomic_write_json(
+        grid_dir / "expected.json",
+        [
+            {
+                "run_id": r["run_id"],
+                "label": r["spec"]["label"],
+                "task": r["spec"]["task"],
+                "seed": r["spec"]["seed"],
+                "sweep": r["spec"]["sweep"],
+            }
+            for r in runs
+        ],
+    )

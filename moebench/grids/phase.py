@@ -9,6 +9,7 @@ from another (``moebench.grids.pretrain``); both go through `run_phase`.
   or hand-edited) ``status.json`` / ``final.json`` is reported, set aside under ``.stale/`` and the run
   is done again.
 """
+
 from __future__ import annotations
 
 import time
@@ -46,7 +47,7 @@ class Phase:
     name: str
     folder: Path
     results: Path
-    verb: str = "run"   # "would <verb> ..." in a dry run
+    verb: str = "run"  # "would <verb> ..." in a dry run
 
 
 def run_phase(runs: list[dict], phase: Phase, ex: Executor, dry_run: bool = False) -> list[dict]:
@@ -97,9 +98,12 @@ class Progress:
         if time.monotonic() - self.quiet_since >= LOG_EVERY_S:
             self.quiet_since = time.monotonic()
             counts = count_states(self.runs)
-            self.log(f"[{_now()}] still working: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-                     + f" (of {len(self.runs)}; {int(time.monotonic() - self.start) // 60} min so far; "
-                       f"each run's own progress is in its job log)")
+            self.log(
+                f"[{_now()}] still working: "
+                + ", ".join(f"{n} {s}" for s, n in counts.items())
+                + f" (of {len(self.runs)}; {int(time.monotonic() - self.start) // 60} min so far; "
+                f"each run's own progress is in its job log)"
+            )
 
 
 def plan(specs: list[dict], results, retry_failed: bool = False, max_retries: int = 2) -> list[dict]:
@@ -120,16 +124,24 @@ def plan(specs: list[dict], results, retry_failed: bool = False, max_retries: in
         elif st["state"] == "running":
             action, why = "skip", "running elsewhere"
         elif st["state"] == "failed" and st["retryable"] and st["attempts"] <= max_retries:
-            action, why = "run", (f"retry {st['attempts']} of {max_retries} after an infrastructure failure: "
-                                  f"{st['reason']}")
+            action, why = (
+                "run",
+                (f"retry {st['attempts']} of {max_retries} after an infrastructure failure: {st['reason']}"),
+            )
         elif st["state"] == "failed":
-            gave_up = f" after {st['attempts']} attempts (executor.max_retries={max_retries})" if st["retryable"] else ""
-            action, why = ("run", f"retry after failure: {st['reason']}") if retry_failed else \
-                ("skip", f"failed ({st['reason']}){gave_up}; rerun with --retry-failed")
+            gave_up = (
+                f" after {st['attempts']} attempts (executor.max_retries={max_retries})" if st["retryable"] else ""
+            )
+            action, why = (
+                ("run", f"retry after failure: {st['reason']}")
+                if retry_failed
+                else ("skip", f"failed ({st['reason']}){gave_up}; rerun with --retry-failed")
+            )
         elif st["state"] == "corrupt":
             why = st["why"]
-        out.append({"spec": spec, "run_id": rid, "run_dir": run_dir, "action": action, "why": why,
-                    "state": st["state"]})
+        out.append(
+            {"spec": spec, "run_id": rid, "run_dir": run_dir, "action": action, "why": why, "state": st["state"]}
+        )
     return out
 
 
@@ -158,6 +170,7 @@ def queue(todo: list[dict]) -> list[dict]:
                 if r["state"] != "corrupt":
                     records.write_status(r["run_dir"], "queued")
     return [r for r in todo if r["action"] == "run"]
+
 
 def submit_and_wait(todo: list[dict], phase: Phase, ex: Executor, progress: Progress) -> None:
     """Submit ``todo`` (in-process one by one on debug, at most ``max_workers`` local jobs at once, or one
@@ -194,8 +207,11 @@ def _stop_jobs(running, cluster, log, wait_s: float = 120.0) -> None:
     stops them). Raises `Stopped`, so ``moebench run`` exits non-zero and a rerun resumes."""
     if cluster == "slurm":
         where = running[0][0]["run_dir"].parent if running else None  # the cluster owns them (README: Ctrl-C)
-        how = f"`moebench status {where}`; stop them with `moebench cancel {where.parent} {where.name}`" if where \
+        how = (
+            f"`moebench status {where}`; stop them with `moebench cancel {where.parent} {where.name}`"
+            if where
             else "`moebench status`; stop them with `moebench cancel`"
+        )
         raise Stopped(f"stopped by a signal; the SLURM jobs keep running (follow them with {how})")
     asked = [pid for r, _ in running if (pid := ask_to_stop(r["run_dir"]))]
     log(f"[{_now()}] stopping: asked {len(asked)} running job(s) to checkpoint and exit")
@@ -210,15 +226,23 @@ def _stop_jobs(running, cluster, log, wait_s: float = 120.0) -> None:
 
 def _wait(jobs: _Jobs, phase: Phase, ex: Executor, progress: Progress) -> None:
     """Submit (at most ``max_workers`` local jobs at once, or one SLURM array) and collect until done."""
-    cluster, log, poll_s, results, executor, job_fn = (ex.cluster, ex.log, ex.poll_s, phase.results,
-                                                       jobs.executor, jobs.job_fn)
+    cluster, log, poll_s, results, executor, job_fn = (
+        ex.cluster,
+        ex.log,
+        ex.poll_s,
+        phase.results,
+        jobs.executor,
+        jobs.job_fn,
+    )
     pending, running = list(jobs.todo), []
     if cluster == "slurm":
         array = executor.map_array(job_fn, [r["spec"] for r in pending], [str(results)] * len(pending))
         running = list(zip(pending, array))
         pending = []
-        log(f"[{_now()}] submitted {len(array)} runs as SLURM array {array[0].job_id.split('_')[0]} "
-            f"(at most {ex.section.get('array_parallelism')} at once); logs in {jobs.folder}")
+        log(
+            f"[{_now()}] submitted {len(array)} runs as SLURM array {array[0].job_id.split('_')[0]} "
+            f"(at most {ex.section.get('array_parallelism')} at once); logs in {jobs.folder}"
+        )
     limit = max_workers(ex.section, len(jobs.todo)) if cluster == "local" else len(jobs.todo)
     missing: dict[str, int] = {}
     while pending or running:
@@ -263,8 +287,10 @@ def _finish(r: dict, job, log) -> None:
         if got and inspect(r["run_dir"])["state"] not in ("done", "failed"):
             first = str(err).strip().splitlines()[-1][:500] if err else "the job ended but the run did not finish"
             log_path = getattr(getattr(job, "paths", None), "stderr", None)
-            records.write_status(r["run_dir"], "failed",
-                                 f"job {job.job_id} ended without finishing the run: {first}"
-                                 + (f" (log: {log_path})" if log_path else ""),
-                                 retryable=True)  # killed, OOM or node loss: the next run resumes it
-
+            records.write_status(
+                r["run_dir"],
+                "failed",
+                f"job {job.job_id} ended without finishing the run: {first}"
+                + (f" (log: {log_path})" if log_path else ""),
+                retryable=True,
+            )  # killed, OOM or node loss: the next run resumes it

@@ -27,6 +27,7 @@ so it is trained, checkpointed, resumed, failed and reported exactly like any ru
   state dict into ``weights.pt`` (reading the checkpoint with ``weights_only=True`` and numpy's array
   reconstruction allowed, nothing else: results folders are untrusted input) and removes the checkpoint.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,7 +41,7 @@ from moebench.training.spec import resolve_spec, run_id
 
 __all__ = ["PRETRAIN_DIR", "PRETRAIN_GRID", "WEIGHTS", "pretrain_root"]  # re-exported: the stage's layout
 
-DEFAULT_RESULTS = "results"   # `moebench run --results`' default: what `grid show` assumes
+DEFAULT_RESULTS = "results"  # `moebench run --results`' default: what `grid show` assumes
 PRETRAIN_LABEL = "pretrain"
 CHECKPOINT = "checkpoint.pt"
 
@@ -51,12 +52,20 @@ def pretrain_spec(task: str, task_args: dict, model: dict, seed: int, train: dic
     so the weights can be extracted. The code version goes into ``match`` (hashed like the rest)."""
     from moebench.version import __version__
 
-    return resolve_spec({
-        "grid": PRETRAIN_GRID, "task": task, "task_args": copy.deepcopy(task_args), "model": copy.deepcopy(model),
-        "moe": None, "label": PRETRAIN_LABEL, "seed": seed,
-        "train": {**copy.deepcopy(train), **copy.deepcopy(overrides), "keep_checkpoint": True},
-        "sweep": {}, "match": {"stage": "dense pretrain", "code_version": __version__},
-    })
+    return resolve_spec(
+        {
+            "grid": PRETRAIN_GRID,
+            "task": task,
+            "task_args": copy.deepcopy(task_args),
+            "model": copy.deepcopy(model),
+            "moe": None,
+            "label": PRETRAIN_LABEL,
+            "seed": seed,
+            "train": {**copy.deepcopy(train), **copy.deepcopy(overrides), "keep_checkpoint": True},
+            "sweep": {},
+            "match": {"stage": "dense pretrain", "code_version": __version__},
+        }
+    )
 
 
 def pretrain_dir(results, spec: dict) -> Path:
@@ -118,8 +127,9 @@ def extract_weights(run_dir) -> bool:
 
 
 # -- the launcher's phase -----------------------------------------------------------------------------
-def pretrain_phase(pretrains: list[dict], results, ex: Executor, grid_name: str, retry_failed: bool = False,
-                   dry_run: bool = False) -> dict:
+def pretrain_phase(
+    pretrains: list[dict], results, ex: Executor, grid_name: str, retry_failed: bool = False, dry_run: bool = False
+) -> dict:
     """Run the dense pretraining runs that are not done yet (through the grid's executor) and wait.
     Returns ``{reference: why its weights are not available}`` for each one that did not finish, so the
     launcher can hold back its dependants instead of starting them from missing weights."""
@@ -134,9 +144,11 @@ def pretrain_phase(pretrains: list[dict], results, ex: Executor, grid_name: str,
                 if got:
                     set_aside(d, ["status.json", "final.json", CHECKPOINT])
     runs = plan(specs, root, retry_failed, ex.section.get("max_retries", 2))
-    ex.log(f"pretrain: {len(runs)} dense runs (one per task block and seed) -> {root / PRETRAIN_GRID}; "
-           f"{sum(r['why'] == 'done' for r in runs)} done already, "
-           f"{sum(r['action'] == 'run' for r in runs)} to run first")
+    ex.log(
+        f"pretrain: {len(runs)} dense runs (one per task block and seed) -> {root / PRETRAIN_GRID}; "
+        f"{sum(r['why'] == 'done' for r in runs)} done already, "
+        f"{sum(r['action'] == 'run' for r in runs)} to run first"
+    )
     run_phase(runs, Phase(f"{grid_name}-pretrain", root / PRETRAIN_GRID, root.resolve(), verb="pretrain"), ex, dry_run)
     if dry_run:
         return {}

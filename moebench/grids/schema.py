@@ -82,6 +82,7 @@ classes) falls back to ``moebench.core.models.build_model`` on the model section
 Order of the expanded runs: task block, sweep point (axes and values in file order), router entry,
 seed; the dense baseline appears once per point of the axes that apply to it (train/task_args/model).
 """
+
 from __future__ import annotations
 
 import copy
@@ -110,8 +111,23 @@ from moebench.core.config import (
 
 GRIDS_DIR = Path(__file__).resolve().parent / "configs"
 
-TOP_KEYS = ("name", "description", "task", "preset", "task_args", "model", "tasks", "moe", "train", "pretrain",
-            "seeds", "routers", "sweep", "match", "executor")
+TOP_KEYS = (
+    "name",
+    "description",
+    "task",
+    "preset",
+    "task_args",
+    "model",
+    "tasks",
+    "moe",
+    "train",
+    "pretrain",
+    "seeds",
+    "routers",
+    "sweep",
+    "match",
+    "executor",
+)
 BLOCK_KEYS = ("task", "preset", "task_args", "model", "moe", "train", "pretrain")
 MOE_KEYS = tuple(k for k in fields_of(MoEConfig) if k not in ("router", "router_args"))  # per grid/block/router
 ROUTER_KEYS = ("name", "label", "args", "moe", "match")
@@ -142,8 +158,10 @@ def _opt(check):
     return (check[0] + " or null", lambda v: v is None or check[1](v))
 
 
-_BLOCKS = ("a list of block indices, an integer, or a string such as 'all'",
-           lambda v: isinstance(v, str) or _INT[1](v) or (isinstance(v, list) and all(_INT[1](x) for x in v)))
+_BLOCKS = (
+    "a list of block indices, an integer, or a string such as 'all'",
+    lambda v: isinstance(v, str) or _INT[1](v) or (isinstance(v, list) and all(_INT[1](x) for x in v)),
+)
 
 
 class GridError(ValueError):
@@ -210,12 +228,15 @@ def resolve_path(grid: str | os.PathLike) -> Path:
     known = shipped_grids()
     close = difflib.get_close_matches(str(grid), known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise GridError(f"{grid}: no such grid file, and not a shipped grid name.{hint} "
-                    f"Shipped grids: {', '.join(known)} (in {GRIDS_DIR}).")
+    raise GridError(
+        f"{grid}: no such grid file, and not a shipped grid name.{hint} "
+        f"Shipped grids: {', '.join(known)} (in {GRIDS_DIR})."
+    )
 
 
-def load(grid: str | os.PathLike | dict, file: str | None = None, overrides=(),
-         allow_placeholders: bool = False) -> dict:
+def load(
+    grid: str | os.PathLike | dict, file: str | None = None, overrides=(), allow_placeholders: bool = False
+) -> dict:
     """Read and validate a grid; returns a normalised dict (``tasks`` always a list of blocks,
     ``routers`` always mappings, ``match`` a mapping, ``executor`` with defaults filled in).
     ``overrides`` are ``KEY=VALUE`` strings (``--set``) applied to the file's content first. A
@@ -259,8 +280,9 @@ def apply_override(raw, assignment: str, file: str) -> None:
     tokens = re.findall(r"\[(\d+)\]|([^.\[\]]+)", path)
     keys: list[int | str] = [int(i) if i else name for i, name in tokens]
     if not keys or _key_path(keys) != path:
-        raise GridError(f"--set {assignment!r}: KEY must be a dotted path such as task_args.data or "
-                        f"tasks.0.task_args.root")
+        raise GridError(
+            f"--set {assignment!r}: KEY must be a dotted path such as task_args.data or tasks.0.task_args.root"
+        )
     try:
         value = parse_value(text)
     except SpecError as err:
@@ -271,8 +293,10 @@ def apply_override(raw, assignment: str, file: str) -> None:
         last = i == len(keys) - 1
         if isinstance(key, int):
             if not isinstance(node, list) or key >= len(node):
-                raise GridError(f"--set {assignment!r}: {where} does not exist in {file} "
-                                f"({_key_path(keys[:i]) or 'the top level'} is not a list that long)")
+                raise GridError(
+                    f"--set {assignment!r}: {where} does not exist in {file} "
+                    f"({_key_path(keys[:i]) or 'the top level'} is not a list that long)"
+                )
         elif not isinstance(node, dict):
             raise GridError(f"--set {assignment!r}: {_key_path(keys[:i])} is {node!r} in {file}, not a mapping")
         if last:
@@ -319,15 +343,17 @@ def refuse_placeholders(raw, file: str, name: str = "GRID") -> None:
         return
     grid = name if Path(file).parent == GRIDS_DIR else file
     width = max(len(k) for k, _ in found)
-    example = " ".join(f"--set {_shell_key(k)}=/your/{Path(v).name}" for k, v in found)  # every key: ready to edit and run
+    example = " ".join(
+        f"--set {_shell_key(k)}=/your/{Path(v).name}" for k, v in found
+    )  # every key: ready to edit and run
     raise GridError(
         f"{file}: {len(found)} placeholder path(s) still to set (nothing can run on them):\n"
         + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in found)
         + f"\nGive the real values without editing the shipped file, on the command line (one --set per key):\n"
-          f"  moebench grid show {grid} {example}\n"
-          f"  moebench run {grid} {example}\n"
-          f"or copy the grid, edit the copy, and use the copy's path:\n"
-          f"  cp {file} my-{Path(file).stem}.yaml; moebench run my-{Path(file).stem}.yaml"
+        f"  moebench grid show {grid} {example}\n"
+        f"  moebench run {grid} {example}\n"
+        f"or copy the grid, edit the copy, and use the copy's path:\n"
+        f"  cp {file} my-{Path(file).stem}.yaml; moebench run my-{Path(file).stem}.yaml"
     )
 
 
@@ -337,24 +363,34 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
         raise ctx.error("(top level)", f"expected a mapping of grid keys, got {_tname(raw)}")
     ctx.keys(raw, TOP_KEYS, "")
     name = raw.get("name", default_name)
-    ctx.check(name, ("a name of letters, digits, '.', '_' or '-'",
-                     lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9._-]+", v) and v not in (".", "..")),
-              "name")
+    ctx.check(
+        name,
+        (
+            "a name of letters, digits, '.', '_' or '-'",
+            lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9._-]+", v) and v not in (".", ".."),
+        ),
+        "name",
+    )
     grid = {"name": name, "description": raw.get("description", ""), "file": file}
 
     # task blocks
     if "tasks" in raw:
         for key in ("task", "preset", "task_args", "model"):
             if key in raw:
-                raise ctx.error(key, f"give either top-level `{key}` or a `tasks:` list of blocks, not both; "
-                                     f"move it into each block of `tasks`")
-        ctx.check(raw["tasks"], ("a non-empty list of task blocks",
-                                 lambda v: isinstance(v, list) and len(v) > 0), "tasks")
+                raise ctx.error(
+                    key,
+                    f"give either top-level `{key}` or a `tasks:` list of blocks, not both; "
+                    f"move it into each block of `tasks`",
+                )
+        ctx.check(
+            raw["tasks"], ("a non-empty list of task blocks", lambda v: isinstance(v, list) and len(v) > 0), "tasks"
+        )
         blocks = [(f"tasks[{i}]", b) for i, b in enumerate(raw["tasks"])]
     else:
         if "task" not in raw:
-            raise ctx.error("task", "missing: name a registered task (see `moebench tasks`), "
-                                    "or give a `tasks:` list of blocks")
+            raise ctx.error(
+                "task", "missing: name a registered task (see `moebench tasks`), or give a `tasks:` list of blocks"
+            )
         blocks = [("", {k: raw[k] for k in ("task", "preset", "task_args", "model") if k in raw})]
     grid["moe"] = _check_moe(ctx, raw.get("moe"), "moe")
     grid["train"] = _check_train(ctx, raw.get("train"), "train")
@@ -372,25 +408,33 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
         if model is not None:
             ctx.check(model, _MAP, p("model"))
         pre = _preset(ctx, block["task"], block.get("preset"), p("preset"))
-        grid["tasks"].append({
-            "task": block["task"],
-            "preset": block.get("preset"),
-            "task_args": {**pre["task_args"], **copy.deepcopy(ctx.mapping(block.get("task_args"), p("task_args")))},
-            "model": None if model is None and not pre["model"] else {**pre["model"], **copy.deepcopy(model or {})},
-            "preset_moe": pre["moe"],
-            "preset_train": pre["train"],
-            "moe": _check_moe(ctx, block.get("moe") if path else None, p("moe")),
-            "train": _check_train(ctx, block.get("train") if path else None, p("train")),
-            # a block's own `pretrain:` (null included) replaces the grid's
-            "pretrain": _check_pretrain(ctx, block["pretrain"], p("pretrain")) if path and "pretrain" in block
-            else grid["pretrain"],
-            "path": path or "(top level)",
-        })
+        grid["tasks"].append(
+            {
+                "task": block["task"],
+                "preset": block.get("preset"),
+                "task_args": {**pre["task_args"], **copy.deepcopy(ctx.mapping(block.get("task_args"), p("task_args")))},
+                "model": None if model is None and not pre["model"] else {**pre["model"], **copy.deepcopy(model or {})},
+                "preset_moe": pre["moe"],
+                "preset_train": pre["train"],
+                "moe": _check_moe(ctx, block.get("moe") if path else None, p("moe")),
+                "train": _check_train(ctx, block.get("train") if path else None, p("train")),
+                # a block's own `pretrain:` (null included) replaces the grid's
+                "pretrain": _check_pretrain(ctx, block["pretrain"], p("pretrain"))
+                if path and "pretrain" in block
+                else grid["pretrain"],
+                "path": path or "(top level)",
+            }
+        )
 
     seeds = raw.get("seeds", [0])
-    ctx.check(seeds, ("a non-empty list of distinct integers",
-                      lambda v: isinstance(v, list) and v and all(_INT[1](s) for s in v) and len(set(v)) == len(v)),
-              "seeds")
+    ctx.check(
+        seeds,
+        (
+            "a non-empty list of distinct integers",
+            lambda v: isinstance(v, list) and v and all(_INT[1](s) for s in v) and len(set(v)) == len(v),
+        ),
+        "seeds",
+    )
     for i, seed in enumerate(seeds):
         try:
             check_seed(seed, f"seeds[{i}]")
@@ -404,9 +448,12 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
         mode = r["match"] or grid["match"]["mode"]
         if mode != "none":
             if "d_hidden" in r["moe"]:
-                raise ctx.error(f"{r['path']}.moe.d_hidden", f"with match: {mode} the width is set "
-                                                             f"by matching; remove it (or use match: none to set "
-                                                             f"widths by hand)")
+                raise ctx.error(
+                    f"{r['path']}.moe.d_hidden",
+                    f"with match: {mode} the width is set "
+                    f"by matching; remove it (or use match: none to set "
+                    f"widths by hand)",
+                )
     grid["executor"] = {**defaults(ExecutorConfig), **ctx.section(ExecutorConfig, raw.get("executor"), "executor")}
     _check_tasks(ctx, grid)
     return grid
@@ -423,8 +470,11 @@ def _check_tasks(ctx: GridContext, grid: dict) -> None:
     ex = grid["executor"]
     tasks, gpus = tasks_per_node(ex), ex.get("gpus_per_node") or 0
     if gpus and ex.get("tasks_per_node") and tasks != gpus:
-        raise ctx.error("executor.tasks_per_node", f"is {tasks} but gpus_per_node is {gpus}: data parallel runs "
-                                                   f"one process per GPU; set tasks_per_node: {gpus} or remove it")
+        raise ctx.error(
+            "executor.tasks_per_node",
+            f"is {tasks} but gpus_per_node is {gpus}: data parallel runs "
+            f"one process per GPU; set tasks_per_node: {gpus} or remove it",
+        )
     if tasks == 1:
         return
     sources = [grid["train"]] + [b[k] or {} for b in grid["tasks"] for k in ("train", "preset_train")]
@@ -432,9 +482,12 @@ def _check_tasks(ctx: GridContext, grid: dict) -> None:
     sizes |= {v for axis, values in grid["sweep"] if axis == "train.batch_size" for v in values}
     for bs in sorted(s for s in sizes if isinstance(s, int)):
         if bs % tasks:
-            raise ctx.error("executor.tasks_per_node", f"{tasks} processes cannot share train.batch_size {bs} "
-                                                       f"(the global batch) evenly; use a batch size that is a "
-                                                       f"multiple of {tasks}, or another tasks_per_node")
+            raise ctx.error(
+                "executor.tasks_per_node",
+                f"{tasks} processes cannot share train.batch_size {bs} "
+                f"(the global batch) evenly; use a batch size that is a "
+                f"multiple of {tasks}, or another tasks_per_node",
+            )
 
 
 def _check_task(ctx: GridContext, name: str, path: str) -> None:
@@ -457,14 +510,19 @@ def _preset(ctx: GridContext, task: str, size, path: str) -> dict:
 
     cls = TASKS.get(task)
     if not getattr(cls, "presets", None):
-        raise ctx.error(path, f"task {task!r} defines no presets; remove `preset:` and give task_args / model / "
-                              f"train explicitly")
+        raise ctx.error(
+            path, f"task {task!r} defines no presets; remove `preset:` and give task_args / model / train explicitly"
+        )
     try:
         preset = cls.preset(size)
     except (ValueError, KeyError, TypeError) as err:
         raise ctx.error(path, str(err)) from None
-    out = {"task_args": dict(preset.task_args), "model": dict(preset.model), "moe": dict(preset.moe),
-           "train": dict(preset.train)}
+    out = {
+        "task_args": dict(preset.task_args),
+        "model": dict(preset.model),
+        "moe": dict(preset.moe),
+        "train": dict(preset.train),
+    }
     out["moe"] = {k: v for k, v in out["moe"].items() if k in MOE_KEYS}
     _check_moe(ctx, out["moe"], f"{path} ({task} preset {size!r}: moe)")
     out["train"] = _check_train(ctx, out["train"], f"{path} ({task} preset {size!r}: train)")
@@ -502,8 +560,9 @@ def _check_pretrain(ctx: GridContext, value, path: str) -> dict | None:
 def _check_routers(ctx: GridContext, value) -> list[dict]:
     if value is None:
         raise ctx.error("routers", "missing: list the routers to compare, e.g. [dense, softmax-topk, switch]")
-    ctx.check(value, ("a non-empty list of router names or mappings",
-                      lambda v: isinstance(v, list) and len(v) > 0), "routers")
+    ctx.check(
+        value, ("a non-empty list of router names or mappings", lambda v: isinstance(v, list) and len(v) > 0), "routers"
+    )
     out: list[dict] = []
     labels: dict[str, Any] = {}
     for i, entry in enumerate(value):
@@ -523,27 +582,50 @@ def _check_routers(ctx: GridContext, value) -> list[dict]:
         _check_router_args(ctx, entry["name"], args, f"{path}.args")
         for key in ("d_model", "num_experts"):
             if key in args:
-                raise ctx.error(f"{path}.args.{key}", f"set by the layer, not the router; "
-                                                      f"use {path}.moe.num_experts / the model section instead")
+                raise ctx.error(
+                    f"{path}.args.{key}",
+                    f"set by the layer, not the router; use {path}.moe.num_experts / the model section instead",
+                )
         label = entry.get("label") or _default_label(entry["name"], args)
-        ctx.check(label, ("a folder-safe name (letters, digits and . _ + = -, starting with a letter or digit)",
-                          lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", v)),
-                  f"{path}.label")
+        ctx.check(
+            label,
+            (
+                "a folder-safe name (letters, digits and . _ + = -, starting with a letter or digit)",
+                lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", v),
+            ),
+            f"{path}.label",
+        )
         if label in labels:
-            raise ctx.error(f"{path}.label", f"label {label!r} is already used by routers[{labels[label]}]; "
-                                             f"labels name a row of the report, give this entry its own `label:`")
+            raise ctx.error(
+                f"{path}.label",
+                f"label {label!r} is already used by routers[{labels[label]}]; "
+                f"labels name a row of the report, give this entry its own `label:`",
+            )
         labels[label] = i
         match = entry.get("match")
         if match is not None:
             if entry["name"] == DENSE:
-                raise ctx.error(f"{path}.match", "`dense` is not matched (it keeps the model's own MLP width); remove it")
+                raise ctx.error(
+                    f"{path}.match", "`dense` is not matched (it keeps the model's own MLP width); remove it"
+                )
             if match not in MATCH_MODES:
                 close = difflib.get_close_matches(str(match), MATCH_MODES, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ctx.error(f"{path}.match", f"expected one of {', '.join(MATCH_MODES)} (this entry's matching, "
-                                                 f"overriding the grid's match), got {match!r}{hint}")
-        out.append({"name": entry["name"], "label": label, "args": copy.deepcopy(args), "moe": moe, "path": path,
-                    "match": match})
+                raise ctx.error(
+                    f"{path}.match",
+                    f"expected one of {', '.join(MATCH_MODES)} (this entry's matching, "
+                    f"overriding the grid's match), got {match!r}{hint}",
+                )
+        out.append(
+            {
+                "name": entry["name"],
+                "label": label,
+                "args": copy.deepcopy(args),
+                "moe": moe,
+                "path": path,
+                "match": match,
+            }
+        )
     return out
 
 
@@ -569,8 +651,7 @@ def _check_router_args(ctx: GridContext, name: str, args: dict, path: str) -> No
     if found:
         key, close = found
         hint = f"; did you mean {close!r}?" if close else ""
-        raise ctx.error(f"{path}.{key}", f"router {name!r} has no option {key!r}{hint} "
-                                         f"Its options: {', '.join(known)}")
+        raise ctx.error(f"{path}.{key}", f"router {name!r} has no option {key!r}{hint} Its options: {', '.join(known)}")
 
 
 def _default_label(name: str, args: dict) -> str:
@@ -594,8 +675,11 @@ def _check_sweep(ctx: GridContext, value) -> list[tuple[str, list]]:
         if len(parts) < 2 or parts[0] not in SWEEP_PREFIXES or not all(parts):
             close = difflib.get_close_matches(parts[0], SWEEP_PREFIXES, n=1)
             hint = f"; did you mean {close[0]!r}?" if close and close[0] != parts[0] else ""
-            raise ctx.error(path, f"an axis is a dotted path starting with one of {', '.join(SWEEP_PREFIXES)} "
-                                  f"(e.g. moe.num_experts, router_args.top_k){hint}")
+            raise ctx.error(
+                path,
+                f"an axis is a dotted path starting with one of {', '.join(SWEEP_PREFIXES)} "
+                f"(e.g. moe.num_experts, router_args.top_k){hint}",
+            )
         ctx.check(values, ("a non-empty list of values", lambda v: isinstance(v, list) and len(v) > 0), path)
         if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
             raise ctx.error(path, f"values repeat ({values}); list each value once")
@@ -619,15 +703,23 @@ def _check_sweep(ctx: GridContext, value) -> list[tuple[str, list]]:
 def _check_match(ctx: GridContext, value) -> dict:
     if isinstance(value, str):
         value = {"mode": value}
-    ctx.check(value, ("one of active_flops, params, none, or a mapping {mode, reference_active_experts}",
-                      lambda v: isinstance(v, dict)), "match")
+    ctx.check(
+        value,
+        (
+            "one of active_flops, params, none, or a mapping {mode, reference_active_experts}",
+            lambda v: isinstance(v, dict),
+        ),
+        "match",
+    )
     ctx.keys(value, MATCH_KEYS, "match")
     mode = value.get("mode", "active_flops")
     if mode not in MATCH_MODES:
         close = difflib.get_close_matches(str(mode), MATCH_MODES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ctx.error("match" if "reference_active_experts" not in value else "match.mode",
-                        f"expected one of {', '.join(MATCH_MODES)}, got {mode!r}{hint}")
+        raise ctx.error(
+            "match" if "reference_active_experts" not in value else "match.mode",
+            f"expected one of {', '.join(MATCH_MODES)}, got {mode!r}{hint}",
+        )
     ref = value.get("reference_active_experts", 2)
     ctx.check(ref, _POS_NUM, "match.reference_active_experts")
     return {"mode": mode, "reference_active_experts": ref}

@@ -1,4 +1,5 @@
 """Status tables: the state of every run of a grid folder, read from its records alone."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,15 +23,22 @@ def plan_rows(runs: list[dict]) -> list[dict]:
         state = st["state"]
         if r.get("outcome") == "elsewhere" and state not in ("done", "failed"):
             state = "running"
-        rows.append({"run_id": r["run_id"], "label": r["spec"]["label"], "seed": r["spec"]["seed"],
-                     "state": state, "attempts": st["attempts"],
-                     "reason": _reason(st)
-                     or ("running elsewhere" if r.get("outcome") == "elsewhere" else _resumed(r["run_dir"], st))})
+        rows.append(
+            {
+                "run_id": r["run_id"],
+                "label": r["spec"]["label"],
+                "seed": r["spec"]["seed"],
+                "state": state,
+                "attempts": st["attempts"],
+                "reason": _reason(st)
+                or ("running elsewhere" if r.get("outcome") == "elsewhere" else _resumed(r["run_dir"], st)),
+            }
+        )
     return rows
 
 
 def _resumed(run_dir, st: dict) -> str:
-    """"resumed from step N (attempt M)" when the latest attempt continued from a checkpoint
+    """ "resumed from step N (attempt M)" when the latest attempt continued from a checkpoint
     (``resumed_from`` in status.json, written by the trainer), so a requeue is visible."""
     status = records.read_status_safe(run_dir) if st["state"] != "corrupt" else None
     step = status.get("resumed_from") if isinstance(status, dict) else None
@@ -69,9 +77,13 @@ def format_table(rows: list[dict], title: str = "") -> str:
 
 def grid_dirs(path: Path) -> list[Path]:
     """``path`` itself if it holds run folders, else its (non-hidden) sub-folders that do."""
+
     def has_runs(p: Path) -> bool:
-        return any((c / "status.json").exists() or (c / "spec.yaml").exists()
-                   for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
+        return any(
+            (c / "status.json").exists() or (c / "spec.yaml").exists()
+            for c in p.iterdir()
+            if c.is_dir() and not c.name.startswith(".")
+        )
 
     if not path.is_dir():
         return []
@@ -92,8 +104,14 @@ def status_rows(grid_dir: Path) -> list[dict]:
         except records.CorruptRecordError as err:
             spec, st = {}, {**st, "state": "corrupt", "corrupt": st["corrupt"] or str(err)}
             st["why"] = verdict_text(st)
-        rows.append({"run_id": run_dir.name, "label": spec.get("label", "?"), "seed": spec.get("seed", "?"),
-                     "state": st["state"], "attempts": st["attempts"],
-                     "reason": _reason(st) or _resumed(run_dir, st)})
+        rows.append(
+            {
+                "run_id": run_dir.name,
+                "label": spec.get("label", "?"),
+                "seed": spec.get("seed", "?"),
+                "state": st["state"],
+                "attempts": st["attempts"],
+                "reason": _reason(st) or _resumed(run_dir, st),
+            }
+        )
     return rows
-

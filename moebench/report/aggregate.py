@@ -8,6 +8,7 @@
   interval (rliable, Agarwal et al. 2021): seeds are resampled within each task, the reference points
   stay fixed.
 - Performance profile (rliable): the share of a router's runs whose normalised score exceeds τ."""
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,10 @@ def borda(lb: pd.DataFrame) -> pd.DataFrame:
         for (_, r), rank in zip(b.iterrows(), ranks):
             key = (r["label"], r["variant"])
             points[key] = points.get(key, 0.0) + (len(b) - rank)
-    out = pd.DataFrame([{"label": k[0], "variant": k[1], "borda_points": v} for k, v in points.items()],
-                       columns=["label", "variant", "borda_points"])
+    out = pd.DataFrame(
+        [{"label": k[0], "variant": k[1], "borda_points": v} for k, v in points.items()],
+        columns=["label", "variant", "borda_points"],
+    )
     out["borda_rank"] = out["borda_points"].rank(ascending=False, method="min")
     return out.sort_values(["borda_rank", "label"], kind="stable").reset_index(drop=True)
 
@@ -78,8 +81,9 @@ def iqm(values) -> float:
     return float(stats.trim_mean(v, 0.25)) if v.size else math.nan
 
 
-def stratified_iqm_interval(scores: pd.DataFrame, level: float = 0.95, n_boot: int = 2000,
-                            seed: int = 0) -> tuple[float, float, float]:
+def stratified_iqm_interval(
+    scores: pd.DataFrame, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """(IQM, low, high) of one router's run scores (columns bench, score); each resample draws, in
     every task, as many runs as it has, with replacement."""
     groups = [g["score"].to_numpy(dtype=float) for _, g in scores.dropna(subset=["score"]).groupby("bench")]
@@ -120,8 +124,10 @@ def summarise(lb: pd.DataFrame, runs: pd.DataFrame) -> Summary:
     points = reference_points(lb, zero_label) if zero_label else {}
     done = runs[(runs["state"] == "done") & runs["headline_value"].notna()].dropna(subset=["bench"])
     per_seed = done.groupby(["bench", "label", "variant", "seed"], as_index=False)["headline_value"].mean()
-    per_seed["score"] = [normalise(v, *points[b]) if b in points else math.nan
-                         for b, v in zip(per_seed["bench"], per_seed["headline_value"])]
+    per_seed["score"] = [
+        normalise(v, *points[b]) if b in points else math.nan
+        for b, v in zip(per_seed["bench"], per_seed["headline_value"])
+    ]
     benches = sorted(lb["bench"].unique())
     rows = []
     for _, t in table.iterrows():
@@ -156,33 +162,56 @@ def summary_table(summary: Summary) -> Table | None:
     t = summary.table
     if t.empty:
         return None
-    benches = [c[len("score:"):] for c in t.columns if c.startswith("score:")]
+    benches = [c[len("score:") :] for c in t.columns if c.startswith("score:")]
     show_variant = (t["variant"] != "").any()
     scale, prefix = si_scale(np.concatenate([t["params_active"].to_numpy(float), t["params_total"].to_numpy(float)]))
-    columns = (["Router"] + (["Sweep"] if show_variant else []) + ["Borda rank", "Borda points"]
-               + [f"Score: {b}" for b in benches] + ["Mean score", "IQM [95% CI]",
-                                                     f"Active params ({prefix})".replace(" ()", ""),
-                                                     f"Params ({prefix})".replace(" ()", "")])
+    columns = (
+        ["Router"]
+        + (["Sweep"] if show_variant else [])
+        + ["Borda rank", "Borda points"]
+        + [f"Score: {b}" for b in benches]
+        + [
+            "Mean score",
+            "IQM [95% CI]",
+            f"Active params ({prefix})".replace(" ()", ""),
+            f"Params ({prefix})".replace(" ()", ""),
+        ]
+    )
     rows = []
     for _, r in t.iterrows():
         iq = "–" if pd.isna(r["iqm"]) else f"{r['iqm']:.1f} [{r['iqm_low']:.1f}, {r['iqm_high']:.1f}]"
-        rows.append([r["label"]] + ([r["variant"]] if show_variant else [])
-                    + [f"{r['borda_rank']:g}", f"{r['borda_points']:g}"]
-                    + [_score(r[f"score:{b}"]) for b in benches]
-                    + [_score(r["mean_score"]), iq, fmt_value(r["params_active"], "si", scale),
-                       fmt_value(r["params_total"], "si", scale)])
-    zero = (f"0 = the `{summary.zero_label}` {'control' if summary.zero_label == ZERO else 'model'}'s mean"
-            if summary.zero_label else "no `random` or `dense` run, so no zero point: scores are blank")
-    fallback = "" if summary.zero_label in (ZERO, None) else \
-        f" (no `{ZERO}` control ran, so the zero is the fallback `{summary.zero_label}`, not chance)"
-    notes = ["Borda rank: each task gives a router one point per router with a worse headline mean (ties half); "
-             "points summed over tasks, rank 1 = most points (MTEB).",
-             f"Score: <task>: the router's headline mean normalised per task, {zero}{fallback}, 100 = the best "
-             "router's mean in that task (a single run can score above 100); below 0 = worse than the zero point.",
-             "Mean score: the mean of the per-task scores.",
-             "IQM: interquartile mean of the normalised score over all (task, seed) runs, with a 95% "
-             "stratified bootstrap interval (2000 resamples of seeds within each task; rliable).",
-             "Active / total params: per-token active and total parameters, averaged over the tasks' models."]
+        rows.append(
+            [r["label"]]
+            + ([r["variant"]] if show_variant else [])
+            + [f"{r['borda_rank']:g}", f"{r['borda_points']:g}"]
+            + [_score(r[f"score:{b}"]) for b in benches]
+            + [
+                _score(r["mean_score"]),
+                iq,
+                fmt_value(r["params_active"], "si", scale),
+                fmt_value(r["params_total"], "si", scale),
+            ]
+        )
+    zero = (
+        f"0 = the `{summary.zero_label}` {'control' if summary.zero_label == ZERO else 'model'}'s mean"
+        if summary.zero_label
+        else "no `random` or `dense` run, so no zero point: scores are blank"
+    )
+    fallback = (
+        ""
+        if summary.zero_label in (ZERO, None)
+        else f" (no `{ZERO}` control ran, so the zero is the fallback `{summary.zero_label}`, not chance)"
+    )
+    notes = [
+        "Borda rank: each task gives a router one point per router with a worse headline mean (ties half); "
+        "points summed over tasks, rank 1 = most points (MTEB).",
+        f"Score: <task>: the router's headline mean normalised per task, {zero}{fallback}, 100 = the best "
+        "router's mean in that task (a single run can score above 100); below 0 = worse than the zero point.",
+        "Mean score: the mean of the per-task scores.",
+        "IQM: interquartile mean of the normalised score over all (task, seed) runs, with a 95% "
+        "stratified bootstrap interval (2000 resamples of seeds within each task; rliable).",
+        "Active / total params: per-token active and total parameters, averaged over the tasks' models.",
+    ]
     return Table("Summary across tasks", columns, rows, set(), notes, "tab:summary", left=1 + show_variant)
 
 

@@ -9,6 +9,7 @@ YOLO-Master PR #216): agreement = the share of probe tokens whose matched top-1 
 [0, 1]). Per run: the mean over its pairs with the other seeds of its (task, router label, sweep point);
 the mean over a group's runs is then exactly the mean over its seed pairs.
 """
+
 from __future__ import annotations
 
 import math
@@ -109,8 +110,10 @@ def _group_sums(g: pd.DataFrame, loaded: dict, problems: list[str]) -> dict:
     sums: dict = {}
     for i, j in combinations(sorted(loaded), 2):
         if loaded[i][2] != loaded[j][2]:
-            problems.append(f"{g.loc[i, 'run_dir']} and {g.loc[j, 'run_dir']}: probe_top1.npz layers differ "
-                            f"({loaded[i][2]} vs {loaded[j][2]}); no cross-seed agreement for this pair")
+            problems.append(
+                f"{g.loc[i, 'run_dir']} and {g.loc[j, 'run_dir']}: probe_top1.npz layers differ "
+                f"({loaded[i][2]} vs {loaded[j][2]}); no cross-seed agreement for this pair"
+            )
             continue
         agree, jsd = pair(loaded[i], loaded[j])
         for k in (i, j):

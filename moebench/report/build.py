@@ -6,6 +6,7 @@ Pieces (``moebench.report.*``): ``load`` reads records, ``tables`` aggregates an
 ``summary`` writes the key findings, ``render`` writes tables per format, ``plots`` draws, ``items``
 reads per-item evaluations, ``html`` assembles the page. Missing runs are detected from
 ``<results>/<grid>/expected.json`` written by the launcher (see ``load``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,16 +59,18 @@ class Report:
     repro: list[tuple[str, str]]
     claims: Audit
     totals: Summary
-    headline_tables: list[Table]   # the claims audit and the summary table: the top of the report
-    task_notes: list[str]          # the long per-task paragraphs, placed below the tables
+    headline_tables: list[Table]  # the claims audit and the summary table: the top of the report
+    task_notes: list[str]  # the long per-task paragraphs, placed below the tables
 
 
 def build_report(results_dir, baseline: str = BASELINE) -> Report:
     rs = load_record_set(results_dir)
     if rs.runs.empty:
-        raise ReportError(f"no run records under {rs.root} (looked for <grid>/<run_id>/ folders holding "
-                          f"spec.yaml, status.json, final.json or metrics.jsonl); run a grid first or pass "
-                          f"the results folder it wrote to")
+        raise ReportError(
+            f"no run records under {rs.root} (looked for <grid>/<run_id>/ folders holding "
+            f"spec.yaml, status.json, final.json or metrics.jsonl); run a grid first or pass "
+            f"the results folder it wrote to"
+        )
     add_seed_agreement(rs.runs, rs.layers, rs.problems)
     items = load_headline_items(rs.runs, rs.problems)
     lb = add_intervals(leaderboard_frame(rs), rs, items, baseline)
@@ -87,20 +90,26 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
         elif baseline not in set(lb["label"]):
             rs.problems.append(f"no runs labelled {baseline!r}: the paired comparison against it is skipped")
         else:
-            rs.problems.append(f"no task has finished seeds of both {baseline} and another router at the same "
-                               f"sweep point: the paired comparison is skipped")
+            rs.problems.append(
+                f"no task has finished seeds of both {baseline} and another router at the same "
+                f"sweep point: the paired comparison is skipped"
+            )
     from moebench.report.structure import structure_section
 
     structure_tables, structure_lines = structure_section(rs, lb, items) if not lb.empty else ([], [])
     overall += structure_tables
     states = rs.runs["state"].value_counts()
-    summary = [f"Results folder: {rs.root}",
-               f"{len(rs.runs)} runs: " + ", ".join(f"{n} {s}" for s, n in states.sort_index().items()),
-               "Missing runs: " + (f"{int(states.get('missing', 0))} (checked against the expected.json of grid(s) "
-                                   f"{', '.join(sorted(rs.grids_with_expected))})"
-                                   if rs.grids_with_expected else
-                                   "no expected.json found, so only seeds that other routers of the same task "
-                                   "have are detected")]
+    summary = [
+        f"Results folder: {rs.root}",
+        f"{len(rs.runs)} runs: " + ", ".join(f"{n} {s}" for s, n in states.sort_index().items()),
+        "Missing runs: "
+        + (
+            f"{int(states.get('missing', 0))} (checked against the expected.json of grid(s) "
+            f"{', '.join(sorted(rs.grids_with_expected))})"
+            if rs.grids_with_expected
+            else "no expected.json found, so only seeds that other routers of the same task have are detected"
+        ),
+    ]
     refs = {baseline: paired}
     for ref in sorted(set(rs.runs.loc[rs.runs["router"].isin(REFERENCE_ROUTERS), "label"].dropna()) - {baseline}):
         refs[ref] = paired_frame(rs, lb, ref, items=items) if not lb.empty else pd.DataFrame()
@@ -108,10 +117,24 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
     totals = summarise(lb, rs.runs)
     headline_tables = [t for t in (claims.table, summary_table(totals)) if t is not None]
     task_notes = key_findings(lb, paired, baseline)
-    return Report(rs, lb, ranks, paired, bench_tables, overall, unfinished_table(rs.runs), summary,
-                  claim_findings(claims.verdicts, totals, paired, baseline) + collapse_findings(lb)
-                  + [f"Structure recovery, {line}" for line in structure_lines], reproducibility(rs.runs, rs.root, lb),
-                  claims, totals, headline_tables, task_notes)
+    return Report(
+        rs,
+        lb,
+        ranks,
+        paired,
+        bench_tables,
+        overall,
+        unfinished_table(rs.runs),
+        summary,
+        claim_findings(claims.verdicts, totals, paired, baseline)
+        + collapse_findings(lb)
+        + [f"Structure recovery, {line}" for line in structure_lines],
+        reproducibility(rs.runs, rs.root, lb),
+        claims,
+        totals,
+        headline_tables,
+        task_notes,
+    )
 
 
 def write_report(results_dir, out_dir=None, formats=FORMATS, baseline: str = BASELINE, plots: bool = True) -> Path:
@@ -139,10 +162,19 @@ def write_report(results_dir, out_dir=None, formats=FORMATS, baseline: str = BAS
     if "html" in formats:
         from moebench.report.html import render_page
 
-        page = render_page(f"moebench report: {Path(results_dir).resolve().name}", rep.summary, rep.rs.problems,
-                           rep.bench_tables, rep.overall, figures, [rep.unfinished] if rep.unfinished else [],
-                           findings=rep.findings, repro=rep.repro, top=rep.headline_tables,
-                           task_notes=rep.task_notes)
+        page = render_page(
+            f"moebench report: {Path(results_dir).resolve().name}",
+            rep.summary,
+            rep.rs.problems,
+            rep.bench_tables,
+            rep.overall,
+            figures,
+            [rep.unfinished] if rep.unfinished else [],
+            findings=rep.findings,
+            repro=rep.repro,
+            top=rep.headline_tables,
+            task_notes=rep.task_notes,
+        )
         (out / "report.html").write_text(page, encoding="utf-8")
     return out
 
@@ -158,7 +190,9 @@ def _write_csvs(rep: Report, out: Path) -> None:
         runs[col] = runs[col].map(lambda v: None if pd.isna(v) else bool(v)).astype("boolean")  # True / False
     if not rep.paired.empty:  # each run carries its group's verdicts against the baseline
         cols = ["tost", "p_improve", "p_improve_low", "p_improve_high"]
-        runs = runs.merge(rep.paired[["bench", "label", "variant"] + cols], on=["bench", "label", "variant"], how="left")
+        runs = runs.merge(
+            rep.paired[["bench", "label", "variant"] + cols], on=["bench", "label", "variant"], how="left"
+        )
     runs.to_csv(out / "runs.csv", index=False)
 
 

@@ -10,6 +10,7 @@ verdict against all references (``combine``): supported when better than every r
 when worse than any, equivalent when every reference is equivalent or beaten, inconclusive otherwise;
 not testable here when the run has no measurement for it. A collapsed router (one expert takes more
 than half of the first choices) cannot support a stability or utilisation claim."""
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,12 @@ from moebench.report.render import Table
 CANDIDATES = ("ermoe", "emoe", "ermoe-released")
 REFERENCES = ("softmax-topk", "switch")
 SUPPORTED, CONTRADICTED, EQUIVALENT, INCONCLUSIVE, NOT_TESTABLE = (
-    "supported", "contradicted", "equivalent", "inconclusive", "not testable here")
+    "supported",
+    "contradicted",
+    "equivalent",
+    "inconclusive",
+    "not testable here",
+)
 COLLAPSE_SHARE = 0.5  # issue 18's threshold: one expert takes more than half of the first choices
 N_BOOT = 2000
 
@@ -103,8 +109,13 @@ def compare(cand: pd.DataFrame, ref: pd.DataFrame, m: Measure) -> dict:
     strata = np.array([str(k[0]) for k in keys])
     lo, hi = _boot_mean(d, strata, 0.95)
     lo90, hi90 = _boot_mean(d, strata, 0.90)
-    return {"n_pairs": len(keys), "diff": float(d.mean()), "ci_low": lo, "ci_high": hi,
-            "reading": reading(lo, hi, lo90, hi90, m.margin, m.lower_is_better)}
+    return {
+        "n_pairs": len(keys),
+        "diff": float(d.mean()),
+        "ci_low": lo,
+        "ci_high": hi,
+        "reading": reading(lo, hi, lo90, hi90, m.margin, m.lower_is_better),
+    }
 
 
 def reading(lo: float, hi: float, lo90: float, hi90: float, margin: float, lower_is_better: bool) -> str:
@@ -155,7 +166,7 @@ class Context:
 @dataclass
 class Outcome:
     verdict: str
-    readings: dict[str, str]   # reference label -> better / worse / equivalent / inconclusive / no data
+    readings: dict[str, str]  # reference label -> better / worse / equivalent / inconclusive / no data
     note: str = ""
     details: dict | None = None  # reference label -> {n_pairs, diff, ci_low, ci_high} (claims.csv)
 
@@ -189,8 +200,9 @@ def rule_stability(cand, refs, ctx) -> Outcome:
     moved = cand["moved_from_init"].dropna() if "moved_from_init" in cand else pd.Series(dtype=float)
     extra = [f"moved from init {100 * moved.mean():.0f} %"] if len(moved) else []
     if k and verdict in (SUPPORTED, EQUIVALENT):
-        return Outcome(NOT_TESTABLE, readings, "; ".join([f"collapsed in {k}/{n} runs: trivially stable"] + extra),
-                       details)
+        return Outcome(
+            NOT_TESTABLE, readings, "; ".join([f"collapsed in {k}/{n} runs: trivially stable"] + extra), details
+        )
     return Outcome(verdict, readings, "; ".join(([f"collapsed in {k}/{n} runs"] if k else []) + extra), details)
 
 
@@ -250,11 +262,20 @@ def _accuracy_rule(task: str, direct):
         label = cand["label"].iloc[0]
         rows = {lab: _paired_row(ctx, lab, label, task) for lab in refs}
         readings = {lab: paired_reading(row) for lab, row in rows.items()}
-        details = {lab: {"n_pairs": row["n_pairs"], "diff": row["diff_mean"], "ci_low": row["ci_low"],
-                         "ci_high": row["ci_high"]} for lab, row in rows.items() if row is not None}
+        details = {
+            lab: {
+                "n_pairs": row["n_pairs"],
+                "diff": row["diff_mean"],
+                "ci_low": row["ci_low"],
+                "ci_high": row["ci_high"],
+            }
+            for lab, row in rows.items()
+            if row is not None
+        }
         data = _task(cand, task)["data"].dropna().unique() if "data" in cand else []
         note = "" if any(direct(str(d)) for d in data) else "proxy: the task's offline data, not the paper's"
         return Outcome(combine(list(readings.values())), readings, note, details)
+
     return rule
 
 
@@ -294,41 +315,87 @@ class Claim:
     key: str
     claim: str
     measured_by: str
-    column: str | None          # the value shown per router (None: the task's headline)
-    task: str | None            # the task the values come from (None: every task)
+    column: str | None  # the value shown per router (None: the task's headline)
+    task: str | None  # the task the values come from (None: every task)
     rule: Callable[..., Any]  # (candidate rows, reference labels, Context) -> Outcome
     test_with: str
 
 
 CLAIMS = [
-    Claim("stability", "Stable routing", "switch rate: share of probe tokens whose top-1 expert changed since the "
-          "previous evaluation, lower = stabler; collapsed runs flagged", "switch_rate", None, rule_stability,
-          "quick with train.probe_every (issue 18: >= 10 probe points per run), CPU; at scale the imagenet "
-          "grid (moebench/grids/configs/imagenet.yaml), GPUs"),
-    Claim("utilisation", "High utilisation, flatter expert load without a balance loss",
-          "load CV over experts (dispatched tokens), lower = flatter; collapse = contradiction", "load_cv", None,
-          rule_utilisation, "measured here; at scale the imagenet grid on GPUs"),
-    Claim("gradient", "Gradient purity: no interfering balance-loss gradient",
-          "cosine between the router's task-loss and balance-loss gradients, routers with a balance loss",
-          "grad_cos_task_balance", None, rule_gradient,
-          "any grid with switch run by this version (quick: CPU, minutes) logs grad_cos_task_balance"),
-    Claim("specialisation", "Interpretable specialisation, feature-space alignment",
-          "NMI between expert and true group (structure task); else normalised MI with the token label",
-          "mutual_info_norm", None, rule_specialisation,
-          "the structure grid (issue 19: known partitions), CPU minutes"),
-    Claim("imagenet", "State-of-the-art ImageNet accuracy", "top-1 vs each reference (paired, Holm; TOST ±δ)",
-          None, "classification", _accuracy_rule("classification", lambda d: "imagenet" in d.lower()),
-          "the imagenet / emoe-imagenet grids (ImageNet-1k, ViT-S/16 or ViT-B/16): multi-GPU"),
-    Claim("retrieval", "State-of-the-art COCO / Flickr30K retrieval", "mean R@1 vs each reference (paired, Holm; "
-          "TOST ±δ)", None, "retrieval",
-          _accuracy_rule("retrieval", lambda d: d.lower() in ("coco", "flickr30k", "karpathy")),
-          "the retrieval-coco-flickr grid (COCO + Flickr30K, CLIP ViT-B/32): one or more GPUs"),
-    Claim("brain-age", "Brain-age MAE down by more than 7 %", "relative MAE change vs each reference, 95% interval",
-          None, "brain-age", rule_brain_age,
-          "the brain-age grid (moebench/grids/configs/brain-age.yaml) on a real T1w cohort (BIDS): one GPU"),
-    Claim("anatomy", "Anatomically interpretable experts (brain age)",
-          "normalised MI between expert and tissue label (grey / white matter, CSF)", "mutual_info_norm",
-          "brain-age", rule_anatomy, "the brain-age grid on real T1w volumes with tissue maps: one GPU"),
+    Claim(
+        "stability",
+        "Stable routing",
+        "switch rate: share of probe tokens whose top-1 expert changed since the "
+        "previous evaluation, lower = stabler; collapsed runs flagged",
+        "switch_rate",
+        None,
+        rule_stability,
+        "quick with train.probe_every (issue 18: >= 10 probe points per run), CPU; at scale the imagenet "
+        "grid (moebench/grids/configs/imagenet.yaml), GPUs",
+    ),
+    Claim(
+        "utilisation",
+        "High utilisation, flatter expert load without a balance loss",
+        "load CV over experts (dispatched tokens), lower = flatter; collapse = contradiction",
+        "load_cv",
+        None,
+        rule_utilisation,
+        "measured here; at scale the imagenet grid on GPUs",
+    ),
+    Claim(
+        "gradient",
+        "Gradient purity: no interfering balance-loss gradient",
+        "cosine between the router's task-loss and balance-loss gradients, routers with a balance loss",
+        "grad_cos_task_balance",
+        None,
+        rule_gradient,
+        "any grid with switch run by this version (quick: CPU, minutes) logs grad_cos_task_balance",
+    ),
+    Claim(
+        "specialisation",
+        "Interpretable specialisation, feature-space alignment",
+        "NMI between expert and true group (structure task); else normalised MI with the token label",
+        "mutual_info_norm",
+        None,
+        rule_specialisation,
+        "the structure grid (issue 19: known partitions), CPU minutes",
+    ),
+    Claim(
+        "imagenet",
+        "State-of-the-art ImageNet accuracy",
+        "top-1 vs each reference (paired, Holm; TOST ±δ)",
+        None,
+        "classification",
+        _accuracy_rule("classification", lambda d: "imagenet" in d.lower()),
+        "the imagenet / emoe-imagenet grids (ImageNet-1k, ViT-S/16 or ViT-B/16): multi-GPU",
+    ),
+    Claim(
+        "retrieval",
+        "State-of-the-art COCO / Flickr30K retrieval",
+        "mean R@1 vs each reference (paired, Holm; TOST ±δ)",
+        None,
+        "retrieval",
+        _accuracy_rule("retrieval", lambda d: d.lower() in ("coco", "flickr30k", "karpathy")),
+        "the retrieval-coco-flickr grid (COCO + Flickr30K, CLIP ViT-B/32): one or more GPUs",
+    ),
+    Claim(
+        "brain-age",
+        "Brain-age MAE down by more than 7 %",
+        "relative MAE change vs each reference, 95% interval",
+        None,
+        "brain-age",
+        rule_brain_age,
+        "the brain-age grid (moebench/grids/configs/brain-age.yaml) on a real T1w cohort (BIDS): one GPU",
+    ),
+    Claim(
+        "anatomy",
+        "Anatomically interpretable experts (brain age)",
+        "normalised MI between expert and tissue label (grey / white matter, CSF)",
+        "mutual_info_norm",
+        "brain-age",
+        rule_anatomy,
+        "the brain-age grid on real T1w volumes with tissue maps: one GPU",
+    ),
 ]
 
 
@@ -340,7 +407,7 @@ class Audit:
 
     frame: pd.DataFrame
     table: Table | None
-    verdicts: list[tuple[str, str, str, str]]   # (claim, candidate, verdict, note)
+    verdicts: list[tuple[str, str, str, str]]  # (claim, candidate, verdict, note)
 
 
 def pairs(runs: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
@@ -348,10 +415,13 @@ def pairs(runs: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
     out = {}
     routers = runs.groupby("label")["router"].first()
     modes = runs.groupby("label")["moe_mode"].first() if "moe_mode" in runs else pd.Series(dtype=object)
-    for cand in sorted((lab for lab, r in routers.items() if r in CANDIDATES),
-                       key=lambda x: (CANDIDATES.index(routers[x]), x)):
+    for cand in sorted(
+        (lab for lab, r in routers.items() if r in CANDIDATES), key=lambda x: (CANDIDATES.index(routers[x]), x)
+    ):
         refs = [lab for lab, r in routers.items() if r in REFERENCES and modes.get(lab) == modes.get(cand)]
-        out[cand] = {lab: runs[runs["label"] == lab] for lab in sorted(refs, key=lambda x: (REFERENCES.index(routers[x]), x))}
+        out[cand] = {
+            lab: runs[runs["label"] == lab] for lab in sorted(refs, key=lambda x: (REFERENCES.index(routers[x]), x))
+        }
     return out
 
 
@@ -372,10 +442,21 @@ def audit(runs: pd.DataFrame, layers: pd.DataFrame, lb: pd.DataFrame, paired: di
             verdicts.append((claim.claim, cand, out.verdict, out.note))
             for ref, rd in (out.readings or {"": "no data"}).items():
                 d = (out.details or {}).get(ref) or {}
-                rows.append({"claim": claim.key, "candidate": cand, "reference": ref, "reading": rd,
-                             "n_pairs": d.get("n_pairs"), "diff": d.get("diff"), "ci_low": d.get("ci_low"),
-                             "ci_high": d.get("ci_high"), "verdict": out.verdict, "note": out.note,
-                             "measured_by": claim.measured_by})
+                rows.append(
+                    {
+                        "claim": claim.key,
+                        "candidate": cand,
+                        "reference": ref,
+                        "reading": rd,
+                        "n_pairs": d.get("n_pairs"),
+                        "diff": d.get("diff"),
+                        "ci_low": d.get("ci_low"),
+                        "ci_high": d.get("ci_high"),
+                        "verdict": out.verdict,
+                        "note": out.note,
+                        "measured_by": claim.measured_by,
+                    }
+                )
     return Audit(pd.DataFrame(rows), _table(done, lb, matched, verdicts), verdicts)
 
 
@@ -416,19 +497,31 @@ def _table(runs, lb, matched, verdicts) -> Table:
         by_claim.setdefault(key, []).append(text if len(matched) == 1 else f"{cand}: {text}")
     rows = []
     for claim in CLAIMS:
-        rows.append([claim.claim, claim.measured_by] + [claim_value(claim, runs, lb, e) for e in entries]
-                    + ["; ".join(by_claim.get(claim.claim, [])), claim.test_with])
-    notes = ["One row per claim of the ERMoE abstract. Values: mean [95% interval] over the runs the claim "
-             "reads (stratified bootstrap over (task, seed) runs; accuracy rows: the leaderboard's headline "
-             "and interval). " + ", ".join(matched) + " are compared with the softmax-topk / switch runs of the "
-             "same MoE slot: " + "; ".join(f"{c} vs {', '.join(r) or 'none'}" for c, r in matched.items()) + ".",
-             "Verdict per reference, paired by (task, seed): better when the 95% interval of the difference "
-             "excludes 0 on the claimed side, worse on the other, equivalent when the 90% interval lies inside "
-             f"±δ (TOST, α = 0.05; δ: switch rate {SWITCH.margin:g}, load CV {LOAD_CV.margin:g}, NMI "
-             f"{NMI.margin:g}, normalised MI {MI.margin:g}, accuracy: the task's margin). Claim: supported = "
-             "better than every reference; contradicted = worse than one; equivalent = every reference "
-             "equivalent or beaten, not all beaten; inconclusive otherwise; not testable here = no measurement in these "
-             "runs. A collapsed router (> 50 % of first choices to one expert) never supports stability or "
-             "utilisation. 'proxy' = measured on this suite's offline data, not the paper's benchmark."]
-    return Table("Claims audit (ERMoE abstract)", ["Claim", "Measured by"] + entries + ["Verdict", "What would test it"],
-                 rows, set(), notes, "tab:claims", left=2)
+        rows.append(
+            [claim.claim, claim.measured_by]
+            + [claim_value(claim, runs, lb, e) for e in entries]
+            + ["; ".join(by_claim.get(claim.claim, [])), claim.test_with]
+        )
+    notes = [
+        "One row per claim of the ERMoE abstract. Values: mean [95% interval] over the runs the claim "
+        "reads (stratified bootstrap over (task, seed) runs; accuracy rows: the leaderboard's headline "
+        "and interval). " + ", ".join(matched) + " are compared with the softmax-topk / switch runs of the "
+        "same MoE slot: " + "; ".join(f"{c} vs {', '.join(r) or 'none'}" for c, r in matched.items()) + ".",
+        "Verdict per reference, paired by (task, seed): better when the 95% interval of the difference "
+        "excludes 0 on the claimed side, worse on the other, equivalent when the 90% interval lies inside "
+        f"±δ (TOST, α = 0.05; δ: switch rate {SWITCH.margin:g}, load CV {LOAD_CV.margin:g}, NMI "
+        f"{NMI.margin:g}, normalised MI {MI.margin:g}, accuracy: the task's margin). Claim: supported = "
+        "better than every reference; contradicted = worse than one; equivalent = every reference "
+        "equivalent or beaten, not all beaten; inconclusive otherwise; not testable here = no measurement in these "
+        "runs. A collapsed router (> 50 % of first choices to one expert) never supports stability or "
+        "utilisation. 'proxy' = measured on this suite's offline data, not the paper's benchmark.",
+    ]
+    return Table(
+        "Claims audit (ERMoE abstract)",
+        ["Claim", "Measured by"] + entries + ["Verdict", "What would test it"],
+        rows,
+        set(),
+        notes,
+        "tab:claims",
+        left=2,
+    )

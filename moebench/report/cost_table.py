@@ -4,6 +4,7 @@ whole model's, and the measured time per training step against the dense twin on
 Why a table of its own: an eigen router's score can cost more than its experts, and a leaderboard that
 shows only the model's FLOPs hides that; measured time catches what FLOP counts leave out (dispatch,
 sorting, small kernels)."""
+
 from __future__ import annotations
 
 import math
@@ -49,12 +50,20 @@ def cost_table(bench: str, b: pd.DataFrame) -> Table | None:
         for i, d in enumerate(column_or_nan(b, "device")):
             cells[i].append(d if isinstance(d, str) else "–")
     where = devices[0] if len(devices) == 1 else "the device in each row (ratios only within one device)"
-    notes = [f"Router FLOPs/token and router params are the routers' own share (summed over MoE layers) of the "
-             f"model's FLOPs per token and parameters (0 for dense). ms / step = measured wall time per "
-             f"optimiser step (forward, backward, update, data loading; evaluation excluded), mean over the "
-             f"run and over seeds, on {where}; Step × dense = that over the dense model's of the same task, "
-             f"measured on the same device (– where there is no dense twin or the devices differ)."]
+    notes = [
+        f"Router FLOPs/token and router params are the routers' own share (summed over MoE layers) of the "
+        f"model's FLOPs per token and parameters (0 for dense). ms / step = measured wall time per "
+        f"optimiser step (forward, backward, update, data loading; evaluation excluded), mean over the "
+        f"run and over seeds, on {where}; Step × dense = that over the dense model's of the same task, "
+        f"measured on the same device (– where there is no dense twin or the devices differ)."
+    ]
     if math.isnan(column_or_nan(b, "step_ratio").max()) and "dense" not in set(b["label"]):
         notes.append("No dense run in this task, so no step ratio.")
-    return Table(title=f"Cost: {bench}", columns=columns, rows=cells, notes=notes,
-                 label=f"tab:cost-{slug(bench)}", left=1 + show_variant)
+    return Table(
+        title=f"Cost: {bench}",
+        columns=columns,
+        rows=cells,
+        notes=notes,
+        label=f"tab:cost-{slug(bench)}",
+        left=1 + show_variant,
+    )

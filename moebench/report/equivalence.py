@@ -4,6 +4,7 @@
 the data rule out every difference larger than the task's margin δ. P(improve) is rliable's
 probability of improvement (Agarwal et al. 2021): the chance that a run of the router beats a run of
 the reference, with a bootstrap interval over runs."""
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,9 @@ def p_improve(x, y, higher_is_better: bool = True) -> float:
     return float(u) / (x.size * y.size)
 
 
-def p_improve_interval(x, y, higher_is_better: bool = True, level: float = 0.95, n_boot: int = 2000,
-                       seed: int = 0) -> tuple[float, float, float]:
+def p_improve_interval(
+    x, y, higher_is_better: bool = True, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """(P(improve), low, high): percentile bootstrap resampling the runs of each side independently."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     est = p_improve(x, y, higher_is_better)
@@ -75,6 +77,6 @@ def p_improve_interval(x, y, higher_is_better: bool = True, level: float = 0.95,
     ys = y[rng.integers(0, y.size, size=(n_boot, y.size))]
     sign = 1.0 if higher_is_better else -1.0
     d = sign * (xs[:, :, None] - ys[:, None, :])  # (B, n, m)
-    boot = ((d > 0).mean((1, 2)) + 0.5 * (d == 0).mean((1, 2)))
+    boot = (d > 0).mean((1, 2)) + 0.5 * (d == 0).mean((1, 2))
     lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
     return est, float(lo), float(hi)

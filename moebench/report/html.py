@@ -1,5 +1,6 @@
 """The self-contained report.html: every table and every figure (PNG embedded as base64) in one file
 that can be mailed or attached to a paper review without its folder."""
+
 from __future__ import annotations
 
 import base64
@@ -39,52 +40,85 @@ summary{cursor:pointer;font-weight:600}
 def _figure(plot: Plot) -> str:
     data = base64.b64encode(plot.png.read_bytes()).decode("ascii")
     wide = ' class="wide"' if plot.kind in ("specialisation", "stability", "load", "per_layer") else ""
-    return (f'<figure{wide}><img alt="{html.escape(plot.caption)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(plot.caption)} "
-            f'(<code>{html.escape(plot.pdf.name)}</code>)</figcaption></figure>')
+    return (
+        f'<figure{wide}><img alt="{html.escape(plot.caption)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(plot.caption)} "
+        f"(<code>{html.escape(plot.pdf.name)}</code>)</figcaption></figure>"
+    )
 
 
 def _anchor(text: str) -> str:
     return "sec-" + slug(text)
 
 
-def render_page(title: str, summary: list[str], problems: list[str], per_bench: list[tuple[str, list[Table]]],
-                overall: list[Table], plots: list[Plot], extra: list[Table], findings: list[str] | None = None,
-                repro: list[tuple[str, str]] | None = None, top: list[Table] | None = None,
-                task_notes: list[str] | None = None) -> str:
+def render_page(
+    title: str,
+    summary: list[str],
+    problems: list[str],
+    per_bench: list[tuple[str, list[Table]]],
+    overall: list[Table],
+    plots: list[Plot],
+    extra: list[Table],
+    findings: list[str] | None = None,
+    repro: list[tuple[str, str]] | None = None,
+    top: list[Table] | None = None,
+    task_notes: list[str] | None = None,
+) -> str:
     top = top or []
-    sections = [t.title for t in top] + (["Key findings"] if findings else []) + \
-        (["Reproducibility"] if repro else []) + \
-        (["Problems with records"] if problems else []) + (["Across tasks"] if overall else []) + \
-        (["Per task, in words"] if task_notes else []) + \
-        [f"Task: {b}" for b, _ in per_bench] + [t.title for t in extra]
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
-           f"<h1>{html.escape(title)}</h1>",
-           f"<p>{'<br>'.join(html.escape(s) for s in summary)}<br>Generated "
-           f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.</p>",
-           "<nav><b>Contents</b><ul>" + "".join(f'<li><a href="#{_anchor(s)}">{html.escape(s)}</a></li>'
-                                               for s in sections) + "</ul></nav>"]
+    sections = (
+        [t.title for t in top]
+        + (["Key findings"] if findings else [])
+        + (["Reproducibility"] if repro else [])
+        + (["Problems with records"] if problems else [])
+        + (["Across tasks"] if overall else [])
+        + (["Per task, in words"] if task_notes else [])
+        + [f"Task: {b}" for b, _ in per_bench]
+        + [t.title for t in extra]
+    )
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{'<br>'.join(html.escape(s) for s in summary)}<br>Generated "
+        f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.</p>",
+        "<nav><b>Contents</b><ul>"
+        + "".join(f'<li><a href="#{_anchor(s)}">{html.escape(s)}</a></li>' for s in sections)
+        + "</ul></nav>",
+    ]
     for t in top:
         kind = " claims" if t.label == "tab:claims" else ""
         out.append(f'<div class="wrap top{kind}" id="{_anchor(t.title)}">{to_html(t, level=2)}</div>')
     out += [_figure(p) for p in plots if p.kind == "profile"]
     if findings:
-        out.append(f'<h2 id="{_anchor("Key findings")}">Key findings</h2><div class="findings"><ul>'
-                   + "".join(f"<li>{html.escape(f)}</li>" for f in findings) + "</ul></div>")
+        out.append(
+            f'<h2 id="{_anchor("Key findings")}">Key findings</h2><div class="findings"><ul>'
+            + "".join(f"<li>{html.escape(f)}</li>" for f in findings)
+            + "</ul></div>"
+        )
     if repro:
-        out.append(f'<h2 id="{_anchor("Reproducibility")}">Reproducibility</h2><table class="repro"><tbody>'
-                   + "".join(f'<tr><td class="l"><b>{html.escape(k)}</b></td><td class="l">{html.escape(v)}</td></tr>'
-                             for k, v in repro) + "</tbody></table>")
+        out.append(
+            f'<h2 id="{_anchor("Reproducibility")}">Reproducibility</h2><table class="repro"><tbody>'
+            + "".join(
+                f'<tr><td class="l"><b>{html.escape(k)}</b></td><td class="l">{html.escape(v)}</td></tr>'
+                for k, v in repro
+            )
+            + "</tbody></table>"
+        )
     if problems:
-        out.append(f'<div class="problems" id="{_anchor("Problems with records")}"><b>Problems with records</b><ul>'
-                   + "".join(f"<li>{html.escape(p)}</li>" for p in problems) + "</ul></div>")
+        out.append(
+            f'<div class="problems" id="{_anchor("Problems with records")}"><b>Problems with records</b><ul>'
+            + "".join(f"<li>{html.escape(p)}</li>" for p in problems)
+            + "</ul></div>"
+        )
     if overall:
         out.append(f'<h2 id="{_anchor("Across tasks")}">Across tasks</h2>')
         out += [f'<div class="wrap">{to_html(t)}</div>' for t in overall]
     if task_notes:
-        out.append(f'<h2 id="{_anchor("Per task, in words")}">Per task, in words</h2>'
-                   + "".join(f"<p>{html.escape(f)}</p>" for f in task_notes))
+        out.append(
+            f'<h2 id="{_anchor("Per task, in words")}">Per task, in words</h2>'
+            + "".join(f"<p>{html.escape(f)}</p>" for f in task_notes)
+        )
     for bench, tables in per_bench:
         out.append(f'<h2 id="{_anchor("Task: " + bench)}">Task: {html.escape(bench)}</h2>')
         out += [f'<div class="wrap">{to_html(t)}</div>' for t in tables]
@@ -92,9 +126,12 @@ def render_page(title: str, summary: list[str], problems: list[str], per_bench: 
         out += [_figure(p) for p in mine if p.kind not in ("specialisation", "load")]
         folded = [p for p in mine if p.kind in ("specialisation", "load")]
         if folded:
-            out.append("<details><summary>Per-expert load and specialisation heatmaps "
-                       f"({len(folded)} figure{'s' if len(folded) > 1 else ''})</summary>"
-                       + "".join(_figure(p) for p in folded) + "</details>")
+            out.append(
+                "<details><summary>Per-expert load and specialisation heatmaps "
+                f"({len(folded)} figure{'s' if len(folded) > 1 else ''})</summary>"
+                + "".join(_figure(p) for p in folded)
+                + "</details>"
+            )
     for t in extra:
         out.append(f'<div class="wrap" id="{_anchor(t.title)}">{to_html(t, level=2)}</div>')
     out.append("</body></html>")

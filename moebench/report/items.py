@@ -2,6 +2,7 @@
 
 Results folders are untrusted: a missing file leaves the run without items (the report falls back
 to seed-level statistics and says so), an unreadable or inconsistent one becomes a listed problem."""
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,12 @@ def load_headline_items(runs: pd.DataFrame, problems: list[str]) -> dict[str, np
             problems.append(f"{path}: the headline items are empty or not finite; skipped")
             continue
         if not (isinstance(value, float) and math.isnan(value)) and not math.isclose(
-                float(h.mean()), float(value), rel_tol=1e-4, abs_tol=1e-6):
-            problems.append(f"{path}: the mean of its headline items ({h.mean():.6g}) differs from final.json's "
-                            f"headline ({value:.6g}); skipped (rerun the run)")
+            float(h.mean()), float(value), rel_tol=1e-4, abs_tol=1e-6
+        ):
+            problems.append(
+                f"{path}: the mean of its headline items ({h.mean():.6g}) differs from final.json's "
+                f"headline ({value:.6g}); skipped (rerun the run)"
+            )
             continue
         out[str(r["run_id"])] = h
     return out

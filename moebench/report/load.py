@@ -9,6 +9,7 @@ Missing runs: the launcher writes ``<results>/<grid>/expected.json``, a JSON lis
 no record folder becomes a row in state ``missing``; without the file, missing runs are detected only
 as seeds that other routers of the same task have and this one lacks.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,11 +24,33 @@ from moebench.training.rundir import inspect
 
 RECORD_FILES = ("spec.yaml", "status.json", "final.json", "metrics.jsonl")
 EXPECTED_FILE = "expected.json"
-ROUTING_STATS = ("load_cv", "max_mean", "norm_entropy", "gini", "dead_experts", "drop_rate", "balance",
-                 "gate_entropy", "margin", "fallback_rate", "unrouted_rate", "switch_rate", "mutual_info",
-                 "mutual_info_norm")
-COST_KEYS = ("params_total", "params_active", "flops_per_token", "router_params", "router_flops_per_token",
-             "ms_per_step", "wall_time_s", "tokens_per_s", "peak_memory_mb")
+ROUTING_STATS = (
+    "load_cv",
+    "max_mean",
+    "norm_entropy",
+    "gini",
+    "dead_experts",
+    "drop_rate",
+    "balance",
+    "gate_entropy",
+    "margin",
+    "fallback_rate",
+    "unrouted_rate",
+    "switch_rate",
+    "mutual_info",
+    "mutual_info_norm",
+)
+COST_KEYS = (
+    "params_total",
+    "params_active",
+    "flops_per_token",
+    "router_params",
+    "router_flops_per_token",
+    "ms_per_step",
+    "wall_time_s",
+    "tokens_per_s",
+    "peak_memory_mb",
+)
 ID_COLS = ("grid", "run_id", "bench", "task", "label", "variant", "seed")
 #: does the router route? per run (routing.mean) and per layer (columns ``<key>.layer<i>``)
 ROUTES_KEYS = ("first_choice_max_share_init", "first_choice_max_share", "collapsed", "moved_from_init")
@@ -58,8 +81,10 @@ def load_records(results_dir) -> pd.DataFrame:
 def load_record_set(results_dir) -> RecordSet:
     root = Path(results_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"results folder {root} does not exist; run a grid first (`moebench run`) "
-                                f"or pass the folder that holds <grid>/<run_id>/ record folders")
+        raise FileNotFoundError(
+            f"results folder {root} does not exist; run a grid first (`moebench run`) "
+            f"or pass the folder that holds <grid>/<run_id>/ record folders"
+        )
     runs, layers, evals, problems, probes = [], [], [], [], []
     for run_dir in sorted(find_run_dirs(root)):
         row, lay, ev, probs = _read_run(run_dir)
@@ -148,7 +173,9 @@ def _read_run(run_dir: Path):
         "headline_value": _num(headline.get("value")),
         "higher_is_better": headline.get("higher_is_better"),
         "equivalence_margin": _num(headline.get("margin")),  # "margin" is the gate's top-1 margin statistic
-        "equivalence_margin_reason": headline.get("margin_reason") if isinstance(headline.get("margin_reason"), str) else None,
+        "equivalence_margin_reason": headline.get("margin_reason")
+        if isinstance(headline.get("margin_reason"), str)
+        else None,
         "moe_mode": (moe.get("mode") or "replace") if isinstance(moe, dict) else None,
         "data": _data_name(spec_ok.get("task_args")),
     }
@@ -161,8 +188,10 @@ def _read_run(run_dir: Path):
             if isinstance(layer, dict) and key in layer:
                 row[f"{key}.layer{i}"] = _num(layer[key])
     probe = routing.get("probe") or {}
-    row["_probes"] = [{"run_id": row["run_id"], "step": st, "switch_rate": _num(sw)}
-                      for st, sw in zip(probe.get("steps") or [], probe.get("switch_rate") or [])]
+    row["_probes"] = [
+        {"run_id": row["run_id"], "step": st, "switch_rate": _num(sw)}
+        for st, sw in zip(probe.get("steps") or [], probe.get("switch_rate") or [])
+    ]
     for key, value in (final_ok.get("cost") or {}).items():
         row[key] = _num(value)
     row["device"] = device_name(final_ok.get("env"))
@@ -179,16 +208,27 @@ def _read_run(run_dir: Path):
         row.update(per_layer_columns(layer, i))
         entry = {"run_id": row["run_id"], "layer_idx": i, "layer": str(layer.get("layer", f"layer{i}"))}
         for key, value in layer.items():
-            if key in ("counts", "label_by_expert", "label_unrouted", "top1_counts", "labels",
-                       "final_switch", "overlap_with_final"):
+            if key in (
+                "counts",
+                "label_by_expert",
+                "label_unrouted",
+                "top1_counts",
+                "labels",
+                "final_switch",
+                "overlap_with_final",
+            ):
                 entry[key] = value
             elif key != "layer":
                 entry[key] = _num(value)
         layers.append(entry)
     evals = []
     for line in metrics if isinstance(metrics, list) else []:
-        entry = {"run_id": row["run_id"], "step": line.get("step"), "train_loss": _num(line.get("train_loss")),
-                 "lr": _num(line.get("lr"))}
+        entry = {
+            "run_id": row["run_id"],
+            "step": line.get("step"),
+            "train_loss": _num(line.get("train_loss")),
+            "lr": _num(line.get("lr")),
+        }
         for key, value in (line.get("metrics") or {}).items():
             entry[f"metric.{key}"] = _num(value)
         for key, value in ((line.get("routing") or {}).get("mean") or {}).items():
@@ -210,8 +250,11 @@ def device_name(env) -> str | None:
 def per_layer_columns(layer: dict, i: int) -> dict[str, float]:
     """``<stat>.layer<i>`` for every scalar statistic of MoE layer ``i`` (the ones `routing.mean` averages),
     so a statistic added to final.json becomes a runs.csv column by itself."""
-    return {f"{key}.layer{i}": _num(value) for key, value in layer.items()
-            if key not in ("layer", "tokens") and (value is None or isinstance(value, (int, float)))}
+    return {
+        f"{key}.layer{i}": _num(value)
+        for key, value in layer.items()
+        if key not in ("layer", "tokens") and (value is None or isinstance(value, (int, float)))
+    }
 
 
 def _data_name(task_args) -> str | None:
@@ -251,8 +294,10 @@ def _missing_runs(path: Path, present: set[str]):
     except CorruptRecordError as err:
         return [], [f"{err} (missing runs cannot be detected for this grid)"]
     if not isinstance(listed, list):
-        return [], [f"{path}: expected a JSON list of runs, got {type(listed).__name__}; "
-                    f"the launcher must write [{{run_id, label, task, seed, sweep}}, ...]"]
+        return [], [
+            f"{path}: expected a JSON list of runs, got {type(listed).__name__}; "
+            f"the launcher must write [{{run_id, label, task, seed, sweep}}, ...]"
+        ]
     rows = []
     for entry in listed:
         if not isinstance(entry, dict) or "run_id" not in entry:
@@ -260,10 +305,20 @@ def _missing_runs(path: Path, present: set[str]):
             continue
         if entry["run_id"] in present:
             continue
-        rows.append({"grid": path.parent.name, "run_id": entry["run_id"], "run_dir": None,
-                     "task": _name(entry.get("task")), "label": _name(entry.get("label")),
-                     "router": None, "seed": entry.get("seed"), "sweep": dict(entry.get("sweep") or {}),
-                     "state": "missing", "reason": "listed in expected.json but no record folder exists"})
+        rows.append(
+            {
+                "grid": path.parent.name,
+                "run_id": entry["run_id"],
+                "run_dir": None,
+                "task": _name(entry.get("task")),
+                "label": _name(entry.get("label")),
+                "router": None,
+                "seed": entry.get("seed"),
+                "sweep": dict(entry.get("sweep") or {}),
+                "state": "missing",
+                "reason": "listed in expected.json but no record folder exists",
+            }
+        )
     return rows, problems
 
 
@@ -274,8 +329,21 @@ def variant_name(sweep: dict) -> str:
 
 def _finish_runs(frame: pd.DataFrame, problems: list[str]) -> pd.DataFrame:
     """Add variant, bench and sweep columns; fill headline name / direction for runs without one."""
-    base = ["grid", "run_id", "run_dir", "task", "label", "router", "seed", "sweep", "state", "reason",
-            "headline_name", "headline_value", "higher_is_better"]
+    base = [
+        "grid",
+        "run_id",
+        "run_dir",
+        "task",
+        "label",
+        "router",
+        "seed",
+        "sweep",
+        "state",
+        "reason",
+        "headline_name",
+        "headline_value",
+        "higher_is_better",
+    ]
     for col in base:
         if col not in frame:
             frame[col] = pd.Series(dtype=object if col not in ("headline_value",) else float)
@@ -288,7 +356,8 @@ def _finish_runs(frame: pd.DataFrame, problems: list[str]) -> pd.DataFrame:
         frame[f"sweep.{axis}"] = frame["sweep"].map(lambda s, a=axis: s.get(a))
     grids_per_task = frame.dropna(subset=["task"]).groupby("task")["grid"].nunique()
     frame["bench"] = [
-        None if t is None or (isinstance(t, float) and math.isnan(t))
+        None
+        if t is None or (isinstance(t, float) and math.isnan(t))
         else (t if grids_per_task.get(t, 1) <= 1 else f"{t} [{g}]")
         for t, g in zip(frame["task"], frame["grid"])
     ]
@@ -296,18 +365,26 @@ def _finish_runs(frame: pd.DataFrame, problems: list[str]) -> pd.DataFrame:
         names = g["headline_name"].dropna().unique()
         dirs = g["higher_is_better"].dropna().unique()
         if len(names) > 1 or len(dirs) > 1:
-            problems.append(f"task {bench}: runs disagree on the headline metric {list(names)} / "
-                            f"higher_is_better {list(dirs)}; the first is used")
+            problems.append(
+                f"task {bench}: runs disagree on the headline metric {list(names)} / "
+                f"higher_is_better {list(dirs)}; the first is used"
+            )
         if len(names):
             frame.loc[g.index, "headline_name"] = names[0]
         if len(dirs):
             frame.loc[g.index, "higher_is_better"] = bool(dirs[0])
     dup = frame[frame["state"] == "done"].duplicated(subset=["bench", "label", "variant", "seed"], keep=False)
     for _, r in frame[dup.reindex(frame.index, fill_value=False)].iterrows():
-        problems.append(f"{r['run_dir']}: duplicate of {r['bench']} / {r['label']} / seed {r['seed']} "
-                        f"({r['variant'] or 'no sweep'}); the seed's runs are averaged")
-    return frame.sort_values(["bench", "label", "variant", "seed"], na_position="last", kind="stable",
-                             key=lambda s: s.astype(str) if s.name != "seed" else s).reset_index(drop=True)
+        problems.append(
+            f"{r['run_dir']}: duplicate of {r['bench']} / {r['label']} / seed {r['seed']} "
+            f"({r['variant'] or 'no sweep'}); the seed's runs are averaged"
+        )
+    return frame.sort_values(
+        ["bench", "label", "variant", "seed"],
+        na_position="last",
+        kind="stable",
+        key=lambda s: s.astype(str) if s.name != "seed" else s,
+    ).reset_index(drop=True)
 
 
 def _fill_switch_from_evals(frame: pd.DataFrame, evals: list[dict]) -> None:

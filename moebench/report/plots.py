@@ -2,6 +2,7 @@
 
 Figures are built on ``matplotlib.figure.Figure`` (no pyplot), so plotting never touches a GUI
 backend or global figure state."""
+
 from __future__ import annotations
 
 import math
@@ -23,18 +24,23 @@ from moebench.report.tables import entry_name
 BASELINE = "softmax-topk"  # the reference router the headline plot marks
 
 WIDTH = 3.5  # inches: one paper column
-WIDE = 7.0   # inches: the full page width, for small multiples
+WIDE = 7.0  # inches: the full page width, for small multiples
 DPI = 200
 RC: Any = {  # matplotlib types its keys as literals"font.size": 7, "axes.labelsize": 7, "axes.titlesize": 7.5, "figure.titlesize": 7.5, "xtick.labelsize": 6.5,
-      "ytick.labelsize": 6.5, "legend.fontsize": 6.5, "legend.title_fontsize": 6.5, "pdf.fonttype": 42,
-      "axes.titleweight": "normal", "lines.linewidth": 1.2}
+    "ytick.labelsize": 6.5,
+    "legend.fontsize": 6.5,
+    "legend.title_fontsize": 6.5,
+    "pdf.fonttype": 42,
+    "axes.titleweight": "normal",
+    "lines.linewidth": 1.2,
+}
 MARKERS = "osD^vPX*<>p"
 
 
 @dataclass
 class Plot:
     bench: str
-    kind: str       # headline | tradeoff | pareto_* | stability | per_layer | load | specialisation
+    kind: str  # headline | tradeoff | pareto_* | stability | per_layer | load | specialisation
     caption: str
     png: Path
     pdf: Path
@@ -61,8 +67,17 @@ class Plotter:
                 runs_b = runs_b[runs_b["headline_value"].notna()]
                 if runs_b.empty:
                     continue
-                for make in (self.headline, self.tradeoff, self.pareto_flops, self.pareto_router_flops,
-                             self.pareto_params, self.stability, self.per_layer, self.load, self.specialisation):
+                for make in (
+                    self.headline,
+                    self.tradeoff,
+                    self.pareto_flops,
+                    self.pareto_router_flops,
+                    self.pareto_params,
+                    self.stability,
+                    self.per_layer,
+                    self.load,
+                    self.specialisation,
+                ):
                     plots += make(bench, lb_b, runs_b)
         return plots
 
@@ -76,22 +91,31 @@ class Plotter:
         fig = _figure((WIDTH, 2.6))
         ax = fig.add_subplot()
         for (label, variant), g in sc.groupby(["label", "variant"], sort=True):
-            ax.plot(taus, performance_profile(g["score"].to_numpy(), taus), label=entry_name(label, variant),
-                    color=self.color.get(label), drawstyle="steps-post")
+            ax.plot(
+                taus,
+                performance_profile(g["score"].to_numpy(), taus),
+                label=entry_name(label, variant),
+                color=self.color.get(label),
+                drawstyle="steps-post",
+            )
         ax.set_xlabel(f"normalised score τ (0 = {totals.zero_label}, 100 = best per task)")
         ax.set_ylabel("share of runs with score > τ")
         ax.set_ylim(-0.02, 1.02)
         self._legend_below(ax, fig, sc["label"].nunique())
         self.out.mkdir(parents=True, exist_ok=True)
-        return self._save(fig, "(all tasks)", "profile",
-                          "Performance profile (rliable): for each τ, the share of a router's (task, seed) runs whose "
-                          f"normalised score exceeds τ; higher and further right is better. 0 = {totals.zero_label}.")
+        return self._save(
+            fig,
+            "(all tasks)",
+            "profile",
+            "Performance profile (rliable): for each τ, the share of a router's (task, seed) runs whose "
+            f"normalised score exceeds τ; higher and further right is better. 0 = {totals.zero_label}.",
+        )
 
     # -- helpers -----------------------------------------------------------------------------------
     def _save(self, fig: Figure, bench: str, kind: str, caption: str, suffix: str = "") -> Plot:
         stem = slug(f"{kind}_{bench}" + (f"_{suffix}" if suffix else ""))
         png, pdf = self.out / f"{stem}.png", self.out / f"{stem}.pdf"
-        fig.savefig(png, dpi=DPI)   # no tight bbox: the file keeps the exact column width
+        fig.savefig(png, dpi=DPI)  # no tight bbox: the file keeps the exact column width
         fig.savefig(pdf)
         return Plot(bench, kind, caption, png, pdf)
 
@@ -99,8 +123,15 @@ class Plotter:
         """Legend under the axes, outside them; the constrained layout makes room within the width."""
         handles, labels = ax.get_legend_handles_labels()
         if handles:
-            fig.legend(handles, labels, loc="outside lower center", ncol=2 if n > 1 else 1,
-                       frameon=False, handletextpad=0.3, columnspacing=1.0)
+            fig.legend(
+                handles,
+                labels,
+                loc="outside lower center",
+                ncol=2 if n > 1 else 1,
+                frameon=False,
+                handletextpad=0.3,
+                columnspacing=1.0,
+            )
 
     def _entries(self, lb_b: pd.DataFrame) -> list[tuple[str, str, bool]]:
         return [(r["label"], r["variant"], bool(r["complete"])) for _, r in lb_b.iterrows() if r["n_done"] > 0]
@@ -120,8 +151,15 @@ class Plotter:
             mean = vals.mean()
             xerr = None if pd.isna(lo) else [[mean - lo], [hi - mean]]
             ax.errorbar(mean, y, xerr=xerr, fmt=self.marker[label], color=self.color[label], ms=4, capsize=2, zorder=3)
-            ax.scatter(vals, y + rng.uniform(-0.18, 0.18, len(vals)), s=5, color=self.color[label], alpha=0.45,
-                       linewidths=0, zorder=2)
+            ax.scatter(
+                vals,
+                y + rng.uniform(-0.18, 0.18, len(vals)),
+                s=5,
+                color=self.color[label],
+                alpha=0.45,
+                linewidths=0,
+                zorder=2,
+            )
             ticks.append(f"{entry_name(label, variant)}{'' if complete else '*'} (n={len(vals)})")
             if label == BASELINE:
                 ax.axvline(mean, color=self.color[label], ls="--", lw=0.8, zorder=1)
@@ -131,9 +169,16 @@ class Plotter:
         ax.set_xlabel(metric_label(name, bench, hib, runs_b["headline_value"]))
         incomplete = not all(ok for *_, ok in entries)
         fig.suptitle(f"{bench}: mean with 95% CI; n = seeds" + ("; * incomplete" if incomplete else ""))
-        return [self._save(fig, bench, "headline", f"{bench}: headline metric per router, mean with its 95% "
-                                                   f"interval (as in the leaderboard), one dot per seed; dashed "
-                                                   f"line = the {BASELINE} baseline's mean.")]
+        return [
+            self._save(
+                fig,
+                bench,
+                "headline",
+                f"{bench}: headline metric per router, mean with its 95% "
+                f"interval (as in the leaderboard), one dot per seed; dashed "
+                f"line = the {BASELINE} baseline's mean.",
+            )
+        ]
 
     def _scatter_vs(self, bench, lb_b, runs_b, xcol, xlabel, kind, caption, xscale=1.0, pareto=False) -> list[Plot]:
         name, hib = _headline(lb_b)
@@ -148,8 +193,13 @@ class Plotter:
             g = runs_b[(runs_b["label"] == label) & (runs_b["variant"] == variant)]
             x, y = g[xcol].to_numpy(dtype=float) / xscale, g["headline_value"].to_numpy(dtype=float)
             if np.isnan(x).all():
-                ax.axhline(np.nanmean(y), color=self.color[label], ls="--", lw=1,
-                           label=f"{entry_name(label, variant)} (no MoE layers)")
+                ax.axhline(
+                    np.nanmean(y),
+                    color=self.color[label],
+                    ls="--",
+                    lw=1,
+                    label=f"{entry_name(label, variant)} (no MoE layers)",
+                )
             else:
                 points.append((label, variant, x, y))
         means = []
@@ -157,8 +207,18 @@ class Plotter:
             sx = np.nanstd(x, ddof=1) if np.isfinite(x).sum() > 1 else 0.0
             sy = np.nanstd(y, ddof=1) if len(y) > 1 else 0.0
             ax.scatter(x, y, s=6, color=self.color[label], alpha=0.4, linewidths=0)
-            ax.errorbar(np.nanmean(x), np.nanmean(y), xerr=sx, yerr=sy, fmt=self.marker[label], ms=4, capsize=2,
-                        color=self.color[label], label=entry_name(label, variant), mfc="none" if label != BASELINE else None)
+            ax.errorbar(
+                np.nanmean(x),
+                np.nanmean(y),
+                xerr=sx,
+                yerr=sy,
+                fmt=self.marker[label],
+                ms=4,
+                capsize=2,
+                color=self.color[label],
+                label=entry_name(label, variant),
+                mfc="none" if label != BASELINE else None,
+            )
             means.append((float(np.nanmean(x)), float(np.nanmean(y))))
         if pareto and len(means) > 1:
             front = _pareto_front(means, hib)
@@ -170,28 +230,46 @@ class Plotter:
         return [self._save(fig, bench, kind, caption)]
 
     def tradeoff(self, bench, lb_b, runs_b) -> list[Plot]:
-        return self._scatter_vs(bench, lb_b, runs_b, "load_cv", "Load CV across experts (std/mean; 0 = balanced)",
-                                "tradeoff", f"{bench}: headline metric against load imbalance (CV of expert "
-                                            f"loads), mean ± s.d. over seeds; small dots are seeds.")
+        return self._scatter_vs(
+            bench,
+            lb_b,
+            runs_b,
+            "load_cv",
+            "Load CV across experts (std/mean; 0 = balanced)",
+            "tradeoff",
+            f"{bench}: headline metric against load imbalance (CV of expert "
+            f"loads), mean ± s.d. over seeds; small dots are seeds.",
+        )
 
     def _pareto(self, bench, lb_b, runs_b, col, what, kind) -> list[Plot]:
         if col not in runs_b or runs_b[col].isna().all():
             return []
         top = runs_b[col].max()
-        scale, prefix = next(((s, p) for s, p in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")) if top >= s),
-                             (1.0, ""))
-        return self._scatter_vs(bench, lb_b, runs_b, col, what.format(p=prefix), kind,
-                                f"{bench}: headline metric against {what.format(p=prefix).lower()}, mean ± s.d. "
-                                f"over seeds; dotted = Pareto front (no router is both cheaper and better).",
-                                xscale=scale, pareto=True)
+        scale, prefix = next(
+            ((s, p) for s, p in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")) if top >= s), (1.0, "")
+        )
+        return self._scatter_vs(
+            bench,
+            lb_b,
+            runs_b,
+            col,
+            what.format(p=prefix),
+            kind,
+            f"{bench}: headline metric against {what.format(p=prefix).lower()}, mean ± s.d. "
+            f"over seeds; dotted = Pareto front (no router is both cheaper and better).",
+            xscale=scale,
+            pareto=True,
+        )
 
     def pareto_flops(self, bench, lb_b, runs_b) -> list[Plot]:
-        return self._pareto(bench, lb_b, runs_b, "flops_per_token", "Active compute ({p}FLOPs per token)",
-                            "pareto_flops")
+        return self._pareto(
+            bench, lb_b, runs_b, "flops_per_token", "Active compute ({p}FLOPs per token)", "pareto_flops"
+        )
 
     def pareto_router_flops(self, bench, lb_b, runs_b) -> list[Plot]:
-        return self._pareto(bench, lb_b, runs_b, "router_flops_per_token", "Router compute ({p}FLOPs per token)",
-                            "pareto_router_flops")
+        return self._pareto(
+            bench, lb_b, runs_b, "router_flops_per_token", "Router compute ({p}FLOPs per token)", "pareto_router_flops"
+        )
 
     def per_layer(self, bench, lb_b, runs_b) -> list[Plot]:
         """Small multiples: one panel per statistic, x = MoE layer index, one line per router (seed mean)."""
@@ -200,8 +278,7 @@ class Plotter:
             return []
         lay = lay[lay["run_id"].isin(runs_b["run_id"])]
         nmi = "nmi" if "nmi" in lay and lay["nmi"].notna().any() else "mutual_info_norm"
-        stats = [(c, t) for c, t in PER_LAYER_PANELS + [(nmi, "NMI ↑")]
-                 if c in lay and lay[c].notna().any()]
+        stats = [(c, t) for c, t in PER_LAYER_PANELS + [(nmi, "NMI ↑")] if c in lay and lay[c].notna().any()]
         if lay.empty or not stats or lay["layer_idx"].nunique() < 1:
             return []
         entries = [(lab, var) for lab, var, _ in self._entries(lb_b)]
@@ -214,8 +291,14 @@ class Plotter:
                 if m.empty:
                     continue
                 scale = 100.0 if col == "switch_rate" else 1.0
-                ax.plot(m.index, m.to_numpy() * scale, marker=self.marker[label], ms=3, color=self.color[label],
-                        label=entry_name(label, variant))
+                ax.plot(
+                    m.index,
+                    m.to_numpy() * scale,
+                    marker=self.marker[label],
+                    ms=3,
+                    color=self.color[label],
+                    label=entry_name(label, variant),
+                )
             ax.set_title(title)
             ax.set_xlabel("MoE layer (index)")
             ax.xaxis.get_major_locator().set_params(integer=True)
@@ -224,9 +307,16 @@ class Plotter:
         if handles:
             fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), frameon=False)
         names = ", ".join(f"{int(i)} = {n}" for i, n in lay.groupby("layer_idx")["layer"].first().items())
-        return [self._save(fig, bench, "per_layer", f"{bench}: load CV, top-1 switch rate, MI and NMI between "
-                                                    f"label and expert in each MoE layer, mean over seeds "
-                                                    f"(layers: {names}).")]
+        return [
+            self._save(
+                fig,
+                bench,
+                "per_layer",
+                f"{bench}: load CV, top-1 switch rate, MI and NMI between "
+                f"label and expert in each MoE layer, mean over seeds "
+                f"(layers: {names}).",
+            )
+        ]
 
     def pareto_params(self, bench, lb_b, runs_b) -> list[Plot]:
         return self._pareto(bench, lb_b, runs_b, "params_total", "Total parameters ({p})", "pareto_params")
@@ -246,8 +336,11 @@ class Plotter:
         seen = set(ev["entry"])
         order = [entry_name(lab, var) for lab, var, _ in self._entries(lb_b) if entry_name(lab, var) in seen]
         colour = {entry_name(lab, var): self.color[lab] for lab, var, _ in self._entries(lb_b)}
-        collapsed = {entry_name(r["label"], r["variant"]) for _, r in lb_b.iterrows()
-                     if not pd.isna(r.get("collapsed", math.nan)) and r["collapsed"] > 0}
+        collapsed = {
+            entry_name(r["label"], r["variant"])
+            for _, r in lb_b.iterrows()
+            if not pd.isna(r.get("collapsed", math.nan)) and r["collapsed"] > 0
+        }
         cols = min(4, len(order))
         rows = math.ceil(len(order) / cols)
         fig = _figure((WIDE, 0.5 + 1.3 * rows))
@@ -260,14 +353,21 @@ class Plotter:
             ax.plot(m.index, m.to_numpy(), marker="o", ms=2.5, color=colour[entry])
             ax.set_title(entry + (" (collapsed)" if entry in collapsed else ""))  # trivially stable
             ax.set_ylim(-0.03 * max(top, 1.0), max(top * 1.05, 1.0))  # a 0 line stays visible
-        for ax in axes[len(order):]:
+        for ax in axes[len(order) :]:
             ax.set_visible(False)
         fig.supxlabel("Training step", fontsize=7)
         fig.supylabel("Top-1 switch rate (% of probe tokens)", fontsize=7)
         fig.suptitle(f"{bench}: routing stability, mean ± s.d. over seeds")
         since = "probe point" if has_probes else "evaluation"
-        return [self._save(fig, bench, "stability", f"{bench}: share of fixed probe tokens whose top-1 expert "
-                                                    f"changed since the previous {since}, one panel per router.")]
+        return [
+            self._save(
+                fig,
+                bench,
+                "stability",
+                f"{bench}: share of fixed probe tokens whose top-1 expert "
+                f"changed since the previous {since}, one panel per router.",
+            )
+        ]
 
     def _layers_with(self, runs_b, column: str) -> pd.DataFrame:
         """Per-layer rows of these runs that recorded a non-empty list in ``column``."""
@@ -293,28 +393,49 @@ class Plotter:
                 width = max(len(s) for s in shares)
                 mat = np.full((len(shares), width), np.nan)
                 for i, s in enumerate(shares):
-                    mat[i, :len(s)] = s
+                    mat[i, : len(s)] = s
                 rows.append(np.nanmean(mat, axis=0))
                 names.append(entry_name(label, variant))
             if not rows:
                 continue
             width = max(len(r) for r in rows)
-            data = pd.DataFrame([np.pad(r, (0, width - len(r)), constant_values=np.nan) for r in rows],
-                                index=names, columns=range(1, width + 1))
+            data = pd.DataFrame(
+                [np.pad(r, (0, width - len(r)), constant_values=np.nan) for r in rows],
+                index=names,
+                columns=range(1, width + 1),
+            )
             fig = _figure((WIDTH, max(1.7, 0.75 + 0.22 * len(names))))  # room for the colour-bar label
             ax = fig.subplots()
             uniform = 100 / width  # one fixed scale for every load figure: white = uniform, 0 .. 2x uniform
-            sns.heatmap(data, ax=ax, cmap="RdBu_r", center=uniform, vmin=0, vmax=2 * uniform, annot=width <= 8,
-                        fmt=".1f", annot_kws={"fontsize": 5.5}, linewidths=0.3, linecolor="white",
-                        cbar_kws={"label": "Share of tokens (%); white = 1/E", "pad": 0.02})
+            sns.heatmap(
+                data,
+                ax=ax,
+                cmap="RdBu_r",
+                center=uniform,
+                vmin=0,
+                vmax=2 * uniform,
+                annot=width <= 8,
+                fmt=".1f",
+                annot_kws={"fontsize": 5.5},
+                linewidths=0.3,
+                linecolor="white",
+                cbar_kws={"label": "Share of tokens (%); white = 1/E", "pad": 0.02},
+            )
             ax.set_xlabel(f"Expert, sorted by load within each run (uniform = {100 / width:.1f}%)")
             ax.set_ylabel("")
             ax.tick_params(axis="y", rotation=0)
             fig.suptitle(f"{bench}: expert load, layer {layer}")
-            plots.append(self._save(fig, bench, "load", f"{bench}, layer {layer}: share of tokens per expert, "
-                                                        f"experts sorted by load in each run (expert indices are "
-                                                        f"not comparable across seeds), averaged over seeds.",
-                                    suffix=f"{idx}_{layer}"))
+            plots.append(
+                self._save(
+                    fig,
+                    bench,
+                    "load",
+                    f"{bench}, layer {layer}: share of tokens per expert, "
+                    f"experts sorted by load in each run (expert indices are "
+                    f"not comparable across seeds), averaged over seeds.",
+                    suffix=f"{idx}_{layer}",
+                )
+            )
         return plots
 
     def specialisation(self, bench, lb_b, runs_b) -> list[Plot]:
@@ -350,9 +471,18 @@ class Plotter:
             mat, names = mat[keep], [names[i] for i in keep]
             share = 100 * mat / np.maximum(mat.sum(1, keepdims=True), 1)
             columns = [str(i) for i in range(share.shape[1] - extra)] + (["none"] if extra else [])
-            sns.heatmap(pd.DataFrame(share, index=names, columns=columns), ax=ax, cmap="mako_r", vmin=0, vmax=100,
-                        annot=False, linewidths=0.2, linecolor="white", cbar=k == len(panels) - 1,
-                        cbar_kws={"label": "Label's tokens (%)", "pad": 0.02})
+            sns.heatmap(
+                pd.DataFrame(share, index=names, columns=columns),
+                ax=ax,
+                cmap="mako_r",
+                vmin=0,
+                vmax=100,
+                annot=False,
+                linewidths=0.2,
+                linecolor="white",
+                cbar=k == len(panels) - 1,
+                cbar_kws={"label": "Label's tokens (%)", "pad": 0.02},
+            )
             mi = r.get("mutual_info", math.nan)
             ax.set_title(f"{entry}" + ("" if pd.isna(mi) else f" (MI {mi:.2f})"))
             ax.set_xlabel("Expert (none = unrouted)" if extra else "Expert")
@@ -360,17 +490,22 @@ class Plotter:
             ax.tick_params(axis="x", labelsize=5.5)
             if k % cols:
                 ax.set_yticklabels([])
-        for ax in axes[len(panels):]:
+        for ax in axes[len(panels) :]:
             ax.set_visible(False)
         layer = panels[0][2]["layer"]
         fig.suptitle(f"{bench}: where each label's tokens go (dispatched top-1), last MoE layer {layer}, lowest seed")
-        return [self._save(fig, bench, "specialisation",
-                           f"{bench}: per router, the share of each label's tokens whose highest-weight dispatched "
-                           f"expert is each expert (rows sum to 100%; 'none' = unrouted), last MoE layer, lowest seed.")]
+        return [
+            self._save(
+                fig,
+                bench,
+                "specialisation",
+                f"{bench}: per router, the share of each label's tokens whose highest-weight dispatched "
+                f"expert is each expert (rows sum to 100%; 'none' = unrouted), last MoE layer, lowest seed.",
+            )
+        ]
 
 
-PER_LAYER_PANELS = [("load_cv", "Load CV ↓"), ("switch_rate", "Switch rate (%) ↓"),
-                    ("mutual_info", "MI (nats) ↑")]
+PER_LAYER_PANELS = [("load_cv", "Load CV ↓"), ("switch_rate", "Switch rate (%) ↓"), ("mutual_info", "MI (nats) ↑")]
 
 
 def _pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
@@ -394,9 +529,21 @@ def _headline(lb_b: pd.DataFrame) -> tuple[str, bool]:
     return name, hib
 
 
-_PRETTY = {"top1": "Top-1 accuracy", "top5": "Top-5 accuracy", "acc": "Accuracy", "accuracy": "Accuracy",
-           "mae": "MAE", "mse": "MSE", "rmse": "RMSE", "mean_r1": "Mean R@1", "r1": "R@1", "recall@1": "R@1",
-           "mean_recall@1": "Mean R@1", "r@1": "R@1", "loss": "Loss"}
+_PRETTY = {
+    "top1": "Top-1 accuracy",
+    "top5": "Top-5 accuracy",
+    "acc": "Accuracy",
+    "accuracy": "Accuracy",
+    "mae": "MAE",
+    "mse": "MSE",
+    "rmse": "RMSE",
+    "mean_r1": "Mean R@1",
+    "r1": "R@1",
+    "recall@1": "R@1",
+    "mean_recall@1": "Mean R@1",
+    "r@1": "R@1",
+    "loss": "Loss",
+}
 
 
 def metric_label(name: str, task: str, hib: bool, values) -> str:
@@ -411,7 +558,6 @@ def metric_label(name: str, task: str, hib: bool, values) -> str:
         unit = "years"
     direction = "higher is better" if hib else "lower is better"
     return f"{pretty} ({unit}; {direction})" if unit else f"{pretty} ({direction})"
-
 
 
 def write_plots(rs: RecordSet, lb: pd.DataFrame, out_dir, totals=None) -> list[Plot]:

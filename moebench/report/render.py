@@ -1,5 +1,6 @@
 """One neutral table form (text cells, bold flags, footnotes) rendered to Markdown, LaTeX and HTML, so
 every output format shows the same numbers and the same bold best values."""
+
 from __future__ import annotations
 
 import html
@@ -12,10 +13,10 @@ class Table:
     title: str
     columns: list[str]
     rows: list[list[str]]
-    bold: set[tuple[int, int]] = field(default_factory=set)   # (row, column) cells to set in bold
-    notes: list[str] = field(default_factory=list)            # footnotes printed under the table
-    label: str = ""                                           # LaTeX \label / HTML id
-    left: int = 1                                             # leading text columns, left-aligned
+    bold: set[tuple[int, int]] = field(default_factory=set)  # (row, column) cells to set in bold
+    notes: list[str] = field(default_factory=list)  # footnotes printed under the table
+    label: str = ""  # LaTeX \label / HTML id
+    left: int = 1  # leading text columns, left-aligned
 
 
 def to_markdown(table: Table, level: int = 3) -> str:
@@ -33,10 +34,28 @@ def to_markdown(table: Table, level: int = 3) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-_TEX_SYMBOLS = {"±": r"$\pm$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "−": "$-$", "×": r"$\times$",
-                "Δ": r"$\Delta$", "–": "--", "—": "---"}
+_TEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+_TEX_SYMBOLS = {
+    "±": r"$\pm$",
+    "↑": r"$\uparrow$",
+    "↓": r"$\downarrow$",
+    "−": "$-$",
+    "×": r"$\times$",
+    "Δ": r"$\Delta$",
+    "–": "--",
+    "—": "---",
+}
 
 
 def tex_escape(text: str) -> str:
@@ -50,6 +69,7 @@ def tex_escape(text: str) -> str:
 def to_latex(table: Table) -> str:
     """A booktabs ``table`` environment (needs ``\\usepackage{booktabs,graphicx}``); tables of more than
     seven columns span the page (``table*``) scaled to its width."""
+
     def cell(r, c, text):
         text = tex_escape(text)
         return f"\\textbf{{{text}}}" if (r, c) in table.bold and text else text
@@ -61,8 +81,12 @@ def to_latex(table: Table) -> str:
     out = [f"\\begin{{{env}}}[t]", "\\centering", "\\small", f"\\caption{{{tex_escape(table.title)}}}"]
     if table.label:
         out.append(f"\\label{{{table.label}}}")
-    out += [("\\resizebox{\\linewidth}{!}{%\n" if wide else "") + f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
-            " & ".join(tex_escape(c) for c in table.columns) + " \\\\", "\\midrule"]
+    out += [
+        ("\\resizebox{\\linewidth}{!}{%\n" if wide else "") + f"\\begin{{tabular}}{{{spec}}}",
+        "\\toprule",
+        " & ".join(tex_escape(c) for c in table.columns) + " \\\\",
+        "\\midrule",
+    ]
     out += [" & ".join(cell(r, c, t) for c, t in enumerate(row)) + " \\\\" for r, row in enumerate(table.rows)]
     out.append("\\bottomrule")
     out.append("\\end{tabular}" + ("}" if wide else ""))
@@ -81,10 +105,14 @@ def to_html(table: Table, level: int = 3) -> str:
         return f"<td{cls}><b>{text}</b></td>" if (r, c) in table.bold and text else f"<td{cls}>{text}</td>"
 
     ident = f' id="{html.escape(table.label)}"' if table.label else ""
-    out = [f"<h{level}{ident}>{html.escape(table.title)}</h{level}>", "<table>",
-           "<thead><tr>" + "".join(f"<th{_LEFT if i < table.left else ''}>{html.escape(c)}</th>"
-                                 for i, c in enumerate(table.columns)) + "</tr></thead>",
-           "<tbody>"]
+    out = [
+        f"<h{level}{ident}>{html.escape(table.title)}</h{level}>",
+        "<table>",
+        "<thead><tr>"
+        + "".join(f"<th{_LEFT if i < table.left else ''}>{html.escape(c)}</th>" for i, c in enumerate(table.columns))
+        + "</tr></thead>",
+        "<tbody>",
+    ]
     out += ["<tr>" + "".join(cell(r, c, t) for c, t in enumerate(row)) + "</tr>" for r, row in enumerate(table.rows)]
     out.append("</tbody></table>")
     if table.notes:

@@ -1,5 +1,6 @@
 """Small statistics for the report: Student-t quantiles and the paired difference with its confidence
 interval. Written out here (regularised incomplete beta + bisection) so the report needs no scipy."""
+
 from __future__ import annotations
 
 import math
@@ -100,6 +101,7 @@ def paired_difference(a, b, level: float = 0.95) -> Paired:
 # ----------------------------------------------------------------------------------------------------
 # bootstrap over eval examples and seeds (the per-example outputs of each run's eval_items.npz)
 
+
 @dataclass(frozen=True)
 class Interval:
     """A bootstrap estimate: the observed mean, its percentile interval, the bootstrap standard
@@ -121,8 +123,8 @@ def _resampled_means(d: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     s, n = d.shape
     rng = np.random.default_rng(seed)
     item_w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (B, N)
-    seed_w = rng.multinomial(s, np.full(s, 1.0 / s), size=n_boot).astype(np.float64)   # (B, S)
-    per_seed = item_w @ d.T / n                                                          # (B, S)
+    seed_w = rng.multinomial(s, np.full(s, 1.0 / s), size=n_boot).astype(np.float64)  # (B, S)
+    per_seed = item_w @ d.T / n  # (B, S)
     return (per_seed * seed_w).sum(1) / s
 
 

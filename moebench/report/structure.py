@@ -5,6 +5,7 @@ seeds, overall and per token role), whether the controls came out as they must (
 random and collapse NMI <= 0.05, collapse last on the headline), and the paired comparison of every
 router against the FLOP-matched dense model (Chen et al. 2022's claim: a sequence-routed MoE beats it).
 When a control fails, the section says so: the task's other verdicts are then not to be trusted."""
+
 from __future__ import annotations
 
 import math
@@ -79,10 +80,20 @@ def structure_section(rs, lb: pd.DataFrame, items: dict) -> tuple[list[Table], l
             nmi_mean[label] = _ci(r["nmi"])[0] if "nmi" in r else math.nan
             score_mean[label] = _ci(r["headline_value"])
         where = entry_name(bench, variant)
-        tables.append(Table(title=f"Structure recovery: {where}", columns=cols, rows=rows, notes=[
-            "Mean and 95 % t interval over seeds; recovery metrics from the dispatched top-1 expert of held-out "
-            "tokens that have a group (noise tokens excluded), unrouted tokens as their own category; per-role "
-            "NMI over that role's tokens only. H in nats."], label=f"tab:structure-{len(tables)}", left=1))
+        tables.append(
+            Table(
+                title=f"Structure recovery: {where}",
+                columns=cols,
+                rows=rows,
+                notes=[
+                    "Mean and 95 % t interval over seeds; recovery metrics from the dispatched top-1 expert of held-out "
+                    "tokens that have a group (noise tokens excluded), unrouted tokens as their own category; per-role "
+                    "NMI over that role's tokens only. H in nats."
+                ],
+                label=f"tab:structure-{len(tables)}",
+                left=1,
+            )
+        )
         lines.append(f"{where}: " + _controls(nmi_mean, score_mean) + _versus_dense(paired, bench, variant))
     return tables, lines
 
@@ -95,7 +106,9 @@ def _controls(nmi: dict, score_ci: dict) -> str:
     failed: list[str] = []
     score = {k: v[0] for k, v in score_ci.items()}
     if "oracle" in nmi:
-        (checks if nmi["oracle"] >= ORACLE_MIN else failed).append(f"oracle NMI {nmi['oracle']:.3f} (must be >= {ORACLE_MIN})")
+        (checks if nmi["oracle"] >= ORACLE_MIN else failed).append(
+            f"oracle NMI {nmi['oracle']:.3f} (must be >= {ORACLE_MIN})"
+        )
     for c in ("random", "collapse"):
         if c in nmi:
             (checks if nmi[c] <= CHANCE_MAX else failed).append(f"{c} NMI {nmi[c]:.3f} (must be <= {CHANCE_MAX})")
@@ -105,16 +118,25 @@ def _controls(nmi: dict, score_ci: dict) -> str:
         if last == "collapse":
             checks.append(f"collapse last on the headline ({score['collapse']:.3f})")
         elif lo <= score[last] <= hi:
-            checks.append(f"collapse NOT strictly last ({score['collapse']:.3f}; last {last} {score[last]:.3f}) "
-                          f"but tied with the last within its interval [{lo:.3f}, {hi:.3f}]")
+            checks.append(
+                f"collapse NOT strictly last ({score['collapse']:.3f}; last {last} {score[last]:.3f}) "
+                f"but tied with the last within its interval [{lo:.3f}, {hi:.3f}]"
+            )
         else:
-            failed.append(f"collapse is NOT last on the headline ({score['collapse']:.3f}; last {last} "
-                          f"{score[last]:.3f}, outside collapse's interval)")
+            failed.append(
+                f"collapse is NOT last on the headline ({score['collapse']:.3f}; last {last} "
+                f"{score[last]:.3f}, outside collapse's interval)"
+            )
     if not checks and not failed:
         return "no controls ran. "
     if failed:
-        return ("controls did NOT come out as they must: " + "; ".join(failed) +
-                ". The other verdicts of this task are not to be trusted. Passed: " + ("; ".join(checks) or "none") + ". ")
+        return (
+            "controls did NOT come out as they must: "
+            + "; ".join(failed)
+            + ". The other verdicts of this task are not to be trusted. Passed: "
+            + ("; ".join(checks) or "none")
+            + ". "
+        )
     return "controls came out as they must (" + "; ".join(checks) + "). "
 
 
@@ -124,8 +146,10 @@ def _versus_dense(paired: pd.DataFrame, bench, variant) -> str:
     p = paired[(paired["bench"] == bench) & (paired["variant"] == variant)]
     if p.empty:
         return "No paired comparison with dense."
-    parts = [f"{r['label']} {r['diff_mean']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}], Holm p {r['p_holm']:.3g} "
-             f"({r['verdict']})" for _, r in p.sort_values("diff_mean", ascending=False).iterrows()
-             if r["label"] not in ("oracle",)]
+    parts = [
+        f"{r['label']} {r['diff_mean']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}], Holm p {r['p_holm']:.3g} "
+        f"({r['verdict']})"
+        for _, r in p.sort_values("diff_mean", ascending=False).iterrows()
+        if r["label"] not in ("oracle",)
+    ]
     return "Against FLOP-matched dense (paired, Holm over the routers): " + "; ".join(parts) + "."
-

@@ -3,6 +3,7 @@
 Findings are generated from the same frames the tables show, so every sentence restates a number a
 reader can find below; the reproducibility block reads what the runs recorded (final.json's env,
 spec.yaml, the launcher's grid_source.json), never what the machine building the report has."""
+
 from __future__ import annotations
 
 import math
@@ -13,9 +14,9 @@ import pandas as pd
 
 from moebench.training.records import CorruptRecordError, read_json, read_spec
 
-FLOPS_TOLERANCE_PCT = 1.0   # active-FLOPs overhead over dense worth calling a confound
-PARAMS_TOLERANCE = 1.10     # total-parameter ratio to the reference worth calling a confound
-NOT_MOVED = 0.05            # moved_from_init below this: the router kept (almost) its step-0 routing
+FLOPS_TOLERANCE_PCT = 1.0  # active-FLOPs overhead over dense worth calling a confound
+PARAMS_TOLERANCE = 1.10  # total-parameter ratio to the reference worth calling a confound
+NOT_MOVED = 0.05  # moved_from_init below this: the router kept (almost) its step-0 routing
 
 
 def _fmt(x: float) -> str:
@@ -38,25 +39,33 @@ def key_findings(lb: pd.DataFrame, paired: pd.DataFrame, baseline: str) -> list[
             best = v[v.get("rank_group", pd.Series(dtype=float)) == 1] if "rank_group" in v else v.iloc[:0]
             if len(best):
                 members = ", ".join(f"{r['label']} {_fmt(r['headline_mean'])}" for _, r in best.iterrows())
-                parts.append(f"Best group on {name}{where}: {members} (intervals overlap the best's; "
-                             f"{len(best)} of {len(v)} routers).")
+                parts.append(
+                    f"Best group on {name}{where}: {members} (intervals overlap the best's; "
+                    f"{len(best)} of {len(v)} routers)."
+                )
             else:
-                parts.append(f"No confidence intervals on {name}{where}: too few seeds and no per-example outputs, "
-                             f"so no rank groups.")
+                parts.append(
+                    f"No confidence intervals on {name}{where}: too few seeds and no per-example outputs, "
+                    f"so no rank groups."
+                )
             pv = paired[(paired["bench"] == bench) & (paired["variant"] == variant)] if not paired.empty else paired
             if len(pv):
                 better = pv[pv["verdict"] == "better"]
                 worse = pv[pv["verdict"] == "worse"]
                 say = lambda f: ", ".join(f"{r['label']} ({r['diff_mean']:+.3g})" for _, r in f.iterrows())  # noqa: E731
-                parts.append(f"Beats {baseline} after Holm correction: {say(better) or 'none'}; "
-                             f"worse than {baseline}: {say(worse) or 'none'}.")
+                parts.append(
+                    f"Beats {baseline} after Holm correction: {say(better) or 'none'}; "
+                    f"worse than {baseline}: {say(worse) or 'none'}."
+                )
                 mde = pv["mde"].dropna()
                 if len(mde):
                     seeds = int(pv["n_pairs"].max())
                     items = pv["n_items"].dropna()
                     n_items = f" × {int(items.max())} eval items" if len(items) else ""
-                    parts.append(f"With {seeds} seed(s){n_items}, differences below about {_fmt(mde.median())} "
-                                 f"{name} are unlikely to be detected (median minimum detectable effect, 80 % power).")
+                    parts.append(
+                        f"With {seeds} seed(s){n_items}, differences below about {_fmt(mde.median())} "
+                        f"{name} are unlikely to be detected (median minimum detectable effect, 80 % power)."
+                    )
         parts.append(_routing_sentence(b))
         conf = []
         for _, r in b.iterrows():
@@ -73,9 +82,16 @@ def key_findings(lb: pd.DataFrame, paired: pd.DataFrame, baseline: str) -> list[
                 bits.append(f"{100 * dr:.1f} % assignments dropped")
             if bits:
                 conf.append(f"{r['label']}{' (' + r['variant'] + ')' if r['variant'] else ''}: {', '.join(bits)}")
-        parts.append("Confounds: " + ("; ".join(conf) if conf else "none (all routers matched within "
-                                      f"{FLOPS_TOLERANCE_PCT:g} % FLOPs and {PARAMS_TOLERANCE:g}× parameters, no token left out)")
-                     + ".")
+        parts.append(
+            "Confounds: "
+            + (
+                "; ".join(conf)
+                if conf
+                else "none (all routers matched within "
+                f"{FLOPS_TOLERANCE_PCT:g} % FLOPs and {PARAMS_TOLERANCE:g}× parameters, no token left out)"
+            )
+            + "."
+        )
         out.append(f"{bench}: " + " ".join(parts))
     return out
 
@@ -89,11 +105,17 @@ def collapse_findings(lb: pd.DataFrame) -> list[str]:
     if lb.empty or "collapsed" not in lb:
         return out
     for bench, b in lb.groupby("bench", sort=False):
-        bad = [f"{r['label']}{' (' + r['variant'] + ')' if r['variant'] else ''} ({collapsed_seeds(r)}/"
-               f"{int(r['n_done'])} seeds)" for _, r in b.iterrows() if collapsed_seeds(r)]
+        bad = [
+            f"{r['label']}{' (' + r['variant'] + ')' if r['variant'] else ''} ({collapsed_seeds(r)}/"
+            f"{int(r['n_done'])} seeds)"
+            for _, r in b.iterrows()
+            if collapsed_seeds(r)
+        ]
         if bad:
-            out.append(f"{bench}: collapsed, so not routing (one expert takes over 50 % of first choices in a "
-                       f"layer): {', '.join(bad)}.")
+            out.append(
+                f"{bench}: collapsed, so not routing (one expert takes over 50 % of first choices in a "
+                f"layer): {', '.join(bad)}."
+            )
     return out
 
 
@@ -111,22 +133,28 @@ def _routing_sentence(b: pd.DataFrame) -> str:
         name = r["label"] + (f" ({r['variant']})" if r["variant"] else "")
         n = collapsed_seeds(r)
         if n:
-            bad.append(f"{name} ({n}/{int(r['n_done'])} seeds; first-choice max "
-                       f"{layers_text(r, 'first_choice_max_share')} % per layer, "
-                       f"{layers_text(r, 'first_choice_max_share_init')} % at step 0)")
+            bad.append(
+                f"{name} ({n}/{int(r['n_done'])} seeds; first-choice max "
+                f"{layers_text(r, 'first_choice_max_share')} % per layer, "
+                f"{layers_text(r, 'first_choice_max_share_init')} % at step 0)"
+            )
         else:
             ok.append(r)
         moved = r.get("moved_from_init", math.nan)
         if not pd.isna(moved) and moved < NOT_MOVED:
             still.append(f"{name} ({100 * moved:.1f} %)")
-    text = (f"Collapsed (one expert takes over 50 % of first choices in a layer): {'; '.join(bad) or 'none'}. "
-            f"Kept its step-0 routing (under {100 * NOT_MOVED:g} % of probe tokens moved): "
-            f"{', '.join(still) or 'none'}.")
+    text = (
+        f"Collapsed (one expert takes over 50 % of first choices in a layer): {'; '.join(bad) or 'none'}. "
+        f"Kept its step-0 routing (under {100 * NOT_MOVED:g} % of probe tokens moved): "
+        f"{', '.join(still) or 'none'}."
+    )
     stable = [r for r in ok if not pd.isna(r.get("switch_rate", math.nan))]
     if stable:
         best = min(stable, key=lambda r: r["switch_rate"])
-        text += (f" Most stable router that did not collapse: {best['label']} (switch "
-                 f"{100 * best['switch_rate']:.1f} % of probe tokens at the last probe point).")
+        text += (
+            f" Most stable router that did not collapse: {best['label']} (switch "
+            f"{100 * best['switch_rate']:.1f} % of probe tokens at the last probe point)."
+        )
     elif bad:
         text += " No router that did not collapse has a stability measure."
     return text
@@ -143,16 +171,24 @@ def reproducibility(runs: pd.DataFrame, root: Path, lb: pd.DataFrame | None = No
     """(field, value) rows from the done runs' records; a field whose runs disagree lists every value
     with its count, so a mixed-commit or mixed-hardware grid is visible."""
     done = runs[(runs["state"] == "done") & runs["run_dir"].map(lambda d: isinstance(d, str))]
-    fields: dict[str, Counter] = {k: Counter() for k in (
-        "Commit", "Packages", "Python", "Device", "CPU", "CPU cores / torch threads", "Train device / AMP")}
+    fields: dict[str, Counter] = {
+        k: Counter()
+        for k in ("Commit", "Packages", "Python", "Device", "CPU", "CPU cores / torch threads", "Train device / AMP")
+    }
     train: dict[str, Counter] = {}
     for _, r in done.iterrows():
         final = _read(read_json, Path(r["run_dir"]) / "final.json") or {}
         env = final.get("env") or {}
         if env:
             commit = env.get("git_commit") or "unknown"
-            fields["Commit"][commit + ("" if commit == "unknown" else
-                                       (" (dirty: uncommitted changes)" if commit.endswith("-dirty") else " (clean)"))] += 1
+            fields["Commit"][
+                commit
+                + (
+                    ""
+                    if commit == "unknown"
+                    else (" (dirty: uncommitted changes)" if commit.endswith("-dirty") else " (clean)")
+                )
+            ] += 1
             libs = env.get("libraries") or {}
             fields["Packages"][", ".join(f"{k} {v}" for k, v in sorted(libs.items()) if v)] += 1
             fields["Python"][str(env.get("python"))] += 1
@@ -166,7 +202,8 @@ def reproducibility(runs: pd.DataFrame, root: Path, lb: pd.DataFrame | None = No
             key = str(r["bench"])
             train.setdefault(key, Counter())[
                 f"steps {t.get('steps')}, batch {t.get('batch_size')}, lr {t.get('lr')}, "
-                f"eval batch {t.get('eval_batch_size')}"] += 1
+                f"eval batch {t.get('eval_batch_size')}"
+            ] += 1
     rows = []
     for k, c in fields.items():
         if c:
@@ -202,16 +239,19 @@ def repo_relative(path) -> str:
 def claim_findings(verdicts, totals, paired: pd.DataFrame, baseline: str) -> list[str]:
     """Short bullets, one fact each: the claims audit's verdicts first, then the summary's leaders,
     then per task who differs from or is equivalent to the baseline."""
-    out = [f"{claim}, {cand}: {verdict}" + (f" ({note})" if note else "") + "."
-           for claim, cand, verdict, note in verdicts]
+    out = [
+        f"{claim}, {cand}: {verdict}" + (f" ({note})" if note else "") + "." for claim, cand, verdict, note in verdicts
+    ]
     t = totals.table
     if not t.empty:
         first = t[t["borda_rank"] == t["borda_rank"].min()]
         out.append(f"Borda rank 1 over tasks: {', '.join(first['label'])} ({first['borda_points'].iloc[0]:g} points).")
         if t["iqm"].notna().any():
             best = t.loc[t["iqm"].idxmax()]
-            out.append(f"Highest IQM of the normalised score: {best['label']} {best['iqm']:.1f} "
-                       f"[{best['iqm_low']:.1f}, {best['iqm_high']:.1f}] (0 = {totals.zero_label}, 100 = best per task).")
+            out.append(
+                f"Highest IQM of the normalised score: {best['label']} {best['iqm']:.1f} "
+                f"[{best['iqm_low']:.1f}, {best['iqm_high']:.1f}] (0 = {totals.zero_label}, 100 = best per task)."
+            )
     if paired.empty:
         return out
     for bench, p in paired.groupby("bench", sort=False):
@@ -221,8 +261,7 @@ def claim_findings(verdicts, totals, paired: pd.DataFrame, baseline: str) -> lis
                 out.append(f"{bench}: {word} than {baseline} after Holm correction: {say(rows)}.")
         eq = p[p["tost"] == "equivalent"]
         if len(eq):
-            out.append(f"{bench}: equivalent to {baseline} within ±{eq['margin'].iloc[0]:g}: "
-                       f"{', '.join(eq['label'])}.")
+            out.append(f"{bench}: equivalent to {baseline} within ±{eq['margin'].iloc[0]:g}: {', '.join(eq['label'])}.")
     return out
 
 

@@ -2,6 +2,7 @@
 footnotes for incomplete groups). A group is one router label at one sweep point of one task; its
 numbers are means over the seeds that finished, and a group missing any seed is flagged, never
 silently averaged over fewer seeds."""
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,7 @@ COLUMNS: dict[str, tuple[str, str | None, str]] = {
     "h_group_given_expert": ("H(group|expert) ↓", "lower", "f3"),
     "h_expert_given_group": ("H(expert|group) ↓", "lower", "f3"),
     "routing_accuracy": ("Routing acc. ↑", "higher", "f3"),
-    "flops_per_token": ("{p}FLOPs/token", None, "si"),      # {p}: SI prefix chosen per table
+    "flops_per_token": ("{p}FLOPs/token", None, "si"),  # {p}: SI prefix chosen per table
     "params_active": ("Active params ({p})", None, "si"),
     "params_total": ("Params ({p})", None, "si"),
     "tokens_per_s": ("Tokens/s ({p}) ↑", "higher", "si"),
@@ -64,15 +65,48 @@ COLUMNS: dict[str, tuple[str, str | None, str]] = {
     "moved_from_init": ("Moved from init (%)", None, "pct"),
 }
 # the routing and cost statistics averaged per router
-STAT_COLUMNS = ["load_cv", "max_mean", "norm_entropy", "dead_experts", "drop_rate", "switch_rate", "mutual_info",
-                "flops_per_token", "params_active", "params_total", "tokens_per_s"]
+STAT_COLUMNS = [
+    "load_cv",
+    "max_mean",
+    "norm_entropy",
+    "dead_experts",
+    "drop_rate",
+    "switch_rate",
+    "mutual_info",
+    "flops_per_token",
+    "params_active",
+    "params_total",
+    "tokens_per_s",
+]
 DIAG_EXTRA = ["max_vio", "min_load_share", "max_load_share", "near_dead_experts", "last_fluctuation_step"]
-MEAN_COLUMNS = STAT_COLUMNS + DIAG_EXTRA + ["gini", "balance", "gate_entropy", "margin", "fallback_rate",
-                                                 "unrouted_rate", "mutual_info_norm", "final_switch", "settle_fraction",
-                                                 "wall_time_s", "peak_memory_mb", "router_params",
-                                                 "router_flops_per_token", "ms_per_step", "seed_agreement",
-                                                 "seed_load_jsd", "nmi", "ari", "h_group_given_expert",
-                                                 "h_expert_given_group", "routing_accuracy", *ROUTES_KEYS]
+MEAN_COLUMNS = (
+    STAT_COLUMNS
+    + DIAG_EXTRA
+    + [
+        "gini",
+        "balance",
+        "gate_entropy",
+        "margin",
+        "fallback_rate",
+        "unrouted_rate",
+        "mutual_info_norm",
+        "final_switch",
+        "settle_fraction",
+        "wall_time_s",
+        "peak_memory_mb",
+        "router_params",
+        "router_flops_per_token",
+        "ms_per_step",
+        "seed_agreement",
+        "seed_load_jsd",
+        "nmi",
+        "ari",
+        "h_group_given_expert",
+        "h_expert_given_group",
+        "routing_accuracy",
+        *ROUTES_KEYS,
+    ]
+)
 
 
 _PER_LAYER = re.compile(r"\.layer\d+$")  # runs.csv's per-layer columns: leaderboard.csv gets their seed means
@@ -115,10 +149,15 @@ def _group_row(bench, label, variant, g: pd.DataFrame, bench_seeds: set, grids_w
         problems.append(f"seed {_seed(seed)} has no run (other routers of this task have it)")
     h = per_seed["headline_value"]
     row = {
-        "bench": bench, "grid": g["grid"].iloc[0], "task": g["task"].iloc[0], "label": label, "variant": variant,
+        "bench": bench,
+        "grid": g["grid"].iloc[0],
+        "task": g["task"].iloc[0],
+        "label": label,
+        "variant": variant,
         "headline_name": g["headline_name"].dropna().iloc[0] if g["headline_name"].notna().any() else None,
         "higher_is_better": g["higher_is_better"].dropna().iloc[0] if g["higher_is_better"].notna().any() else None,
-        "n_done": n_done, "n_expected": expected,
+        "n_done": n_done,
+        "n_expected": expected,
         "complete": n_done == expected and n_done > 0 and not problems,
         "headline_mean": float(h.mean()) if n_done else math.nan,
         "headline_std": float(h.std(ddof=1)) if n_done > 1 else math.nan,
@@ -197,7 +236,9 @@ def add_intervals(lb: pd.DataFrame, rs: RecordSet, items: dict, baseline: str, l
         groups = rank_groups([(i, r["headline_mean"], r["ci_low"], r["ci_high"]) for i, r in b.iterrows()], hib)
         for i, grp in groups.items():
             lb.loc[i, "rank_group"] = grp
-        dense = b[b["label"] == "dense"]["flops_per_token"].dropna() if "flops_per_token" in b else pd.Series(dtype=float)
+        dense = (
+            b[b["label"] == "dense"]["flops_per_token"].dropna() if "flops_per_token" in b else pd.Series(dtype=float)
+        )
         ref = b[b["label"] == baseline]["params_total"].dropna() if "params_total" in b else pd.Series(dtype=float)
         if len(dense) and dense.iloc[0] > 0:
             lb.loc[b.index, "flops_overhead"] = 100 * (b["flops_per_token"] / dense.iloc[0] - 1)
@@ -227,8 +268,9 @@ def step_ratio(b: pd.DataFrame, bench: pd.DataFrame) -> pd.Series:
     return (b["ms_per_step"] / ref).where(same)
 
 
-def paired_frame(rs: RecordSet, lb: pd.DataFrame, baseline: str = "softmax-topk", level: float = 0.95,
-                 items: dict | None = None) -> pd.DataFrame:
+def paired_frame(
+    rs: RecordSet, lb: pd.DataFrame, baseline: str = "softmax-topk", level: float = 0.95, items: dict | None = None
+) -> pd.DataFrame:
     """Each router minus ``baseline`` on the headline metric over the seeds both finished, per task and
     sweep point. With per-example outputs for every matched seed: a paired bootstrap over seeds and eval
     items; otherwise a paired t test over seeds. p values are Holm-corrected across the routers of a
@@ -269,15 +311,36 @@ def paired_frame(rs: RecordSet, lb: pd.DataFrame, baseline: str = "softmax-topk"
             tost = tost_t(mean, se, res.n - 1, margin)
         hib = bool(r["higher_is_better"]) if r["higher_is_better"] is not None else True
         pi, pi_lo, pi_hi = p_improve_interval(a.loc[seeds].to_numpy(), b.loc[seeds].to_numpy(), hib, level)
-        rows.append({"bench": r["bench"], "label": r["label"], "variant": r["variant"], "baseline": baseline,
-                     "headline_name": r["headline_name"], "higher_is_better": hib, "n_pairs": len(seeds),
-                     "n_items": n_items, "method": method,
-                     "seeds": " ".join(_seed(s) for s in seeds), "diff_mean": mean, "diff_sd": sd,
-                     "diff_se": se, "ci_low": lo, "ci_high": hi, "level": level, "p_value": p,
-                     "mde": minimum_detectable_effect(se, 1 - level) if not math.isnan(se) else math.nan,
-                     "margin": margin, "tost_p": tost.p, "tost_p_lower": tost.p_lower, "tost_p_upper": tost.p_upper,
-                     "tost_equivalent": tost.equivalent,
-                     "p_improve": pi, "p_improve_low": pi_lo, "p_improve_high": pi_hi})
+        rows.append(
+            {
+                "bench": r["bench"],
+                "label": r["label"],
+                "variant": r["variant"],
+                "baseline": baseline,
+                "headline_name": r["headline_name"],
+                "higher_is_better": hib,
+                "n_pairs": len(seeds),
+                "n_items": n_items,
+                "method": method,
+                "seeds": " ".join(_seed(s) for s in seeds),
+                "diff_mean": mean,
+                "diff_sd": sd,
+                "diff_se": se,
+                "ci_low": lo,
+                "ci_high": hi,
+                "level": level,
+                "p_value": p,
+                "mde": minimum_detectable_effect(se, 1 - level) if not math.isnan(se) else math.nan,
+                "margin": margin,
+                "tost_p": tost.p,
+                "tost_p_lower": tost.p_lower,
+                "tost_p_upper": tost.p_upper,
+                "tost_equivalent": tost.equivalent,
+                "p_improve": pi,
+                "p_improve_low": pi_lo,
+                "p_improve_high": pi_hi,
+            }
+        )
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
@@ -410,30 +473,56 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
     name = b["headline_name"].dropna().iloc[0] if b["headline_name"].notna().any() else "headline"
     show_variant = (b["variant"] != "").any()
     pscale, pprefix = si_scale(column_or_nan(b, "params_total").to_numpy(dtype=float))
-    columns = ["Router"] + (["Sweep"] if show_variant else []) + [
-        "Seeds", f"{name} {'↑' if hib else '↓'} (95% CI)", "Rank group", "Eval n", "Eval SE",
-        "FLOPs vs dense (%)", f"Params ({pprefix})".replace(" ()", ""), "Params × ref", "Unrouted (%)", "Dropped (%)"]
+    columns = (
+        ["Router"]
+        + (["Sweep"] if show_variant else [])
+        + [
+            "Seeds",
+            f"{name} {'↑' if hib else '↓'} (95% CI)",
+            "Rank group",
+            "Eval n",
+            "Eval SE",
+            "FLOPs vs dense (%)",
+            f"Params ({pprefix})".replace(" ()", ""),
+            "Params × ref",
+            "Unrouted (%)",
+            "Dropped (%)",
+        ]
+    )
     cells: list[list[str]] = []
     notes: list[str] = []
     bold: set[tuple[int, int]] = set()
     for i, (_, r) in enumerate(b.iterrows()):
         seeds = f"{r['n_done']}/{r['n_expected']}"
         if not r["complete"]:
-            notes.append(f"[{len(notes) + 1}] {entry_name(r['label'], r['variant'])}: "
-                         f"{r['n_done']}/{r['n_expected']} seeds averaged; {r['problems'] or 'incomplete'}.")
+            notes.append(
+                f"[{len(notes) + 1}] {entry_name(r['label'], r['variant'])}: "
+                f"{r['n_done']}/{r['n_expected']} seeds averaged; {r['problems'] or 'incomplete'}."
+            )
             seeds += f" [{len(notes)}]"
-        head = _ci_text(r["headline_mean"], r.get("ci_low", math.nan), r.get("ci_high", math.nan)) \
-            if r["n_done"] else _no_value(r)
+        head = (
+            _ci_text(r["headline_mean"], r.get("ci_low", math.nan), r.get("ci_high", math.nan))
+            if r["n_done"]
+            else _no_value(r)
+        )
         group = r.get("rank_group", math.nan)
         fo = r.get("flops_overhead", math.nan)
-        cells.append([r["label"]] + ([r["variant"]] if show_variant else []) + [
-            seeds, head, "–" if pd.isna(group) else str(int(group)),
-            "–" if pd.isna(r.get("eval_n", math.nan)) else str(int(r["eval_n"])),
-            fmt_value(r.get("eval_se", math.nan), "auto"),
-            "–" if pd.isna(fo) else f"{fo:+.1f}",
-            fmt_value(r.get("params_total", math.nan), "si", pscale),
-            "–" if pd.isna(r.get("params_ratio", math.nan)) else f"{r['params_ratio']:.2f}",
-            fmt_value(r.get("unrouted_rate", math.nan), "pct"), fmt_value(r.get("drop_rate", math.nan), "pct")])
+        cells.append(
+            [r["label"]]
+            + ([r["variant"]] if show_variant else [])
+            + [
+                seeds,
+                head,
+                "–" if pd.isna(group) else str(int(group)),
+                "–" if pd.isna(r.get("eval_n", math.nan)) else str(int(r["eval_n"])),
+                fmt_value(r.get("eval_se", math.nan), "auto"),
+                "–" if pd.isna(fo) else f"{fo:+.1f}",
+                fmt_value(r.get("params_total", math.nan), "si", pscale),
+                "–" if pd.isna(r.get("params_ratio", math.nan)) else f"{r['params_ratio']:.2f}",
+                fmt_value(r.get("unrouted_rate", math.nan), "pct"),
+                fmt_value(r.get("drop_rate", math.nan), "pct"),
+            ]
+        )
         if group == 1 and r["complete"] and (column_or_nan(b, "rank_group") > 1).any():  # bold only if it singles out
             bold |= {(i, len(columns) - 9), (i, len(columns) - 8)}
     methods = set(column_or_nan(b, "ci_method").dropna()) if "ci_method" in b else set()
@@ -442,26 +531,55 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
         how.append("bootstrap: 2000 two-level resamples of seeds and eval items (percentile interval)")
     if "t" in methods:
         how.append("t: mean ± t(n−1) · sd/√n over seeds (runs without per-example outputs)")
-    general = ("Headline = mean over the seeds that finished, with its 95% CI (" + "; ".join(how or ["none"]) + "). "
-               "Rank group 1 (bold) = the best router and every router whose interval overlaps it; group 2 "
-               "starts at the best of the rest, and so on. Eval n = eval items per run; Eval SE = standard "
-               "error of the headline over those items (seed-averaged). FLOPs vs dense = active FLOPs per "
-               "token over the dense model's (+ = costlier). Params × ref = total parameters / the "
-               "reference router's. Unrouted = tokens sent to no expert; Dropped = (token, expert) "
-               "assignments removed by the capacity limit.")
+    general = (
+        "Headline = mean over the seeds that finished, with its 95% CI (" + "; ".join(how or ["none"]) + "). "
+        "Rank group 1 (bold) = the best router and every router whose interval overlaps it; group 2 "
+        "starts at the best of the rest, and so on. Eval n = eval items per run; Eval SE = standard "
+        "error of the headline over those items (seed-averaged). FLOPs vs dense = active FLOPs per "
+        "token over the dense model's (+ = costlier). Params × ref = total parameters / the "
+        "reference router's. Unrouted = tokens sent to no expert; Dropped = (token, expert) "
+        "assignments removed by the capacity limit."
+    )
     margin, reason = _first(b, "equivalence_margin"), _first(b, "equivalence_margin_reason")
     if not pd.isna(margin):
         general += f" Equivalence margin δ = {margin:g} {name}" + (f": {reason}." if isinstance(reason, str) else ".")
-    return Table(title=f"Leaderboard: {bench}", columns=columns, rows=cells, bold=bold,
-                 notes=[general] + notes, label=f"tab:leaderboard-{slug(bench)}", left=1 + show_variant)
+    return Table(
+        title=f"Leaderboard: {bench}",
+        columns=columns,
+        rows=cells,
+        bold=bold,
+        notes=[general] + notes,
+        label=f"tab:leaderboard-{slug(bench)}",
+        left=1 + show_variant,
+    )
 
 
 # the diagnostics table's columns, in order (headers from COLUMNS); tokens/s is in the cost table
-DIAG_COLUMNS = ["load_cv", "max_vio", "min_load_share", "max_load_share", "first_choice_max_share_init",
-                "first_choice_max_share", "collapsed", "moved_from_init", "near_dead_experts", "dead_experts",
-                "unrouted_rate", "drop_rate", "switch_rate", "final_switch", "last_fluctuation_step", "mutual_info",
-                "seed_agreement", "seed_load_jsd",
-                "nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy"]
+DIAG_COLUMNS = [
+    "load_cv",
+    "max_vio",
+    "min_load_share",
+    "max_load_share",
+    "first_choice_max_share_init",
+    "first_choice_max_share",
+    "collapsed",
+    "moved_from_init",
+    "near_dead_experts",
+    "dead_experts",
+    "unrouted_rate",
+    "drop_rate",
+    "switch_rate",
+    "final_switch",
+    "last_fluctuation_step",
+    "mutual_info",
+    "seed_agreement",
+    "seed_load_jsd",
+    "nmi",
+    "ari",
+    "h_group_given_expert",
+    "h_expert_given_group",
+    "routing_accuracy",
+]
 _BALANCE_KEYS = {"load_cv", "max_vio", "near_dead_experts", "dead_experts", "unrouted_rate", "drop_rate"}
 _STABILITY_KEYS = {"switch_rate", "final_switch", "last_fluctuation_step"}  # never "stable" when collapsed
 
@@ -512,35 +630,51 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
             # a collapsed router's routing is trivially "stable": say so next to the number
             cells[i].append(t + (" (collapsed)" if key in _STABILITY_KEYS and collapsed[i] and t != "–" else ""))
         if direction:
-            eligible = [(i, float(v), bool(b["complete"].iloc[i]) and not (key in _BALANCE_KEYS and hides[i])
-                         and not (key in _STABILITY_KEYS and collapsed[i]))
-                        for i, v in enumerate(vals)]
+            eligible = [
+                (
+                    i,
+                    float(v),
+                    bool(b["complete"].iloc[i])
+                    and not (key in _BALANCE_KEYS and hides[i])
+                    and not (key in _STABILITY_KEYS and collapsed[i]),
+                )
+                for i, v in enumerate(vals)
+            ]
             if key in _BALANCE_KEYS or key in _STABILITY_KEYS:  # never bold: tokens left out / collapsed
                 eligible = [e for e in eligible if e[2]]
             bold |= {(i, len(columns) - 1) for i in _bold_best(eligible, texts, direction)}
-    notes = ["Means over seeds and MoE layers, from the experts tokens were actually dispatched to. Load = "
-             "routed (token, expert) pairs per expert: CV = std/mean; MaxVio = max/mean − 1; min / max "
-             "load = the least / most loaded expert's share (uniform = 100/E %); near-dead = experts "
-             "under 1 % of the uniform share. 1st-choice max = share of the dispatched first choices "
-             "(top-1) taken by the most popular expert, per MoE layer, at step 0 (before training) and at "
-             "the end (uniform = 100/E %); collapsed = one expert takes more than 50 % of them in some "
-             "layer (seeds where it did); moved from init = probe tokens whose top-1 differs from step 0's "
-             "(0: the router never left its initial routing). Switch = probe tokens whose top-1 expert "
-             "changed since the previous probe point (the probe samples are routed every "
-             "train.probe_every steps); overlap w/ final = probe tokens whose top-1 equals the final "
-             "checkpoint's, averaged over probe points (LibMoE); last fluctuation = the last probe step at "
-             "which any probe token changed expert (StableMoE). A collapsed router is trivially stable: its "
-             "stability values are marked (collapsed) and never bold. MI = mutual information between the "
-             "token's label and its top-1 expert, unrouted tokens as their own category. Seed agreement = "
-             "probe tokens whose top-1 expert is the same in two seeds after matching expert indices "
-             "(Hungarian method on co-assignment counts), mean over seed pairs; seed load JSD = "
-             "Jensen-Shannon divergence (base 2) between two seeds' matched load distributions. NMI (arithmetic "
-             "normaliser), ARI, H(group|expert), H(expert|group) (nats) and the Hungarian-matched routing "
-             "accuracy (E = number of labels only) read the label-by-expert table. Bold = best "
-             "among complete groups; a row with unrouted or dropped tokens is never bold in a balance "
-             "column."]
-    return Table(title=f"Routing diagnostics: {bench}", columns=columns, rows=cells, bold=bold, notes=notes,
-                 label=f"tab:diagnostics-{slug(bench)}", left=1 + show_variant)
+    notes = [
+        "Means over seeds and MoE layers, from the experts tokens were actually dispatched to. Load = "
+        "routed (token, expert) pairs per expert: CV = std/mean; MaxVio = max/mean − 1; min / max "
+        "load = the least / most loaded expert's share (uniform = 100/E %); near-dead = experts "
+        "under 1 % of the uniform share. 1st-choice max = share of the dispatched first choices "
+        "(top-1) taken by the most popular expert, per MoE layer, at step 0 (before training) and at "
+        "the end (uniform = 100/E %); collapsed = one expert takes more than 50 % of them in some "
+        "layer (seeds where it did); moved from init = probe tokens whose top-1 differs from step 0's "
+        "(0: the router never left its initial routing). Switch = probe tokens whose top-1 expert "
+        "changed since the previous probe point (the probe samples are routed every "
+        "train.probe_every steps); overlap w/ final = probe tokens whose top-1 equals the final "
+        "checkpoint's, averaged over probe points (LibMoE); last fluctuation = the last probe step at "
+        "which any probe token changed expert (StableMoE). A collapsed router is trivially stable: its "
+        "stability values are marked (collapsed) and never bold. MI = mutual information between the "
+        "token's label and its top-1 expert, unrouted tokens as their own category. Seed agreement = "
+        "probe tokens whose top-1 expert is the same in two seeds after matching expert indices "
+        "(Hungarian method on co-assignment counts), mean over seed pairs; seed load JSD = "
+        "Jensen-Shannon divergence (base 2) between two seeds' matched load distributions. NMI (arithmetic "
+        "normaliser), ARI, H(group|expert), H(expert|group) (nats) and the Hungarian-matched routing "
+        "accuracy (E = number of labels only) read the label-by-expert table. Bold = best "
+        "among complete groups; a row with unrouted or dropped tokens is never bold in a balance "
+        "column."
+    ]
+    return Table(
+        title=f"Routing diagnostics: {bench}",
+        columns=columns,
+        rows=cells,
+        bold=bold,
+        notes=notes,
+        label=f"tab:diagnostics-{slug(bench)}",
+        left=1 + show_variant,
+    )
 
 
 def _no_value(r) -> str:
@@ -552,7 +686,7 @@ def _no_value(r) -> str:
 
 
 def rank_table(ranks: pd.DataFrame, lb: pd.DataFrame) -> Table:
-    benches = [c[len("rank:"):] for c in ranks.columns if c.startswith("rank:")]
+    benches = [c[len("rank:") :] for c in ranks.columns if c.startswith("rank:")]
     show_variant = (ranks["variant"] != "").any()
     columns = ["Router"] + (["Sweep"] if show_variant else []) + benches + ["Avg rank ↓", "Tasks"]
     rows, bold = [], set()
@@ -567,18 +701,39 @@ def rank_table(ranks: pd.DataFrame, lb: pd.DataFrame) -> Table:
     first = len(columns) - len(benches) - 2
     for j in range(first, len(columns) - 1):
         vals = [float(x.rstrip("*")) if x != "–" else math.nan for x in (row[j] for row in rows)]
-        bold |= {(i, j) for i in _bold_best([(i, v, True) for i, v in enumerate(vals)],
-                                            [row[j].rstrip("*") for row in rows], "lower")}
-    notes = ["Rank 1 = best headline mean in that task (ties share the average rank); average over the tasks "
-             "the router ran. * = that group is incomplete (see its leaderboard footnote)."]
+        bold |= {
+            (i, j)
+            for i in _bold_best(
+                [(i, v, True) for i, v in enumerate(vals)], [row[j].rstrip("*") for row in rows], "lower"
+            )
+        }
+    notes = [
+        "Rank 1 = best headline mean in that task (ties share the average rank); average over the tasks "
+        "the router ran. * = that group is incomplete (see its leaderboard footnote)."
+    ]
     return Table("Average rank across tasks", columns, rows, bold, notes, "tab:avg-rank", left=1 + show_variant)
 
 
 def paired_table(paired: pd.DataFrame, baseline: str) -> Table:
     show_variant = not paired.empty and (paired["variant"] != "").any()
-    columns = ["Task", "Router"] + (["Sweep"] if show_variant else []) + \
-              [f"Δ vs {baseline}", "95% CI", "Seeds", "Eval n", "Method", "p", "p (Holm)", "MDE", "Verdict",
-               "±δ", "TOST", "P(improve) [95% CI]"]
+    columns = (
+        ["Task", "Router"]
+        + (["Sweep"] if show_variant else [])
+        + [
+            f"Δ vs {baseline}",
+            "95% CI",
+            "Seeds",
+            "Eval n",
+            "Method",
+            "p",
+            "p (Holm)",
+            "MDE",
+            "Verdict",
+            "±δ",
+            "TOST",
+            "P(improve) [95% CI]",
+        ]
+    )
     rows, bold = [], set()
     for i, (_, r) in enumerate(paired.iterrows()):
         d = _decimals(r["diff_mean"]) + 1 if r["diff_mean"] != 0 else 3
@@ -587,26 +742,44 @@ def paired_table(paired: pd.DataFrame, baseline: str) -> Table:
         ph = "–" if math.isnan(r["p_holm"]) else f"{r['p_holm']:.3f}"
         mde = "–" if math.isnan(r["mde"]) else f"{r['mde']:.{d}f}"
         n_items = "–" if pd.isna(r["n_items"]) else str(int(r["n_items"]))
-        rows.append([r["bench"], r["label"]] + ([r["variant"]] if show_variant else []) +
-                    [f"{r['diff_mean']:+.{d}f}", ci, str(r["n_pairs"]), n_items, r["method"], p, ph, mde, r["verdict"],
-                     "–" if math.isnan(r["margin"]) else f"{r['margin']:g}", r["tost"], _p_improve_text(r)])
+        rows.append(
+            [r["bench"], r["label"]]
+            + ([r["variant"]] if show_variant else [])
+            + [
+                f"{r['diff_mean']:+.{d}f}",
+                ci,
+                str(r["n_pairs"]),
+                n_items,
+                r["method"],
+                p,
+                ph,
+                mde,
+                r["verdict"],
+                "–" if math.isnan(r["margin"]) else f"{r['margin']:g}",
+                r["tost"],
+                _p_improve_text(r),
+            ]
+        )
         if r["verdict"] == "better":
             bold |= {(i, len(columns) - 12), (i, len(columns) - 4)}
-    notes = [f"Δ = router − {baseline} on the task's headline metric, over the seeds both finished. Method "
-             f"bootstrap: 2000 paired resamples of seeds and eval items (the same items for both routers), "
-             f"percentile 95% CI and two-sided p; t: paired t test over seeds (runs without per-example "
-             f"outputs). p (Holm) = Holm-corrected across the routers of a task. better / worse: corrected "
-             f"p < 0.05 and the CI excludes 0; n.s. otherwise; n<2: too few matched seeds. MDE = minimum "
-             f"detectable effect, 2.8 × the difference's standard error (80 % power, α = 0.05, before "
-             f"correction): a smaller true difference is likely to read n.s.",
-             "±δ = the task's equivalence margin (its reason is in the task's leaderboard notes). TOST = two "
-             "one-sided tests at α = 0.05 on the same resamples (or t): equivalent = the data rule out any "
-             "difference beyond ±δ; different = the Holm-corrected test above rejected; inconclusive = neither. "
-             "P(improve) = the probability that a seed of the router beats a seed of the reference on the "
-             "headline (rliable; ties count half; 'beats' follows the metric's direction), with a 95% "
-             "bootstrap interval over seeds."]
-    return Table(f"Paired comparison against {baseline}", columns, rows, bold, notes, "tab:paired",
-                 left=2 + show_variant)
+    notes = [
+        f"Δ = router − {baseline} on the task's headline metric, over the seeds both finished. Method "
+        f"bootstrap: 2000 paired resamples of seeds and eval items (the same items for both routers), "
+        f"percentile 95% CI and two-sided p; t: paired t test over seeds (runs without per-example "
+        f"outputs). p (Holm) = Holm-corrected across the routers of a task. better / worse: corrected "
+        f"p < 0.05 and the CI excludes 0; n.s. otherwise; n<2: too few matched seeds. MDE = minimum "
+        f"detectable effect, 2.8 × the difference's standard error (80 % power, α = 0.05, before "
+        f"correction): a smaller true difference is likely to read n.s.",
+        "±δ = the task's equivalence margin (its reason is in the task's leaderboard notes). TOST = two "
+        "one-sided tests at α = 0.05 on the same resamples (or t): equivalent = the data rule out any "
+        "difference beyond ±δ; different = the Holm-corrected test above rejected; inconclusive = neither. "
+        "P(improve) = the probability that a seed of the router beats a seed of the reference on the "
+        "headline (rliable; ties count half; 'beats' follows the metric's direction), with a 95% "
+        "bootstrap interval over seeds.",
+    ]
+    return Table(
+        f"Paired comparison against {baseline}", columns, rows, bold, notes, "tab:paired", left=2 + show_variant
+    )
 
 
 def _p_improve_text(r) -> str:
@@ -619,9 +792,22 @@ def unfinished_table(runs: pd.DataFrame) -> Table | None:
     bad = runs[runs["state"] != "done"]
     if bad.empty:
         return None
-    rows = [[str(r["bench"] if isinstance(r["bench"], str) else r["grid"]), str(r["label"]), r["variant"] or "",
-             _seed(r["seed"]) if pd.notna(r["seed"]) else "?", r["state"],
-             r["reason"] if isinstance(r["reason"], str) else "", str(r["run_id"])]
-            for _, r in bad.iterrows()]
-    return Table("Runs without a result", ["Task", "Router", "Sweep", "Seed", "State", "Reason", "Run id"], rows,
-                 label="tab:unfinished", left=7)
+    rows = [
+        [
+            str(r["bench"] if isinstance(r["bench"], str) else r["grid"]),
+            str(r["label"]),
+            r["variant"] or "",
+            _seed(r["seed"]) if pd.notna(r["seed"]) else "?",
+            r["state"],
+            r["reason"] if isinstance(r["reason"], str) else "",
+            str(r["run_id"]),
+        ]
+        for _, r in bad.iterrows()
+    ]
+    return Table(
+        "Runs without a result",
+        ["Task", "Router", "Sweep", "Seed", "State", "Reason", "Run id"],
+        rows,
+        label="tab:unfinished",
+        left=7,
+    )

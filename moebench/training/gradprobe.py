@@ -5,6 +5,7 @@ their balance-loss gradient, for routers whose auxiliary losses include ``balanc
 ``torch.autograd.grad`` reads the graph without touching ``.grad`` or any RNG, so the training step,
 and a resumed run, are bit-identical with or without the probe; it costs two extra backward passes
 through the router's part of the graph at those steps."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,11 @@ def grad_cosine(task_loss: torch.Tensor, layers) -> dict | None:
     "per_layer": {layer: cos}} for this step's graph, or None when no layer has a balance loss. A
     cosine is None when either gradient is zero (e.g. identical upcycled experts give the router no
     task gradient)."""
-    balance = [(name, m.aux_losses[BALANCE_KEY]) for name, m in layers
-               if BALANCE_KEY in getattr(m, "aux_losses", {}) and m.aux_losses[BALANCE_KEY].requires_grad]
+    balance = [
+        (name, m.aux_losses[BALANCE_KEY])
+        for name, m in layers
+        if BALANCE_KEY in getattr(m, "aux_losses", {}) and m.aux_losses[BALANCE_KEY].requires_grad
+    ]
     if not balance:
         return None
     params = {name: [p for p in m.router.parameters() if p.requires_grad] for name, m in layers}
@@ -47,7 +51,7 @@ def grad_cosine(task_loss: torch.Tensor, layers) -> dict | None:
     for name, ps in params.items():
         n = len(ps)
         if n:
-            out["per_layer"][name] = _cos(vec(g_task[i:i + n], ps), vec(g_bal[i:i + n], ps))
+            out["per_layer"][name] = _cos(vec(g_task[i : i + n], ps), vec(g_bal[i : i + n], ps))
         i += n
     t, b = vec(g_task, flat), vec(g_bal, flat)
     out.update(grad_cos_task_balance=_cos(t, b), grad_norm_task=float(t.norm()), grad_norm_balance=float(b.norm()))

@@ -12,6 +12,7 @@ A drop is signed so that positive means worse: base - value when higher is bette
 otherwise. Every intervention goes through `MoELayer.intervention` (a Routing -> Routing hook applied
 after capacity) or the layer's capacity factor, and is undone afterwards.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -26,10 +27,17 @@ CAPACITY_FACTORS = (0.5, 1.0, 1.5, 2.0)
 
 
 def drop_pairs(routing: Routing, keep: torch.Tensor) -> Routing:
-    return Routing(token=routing.token[keep], expert=routing.expert[keep], weight=routing.weight[keep],
-                   num_tokens=routing.num_tokens, num_experts=routing.num_experts,
-                   slot=None if routing.slot is None else routing.slot[keep], aux_losses=routing.aux_losses,
-                   stats=routing.stats, dropped=routing.dropped)
+    return Routing(
+        token=routing.token[keep],
+        expert=routing.expert[keep],
+        weight=routing.weight[keep],
+        num_tokens=routing.num_tokens,
+        num_experts=routing.num_experts,
+        slot=None if routing.slot is None else routing.slot[keep],
+        aux_losses=routing.aux_losses,
+        stats=routing.stats,
+        dropped=routing.dropped,
+    )
 
 
 def without_expert(expert: int) -> Callable[[Routing], Routing]:
@@ -38,12 +46,21 @@ def without_expert(expert: int) -> Callable[[Routing], Routing]:
             assert routing.combine is not None
             per = routing.combine.shape[2] // routing.num_experts
             combine = routing.combine.clone()
-            combine[..., expert * per:(expert + 1) * per] = 0
-            return Routing(token=routing.token, expert=routing.expert, weight=routing.weight,
-                           num_tokens=routing.num_tokens, num_experts=routing.num_experts, slot=routing.slot,
-                           aux_losses=routing.aux_losses, stats=routing.stats, dispatch=routing.dispatch,
-                           combine=combine)
+            combine[..., expert * per : (expert + 1) * per] = 0
+            return Routing(
+                token=routing.token,
+                expert=routing.expert,
+                weight=routing.weight,
+                num_tokens=routing.num_tokens,
+                num_experts=routing.num_experts,
+                slot=routing.slot,
+                aux_losses=routing.aux_losses,
+                stats=routing.stats,
+                dispatch=routing.dispatch,
+                combine=combine,
+            )
         return drop_pairs(routing, routing.expert != expert)
+
     return apply
 
 
@@ -66,8 +83,9 @@ def without_top1(routing: Routing) -> Routing:
 
 
 @contextmanager
-def intervening(layers: list[MoELayer], fn: Callable[[Routing], Routing] | None = None,
-                capacity_factor: float | None = None):
+def intervening(
+    layers: list[MoELayer], fn: Callable[[Routing], Routing] | None = None, capacity_factor: float | None = None
+):
     saved = [(layer.intervention, layer.capacity_factor) for layer in layers]
     try:
         for layer in layers:
@@ -80,9 +98,14 @@ def intervening(layers: list[MoELayer], fn: Callable[[Routing], Routing] | None 
             layer.intervention, layer.capacity_factor = fn0, cf0
 
 
-def measure(named_layers: list[tuple[str, MoELayer]], headline: Callable[[], float], higher_is_better: bool,
-            factors=CAPACITY_FACTORS) -> dict:
+def measure(
+    named_layers: list[tuple[str, MoELayer]],
+    headline: Callable[[], float],
+    higher_is_better: bool,
+    factors=CAPACITY_FACTORS,
+) -> dict:
     """All three measurements; ``headline()`` evaluates the model as it currently is."""
+
     def drop(value: float) -> float:
         return base - value if higher_is_better else value - base
 
@@ -105,7 +128,13 @@ def measure(named_layers: list[tuple[str, MoELayer]], headline: Callable[[], flo
         with intervening(layers, capacity_factor=cf):
             sweep.append({"capacity_factor": cf, "value": headline()})
     all_drops = [d for row in per_layer for d in row["drop"]]
-    return {"base": base, "expert_drop": {"per_layer": per_layer,
-                                          "mean": sum(all_drops) / len(all_drops) if all_drops else None,
-                                          "max": max(all_drops) if all_drops else None},
-            "drop_top1": top1, "capacity_sweep": sweep}
+    return {
+        "base": base,
+        "expert_drop": {
+            "per_layer": per_layer,
+            "mean": sum(all_drops) / len(all_drops) if all_drops else None,
+            "max": max(all_drops) if all_drops else None,
+        },
+        "drop_top1": top1,
+        "capacity_sweep": sweep,
+    }

@@ -10,6 +10,7 @@ Conventions: c (E,) tokens counted per expert (all routed pairs, after capacity 
 the router's per-token probabilities or scores, turned into a distribution by clamping at 0 and
 dividing by the row sum (a row summing to 0 counts as uniform); entropies in nats.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,6 +24,7 @@ from moebench.training.recovery import RECOVERY_METRICS, mean_recovery_by_role, 
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
+
 
 def _np(x) -> np.ndarray:
     if isinstance(x, Tensor):
@@ -63,6 +65,7 @@ def _entropy(p: np.ndarray, axis=-1) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------------
 # load balance, from counts c (E,)
+
 
 def load_cv(counts) -> float | None:
     """Coefficient of variation std(c) / mean(c), population std (ddof 0). 0 = perfectly balanced.
@@ -161,6 +164,7 @@ def switch_balance_from_sums(top1_counts, score_sums, num_tokens: int) -> float 
 # ----------------------------------------------------------------------------------------------------
 # router
 
+
 def gate_entropy(scores) -> float | None:
     """Mean over tokens of H(p_t) in nats, p_t the normalised scores of token t (log E = undecided,
     0 = all weight on one expert)."""
@@ -193,6 +197,7 @@ def unrouted_rate(unrouted_tokens: int, tokens: int) -> float | None:
 
 # ----------------------------------------------------------------------------------------------------
 # stability (on the fixed probe batch)
+
 
 def switch_rate(prev_top1, cur_top1) -> float | None:
     """Share of probe tokens whose top-1 expert differs between two evaluations; None without a
@@ -299,6 +304,7 @@ def collapsed(share: float | None) -> bool | None:
 # ----------------------------------------------------------------------------------------------------
 # specialisation
 
+
 def mutual_information(label_by_expert) -> float | None:
     """I(expert; label) = sum_{l,e} p(l,e) log(p(l,e) / (p(l) p(e))) in nats, from a label-by-expert
     count matrix (rows labels, columns experts). None for an empty matrix."""
@@ -338,10 +344,27 @@ def normalized_mutual_information(label_by_expert) -> float | None:
 #: switch_rate = switch_rate() against the previous probe point's assignments;
 #: first_choice_max_share / collapsed = first_choice_max_share() / collapsed() of the top-1 counts.
 LAYER_STATS = (
-    "load_cv", "max_mean", "max_vio", "min_load_share", "max_load_share", "norm_entropy", "gini",
-    "dead_experts", "near_dead_experts", "drop_rate", "balance",
-    "gate_entropy", "margin", "fallback_rate", "unrouted_rate", "mutual_info", "mutual_info_norm",
-    "switch_rate", "first_choice_max_share", "collapsed", *RECOVERY_METRICS,
+    "load_cv",
+    "max_mean",
+    "max_vio",
+    "min_load_share",
+    "max_load_share",
+    "norm_entropy",
+    "gini",
+    "dead_experts",
+    "near_dead_experts",
+    "drop_rate",
+    "balance",
+    "gate_entropy",
+    "margin",
+    "fallback_rate",
+    "unrouted_rate",
+    "mutual_info",
+    "mutual_info_norm",
+    "switch_rate",
+    "first_choice_max_share",
+    "collapsed",
+    *RECOVERY_METRICS,
 )
 
 
@@ -538,7 +561,8 @@ class RoutingStatsAccumulator:
                 table = a.role_tables.setdefault(int(r), np.zeros((num_labels, a.e + 1), dtype=np.int64))
                 if table.shape[0] < num_labels:
                     table = a.role_tables[int(r)] = np.vstack(
-                        [table, np.zeros((num_labels - table.shape[0], a.e + 1), dtype=np.int64)])
+                        [table, np.zeros((num_labels - table.shape[0], a.e + 1), dtype=np.int64)]
+                    )
                 np.add.at(table, (lab[sel], col[sel]), 1)
 
     # -- results -----------------------------------------------------------------------------------
@@ -582,7 +606,8 @@ class RoutingStatsAccumulator:
                 role_names = list(getattr(self.task, "role_names", []) or [])
                 d["recovery_by_role"] = {
                     (role_names[r] if r < len(role_names) else str(r)): recovery(t, a.e)
-                    for r, t in sorted(a.role_tables.items())}
+                    for r, t in sorted(a.role_tables.items())
+                }
             for key in sorted(a.extra_sums):
                 if key == "fallback":
                     continue
@@ -603,8 +628,11 @@ class RoutingStatsAccumulator:
 
     def result(self) -> dict:
         per_layer = self.per_layer()
-        return {"mean": mean_over_layers(per_layer), "per_layer": per_layer,
-                "recovery_by_role": mean_recovery_by_role(per_layer)}
+        return {
+            "mean": mean_over_layers(per_layer),
+            "per_layer": per_layer,
+            "recovery_by_role": mean_recovery_by_role(per_layer),
+        }
 
 
 def mean_over_layers(per_layer: list[dict]) -> dict:

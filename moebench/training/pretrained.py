@@ -6,6 +6,7 @@ not depend on where the results folder lives (``--results results`` and ``--resu
 give the same ids, and a moved results folder keeps them). The runner resolves the reference to
 ``<results>/.pretrain/pretrain/<run id>/weights.pt`` when the run starts (`with_weights_path`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,10 +15,10 @@ from pathlib import Path
 
 from moebench.training.rundir import run_path
 
-PRETRAIN_DIR = ".pretrain"    # under the results root, shared by every grid there
-PRETRAIN_GRID = "pretrain"    # the pretraining runs' `grid`: folders <results>/.pretrain/pretrain/<run_id>/
+PRETRAIN_DIR = ".pretrain"  # under the results root, shared by every grid there
+PRETRAIN_GRID = "pretrain"  # the pretraining runs' `grid`: folders <results>/.pretrain/pretrain/<run_id>/
 WEIGHTS = "weights.pt"
-REF_PREFIX = "pretrain:"      # model.pretrained: "pretrain:<run id>"
+REF_PREFIX = "pretrain:"  # model.pretrained: "pretrain:<run id>"
 
 
 def pretrain_ref(pretrain_run_id: str) -> str:
@@ -37,7 +38,7 @@ def weights_of(results, ref: str) -> str:
     """The weights file a ``pretrain:<run id>`` reference names under ``results`` (spelled as ``results`` is)."""
     if not is_pretrain_ref(ref):
         raise ValueError(f"not a pretrain reference (want {REF_PREFIX}<run id>): {ref!r}")
-    return os.fspath(run_path(pretrain_root(results), PRETRAIN_GRID, ref[len(REF_PREFIX):]) / WEIGHTS)
+    return os.fspath(run_path(pretrain_root(results), PRETRAIN_GRID, ref[len(REF_PREFIX) :]) / WEIGHTS)
 
 
 def with_weights_path(spec: dict, results) -> dict:
@@ -47,9 +48,11 @@ def with_weights_path(spec: dict, results) -> dict:
     if not is_pretrain_ref(model.get("pretrained")):
         return spec
     if results is None:
-        raise ValueError(f"model.pretrained is {model['pretrained']!r} (a grid's dense pretrain), which is found "
-                         f"under a results folder; run the spec through moebench.training.runner.execute or "
-                         f"`moebench train --results RESULTS`")
+        raise ValueError(
+            f"model.pretrained is {model['pretrained']!r} (a grid's dense pretrain), which is found "
+            f"under a results folder; run the spec through moebench.training.runner.execute or "
+            f"`moebench train --results RESULTS`"
+        )
     out = copy.deepcopy(spec)
     out["model"]["pretrained"] = weights_of(results, model["pretrained"])
     return out

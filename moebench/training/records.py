@@ -37,6 +37,7 @@ symbolic links (``open_nofollow``; atomic writes replace a link, never write thr
 
 Routing stat names are those of ``moebench.training.metrics``.
 """
+
 from __future__ import annotations
 
 import errno
@@ -129,8 +130,10 @@ def open_nofollow(path, flags: int, mode: int = 0o644) -> int:
         return os.open(path, flags | os.O_NOFOLLOW, mode)
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise UnsafeRecordError(f"{path} is a symbolic link; refusing to write through it "
-                                    f"(remove the link; run folders hold plain files only)") from err
+            raise UnsafeRecordError(
+                f"{path} is a symbolic link; refusing to write through it "
+                f"(remove the link; run folders hold plain files only)"
+            ) from err
         raise
 
 
@@ -263,8 +266,13 @@ def git_commit() -> str | None:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -342,6 +350,8 @@ def read_probe_top1(path) -> tuple[list[str], list] | None:
         raise CorruptRecordError(f"{path} is not a readable probe_top1.npz ({type(err).__name__}: {err})") from err
     for i, a in enumerate(layers):
         if a.ndim != 1 or a.dtype.kind not in "iu" or (a.size and int(a.min()) < -1):
-            raise CorruptRecordError(f"{path}: layer{i} must be a 1-D integer array of expert indices >= -1, got "
-                                     f"dtype {a.dtype}, shape {a.shape}")
+            raise CorruptRecordError(
+                f"{path}: layer{i} must be a 1-D integer array of expert indices >= -1, got "
+                f"dtype {a.dtype}, shape {a.shape}"
+            )
     return names, [a.astype(np.int64) for a in layers]

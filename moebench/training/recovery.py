@@ -12,6 +12,7 @@ work on counts, so an evaluation never expands millions of tokens into label arr
 - ``routing_accuracy``: with as many experts as groups, the share of tokens on their group's expert
   under the best one-to-one expert-group map (Hungarian, scipy); None otherwise.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -73,11 +74,11 @@ def ari(contingency) -> float | None:
     n = c.sum()
     if n == 0:
         return None
-    sum_sq = (c ** 2).sum()
+    sum_sq = (c**2).sum()
     rows, cols = c.sum(1), c.sum(0)
     tp = sum_sq - n
-    fp = (cols ** 2).sum() - sum_sq
-    fn = (rows ** 2).sum() - sum_sq
+    fp = (cols**2).sum() - sum_sq
+    fn = (rows**2).sum() - sum_sq
     tn = n * n - fp - fn - sum_sq
     if fn == 0 and fp == 0:
         return 1.0
@@ -101,9 +102,13 @@ def recovery(contingency, num_experts: int | None = None) -> dict:
     """Every metric of `RECOVERY_METRICS` for one table (None where undefined or empty)."""
     c = _table(contingency)
     c = c[c.sum(1) > 0] if c.sum() else c  # groups absent from the eval tokens carry no information
-    return {"nmi": nmi(c), "ari": ari(c), "h_group_given_expert": h_group_given_expert(c),
-            "h_expert_given_group": h_expert_given_group(c),
-            "routing_accuracy": routing_accuracy(contingency, num_experts) if c.size else None}
+    return {
+        "nmi": nmi(c),
+        "ari": ari(c),
+        "h_group_given_expert": h_group_given_expert(c),
+        "h_expert_given_group": h_expert_given_group(c),
+        "routing_accuracy": routing_accuracy(contingency, num_experts) if c.size else None,
+    }
 
 
 def mean_recovery_by_role(per_layer: list[dict]) -> dict:

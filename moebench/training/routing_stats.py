@@ -5,6 +5,7 @@ own loop still wants the numbers the benchmark reports (load CV, MaxVio, dead ex
 drop and unrouted rates), with the same definitions: this runs the trainer's own accumulator
 (`moebench.training.metrics.RoutingStatsAccumulator`) on what each layer actually dispatched.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -17,8 +18,7 @@ from moebench.training.metrics import RoutingStatsAccumulator, mean_over_layers
 _LISTS = ("counts", "top1_counts")  # per-expert lists kept in the answer; the other keys are numbers
 
 
-def routing_stats(model: nn.Module, batches: Iterable | None = None,
-                  forward: Callable | None = None) -> dict:
+def routing_stats(model: nn.Module, batches: Iterable | None = None, forward: Callable | None = None) -> dict:
     """``{"mean": {stat: value}, "per_layer": [{"layer": name, stat: value, "counts": [...]}]}``.
 
     With ``batches``: each is passed through ``forward(model, batch)`` (default ``model(batch)``) in eval

@@ -3,6 +3,7 @@
 Shared by the launcher, ``moebench train``, ``moebench status`` and the report, so all of them read a
 run folder the same way.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,13 +31,16 @@ def check_inside(results, run_dir) -> None:
     would send every record write (and the run's checkpoint) to wherever it points."""
     run_dir = Path(run_dir)
     if run_dir.is_symlink():
-        raise records.UnsafeRecordError(f"run folder {run_dir} is a symbolic link; refusing to use it "
-                                        f"(remove the link and rerun)")
+        raise records.UnsafeRecordError(
+            f"run folder {run_dir} is a symbolic link; refusing to use it (remove the link and rerun)"
+        )
     root = Path(results).resolve()
     real = run_dir.resolve()
     if real != root and root not in real.parents:
-        raise records.UnsafeRecordError(f"run folder {run_dir} leads to {real}, outside the results folder "
-                                        f"{root}; refusing to use it (remove the link and rerun)")
+        raise records.UnsafeRecordError(
+            f"run folder {run_dir} leads to {real}, outside the results folder "
+            f"{root}; refusing to use it (remove the link and rerun)"
+        )
 
 
 # -- run ownership -----------------------------------------------------------------------------------
@@ -46,8 +50,9 @@ def run_lock(run_dir, wait_s: float = 0.0):
     (after retrying for ``wait_s`` seconds, which rides over a launcher's brief probe)."""
     run_dir = Path(run_dir)
     if run_dir.is_symlink():
-        raise records.UnsafeRecordError(f"run folder {run_dir} is a symbolic link; refusing to use it "
-                                        f"(remove the link and rerun)")
+        raise records.UnsafeRecordError(
+            f"run folder {run_dir} is a symbolic link; refusing to use it (remove the link and rerun)"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = records.open_nofollow(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT)
     got = False
@@ -175,8 +180,12 @@ def record_problem(run_dir, require_resolvable: bool = True) -> str | None:
     if missing:
         return f"{path}: lacks {', '.join(missing)}"
     head = final["headline"]
-    if not (isinstance(head, dict) and isinstance(head.get("name"), str)
-            and isinstance(head.get("value"), (int, float)) and not isinstance(head.get("value"), bool)):
+    if not (
+        isinstance(head, dict)
+        and isinstance(head.get("name"), str)
+        and isinstance(head.get("value"), (int, float))
+        and not isinstance(head.get("value"), bool)
+    ):
         return f"{path}: headline is not {{name, value, higher_is_better}}"
     if final["run_id"] != run_dir.name:
         return f"{path}: belongs to run {final['run_id']!r}, not {run_dir.name!r} (copied from another run?)"
@@ -227,8 +236,11 @@ def verdict_text(st: dict) -> str:
 def _inspect(run_dir: Path, require_resolvable: bool) -> dict:
     out = {"state": "new", "reason": None, "attempts": 0, "corrupt": None, "retryable": False}
     if run_dir.is_symlink():
-        return {**out, "state": "corrupt",
-                "corrupt": f"run folder {run_dir} is a symbolic link; remove it (it is never written through)"}
+        return {
+            **out,
+            "state": "corrupt",
+            "corrupt": f"run folder {run_dir} is a symbolic link; remove it (it is never written through)",
+        }
     try:
         status = records.read_status(run_dir)
     except records.CorruptRecordError as err:
@@ -240,11 +252,18 @@ def _inspect(run_dir: Path, require_resolvable: bool) -> dict:
         return {**out, "state": "corrupt", "corrupt": problem} if problem else out
     if not isinstance(status, dict) or status.get("state") not in records.STATES:
         got = status.get("state") if isinstance(status, dict) else None
-        return {**out, "state": "corrupt",
-                "corrupt": f"{run_dir / 'status.json'}: state {got!r} is not one of {', '.join(records.STATES)}"}
+        return {
+            **out,
+            "state": "corrupt",
+            "corrupt": f"{run_dir / 'status.json'}: state {got!r} is not one of {', '.join(records.STATES)}",
+        }
     attempts = status.get("attempts") or 0
-    out.update(state=status["state"], reason=status.get("reason"),
-               attempts=attempts if isinstance(attempts, int) else 0, retryable=status.get("retryable") is True)
+    out.update(
+        state=status["state"],
+        reason=status.get("reason"),
+        attempts=attempts if isinstance(attempts, int) else 0,
+        retryable=status.get("retryable") is True,
+    )
     if status["state"] == "done":
         problem = record_problem(run_dir, require_resolvable)
         if problem:
@@ -273,5 +292,3 @@ def set_aside(run_dir: Path, names) -> Path | None:
     for n in present:
         os.replace(run_dir / n, dest / n)
     return dest
-
-

@@ -3,6 +3,7 @@
 `execute` never raises for a failing run (it records status failed with the reason and returns), so a
 grid goes on with its other runs; it skips a run that is already done, and a rerun of an interrupted
 run resumes from its checkpoint (the trainer does that)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,10 @@ def disk_problem(path, need_mb: float | None = None) -> str | None:
         return None
     if free_mb >= need_mb:
         return None
-    return (f"disk full: only {free_mb:.1f} MiB free on the disk mounted at {_mount_of(probe)} (holding "
-            f"{path}); a run needs at least {need_mb:g} MiB. Free space there or pass another --results")
+    return (
+        f"disk full: only {free_mb:.1f} MiB free on the disk mounted at {_mount_of(probe)} (holding "
+        f"{path}); a run needs at least {need_mb:g} MiB. Free space there or pass another --results"
+    )
 
 
 def _reason(err: BaseException, run_dir: Path | None = None) -> str:
@@ -91,8 +94,14 @@ def execute(spec: dict, results_dir="results", device=None, progress: bool | Non
     try:
         spec = resolve_spec(spec)
     except SpecError as err:
-        return {"state": "failed", "run_id": None, "run_dir": None, "reason": f"invalid spec: {err}",
-                "skipped": False, "final": None}
+        return {
+            "state": "failed",
+            "run_id": None,
+            "run_dir": None,
+            "reason": f"invalid spec: {err}",
+            "skipped": False,
+            "final": None,
+        }
     rid = run_id(spec)
     run_dir = run_path(results_dir, spec["grid"], rid)
     out = {"state": None, "run_id": rid, "run_dir": str(run_dir), "reason": None, "skipped": False, "final": None}
@@ -109,8 +118,14 @@ def execute(spec: dict, results_dir="results", device=None, progress: bool | Non
         from moebench.core.registry import TASKS
         from moebench.training.train import train
 
-        result = train(TASKS.get(spec["task"])(**spec["task_args"]), spec, run_dir, device=device, progress=False,
-                       results=results_dir)
+        result = train(
+            TASKS.get(spec["task"])(**spec["task_args"]),
+            spec,
+            run_dir,
+            device=device,
+            progress=False,
+            results=results_dir,
+        )
         return {**out, "state": result.get("state", "done"), "reason": result.get("reason"), "final": None}
     disk = disk_problem(run_dir)
     if disk:
@@ -122,8 +137,15 @@ def execute(spec: dict, results_dir="results", device=None, progress: bool | Non
         atomic_write_yaml(run_dir / "spec.yaml", spec)
         status = read_status_safe(run_dir) or {}
         attempts = int(status.get("attempts", 0) or 0) + 1
-        write_status(run_dir, "running", None, owner=f"{socket.gethostname()}:{os.getpid()}", attempts=attempts,
-                     retryable=False, resumed_from=None)  # train() sets resumed_from when this attempt resumes
+        write_status(
+            run_dir,
+            "running",
+            None,
+            owner=f"{socket.gethostname()}:{os.getpid()}",
+            attempts=attempts,
+            retryable=False,
+            resumed_from=None,
+        )  # train() sets resumed_from when this attempt resumes
         from moebench.core.registry import TASKS
         from moebench.training.train import train
 

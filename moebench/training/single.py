@@ -1,5 +1,6 @@
 """One run without a grid (``moebench train``): its spec from a task's preset, and training it under the
 run's lock (the lock the grid launcher takes, so one process trains a run, never two)."""
+
 from __future__ import annotations
 
 import sys
@@ -10,8 +11,15 @@ from moebench.training.runner import execute
 from moebench.training.spec import SpecError, apply_override, resolve_spec, run_id
 
 
-def single_spec(task: str, router: str = "softmax-topk", router_args: dict | None = None, seed: int = 0,
-                size: str | None = "quick", steps: int | None = None, overrides: Sequence[str] = ()) -> dict:
+def single_spec(
+    task: str,
+    router: str = "softmax-topk",
+    router_args: dict | None = None,
+    seed: int = 0,
+    size: str | None = "quick",
+    steps: int | None = None,
+    overrides: Sequence[str] = (),
+) -> dict:
     """The spec of one run: the task's preset for ``size``, then ``router`` ("dense": no MoE) with
     ``router_args``, ``seed``, ``steps``, then every ``key.path=value`` override. Unknown names fail
     here, before any record."""
@@ -21,8 +29,9 @@ def single_spec(task: str, router: str = "softmax-topk", router_args: dict | Non
     task_args, model, moe_defaults, train = {}, {}, {}, {}
     if getattr(task_cls, "presets", None):
         preset = task_cls.preset(size)
-        task_args, model, moe_defaults, train = (dict(p) for p in (preset.task_args, preset.model,
-                                                                     preset.moe, preset.train))
+        task_args, model, moe_defaults, train = (
+            dict(p) for p in (preset.task_args, preset.model, preset.moe, preset.train)
+        )
     elif size not in (None, "quick"):
         print(f"note: task {task!r} defines no preset sizes; --size {size} ignored", file=sys.stderr)
     if router == "dense":
@@ -35,8 +44,16 @@ def single_spec(task: str, router: str = "softmax-topk", router_args: dict | Non
         moe = {**moe_defaults, "router": router, "router_args": dict(router_args or {})}
     if steps is not None:
         train["steps"] = steps
-    spec = {"grid": "single", "task": task, "task_args": task_args, "model": model, "moe": moe,
-            "label": router, "seed": seed, "train": train}
+    spec = {
+        "grid": "single",
+        "task": task,
+        "task_args": task_args,
+        "model": model,
+        "moe": moe,
+        "label": router,
+        "seed": seed,
+        "train": train,
+    }
     for assignment in overrides:
         apply_override(spec, assignment)
     return resolve_spec(spec)

@@ -23,6 +23,7 @@ Schema (all keys; missing ones take the defaults below)::
                          (filled in from moebench.version and the task's / router's ``version``), so
                          a fix that changes numbers changes the run id and reruns exactly those runs
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,7 +46,7 @@ from moebench.core.config import (
 
 TOP_LEVEL = ("grid", "task", "task_args", "model", "moe", "label", "seed", "train", "sweep", "match", "versions")
 
-DEFAULT_TRAIN: dict[str, Any] = defaults(TrainConfig)   # the tables live in moebench.core.config
+DEFAULT_TRAIN: dict[str, Any] = defaults(TrainConfig)  # the tables live in moebench.core.config
 DEFAULT_MOE: dict[str, Any] = defaults(MoEConfig)
 
 DEFAULTS: dict[str, Any] = {
@@ -67,6 +68,7 @@ class SpecError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------
 # field checks
+
 
 def _dict(value, field: str) -> dict:
     if value is None:
@@ -95,6 +97,7 @@ def _unknown(keys, known, where: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 # resolution
 
+
 def _spec_error(err: ConfigError, where: str) -> SpecError:
     """A `ConfigError` in the spec's own words: "spec field train.lr must be ..."."""
     if err.unknown:
@@ -114,8 +117,10 @@ def resolve_moe(moe) -> dict | None:
     if not m["router"]:
         raise SpecError(f"spec field moe.router must be a router name (see `moebench routers`), got {m['router']!r}")
     if m["upcycle_drop"] is not None and m["upcycle"] != "drop":
-        raise SpecError(f"spec field moe.upcycle_drop={m['upcycle_drop']!r} applies only with moe.upcycle: drop "
-                        f"(got upcycle: {m['upcycle']!r}); set moe.upcycle: drop or remove moe.upcycle_drop")
+        raise SpecError(
+            f"spec field moe.upcycle_drop={m['upcycle_drop']!r} applies only with moe.upcycle: drop "
+            f"(got upcycle: {m['upcycle']!r}); set moe.upcycle: drop or remove moe.upcycle_drop"
+        )
     return m
 
 
@@ -158,7 +163,9 @@ def resolve_spec(spec: dict) -> dict:
     try:
         canonical_json(s)
     except (TypeError, ValueError) as err:
-        raise SpecError(f"spec must contain only plain YAML values (str, number, bool, null, list, dict): {err}") from err
+        raise SpecError(
+            f"spec must contain only plain YAML values (str, number, bool, null, list, dict): {err}"
+        ) from err
     return s
 
 
@@ -189,9 +196,18 @@ def resolve_versions(value, task: str, router: str | None) -> dict:
 
 
 # Keys added after 0.1.0: left out of the run id while at their default, so every earlier run keeps its id.
-ID_OPTIONAL = {"moe": {"activation": None, "shared_experts": 0, "shared_expert_gate": False, "null_experts": 0,
-                       "capacity_policy": "position", "router_init_std": None, "routing_unit": "token"},
-               "train": {"interventions": False, "eval_at_start": False}}
+ID_OPTIONAL = {
+    "moe": {
+        "activation": None,
+        "shared_experts": 0,
+        "shared_expert_gate": False,
+        "null_experts": 0,
+        "capacity_policy": "position",
+        "router_init_std": None,
+        "routing_unit": "token",
+    },
+    "train": {"interventions": False, "eval_at_start": False},
+}
 
 # Train options that change how fast a run goes or where it is also logged, not what it computes (like the device, which is not
 # in the spec either): a grid can switch them on and still find its finished and checkpointed runs.
@@ -204,8 +220,11 @@ def canonical_json(spec: dict) -> str:
     body = {k: v for k, v in spec.items() if k != "grid"}
     for section, optional in ID_OPTIONAL.items():
         if isinstance(body.get(section), dict):
-            body[section] = {k: v for k, v in body[section].items()
-                             if not (k in optional and v == optional[k] and type(v) is type(optional[k]))}
+            body[section] = {
+                k: v
+                for k, v in body[section].items()
+                if not (k in optional and v == optional[k] and type(v) is type(optional[k]))
+            }
     if isinstance(body.get("train"), dict):
         body["train"] = {k: v for k, v in body["train"].items() if k not in SPEED_ONLY_TRAIN_KEYS}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -221,6 +240,7 @@ def run_id(spec: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # overrides (`moebench train --set key.path=value`)
+
 
 def parse_value(text: str):
     """A YAML value, with numbers YAML 1.1 leaves as strings ("3e-4") read as floats."""
@@ -250,7 +270,9 @@ def apply_override(spec: dict, assignment: str) -> dict:
 
         close = difflib.get_close_matches(keys[0], TOP_LEVEL, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise SpecError(f"override {assignment!r}: unknown top-level key {keys[0]!r}{hint}; known: {', '.join(TOP_LEVEL)}")
+        raise SpecError(
+            f"override {assignment!r}: unknown top-level key {keys[0]!r}{hint}; known: {', '.join(TOP_LEVEL)}"
+        )
     node = spec
     for i, k in enumerate(keys[:-1]):
         if node.get(k) is None:

@@ -2,6 +2,7 @@
 leaves (``Stopped``), instead of dying in the middle of a write. Used by the trainer, by the launcher
 (SIGINT / SIGTERM to ``moebench run`` stops its jobs) and by ``moebench cancel`` (which sends SIGINT).
 No torch here, so the launcher and the CLI can import it cheaply."""
+
 from __future__ import annotations
 
 import contextlib

@@ -5,13 +5,14 @@ get exactly the numbers of metrics.jsonl (`scalars` flattens one line), only on 
 that is not installed fails the run at set-up with the extra to install, never silently. W&B runs
 offline (``WANDB_MODE=offline`` unless the user set a mode), into the run folder, with no network.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-TENSORBOARD_DIR = "tensorboard"   # <run_dir>/tensorboard/: event files
-WANDB_DIR = "wandb"               # <run_dir>/wandb/: the offline W&B run
+TENSORBOARD_DIR = "tensorboard"  # <run_dir>/tensorboard/: event files
+WANDB_DIR = "wandb"  # <run_dir>/wandb/: the offline W&B run
 
 
 def scalars(line: dict) -> dict[str, float]:
@@ -40,8 +41,9 @@ def scalars(line: dict) -> dict[str, float]:
 class Trackers:
     """The writers ``log_to`` names, opened on rank 0 only (``enabled`` False: every call is a no-op)."""
 
-    def __init__(self, log_to, run_dir, run_id: str, config: dict | None = None, enabled: bool = True,
-                 start_step: int = 0):
+    def __init__(
+        self, log_to, run_dir, run_id: str, config: dict | None = None, enabled: bool = True, start_step: int = 0
+    ):
         """``start_step``: the step the run resumes from (0: a fresh start); TensorBoard events after it,
         left by an interrupted attempt, are purged, as metrics.jsonl's lines after it were."""
         self.tb = self.wandb_run = None
@@ -53,21 +55,33 @@ class Trackers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise ImportError(f"train.log_to names tensorboard, which is not installed ({err}); "
-                                  f"pip install 'moebench[trackers]' or leave it out of log_to") from err
-            self.tb = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR),
-                                    purge_step=start_step + 1 if start_step else 0)
+                raise ImportError(
+                    f"train.log_to names tensorboard, which is not installed ({err}); "
+                    f"pip install 'moebench[trackers]' or leave it out of log_to"
+                ) from err
+            self.tb = SummaryWriter(
+                log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else 0
+            )
         if "wandb" in log_to:
             try:
                 import wandb
             except ImportError as err:
-                raise ImportError(f"train.log_to names wandb, which is not installed ({err}); "
-                                  f"pip install 'moebench[trackers]' or leave it out of log_to") from err
+                raise ImportError(
+                    f"train.log_to names wandb, which is not installed ({err}); "
+                    f"pip install 'moebench[trackers]' or leave it out of log_to"
+                ) from err
             self.wandb_dir = run_dir / WANDB_DIR
             self.wandb_dir.mkdir(parents=True, exist_ok=True)
-            self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "moebench"), name=run_id,
-                                        id=run_id, dir=str(run_dir), mode=os.environ.get("WANDB_MODE", "offline"), config=config or {}, resume="allow",
-                                        settings=wandb.Settings(silent=True, symlink=False))
+            self.wandb_run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "moebench"),
+                name=run_id,
+                id=run_id,
+                dir=str(run_dir),
+                mode=os.environ.get("WANDB_MODE", "offline"),
+                config=config or {},
+                resume="allow",
+                settings=wandb.Settings(silent=True, symlink=False),
+            )
 
     def log(self, line: dict) -> None:
         values, step = scalars(line), int(line["step"])

@@ -19,6 +19,7 @@ order, optimiser, schedule, precision, evaluation, statistics) is the same code.
 - NaN / inf / loss above ``max_loss``: the run stops with status failed ("diverged at step 37:
   loss=nan"); no exception escapes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,6 +79,7 @@ class Diverged(RuntimeError):
 # ----------------------------------------------------------------------------------------------------
 # small helpers
 
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -112,15 +114,24 @@ class EpochBatchSampler(Sampler[list[int]]):
         share = self.batch_size // self.world
         for b in range(self.start, self.n // self.batch_size):
             first = b * self.batch_size + self.rank * share
-            yield perm[first:first + share]
+            yield perm[first : first + share]
 
 
 def _worker_init(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
-def train_batches(dataset: Dataset, batch_size: int, seed: int, start_step: int, num_workers: int = 0,
-                  collate_fn=None, pin_memory: bool = False, rank: int = 0, world: int = 1):
+def train_batches(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    num_workers: int = 0,
+    collate_fn=None,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world: int = 1,
+):
     """Infinite iterator over training batches; batch number ``s`` (0-based) depends only on (seed, s)
     (with ``world`` > 1: this rank's share of it)."""
     n = len(dataset)
@@ -239,7 +250,7 @@ def average_gradients(model: nn.Module, world: int) -> None:
     flat /= world
     offset = 0
     for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
         offset += p.numel()
 
 
@@ -282,9 +293,17 @@ class _TokenCounter:
 def _rng_state() -> dict:
     """RNG states as tensors and plain containers only, so the checkpoint loads with weights_only."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -321,8 +340,16 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 # ----------------------------------------------------------------------------------------------------
 # the loop
 
-def train(task, spec: dict, run_dir, device=None, progress: bool | None = None,
-          on_step: Callable[[int], None] | None = None, results=None) -> dict:
+
+def train(
+    task,
+    spec: dict,
+    run_dir,
+    device=None,
+    progress: bool | None = None,
+    on_step: Callable[[int], None] | None = None,
+    results=None,
+) -> dict:
     """Train and evaluate ``task`` as ``spec`` says, recording into ``run_dir``; returns the final record
     (also written to ``final.json``), or ``{"state": "failed", "reason": ...}`` after a divergence
     (status.json says so too). ``on_step(step)`` runs after each completed step (tests use it to
@@ -339,7 +366,9 @@ def train(task, spec: dict, run_dir, device=None, progress: bool | None = None,
     if device is None and torch.cuda.is_available() and data_parallel()[1] > 1:  # one GPU per process
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     amp_dtype = torch.bfloat16 if device.type == "cuda" and t["amp"] in ("auto", True) else None
     with deterministic(device, t["deterministic"]), stop_on_signals():
         return _Trainer(task, spec, rid, run_dir, device, amp_dtype, progress, on_step).run()
@@ -366,8 +395,10 @@ class _Trainer:
     def setup(self) -> None:
         t, seed = self.t, self.spec["seed"]
         if t["batch_size"] % self.world:
-            raise ValueError(f"train.batch_size={t['batch_size']} is the global batch and must divide evenly over "
-                             f"the {self.world} data-parallel processes; choose a multiple of {self.world}")
+            raise ValueError(
+                f"train.batch_size={t['batch_size']} is the global batch and must divide evenly over "
+                f"the {self.world} data-parallel processes; choose a multiple of {self.world}"
+            )
         seed_everything(seed)
         self.train_ds, self.eval_ds = self.task.datasets()
         seed_everything(seed)  # model init must not depend on how much RNG the data build used
@@ -383,11 +414,22 @@ class _Trainer:
         collate = self.task.collate_fn()
         self.collate = collate
         pin = self.device.type == "cuda"
-        self.eval_loader = DataLoader(self.eval_ds, batch_size=t["eval_batch_size"], shuffle=False,
-                                      num_workers=t["num_workers"], collate_fn=collate, pin_memory=pin)
+        self.eval_loader = DataLoader(
+            self.eval_ds,
+            batch_size=t["eval_batch_size"],
+            shuffle=False,
+            num_workers=t["num_workers"],
+            collate_fn=collate,
+            pin_memory=pin,
+        )
         self.probe_size = min(t["probe_size"], len(self.eval_ds))
-        self.probe_loader = DataLoader(Subset(self.eval_ds, range(self.probe_size)), batch_size=t["eval_batch_size"],
-                                       shuffle=False, num_workers=0, collate_fn=collate)
+        self.probe_loader = DataLoader(
+            Subset(self.eval_ds, range(self.probe_size)),
+            batch_size=t["eval_batch_size"],
+            shuffle=False,
+            num_workers=0,
+            collate_fn=collate,
+        )
         self.probe_every = t["probe_every"] if t["probe_every"] is not None else max(1, t["steps"] // 10)
         # state that a checkpoint carries
         self.step = 0
@@ -545,8 +587,10 @@ class _Trainer:
             "metrics": metrics,
             "routing": {
                 "mean": routing["mean"],
-                "per_layer": [{k: v for k, v in d.items() if k not in ("label_by_expert", "label_unrouted", "labels")}
-                              for d in routing["per_layer"]],
+                "per_layer": [
+                    {k: v for k, v in d.items() if k not in ("label_by_expert", "label_unrouted", "labels")}
+                    for d in routing["per_layer"]
+                ],
             },
             "elapsed_s": self.elapsed + (time.perf_counter() - self.t0),
             **({"grad_probe": probes} if probes else {}),
@@ -600,12 +644,17 @@ class _Trainer:
         self.setup()
         if self.load():  # say so in the job log and status.json: a requeued job continues, it does not restart
             attempt = (read_status_safe(self.run_dir) or {}).get("attempts")
-            print(f"moebench: run {self.rid} resumed from step {self.step} of {self.t['steps']}"
-                  + (f" (attempt {attempt})" if attempt else ""), file=sys.stderr, flush=True)
+            print(
+                f"moebench: run {self.rid} resumed from step {self.step} of {self.t['steps']}"
+                + (f" (attempt {attempt})" if attempt else ""),
+                file=sys.stderr,
+                flush=True,
+            )
             if self.writer and (self.run_dir / "status.json").exists():
                 write_status(self.run_dir, "running", None, resumed_from=self.step)
-        self.trackers = Trackers(self.t["log_to"], self.run_dir, self.rid, self.spec, enabled=self.writer,
-                                 start_step=self.step)
+        self.trackers = Trackers(
+            self.t["log_to"], self.run_dir, self.rid, self.spec, enabled=self.writer, start_step=self.step
+        )
         self.t0 = time.perf_counter()  # after the trackers' set-up, like the data's and the model's
         try:
             return self._run()
@@ -621,8 +670,17 @@ class _Trainer:
         bar = None
         if self.progress is not False:
             bar = Progress(steps, self.rid, initial=self.step, tty=True if self.progress else None, unit="step")
-        batches = train_batches(self.train_ds, t["batch_size"], self.spec["seed"], self.step,
-                                t["num_workers"], self.collate, self.device.type == "cuda", self.rank, self.world)
+        batches = train_batches(
+            self.train_ds,
+            t["batch_size"],
+            self.spec["seed"],
+            self.step,
+            t["num_workers"],
+            self.collate,
+            self.device.type == "cuda",
+            self.rank,
+            self.world,
+        )
         self.model.train()
         if self.step == 0 and (self.layers or t.get("eval_at_start")):
             self.evaluate()  # the routing before any learning: first_choice_max_share_init, moved_from_init
@@ -762,8 +820,11 @@ class _Trainer:
             "per_layer": per_layer,
             "recovery_by_role": M.mean_recovery_by_role(per_layer),
             # StableMoE's curve averaged over layers; `mean` excludes the last evaluation (0 by definition)
-            "final_switch": {"steps": list(self.probe_steps), "per_eval": per_eval,
-                             "mean": float(np.mean(per_eval[:-1])) if len(per_eval) > 1 else None},
+            "final_switch": {
+                "steps": list(self.probe_steps),
+                "per_eval": per_eval,
+                "mean": float(np.mean(per_eval[:-1])) if len(per_eval) > 1 else None,
+            },
             # the probe points: switch rate since the previous one, averaged over layers (the stability plot)
             "probe": {"steps": list(self.probe_steps), "switch_rate": per_probe},
         }
@@ -772,17 +833,24 @@ class _Trainer:
             routing["grad_probe"] = _plain(self.grad_probes)
         cost = model_cost(self.model)
         elapsed = self.elapsed + (time.perf_counter() - self.t0)
-        cost.update({
-            "wall_time_s": elapsed,
-            "train_time_s": self.train_time,
-            "ms_per_step": 1000.0 * self.train_time / self.step if self.step else None,
-            "tokens_per_s": self.tokens_seen / self.train_time if self.train_time > 0 else None,
-            "samples_per_s": self.samples_seen / self.train_time if self.train_time > 0 else None,
-            "tokens_per_sample": self.tokens_per_sample,
-            "peak_memory_mb": max(self.peak_mb, peak_memory_mb(self.device)),
-        })
+        cost.update(
+            {
+                "wall_time_s": elapsed,
+                "train_time_s": self.train_time,
+                "ms_per_step": 1000.0 * self.train_time / self.step if self.step else None,
+                "tokens_per_s": self.tokens_seen / self.train_time if self.train_time > 0 else None,
+                "samples_per_s": self.samples_seen / self.train_time if self.train_time > 0 else None,
+                "tokens_per_sample": self.tokens_per_sample,
+                "peak_memory_mb": max(self.peak_mb, peak_memory_mb(self.device)),
+            }
+        )
         env = environment_info()
-        env.update({"train_device": str(self.device), "amp": None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", "")})
+        env.update(
+            {
+                "train_device": str(self.device),
+                "amp": None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", ""),
+            }
+        )
         moe = spec["moe"]
         return {
             "run_id": self.rid,
@@ -795,9 +863,13 @@ class _Trainer:
             "match": spec["match"],
             "model": self.model_cfg,
             "steps": self.step,
-            "headline": {"name": task.headline, "value": metrics[task.headline],
-                         "higher_is_better": bool(task.higher_is_better),
-                         "margin": getattr(task, "margin", None), "margin_reason": getattr(task, "margin_reason", "")},
+            "headline": {
+                "name": task.headline,
+                "value": metrics[task.headline],
+                "higher_is_better": bool(task.higher_is_better),
+                "margin": getattr(task, "margin", None),
+                "margin_reason": getattr(task, "margin_reason", ""),
+            },
             "metrics": metrics,
             "routing": routing,
             "cost": cost,

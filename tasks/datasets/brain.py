@@ -4,6 +4,7 @@ cohort generated from the MNI152 template and tissue maps that nilearn ships (th
 Everything lands on one grid: a cube of ``shape``^3 voxels around the MNI152 brain (``mni_grid``), so
 the template's tissue labels (background / grey matter / white matter / CSF) line up with every
 MNI-space volume and label each 3D patch for the specialisation metric (``patch_tissue_labels``)."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,14 @@ class BrainAgeDataset(Dataset):
     indices into ``TISSUE_NAMES`` per voxel, -1 where unknown (native-space volumes).
     ``participant_ids`` names each item; ``skipped`` maps a participant / file to why it was left out."""
 
-    def __init__(self, volumes: Tensor, ages: Tensor, tissue: Tensor, participant_ids: Sequence[str],
-                 skipped: dict[str, str] | None = None):
+    def __init__(
+        self,
+        volumes: Tensor,
+        ages: Tensor,
+        tissue: Tensor,
+        participant_ids: Sequence[str],
+        skipped: dict[str, str] | None = None,
+    ):
         if not (len(volumes) == len(ages) == len(tissue) == len(participant_ids)):
             raise ValueError("volumes, ages, tissue and participant_ids must have the same length")
         self.volumes, self.ages, self.tissue = volumes.float(), ages.float(), tissue
@@ -45,8 +52,13 @@ class BrainAgeDataset(Dataset):
 
     def subset(self, idx: Sequence[int] | Tensor) -> BrainAgeDataset:
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return BrainAgeDataset(self.volumes[idx], self.ages[idx], self.tissue[idx],
-                               [self.participant_ids[i] for i in idx.tolist()], self.skipped)
+        return BrainAgeDataset(
+            self.volumes[idx],
+            self.ages[idx],
+            self.tissue[idx],
+            [self.participant_ids[i] for i in idx.tolist()],
+            self.skipped,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,8 +67,12 @@ class BrainAgeDataset(Dataset):
 @cache
 def _mni_images():
     from nilearn import datasets
-    return (datasets.load_mni152_gm_template(resolution=2), datasets.load_mni152_wm_template(resolution=2),
-            datasets.load_mni152_brain_mask(resolution=2))
+
+    return (
+        datasets.load_mni152_gm_template(resolution=2),
+        datasets.load_mni152_wm_template(resolution=2),
+        datasets.load_mni152_brain_mask(resolution=2),
+    )
 
 
 def mni_grid(shape: int, margin_mm: float = 4.0) -> np.ndarray:
@@ -76,8 +92,15 @@ def mni_grid(shape: int, margin_mm: float = 4.0) -> np.ndarray:
 
 def _resample(img, affine: np.ndarray, shape: int, interpolation: str = "continuous") -> np.ndarray:
     from nilearn.image import resample_img
-    out = resample_img(img, target_affine=affine, target_shape=(shape,) * 3, interpolation=interpolation,
-                       force_resample=True, copy_header=True)
+
+    out = resample_img(
+        img,
+        target_affine=affine,
+        target_shape=(shape,) * 3,
+        interpolation=interpolation,
+        force_resample=True,
+        copy_header=True,
+    )
     return np.asarray(out.get_fdata(), dtype=np.float32)
 
 
@@ -96,7 +119,7 @@ def mni_tissue_maps(shape: int) -> np.ndarray:
     gm_img, wm_img, mask_img = _mni_images()
     fine = _half_grid(mni_grid(shape))
     gm, wm = (np.clip(_resample(im, fine, 2 * shape), 0, 1) for im in (gm_img, wm_img))
-    with warnings.catch_warnings():   # linear on the binary mask is wanted: it gives partial-volume fractions
+    with warnings.catch_warnings():  # linear on the binary mask is wanted: it gives partial-volume fractions
         warnings.filterwarnings("ignore", message="Resampling binary images")
         brain = np.clip(_resample(mask_img, fine, 2 * shape, "linear"), 0, 1)
     gm, wm = gm * brain, wm * brain
@@ -116,7 +139,7 @@ def _pool(x: np.ndarray | Tensor) -> Tensor:
 
 def _labels(maps: Tensor, mask: Tensor) -> Tensor:
     """Background outside the brain mask, else the most probable of GM / WM / CSF (maps (..., 3, D, H, W))."""
-    tissue = maps.movedim(-4, -1).argmax(-1) + 1          # channel last: a fast contiguous argmax
+    tissue = maps.movedim(-4, -1).argmax(-1) + 1  # channel last: a fast contiguous argmax
     return torch.where(mask, tissue, 0).to(torch.int8)
 
 
@@ -142,8 +165,8 @@ def patch_tissue_labels(tissue_volume: Tensor, patch_size: int) -> Tensor:
         raise ValueError(f"patch size {p} does not divide the volume shape {(D, H, W)}")
     if t.min() < -1 or t.max() >= len(TISSUE_NAMES):
         raise ValueError(f"tissue labels must be in -1..{len(TISSUE_NAMES) - 1}")
-    blocks = t.view(B, D // p, p, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, -1, p ** 3)
-    counts = F.one_hot(blocks + 1, len(TISSUE_NAMES) + 1).sum(2)     # (B, P, 5): unknown, bg, gm, wm, csf
+    blocks = t.view(B, D // p, p, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, -1, p**3)
+    counts = F.one_hot(blocks + 1, len(TISSUE_NAMES) + 1).sum(2)  # (B, P, 5): unknown, bg, gm, wm, csf
     out = counts.argmax(-1) - 1
     return out[0] if squeeze else out
 
@@ -164,18 +187,25 @@ def normalise_intensity(vol: np.ndarray | Tensor, mask=None) -> Tensor:
 def read_participants(path: Path):
     """participants.tsv -> pandas DataFrame with participant_id (``sub-`` prefixed) and numeric age."""
     import pandas as pd
+
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a BIDS dataset needs participants.tsv at its root with "
-                                f"tab-separated columns participant_id and age")
+        raise FileNotFoundError(
+            f"{path} not found: a BIDS dataset needs participants.tsv at its root with "
+            f"tab-separated columns participant_id and age"
+        )
     try:
         df = pd.read_csv(path, sep="\t", dtype={"participant_id": str})
     except Exception as e:  # noqa: BLE001 - pandas raises several parser errors
         raise ValueError(f"cannot parse {path} as a tab-separated table: {e}") from None
     missing = [c for c in ("participant_id", "age") if c not in df.columns]
     if missing:
-        hint = " (the file has a single column: is it comma- rather than tab-separated?)" if len(df.columns) == 1 else ""
-        raise ValueError(f"{path} lacks column(s) {missing}; columns present: {list(df.columns)}{hint}. "
-                         f"Add them (participant_id like sub-01, age in years)")
+        hint = (
+            " (the file has a single column: is it comma- rather than tab-separated?)" if len(df.columns) == 1 else ""
+        )
+        raise ValueError(
+            f"{path} lacks column(s) {missing}; columns present: {list(df.columns)}{hint}. "
+            f"Add them (participant_id like sub-01, age in years)"
+        )
     df = df[["participant_id", "age"]].copy()
     df["participant_id"] = [p if str(p).startswith("sub-") else f"sub-{p}" for p in df["participant_id"]]
     dup = df["participant_id"][df["participant_id"].duplicated()].tolist()
@@ -195,12 +225,15 @@ def load_t1w(path: Path, affine: np.ndarray | None, shape: int) -> np.ndarray:
     Smooths to the target voxel size first, so downsampling does not alias."""
     import nibabel as nib
     from nilearn.image import smooth_img
+
     try:
         img = nib.load(str(path))
         data = np.asarray(img.get_fdata(), dtype=np.float32)
     except Exception as e:  # noqa: BLE001 - nibabel/gzip/zlib raise many types for a bad file
-        raise ValueError(f"cannot read NIfTI file {path}: {type(e).__name__}: {e}. Re-download or re-export "
-                         f"the file, or remove it from the dataset") from None
+        raise ValueError(
+            f"cannot read NIfTI file {path}: {type(e).__name__}: {e}. Re-download or re-export "
+            f"the file, or remove it from the dataset"
+        ) from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -223,12 +256,13 @@ def load_t1w(path: Path, affine: np.ndarray | None, shape: int) -> np.ndarray:
     target_vox = float(abs(affine[0, 0]))
     src_vox = float(np.mean(img.header.get_zooms()[:3]))
     if target_vox > 1.5 * src_vox:
-        img = smooth_img(img, fwhm=np.sqrt(max(target_vox ** 2 - src_vox ** 2, 0.0)))
+        img = smooth_img(img, fwhm=np.sqrt(max(target_vox**2 - src_vox**2, 0.0)))
     return _resample(img, affine, shape)
 
 
-def bids_brain_age_dataset(root, shape: int = 32, space: str = "mni", cache: str | os.PathLike | None = None,
-                           use_cache: bool = True) -> BrainAgeDataset:
+def bids_brain_age_dataset(
+    root, shape: int = 32, space: str = "mni", cache: str | os.PathLike | None = None, use_cache: bool = True
+) -> BrainAgeDataset:
     """All participants of a BIDS folder with an age and a T1w image: ``participants.tsv``
     (participant_id, age) and ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]`` (first in sorted order when there
     are several). Volumes are resampled to ``shape``^3 and intensity-normalised.
@@ -259,15 +293,23 @@ def bids_brain_age_dataset(root, shape: int = 32, space: str = "mni", cache: str
         if d.is_dir() and d.name not in listed and _find_t1w(root, d.name):
             skipped[d.name] = "has a T1w image but no row in participants.tsv"
     if skipped:
-        warnings.warn(f"{root}: {len(skipped)} participant(s) left out: "
-                      + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5]), stacklevel=2)
+        warnings.warn(
+            f"{root}: {len(skipped)} participant(s) left out: "
+            + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5]),
+            stacklevel=2,
+        )
     if not chosen:
         raise ValueError(f"{root}: no participant has both an age and a T1w image ({len(skipped)} left out)")
 
     files = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for _, _, f in chosen]
     tsv = root / "participants.tsv"
-    params = dict(root=str(root.resolve()), shape=shape, space=space, files=files,
-                  participants=(tsv.stat().st_size, tsv.stat().st_mtime_ns))
+    params = dict(
+        root=str(root.resolve()),
+        shape=shape,
+        space=space,
+        files=files,
+        participants=(tsv.stat().st_size, tsv.stat().st_mtime_ns),
+    )
 
     def build() -> dict:
         affine = mni_grid(shape) if space == "mni" else None
@@ -276,14 +318,19 @@ def bids_brain_age_dataset(root, shape: int = 32, space: str = "mni", cache: str
 
     data = cached("bids", params, build, BRAIN_VERSION, root=cache, enabled=use_cache)
     n = len(chosen)
-    tissue = (template_tissue_labels(shape).expand(n, -1, -1, -1).clone() if space == "mni"
-              else torch.full((n, shape, shape, shape), -1, dtype=torch.int8))
-    return BrainAgeDataset(data["volumes"], torch.tensor([a for _, a, _ in chosen]), tissue,
-                           [p for p, _, _ in chosen], skipped)
+    tissue = (
+        template_tissue_labels(shape).expand(n, -1, -1, -1).clone()
+        if space == "mni"
+        else torch.full((n, shape, shape, shape), -1, dtype=torch.int8)
+    )
+    return BrainAgeDataset(
+        data["volumes"], torch.tensor([a for _, a, _ in chosen]), tissue, [p for p, _, _ in chosen], skipped
+    )
 
 
-def split_dataset(ds: BrainAgeDataset, eval_fraction: float = 0.2, seed: int = 0
-                  ) -> tuple[BrainAgeDataset, BrainAgeDataset]:
+def split_dataset(
+    ds: BrainAgeDataset, eval_fraction: float = 0.2, seed: int = 0
+) -> tuple[BrainAgeDataset, BrainAgeDataset]:
     """Seeded random (train, eval) split by participant."""
     if not 0 < eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
@@ -294,8 +341,14 @@ def split_dataset(ds: BrainAgeDataset, eval_fraction: float = 0.2, seed: int = 0
     return ds.subset(perm[n_eval:].sort().values), ds.subset(perm[:n_eval].sort().values)
 
 
-def bids_brain_age_datasets(root, shape: int = 32, space: str = "mni", eval_fraction: float = 0.2, seed: int = 0,
-                            cache: str | os.PathLike | None = None) -> tuple[BrainAgeDataset, BrainAgeDataset]:
+def bids_brain_age_datasets(
+    root,
+    shape: int = 32,
+    space: str = "mni",
+    eval_fraction: float = 0.2,
+    seed: int = 0,
+    cache: str | os.PathLike | None = None,
+) -> tuple[BrainAgeDataset, BrainAgeDataset]:
     """(train, eval) of ``bids_brain_age_dataset`` split by participant (``split_dataset``)."""
     return split_dataset(bids_brain_age_dataset(root, shape, space, cache), eval_fraction, seed)
 
@@ -305,6 +358,7 @@ def bids_brain_age_datasets(root, shape: int = 32, space: str = "mni", eval_frac
 # ------------------------------------------------------------------------------------------------
 def _cross() -> np.ndarray:
     from scipy.ndimage import generate_binary_structure
+
     return generate_binary_structure(3, 1)
 
 
@@ -312,6 +366,7 @@ def _cross() -> np.ndarray:
 def _atrophy_components(shape: int) -> dict[str, Tensor]:
     """Age-independent pieces of the atrophy model, morphology on the fine grid then pooled to ``shape``."""
     from scipy.ndimage import grey_dilation, grey_erosion
+
     _, gm, wm, csf = mni_tissue_maps(shape)
     brain = gm + wm + csf
     fp = _cross()
@@ -319,12 +374,17 @@ def _atrophy_components(shape: int) -> dict[str, Tensor]:
     csf1 = np.minimum(grey_dilation(csf, footprint=fp), brain)
     csf2 = np.minimum(grey_dilation(csf1, footprint=fp), brain)
     share = gm / np.maximum(gm + wm, 1e-6)
-    return {k: _pool(v) for k, v in dict(gm=gm, wm=wm, csf=csf, d_gm=gm - gm1, d_csf1=csf1 - csf,
-                                          d_csf2=csf2 - csf1, gm_share=share).items()}
+    return {
+        k: _pool(v)
+        for k, v in dict(
+            gm=gm, wm=wm, csf=csf, d_gm=gm - gm1, d_csf1=csf1 - csf, d_csf2=csf2 - csf1, gm_share=share
+        ).items()
+    }
 
 
-def synthetic_brain_cohort(n: int, shape: int = 32, age_range: tuple[float, float] = (20.0, 90.0),
-                           seed: int = 0) -> dict[str, Tensor]:
+def synthetic_brain_cohort(
+    n: int, shape: int = 32, age_range: tuple[float, float] = (20.0, 90.0), seed: int = 0
+) -> dict[str, Tensor]:
     """Generate ``n`` synthetic T1 volumes with ages; returns volumes float16 (n, 1, S, S, S), ages
     float32 (n,), tissue int8 (n, S, S, S). Same seed, same cohort.
 
@@ -346,7 +406,7 @@ def synthetic_brain_cohort(n: int, shape: int = 32, age_range: tuple[float, floa
     (the zero voxels of the volume), else the most probable of GM / WM / CSF."""
     c = _atrophy_components(shape)
     rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     lo, hi = age_range
     ages = rng.uniform(lo, hi, size=n)
     t = np.clip((ages - 20.0) / 70.0 + rng.normal(0, 0.04, size=n), 0, 1.05)
@@ -363,15 +423,18 @@ def synthetic_brain_cohort(n: int, shape: int = 32, age_range: tuple[float, floa
         gm = (c["gm"] - gm_loss - gain * c["gm_share"]).clamp_min(0)
         wm = (c["wm"] - gain * (1 - c["gm_share"])).clamp_min(0)
         csf = c["csf"] + gm_loss + gain
-        maps = torch.stack([gm, wm, csf], 1)                                   # (b, 3, S, S, S)
+        maps = torch.stack([gm, wm, csf], 1)  # (b, 3, S, S, S)
         # individual anatomy: affine + smooth displacement, in grid_sample's normalised coordinates
         theta = torch.zeros(b, 3, 4)
         for k in range(b):
             ang = np.deg2rad(rng.uniform(-4, 4, size=3))
             cx, cy, cz = np.cos(ang)
             sx, sy, sz = np.sin(ang)
-            rot = (np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]]) @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-                   @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]]))
+            rot = (
+                np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+                @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+                @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+            )
             theta[k, :, :3] = torch.tensor(rot / rng.uniform(0.96, 1.04, size=3), dtype=torch.float32)
             theta[k, :, 3] = torch.tensor(rng.uniform(-1, 1, size=3) * 2 / S, dtype=torch.float32)
         grid = F.affine_grid(theta, (b, 3, S, S, S), align_corners=True)
@@ -382,11 +445,14 @@ def synthetic_brain_cohort(n: int, shape: int = 32, age_range: tuple[float, floa
         mu = torch.tensor(rng.normal(0, 0.01, size=(b, 3)), dtype=torch.float32).view(b, 3, 1, 1, 1)
         t5 = tt.view(b, 1, 1, 1)
         img = gm * (0.58 + 0.10 * t5 + mu[:, 0]) + wm * (0.88 - 0.04 * t5 + mu[:, 1]) + csf * (0.18 + mu[:, 2])
-        bias = F.interpolate(torch.randn(b, 1, 3, 3, 3, generator=gen) * 0.1, size=(S, S, S), mode="trilinear",
-                             align_corners=True)[:, 0].exp()
+        bias = F.interpolate(
+            torch.randn(b, 1, 3, 3, 3, generator=gen) * 0.1, size=(S, S, S), mode="trilinear", align_corners=True
+        )[:, 0].exp()
         img = img * bias
-        img = torch.sqrt((img + 0.02 * torch.randn(img.shape, generator=gen)) ** 2
-                         + (0.02 * torch.randn(img.shape, generator=gen)) ** 2)
+        img = torch.sqrt(
+            (img + 0.02 * torch.randn(img.shape, generator=gen)) ** 2
+            + (0.02 * torch.randn(img.shape, generator=gen)) ** 2
+        )
         brain = maps.sum(1)
         mask = brain > 0.5
         img = img * mask
@@ -397,9 +463,14 @@ def synthetic_brain_cohort(n: int, shape: int = 32, age_range: tuple[float, floa
     return {"volumes": out_v, "ages": torch.tensor(ages, dtype=torch.float32), "tissue": out_t}
 
 
-def synthetic_brain_age_datasets(n_train: int = 400, n_eval: int = 100, shape: int = 32, seed: int = 0,
-                                 cache: str | os.PathLike | None = None, use_cache: bool = True
-                                 ) -> tuple[BrainAgeDataset, BrainAgeDataset]:
+def synthetic_brain_age_datasets(
+    n_train: int = 400,
+    n_eval: int = 100,
+    shape: int = 32,
+    seed: int = 0,
+    cache: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> tuple[BrainAgeDataset, BrainAgeDataset]:
     """(train, eval) synthetic cohorts (``synthetic_brain_cohort``; independent subjects, eval drawn with
     seed + 1), cached after the first build."""
     if shape % 2 or shape < 8:
@@ -407,10 +478,13 @@ def synthetic_brain_age_datasets(n_train: int = 400, n_eval: int = 100, shape: i
     params = dict(n_train=n_train, n_eval=n_eval, shape=shape, seed=seed)
 
     def build() -> dict:
-        return {"train": synthetic_brain_cohort(n_train, shape, seed=seed),
-                "eval": synthetic_brain_cohort(n_eval, shape, seed=seed + 1)}
+        return {
+            "train": synthetic_brain_cohort(n_train, shape, seed=seed),
+            "eval": synthetic_brain_cohort(n_eval, shape, seed=seed + 1),
+        }
 
     data = cached("brain-synthetic", params, build, BRAIN_VERSION, root=cache, enabled=use_cache)
-    return tuple(BrainAgeDataset(d["volumes"], d["ages"], d["tissue"],
-                                 [f"synth-{split}-{i:04d}" for i in range(len(d["ages"]))])
-                 for split, d in (("train", data["train"]), ("eval", data["eval"])))
+    return tuple(
+        BrainAgeDataset(d["volumes"], d["ages"], d["tissue"], [f"synth-{split}-{i:04d}" for i in range(len(d["ages"]))])
+        for split, d in (("train", data["train"]), ("eval", data["eval"]))
+    )

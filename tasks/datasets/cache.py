@@ -4,6 +4,7 @@ resampled BIDS volumes): built once, then loaded, so every run of a grid sees id
 Entries are keyed by the builder's parameters plus a version string (bump the version when the
 generator changes, old entries are then simply never read again) and written atomically
 (temporary file in the same folder + ``os.replace``), so parallel runs never see a half-written file."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,14 @@ def cache_key(params: dict, version: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cached(name: str, params: dict, build: Callable[[], dict], version: str,
-           root: str | os.PathLike | None = None, enabled: bool = True) -> dict:
+def cached(
+    name: str,
+    params: dict,
+    build: Callable[[], dict],
+    version: str,
+    root: str | os.PathLike | None = None,
+    enabled: bool = True,
+) -> dict:
     """Return ``build()``'s result (a dict of tensors / lists / str / numbers), from
     ``<cache_dir>/<name>-<key>.pt`` when present, else build it and store it there.
 

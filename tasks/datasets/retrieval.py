@@ -7,6 +7,7 @@ gives the flat caption list and ``text_to_image``. Training items pick one capti
 (``torch``'s RNG, so the trainer's seed fixes the choice). Image transforms and the tokenizer are
 passed in (the task adapter uses open_clip's ``get_tokenizer`` / transforms for real data); without a
 tokenizer, texts stay strings."""
+
 from __future__ import annotations
 
 import itertools
@@ -26,7 +27,7 @@ from torch.utils.data import Dataset
 from .cache import cached
 from .classification import FASHION_MNIST_MEAN, FASHION_MNIST_ROOT, FASHION_MNIST_STD, load_fashion_mnist
 
-Tokenizer = Callable[[Sequence[str]], Tensor]   # open_clip convention: list of texts -> (n, L) ids
+Tokenizer = Callable[[Sequence[str]], Tensor]  # open_clip convention: list of texts -> (n, L) ids
 
 
 # ------------------------------------------------------------------------------------------------
@@ -39,8 +40,9 @@ class ImageTextDataset(Dataset):
     (L,) when a tokenizer is set, else the string. ``index`` is the image's position, which R@K needs.
     ``transform`` / ``tokenizer`` are plain attributes: the task adapter may set them after building."""
 
-    def __init__(self, captions: list[list[str]], transform=None, tokenizer: Tokenizer | None = None,
-                 sample_caption: bool = True):
+    def __init__(
+        self, captions: list[list[str]], transform=None, tokenizer: Tokenizer | None = None, sample_caption: bool = True
+    ):
         if any(len(c) == 0 for c in captions):
             raise ValueError("every image needs at least one caption")
         self.captions = [list(c) for c in captions]
@@ -76,7 +78,9 @@ class ImageTextDataset(Dataset):
     def tokenized_texts(self) -> Tensor:
         """``all_texts()`` through the tokenizer: LongTensor (num_texts, L)."""
         if self.tokenizer is None:
-            raise ValueError("no tokenizer set on this dataset; set dataset.tokenizer (e.g. open_clip.get_tokenizer(name))")
+            raise ValueError(
+                "no tokenizer set on this dataset; set dataset.tokenizer (e.g. open_clip.get_tokenizer(name))"
+            )
         return self.tokenizer(self.all_texts())
 
 
@@ -91,6 +95,7 @@ class FileImageTextDataset(ImageTextDataset):
 
     def load_image(self, i: int):
         from PIL import Image, UnidentifiedImageError
+
         p = self.image_paths[i]
         try:
             with Image.open(p) as im:
@@ -144,11 +149,13 @@ def _check_files(paths: list[Path], source: Path) -> None:
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of {len(paths)} images listed in {source} are missing, e.g. {[str(p) for p in missing[:3]]}; "
-            f"check the image folder argument (it must hold the files named in the annotation file)")
+            f"check the image folder argument (it must hold the files named in the annotation file)"
+        )
 
 
-def read_coco_captions(annotation_file, image_dir, max_captions: int | None = None
-                       ) -> tuple[list[Path], list[list[str]]]:
+def read_coco_captions(
+    annotation_file, image_dir, max_captions: int | None = None
+) -> tuple[list[Path], list[list[str]]]:
     """Parse a COCO captions file (``captions_train2017.json`` / ``captions_val2017.json``:
     ``images[]`` with id, file_name; ``annotations[]`` with image_id, caption) into image paths and
     per-image caption lists (annotation order; at most ``max_captions``). Images without captions are
@@ -165,12 +172,15 @@ def read_coco_captions(annotation_file, image_dir, max_captions: int | None = No
     for k, ann in enumerate(data["annotations"]):
         _require(ann, ["image_id", "caption"], f"annotations[{k}]", path)
         if ann["image_id"] not in by_id:
-            raise ValueError(f"{path}: annotations[{k}] refers to image_id {ann['image_id']!r}, "
-                             f"which is not in images[]")
+            raise ValueError(
+                f"{path}: annotations[{k}] refers to image_id {ann['image_id']!r}, which is not in images[]"
+            )
         by_id[ann["image_id"]][1].append(str(ann["caption"]).strip())
     empty = [i for i in order if not by_id[i][1]]
     if empty:
-        warnings.warn(f"{path}: {len(empty)} image(s) have no caption and are skipped, e.g. ids {empty[:5]}", stacklevel=2)
+        warnings.warn(
+            f"{path}: {len(empty)} image(s) have no caption and are skipped, e.g. ids {empty[:5]}", stacklevel=2
+        )
     keep = [i for i in order if by_id[i][1]]
     if not keep:
         raise ValueError(f"{path}: no image has a caption")
@@ -179,8 +189,9 @@ def read_coco_captions(annotation_file, image_dir, max_captions: int | None = No
     return paths, [by_id[i][1][:max_captions] for i in keep]
 
 
-def read_karpathy_split(split_file, image_dir, splits: Sequence[str], max_captions: int | None = None
-                        ) -> tuple[list[Path], list[list[str]]]:
+def read_karpathy_split(
+    split_file, image_dir, splits: Sequence[str], max_captions: int | None = None
+) -> tuple[list[Path], list[list[str]]]:
     """Parse a Karpathy-split JSON (``dataset_flickr30k.json``, ``dataset_coco.json``: ``images[]``
     with filename, split, sentences[].raw; COCO's also has filepath, e.g. val2014) and keep the
     images whose split is in ``splits`` (train / val / test / restval)."""
@@ -207,8 +218,9 @@ def read_karpathy_split(split_file, image_dir, splits: Sequence[str], max_captio
     return paths, caps
 
 
-def coco_retrieval_datasets(root, transform_train=None, transform_eval=None, tokenizer: Tokenizer | None = None,
-                            year: int = 2017) -> tuple[FileImageTextDataset, FileImageTextDataset]:
+def coco_retrieval_datasets(
+    root, transform_train=None, transform_eval=None, tokenizer: Tokenizer | None = None, year: int = 2017
+) -> tuple[FileImageTextDataset, FileImageTextDataset]:
     """(train, eval) from the COCO layout ``root/annotations/captions_{train,val}<year>.json`` with
     images in ``root/train<year>/`` and ``root/val<year>/``; eval keeps every caption of each image."""
     root = Path(root)
@@ -219,16 +231,24 @@ def coco_retrieval_datasets(root, transform_train=None, transform_eval=None, tok
     return out[0], out[1]
 
 
-def karpathy_retrieval_datasets(split_file, image_dir, transform_train=None, transform_eval=None,
-                                tokenizer: Tokenizer | None = None, train_splits=("train", "restval"),
-                                eval_split: str = "test", max_captions: int | None = 5
-                                ) -> tuple[FileImageTextDataset, FileImageTextDataset]:
+def karpathy_retrieval_datasets(
+    split_file,
+    image_dir,
+    transform_train=None,
+    transform_eval=None,
+    tokenizer: Tokenizer | None = None,
+    train_splits=("train", "restval"),
+    eval_split: str = "test",
+    max_captions: int | None = 5,
+) -> tuple[FileImageTextDataset, FileImageTextDataset]:
     """(train, eval) from a Karpathy-split JSON (Flickr30K or COCO); eval keeps ``max_captions``
     (the usual 5) captions per image, the standard 1k/5k test protocol."""
     tr = read_karpathy_split(split_file, image_dir, train_splits)
     ev = read_karpathy_split(split_file, image_dir, [eval_split], max_captions=max_captions)
-    return (FileImageTextDataset(*tr, transform=transform_train, tokenizer=tokenizer, sample_caption=True),
-            FileImageTextDataset(*ev, transform=transform_eval, tokenizer=tokenizer, sample_caption=False))
+    return (
+        FileImageTextDataset(*tr, transform=transform_train, tokenizer=tokenizer, sample_caption=True),
+        FileImageTextDataset(*ev, transform=transform_eval, tokenizer=tokenizer, sample_caption=False),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,8 +257,17 @@ def karpathy_retrieval_datasets(split_file, image_dir, transform_train=None, tra
 ITEM_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 POSITION_NAMES = {
     2: ["top left", "top right", "bottom left", "bottom right"],
-    3: ["top left", "top middle", "top right", "middle left", "centre", "middle right",
-        "bottom left", "bottom middle", "bottom right"],
+    3: [
+        "top left",
+        "top middle",
+        "top right",
+        "middle left",
+        "centre",
+        "middle right",
+        "bottom left",
+        "bottom middle",
+        "bottom right",
+    ],
 }
 CELL = 28
 COMPOSITIONAL_VERSION = "1"
@@ -309,15 +338,26 @@ class WordTokenizer:
         return " ".join(inv[int(i)] for i in ids if int(i) in inv)
 
 
-def _generate_canvases(images: Tensor, labels: Tensor, n: int, grid: int, min_items: int, max_items: int,
-                       captions_per_image: int, unique: bool, rng: np.random.Generator) -> dict:
+def _generate_canvases(
+    images: Tensor,
+    labels: Tensor,
+    n: int,
+    grid: int,
+    min_items: int,
+    max_items: int,
+    captions_per_image: int,
+    unique: bool,
+    rng: np.random.Generator,
+) -> dict:
     cells_total = grid * grid
     by_class = [np.flatnonzero(labels.numpy() == c) for c in range(len(ITEM_NAMES))]
     if unique:
         n_configs = sum(math.comb(cells_total, k) * len(ITEM_NAMES) ** k for k in range(min_items, max_items + 1))
         if n > n_configs // 2:
-            raise ValueError(f"{n} distinct canvases requested but a {grid}x{grid} grid with {min_items}-{max_items} "
-                             f"items has only {n_configs} configurations; lower n_eval or use canvas=84")
+            raise ValueError(
+                f"{n} distinct canvases requested but a {grid}x{grid} grid with {min_items}-{max_items} "
+                f"items has only {n_configs} configurations; lower n_eval or use canvas=84"
+            )
     cells = np.full((n, cells_total), -1, dtype=np.int8)
     put_canvas, put_cell, put_src = [], [], []
     captions, seen = [], set()
@@ -349,15 +389,27 @@ def _generate_canvases(images: Tensor, labels: Tensor, n: int, grid: int, min_it
     canvases = np.zeros((n, grid, CELL, grid, CELL), dtype=np.uint8)
     rows, cols = np.divmod(np.asarray(put_cell, dtype=np.int64), grid)
     canvases[np.asarray(put_canvas), rows, :, cols, :] = images.numpy()[np.asarray(put_src)]
-    return {"canvases": torch.from_numpy(canvases.reshape(n, grid * CELL, grid * CELL)),
-            "cells": torch.from_numpy(cells.reshape(n, grid, grid)), "captions": captions}
+    return {
+        "canvases": torch.from_numpy(canvases.reshape(n, grid * CELL, grid * CELL)),
+        "cells": torch.from_numpy(cells.reshape(n, grid, grid)),
+        "captions": captions,
+    }
 
 
-def compositional_datasets(n_train: int = 10000, n_eval: int = 1000, canvas: int = 56, min_items: int = 2,
-                           max_items: int = 4, captions_per_image: int = 2, seed: int = 0,
-                           root=FASHION_MNIST_ROOT, transform=None, tokenizer: Tokenizer | None | str = "word",
-                           cache: str | os.PathLike | None = None, use_cache: bool = True
-                           ) -> tuple[CanvasTextDataset, CanvasTextDataset]:
+def compositional_datasets(
+    n_train: int = 10000,
+    n_eval: int = 1000,
+    canvas: int = 56,
+    min_items: int = 2,
+    max_items: int = 4,
+    captions_per_image: int = 2,
+    seed: int = 0,
+    root=FASHION_MNIST_ROOT,
+    transform=None,
+    tokenizer: Tokenizer | None | str = "word",
+    cache: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> tuple[CanvasTextDataset, CanvasTextDataset]:
     """(train, eval) compositional retrieval canvases built from real Fashion-MNIST items.
 
     A canvas of ``canvas`` px (56: 2x2 grid, 84: 3x3 grid of 28 px cells) holds ``min_items``..``max_items``
@@ -374,26 +426,45 @@ def compositional_datasets(n_train: int = 10000, n_eval: int = 1000, canvas: int
     if not 1 <= min_items <= max_items <= grid * grid:
         raise ValueError(f"need 1 <= min_items <= max_items <= {grid * grid}, got {min_items}, {max_items}")
     if not 1 <= captions_per_image <= math.factorial(min_items):
-        raise ValueError(f"captions_per_image must be in 1..{math.factorial(min_items)} "
-                         f"(distinct item orders of a {min_items}-item canvas), got {captions_per_image}")
-    params = dict(n_train=n_train, n_eval=n_eval, canvas=canvas, min_items=min_items, max_items=max_items,
-                  captions_per_image=captions_per_image, seed=seed, root=str(root))
+        raise ValueError(
+            f"captions_per_image must be in 1..{math.factorial(min_items)} "
+            f"(distinct item orders of a {min_items}-item canvas), got {captions_per_image}"
+        )
+    params = dict(
+        n_train=n_train,
+        n_eval=n_eval,
+        canvas=canvas,
+        min_items=min_items,
+        max_items=max_items,
+        captions_per_image=captions_per_image,
+        seed=seed,
+        root=str(root),
+    )
 
     def build() -> dict:
         rng = np.random.default_rng(seed)
         out = {}
         for split, n, train in (("train", n_train, True), ("eval", n_eval, False)):
             images, labels = load_fashion_mnist(root, train=train, cache=cache)
-            out[split] = _generate_canvases(images, labels, n, grid, min_items, max_items, captions_per_image,
-                                            unique=not train, rng=rng)
+            out[split] = _generate_canvases(
+                images, labels, n, grid, min_items, max_items, captions_per_image, unique=not train, rng=rng
+            )
         return out
 
     data = cached("compositional", params, build, COMPOSITIONAL_VERSION, root=cache, enabled=use_cache)
     if tokenizer == "word":
         tokenizer = WordTokenizer.for_grammar(grid, max_items)
-    return tuple(CanvasTextDataset(d["canvases"], d["cells"], d["captions"], transform=transform,
-                                   tokenizer=tokenizer, sample_caption=(s == "train"))
-                 for s, d in (("train", data["train"]), ("eval", data["eval"])))
+    return tuple(
+        CanvasTextDataset(
+            d["canvases"],
+            d["cells"],
+            d["captions"],
+            transform=transform,
+            tokenizer=tokenizer,
+            sample_caption=(s == "train"),
+        )
+        for s, d in (("train", data["train"]), ("eval", data["eval"]))
+    )
 
 
 def patch_cell_labels(cells: Tensor, canvas: int, patch_size: int) -> Tensor:

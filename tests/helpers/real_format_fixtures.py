@@ -1,5 +1,6 @@
 """Tiny fixtures in the real public formats (ImageFolder, COCO captions, Karpathy split, BIDS),
 built inside a test's tmp folder and shared by the dataset and task tests."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ def make_coco(root: Path, split: str, n: int = 4) -> Path:
     images = [{"id": 100 + i, "file_name": f"{i:012d}.jpg", "height": 6, "width": 8} for i in range(n)]
     anns, k = [], 0
     for i in range(n):
-        for j in range(6 if i == 0 else 5):            # COCO has 5-7 captions per image
+        for j in range(6 if i == 0 else 5):  # COCO has 5-7 captions per image
             anns.append({"id": k, "image_id": 100 + i, "caption": f" image {i} caption {j} "})
             k += 1
     for im in images:
@@ -35,8 +36,14 @@ def make_karpathy(root: Path) -> Path:
     for i, split in enumerate(["train", "train", "val", "test", "test", "restval"]):
         name = f"{1000 + i}.jpg"
         make_png(root / "flickr30k-images" / name, (0, 40 * i, 0))
-        images.append({"filename": name, "imgid": i, "split": split,
-                       "sentences": [{"raw": f"photo {i} sentence {j}", "tokens": []} for j in range(5)]})
+        images.append(
+            {
+                "filename": name,
+                "imgid": i,
+                "split": split,
+                "sentences": [{"raw": f"photo {i} sentence {j}", "tokens": []} for j in range(5)],
+            }
+        )
     path = root / "dataset_flickr30k.json"
     path.write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
     return path
@@ -98,6 +105,11 @@ def make_cifar(root: Path, kind: str = "cifar10", per_batch: int = 6, n_test: in
     else:
         dump("train", batch(5 * per_batch))
         dump("test", batch(n_test))
-        dump("meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
-                      "coarse_label_names": [f"coarse{i}" for i in range(20)]})
+        dump(
+            "meta",
+            {
+                "fine_label_names": [f"fine{i}" for i in range(100)],
+                "coarse_label_names": [f"coarse{i}" for i in range(20)],
+            },
+        )
     return folder

@@ -10,6 +10,7 @@ reuses that very Routing, so both outputs hang off the same router graph and gra
 with ``torch.autograd.grad(..., retain_graph=True)``. `fixed_routing` makes the layer use a hand-made
 Routing instead of calling its router.
 """
+
 from __future__ import annotations
 
 import math
@@ -101,7 +102,7 @@ def null_reference(layer: MoELayer, flat: Tensor, kept: Routing) -> Tensor:
         if kind == "copy":
             out[t] = out[t] + w * flat[t]
         elif kind == "constant":
-            c = null.kinds[:ex - layer.num_experts].count("constant")
+            c = null.kinds[: ex - layer.num_experts].count("constant")
             a = torch.softmax(null.mix[c] @ flat[t], dim=0)
             out[t] = out[t] + w * (a[0] * flat[t] + a[1] * null.vectors[c])
     return out

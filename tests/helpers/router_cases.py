@@ -1,4 +1,5 @@
 """Building routers for hand-computed cases: a seeded router by name, and a gate set by hand."""
+
 from __future__ import annotations
 
 import torch

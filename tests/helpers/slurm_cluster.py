@@ -1,5 +1,6 @@
 """The one-node SLURM cluster of scripts/local-slurm.sh, as the slurm-marked tests use it: whether it
 is up (they skip, saying why, when not), waiting on a job, lifting a requeue's BeginTime hold."""
+
 from __future__ import annotations
 
 import shutil
@@ -52,8 +53,12 @@ def release_hold(job_id: str) -> bool:
     requeue and resume path is unchanged). True when a hold was lifted."""
     if "BeginTime" not in squeue(job_id):
         return False
-    return subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                          capture_output=True, timeout=20).returncode == 0
+    return (
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=20
+        ).returncode
+        == 0
+    )
 
 
 def wait_for(cond, what: str, timeout_s: float, every_s: float = 0.5, on_wait=None):
@@ -71,8 +76,15 @@ def wait_for(cond, what: str, timeout_s: float, every_s: float = 0.5, on_wait=No
 
 def final_state(run_dir, job_id: str | None = None, timeout_s: float = 420) -> dict:
     """status.json once it says done or failed, lifting any requeue hold of ``job_id`` meanwhile."""
+
     def done():
         st = records.read_status_safe(run_dir) or {}
         return st if st.get("state") in ("done", "failed") else None
-    return wait_for(done, f"run {run_dir} to finish", timeout_s, every_s=1.0,
-                    on_wait=(lambda: release_hold(job_id)) if job_id else None)
+
+    return wait_for(
+        done,
+        f"run {run_dir} to finish",
+        timeout_s,
+        every_s=1.0,
+        on_wait=(lambda: release_hold(job_id)) if job_id else None,
+    )

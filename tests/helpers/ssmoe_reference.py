@@ -4,6 +4,7 @@
 does. It shares no code with ``routers/ssmoe.py``: torch.svd instead of linalg.svd, a Python loop over
 experts, the release's concatenation order. ``transpose_fc2`` follows the language release, which reads
 the second layer as ``down_proj.weight.T``."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -63,4 +64,3 @@ def release_experts(layer) -> nn.ModuleList:
             c_proj.bias.copy_(ex.b2[e])
         mods.append(nn.Sequential(OrderedDict(c_fc=c_fc, gelu=nn.GELU(), c_proj=c_proj)))
     return mods
-

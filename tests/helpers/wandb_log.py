@@ -2,6 +2,7 @@
 recent versions no longer ship in Python. The file is W&B's LevelDB-style log: a 7-byte header
 (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of records, each with a 7-byte header (CRC-32,
 length, type: 1 full, 2 first, 3 middle, 4 last); each record is a serialised ``Record`` protobuf."""
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,11 @@ def records(path) -> list[bytes]:
         if left < HEADER:  # block tail too small for a header: zero padding
             pos += left
             continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if length == 0 and kind == 0:
             pos += left
             continue
-        body = data[pos + HEADER:pos + HEADER + length]
+        body = data[pos + HEADER : pos + HEADER + length]
         assert zlib.crc32(bytes([kind]) + body) & 0xFFFFFFFF == crc, "W&B record checksum mismatch"
         pos += HEADER + length
         pending = body if kind in (1, 2) else pending + body
