@@ -109,6 +109,16 @@ class EMoERouter(CapturesInitialBasis, Router):
         """M, the expert-mixing matrix the logits come from (moe.router_init_std); Q stays orthogonal."""
         return [self.M]
 
+    @torch.no_grad()
+    def routing_bases(self, rank: int | None = None) -> Tensor:
+        """(E, d, k): expert e's routing basis = the k columns of Q whose energy e weights most above the
+        experts' mean (softmax(M)[e, r] * gamma_r minus its mean over e); k = ``rank`` (the true
+        subspaces' rank, for the principal angles of the structure task), capped at r; None: r // E."""
+        k = max(1, min(self.rank, int(rank) if rank else self.rank // self.num_experts))
+        mix = torch.softmax(self.M.float(), dim=0) * self.gamma.float()  # (E, r)
+        idx = (mix - mix.mean(0, keepdim=True)).topk(k, dim=-1).indices  # (E, k)
+        return self.Q.detach().float()[:, idx].permute(1, 0, 2).contiguous()
+
     def probs(self, x: Tensor) -> Tensor:
         """Router probabilities (T, E), float32, differentiable in x, Q, gamma, M, b."""
         energy = (x.float() @ self.Q.float()).square()

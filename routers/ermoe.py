@@ -485,6 +485,12 @@ class ErMoERouter(CapturesInitialBasis, Router):
         return float(passes * (2 * E * d * r + 2 * E * r) + 2 * d + 4 * E)
 
     # --- routing ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def routing_bases(self, rank: int | None = None) -> Tensor:
+        """(E, d, route_rank): each expert's routing basis B_e in the layer's input space (the principal
+        angles of the structure task; ``rank`` is ignored, the basis is what the router routes on)."""
+        return self._basis().detach().float()
+
     def _basis(self, V: Tensor | None = None) -> Tensor:
         if self.freeze_basis and self._captured_flag:
             return self.initial_basis  # the fixed-projection control

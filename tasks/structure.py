@@ -257,6 +257,10 @@ class StructureTask(Task):
         if not 0 < float(o["angle"]) <= 90:
             raise ValueError(f"structure task_args.angle must be in (0, 90] degrees, got {o['angle']!r}")
         self.regression = o["data"] == "latent-regression"
+        # subspaces: the rank of the true U_c, for the principal angles of eigenbasis routers (the angles are
+        # taken in the MoE layer's input space, against each group's principal subspace there: the blocks
+        # before the MoE are nonlinear, so U_c itself has no image subspace; moebench.training.metrics)
+        self.subspace_rank = 4 if o["data"] == "subspaces" else None
         self.label_names = [f"group{i}" for i in range(4)]
         self._datasets = None
         self._layers: dict[int, list] = {}

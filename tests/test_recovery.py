@@ -83,3 +83,56 @@ def test_per_role_means_skip_layers_without_a_value():
         {},
     ]
     assert mean_recovery_by_role(layers) == {"centre": {"nmi": 0.75, "routing_accuracy": 0.5}}
+
+
+def test_principal_angles_on_hand_made_bases():
+    """Known angles: e1 vs cos(t) e1 + sin(t) e2 is t; a basis equal to the true subspace gives 0 degrees;
+    the Hungarian match pairs each subspace with its own expert whatever the expert order."""
+    import numpy as np
+
+    from moebench.training.recovery import principal_angles
+
+    e = np.eye(6)
+    t = np.radians(30.0)
+    true = [e[:, [0, 1]], e[:, [2, 3]]]
+    tilted = np.stack([np.cos(t) * e[:, 0] + np.sin(t) * e[:, 4], e[:, 1]], 1)  # angles 0 and 30 to span(e0, e1)
+    out = principal_angles([e[:, [2, 3]], tilted], true)
+    assert out["principal_angle_match"] == [1, 0]
+    assert np.allclose(out["principal_angles_deg"][0], [0.0, 30.0], atol=1e-6)
+    assert np.allclose(out["principal_angles_deg"][1], [0.0, 0.0], atol=1e-6)
+    assert abs(out["principal_angle_mean_deg"] - 7.5) < 1e-6
+    # a basis equal to the true subspaces (any spanning columns, a larger basis that contains them) -> ~0
+    rng = np.random.default_rng(0)
+    u = [np.linalg.qr(rng.normal(size=(32, 4)))[0] for _ in range(4)]
+    mixed = [ui @ rng.normal(size=(4, 4)) for ui in u]
+    assert principal_angles(mixed[::-1], u)["principal_angle_mean_deg"] < 1e-4
+    bigger = [np.hstack([ui, rng.normal(size=(32, 4))]) for ui in u]
+    assert principal_angles(bigger, u)["principal_angle_mean_deg"] < 1e-4
+    # orthogonal: 90 degrees
+    assert abs(principal_angles([e[:, [4, 5]]], [e[:, [0, 1]]])["principal_angle_mean_deg"] - 90.0) < 1e-6
+    assert principal_angles([], u) is None
+
+
+def test_group_subspaces_recovers_each_groups_span():
+    import numpy as np
+
+    from moebench.training.recovery import group_subspaces, principal_angles
+
+    rng = np.random.default_rng(1)
+    u = [np.linalg.qr(rng.normal(size=(16, 3)))[0] for _ in range(2)]
+    xs = [rng.normal(size=(4000, 3)) @ ui.T + 5.0 + 0.01 * rng.normal(size=(4000, 16)) for ui in u]  # shared offset
+    sums = np.stack([x.sum(0) for x in xs])
+    outer = np.stack([x.T @ x for x in xs])
+    found = group_subspaces(sums, outer, np.array([4000, 4000]), rank=3)
+    assert principal_angles(found, u)["principal_angle_mean_deg"] < 1.0
+
+
+def test_eigen_routers_expose_per_expert_bases():
+    import torch
+
+    from routers.emoe import EMoERouter
+
+    r = EMoERouter(d_model=32, num_experts=4, rank=16)
+    b = r.routing_bases(4)
+    assert b.shape == (4, 32, 4)
+    assert torch.allclose(b.mT @ b, torch.eye(4).expand(4, 4, 4), atol=1e-4)  # columns of the orthonormal Q

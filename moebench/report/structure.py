@@ -74,6 +74,8 @@ def structure_section(rs, lb: pd.DataFrame, items: dict) -> tuple[list[Table], l
     for (bench, variant), g in done[done["bench"].isin(gt_benches)].groupby(["bench", "variant"], sort=False):
         name = g["headline_name"].dropna().iloc[0] if g["headline_name"].notna().any() else "headline"
         cols = ["Router", f"{name} (95 % CI)", "NMI", "ARI", "H(group|expert)", "H(expert|group)", "Routing acc."]
+        angles = "principal_angle_mean_deg" in g and g["principal_angle_mean_deg"].notna().any()
+        cols += ["Principal angle (°)"] if angles else []
         cols += [f"NMI {r}" for r in ROLE_ORDER]
         rows, nmi_mean, score_mean = [], {}, {}
         for label, r in g.groupby("label", sort=True):
@@ -81,6 +83,8 @@ def structure_section(rs, lb: pd.DataFrame, items: dict) -> tuple[list[Table], l
             row = [str(label), _text(r["headline_value"])]
             for key in ("nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy"):
                 row.append(_text(r[key]) if key in r else "–")
+            if angles:
+                row.append(_text(r["principal_angle_mean_deg"]))
             for role in ROLE_ORDER:
                 row.append(_text([x.get(role, {}).get("nmi") for x in roles]))
             rows.append(row)
@@ -96,6 +100,13 @@ def structure_section(rs, lb: pd.DataFrame, items: dict) -> tuple[list[Table], l
                     "Mean and 95 % t interval over seeds; recovery metrics from the dispatched top-1 expert of held-out "
                     "tokens that have a group (noise tokens excluded), unrouted tokens as their own category; per-role "
                     "NMI over that role's tokens only. H in nats."
+                    + (
+                        " Principal angle: mean over experts of the principal angles (degrees) between an "
+                        "eigenbasis router's per-expert routing basis and its matched group's (Hungarian) top-rank "
+                        "principal subspace of the MoE layer's input (0: the group's subspace lies in the basis)."
+                        if angles
+                        else ""
+                    )
                 ],
                 label=f"tab:structure-{len(tables)}",
                 left=1,

@@ -53,6 +53,7 @@ COLUMNS: dict[str, tuple[str, str | None, str]] = {
     "h_group_given_expert": ("H(group|expert) ↓", "lower", "f3"),
     "h_expert_given_group": ("H(expert|group) ↓", "lower", "f3"),
     "routing_accuracy": ("Routing acc. ↑", "higher", "f3"),
+    "principal_angle_mean_deg": ("Principal angle (°) ↓", "lower", "f1"),
     "flops_per_token": ("{p}FLOPs/token", None, "si"),  # {p}: SI prefix chosen per table
     "params_active": ("Active params ({p})", None, "si"),
     "params_total": ("Params ({p})", None, "si"),
@@ -104,6 +105,7 @@ MEAN_COLUMNS = (
         "h_group_given_expert",
         "h_expert_given_group",
         "routing_accuracy",
+        "principal_angle_mean_deg",
         *ROUTES_KEYS,
     ]
 )

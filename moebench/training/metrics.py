@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moebench.training.recovery import RECOVERY_METRICS, mean_recovery_by_role, recovery
+from moebench.training.recovery import (
+    RECOVERY_METRICS,
+    group_subspaces,
+    mean_recovery_by_role,
+    principal_angles,
+    recovery,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -365,6 +371,7 @@ LAYER_STATS = (
     "first_choice_max_share",
     "collapsed",
     *RECOVERY_METRICS,
+    "principal_angle_mean_deg",
 )
 
 
@@ -388,6 +395,8 @@ class _LayerAcc:
         self.role_tables: dict[int, np.ndarray] = {}  # role -> (labels, E + 1) with the unrouted column
         self.top1: list[np.ndarray] = []
         self.top1_kept = 0
+        # per-group moments of the layer's input (sum, sum of x x^T, count), for the principal angles
+        self.group_moments: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def add_extra(self, key: str, value: float, weight: float) -> None:
         self.extra_sums[key] = self.extra_sums.get(key, 0.0) + value * weight
@@ -421,6 +430,12 @@ class RoutingStatsAccumulator:
             (name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)
         ]
         self.label_names = list(getattr(task, "label_names", []) or [])
+        # principal angles: a task with true subspaces of this rank (in its token input) and a router with
+        # per-expert routing bases; the layer's inputs are then kept per group (moebench.training.recovery)
+        self.subspace_rank = getattr(task, "subspace_rank", None)
+        self._angle_layers = {
+            name for name, m in self.layers if self.subspace_rank and hasattr(m.router, "routing_bases")
+        }
         self._handles: list = []
         self.reset()
 
@@ -444,7 +459,10 @@ class RoutingStatsAccumulator:
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
-            self._pending[name].append(dict(module.stats))
+            stats = dict(module.stats)
+            if name in self._angle_layers and inputs:
+                stats["_input"] = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1]).cpu()
+            self._pending[name].append(stats)
 
         return hook
 
@@ -497,7 +515,7 @@ class RoutingStatsAccumulator:
         if top1 is not None:
             t1 = _np(top1).astype(np.int64).reshape(-1)  # dispatched top-1; -1 = unrouted
             a.top1_counts += np.bincount(t1[t1 >= 0], minlength=a.e)[: a.e]
-            self._fold_labels(a, name, t1, tokens, batch, batch_size)
+            self._fold_labels(a, name, t1, tokens, batch, batch_size, stats.get("_input"))
             if self.keep_top1 and batch_size and tokens % batch_size == 0:
                 per_sample = tokens // batch_size
                 want = self.keep_top1 * per_sample - a.top1_kept
@@ -506,7 +524,7 @@ class RoutingStatsAccumulator:
                     a.top1.append(kept)
                     a.top1_kept += kept.size
         for key, value in stats.items():
-            if key in ("counts", "tokens", "pairs", "dropped", "unrouted_tokens", "top1", "scores"):
+            if key in ("counts", "tokens", "pairs", "dropped", "unrouted_tokens", "top1", "scores", "_input"):
                 continue
             if key == "aux_losses":
                 for k, v in (value or {}).items():
@@ -521,7 +539,9 @@ class RoutingStatsAccumulator:
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 a.add_extra(key, float(value), tokens)
 
-    def _fold_labels(self, a: _LayerAcc, name: str, top1: np.ndarray, tokens: int, batch, batch_size) -> None:
+    def _fold_labels(
+        self, a: _LayerAcc, name: str, top1: np.ndarray, tokens: int, batch, batch_size, x: Tensor | None = None
+    ) -> None:
         if self.task is None or not batch_size or tokens % batch_size != 0:
             return
         labels = self.task.token_labels(batch, name, tokens // batch_size)
@@ -548,6 +568,8 @@ class RoutingStatsAccumulator:
             grown_u = np.zeros(num_labels, dtype=np.int64)
             grown_u[: a.label_unrouted.shape[0]] = a.label_unrouted
             a.label_unrouted = grown_u
+        if x is not None and x.shape[0] == tokens:
+            self._fold_moments(a, x.numpy().astype(np.float64), lab, keep, num_labels)
         routed = keep & (top1 >= 0)
         np.add.at(a.label_by_expert, (lab[routed], top1[routed]), 1)
         np.add.at(a.label_unrouted, lab[keep & (top1 < 0)], 1)
@@ -564,6 +586,34 @@ class RoutingStatsAccumulator:
                         [table, np.zeros((num_labels - table.shape[0], a.e + 1), dtype=np.int64)]
                     )
                 np.add.at(table, (lab[sel], col[sel]), 1)
+
+    @staticmethod
+    def _fold_moments(a: _LayerAcc, x: np.ndarray, lab: np.ndarray, keep: np.ndarray, num_labels: int) -> None:
+        d = x.shape[1]
+        if a.group_moments is None or a.group_moments[2].shape[0] < num_labels:
+            old = a.group_moments
+            a.group_moments = (np.zeros((num_labels, d)), np.zeros((num_labels, d, d)), np.zeros(num_labels))
+            if old is not None:
+                for new, prev in zip(a.group_moments, old, strict=True):
+                    new[: prev.shape[0]] = prev
+        sums, outer, counts = a.group_moments
+        for g in np.unique(lab[keep]):
+            xs = x[keep & (lab == g)]
+            sums[g] += xs.sum(0)
+            outer[g] += xs.T @ xs
+            counts[g] += xs.shape[0]
+
+    def _principal_angles(self, name: str, a: _LayerAcc) -> dict | None:
+        """Each expert's routing basis against its matched group's principal subspace, both in the layer's
+        input space (the true U_c mapped through the layers before the MoE is not a subspace when they
+        are nonlinear; the group's top-rank principal subspace of the layer input is what the router sees)."""
+        if name not in self._angle_layers or a.group_moments is None:
+            return None
+        rank = int(self.subspace_rank)
+        true = group_subspaces(*a.group_moments, rank=rank)
+        layer = dict(self.layers)[name]
+        bases = layer.router.routing_bases(rank).detach().cpu().double().numpy()
+        return principal_angles(list(bases), true)
 
     # -- results -----------------------------------------------------------------------------------
     def top1(self) -> dict[str, np.ndarray]:
@@ -608,6 +658,9 @@ class RoutingStatsAccumulator:
                     (role_names[r] if r < len(role_names) else str(r)): recovery(t, a.e)
                     for r, t in sorted(a.role_tables.items())
                 }
+            angles = self._principal_angles(name, a)
+            if angles is not None:
+                d.update(angles)
             for key in sorted(a.extra_sums):
                 if key == "fallback":
                     continue

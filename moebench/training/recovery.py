@@ -120,3 +120,45 @@ def mean_recovery_by_role(per_layer: list[dict]) -> dict:
                 if v is not None:
                     out.setdefault(role, {}).setdefault(k, []).append(v)
     return {role: {k: float(np.mean(v)) for k, v in m.items()} for role, m in out.items()}
+
+
+def principal_angles(router_bases, true_bases) -> dict | None:
+    """Principal angles (degrees) between each expert's routing basis and its matched true subspace.
+
+    ``router_bases``: E arrays (d, r_e); ``true_bases``: K arrays (d, r), all in the same space (columns
+    need not be orthonormal: the spans are compared, scipy.linalg.subspace_angles). Experts are matched
+    one-to-one to subspaces (Hungarian, scipy) on the mean cosine of their principal angles; with E > K
+    only K experts are matched. Returns ``principal_angle_mean_deg`` (mean over the matched pairs of each
+    pair's mean angle), ``principal_angles_deg`` (per true subspace: its expert's min(r_e, r) angles,
+    smallest first), ``principal_angle_match`` (per true subspace: its expert); None without bases.
+    0 degrees: the true subspace lies inside its expert's routing basis; 90: orthogonal to it."""
+    if not len(router_bases) or not len(true_bases):
+        return None
+    from scipy.linalg import subspace_angles
+    from scipy.optimize import linear_sum_assignment
+
+    angles = [[np.sort(subspace_angles(np.asarray(b), np.asarray(u))) for b in router_bases] for u in true_bases]
+    cos = np.array([[float(np.cos(a).mean()) for a in row] for row in angles])  # (K, E)
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    per = [np.degrees(angles[k][e]) for k, e in zip(rows, cols, strict=True)]
+    return {
+        "principal_angle_mean_deg": float(np.mean([a.mean() for a in per])),
+        "principal_angles_deg": [[round(float(x), 3) for x in a] for a in per],
+        "principal_angle_match": [int(e) for e in cols],
+    }
+
+
+def group_subspaces(sums, outer, counts, rank: int) -> list[np.ndarray]:
+    """Each group's top-``rank`` principal subspace (d, rank) of its tokens, from accumulated sums:
+    ``sums`` (K, d), ``outer`` (K, d, d) = sum of x x^T, ``counts`` (K,). Centred (each group's own
+    mean removed: an offset shared by every token, e.g. a LayerNorm bias, is not a direction of the
+    group). Groups with fewer than rank + 1 tokens are skipped."""
+    out = []
+    for s, o, n in zip(np.asarray(sums), np.asarray(outer), np.asarray(counts), strict=True):
+        if n <= rank:
+            continue
+        mean = s / n
+        cov = o / n - np.outer(mean, mean)
+        w, v = np.linalg.eigh(cov)
+        out.append(v[:, np.argsort(w)[::-1][:rank]])
+    return out
