@@ -202,14 +202,26 @@ def _clusters(o: dict, n: int, const: _Constants, g: torch.Generator):
     return patches, y, label, role, k
 
 
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2, with timm ``layers.Mlp``'s children and init (same parameters, names and
+    outputs at drop 0): importing timm costs ~1-1.5 s of CPU per run process, more than a structure run's
+    evaluation."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.drop1 = nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0)
+        self.norm, self.fc2, self.drop2 = nn.Identity(), nn.Linear(hidden, dim), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
 class TokenMLP(nn.Module):
     """Pre-norm residual MLP block applied to each token alone; ``attn`` only exposes the normed
     tokens to moefy's context hook (routers that read context), mixing nothing."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        from timm.layers import Mlp
-
         self.norm1, self.attn = nn.LayerNorm(dim), nn.Identity()
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, hidden)
 

@@ -299,3 +299,31 @@ def test_dry_run_lists_the_plan_and_touches_nothing(tmp_path, capsys):
     for d in run_dirs(path, results).values():
         assert f"would run {d.name} (new)" in out
     assert not results.exists()
+
+
+def test_runs_per_job_trains_a_chunk_in_one_process_a_failure_does_not_stop_it(tmp_path):
+    """executor.runs_per_job: 3 runs (one failing on max_loss) in one local job, one process: each run has
+    its own record and job line; the failed one is recorded and the chunk goes on; a rerun skips them."""
+    path = toy_grid(
+        tmp_path,
+        routers=["dense", "softmax-topk"],
+        sweep={"train.max_loss": [1e6, 1e-9]},
+        executor={"time_min": 10, "cpus_per_task": 1, "runs_per_job": 4, "max_workers": 1},
+    )
+    results = tmp_path / "results"
+    out = launch.run_grid(path, cluster="local", results=results, log=lambda s: None)
+    assert sum(out["counts"].values()) == 4 and out["counts"]["done"] >= 2 and out["counts"]["queued"] == 0
+    assert out["counts"]["done"] + out["counts"]["failed"] == 4 and out["counts"]["failed"] >= 1
+    dirs = [results / "g" / r["run_id"] for r in out["runs"]]
+    pids = {records.read_jsonl(d / rundir.JOBS_LOG)[0]["pid"] for d in dirs}
+    assert len(pids) == 1  # one process trained all four
+    again = launch.run_grid(path, cluster="local", results=results, log=lambda s: None)
+    assert again["counts"] == out["counts"] and all(attempts_logged(d) == 1 for d in dirs)
+
+
+def test_runs_per_job_is_refused_with_data_parallel(tmp_path):
+    from moebench.grids.schema import GridError
+
+    path = toy_grid(tmp_path, executor={"runs_per_job": 2, "tasks_per_node": 2})
+    with pytest.raises(GridError, match="runs_per_job"):
+        expand(path)

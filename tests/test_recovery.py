@@ -130,9 +130,26 @@ def test_group_subspaces_recovers_each_groups_span():
 def test_eigen_routers_expose_per_expert_bases():
     import torch
 
-    from routers.emoe import EMoERouter
+    from moebench.routers.emoe import EMoERouter
 
     r = EMoERouter(d_model=32, num_experts=4, rank=16)
     b = r.routing_bases(4)
     assert b.shape == (4, 32, 4)
     assert torch.allclose(b.mT @ b, torch.eye(4).expand(4, 4, 4), atol=1e-4)  # columns of the orthonormal Q
+
+
+def test_small_assignments_match_scipy():
+    """The exhaustive solver for small tables finds the Hungarian optimum (scipy's) on random tables."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    from moebench.training.recovery import best_assignment
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        k = int(rng.integers(1, 6))
+        c = rng.random((k, int(rng.integers(k, 9))))
+        for maximize in (True, False):
+            r, col = linear_sum_assignment(c, maximize=maximize)
+            r2, col2 = best_assignment(c, maximize=maximize)
+            assert abs(c[r, col].sum() - c[r2, col2].sum()) < 1e-12 and len(set(col2.tolist())) == k

@@ -155,3 +155,21 @@ def test_controls_come_out_as_they_must_on_clusters(tmp_path, one_thread):
     assert finals["oracle"]["routing"]["recovery_by_role"]["distractor"]["routing_accuracy"] == 1.0
     score = {r: f["headline"]["value"] for r, f in finals.items()}
     assert score["collapse"] < score["oracle"]
+
+
+def test_the_token_mlp_is_timms_mlp():
+    """The structure model's own Mlp (timm is not imported on its path) has timm Mlp's children, init and
+    outputs, so runs and checkpoints are unchanged."""
+    import timm.layers
+    import torch
+
+    from moebench.tasks.structure import Mlp
+
+    torch.manual_seed(0)
+    a = timm.layers.Mlp(32, 64)
+    torch.manual_seed(0)
+    b = Mlp(32, 64)
+    assert [n for n, _ in a.named_children()] == [n for n, _ in b.named_children()]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    x = torch.randn(5, 32)
+    assert torch.equal(a(x), b(x))

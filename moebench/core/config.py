@@ -243,6 +243,12 @@ class ExecutorConfig:
     mem_gb: float = option(None, "float", minimum=0.0, strict=True, nullable=True, doc="memory per job")
     array_parallelism: int = option(64, "int", minimum=1, doc="SLURM array jobs at once")
     max_workers: int = option(None, "int", minimum=1, nullable=True, doc="local jobs at once; null: from the cores")
+    runs_per_job: int = option(
+        1,
+        "int",
+        minimum=1,
+        doc="runs one job trains one after the other in one process (the imports paid once; time_min is per job)",
+    )
     sbatch_extra: dict = option({}, "dict", flat=True, doc="extra sbatch options, e.g. {account: ..., qos: ...}")
     max_retries: int = option(
         2, "int", minimum=0, doc="times a job killed by a signal, OOM or node loss is resumed by a rerun"

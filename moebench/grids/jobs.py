@@ -182,6 +182,40 @@ class RunJob(Checkpointable):
         return run_one(spec, results, threads=self.threads)
 
 
+class ChunkJob(Checkpointable):
+    """What submitit runs for several specs (``executor.runs_per_job`` > 1): `run_chunk`, one run after
+    the other in one process, so the process start and the imports (torch alone is ~4 s of CPU) are paid
+    once per chunk, not once per run. Each run keeps its own lock, status, checkpoint and resume. On
+    preemption / timeout submitit resubmits the same chunk; its finished runs are then skipped ("already
+    done") and the interrupted one resumes from its checkpoint."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads
+
+    def __call__(self, specs: list[dict], results: str) -> list[dict]:
+        return run_chunk(specs, results, threads=self.threads)
+
+
+def run_chunk(specs: list[dict], results, threads: int | None = None, execute=None) -> list[dict]:
+    """`run_one` for each spec in order; one outcome per spec. A run that fails is recorded as failed
+    (by `run_one`) and the chunk goes on; a stop signal (``moebench cancel``, a signalled launcher)
+    stops the chunk after the run it interrupted: the runs not started stay queued for a rerun."""
+    from moebench.training.spec import run_id
+    from moebench.training.stop import STOP_REQUESTED, stop_on_signals
+
+    out: list[dict] = []
+    with stop_on_signals():
+        for spec in specs:
+            if STOP_REQUESTED.is_set():
+                out.append({"run_id": run_id(spec), "state": "skipped", "reason": "stopped by a signal"})
+                continue
+            try:
+                out.append(run_one(spec, results, threads=threads, execute=execute))
+            except Exception as err:  # noqa: BLE001 - run_one records the run's own failures; the chunk goes on
+                out.append({"run_id": run_id(spec), "state": "failed", "reason": f"{type(err).__name__}: {err}"})
+    return out
+
+
 # -- executors ---------------------------------------------------------------------------------------
 def max_workers(ex: dict, n_runs: int) -> int:
     """Local parallelism: the grid's max_workers, else as many runs as cores allow at cpus_per_task each."""

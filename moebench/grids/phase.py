@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from moebench.core.progress import LOG_EVERY_S
-from moebench.grids.jobs import RunJob, make_executor, max_workers, squeue_ids
+from moebench.grids.jobs import ChunkJob, RunJob, make_executor, max_workers, squeue_ids
 from moebench.grids.status import count_states
 from moebench.training import records
 from moebench.training.rundir import ask_to_stop, inspect, run_lock, run_path
@@ -187,8 +187,10 @@ def submit_and_wait(todo: list[dict], phase: Phase, ex: Executor, progress: Prog
                 if STOP_REQUESTED.is_set():
                     raise Stopped("stopped by a signal; rerun the same command to resume")
         return
+    per_job = int(ex.section.get("runs_per_job") or 1)
+    chunk_fn = ChunkJob(threads=job_fn.threads) if per_job > 1 else None
     with stop_on_signals():
-        _wait(_Jobs(executor, job_fn, folder, todo), phase, ex, progress)
+        _wait(_Jobs(executor, job_fn, folder, todo, chunk_fn), phase, ex, progress)
 
 
 @dataclass
@@ -199,6 +201,7 @@ class _Jobs:
     job_fn: RunJob
     folder: Path
     todo: list[dict]
+    chunk_fn: ChunkJob | None = None  # executor.runs_per_job > 1: several runs per job
 
 
 def _stop_jobs(running, cluster, log, wait_s: float = 120.0) -> None:
@@ -206,14 +209,14 @@ def _stop_jobs(running, cluster, log, wait_s: float = 120.0) -> None:
     for them (``wait_s`` at most), then cancel what is left; SLURM jobs keep running (``moebench cancel``
     stops them). Raises `Stopped`, so ``moebench run`` exits non-zero and a rerun resumes."""
     if cluster == "slurm":
-        where = running[0][0]["run_dir"].parent if running else None  # the cluster owns them (README: Ctrl-C)
+        where = running[0][0][0]["run_dir"].parent if running else None  # the cluster owns them (README: Ctrl-C)
         how = (
             f"`moebench status {where}`; stop them with `moebench cancel {where.parent} {where.name}`"
             if where
             else "`moebench status`; stop them with `moebench cancel`"
         )
         raise Stopped(f"stopped by a signal; the SLURM jobs keep running (follow them with {how})")
-    asked = [pid for r, _ in running if (pid := ask_to_stop(r["run_dir"]))]
+    asked = [pid for chunk, _ in running for r in chunk if (pid := ask_to_stop(r["run_dir"]))]
     log(f"[{_now()}] stopping: asked {len(asked)} running job(s) to checkpoint and exit")
     deadline = time.monotonic() + wait_s
     while any(not job.done() for _, job in running) and time.monotonic() < deadline:
@@ -234,28 +237,43 @@ def _wait(jobs: _Jobs, phase: Phase, ex: Executor, progress: Progress) -> None:
         jobs.executor,
         jobs.job_fn,
     )
-    pending, running = list(jobs.todo), []
+    # one job per run, or per chunk of `runs_per_job` runs (ChunkJob): `pending` / `running` hold chunks
+    per_job = int(ex.section.get("runs_per_job") or 1) if jobs.chunk_fn is not None else 1
+    pending: list[list[dict]] = [jobs.todo[i : i + per_job] for i in range(0, len(jobs.todo), per_job)]
+    running: list = []
+
+    def submit(chunk: list[dict]):
+        if jobs.chunk_fn is None:
+            return executor.submit(job_fn, chunk[0]["spec"], str(results))
+        return executor.submit(jobs.chunk_fn, [r["spec"] for r in chunk], str(results))
+
     if cluster == "slurm":
-        array = executor.map_array(job_fn, [r["spec"] for r in pending], [str(results)] * len(pending))
+        if jobs.chunk_fn is None:
+            array = executor.map_array(job_fn, [c[0]["spec"] for c in pending], [str(results)] * len(pending))
+        else:
+            array = executor.map_array(
+                jobs.chunk_fn, [[r["spec"] for r in c] for c in pending], [str(results)] * len(pending)
+            )
         running = list(zip(pending, array))
         pending = []
         log(
-            f"[{_now()}] submitted {len(array)} runs as SLURM array {array[0].job_id.split('_')[0]} "
-            f"(at most {ex.section.get('array_parallelism')} at once); logs in {jobs.folder}"
+            f"[{_now()}] submitted {len(jobs.todo)} runs in {len(array)} jobs as SLURM array "
+            f"{array[0].job_id.split('_')[0]} (at most {ex.section.get('array_parallelism')} at once); logs in "
+            f"{jobs.folder}"
         )
-    limit = max_workers(ex.section, len(jobs.todo)) if cluster == "local" else len(jobs.todo)
+    limit = max_workers(ex.section, len(pending)) if cluster == "local" else len(jobs.todo)
     missing: dict[str, int] = {}
     while pending or running:
         if STOP_REQUESTED.is_set():
             _stop_jobs(running, cluster, log)
         while pending and len(running) < limit:
-            r = pending.pop(0)
-            running.append((r, executor.submit(job_fn, r["spec"], str(results))))
+            chunk = pending.pop(0)
+            running.append((chunk, submit(chunk)))
         time.sleep(poll_s)
         progress.poll()
         alive = squeue_ids() if cluster == "slurm" else None
         still = []
-        for r, job in running:
+        for chunk, job in running:
             # SLURM: the result file, or squeue (without accounting, submitit's sacct check only warns)
             finished = job.paths.result_pickle.exists() if cluster == "slurm" else job.done()
             if not finished and alive is not None:  # a job SLURM no longer lists is over too
@@ -263,9 +281,10 @@ def _wait(jobs: _Jobs, phase: Phase, ex: Executor, progress: Progress) -> None:
                 missing[job.job_id] = missing.get(job.job_id, 0) + 1 if gone else 0
                 finished = missing[job.job_id] >= 3
             if finished:
-                _finish(r, job, log)
+                for r in chunk:
+                    _finish(r, job, log)
             else:
-                still.append((r, job))
+                still.append((chunk, job))
         running = still
 
 
@@ -275,6 +294,8 @@ def _finish(r: dict, job, log) -> None:
         if hasattr(job, "paths") and not job.paths.result_pickle.exists() and not hasattr(job, "_submission"):
             raise RuntimeError("the job left no result (killed, cancelled or crashed)")
         res = job.results()[0] if getattr(job, "_sub_jobs", None) else job.result()  # rank 0's, data parallel
+        if isinstance(res, list):  # a chunk's job (ChunkJob): this run's outcome
+            res = next((x for x in res if isinstance(x, dict) and x.get("run_id") == r["run_id"]), None)
         if isinstance(res, dict) and res.get("state") == "skipped" and res.get("reason") == "running elsewhere":
             r["outcome"] = "elsewhere"
         err = None

@@ -44,7 +44,8 @@ Schema (every key optional unless marked; unknown keys are rejected with the clo
     match: active_flops          # active_flops (default) | params | none
                                  # or {mode: active_flops, reference_active_experts: 2}
     executor: {cluster: auto, partition: null, time_min: 60, cpus_per_task: 1, gpus_per_node: 0,
-               tasks_per_node: null, mem_gb: null, array_parallelism: 64, max_workers: null, sbatch_extra: {}, max_retries: 2}
+               tasks_per_node: null, mem_gb: null, array_parallelism: 64, max_workers: null, runs_per_job: 1,
+               sbatch_extra: {}, max_retries: 2}
 
 Precedence, most specific last: spec defaults < task preset < grid-level moe/train < task block's
 moe/train < router entry's moe < sweep value.
@@ -474,6 +475,12 @@ def _check_tasks(ctx: GridContext, grid: dict) -> None:
             "executor.tasks_per_node",
             f"is {tasks} but gpus_per_node is {gpus}: data parallel runs "
             f"one process per GPU; set tasks_per_node: {gpus} or remove it",
+        )
+    if tasks > 1 and int(ex.get("runs_per_job") or 1) > 1:
+        raise ctx.error(
+            "executor.runs_per_job",
+            f"is {ex['runs_per_job']} but a job runs data parallel over {tasks} processes; "
+            f"several runs per job are for small single-process runs: set runs_per_job: 1",
         )
     if tasks == 1:
         return

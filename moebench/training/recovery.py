@@ -20,6 +20,25 @@ import numpy as np
 RECOVERY_METRICS = ("nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy")
 
 
+def best_assignment(score, maximize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the optimal one-to-one assignment of a (K, E) score matrix, K <= E (Hungarian,
+    ``scipy.optimize.linear_sum_assignment``). Small tables (E <= 7: at most 5,040 candidates) are solved
+    exhaustively in numpy: importing scipy.optimize costs ~1-1.5 s of CPU per process, more than a
+    structure run's evaluation."""
+    c = np.asarray(score, dtype=np.float64)
+    k, e = c.shape
+    if k <= e <= 7:
+        from itertools import permutations
+
+        perms = np.array(list(permutations(range(e), k)), dtype=np.int64).reshape(-1, k)
+        totals = c[np.arange(k), perms].sum(1)
+        best = perms[int(np.argmax(totals) if maximize else np.argmin(totals))]
+        return np.arange(k), best
+    from scipy.optimize import linear_sum_assignment
+
+    return linear_sum_assignment(c, maximize=maximize)
+
+
 def _table(contingency) -> np.ndarray:
     c = np.asarray(contingency, dtype=np.float64)
     if c.ndim != 2:
@@ -92,9 +111,7 @@ def routing_accuracy(contingency, num_experts: int | None = None) -> float | Non
     e = c.shape[1] if num_experts is None else num_experts
     if c.sum() == 0 or c.shape[0] != e:
         return None
-    from scipy.optimize import linear_sum_assignment
-
-    rows, cols = linear_sum_assignment(c[:, :e], maximize=True)
+    rows, cols = best_assignment(c[:, :e])
     return float(c[rows, cols].sum() / c.sum())
 
 
@@ -135,11 +152,15 @@ def principal_angles(router_bases, true_bases) -> dict | None:
     if not len(router_bases) or not len(true_bases):
         return None
     from scipy.linalg import subspace_angles
-    from scipy.optimize import linear_sum_assignment
 
     angles = [[np.sort(subspace_angles(np.asarray(b), np.asarray(u))) for b in router_bases] for u in true_bases]
     cos = np.array([[float(np.cos(a).mean()) for a in row] for row in angles])  # (K, E)
-    rows, cols = linear_sum_assignment(cos, maximize=True)
+    if cos.shape[0] > cos.shape[1]:  # more subspaces than experts: match each expert to one subspace
+        cols_t, rows_t = best_assignment(cos.T)
+        order = np.argsort(rows_t)
+        rows, cols = rows_t[order], cols_t[order]
+    else:
+        rows, cols = best_assignment(cos)
     per = [np.degrees(angles[k][e]) for k, e in zip(rows, cols, strict=True)]
     return {
         "principal_angle_mean_deg": float(np.mean([a.mean() for a in per])),

@@ -192,8 +192,18 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None)
     return out
 
 
+def _set_deterministic(mode: bool, warn_only: bool, compiled: bool = False) -> None:
+    """``torch.use_deterministic_algorithms``, without importing torch._inductor when nothing has: the
+    public call imports it (~2-4 s on one CPU) only to set inductor's own flag, which matters to compiled
+    code alone; a run that compiles (``compiled``), or a process that has imported inductor, gets it."""
+    if compiled or "torch._inductor.config" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
+
+
 @contextlib.contextmanager
-def deterministic(device: torch.device, mode="auto"):
+def deterministic(device: torch.device, mode="auto", compiled: bool = False):
     """Deterministic kernels for the duration (the flags are global, so they are restored after).
     ``auto``: on CPU only (free there); ``True`` on CUDA too (cuBLAS workspace config, cuDNN
     deterministic: reruns and resumes become bit-identical, some kernels get slower)."""
@@ -206,11 +216,11 @@ def deterministic(device: torch.device, mode="auto"):
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _set_deterministic(True, warn_only=True, compiled=compiled)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(old, warn_only=old_warn)
+        _set_deterministic(old, warn_only=old_warn, compiled=compiled)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old_cudnn
 
 
@@ -370,7 +380,7 @@ def train(
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     amp_dtype = torch.bfloat16 if device.type == "cuda" and t["amp"] in ("auto", True) else None
-    with deterministic(device, t["deterministic"]), stop_on_signals():
+    with deterministic(device, t["deterministic"], compiled=bool(t["compile"])), stop_on_signals():
         return _Trainer(task, spec, rid, run_dir, device, amp_dtype, progress, on_step).run()
 
 

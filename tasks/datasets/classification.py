@@ -9,14 +9,20 @@ import os
 import pickle
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
-from torchvision.datasets import FashionMNIST, ImageFolder
 
 from moebench.training.records import atomic_write
 
 from .cache import cache_dir
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
+
+# torchvision is imported where it is used: importing it loads torch._dynamo (~5 s on one CPU), and the
+# task registry imports this module for every run, whatever its task
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -60,6 +66,8 @@ def imagefolder_datasets(root, transform_train=None, transform_eval=None) -> tup
             f"image folder root {root} does not exist; expected {root}/train/<class>/*.JPEG "
             f"and {root}/val/<class>/*.JPEG (the ImageNet ImageFolder layout)"
         )
+    from torchvision.datasets import ImageFolder
+
     splits = {}
     for split, tf in (("train", transform_train), ("val", transform_eval)):
         d = root / split
@@ -144,6 +152,8 @@ def _fashion_mnist_raw(root: Path, cache: Path) -> Path:
 
 def load_fashion_mnist(root=FASHION_MNIST_ROOT, train: bool = True, cache: str | os.PathLike | None = None):
     """Raw Fashion-MNIST split through torchvision's reader: (uint8 images (N, 28, 28), labels (N,))."""
+    from torchvision.datasets import FashionMNIST
+
     base = _fashion_mnist_raw(Path(root), cache_dir(cache))
     try:
         ds = FashionMNIST(str(base), train=train, download=False)
