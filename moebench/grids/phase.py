@@ -71,6 +71,9 @@ def _now() -> str:
     return datetime.now().strftime("%H:%M:%S")
 
 
+FINAL_SHOWN = ("done", "failed")
+
+
 class Progress:
     """Prints one line per run state change, read from the run directories, and a count of states
     when nothing changed for ``LOG_EVERY_S`` (30 s), so a long run still shows signs of life."""
@@ -83,6 +86,8 @@ class Progress:
 
     def poll(self) -> None:
         for i, r in enumerate(self.runs, 1):
+            if self.last.get(r["run_id"]) in FINAL_SHOWN:
+                continue  # done / failed stays so within a launch: not re-read every second (it reads the spec)
             st = inspect(r["run_dir"])
             shown = st["state"]
             if r.get("outcome") == "elsewhere":
