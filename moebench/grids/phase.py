@@ -13,7 +13,7 @@ from another (``moebench.grids.pretrain``); both go through `run_phase`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +24,7 @@ from moebench.grids.jobs import RunJob, make_executor, max_workers, squeue_ids
 from moebench.grids.status import count_states
 from moebench.training import records
 from moebench.training.rundir import ask_to_stop, inspect, run_lock, run_path
+from moebench.training.spec import RunSpec
 from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
 
 
@@ -106,7 +107,7 @@ class Progress:
             )
 
 
-def plan(specs: list[dict], results, retry_failed: bool = False, max_retries: int = 2) -> list[dict]:
+def plan(specs: Sequence[RunSpec | dict], results, retry_failed: bool = False, max_retries: int = 2) -> list[dict]:
     """What to do with each run: ``action`` skip (done / failed without retry / running elsewhere)
     or run, with ``why``. A run that failed for the machine's sake (killed, out of memory, disk full;
     ``retryable`` in its status) is resumed while it has had at most ``max_retries`` retries; a run

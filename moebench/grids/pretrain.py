@@ -37,7 +37,7 @@ from typing import Any
 from moebench.grids.phase import Executor, Phase, plan, run_phase
 from moebench.training.pretrained import PRETRAIN_DIR, PRETRAIN_GRID, WEIGHTS, pretrain_ref, pretrain_root
 from moebench.training.rundir import inspect, run_lock, run_path, set_aside
-from moebench.training.spec import resolve_spec, run_id
+from moebench.training.spec import RunSpec
 
 __all__ = ["PRETRAIN_DIR", "PRETRAIN_GRID", "WEIGHTS", "pretrain_root"]  # re-exported: the stage's layout
 
@@ -46,13 +46,13 @@ PRETRAIN_LABEL = "pretrain"
 CHECKPOINT = "checkpoint.pt"
 
 
-def pretrain_spec(task: str, task_args: dict, model: dict, seed: int, train: dict, overrides: dict) -> dict:
-    """The resolved spec of the dense pretraining run for one (task, task_args, model, seed):
+def pretrain_spec(task: str, task_args: dict, model: dict, seed: int, train: dict, overrides: dict) -> RunSpec:
+    """The `RunSpec` of the dense pretraining run for one (task, task_args, model, seed):
     ``train`` (the block's) with ``overrides`` (its ``pretrain:`` section) on top; it keeps its checkpoint
     so the weights can be extracted. The code version goes into ``match`` (hashed like the rest)."""
     from moebench.version import __version__
 
-    return resolve_spec(
+    return RunSpec.from_dict(
         {
             "grid": PRETRAIN_GRID,
             "task": task,
@@ -68,13 +68,13 @@ def pretrain_spec(task: str, task_args: dict, model: dict, seed: int, train: dic
     )
 
 
-def pretrain_dir(results, spec: dict) -> Path:
-    return run_path(pretrain_root(results), spec["grid"], run_id(spec))
+def pretrain_dir(results, spec: RunSpec) -> Path:
+    return run_path(pretrain_root(results), spec.grid, spec.run_id)
 
 
-def reference(spec: dict) -> str:
+def reference(spec: RunSpec) -> str:
     """What a dependent run's ``model.pretrained`` says: ``pretrain:<this pretraining run's id>``."""
-    return pretrain_ref(run_id(spec))
+    return pretrain_ref(spec.run_id)
 
 
 def dependent_model(model: dict, ref: str) -> dict:
@@ -138,7 +138,7 @@ def pretrain_phase(
     root = pretrain_root(results)
     specs = [p["spec"] for p in pretrains]
     for spec in specs:  # done but without weights (deleted, or the launcher died before extracting): redo
-        d = run_path(root, spec["grid"], run_id(spec))
+        d = pretrain_dir(results, spec)
         if inspect(d)["state"] == "done" and not extract_weights(d) and not dry_run:
             with run_lock(d) as got:
                 if got:
@@ -155,14 +155,14 @@ def pretrain_phase(
     blocked = {}
     by_ref = {p["ref"]: p for p in pretrains}
     for ref, p in by_ref.items():
-        d = run_path(root, p["spec"]["grid"], run_id(p["spec"]))
+        d = pretrain_dir(results, p["spec"])
         st = inspect(d)
         if st["state"] == "done" and extract_weights(d):
             continue
         why = f"{st['state']}" + (f": {st['reason']}" if st["reason"] else "")
         if st["state"] == "failed" and not retry_failed:
             why += "; fix it and rerun with --retry-failed"
-        blocked[ref] = f"its dense pretrain {run_id(p['spec'])} is {why}"
+        blocked[ref] = f"its dense pretrain {p['spec'].run_id} is {why}"
     return blocked
 
 

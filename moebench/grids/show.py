@@ -23,8 +23,6 @@ def show(grid: str | os.PathLike | dict) -> str:
     """The table `moebench grid show` prints: one row per run with its matched width and costs."""
     g = load(grid) if not (isinstance(grid, dict) and "file" in grid) else grid
     specs, pretrains = expand_with_pretrain(g)
-    from moebench.training.spec import run_id
-
     axes = [a for a, _ in g["sweep"]]
     head = [
         "run_id",
@@ -42,11 +40,11 @@ def show(grid: str | os.PathLike | dict) -> str:
     rows = []
     bar = Progress(len(specs), f"grid {g['name']}: costing runs", every_s=5, unit="run")
     for spec in specs:
-        same = [s for s in specs if s["moe"] and all(s[k] == spec[k] for k in ("task", "task_args", "model"))]
+        same = [s for s in specs if s.moe and (s.task, s.task_args, s.model) == (spec.task, spec.task_args, spec.model)]
         c = costs(spec, blocks=same[0]["moe"]["blocks"] if same else None)
         rows.append(
             [
-                run_id(spec),
+                spec.run_id,
                 spec["task"],
                 spec["label"],
                 str(spec["seed"]),
@@ -82,7 +80,7 @@ def show(grid: str | os.PathLike | dict) -> str:
         for p in pretrains:
             ps = p["spec"]
             lines.append(
-                f"  {run_id(ps)}  {ps['task']}  seed {ps['seed']}  {ps['train']['steps']} steps  "
+                f"  {ps.run_id}  {ps['task']}  seed {ps['seed']}  {ps['train']['steps']} steps  "
                 f"-> {weights_of(DEFAULT_RESULTS, p['ref'])}"
             )
     notes = sorted({n for spec in specs if spec["moe"] for n in probe(spec, ctx=GridContext(g["file"]))["notes"]})

@@ -99,7 +99,9 @@ def atomic_write_json(path, obj) -> None:
 
 
 def atomic_write_yaml(path, obj) -> None:
-    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=True))
+    """``obj`` as YAML (a `RunSpec` as its plain dict)."""
+    to_dict = getattr(obj, "to_dict", None)
+    atomic_write_text(path, yaml.safe_dump(to_dict() if callable(to_dict) else obj, sort_keys=True))
 
 
 def json_default(obj):

@@ -23,7 +23,7 @@ from moebench.training.records import (
     write_status,
 )
 from moebench.training.rundir import check_inside, record_problem, run_path
-from moebench.training.spec import SpecError, resolve_spec, run_id
+from moebench.training.spec import RunSpec, SpecError
 from moebench.training.stop import Stopped
 
 MIN_FREE_MB = 100  # below this a run does not start: a checkpoint or record write would fail half-way
@@ -88,11 +88,11 @@ def _finished(run_dir: Path) -> dict | None:
         return None
 
 
-def execute(spec: dict, results_dir="results", device=None, progress: bool | None = None) -> dict:
+def execute(spec: RunSpec | dict, results_dir="results", device=None, progress: bool | None = None) -> dict:
     """Run ``spec`` into ``results_dir/<grid>/<run_id>/``. Returns ``{"state": done|failed, "run_id",
     "run_dir", "reason", "skipped", "final"}``; never raises for a failing run."""
     try:
-        spec = resolve_spec(spec)
+        run = RunSpec.from_dict(spec)
     except SpecError as err:
         return {
             "state": "failed",
@@ -102,8 +102,9 @@ def execute(spec: dict, results_dir="results", device=None, progress: bool | Non
             "skipped": False,
             "final": None,
         }
-    rid = run_id(spec)
-    run_dir = run_path(results_dir, spec["grid"], rid)
+    rid = run.run_id
+    spec = run.to_dict()  # the trainer's own copy
+    run_dir = run_path(results_dir, run.grid, rid)
     out = {"state": None, "run_id": rid, "run_dir": str(run_dir), "reason": None, "skipped": False, "final": None}
     try:
         check_inside(results_dir, run_dir)
