@@ -301,9 +301,9 @@ def test_a_killed_job_is_resumed_up_to_max_retries_and_divergence_is_not(tmp_pat
             d, "failed", "job 7 ended without finishing the run: killed", attempts=attempts, retryable=True
         )
         (r,) = launch.plan([spec], results, max_retries=1)
-        assert r["action"] == action, r["why"]
+        assert r.action == action, r.why
     records.write_status(d, "failed", "diverged at step 3: loss=nan", attempts=1, retryable=False)
-    assert launch.plan([spec], results, max_retries=1)[0]["action"] == "skip"
+    assert launch.plan([spec], results, max_retries=1)[0].action == "skip"
 
 
 def test_moebench_train_waits_for_no_one_else_on_its_run(tmp_path, capsys):

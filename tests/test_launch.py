@@ -165,7 +165,7 @@ def test_a_run_locked_by_a_live_process_is_left_alone(tmp_path):
         assert holder.stdout.readline().strip() == "True"
         assert rundir.lock_held(d) and rundir.inspect(d)["state"] == "running"
         (planned,) = launch.plan([spec], results)
-        assert planned["action"] == "skip" and planned["why"] == "running elsewhere"
+        assert planned.action == "skip" and planned.why == "running elsewhere"
 
         def must_not_run(spec, results):
             raise AssertionError("a locked run was executed")

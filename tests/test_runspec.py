@@ -78,3 +78,21 @@ def test_expansion_gives_run_specs_without_hidden_keys():
     assert all(isinstance(s, RunSpec) for s in specs) and all(isinstance(p["spec"], RunSpec) for p in pretrains)
     assert not [k for s in specs for k in s.to_dict() if k.startswith("_")]
     assert len({s.run_id for s in specs}) == len(specs)
+
+
+def test_the_launcher_plans_frozen_runs_and_changes_them_by_copy(tmp_path):
+    from moebench.grids.cancel import cancel
+    from moebench.grids.phase import plan
+    from moebench.grids.planned import PlannedRun
+    from moebench.grids.pretrain import hold_back
+
+    spec = RunSpec.from_dict({"task": "toy", "model": {"pretrained": "pretrain:pretrain-s0-0123456789"}})
+    (r,) = plan([spec.to_dict()], tmp_path)
+    assert isinstance(r, PlannedRun) and r.spec == spec and r.run_id == spec.run_id
+    assert (r.action, r.why, r.state, r.outcome) == ("run", "new", "new", None)
+    assert r.run_dir == tmp_path / "single" / spec.run_id and r.pretrain == "pretrain:pretrain-s0-0123456789"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.action = "skip"  # type: ignore[misc]
+    (held,) = hold_back([r], {r.pretrain: "its dense pretrain is failed"})
+    assert (held.action, held.why) == ("skip", "waits: its dense pretrain is failed") and r.action == "run"
+    assert cancel(tmp_path).stopped == 0  # nothing trains there

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from moebench.grids.phase import Executor, Phase, plan, run_phase
+from moebench.grids.planned import PlannedRun
 from moebench.training.pretrained import PRETRAIN_DIR, PRETRAIN_GRID, WEIGHTS, pretrain_ref, pretrain_root
 from moebench.training.rundir import inspect, run_lock, run_path, set_aside
 from moebench.training.spec import RunSpec
@@ -146,8 +147,8 @@ def pretrain_phase(
     runs = plan(specs, root, retry_failed, ex.section.get("max_retries", 2))
     ex.log(
         f"pretrain: {len(runs)} dense runs (one per task block and seed) -> {root / PRETRAIN_GRID}; "
-        f"{sum(r['why'] == 'done' for r in runs)} done already, "
-        f"{sum(r['action'] == 'run' for r in runs)} to run first"
+        f"{sum(r.why == 'done' for r in runs)} done already, "
+        f"{sum(r.action == 'run' for r in runs)} to run first"
     )
     run_phase(runs, Phase(f"{grid_name}-pretrain", root / PRETRAIN_GRID, root.resolve(), verb="pretrain"), ex, dry_run)
     if dry_run:
@@ -166,15 +167,17 @@ def pretrain_phase(
     return blocked
 
 
-def hold_back(runs: list[dict], blocked: dict) -> None:
-    """Skip (with the reason) every planned run whose pretrained weights are not there."""
-    for r in runs:
-        ref = (r["spec"].get("model") or {}).get("pretrained")
-        if r["action"] == "run" and isinstance(ref, str) and ref in blocked:
-            r["action"], r["why"] = "skip", f"waits: {blocked[ref]}"
+def hold_back(runs: list[PlannedRun], blocked: dict) -> list[PlannedRun]:
+    """``runs``, with every planned run whose pretrained weights are not there a skip (with the reason)."""
+    return [
+        r.replace(action="skip", why=f"waits: {blocked[r.pretrain]}")
+        if r.action == "run" and r.pretrain in blocked
+        else r
+        for r in runs
+    ]
 
 
-def needed(pretrains: list[dict], runs: list[dict]) -> list[dict]:
+def needed(pretrains: list[dict], runs: list[PlannedRun]) -> list[dict]:
     """The pretrains that a planned run still to run starts from; a finished grid needs none."""
-    refs = {(r["spec"].get("model") or {}).get("pretrained") for r in runs if r["action"] == "run"}
+    refs = {r.pretrain for r in runs if r.action == "run"}
     return [p for p in pretrains if p["ref"] in refs]
