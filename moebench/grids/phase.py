@@ -72,6 +72,11 @@ def run_phase(runs: list[PlannedRun], phase: Phase, ex: Executor, dry_run: bool 
     return progress.runs
 
 
+# checking a finished record (final.json, metrics.jsonl, spec.yaml hashed to the folder name) costs ~10 ms;
+# re-checking 120 of them every second kept a core busy while the jobs needed it
+FINAL_STATES = ("done", "failed")
+
+
 def _now() -> str:
     return datetime.now().strftime("%H:%M:%S")
 
@@ -92,6 +97,8 @@ class Progress:
 
     def poll(self) -> None:
         for i, r in enumerate(self.runs, 1):
+            if self.last.get(r.run_id) in FINAL_STATES:
+                continue  # a run done or failed stays so within a phase: reading its records again is waste
             st = inspect(r.run_dir)
             shown = st["state"]
             if r.outcome == "elsewhere":
