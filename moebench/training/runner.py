@@ -103,7 +103,6 @@ def execute(spec: RunSpec | dict, results_dir="results", device=None, progress: 
             "final": None,
         }
     rid = run.run_id
-    spec = run.to_dict()  # the trainer's own copy
     run_dir = run_path(results_dir, run.grid, rid)
     out = {"state": None, "run_id": rid, "run_dir": str(run_dir), "reason": None, "skipped": False, "final": None}
     try:
@@ -120,8 +119,8 @@ def execute(spec: RunSpec | dict, results_dir="results", device=None, progress: 
         from moebench.training.train import train
 
         result = train(
-            TASKS.get(spec["task"])(**spec["task_args"]),
-            spec,
+            TASKS.get(run.task)(**run["task_args"]),
+            run,
             run_dir,
             device=device,
             progress=False,
@@ -135,7 +134,7 @@ def execute(spec: RunSpec | dict, results_dir="results", device=None, progress: 
         return {**out, "state": "failed", "reason": disk}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_yaml(run_dir / "spec.yaml", spec)
+        atomic_write_yaml(run_dir / "spec.yaml", run.to_dict())
         status = read_status_safe(run_dir) or {}
         attempts = int(status.get("attempts", 0) or 0) + 1
         write_status(
@@ -150,8 +149,8 @@ def execute(spec: RunSpec | dict, results_dir="results", device=None, progress: 
         from moebench.core.registry import TASKS
         from moebench.training.train import train
 
-        task = TASKS.get(spec["task"])(**spec["task_args"])
-        result = train(task, spec, run_dir, device=device, progress=progress, results=results_dir)
+        task = TASKS.get(run.task)(**run["task_args"])
+        result = train(task, run, run_dir, device=device, progress=progress, results=results_dir)
     except Stopped as err:  # status stays "running": with the lock gone it reads as interrupted
         return {**out, "state": "stopped", "reason": str(err)}
     except Exception as err:  # a failing run must not stop the grid

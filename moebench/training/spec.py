@@ -350,7 +350,11 @@ class RunSpec(Mapping[str, Any]):
 
 
 def _runspec_from_dict(spec: dict) -> RunSpec:
-    return RunSpec.from_dict(spec)
+    """Unpickling: the fields as they were resolved (a pickle is trusted input: it runs code anyway)."""
+    out = object.__new__(RunSpec)
+    for key in TOP_LEVEL:
+        object.__setattr__(out, key, _freeze(spec[key]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

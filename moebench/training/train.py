@@ -63,8 +63,7 @@ from moebench.training.records import (
     write_status,
 )
 from moebench.training.rundir import set_aside
-from moebench.training.spec import resolve_spec
-from moebench.training.spec import run_id as spec_run_id
+from moebench.training.spec import RunSpec
 from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
 from moebench.training.trackers import Trackers
 
@@ -343,7 +342,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def train(
     task,
-    spec: dict,
+    spec: RunSpec | dict,
     run_dir,
     device=None,
     progress: bool | None = None,
@@ -356,9 +355,9 @@ def train(
     interrupt a run). ``progress``: None = a bar on a TTY, a line every 30 s in a log
     (`moebench.core.progress`); True = always the bar; False = silent. ``results``: the results root a
     ``model.pretrained: "pretrain:<run id>"`` reference resolves under (`moebench.training.pretrained`)."""
-    spec = resolve_spec(spec)
-    rid = spec_run_id(spec)
-    spec = with_weights_path(spec, results)  # after the id: the id names the pretrain, not a path
+    run = RunSpec.from_dict(spec)  # a RunSpec passes through: resolved once, where it was made
+    rid = run.run_id
+    spec = with_weights_path(run, results)  # a plain dict, after the id: the id names the pretrain, not a path
     run_dir = Path(run_dir)
     if data_parallel()[0] == 0:  # other data-parallel ranks write nothing
         run_dir.mkdir(parents=True, exist_ok=True)
