@@ -47,7 +47,10 @@ class SwitchRouter(Router):
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
     options = {
         "top_k": option(
-            1, "choice", choices=(1,), fix="switch is top-1 by definition: use top_k: 1 (or router softmax-topk for top-k routing)"
+            1,
+            "choice",
+            choices=(1,),
+            fix="switch is top-1 by definition: use top_k: 1 (or router softmax-topk for top-k routing)",
         ),
         "balance_weight": option(1e-2, "float", minimum=0.0, doc="balance loss weight alpha"),
         "z_weight": option(1e-3, "float", minimum=0.0, doc="router z-loss weight beta (ST-MoE)"),

@@ -363,7 +363,10 @@ def test_deterministic_with_a_fixed_seed():
         ({"eigen_lr_scale": 0}, r"args.eigen_lr_scale: expected a finite number > 0, got 0"),
         ({"route_rank": 2.5}, r"args.route_rank: expected an integer >= 1 or null, got 2.5"),
         ({"free_experts": [4]}, r"free_experts has 4: every entry must be an expert index in \[0, 3\]"),
-        ({"free_experts": [1, 1]}, r"args.free_experts: expected a list of distinct integers >= 0 or null, got \[1, 1\]"),
+        (
+            {"free_experts": [1, 1]},
+            r"args.free_experts: expected a list of distinct integers >= 0 or null, got \[1, 1\]",
+        ),
         ({"free_experts": "01"}, r"args.free_experts: expected a list of distinct integers >= 0 or null, got '01'"),
         ({"top_k": 5}, r"top_k=5 is invalid for num_experts=4"),
         ({"top_k": 1.5}, r"args.top_k: expected an integer >= 1, got 1.5"),
