@@ -63,6 +63,15 @@ def test_the_grid_validator_refuses_a_bad_router_arg_with_the_same_words(name):
     assert str(in_grid.value) == f"g.yaml: routers[1].args.{key}: {in_python.value.describe()}"
 
 
+def test_a_swept_router_arg_is_checked_against_each_router_that_declares_it():
+    grid = {"task": "toy", "routers": ["dense", "hash", "softmax-topk"], "sweep": {"router_args.top_k": [1, 0]}}
+    with pytest.raises(GridError) as err:
+        load(grid, file="g.yaml")
+    assert str(err.value) == (
+        "g.yaml: sweep.router_args.top_k[1]: expected an integer >= 1, got 0 (int) (router 'hash', routers[1])"
+    )
+
+
 def test_grid_router_args_are_checked_but_kept_as_written():
     """The spec (and the run id) records the args as written; the constructor gets them normalised."""
     g = load({"task": "toy", "routers": [{"name": "softmax-topk", "args": {"top_k": 2.0, "balance_weight": "1e-2"}}]})

@@ -377,6 +377,7 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
     grid["routers"] = _check_routers(ctx, raw.get("routers"))
     grid["sweep"] = _check_sweep(ctx, raw.get("sweep"))
     grid["match"] = _check_match(ctx, raw.get("match", "active_flops"))
+    _check_swept_router_args(ctx, grid)
     _check_matched_widths(ctx, grid)
     grid["executor"] = {**defaults(ExecutorConfig), **ctx.section(ExecutorConfig, raw.get("executor"), "executor")}
     _check_tasks(ctx, grid)
@@ -461,6 +462,28 @@ def _check_seeds(ctx: GridContext, seeds) -> list[int]:
         except ConfigError as err:
             raise ctx.error(err.path, err.describe()) from None
     return list(seeds)
+
+
+def _check_swept_router_args(ctx: GridContext, grid: dict) -> None:
+    """A ``router_args.<key>`` axis's values against each router entry that declares ``key`` (the same
+    check as an entry's own args; `Router.options`)."""
+    from moebench.core.registry import ROUTERS
+
+    for axis, values in grid["sweep"]:
+        head, _, key = axis.partition(".")
+        if head != "router_args":
+            continue
+        for r in grid["routers"]:
+            declared = {} if r["name"] == DENSE else ROUTERS.get(r["name"]).options
+            if key not in declared:
+                continue
+            for j, v in enumerate(values):
+                try:
+                    check_options(declared, {key: copy.deepcopy(v)}, "")
+                except ConfigError as err:
+                    raise ctx.error(
+                        f"sweep.{axis}[{j}]", f"{err.describe()} (router {r['name']!r}, {r['path']})"
+                    ) from None
 
 
 def _check_matched_widths(ctx: GridContext, grid: dict) -> None:
