@@ -33,6 +33,9 @@ from moebench.core.routing import Router, Routing, RoutingContext
 class ReMoERouter(Router):
     """ReLU gates with an adaptively weighted, load-balanced L1 penalty; see the module docstring."""
 
+    l1_weight: Tensor
+    zeros_seen: Tensor
+
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
 
     def __init__(
