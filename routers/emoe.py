@@ -95,7 +95,7 @@ class EMoERouter(CapturesInitialBasis, Router):
         """Projection 2*d*r, energies ~4r, logits 2*E*r (the E x r mixing matrix is per layer, not per token)."""
         return float(2 * self.d_model * self.rank + 4 * self.rank + 2 * self.num_experts * self.rank)
 
-    def gate_parameters(self) -> list[nn.Parameter]:
+    def gate_parameters(self) -> list[Tensor]:
         """M, the expert-mixing matrix the logits come from (moe.router_init_std); Q stays orthogonal."""
         return [self.M]
 

@@ -329,6 +329,9 @@ class ErMoERouter(CapturesInitialBasis, Router):
     a reference to it outside the module tree, so its parameters appear once in the state dict (under
     the layer's ``experts``) and nowhere under the router, which has no parameters of its own."""
 
+    free_mask: Tensor
+    score_gain: Tensor
+
     sequence_refusal = "its score is the cosine of each token with an expert's eigen-subspace, not linear in the token"
     options = {
         "top_k": option(2, "int", minimum=1, doc="experts per token (<= num_experts)"),
@@ -439,7 +442,7 @@ class ErMoERouter(CapturesInitialBasis, Router):
                 f"ermoe router (d_model={self.d_model}, num_experts={self.num_experts}) cannot wrap experts with "
                 f"d_model={getattr(experts, 'd_model', None)}, num_experts={getattr(experts, 'num_experts', None)}"
             )
-        eig = EigenExperts.from_experts(experts, fc1_mode=self.fc1_mode)
+        eig = EigenExperts.from_experts(experts, fc1_mode=self.fc1_mode)  # type: ignore[arg-type]  # it checks the attributes
         if self.route_rank >= eig.rank:
             if self.route_rank_option is not None or eig.rank < 2:
                 raise ValueError(
@@ -494,6 +497,7 @@ class ErMoERouter(CapturesInitialBasis, Router):
     def _score_from(self, px: Tensor, pc: Tensor | None, x_norm: Tensor, scale: Tensor) -> Tensor:
         """Score from projections px = B^T x (..., r); shared by the all-experts and the per-pair paths."""
         if self.score == "context":
+            assert pc is not None  # _check_context: a context with score context
             return F.cosine_similarity(px, pc, dim=-1, eps=_EPS)
         if self.score == "subspace":
             return torch.linalg.vector_norm(px, dim=-1) / x_norm
@@ -522,7 +526,7 @@ class ErMoERouter(CapturesInitialBasis, Router):
         counts = expert_counts(flat, self.num_experts)
         basis = self._basis(V).contiguous()
         px = grouped_matmul(x.float()[tok], basis, counts)  # (T*k, r), pairs grouped by expert
-        pc = None if self.score != "context" else grouped_matmul(context.float()[tok], basis, counts)
+        pc = None if self.score != "context" else grouped_matmul(context.float()[tok], basis, counts)  # type: ignore[union-attr]  # _check_context
         x_norm = torch.linalg.vector_norm(x.float(), dim=-1).clamp_min(_EPS)[tok]
         scale = self.eigen_experts.s[:, : self.route_rank].float().abs()[flat[order]]
         s_sorted = self._score_from(px, pc, x_norm, scale)

@@ -87,7 +87,8 @@ class ErmoeReleasedRouter(Router):
                 "moe.router_init_std cannot apply to router 'ermoe-released': it has no learned gate "
                 "(it scores images by the backbone's own attention); leave moe.router_init_std null for it"
             )
-        d = backbone.head.in_features if isinstance(getattr(backbone, "head", None), nn.Linear) else 0
+        head = getattr(backbone, "head", None)
+        d = head.in_features if isinstance(head, nn.Linear) else 0
         args = copy.deepcopy(moe.get("router_args") or {})
         router = cls(d, moe["num_experts"], **args)
         patch_embed = getattr(backbone, "patch_embed", None)

@@ -32,6 +32,10 @@ _PRIME = 2**31 - 1
 class HashRouter(Router):
     """Fixed hash routing by position, token id or locality-sensitive hash; see the module docstring."""
 
+    position_table: Tensor
+    hash_coeffs: Tensor
+    projection: Tensor
+
     sequence_refusal = "it has no gate logits (a fixed hash of position, token id or input)"
     options = {
         "top_k": option(1, "int", minimum=1, doc="experts per token (<= num_experts)"),

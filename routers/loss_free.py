@@ -32,6 +32,9 @@ _SCORE_FNS = ("sigmoid", "softmax")
 class LossFreeRouter(Router):
     """Sigmoid (or softmax) gate with a load-driven selection bias; see the module docstring."""
 
+    expert_bias: Tensor
+    load: Tensor
+
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
     options = {
         "top_k": option(2, "int", minimum=1, doc="experts per token (<= num_experts)"),

@@ -39,6 +39,8 @@ def _mix(x: Tensor) -> Tensor:
 class RandomRouter(Router):
     """Fresh uniform random k-subset of experts per token per forward; see the module docstring."""
 
+    calls: Tensor
+
     control = True  # a control with known answers, not a router to rank (grids list it where it applies)
     sequence_routing = True  # reads no content: one random draw per sequence
     options = {

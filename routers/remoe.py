@@ -34,6 +34,9 @@ from moebench.core.routing import Router, Routing, RoutingContext
 class ReMoERouter(Router):
     """ReLU gates with an adaptively weighted, load-balanced L1 penalty; see the module docstring."""
 
+    l1_weight: Tensor
+    zeros_seen: Tensor
+
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
     options = {
         "top_k": option(2, "int", minimum=1, doc="target experts per token (sets the target sparsity)"),

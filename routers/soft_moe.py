@@ -64,7 +64,7 @@ class SoftMoERouter(Router):
         self.scale = nn.Parameter(torch.ones(())) if self.normalize else None
         self.seen_seq_len: int | None = None
 
-    def gate_parameters(self) -> list[nn.Parameter]:
+    def gate_parameters(self) -> list[Tensor]:
         """The slot parameters phi (moe.router_init_std; with ``normalize`` their scale does not matter)."""
         return [self.phi]
 
@@ -96,6 +96,7 @@ class SoftMoERouter(Router):
         xb = x.float().reshape(num_tokens // n, n, self.d_model)
         phi = self.phi.float()
         if self.normalize:
+            assert self.scale is not None  # a parameter when normalize
             logits = self.scale * F.normalize(xb, dim=-1) @ F.normalize(phi, dim=0)
         else:
             logits = xb @ phi

@@ -48,6 +48,7 @@ SECOND_LAYER = ("reshape", "transpose")
 class SSMoERouter(Router):
     """Routes on the mean right singular vectors of each expert's weights; see the module docstring."""
 
+    steps: Tensor
     basis: Tensor
     basis_ready: Tensor
     options = {
@@ -104,7 +105,8 @@ class SSMoERouter(Router):
                 f"got {type(experts).__name__}"
             )
         self.num_matrices = 3 if getattr(experts, "gated", False) else 2
-        ranks = [min(experts.d_hidden, self.d_model)] + ([] if self.second_layer == "transpose" else [self.d_model])
+        d_hidden: int = experts.d_hidden  # type: ignore[assignment]  # an int (nn.Module.__getattr__ says otherwise)
+        ranks = [min(d_hidden, self.d_model)] + ([] if self.second_layer == "transpose" else [self.d_model])
         if self.k > min(ranks):
             raise ValueError(
                 f"ssmoe option k={self.k} exceeds the {min(ranks)} singular vectors an expert matrix "
@@ -120,9 +122,10 @@ class SSMoERouter(Router):
         if not self._experts_ref:
             raise RuntimeError("ssmoe router has no experts: MoELayer calls router.wrap_experts(experts) first")
         experts = self._experts_ref[0]
-        w1 = experts.fc1_weight().detach().float().mT  # (E, h or 2h, d): nn.Linear's (out, in)
+        # experts: Experts-like; nn.Module.__getattr__ types their attributes as Tensor | Module
+        w1 = experts.fc1_weight().detach().float().mT  # type: ignore[operator]  # (E, h or 2h, d): nn.Linear's (out, in)
         firsts = list(w1.chunk(2, dim=1)) if self.num_matrices == 3 else [w1]
-        w2 = experts.w2.detach().float()  # (E, h, d) = fc2's nn.Linear weight (d, h) transposed
+        w2 = experts.w2.detach().float()  # type: ignore[operator]  # (E, h, d) = fc2's nn.Linear weight (d, h) transposed
         if self.second_layer == "reshape":
             w2 = w2.mT.contiguous().reshape(self.num_experts, -1, self.d_model)  # (d, h) read row-major as (h, d)
         return firsts + [w2]

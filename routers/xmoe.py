@@ -82,7 +82,7 @@ class XMoERouter(Router):
         """The effective temperature tau, clamped to [min_temperature, max_temperature]."""
         return self.log_temperature.float().exp().clamp(self.min_temperature, self.max_temperature)
 
-    def gate_parameters(self) -> list[nn.Parameter]:
+    def gate_parameters(self) -> list[Tensor]:
         """The projection (moe.router_init_std); the score is a cosine, so only its directions matter."""
         return [self.proj.weight]
 

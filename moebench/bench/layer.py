@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ def time_side_by_side(
     for _ in range(warmup):
         for m in modules.values():
             _step_time(m, x)
-    samples = {name: [] for name in modules}
+    samples: dict[str, list[float]] = {name: [] for name in modules}
     for _ in range(repeats):
         for name, m in modules.items():
             samples[name].append(_step_time(m, x))
@@ -158,7 +159,7 @@ def bench_layer(
             except ValueError as err:  # e.g. Switch is top-1 only: no row at this k
                 print(f"skip {name} at k={k}: {err}")
         for name in [n for n in routers if n in modules]:
-            modules[f"{name} (router only)"] = RouterOnly(modules[name])
+            modules[f"{name} (router only)"] = RouterOnly(cast(MoELayer, modules[name]))
         mixtral = _mixtral_peer(d_model, d_hidden, num_experts, k) if peers else None
         if mixtral is not None:
             modules["mixtral (transformers)"] = mixtral
@@ -167,7 +168,7 @@ def bench_layer(
             m.to(device=device, dtype=dtype).train()
         times = time_side_by_side(modules, x.unsqueeze(0), repeats)
         memory = {
-            name: step_memory(lambda m=m: _step_time(m, x.unsqueeze(0)), torch.device(device), m.parameters())
+            name: step_memory(lambda m=m: _step_time(m, x.unsqueeze(0)), torch.device(device), m.parameters())  # type: ignore[misc]  # mypy cannot type a lambda's default argument
             for name, m in modules.items()
         }
         for name, seconds in times.items():

@@ -105,7 +105,7 @@ def _batch(cfg: ModelConfig, model: nn.Module, batch_size: int, size: int, devic
         ctx, vocab = model.context_length, model.vocab_size
         return (
             torch.randn(batch_size, 3, size, size, generator=g).to(device),
-            torch.randint(0, vocab, (batch_size, ctx), generator=g).to(device),
+            torch.randint(0, vocab, (batch_size, ctx), generator=g).to(device),  # type: ignore[call-overload]  # open_clip's ints, see _loss
         )
     return (
         torch.randn(batch_size, 1, size, size, size, generator=g).to(device),
@@ -117,9 +117,10 @@ def _loss(cfg: ModelConfig, model: nn.Module, batch: tuple) -> torch.Tensor:
     if cfg.inputs == "image":
         return F.cross_entropy(model(batch[0]).float(), batch[1])
     if cfg.inputs == "clip":
-        img = model.encode_image(batch[0], normalize=True).float()
-        txt = model.encode_text(batch[1], normalize=True).float()
-        logits = model.logit_scale.exp() * img @ txt.T
+        # open_clip's CLIP methods: nn.Module.__getattr__ types them as Tensor | Module
+        img = model.encode_image(batch[0], normalize=True).float()  # type: ignore[operator]
+        txt = model.encode_text(batch[1], normalize=True).float()  # type: ignore[operator]
+        logits = model.logit_scale.exp() * img @ txt.T  # type: ignore[operator]
         labels = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     return F.mse_loss(model(batch[0]).squeeze(-1).float(), batch[1])
@@ -221,7 +222,7 @@ def bench_model(
         row[f"{k}_samples_per_s"] = round(batch_size / sec, 2)
         row[f"{k}_tokens_per_s"] = None if tokens is None else round(batch_size * tokens / sec, 1)
         row[f"{k}_saved_mb"] = round(memory[k]["saved_mb"], 1)
-        row[f"{k}_peak_mb"] = None if memory[k]["peak_mb"] is None else round(memory[k]["peak_mb"], 1)
+        row[f"{k}_peak_mb"] = None if memory[k]["peak_mb"] is None else round(memory[k]["peak_mb"], 1)  # type: ignore[arg-type]  # mypy does not narrow memory[k]
     row["time_ratio"] = round(row["moe_ms"] / row["dense_ms"], 3)
     row["saved_mem_ratio"] = round(row["moe_saved_mb"] / row["dense_saved_mb"], 3)
     row["peak_mem_ratio"] = (

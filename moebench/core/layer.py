@@ -6,6 +6,7 @@ capacity (k-major slot priority, never above the token count) is applied here, o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -95,7 +96,7 @@ class MoELayer(nn.Module):
         self.stats: dict = {}
         self.pending_context: Tensor | None = None  # set by a hook on the block's attention (moefy)
         self.pending_group: Tensor | None = None  # (..., ) true group per token, set by a task that knows it
-        self.intervention = None  # Routing -> Routing after capacity (moebench.training.interventions)
+        self.intervention: Callable[[Routing], Routing] | None = None  # after capacity (training.interventions)
         if router_init_std is not None:  # last: every other weight is drawn as without the option
             init_router_gate(self.router, router_init_std, router)
 

@@ -286,8 +286,8 @@ class ViT3D(nn.Module):
                     mlp_ratio,
                     qkv_bias=qkv_bias,
                     drop_path=dpr[i],
-                    norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                )  # type: ignore[arg-type]  # timm takes any callable
+                    norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]  # timm takes any callable
+                )
                 for i in range(depth)
             ]
         )

@@ -134,7 +134,7 @@ def train_batches(
 ):
     """Infinite iterator over training batches; batch number ``s`` (0-based) depends only on (seed, s)
     (with ``world`` > 1: this rank's share of it)."""
-    n = len(dataset)
+    n = len(dataset)  # type: ignore[arg-type]  # map-style datasets have __len__; torch's Dataset type does not say so
     per_epoch = n // batch_size
     if per_epoch == 0:
         raise ValueError(
@@ -172,7 +172,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None)
     the model lists in ``no_weight_decay()`` (timm's convention, e.g. pos_embed). Parameters carrying
     an ``lr_scale`` attribute (e.g. ERMoE's ``eigen_lr_scale``) get groups of their own at lr * scale,
     after the two base groups."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()  # type: ignore[operator]
     groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -187,6 +187,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None)
             continue
         group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
         if scale != 1.0:
+            assert lr is not None  # scale is 1.0 unless lr is given
             group["lr"] = lr * scale
         out.append(group)
     return out
@@ -265,7 +266,7 @@ class _TokenCounter:
 
     def __init__(self, model: nn.Module):
         self.per_sample: float | None = None
-        self.module = next((m for m in model.modules() if isinstance(m, MoELayer)), None)
+        self.module: nn.Module | None = next((m for m in model.modules() if isinstance(m, MoELayer)), None)
         if self.module is None:  # dense baseline: the first transformer block moefy would see (timm, CLIP, 3D)
             try:
                 from moebench.core.moefy import find_blocks
@@ -298,7 +299,7 @@ def _rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "numpy": {
             "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(keys.astype(np.int64)),  # type: ignore[attr-defined]  # numpy stub: may be a dict
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "gauss": float(gauss),
@@ -549,7 +550,7 @@ class _Trainer:
         try:
             with self.autocast():
                 metrics = task.evaluate(model, self.eval_loader, self.device)
-                routing = {"mean": {}, "per_layer": []}
+                routing: dict = {"mean": {}, "per_layer": []}
                 if self.layers:
                     acc = M.RoutingStatsAccumulator(model, task)
                     with acc:
@@ -798,6 +799,7 @@ class _Trainer:
     def final_record(self) -> dict:
         spec, task = self.spec, self.task
         ev = self.last_eval
+        assert ev is not None  # run() evaluates the last step before the final record
         metrics = ev["metrics"]
         per_layer = [dict(d) for d in ev["routing"]["per_layer"]]
         for d in per_layer:
@@ -815,7 +817,7 @@ class _Trainer:
         per_eval = [float(np.mean(col)) for col in zip(*curves)] if curves else []
         switches = [d["probe_switch"] for d in per_layer if "probe_switch" in d]
         per_probe = [None if None in col else float(np.mean(col)) for col in zip(*switches)] if switches else []
-        routing = {
+        routing: dict = {
             "mean": M.mean_over_layers(per_layer),
             "per_layer": per_layer,
             "recovery_by_role": M.mean_recovery_by_role(per_layer),

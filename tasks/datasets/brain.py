@@ -228,7 +228,7 @@ def load_t1w(path: Path, affine: np.ndarray | None, shape: int) -> np.ndarray:
 
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.get_fdata(), dtype=np.float32)
+        data = np.asarray(img.get_fdata(), dtype=np.float32)  # type: ignore[attr-defined]  # nibabel: a NIfTI image
     except Exception as e:  # noqa: BLE001 - nibabel/gzip/zlib raise many types for a bad file
         raise ValueError(
             f"cannot read NIfTI file {path}: {type(e).__name__}: {e}. Re-download or re-export "
@@ -240,7 +240,7 @@ def load_t1w(path: Path, affine: np.ndarray | None, shape: int) -> np.ndarray:
         raise ValueError(f"{path}: expected a 3D T1w volume, got shape {data.shape}")
     if not np.isfinite(data).all():
         data = np.nan_to_num(data)
-    img = nib.Nifti1Image(data, img.affine)
+    img = nib.Nifti1Image(data, img.affine)  # type: ignore[attr-defined]  # as above
     if affine is None:
         img = nib.as_closest_canonical(img)
         d = np.asarray(img.dataobj)
@@ -281,7 +281,7 @@ def bids_brain_age_dataset(
     skipped: dict[str, str] = {}
     chosen: list[tuple[str, float, Path]] = []
     for pid, age in zip(df["participant_id"], df["age"]):
-        files = _find_t1w(root, pid)
+        files: list = _find_t1w(root, pid)  # a list of paths here, of (name, size, mtime) below
         if not files:
             skipped[pid] = f"no T1w image under {root / pid}/anat/ (expected {pid}_T1w.nii.gz)"
         elif not np.isfinite(age):
@@ -437,7 +437,7 @@ def synthetic_brain_cohort(
             )
             theta[k, :, :3] = torch.tensor(rot / rng.uniform(0.96, 1.04, size=3), dtype=torch.float32)
             theta[k, :, 3] = torch.tensor(rng.uniform(-1, 1, size=3) * 2 / S, dtype=torch.float32)
-        grid = F.affine_grid(theta, (b, 3, S, S, S), align_corners=True)
+        grid = F.affine_grid(theta, [b, 3, S, S, S], align_corners=True)
         disp = torch.randn(b, 3, 5, 5, 5, generator=gen) * (2.0 / S)
         grid = grid + F.interpolate(disp, size=(S, S, S), mode="trilinear", align_corners=True).permute(0, 2, 3, 4, 1)
         maps = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
@@ -484,7 +484,7 @@ def synthetic_brain_age_datasets(
         }
 
     data = cached("brain-synthetic", params, build, BRAIN_VERSION, root=cache, enabled=use_cache)
-    return tuple(
+    return tuple(  # type: ignore[return-value]  # (train, eval)
         BrainAgeDataset(d["volumes"], d["ages"], d["tissue"], [f"synth-{split}-{i:04d}" for i in range(len(d["ages"]))])
         for split, d in (("train", data["train"]), ("eval", data["eval"]))
     )

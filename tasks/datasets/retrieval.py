@@ -382,6 +382,7 @@ def _generate_canvases(
         occupied = [int(w) for w in where]
         orders = [occupied] + [list(p) for p in itertools.permutations(occupied) if list(p) != occupied]
         first, rest = orders[0], orders[1:]
+        pick: np.ndarray | list[int]
         pick = rng.choice(len(rest), size=captions_per_image - 1, replace=False) if captions_per_image > 1 else []
         captions.append([caption_for(flat, first)] + [caption_for(flat, rest[j]) for j in pick])
         i += 1
@@ -454,7 +455,7 @@ def compositional_datasets(
     data = cached("compositional", params, build, COMPOSITIONAL_VERSION, root=cache, enabled=use_cache)
     if tokenizer == "word":
         tokenizer = WordTokenizer.for_grammar(grid, max_items)
-    return tuple(
+    return tuple(  # type: ignore[return-value]  # (train, eval)
         CanvasTextDataset(
             d["canvases"],
             d["cells"],
