@@ -127,26 +127,7 @@ class MoELayer(nn.Module):
         shape = x.shape
         num_tokens = math.prod(shape[:-1])
         flat = x.reshape(num_tokens, self.d_model)
-        if context is None:
-            context = self.pending_context
-            self.pending_context = None
-        if self.router.needs_context and context is None:
-            raise ValueError(
-                f"router {self.router_name!r} needs the attention context: call the layer as "
-                f"layer(x, context=attn_out), or build the model with moebench.core.moefy which hooks it in"
-            )
-        if context is not None and context.shape != shape:
-            raise ValueError(f"context shape {tuple(context.shape)} must equal input shape {tuple(shape)}")
-        seq_len = shape[-2] if x.dim() >= 3 else num_tokens
-        group, self.pending_group = self.pending_group, None
-        ctx = RoutingContext(
-            positions=torch.arange(seq_len, device=x.device).repeat(num_tokens // seq_len),
-            token_ids=None if token_ids is None else token_ids.reshape(num_tokens),
-            context=None if context is None else context.reshape(num_tokens, self.d_model).float(),
-            training=self.training,
-            seq_len=seq_len,
-            group=None if group is None else group.reshape(num_tokens).to(x.device),
-        )
+        ctx, seq_len = self._routing_context(x, num_tokens, context, token_ids)
         capacity = (
             self.capacity_factor
             if self.capacity_factor is not None
@@ -169,16 +150,7 @@ class MoELayer(nn.Module):
             torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else flat.dtype
         )
 
-        if routing.is_dense:
-            out, counts = dense_dispatch(self.experts, flat, routing, compute_dtype)
-        else:
-            order = torch.argsort(routing.expert, stable=True)
-            token_sorted = routing.token[order]
-            counts = expert_counts(routing.expert, self.num_experts)
-            y_sorted = self.experts(flat[token_sorted].to(compute_dtype), counts)
-            y_sorted = y_sorted * routing.weight[order].to(y_sorted.dtype).unsqueeze(1)
-            out = torch.zeros(num_tokens, self.d_model, dtype=y_sorted.dtype, device=x.device)
-            out = out.index_add(0, token_sorted, y_sorted)
+        out, counts = self._dispatch(flat, routing, compute_dtype)
         if self.shared is not None:
             out = out + self.shared(flat.to(compute_dtype)).to(out.dtype)
         if null_out is not None:
@@ -189,6 +161,48 @@ class MoELayer(nn.Module):
         self.aux_loss = torch.stack(losses).sum() if losses else flat.new_zeros((), dtype=torch.float32)
         self._record_stats(routing, counts, num_tokens)
         return out.to(x.dtype).reshape(shape)
+
+    def _routing_context(
+        self, x: Tensor, num_tokens: int, context: Tensor | None, token_ids: Tensor | None
+    ) -> tuple[RoutingContext, int]:
+        """What the router sees besides the tokens: positions, token ids, the attention context (given or
+        hooked in), the pending group ids; and the sequence length."""
+        shape = x.shape
+        if context is None:
+            context = self.pending_context
+            self.pending_context = None
+        if self.router.needs_context and context is None:
+            raise ValueError(
+                f"router {self.router_name!r} needs the attention context: call the layer as "
+                f"layer(x, context=attn_out), or build the model with moebench.core.moefy which hooks it in"
+            )
+        if context is not None and context.shape != shape:
+            raise ValueError(f"context shape {tuple(context.shape)} must equal input shape {tuple(shape)}")
+        seq_len = shape[-2] if x.dim() >= 3 else num_tokens
+        group, self.pending_group = self.pending_group, None
+        ctx = RoutingContext(
+            positions=torch.arange(seq_len, device=x.device).repeat(num_tokens // seq_len),
+            token_ids=None if token_ids is None else token_ids.reshape(num_tokens),
+            context=None if context is None else context.reshape(num_tokens, self.d_model).float(),
+            training=self.training,
+            seq_len=seq_len,
+            group=None if group is None else group.reshape(num_tokens).to(x.device),
+        )
+        return ctx, seq_len
+
+    def _dispatch(self, flat: Tensor, routing: Routing, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The experts' weighted outputs summed per token, and the tokens per expert."""
+        if routing.is_dense:
+            out, counts = dense_dispatch(self.experts, flat, routing, compute_dtype)
+        else:
+            order = torch.argsort(routing.expert, stable=True)
+            token_sorted = routing.token[order]
+            counts = expert_counts(routing.expert, self.num_experts)
+            y_sorted = self.experts(flat[token_sorted].to(compute_dtype), counts)
+            y_sorted = y_sorted * routing.weight[order].to(y_sorted.dtype).unsqueeze(1)
+            out = torch.zeros(flat.shape[0], self.d_model, dtype=y_sorted.dtype, device=flat.device)
+            out = out.index_add(0, token_sorted, y_sorted)
+        return out, counts
 
     def _route_sequences(self, flat: Tensor, ctx: RoutingContext, seq_len: int, capacity) -> Routing:
         """One decision per sequence (Chen et al. 2022 sum the gate logits over patches): the router sees

@@ -260,24 +260,8 @@ def load_t1w(path: Path, affine: np.ndarray | None, shape: int) -> np.ndarray:
     return _resample(img, affine, shape)
 
 
-def bids_brain_age_dataset(
-    root, shape: int = 32, space: str = "mni", cache: str | os.PathLike | None = None, use_cache: bool = True
-) -> BrainAgeDataset:
-    """All participants of a BIDS folder with an age and a T1w image: ``participants.tsv``
-    (participant_id, age) and ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]`` (first in sorted order when there
-    are several). Volumes are resampled to ``shape``^3 and intensity-normalised.
-
-    ``space="mni"`` (default; for MNI-registered images, the usual brain-age preprocessing) resamples
-    onto ``mni_grid(shape)`` and attaches the template's tissue labels; ``space="native"`` resamples a
-    cube around each image's own foreground and gives tissue -1 (unknown). Participants without an
-    image or without a numeric age, and images of unlisted subjects, are left out with a warning and
-    listed in ``dataset.skipped``. Resampled volumes are cached, keyed by the files' sizes and times."""
-    root = Path(root)
-    if space not in ("mni", "native"):
-        raise ValueError(f"space must be 'mni' or 'native', got {space!r}")
-    if not root.is_dir():
-        raise FileNotFoundError(f"BIDS root {root} does not exist")
-    df = read_participants(root / "participants.tsv")
+def _choose_participants(root: Path, df) -> tuple[list[tuple[str, float, Path]], dict[str, str]]:
+    """(participant, age, first T1w image) of everyone with both; the others with the reason, warned."""
     skipped: dict[str, str] = {}
     chosen: list[tuple[str, float, Path]] = []
     for pid, age in zip(df["participant_id"], df["age"]):
@@ -296,8 +280,29 @@ def bids_brain_age_dataset(
         warnings.warn(
             f"{root}: {len(skipped)} participant(s) left out: "
             + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5]),
-            stacklevel=2,
+            stacklevel=3,
         )
+    return chosen, skipped
+
+
+def bids_brain_age_dataset(
+    root, shape: int = 32, space: str = "mni", cache: str | os.PathLike | None = None, use_cache: bool = True
+) -> BrainAgeDataset:
+    """All participants of a BIDS folder with an age and a T1w image: ``participants.tsv``
+    (participant_id, age) and ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]`` (first in sorted order when there
+    are several). Volumes are resampled to ``shape``^3 and intensity-normalised.
+
+    ``space="mni"`` (default; for MNI-registered images, the usual brain-age preprocessing) resamples
+    onto ``mni_grid(shape)`` and attaches the template's tissue labels; ``space="native"`` resamples a
+    cube around each image's own foreground and gives tissue -1 (unknown). Participants without an
+    image or without a numeric age, and images of unlisted subjects, are left out with a warning and
+    listed in ``dataset.skipped``. Resampled volumes are cached, keyed by the files' sizes and times."""
+    root = Path(root)
+    if space not in ("mni", "native"):
+        raise ValueError(f"space must be 'mni' or 'native', got {space!r}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"BIDS root {root} does not exist")
+    chosen, skipped = _choose_participants(root, read_participants(root / "participants.tsv"))
     if not chosen:
         raise ValueError(f"{root}: no participant has both an age and a T1w image ({len(skipped)} left out)")
 
