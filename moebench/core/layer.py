@@ -28,6 +28,31 @@ from moebench.core.shared_experts import SharedExperts
 ROUTING_UNITS = ("token", "sequence")
 
 
+def _check_layer_args(
+    d_model: int, d_hidden: int, num_experts: int, capacity_factor: float | None, capacity_policy: str
+) -> None:
+    for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"MoELayer {name} must be a positive integer, got {value!r}")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"MoELayer capacity_factor must be > 0, or None for dropless routing; got {capacity_factor!r}")
+    if capacity_policy not in CAPACITY_POLICIES:
+        raise ValueError(f"MoELayer capacity_policy must be one of {list(CAPACITY_POLICIES)}, got {capacity_policy!r}")
+
+
+def _check_routing_unit(routing_unit: str, router: nn.Module, name: str) -> None:
+    """``routing_unit`` is known, and "sequence" only with a router that can route by sequence."""
+    if routing_unit not in ROUTING_UNITS:
+        raise ValueError(f"MoELayer routing_unit must be one of {list(ROUTING_UNITS)}, got {routing_unit!r}")
+    if routing_unit == "sequence" and not getattr(router, "sequence_routing", False):
+        raise ValueError(
+            f"router {name!r} cannot route by sequence (moe.routing_unit: sequence): "
+            f"{router.sequence_refusal}; use routing_unit: token, or a router with a "
+            f"linear gate (softmax-topk, switch, top-p, loss-free, deepseek-v3, remoe, sinkhorn, "
+            f"base, expert-choice) or the random / collapse / oracle controls"
+        )
+
+
 class MoELayer(nn.Module):
     """Drop-in replacement for a transformer MLP: (..., d_model) -> (..., d_model).
 
@@ -51,19 +76,9 @@ class MoELayer(nn.Module):
         routing_unit: str = "token",
     ):
         super().__init__()
-        for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MoELayer {name} must be a positive integer, got {value!r}")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(
-                f"MoELayer capacity_factor must be > 0, or None for dropless routing; got {capacity_factor!r}"
-            )
+        _check_layer_args(d_model, d_hidden, num_experts, capacity_factor, capacity_policy)
         self.d_model, self.d_hidden, self.num_experts = d_model, d_hidden, num_experts
         self.capacity_factor = capacity_factor
-        if capacity_policy not in CAPACITY_POLICIES:
-            raise ValueError(
-                f"MoELayer capacity_policy must be one of {list(CAPACITY_POLICIES)}, got {capacity_policy!r}"
-            )
         self.capacity_policy = capacity_policy
         self.router_name = router
         router_cls = ROUTERS.get(router)
@@ -75,15 +90,7 @@ class MoELayer(nn.Module):
             self.router = router_cls(d_model=d_model, num_experts=num_experts + null_experts, **args)
         except TypeError as err:
             raise TypeError(f"bad router_args for router {router!r}: {err}") from err
-        if routing_unit not in ROUTING_UNITS:
-            raise ValueError(f"MoELayer routing_unit must be one of {list(ROUTING_UNITS)}, got {routing_unit!r}")
-        if routing_unit == "sequence" and not getattr(self.router, "sequence_routing", False):
-            raise ValueError(
-                f"router {router!r} cannot route by sequence (moe.routing_unit: sequence): "
-                f"{self.router.sequence_refusal}; use routing_unit: token, or a router with a "
-                f"linear gate (softmax-topk, switch, top-p, loss-free, deepseek-v3, remoe, sinkhorn, "
-                f"base, expert-choice) or the random / collapse / oracle controls"
-            )
+        _check_routing_unit(routing_unit, self.router, router)
         self.routing_unit = routing_unit
         self.experts = self.router.wrap_experts(Experts(num_experts, d_model, d_hidden, activation))
         self.null = NullExperts(null_experts, num_experts, d_model) if null_experts else None

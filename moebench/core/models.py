@@ -227,6 +227,35 @@ def _triple(value, key: str) -> tuple[int, int, int]:
     return tuple(value)
 
 
+def _vit3d_sizes(
+    img_size, patch_size, global_pool: str, embed_dim: int, depth: int, num_heads: int, in_chans: int, num_outputs: int
+) -> tuple[tuple, tuple]:
+    """ViT3D's arguments checked; the volume and patch sizes as (D, H, W)."""
+    if global_pool not in ("token", "avg"):
+        raise ValueError(
+            f"vit3d global_pool must be 'token' (cls token) or 'avg' (mean of patch tokens), got {global_pool!r}"
+        )
+    sizes, patches = _triple(img_size, "img_size"), _triple(patch_size, "patch_size")
+    for d, (s, p) in enumerate(zip(sizes, patches)):
+        if s % p:
+            raise ValueError(
+                f"vit3d img_size {sizes} is not divisible by patch_size {patches} "
+                f"(axis {d}); choose a patch size that divides the volume"
+            )
+    for key, v in (
+        ("embed_dim", embed_dim),
+        ("depth", depth),
+        ("num_heads", num_heads),
+        ("in_chans", in_chans),
+        ("num_outputs", num_outputs),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"vit3d {key} must be a positive integer, got {v!r}")
+    if embed_dim % num_heads:
+        raise ValueError(f"vit3d embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+    return sizes, patches
+
+
 class ViT3D(nn.Module):
     """ViT on volumes (B, C, D, H, W): Conv3d patches, cls token, learned positions, timm ``Block`` s
     (so moefy sees ``model.blocks`` like a timm ViT), a linear head on the cls token."""
@@ -246,31 +275,12 @@ class ViT3D(nn.Module):
         global_pool: str = "token",
     ):
         super().__init__()
-        if global_pool not in ("token", "avg"):
-            raise ValueError(
-                f"vit3d global_pool must be 'token' (cls token) or 'avg' (mean of patch tokens), got {global_pool!r}"
-            )
+        self.img_size, self.patch_size = _vit3d_sizes(
+            img_size, patch_size, global_pool, embed_dim, depth, num_heads, in_chans, num_outputs
+        )
         self.global_pool = global_pool
         from timm.models.vision_transformer import Block
 
-        self.img_size, self.patch_size = _triple(img_size, "img_size"), _triple(patch_size, "patch_size")
-        for d, (s, p) in enumerate(zip(self.img_size, self.patch_size)):
-            if s % p:
-                raise ValueError(
-                    f"vit3d img_size {self.img_size} is not divisible by patch_size {self.patch_size} "
-                    f"(axis {d}); choose a patch size that divides the volume"
-                )
-        for key, v in (
-            ("embed_dim", embed_dim),
-            ("depth", depth),
-            ("num_heads", num_heads),
-            ("in_chans", in_chans),
-            ("num_outputs", num_outputs),
-        ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"vit3d {key} must be a positive integer, got {v!r}")
-        if embed_dim % num_heads:
-            raise ValueError(f"vit3d embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         self.in_chans, self.embed_dim = in_chans, embed_dim
         self.grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
         self.num_patches = self.grid[0] * self.grid[1] * self.grid[2]
