@@ -160,34 +160,12 @@ def _dataclass_cfg(cls, value, key: str):
 
 def _open_clip(cfg: dict, pretrained) -> tuple[nn.Module, str | None]:
     import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
     common, kwargs = _split(cfg)
     name = common.get("name")
     custom = name in (None, "custom", "clip-custom")
     if custom:
-        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in kwargs]
-        if missing:
-            raise ValueError(
-                f"custom open_clip model config lacks {missing}: give 'embed_dim', 'vision_cfg' and "
-                f"'text_cfg', or 'name' of an open_clip model (e.g. 'ViT-B-32')"
-            )
-        if pretrained is True:
-            raise ValueError("a custom open_clip model has no hub weights; set 'pretrained' to a local checkpoint path")
-        vision = _dataclass_cfg(CLIPVisionCfg, kwargs.pop("vision_cfg"), "vision_cfg")
-        text = _dataclass_cfg(CLIPTextCfg, kwargs.pop("text_cfg"), "text_cfg")
-        for tower, c in (("vision_cfg", vision), ("text_cfg", text)):
-            hw = getattr(c, "head_width", None)
-            heads = c.width // hw if hw else getattr(c, "heads", 1)
-            if heads < 1:
-                raise ValueError(
-                    f"open_clip {tower}: width {c.width} < head_width {hw} gives 0 heads; set "
-                    f"head_width to a divisor of width"
-                )
-        try:
-            return open_clip.CLIP(kwargs.pop("embed_dim"), vision, text, **kwargs), pretrained
-        except TypeError as err:
-            raise TypeError(f"open_clip model config has a key open_clip.CLIP rejects: {err}") from err
+        return _custom_clip(kwargs, pretrained), pretrained
     if "vision_cfg" in kwargs or "text_cfg" in kwargs:
         raise ValueError(
             f"open_clip model config gives both name {name!r} and vision_cfg/text_cfg: use a named "
@@ -216,6 +194,35 @@ def _open_clip(cfg: dict, pretrained) -> tuple[nn.Module, str | None]:
             raise
         raise _hub_error(f"open_clip model {name!r} tag {tag!r}", err) from err
     return model, (None if tag else pretrained)
+
+
+def _custom_clip(kwargs: dict, pretrained) -> nn.Module:
+    """open_clip.CLIP from embed_dim, vision_cfg and text_cfg (checked: known fields, at least one head)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in kwargs]
+    if missing:
+        raise ValueError(
+            f"custom open_clip model config lacks {missing}: give 'embed_dim', 'vision_cfg' and "
+            f"'text_cfg', or 'name' of an open_clip model (e.g. 'ViT-B-32')"
+        )
+    if pretrained is True:
+        raise ValueError("a custom open_clip model has no hub weights; set 'pretrained' to a local checkpoint path")
+    vision = _dataclass_cfg(CLIPVisionCfg, kwargs.pop("vision_cfg"), "vision_cfg")
+    text = _dataclass_cfg(CLIPTextCfg, kwargs.pop("text_cfg"), "text_cfg")
+    for tower, c in (("vision_cfg", vision), ("text_cfg", text)):
+        hw = getattr(c, "head_width", None)
+        heads = c.width // hw if hw else getattr(c, "heads", 1)
+        if heads < 1:
+            raise ValueError(
+                f"open_clip {tower}: width {c.width} < head_width {hw} gives 0 heads; set "
+                f"head_width to a divisor of width"
+            )
+    try:
+        return open_clip.CLIP(kwargs.pop("embed_dim"), vision, text, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"open_clip model config has a key open_clip.CLIP rejects: {err}") from err
 
 
 # --- 3D ViT -------------------------------------------------------------------------------------------
