@@ -299,3 +299,23 @@ def test_dry_run_lists_the_plan_and_touches_nothing(tmp_path, capsys):
     for d in run_dirs(path, results).values():
         assert f"would run {d.name} (new)" in out
     assert not results.exists()
+
+
+def test_the_launcher_does_not_reread_a_finished_run_each_poll(tmp_path, monkeypatch):
+    """A finished record is checked once (final.json, metrics.jsonl, spec hashed to its folder: ~10 ms);
+    re-checking every finished run every second kept a core busy on a 120-run grid."""
+    from moebench.grids import phase
+
+    path = toy_grid(tmp_path, routers=("dense",), steps=2)
+    results = tmp_path / "results"
+    launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
+    runs = phase.plan(expand(path), results)
+    assert [r["state"] for r in runs] == ["done"]
+    calls = []
+    real = phase.inspect
+    monkeypatch.setattr(phase, "inspect", lambda d: calls.append(d) or real(d))
+    progress = phase.Progress(runs, log=lambda s: None)
+    progress.last.clear()  # as if it had not been done when the phase started
+    for _ in range(3):
+        progress.poll()
+    assert len(calls) == 1 and progress.last[runs[0]["run_id"]] == "done"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from test_launch import toy_grid
 
 from moebench.cli import main
 from moebench.grids import launch
@@ -17,15 +16,6 @@ from moebench.report.load import load_record_set
 from moebench.training import records
 from moebench.training.rundir import run_path
 from moebench.training.spec import run_id
-
-
-@pytest.fixture(scope="module")
-def done_grid(tmp_path_factory):
-    """One finished two-run grid, copied by each test that damages it."""
-    tmp = tmp_path_factory.mktemp("done")
-    path = toy_grid(tmp, routers=("softmax-topk", "dense"))
-    launch.run_grid(path, cluster="debug", results=tmp / "results", log=lambda s: None)
-    return path, tmp / "results"
 
 
 def _status(**fields):

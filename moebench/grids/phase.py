@@ -67,6 +67,11 @@ def run_phase(runs: list[dict], phase: Phase, ex: Executor, dry_run: bool = Fals
     return todo
 
 
+# checking a finished record (final.json, metrics.jsonl, spec.yaml hashed to the folder name) costs ~10 ms;
+# re-checking 120 of them every second kept a core busy while the jobs needed it
+FINAL_STATES = ("done", "failed")
+
+
 def _now() -> str:
     return datetime.now().strftime("%H:%M:%S")
 
@@ -83,6 +88,8 @@ class Progress:
 
     def poll(self) -> None:
         for i, r in enumerate(self.runs, 1):
+            if self.last.get(r["run_id"]) in FINAL_STATES:
+                continue  # a run done or failed stays so within a phase: reading its records again is waste
             st = inspect(r["run_dir"])
             shown = st["state"]
             if r.get("outcome") == "elsewhere":

@@ -211,12 +211,17 @@ def read_status_safe(run_dir) -> dict | None:
         return None
 
 
+# libyaml's safe loader (same safe constructors, C parser): the launcher reads every run's spec.yaml each
+# poll, and the pure-Python parser made that ~35 ms per run (4 s per poll for 120 runs, a whole core)
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_spec(run_dir) -> dict | None:
     path = Path(run_dir) / "spec.yaml"
     if not path.exists():
         return None
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_SAFE_LOADER)
     except yaml.YAMLError as err:
         raise CorruptRecordError(f"{path}: not valid YAML ({err})") from err
 
