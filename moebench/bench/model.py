@@ -198,14 +198,7 @@ def bench_model(
         for m in models.values():
             compile_blocks(m)
     steps = {k: _train_step(cfg, m, torch.optim.AdamW(m.parameters(), lr=1e-4), batch, dev) for k, m in models.items()}
-    for _ in range(warmup):  # also the compile, when on
-        for s in steps.values():
-            s()
-    memory = {k: step_memory(s, dev, models[k].parameters()) for k, s in steps.items()}
-    samples: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(repeats):
-        for k, s in steps.items():
-            samples[k].append(_timed(s, dev))
+    memory, samples = _measure(steps, models, dev, warmup, repeats)
     row: dict = {
         "config": name,
         "router": router,
@@ -216,7 +209,26 @@ def bench_model(
         "compile": compile,
         "tokens_per_sample": tokens,
     }
-    for k in steps:
+    _add_measurements(row, samples, memory, batch_size, tokens)
+    return row
+
+
+def _measure(steps: dict, models: dict, dev: torch.device, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """Warm up, then the memory of one step and ``repeats`` timings of each model's step, interleaved."""
+    for _ in range(warmup):  # also the compile, when on
+        for s in steps.values():
+            s()
+    memory = {k: step_memory(s, dev, models[k].parameters()) for k, s in steps.items()}
+    samples: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, s in steps.items():
+            samples[k].append(_timed(s, dev))
+    return memory, samples
+
+
+def _add_measurements(row: dict, samples: dict, memory: dict, batch_size: int, tokens: float | None) -> None:
+    """Median time, throughput and memory of each model, then MoE over dense."""
+    for k in samples:
         sec = statistics.median(samples[k])
         row[f"{k}_ms"] = round(sec * 1e3, 2)
         row[f"{k}_samples_per_s"] = round(batch_size / sec, 2)
@@ -228,7 +240,6 @@ def bench_model(
     row["peak_mem_ratio"] = (
         None if row["dense_peak_mb"] is None else round(row["moe_peak_mb"] / row["dense_peak_mb"], 3)
     )
-    return row
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -397,6 +397,21 @@ def _generate_canvases(
     }
 
 
+def _canvas_grid(canvas: int, min_items: int, max_items: int, captions_per_image: int) -> int:
+    """The grid side (2 or 3 cells) of a ``canvas`` px canvas, refusing item and caption counts it cannot hold."""
+    if canvas % CELL or canvas // CELL not in POSITION_NAMES:
+        raise ValueError(f"canvas must be 56 (2x2 grid) or 84 (3x3 grid) pixels, got {canvas}")
+    grid = canvas // CELL
+    if not 1 <= min_items <= max_items <= grid * grid:
+        raise ValueError(f"need 1 <= min_items <= max_items <= {grid * grid}, got {min_items}, {max_items}")
+    if not 1 <= captions_per_image <= math.factorial(min_items):
+        raise ValueError(
+            f"captions_per_image must be in 1..{math.factorial(min_items)} "
+            f"(distinct item orders of a {min_items}-item canvas), got {captions_per_image}"
+        )
+    return grid
+
+
 def compositional_datasets(
     n_train: int = 10000,
     n_eval: int = 1000,
@@ -421,16 +436,7 @@ def compositional_datasets(
     split; eval canvases are all distinct configurations, so every caption has exactly one correct
     image. ``tokenizer="word"`` uses a ``WordTokenizer`` for the grammar (``dataset.tokenizer``), None
     keeps strings. Built once per parameter set and cached (see ``cache.cached``)."""
-    if canvas % CELL or canvas // CELL not in POSITION_NAMES:
-        raise ValueError(f"canvas must be 56 (2x2 grid) or 84 (3x3 grid) pixels, got {canvas}")
-    grid = canvas // CELL
-    if not 1 <= min_items <= max_items <= grid * grid:
-        raise ValueError(f"need 1 <= min_items <= max_items <= {grid * grid}, got {min_items}, {max_items}")
-    if not 1 <= captions_per_image <= math.factorial(min_items):
-        raise ValueError(
-            f"captions_per_image must be in 1..{math.factorial(min_items)} "
-            f"(distinct item orders of a {min_items}-item canvas), got {captions_per_image}"
-        )
+    grid = _canvas_grid(canvas, min_items, max_items, captions_per_image)
     params = dict(
         n_train=n_train,
         n_eval=n_eval,
