@@ -115,17 +115,7 @@ def execute(spec: RunSpec | dict, results_dir="results", device=None, progress: 
     from moebench.training.train import data_parallel
 
     if data_parallel()[0] != 0:  # a data-parallel worker trains in step with rank 0 and writes nothing
-        from moebench.core.registry import TASKS
-        from moebench.training.train import train
-
-        result = train(
-            TASKS.get(run.task)(**run["task_args"]),
-            run,
-            run_dir,
-            device=device,
-            progress=False,
-            results=results_dir,
-        )
+        result = _train(run, run_dir, device, False, results_dir)
         return {**out, "state": result.get("state", "done"), "reason": result.get("reason"), "final": None}
     disk = disk_problem(run_dir)
     if disk:
@@ -133,24 +123,8 @@ def execute(spec: RunSpec | dict, results_dir="results", device=None, progress: 
             write_status(run_dir, "failed", disk, retryable=True)
         return {**out, "state": "failed", "reason": disk}
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_yaml(run_dir / "spec.yaml", run.to_dict())
-        status = read_status_safe(run_dir) or {}
-        attempts = int(status.get("attempts", 0) or 0) + 1
-        write_status(
-            run_dir,
-            "running",
-            None,
-            owner=f"{socket.gethostname()}:{os.getpid()}",
-            attempts=attempts,
-            retryable=False,
-            resumed_from=None,
-        )  # train() sets resumed_from when this attempt resumes
-        from moebench.core.registry import TASKS
-        from moebench.training.train import train
-
-        task = TASKS.get(run.task)(**run["task_args"])
-        result = train(task, run, run_dir, device=device, progress=progress, results=results_dir)
+        _mark_running(run_dir, run)
+        result = _train(run, run_dir, device, progress, results_dir)
     except Stopped as err:  # status stays "running": with the lock gone it reads as interrupted
         return {**out, "state": "stopped", "reason": str(err)}
     except Exception as err:  # a failing run must not stop the grid
@@ -162,3 +136,29 @@ def execute(spec: RunSpec | dict, results_dir="results", device=None, progress: 
         return {**out, "state": "failed", "reason": result.get("reason")}
     write_status(run_dir, "done", None)
     return {**out, "state": "done", "final": result}
+
+
+def _mark_running(run_dir: Path, spec: RunSpec) -> None:
+    """The run folder with its spec.yaml, and status.json saying this process runs it (one attempt more)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_yaml(run_dir / "spec.yaml", spec.to_dict())
+    status = read_status_safe(run_dir) or {}
+    attempts = int(status.get("attempts", 0) or 0) + 1
+    write_status(
+        run_dir,
+        "running",
+        None,
+        owner=f"{socket.gethostname()}:{os.getpid()}",
+        attempts=attempts,
+        retryable=False,
+        resumed_from=None,
+    )  # train() sets resumed_from when this attempt resumes
+
+
+def _train(spec: RunSpec, run_dir: Path, device, progress: bool | None, results_dir) -> dict:
+    """Build the spec's task and train it (`moebench.training.train.train`), the spec passed whole."""
+    from moebench.core.registry import TASKS
+    from moebench.training.train import train
+
+    task = TASKS.get(spec.task)(**spec["task_args"])
+    return train(task, spec, run_dir, device=device, progress=progress, results=results_dir)

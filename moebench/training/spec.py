@@ -205,7 +205,7 @@ def resolve_versions(value, task: str, router: str | None) -> dict:
 
 
 # Keys added after 0.1.0: left out of the run id while at their default, so every earlier run keeps its id.
-ID_OPTIONAL = {
+ID_OPTIONAL: dict[str, dict[str, Any]] = {
     "moe": {
         "activation": None,
         "shared_experts": 0,
