@@ -16,6 +16,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+#: the constructor arguments the MoE layer fills in (from the model and ``moe.num_experts``): a grid's or a
+#: caller's router args never set them (the layer, the grid validator and the options list all use this)
+LAYER_FILLED_ARGS = ("d_model", "num_experts")
+
+
 _NUMERIC_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take it; larger overflows inside torch
 MAX_EXPERTS = 4096

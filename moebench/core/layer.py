@@ -12,6 +12,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
+from moebench.core.config import LAYER_FILLED_ARGS
 from moebench.core.dense_dispatch import dense_dispatch
 from moebench.core.experts import Experts
 from moebench.core.null_experts import NullExperts
@@ -84,7 +85,7 @@ class MoELayer(nn.Module):
         self.router_name = router
         router_cls = ROUTERS.get(router)
         args = dict(router_args or {})
-        for reserved in ("d_model", "num_experts"):
+        for reserved in LAYER_FILLED_ARGS:
             if reserved in args:
                 raise ValueError(f"router_args must not set {reserved!r}: the layer fills it in")
         try:

@@ -96,6 +96,7 @@ from typing import Any
 import yaml
 
 from moebench.core.config import (
+    LAYER_FILLED_ARGS,
     ConfigError,
     ExecutorConfig,
     MoEConfig,
@@ -620,7 +621,7 @@ def _check_routers(ctx: GridContext, value) -> list[dict]:
         if entry["name"] == DENSE and (args or moe):
             raise ctx.error(path, "`dense` takes no args or moe overrides (it is the model without MoE); remove them")
         _check_router_args(ctx, entry["name"], args, f"{path}.args")
-        for key in ("d_model", "num_experts"):
+        for key in LAYER_FILLED_ARGS:
             if key in args:
                 raise ctx.error(
                     f"{path}.args.{key}",
@@ -690,7 +691,7 @@ def _router_options(name: str) -> list[str] | None:
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
-    return [n for n in params if n not in ("self", "d_model", "num_experts")]
+    return [n for n in params if n != "self" and n not in LAYER_FILLED_ARGS]
 
 
 def _check_router_args(ctx: GridContext, name: str, args: dict, path: str) -> None:
@@ -704,7 +705,7 @@ def _check_router_args(ctx: GridContext, name: str, args: dict, path: str) -> No
     known = _router_options(name)
     if known is None:
         return
-    found = first_unknown({k: v for k, v in args.items() if k not in ("d_model", "num_experts")}, known)
+    found = first_unknown({k: v for k, v in args.items() if k not in LAYER_FILLED_ARGS}, known)
     if found:
         key, close = found
         hint = f"; did you mean {close!r}?" if close else ""
