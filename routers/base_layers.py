@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
@@ -94,12 +95,14 @@ class BaseRouter(Router):
         "bidders are data-dependent, so it breaks the graph and syncs with the host"
     )
 
+    options = {
+        "top_k": option(1, "choice", choices=(1,), fix="BASE routing is top-1 by definition: use top_k: 1"),
+        "eps": option(1e-3, "float", minimum=0.0, strict=True, doc="auction bid increment"),
+        "max_iterations": option(100, "int", minimum=1, doc="auction rounds at most"),
+    }
+
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, eps: float = 1e-3, max_iterations: int = 100):
-        if top_k != 1:
-            raise ValueError(f"base routing is top-1 by definition, got top_k={top_k}; use top_k=1")
         super().__init__(d_model, num_experts, top_k)
-        if not eps > 0 or max_iterations < 1:
-            raise ValueError(f"base options need eps > 0 and max_iterations >= 1, got {eps!r}, {max_iterations!r}")
         self.eps, self.max_iterations = float(eps), int(max_iterations)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
@@ -20,10 +21,9 @@ class CollapseRouter(Router):
 
     control = True  # a control with known answers, not a router to rank (grids list it where it applies)
     sequence_routing = True  # reads no content
+    options = {"top_k": option(1, "choice", choices=(1,), fix="collapse sends every token to expert 0 alone")}
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1):
-        if top_k != 1:
-            raise ValueError(f"collapse router option top_k must be 1, got {top_k!r}")
         super().__init__(d_model, num_experts, top_k)
 
     def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:

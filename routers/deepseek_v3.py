@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Routing, RoutingContext, topk_routing
 from moebench.routers.loss_free import LossFreeRouter
@@ -32,6 +33,26 @@ from moebench.routers.loss_free import LossFreeRouter
 )
 class DeepSeekV3Router(LossFreeRouter):
     """Group-limited sigmoid top-k with the loss-free bias; see the module docstring."""
+
+    options = {
+        "top_k": option(2, "int", minimum=1, doc="experts per token (<= the allowed groups' experts)"),
+        "num_groups": option(
+            None,
+            "int",
+            minimum=1,
+            nullable=True,
+            doc="expert groups (divides num_experts); null: 4 if E % 4 == 0 and E >= 8, else 1",
+        ),
+        "group_top_k": option(
+            None,
+            "int",
+            minimum=1,
+            nullable=True,
+            doc="groups a token may use (<= num_groups); null: num_groups // 2, at least 1",
+        ),
+        "scaling": option(1.0, "float", minimum=0.0, strict=True, doc="routed-weight scaling factor"),
+        "update_rate": option(1e-3, "float", minimum=0.0, doc="selection-bias step per optimiser step (u)"),
+    }
 
     def __init__(
         self,
@@ -48,16 +69,11 @@ class DeepSeekV3Router(LossFreeRouter):
             num_groups = 4 if num_experts % 4 == 0 and num_experts >= 8 else 1
         if group_top_k is None:
             group_top_k = max(1, num_groups // 2)
-        if (
-            isinstance(num_groups, bool)
-            or not isinstance(num_groups, int)
-            or num_groups < 1
-            or num_experts % num_groups
-        ):
+        if num_experts % num_groups:
             raise ValueError(
                 f"deepseek-v3 option num_groups={num_groups!r} must be a positive divisor of num_experts={num_experts}"
             )
-        if isinstance(group_top_k, bool) or not isinstance(group_top_k, int) or not 1 <= group_top_k <= num_groups:
+        if group_top_k > num_groups:
             raise ValueError(f"deepseek-v3 option group_top_k={group_top_k!r} must be in [1, num_groups={num_groups}]")
         group_size = num_experts // num_groups
         if top_k > group_top_k * group_size:
@@ -65,8 +81,6 @@ class DeepSeekV3Router(LossFreeRouter):
                 f"deepseek-v3: top_k={top_k} exceeds the experts of the {group_top_k} allowed groups "
                 f"({group_top_k} x {group_size}); raise group_top_k or lower top_k"
             )
-        if not scaling > 0:
-            raise ValueError(f"deepseek-v3 option scaling must be > 0, got {scaling!r}")
         self.num_groups, self.group_top_k, self.scaling = num_groups, group_top_k, float(scaling)
 
     def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:

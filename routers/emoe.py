@@ -23,12 +23,10 @@ basis's span at the first forward that it still holds (1: unmoved; r / d: random
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import Tensor, nn
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
@@ -54,6 +52,12 @@ class EMoERouter(CapturesInitialBasis, Router):
     spans everything and the energies only re-express h in a rotated frame of the whole space."""
 
     sequence_refusal = "its score is the energy (Q^T x)^2, quadratic in the token"
+    options = {
+        "rank": option(128, "int", minimum=1, doc="basis rank r (< d_model)"),
+        "mode": option("top1", "choice", choices=tuple(MODES), doc="soft: every expert; top1 / top2: the top experts"),
+        "tau": option(1.0, "float", minimum=0.0, strict=True, finite=True, doc="softmax temperature"),
+        "lambda_orth": option(1e-3, "float", minimum=0.0, finite=True, doc="orthogonality loss weight"),
+    }
 
     def __init__(
         self,
@@ -64,30 +68,16 @@ class EMoERouter(CapturesInitialBasis, Router):
         tau: float = 1.0,
         lambda_orth: float = 1e-3,
     ):
-        if mode not in MODES:
-            raise ValueError(f"emoe option mode={mode!r} is not valid; choose one of {', '.join(map(repr, MODES))}")
         k = MODES[mode] or num_experts
         if k > num_experts:
             raise ValueError(f"emoe option mode={mode!r} needs at least {k} experts, got num_experts={num_experts}")
         super().__init__(d_model, num_experts, k)
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-            raise ValueError(f"emoe option rank must be a positive integer, got {rank!r}")
         if rank >= d_model:
             raise ValueError(
                 f"emoe option rank={rank} must be below d_model={d_model}: a basis of rank >= d spans the whole "
                 f"token space, so it selects no subspace (the energies only rotate h); choose rank < {d_model} "
                 f"(EMoE uses 128 on ViT-B's d=768)"
             )
-        for name, value, ok in (("tau", tau, lambda v: v > 0), ("lambda_orth", lambda_orth, lambda v: v >= 0)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, numbers.Real)
-                or not math.isfinite(value)
-                or not ok(value)
-            ):
-                raise ValueError(
-                    f"emoe option {name} must be a finite number {'> 0' if name == 'tau' else '>= 0'}, got {value!r}"
-                )
         self.mode, self.rank, self.tau, self.lambda_orth = mode, int(rank), float(tau), float(lambda_orth)
         self.Q = nn.Parameter(nn.init.orthogonal_(torch.empty(d_model, self.rank)))
         self.gamma = nn.Parameter(torch.ones(self.rank))
@@ -105,7 +95,7 @@ class EMoERouter(CapturesInitialBasis, Router):
         """Projection 2*d*r, energies ~4r, logits 2*E*r (the E x r mixing matrix is per layer, not per token)."""
         return float(2 * self.d_model * self.rank + 4 * self.rank + 2 * self.num_experts * self.rank)
 
-    def gate_parameters(self) -> list[nn.Parameter]:
+    def gate_parameters(self) -> list[Tensor]:
         """M, the expert-mixing matrix the logits come from (moe.router_init_std); Q stays orthogonal."""
         return [self.M]
 

@@ -68,7 +68,6 @@ the layer's FLOP count, like the paper's, counts the function: a dense d x h fir
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +75,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal
 
+from moebench.core.config import option
 from moebench.core.experts import Experts, activation_fn, grouped_matmul
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, expert_counts, topk_routing
@@ -329,7 +329,42 @@ class ErMoERouter(CapturesInitialBasis, Router):
     a reference to it outside the module tree, so its parameters appear once in the state dict (under
     the layer's ``experts``) and nowhere under the router, which has no parameters of its own."""
 
+    free_mask: Tensor
+    score_gain: Tensor
+
     sequence_refusal = "its score is the cosine of each token with an expert's eigen-subspace, not linear in the token"
+    options = {
+        "top_k": option(2, "int", minimum=1, doc="experts per token (<= num_experts)"),
+        "ortho": option("qr", "choice", choices=ORTHO_CHOICES, doc="how V and U stay orthonormal"),
+        "lambda_orth": option(
+            5e-4, "float", minimum=0.0, finite=True, doc="orthogonality penalty weight (ortho: penalty)"
+        ),
+        "route_rank": option(
+            None,
+            "int",
+            minimum=1,
+            nullable=True,
+            doc="routing basis rank (< d_model); null: max(8, d_model // num_experts)",
+        ),
+        "score": option("subspace", "choice", choices=SCORE_CHOICES, doc="what is scored against the eigenbases"),
+        "threshold": option(
+            0.0, "float", minimum=-1.0, maximum=1.0, doc="cosine below which a pair is dropped (0: plain top-k)"
+        ),
+        "free_experts": option(None, "indices", nullable=True, doc="expert indices every token also visits"),
+        "weights": option("normalized", "choice", choices=WEIGHT_CHOICES, doc="combine weights from the scores"),
+        "temperature": option(
+            0.7, "float", minimum=0.0, strict=True, finite=True, doc="softmax temperature (weights: softmax)"
+        ),
+        "fc1_mode": option(
+            "auto", "choice", choices=FC1_MODES, doc="apply fc1 factored, dense, or whichever is cheaper"
+        ),
+        "freeze_basis": option(False, "bool", doc="route on the initial basis B0 (a control)"),
+        "eigen_lr_scale": option(1.0, "float", minimum=0.0, strict=True, finite=True, doc="x the run's lr for V, U, s"),
+        "slices": option(
+            "interleaved", "choice", choices=SLICE_CHOICES, doc="which eigen-directions each upcycled expert routes on"
+        ),
+        "calibrate": option(True, "bool", doc="per-expert score gains fitted at the first forward after upcycling"),
+    }
 
     def __init__(
         self,
@@ -350,46 +385,14 @@ class ErMoERouter(CapturesInitialBasis, Router):
         slices: str = "interleaved",
         calibrate: bool = True,
     ):
-        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-            raise ValueError(f"ermoe option top_k must be an integer, got {top_k!r}")
-        super().__init__(d_model, num_experts, int(top_k))
-        self.ortho = _choice("ortho", ortho, ORTHO_CHOICES)
-        self.score = _choice("score", score, SCORE_CHOICES)
-        self.weights = _choice("weights", weights, WEIGHT_CHOICES)
-        self.fc1_mode = _choice("fc1_mode", fc1_mode, FC1_MODES)
-        self.slices = _choice("slices", slices, SLICE_CHOICES)
-        if not isinstance(calibrate, bool):
-            raise ValueError(
-                f"ermoe option calibrate must be true or false (per-expert score gains fitted "
-                f"at the first forward after upcycling), got {calibrate!r}"
-            )
-        self.calibrate = calibrate
-        if not _is_real(lambda_orth) or lambda_orth < 0:
-            raise ValueError(f"ermoe option lambda_orth must be a number >= 0 (penalty weight), got {lambda_orth!r}")
-        if not _is_real(temperature) or not temperature > 0:
-            raise ValueError(
-                f"ermoe option temperature must be a number > 0 (softmax temperature), got {temperature!r}"
-            )
-        if not _is_real(threshold) or not -1.0 <= threshold <= 1.0:
-            raise ValueError(
-                f"ermoe option threshold must be a number in [-1, 1] (scores are cosines), got {threshold!r}; "
-                f"use 0.0 for plain top-k"
-            )
-        if route_rank is not None and (
-            isinstance(route_rank, bool)
-            or not isinstance(route_rank, numbers.Integral)
-            or not 1 <= route_rank < d_model
-        ):
+        super().__init__(d_model, num_experts, top_k)
+        self.ortho, self.score, self.weights, self.fc1_mode = ortho, score, weights, fc1_mode
+        self.slices, self.calibrate = slices, calibrate
+        if route_rank is not None and route_rank >= d_model:
             raise ValueError(
                 f"ermoe option route_rank must be an integer in [1, d_model={d_model}) or None "
                 f"(default max(8, d_model // num_experts)), got {route_rank!r}: at r = d_model the routing "
                 f"basis spans every token, so the subspace score is identically 1"
-            )
-        if not isinstance(freeze_basis, bool):
-            raise ValueError(f"ermoe option freeze_basis must be true or false, got {freeze_basis!r}")
-        if not _is_real(eigen_lr_scale) or not eigen_lr_scale > 0:
-            raise ValueError(
-                f"ermoe option eigen_lr_scale must be a number > 0 (x the run's lr for V, U, s), got {eigen_lr_scale!r}"
             )
         self.freeze_basis, self.eigen_lr_scale = freeze_basis, float(eigen_lr_scale)
         self.lambda_orth = float(lambda_orth)
@@ -422,19 +425,12 @@ class ErMoERouter(CapturesInitialBasis, Router):
     def _check_free(free_experts, num_experts: int) -> tuple[int, ...]:
         if free_experts is None:
             return ()
-        if isinstance(free_experts, (str, bytes)) or not hasattr(free_experts, "__iter__"):
-            raise ValueError(
-                f"ermoe option free_experts must be a list of expert indices or None, got {free_experts!r}"
-            )
-        items = list(free_experts)
-        for i in items:
-            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < num_experts:
+        for i in free_experts:
+            if i >= num_experts:
                 raise ValueError(
                     f"ermoe option free_experts has {i!r}: every entry must be an expert index in [0, {num_experts - 1}]"
                 )
-        if len(set(items)) != len(items):
-            raise ValueError(f"ermoe option free_experts lists an expert twice: {items}; give each index once")
-        return tuple(int(i) for i in items)
+        return tuple(int(i) for i in free_experts)
 
     # --- expert ownership -------------------------------------------------------------------------
     def wrap_experts(self, experts: nn.Module) -> EigenExperts:
@@ -446,7 +442,7 @@ class ErMoERouter(CapturesInitialBasis, Router):
                 f"ermoe router (d_model={self.d_model}, num_experts={self.num_experts}) cannot wrap experts with "
                 f"d_model={getattr(experts, 'd_model', None)}, num_experts={getattr(experts, 'num_experts', None)}"
             )
-        eig = EigenExperts.from_experts(experts, fc1_mode=self.fc1_mode)
+        eig = EigenExperts.from_experts(experts, fc1_mode=self.fc1_mode)  # type: ignore[arg-type]  # it checks the attributes
         if self.route_rank >= eig.rank:
             if self.route_rank_option is not None or eig.rank < 2:
                 raise ValueError(
@@ -507,6 +503,7 @@ class ErMoERouter(CapturesInitialBasis, Router):
     def _score_from(self, px: Tensor, pc: Tensor | None, x_norm: Tensor, scale: Tensor) -> Tensor:
         """Score from projections px = B^T x (..., r); shared by the all-experts and the per-pair paths."""
         if self.score == "context":
+            assert pc is not None  # _check_context: a context with score context
             return F.cosine_similarity(px, pc, dim=-1, eps=_EPS)
         if self.score == "subspace":
             return torch.linalg.vector_norm(px, dim=-1) / x_norm
@@ -535,7 +532,7 @@ class ErMoERouter(CapturesInitialBasis, Router):
         counts = expert_counts(flat, self.num_experts)
         basis = self._basis(V).contiguous()
         px = grouped_matmul(x.float()[tok], basis, counts)  # (T*k, r), pairs grouped by expert
-        pc = None if self.score != "context" else grouped_matmul(context.float()[tok], basis, counts)
+        pc = None if self.score != "context" else grouped_matmul(context.float()[tok], basis, counts)  # type: ignore[union-attr]  # _check_context
         x_norm = torch.linalg.vector_norm(x.float(), dim=-1).clamp_min(_EPS)[tok]
         scale = self.eigen_experts.s[:, : self.route_rank].float().abs()[flat[order]]
         s_sorted = self._score_from(px, pc, x_norm, scale)
@@ -626,7 +623,3 @@ class ErMoERouter(CapturesInitialBasis, Router):
             f"threshold={self.threshold}, free_experts={list(self.free_experts)}, weights={self.weights!r}, "
             f"freeze_basis={self.freeze_basis}, eigen_lr_scale={self.eigen_lr_scale}"
         )
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)

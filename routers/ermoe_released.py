@@ -6,11 +6,10 @@ goes through ``tasks.common.apply_moe`` (classification, brain age) build the
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 
 from torch import nn
 
+from moebench.core.config import option
 from moebench.core.image_moe import ErmoeReleasedModel
 from moebench.core.registry import register_router
 from moebench.core.routing import Router
@@ -30,6 +29,16 @@ class ErmoeReleasedRouter(Router):
     sequence_refusal = "it is image-level already (one decision per image, whole-backbone experts)"
 
     image_level = True
+    options = {
+        "top_k": option(2, "int", minimum=1, doc="experts per image (<= num_experts)"),
+        "threshold": option(0.5, "float", minimum=0.0, finite=True, doc="score threshold"),
+        "free_experts": option(None, "indices", nullable=True, doc="always-on experts; null: [0]"),
+        "freeze_experts": option(True, "bool", doc="only the heads train, as released"),
+        "expert_noise": option(
+            0.0, "float", minimum=0.0, finite=True, doc="perturbation of each expert copy (x weight std)"
+        ),
+        "num_patches": option(None, "int", minimum=1, nullable=True, doc="set by the model build (the score's cost)"),
+    }
 
     def __init__(
         self,
@@ -42,20 +51,13 @@ class ErmoeReleasedRouter(Router):
         expert_noise: float = 0.0,
         num_patches: int | None = None,
     ):
-        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-            raise ValueError(f"ermoe-released option top_k must be an integer, got {top_k!r}")
-        super().__init__(d_model, num_experts, int(top_k))
+        super().__init__(d_model, num_experts, top_k)
         free = [0] if free_experts is None else list(free_experts)
-        if any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < num_experts for e in free):
+        if any(e >= num_experts for e in free):
             raise ValueError(
                 f"ermoe-released option free_experts must list expert indices in [0, {num_experts - 1}], "
                 f"got {free_experts!r}"
             )
-        for name, value in (("threshold", threshold), ("expert_noise", expert_noise)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"ermoe-released option {name} must be a finite number >= 0, got {value!r}")
-        if not isinstance(freeze_experts, bool):
-            raise ValueError(f"ermoe-released option freeze_experts must be true or false, got {freeze_experts!r}")
         self.threshold, self.free_experts = float(threshold), tuple(int(e) for e in free)
         self.freeze_experts, self.expert_noise = freeze_experts, float(expert_noise)
         self.num_patches = num_patches  # set when the model is built: the score's cost depends on it
@@ -85,7 +87,8 @@ class ErmoeReleasedRouter(Router):
                 "moe.router_init_std cannot apply to router 'ermoe-released': it has no learned gate "
                 "(it scores images by the backbone's own attention); leave moe.router_init_std null for it"
             )
-        d = backbone.head.in_features if isinstance(getattr(backbone, "head", None), nn.Linear) else 0
+        head = getattr(backbone, "head", None)
+        d = head.in_features if isinstance(head, nn.Linear) else 0
         args = copy.deepcopy(moe.get("router_args") or {})
         router = cls(d, moe["num_experts"], **args)
         patch_embed = getattr(backbone, "patch_embed", None)

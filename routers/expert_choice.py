@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, expert_counts
 
@@ -33,6 +34,14 @@ class ExpertChoiceRouter(Router):
     alias for it (so a grid that sets top_k for every router means the same compute here)."""
 
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+    options = {
+        "top_k": option(
+            None, "float", minimum=0.0, strict=True, nullable=True, doc="alias for capacity (set only one)"
+        ),
+        "capacity": option(
+            None, "float", minimum=0.0, strict=True, nullable=True, doc="average experts per token; null: top_k or 2"
+        ),
+    }
 
     def __init__(self, d_model: int, num_experts: int, top_k: int | None = None, capacity: float | None = None):
         if capacity is None:
@@ -42,13 +51,6 @@ class ExpertChoiceRouter(Router):
                 f"expert-choice got top_k={top_k} and capacity={capacity}; top_k is an alias for capacity "
                 f"(average experts per token): set only one of them"
             )
-        if isinstance(capacity, bool) or not isinstance(capacity, (int, float)) or not capacity > 0:
-            raise ValueError(
-                f"expert-choice option capacity must be a number > 0 (average experts per token, e.g. 2), "
-                f"got {capacity!r}"
-            )
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         super().__init__(d_model, num_experts, top_k=min(num_experts, max(1, math.ceil(capacity))))
         self.capacity = float(capacity)
         self.gate = nn.Linear(d_model, num_experts, bias=False)

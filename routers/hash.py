@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
@@ -31,7 +32,17 @@ _PRIME = 2**31 - 1
 class HashRouter(Router):
     """Fixed hash routing by position, token id or locality-sensitive hash; see the module docstring."""
 
+    position_table: Tensor
+    hash_coeffs: Tensor
+    projection: Tensor
+
     sequence_refusal = "it has no gate logits (a fixed hash of position, token id or input)"
+    options = {
+        "top_k": option(1, "int", minimum=1, doc="experts per token (<= num_experts)"),
+        "by": option("position", "choice", choices=_MODES, doc="what is hashed: position, token id, or an LSH of x"),
+        "seed": option(0, "int", doc="seed of the fixed table / hash"),
+        "table_size": option(4096, "int", minimum=1, doc="positions in the position table"),
+    }
 
     def __init__(
         self,
@@ -43,10 +54,6 @@ class HashRouter(Router):
         table_size: int = 4096,
     ):
         super().__init__(d_model, num_experts, top_k)
-        if by not in _MODES:
-            raise ValueError(f"hash router option by={by!r} is unknown; choose one of {list(_MODES)}")
-        if not isinstance(table_size, int) or table_size < 1:
-            raise ValueError(f"hash router option table_size must be a positive integer, got {table_size!r}")
         self.by = by
         self.seed = seed
         gen = torch.Generator().manual_seed(int(seed))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, expert_counts, topk_routing
 
@@ -31,7 +32,17 @@ _SCORE_FNS = ("sigmoid", "softmax")
 class LossFreeRouter(Router):
     """Sigmoid (or softmax) gate with a load-driven selection bias; see the module docstring."""
 
+    expert_bias: Tensor
+    load: Tensor
+
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+    options = {
+        "top_k": option(2, "int", minimum=1, doc="experts per token (<= num_experts)"),
+        "score_fn": option(
+            "sigmoid", "choice", choices=_SCORE_FNS, doc="gate scores: sigmoid (DeepSeek-V3) or softmax"
+        ),
+        "update_rate": option(1e-3, "float", minimum=0.0, doc="selection-bias step per optimiser step (u)"),
+    }
 
     def __init__(
         self,
@@ -42,10 +53,6 @@ class LossFreeRouter(Router):
         update_rate: float = 1e-3,
     ):
         super().__init__(d_model, num_experts, top_k)
-        if score_fn not in _SCORE_FNS:
-            raise ValueError(f"loss-free option score_fn={score_fn!r} is unknown; choose one of {list(_SCORE_FNS)}")
-        if not update_rate >= 0:
-            raise ValueError(f"loss-free option update_rate must be >= 0, got {update_rate!r}")
         self.score_fn = score_fn
         self.update_rate = float(update_rate)
         self.gate = nn.Linear(d_model, num_experts, bias=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
@@ -22,10 +23,9 @@ class OracleRouter(Router):
     needs_group = True  # reads RoutingContext.group: runs only on tasks with ground truth (generic layer tests skip it)
     control = True  # a control with known answers, not a router to rank (grids list it where it applies)
     sequence_routing = True  # the group is the example's, so one decision per sequence is the same decision
+    options = {"top_k": option(1, "choice", choices=(1,), fix="one true group per token: use top_k: 1")}
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1):
-        if top_k != 1:
-            raise ValueError(f"oracle router option top_k must be 1 (one true group per token), got {top_k!r}")
         super().__init__(d_model, num_experts, top_k)
 
     def forward(self, x: Tensor, ctx: RoutingContext) -> Routing:

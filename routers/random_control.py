@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
@@ -38,13 +39,17 @@ def _mix(x: Tensor) -> Tensor:
 class RandomRouter(Router):
     """Fresh uniform random k-subset of experts per token per forward; see the module docstring."""
 
+    calls: Tensor
+
     control = True  # a control with known answers, not a router to rank (grids list it where it applies)
     sequence_routing = True  # reads no content: one random draw per sequence
+    options = {
+        "top_k": option(1, "int", minimum=1, doc="experts per token (<= num_experts)"),
+        "seed": option(0, "int", minimum=0, doc="seed of the per-forward draws"),
+    }
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, seed: int = 0):
         super().__init__(d_model, num_experts, top_k)
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"random router option seed must be a non-negative integer, got {seed!r}")
         self.seed = seed
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 

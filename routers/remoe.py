@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moebench.core.config import option
 from moebench.core.measured import ExpertsPerTokenMeter
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext
@@ -33,7 +34,16 @@ from moebench.core.routing import Router, Routing, RoutingContext
 class ReMoERouter(Router):
     """ReLU gates with an adaptively weighted, load-balanced L1 penalty; see the module docstring."""
 
+    l1_weight: Tensor
+    zeros_seen: Tensor
+
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+    options = {
+        "top_k": option(2, "int", minimum=1, doc="target experts per token (sets the target sparsity)"),
+        "alpha": option(1.2, "float", minimum=1.0, strict=True, doc="the L1 weight's step factor"),
+        "lambda_init": option(1e-8, "float", minimum=0.0, strict=True, doc="initial L1 weight"),
+        "balance": option(True, "bool", doc="load-balanced L1 penalty"),
+    }
 
     def __init__(
         self,
@@ -45,10 +55,6 @@ class ReMoERouter(Router):
         balance: bool = True,
     ):
         super().__init__(d_model, num_experts, top_k)
-        if not alpha > 1:
-            raise ValueError(f"remoe option alpha must be > 1 (the lambda step factor), got {alpha!r}")
-        if not lambda_init > 0:
-            raise ValueError(f"remoe option lambda_init must be > 0, got {lambda_init!r}")
         self.alpha, self.balance = float(alpha), bool(balance)
         self.target_sparsity = 1.0 - top_k / num_experts
         self.gate = nn.Linear(d_model, num_experts, bias=False)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
@@ -39,11 +40,13 @@ class SinkhornRouter(Router):
     """Sinkhorn-balanced selection, raw-probability weights; see the module docstring."""
 
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+    options = {
+        "top_k": option(1, "int", minimum=1, doc="experts per token (<= num_experts)"),
+        "iterations": option(8, "int", minimum=1, doc="Sinkhorn iterations (training)"),
+    }
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 1, iterations: int = 8):
         super().__init__(d_model, num_experts, top_k)
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"sinkhorn option iterations must be a positive integer, got {iterations!r}")
         self.iterations = iterations
         self.gate = nn.Linear(d_model, num_experts, bias=False)
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext
 
@@ -38,6 +39,13 @@ class SoftMoERouter(Router):
     """Slots as soft mixtures of a sequence's tokens; see the module docstring."""
 
     sequence_refusal = "it sends weighted mixtures of tokens (dense dispatch), not one choice per token"
+    options = {
+        "slots_per_expert": option(1, "int", minimum=1, doc="slots each expert processes per sequence"),
+        "tokens_per_sequence": option(
+            None, "int", minimum=1, nullable=True, doc="tokens per sample, for the FLOP count before any data"
+        ),
+        "normalize": option(True, "bool", doc="l2-normalise tokens and phi, with a learned scale"),
+    }
 
     def __init__(
         self,
@@ -48,9 +56,6 @@ class SoftMoERouter(Router):
         normalize: bool = True,
     ):
         super().__init__(d_model, num_experts, top_k=1)
-        for name, value in (("slots_per_expert", slots_per_expert), ("tokens_per_sequence", tokens_per_sequence)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"soft-moe option {name} must be a positive integer, got {value!r}")
         self.slots_per_expert = slots_per_expert
         self.tokens_per_sequence = tokens_per_sequence
         self.num_slots = num_experts * slots_per_expert
@@ -59,7 +64,7 @@ class SoftMoERouter(Router):
         self.scale = nn.Parameter(torch.ones(())) if self.normalize else None
         self.seen_seq_len: int | None = None
 
-    def gate_parameters(self) -> list[nn.Parameter]:
+    def gate_parameters(self) -> list[Tensor]:
         """The slot parameters phi (moe.router_init_std; with ``normalize`` their scale does not matter)."""
         return [self.phi]
 
@@ -91,6 +96,7 @@ class SoftMoERouter(Router):
         xb = x.float().reshape(num_tokens // n, n, self.d_model)
         phi = self.phi.float()
         if self.normalize:
+            assert self.scale is not None  # a parameter when normalize
             logits = self.scale * F.normalize(xb, dim=-1) @ F.normalize(phi, dim=0)
         else:
             logits = xb @ phi

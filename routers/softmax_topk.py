@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moebench.core.balance import BalanceFrequencies
+from moebench.core.balance import BALANCE_SCOPES, BalanceFrequencies
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
@@ -33,6 +34,16 @@ class SoftmaxTopK(Router):
     """Linear gate, softmax in float32, top-k, weights renormalised over the chosen k (or raw: norm_topk_prob)."""
 
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+    options = {
+        "top_k": option(2, "int", minimum=1, doc="experts per token (<= num_experts)"),
+        "balance_weight": option(0.0, "float", minimum=0.0, doc="GShard / Switch balance loss weight; 0: off"),
+        "balance_scope": option(
+            "micro", "choice", choices=BALANCE_SCOPES, doc="balance frequencies over the micro or global batch"
+        ),
+        "norm_topk_prob": option(
+            True, "bool", doc="renormalise over the k (Mixtral); false: raw probabilities (Qwen-MoE, OLMoE)"
+        ),
+    }
 
     def __init__(
         self,
@@ -44,14 +55,7 @@ class SoftmaxTopK(Router):
         norm_topk_prob: bool = True,
     ):
         super().__init__(d_model, num_experts, top_k)
-        if not isinstance(norm_topk_prob, bool):
-            raise ValueError(
-                f"softmax-topk option norm_topk_prob must be true (renormalise over the k, Mixtral) or "
-                f"false (raw probabilities, Qwen-MoE / OLMoE), got {norm_topk_prob!r}"
-            )
         self.norm_topk_prob = norm_topk_prob
-        if not balance_weight >= 0:
-            raise ValueError(f"softmax-topk option balance_weight must be >= 0, got {balance_weight!r}")
         self.balance_weight = float(balance_weight)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.frequencies = BalanceFrequencies(num_experts, balance_scope)

@@ -30,13 +30,11 @@ plus 2 d E for the gate when c < 1; the SVDs (once, or every N steps) are not co
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
@@ -50,8 +48,18 @@ SECOND_LAYER = ("reshape", "transpose")
 class SSMoERouter(Router):
     """Routes on the mean right singular vectors of each expert's weights; see the module docstring."""
 
+    steps: Tensor
     basis: Tensor
     basis_ready: Tensor
+    options = {
+        "top_k": option(2, "int", minimum=1, doc="experts per token (<= num_experts)"),
+        "c": option(
+            1.0, "float", minimum=0.0, maximum=1.0, finite=True, doc="mix: 1 the SVD logits only, 0 the gate only"
+        ),
+        "k": option(5, "int", minimum=1, doc="singular vectors per expert matrix (<= min(d_model, d_hidden))"),
+        "refresh_every": option(0, "int", minimum=0, doc="steps between basis refreshes; 0: computed once"),
+        "second_layer": option("reshape", "choice", choices=SECOND_LAYER, doc="how the second expert matrix enters"),
+    }
 
     def __init__(
         self,
@@ -64,16 +72,6 @@ class SSMoERouter(Router):
         second_layer: str = "reshape",
     ):
         super().__init__(d_model, num_experts, top_k)
-        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c) or not 0 <= c <= 1:
-            raise ValueError(f"ssmoe option c={c!r} must be a number in [0, 1] (1: SVD logits only, 0: the gate only)")
-        for name, value, low in (("k", k, 1), ("refresh_every", refresh_every, 0)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-                raise ValueError(f"ssmoe option {name}={value!r} must be an integer >= {low}")
-        if second_layer not in SECOND_LAYER:
-            raise ValueError(
-                f"ssmoe option second_layer={second_layer!r} is not valid; choose one of "
-                f"{', '.join(map(repr, SECOND_LAYER))}"
-            )
         self.c, self.k, self.refresh_every, self.second_layer = float(c), int(k), int(refresh_every), second_layer
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self._experts_ref: list[nn.Module] = []  # plain list: the layer owns the experts, not the router
@@ -107,7 +105,8 @@ class SSMoERouter(Router):
                 f"got {type(experts).__name__}"
             )
         self.num_matrices = 3 if getattr(experts, "gated", False) else 2
-        ranks = [min(experts.d_hidden, self.d_model)] + ([] if self.second_layer == "transpose" else [self.d_model])
+        d_hidden: int = experts.d_hidden  # type: ignore[assignment]  # an int (nn.Module.__getattr__ says otherwise)
+        ranks = [min(d_hidden, self.d_model)] + ([] if self.second_layer == "transpose" else [self.d_model])
         if self.k > min(ranks):
             raise ValueError(
                 f"ssmoe option k={self.k} exceeds the {min(ranks)} singular vectors an expert matrix "
@@ -123,9 +122,10 @@ class SSMoERouter(Router):
         if not self._experts_ref:
             raise RuntimeError("ssmoe router has no experts: MoELayer calls router.wrap_experts(experts) first")
         experts = self._experts_ref[0]
-        w1 = experts.fc1_weight().detach().float().mT  # (E, h or 2h, d): nn.Linear's (out, in)
+        # experts: Experts-like; nn.Module.__getattr__ types their attributes as Tensor | Module
+        w1 = experts.fc1_weight().detach().float().mT  # type: ignore[operator]  # (E, h or 2h, d): nn.Linear's (out, in)
         firsts = list(w1.chunk(2, dim=1)) if self.num_matrices == 3 else [w1]
-        w2 = experts.w2.detach().float()  # (E, h, d) = fc2's nn.Linear weight (d, h) transposed
+        w2 = experts.w2.detach().float()  # type: ignore[operator]  # (E, h, d) = fc2's nn.Linear weight (d, h) transposed
         if self.second_layer == "reshape":
             w2 = w2.mT.contiguous().reshape(self.num_experts, -1, self.d_model)  # (d, h) read row-major as (h, d)
         return firsts + [w2]

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moebench.core.balance import BalanceFrequencies
+from moebench.core.balance import BALANCE_SCOPES, BalanceFrequencies
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, expert_counts, topk_routing
 
@@ -37,12 +38,6 @@ def switch_balance_loss(probs: Tensor, top1: Tensor, num_experts: int, f: Tensor
     return num_experts * (f * p).sum()
 
 
-def _check_nonnegative(name: str, value: float) -> float:
-    if not value >= 0:
-        raise ValueError(f"switch router option {name} must be >= 0, got {value!r}")
-    return float(value)
-
-
 @register_router(
     "switch", "Switch Transformer top-1: raw-probability gate, balance loss, z-loss, jitter, capacity 1.25/2.0"
 )
@@ -50,6 +45,33 @@ class SwitchRouter(Router):
     """Switch Transformer top-1 router (Fedus et al. 2021) with ST-MoE z-loss; see the module docstring."""
 
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+    options = {
+        "top_k": option(
+            1,
+            "choice",
+            choices=(1,),
+            fix="switch is top-1 by definition: use top_k: 1 (or router softmax-topk for top-k routing)",
+        ),
+        "balance_weight": option(1e-2, "float", minimum=0.0, doc="balance loss weight alpha"),
+        "z_weight": option(1e-3, "float", minimum=0.0, doc="router z-loss weight beta (ST-MoE)"),
+        "jitter": option(
+            1e-2,
+            "float",
+            minimum=0.0,
+            maximum=1.0,
+            strict_max=True,
+            doc="multiplicative input jitter eps, training only",
+        ),
+        "capacity_factor": option(
+            1.25, "float", minimum=0.0, strict=True, nullable=True, doc="training capacity; null: dropless"
+        ),
+        "eval_capacity_factor": option(
+            2.0, "float", minimum=0.0, strict=True, nullable=True, doc="evaluation capacity; null: dropless"
+        ),
+        "balance_scope": option(
+            "micro", "choice", choices=BALANCE_SCOPES, doc="balance frequencies over the micro or global batch"
+        ),
+    }
 
     def __init__(
         self,
@@ -63,20 +85,8 @@ class SwitchRouter(Router):
         eval_capacity_factor: float | None = 2.0,
         balance_scope: str = "micro",
     ):
-        if top_k != 1:
-            raise ValueError(
-                f"switch router is top-1 by definition, got top_k={top_k}; use top_k=1 "
-                f"(or router 'softmax-topk' for top-k routing)"
-            )
         super().__init__(d_model, num_experts, top_k)
-        self.balance_weight = _check_nonnegative("balance_weight", balance_weight)
-        self.z_weight = _check_nonnegative("z_weight", z_weight)
-        if not 0 <= jitter < 1:
-            raise ValueError(f"switch router option jitter must be in [0, 1), got {jitter!r}")
-        self.jitter = float(jitter)
-        for name, cf in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            if cf is not None and not cf > 0:
-                raise ValueError(f"switch router option {name} must be > 0 (or None for dropless), got {cf!r}")
+        self.balance_weight, self.z_weight, self.jitter = float(balance_weight), float(z_weight), float(jitter)
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.gate = nn.Linear(d_model, num_experts, bias=False)

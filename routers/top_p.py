@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moebench.core.config import option
 from moebench.core.measured import ExpertsPerTokenMeter
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext
@@ -32,6 +33,15 @@ class TopPRouter(Router):
     """Variable experts per token by cumulative probability; see the module docstring."""
 
     sequence_routing = True  # gate logits linear in x: routing the summed tokens = summing the logits
+    options = {
+        "p": option(0.4, "float", minimum=0.0, strict=True, maximum=1.0, doc="cumulative probability to reach"),
+        "max_k": option(None, "int", minimum=1, nullable=True, doc="most experts per token; null: num_experts"),
+        "dynamic_weight": option(1e-4, "float", minimum=0.0, doc="entropy (dynamic) loss weight beta"),
+        "balance_weight": option(1e-2, "float", minimum=0.0, doc="balance loss weight alpha"),
+        "expected_experts": option(
+            2.0, "float", minimum=1.0, doc="experts per token assumed before any is measured (<= max_k)"
+        ),
+    }
 
     def __init__(
         self,
@@ -45,12 +55,7 @@ class TopPRouter(Router):
     ):
         max_k = num_experts if max_k is None else max_k
         super().__init__(d_model, num_experts, top_k=max_k)
-        if not 0 < p <= 1:
-            raise ValueError(f"top-p option p must be in (0, 1], got {p!r}")
-        for name, value in (("dynamic_weight", dynamic_weight), ("balance_weight", balance_weight)):
-            if not value >= 0:
-                raise ValueError(f"top-p option {name} must be >= 0, got {value!r}")
-        if not 1 <= expected_experts <= max_k:
+        if expected_experts > max_k:
             raise ValueError(f"top-p option expected_experts must be in [1, max_k={max_k}], got {expected_experts!r}")
         self.p, self.max_k = float(p), max_k
         self.dynamic_weight, self.balance_weight = float(dynamic_weight), float(balance_weight)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, topk_routing
 
@@ -17,6 +18,7 @@ class UniformRouter(Router):
     """Round-robin over experts by token index, equal weights 1/k."""
 
     sequence_refusal = "it has no gate logits (round-robin by position)"
+    options = {"top_k": option(2, "int", minimum=1, doc="experts per token (<= num_experts)")}
 
     def __init__(self, d_model: int, num_experts: int, top_k: int = 2):
         super().__init__(d_model, num_experts, top_k)

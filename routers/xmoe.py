@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moebench.core.config import option
 from moebench.core.registry import register_router
 from moebench.core.routing import Router, Routing, RoutingContext, expert_counts, topk_routing
 
@@ -30,6 +31,17 @@ class XMoERouter(Router):
     """Cosine routing in a ``proj_dim``-dimensional space with learnable temperature; see the module docstring."""
 
     sequence_refusal = "it L2-normalises each token's projection before the cosine score"
+    options = {
+        "top_k": option(2, "int", minimum=1, doc="experts per token (<= num_experts)"),
+        "proj_dim": option(16, "int", minimum=1, doc="dimension of the routing space"),
+        "temperature": option(
+            0.07, "float", minimum=0.0, strict=True, doc="initial temperature, in [min_temperature, max_temperature]"
+        ),
+        "learn_temperature": option(True, "bool", doc="the temperature is learned"),
+        "min_temperature": option(0.01, "float", minimum=0.0, strict=True, doc="lower clamp of the temperature"),
+        "max_temperature": option(1.0, "float", minimum=0.0, strict=True, doc="upper clamp (>= min_temperature)"),
+        "balance_weight": option(1e-2, "float", minimum=0.0, doc="Switch balance loss weight"),
+    }
 
     def __init__(
         self,
@@ -44,9 +56,7 @@ class XMoERouter(Router):
         balance_weight: float = 1e-2,
     ):
         super().__init__(d_model, num_experts, top_k)
-        if not isinstance(proj_dim, int) or proj_dim < 1:
-            raise ValueError(f"xmoe option proj_dim must be a positive integer, got {proj_dim!r}")
-        if not 0 < min_temperature <= max_temperature:
+        if min_temperature > max_temperature:
             raise ValueError(
                 f"xmoe options need 0 < min_temperature <= max_temperature, got {min_temperature!r}, {max_temperature!r}"
             )
@@ -55,8 +65,6 @@ class XMoERouter(Router):
                 f"xmoe option temperature={temperature!r} must lie in [min_temperature, max_temperature] = "
                 f"[{min_temperature}, {max_temperature}]"
             )
-        if not balance_weight >= 0:
-            raise ValueError(f"xmoe option balance_weight must be >= 0, got {balance_weight!r}")
         self.proj_dim = proj_dim
         self.min_temperature, self.max_temperature = float(min_temperature), float(max_temperature)
         self.balance_weight = float(balance_weight)
@@ -74,7 +82,7 @@ class XMoERouter(Router):
         """The effective temperature tau, clamped to [min_temperature, max_temperature]."""
         return self.log_temperature.float().exp().clamp(self.min_temperature, self.max_temperature)
 
-    def gate_parameters(self) -> list[nn.Parameter]:
+    def gate_parameters(self) -> list[Tensor]:
         """The projection (moe.router_init_std); the score is a cosine, so only its directions matter."""
         return [self.proj.weight]
 

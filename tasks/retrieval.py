@@ -76,7 +76,7 @@ def retrieval_recall(similarity: torch.Tensor, text_to_image: torch.Tensor, ks=(
     i2t_rank = (similarity > best_correct.unsqueeze(1)).sum(1)
     correct_sim = similarity[text_to_image, torch.arange(num_texts)]
     t2i_rank = (similarity > correct_sim.unsqueeze(0)).sum(0)
-    out = {}
+    out: dict = {}  # floats, and mean_r1 None without R@1
     for k in ks:
         out[f"i2t_r{k}"] = float((i2t_rank < k).float().mean())
         out[f"t2i_r{k}"] = float((t2i_rank < k).float().mean())

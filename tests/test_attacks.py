@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from tiny_grid import tiny_grid
 
 from moebench.cli import main
 from moebench.core.registry import TASKS
@@ -60,30 +60,6 @@ def task_for(spec):
 
 def comparable(final):
     return {k: v for k, v in final.items() if k not in ("cost", "env")}
-
-
-def toy_grid(tmp_path, routers=("softmax-topk",), **extra):
-    grid = {
-        "name": "g",
-        "task": "toy",
-        "task_args": {"num_train": 64, "num_eval": 32},
-        "moe": {"blocks": [-1], "num_experts": 4, "d_hidden": 16},
-        "train": {
-            "steps": 8,
-            "batch_size": 16,
-            "eval_every": 4,
-            "checkpoint_every": 4,
-            "probe_size": 8,
-            "warmup_steps": 2,
-        },
-        "seeds": [0],
-        "routers": list(routers),
-        "executor": {"time_min": 5, "cpus_per_task": 1},
-        **extra,
-    }
-    path = tmp_path / "g.yaml"
-    path.write_text(yaml.safe_dump(grid, sort_keys=False))
-    return path
 
 
 def only_run_dir(grid_path, results):
@@ -163,7 +139,7 @@ def test_a_torn_metrics_tail_is_cut_before_resuming(tmp_path):
 # --- 2. symlinks --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", [".lock", "jobs.jsonl"])
 def test_a_planted_link_in_a_run_folder_is_refused_and_its_target_unchanged(tmp_path, name):
-    path = toy_grid(tmp_path)
+    path = tiny_grid(tmp_path)
     results = tmp_path / "results"
     run_dir = only_run_dir(path, results)
     run_dir.mkdir(parents=True)
@@ -196,7 +172,7 @@ def test_a_planted_metrics_or_stale_link_is_never_written_through(tmp_path):
 
 
 def test_a_run_folder_linked_outside_the_results_root_is_refused(tmp_path):
-    path = toy_grid(tmp_path)
+    path = tiny_grid(tmp_path)
     results = tmp_path / "results"
     run_dir = only_run_dir(path, results)
     run_dir.parent.mkdir(parents=True)
@@ -222,7 +198,7 @@ def test_a_run_folder_linked_outside_the_results_root_is_refused(tmp_path):
 )
 def test_control_characters_in_executor_strings_are_refused(tmp_path, monkeypatch, executor, key):
     monkeypatch.chdir(tmp_path)
-    path = toy_grid(tmp_path, executor=executor)
+    path = tiny_grid(tmp_path, executor=executor)
     with pytest.raises(GridError, match="without newlines or control characters") as err:
         load(path)
     assert f": {key}: " in str(err.value)
@@ -231,18 +207,11 @@ def test_control_characters_in_executor_strings_are_refused(tmp_path, monkeypatc
 
 
 def test_plain_executor_strings_still_pass(tmp_path):
-    g = load(toy_grid(tmp_path, executor={"partition": "gpu", "sbatch_extra": {"qos": "high", "nodes": 1}}))
+    g = load(tiny_grid(tmp_path, executor={"partition": "gpu", "sbatch_extra": {"qos": "high", "nodes": 1}}))
     assert g["executor"]["partition"] == "gpu" and g["executor"]["max_retries"] == 2
 
 
 # --- 4. one validator ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def done_grid(tmp_path_factory):
-    """One finished two-run grid, copied by each test that damages it."""
-    tmp = tmp_path_factory.mktemp("done")
-    path = toy_grid(tmp, routers=("softmax-topk", "dense"))
-    launch.run_grid(path, cluster="debug", results=tmp / "results", log=lambda s: None)
-    return path, tmp / "results"
 
 
 def _copy(done_grid, tmp_path):
@@ -291,7 +260,7 @@ def test_a_failed_run_with_an_invalid_spec_is_rerun_as_status_says(tmp_path, cap
 
 # --- 5. retries and the run lock ----------------------------------------------------------------------
 def test_a_killed_job_is_resumed_up_to_max_retries_and_divergence_is_not(tmp_path):
-    path = toy_grid(tmp_path, executor={"time_min": 5, "max_retries": 1})
+    path = tiny_grid(tmp_path, executor={"time_min": 5, "max_retries": 1})
     results = tmp_path / "results"
     d = only_run_dir(path, results)
     (spec,) = expand(path)
@@ -301,9 +270,9 @@ def test_a_killed_job_is_resumed_up_to_max_retries_and_divergence_is_not(tmp_pat
             d, "failed", "job 7 ended without finishing the run: killed", attempts=attempts, retryable=True
         )
         (r,) = launch.plan([spec], results, max_retries=1)
-        assert r["action"] == action, r["why"]
+        assert r.action == action, r.why
     records.write_status(d, "failed", "diverged at step 3: loss=nan", attempts=1, retryable=False)
-    assert launch.plan([spec], results, max_retries=1)[0]["action"] == "skip"
+    assert launch.plan([spec], results, max_retries=1)[0].action == "skip"
 
 
 def test_moebench_train_waits_for_no_one_else_on_its_run(tmp_path, capsys):
@@ -546,7 +515,7 @@ def test_a_2mib_tmpfs_results_folder_fails_clearly_and_exits_non_zero(tmp_path, 
     if res.returncode != 0:
         pytest.skip(f"cannot mount a 2 MiB tmpfs here ({res.stderr.strip() or 'mount failed'})")
     try:
-        path = toy_grid(tmp_path, routers=("softmax-topk", "dense"))
+        path = tiny_grid(tmp_path, routers=("softmax-topk", "dense"))
         assert main(["run", str(path), "--cluster", "debug", "--results", str(mnt)]) == 1
         runs = [d for d in (mnt / "g").iterdir() if (d / "status.json").exists()]
         st = [rundir.inspect(d) for d in runs]
@@ -576,7 +545,7 @@ def test_sigterm_to_moebench_run_stops_its_local_jobs_cleanly(tmp_path):
     import sys
     import time
 
-    path = toy_grid(
+    path = tiny_grid(
         tmp_path,
         train={
             "steps": 5000,

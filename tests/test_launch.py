@@ -165,7 +165,7 @@ def test_a_run_locked_by_a_live_process_is_left_alone(tmp_path):
         assert holder.stdout.readline().strip() == "True"
         assert rundir.lock_held(d) and rundir.inspect(d)["state"] == "running"
         (planned,) = launch.plan([spec], results)
-        assert planned["action"] == "skip" and planned["why"] == "running elsewhere"
+        assert planned.action == "skip" and planned.why == "running elsewhere"
 
         def must_not_run(spec, results):
             raise AssertionError("a locked run was executed")
@@ -327,3 +327,23 @@ def test_runs_per_job_is_refused_with_data_parallel(tmp_path):
     path = toy_grid(tmp_path, executor={"runs_per_job": 2, "tasks_per_node": 2})
     with pytest.raises(GridError, match="runs_per_job"):
         expand(path)
+
+
+def test_the_launcher_does_not_reread_a_finished_run_each_poll(tmp_path, monkeypatch):
+    """A finished record is checked once (final.json, metrics.jsonl, spec hashed to its folder: ~10 ms);
+    re-checking every finished run every second kept a core busy on a 120-run grid."""
+    from moebench.grids import phase
+
+    path = toy_grid(tmp_path, routers=("dense",), steps=2)
+    results = tmp_path / "results"
+    launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
+    runs = phase.plan(expand(path), results)
+    assert [r.state for r in runs] == ["done"]
+    calls = []
+    real = phase.inspect
+    monkeypatch.setattr(phase, "inspect", lambda d: calls.append(d) or real(d))
+    progress = phase.Progress(runs, log=lambda s: None)
+    progress.last.clear()  # as if it had not been done when the phase started
+    for _ in range(3):
+        progress.poll()
+    assert len(calls) == 1 and progress.last[runs[0].run_id] == "done"

@@ -23,7 +23,7 @@ def _router_example() -> str:
 
 def test_readme_router_example_registers_and_routes():
     code = _router_example()
-    assert len(code.strip().splitlines()) <= 30  # "a 20-line example", give or take imports
+    assert len(code.strip().splitlines()) <= 36  # "a 20-line example", give or take imports and its options
     namespace: dict = {}
     if "cosine-topk" not in ROUTERS:
         exec(compile(code, "README.md", "exec"), namespace)
@@ -42,6 +42,45 @@ def test_readme_router_example_registers_and_routes():
     emb = layer.router.emb.detach()
     cos = torch.nn.functional.normalize(x.reshape(-1, 16), dim=-1) @ torch.nn.functional.normalize(emb, dim=-1).T
     assert torch.equal(scores.argmax(-1), cos.argmax(-1))
+
+
+def _readme_router():
+    if "cosine-topk" not in ROUTERS:
+        exec(compile(_router_example(), "README.md", "exec"), {})
+    return ROUTERS.get("cosine-topk")
+
+
+def test_readme_router_declares_its_options_and_checks_none_by_hand():
+    """Issue 22: a new router with typed options needs no hand-written validation. The README's router
+    declares `options`; a bad value is refused before its __init__ runs, worded like a grid file's
+    error about a bad key's value: `<where>: <key path>: expected <what>, got <value> (<type>)`."""
+    from moebench.grids.schema import GridError, load
+
+    code = _router_example()
+    assert "options = {" in code and "raise" not in code  # declared, not checked by hand
+    cls = _readme_router()
+    assert set(cls.options) == {"top_k", "tau"}
+    cls(16, 4)  # the declared defaults are accepted
+    with pytest.raises(ValueError) as in_python:
+        cls(16, 4, tau=0)
+    with pytest.raises(ValueError) as in_a_layer:
+        MoELayer(16, 32, 4, router="cosine-topk", router_args={"tau": 0})
+    with pytest.raises(GridError) as in_a_grid:
+        load({"task": "toy", "routers": [{"name": "cosine-topk", "args": {"tau": 0}}]}, file="g.yaml")
+    with pytest.raises(GridError) as bad_grid_key:
+        load({"task": "toy", "routers": ["dense"], "train": {"lr": 0}}, file="g.yaml")
+    assert str(in_python.value) == "router 'cosine-topk': args.tau: expected a number > 0, got 0 (int)"
+    assert str(in_a_layer.value) == str(in_python.value)
+    assert str(in_a_grid.value) == "g.yaml: routers[0].args.tau: expected a number > 0, got 0 (int)"
+    assert str(bad_grid_key.value) == "g.yaml: train.lr: expected a number > 0, got 0 (int)"
+    shape = re.compile(
+        r"^(?P<where>[^:]+): (?P<key>[\w.\[\]]+): expected (?P<what>.+), got (?P<value>.+) \((?P<type>\w+)\)$"
+    )
+    parts = [shape.match(str(e.value)) for e in (in_python, in_a_grid, bad_grid_key)]
+    assert all(parts), [str(e.value) for e in (in_python, in_a_grid, bad_grid_key)]
+    assert {m["what"] for m in parts} == {"a number > 0"} and {m["key"].split(".")[-1] for m in parts[:2]} == {"tau"}
+    with pytest.raises(ValueError, match=r"args.top_k: expected an integer >= 1, got 0 \(int\)"):
+        cls(16, 4, top_k=0)
 
 
 def _api_examples() -> list[str]:

@@ -123,8 +123,8 @@ def test_gated_experts_use_gate_up_and_down():
 @pytest.mark.parametrize(
     "args,words",
     [
-        ({"c": 1.5}, "c=1.5"),
-        ({"k": 0}, "k=0"),
+        ({"c": 1.5}, r"args.c: expected a finite number >= 0 and <= 1, got 1.5"),
+        ({"k": 0}, r"args.k: expected an integer >= 1, got 0"),
         ({"k": 17}, "k=17"),
         ({"second_layer": "both"}, "second_layer"),
         ({"refresh_every": -1}, "refresh_every"),

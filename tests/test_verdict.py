@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from test_launch import toy_grid
 
 from moebench.cli import main
 from moebench.grids import launch
@@ -17,15 +16,6 @@ from moebench.report.load import load_record_set
 from moebench.training import records
 from moebench.training.rundir import run_path
 from moebench.training.spec import run_id
-
-
-@pytest.fixture(scope="module")
-def done_grid(tmp_path_factory):
-    """One finished two-run grid, copied by each test that damages it."""
-    tmp = tmp_path_factory.mktemp("done")
-    path = toy_grid(tmp, routers=("softmax-topk", "dense"))
-    launch.run_grid(path, cluster="debug", results=tmp / "results", log=lambda s: None)
-    return path, tmp / "results"
 
 
 def _status(**fields):
@@ -76,17 +66,17 @@ def test_status_launcher_and_report_agree_word_for_word(tmp_path, capsys, done_g
     (status,) = [r for r in status_rows(results / "g") if r["run_id"] == d.name]
     main(["status", str(results)])
     printed = capsys.readouterr().out
-    (plan,) = [r for r in launch.plan(list(expand(path)), results) if r["run_id"] == d.name]
+    (plan,) = [r for r in launch.plan(list(expand(path)), results) if r.run_id == d.name]
     lines: list[str] = []
     launch.run_grid(path, cluster="debug", results=results, dry_run=True, log=lines.append)
     report = load_record_set(results / "g").runs.set_index("run_id").loc[d.name]
 
-    assert status["state"] == plan["state"] == report["state"] == state, (status, plan["state"], report["state"])
+    assert status["state"] == plan.state == report["state"] == state, (status, plan.state, report["state"])
     assert (status["reason"] or None) == report["reason"], (status["reason"], report["reason"])
     assert status["reason"] or state == "queued"  # every damaged or stopped run says why
     assert (report["state"] == "done") is False  # never counted
     if state in ("corrupt", "interrupted"):
-        assert plan["why"] == status["reason"]
+        assert plan.why == status["reason"]
         assert f"  {d.name}: run: {status['reason']}" in lines  # what the launcher prints
     if state == "corrupt":
         assert status["reason"].startswith("corrupt record: ")

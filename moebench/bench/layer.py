@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ def time_side_by_side(
     for _ in range(warmup):
         for m in modules.values():
             _step_time(m, x)
-    samples = {name: [] for name in modules}
+    samples: dict[str, list[float]] = {name: [] for name in modules}
     for _ in range(repeats):
         for name, m in modules.items():
             samples[name].append(_step_time(m, x))
@@ -145,64 +146,80 @@ def bench_layer(
     rows = []
     bar = Progress(len(ks), "bench layer (one k at a time)", every_s=5, unit="k")
     for k in ks:
-        modules: dict[str, nn.Module] = {"dense": DenseFFN(d_model, k * d_hidden)}
-        for name in routers:
-            try:
-                modules[name] = MoELayer(
-                    d_model,
-                    d_hidden,
-                    num_experts,
-                    router=name,
-                    router_args=router_args_at(name, k, tokens, num_experts),
-                )
-            except ValueError as err:  # e.g. Switch is top-1 only: no row at this k
-                print(f"skip {name} at k={k}: {err}")
-        for name in [n for n in routers if n in modules]:
-            modules[f"{name} (router only)"] = RouterOnly(modules[name])
-        mixtral = _mixtral_peer(d_model, d_hidden, num_experts, k) if peers else None
-        if mixtral is not None:
-            modules["mixtral (transformers)"] = mixtral
-            modules["dense swiglu"] = DenseSwiGLU(d_model, k * d_hidden)
+        modules = _layer_modules(routers, num_experts, k, tokens, d_model, d_hidden, peers)
         for m in modules.values():
             m.to(device=device, dtype=dtype).train()
         times = time_side_by_side(modules, x.unsqueeze(0), repeats)
         memory = {
-            name: step_memory(lambda m=m: _step_time(m, x.unsqueeze(0)), torch.device(device), m.parameters())
+            name: step_memory(lambda m=m: _step_time(m, x.unsqueeze(0)), torch.device(device), m.parameters())  # type: ignore[misc]  # mypy cannot type a lambda's default argument
             for name, m in modules.items()
         }
-        for name, seconds in times.items():
-            base_name = "dense swiglu" if name.startswith("mixtral") else "dense"
-            base, base_mem = times[base_name], memory[base_name]
-            if name.endswith("(router only)") and "softmax-topk" in times:
-                base, base_name = times["softmax-topk"], "softmax-topk layer"  # routing's share of a layer
-                base_mem = memory["softmax-topk"]
-            mem = memory[name]
-            rows.append(
-                {
-                    "router": name,
-                    "E": num_experts,
-                    "k": k,
-                    "T": tokens,
-                    "d": d_model,
-                    "d_hidden": d_hidden,
-                    "dtype": str(dtype).replace("torch.", ""),
-                    "device": device,
-                    "ms": round(seconds * 1e3, 2),
-                    "ratio": round(seconds / base, 3),
-                    "ratio_to": base_name,
-                    "saved_mb": round(mem["saved_mb"], 1),
-                    "saved_ratio": round(mem["saved_mb"] / base_mem["saved_mb"], 3) if base_mem["saved_mb"] else None,
-                    "peak_mb": None if mem["peak_mb"] is None else round(mem["peak_mb"], 1),
-                    "peak_ratio": (
-                        None
-                        if mem["peak_mb"] is None or not base_mem["peak_mb"]
-                        else round(mem["peak_mb"] / base_mem["peak_mb"], 3)
-                    ),
-                }
-            )
+        common = {
+            "E": num_experts,
+            "k": k,
+            "T": tokens,
+            "d": d_model,
+            "d_hidden": d_hidden,
+            "dtype": str(dtype).replace("torch.", ""),
+            "device": device,
+        }
+        rows += [_layer_row(name, times, memory, common) for name in times]
         bar.update()
     bar.close()
     return rows
+
+
+def _layer_modules(
+    routers: list[str], num_experts: int, k: int, tokens: int, d_model: int, d_hidden: int, peers: bool
+) -> dict[str, nn.Module]:
+    """What is timed at ``k``: the dense FFN of k experts' width, each router's layer (a router that
+    refuses k is skipped) and its router alone, and with ``peers`` Mixtral's block and a dense SwiGLU."""
+    modules: dict[str, nn.Module] = {"dense": DenseFFN(d_model, k * d_hidden)}
+    for name in routers:
+        try:
+            modules[name] = MoELayer(
+                d_model,
+                d_hidden,
+                num_experts,
+                router=name,
+                router_args=router_args_at(name, k, tokens, num_experts),
+            )
+        except ValueError as err:  # e.g. Switch is top-1 only: no row at this k
+            print(f"skip {name} at k={k}: {err}")
+    for name in [n for n in routers if n in modules]:
+        modules[f"{name} (router only)"] = RouterOnly(cast(MoELayer, modules[name]))
+    mixtral = _mixtral_peer(d_model, d_hidden, num_experts, k) if peers else None
+    if mixtral is not None:
+        modules["mixtral (transformers)"] = mixtral
+        modules["dense swiglu"] = DenseSwiGLU(d_model, k * d_hidden)
+    return modules
+
+
+def _layer_row(name: str, times: dict, memory: dict, common: dict) -> dict:
+    """One module's row: its time and memory, and their ratios to its reference (the dense FFN, the dense
+    SwiGLU for Mixtral, the softmax-topk layer for a router alone)."""
+    seconds = times[name]
+    base_name = "dense swiglu" if name.startswith("mixtral") else "dense"
+    base, base_mem = times[base_name], memory[base_name]
+    if name.endswith("(router only)") and "softmax-topk" in times:
+        base, base_name = times["softmax-topk"], "softmax-topk layer"  # routing's share of a layer
+        base_mem = memory["softmax-topk"]
+    mem = memory[name]
+    return {
+        "router": name,
+        **common,
+        "ms": round(seconds * 1e3, 2),
+        "ratio": round(seconds / base, 3),
+        "ratio_to": base_name,
+        "saved_mb": round(mem["saved_mb"], 1),
+        "saved_ratio": round(mem["saved_mb"] / base_mem["saved_mb"], 3) if base_mem["saved_mb"] else None,
+        "peak_mb": None if mem["peak_mb"] is None else round(mem["peak_mb"], 1),
+        "peak_ratio": (
+            None
+            if mem["peak_mb"] is None or not base_mem["peak_mb"]
+            else round(mem["peak_mb"] / base_mem["peak_mb"], 3)
+        ),
+    }
 
 
 def format_table(rows: list[dict]) -> str:

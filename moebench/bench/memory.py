@@ -9,15 +9,19 @@ allocator peak to read (the process's max RSS only ever grows), so this is the n
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TypedDict
 
 import torch
 
 MB = 2**20
 
 
-def step_memory(
-    step: Callable[[], None], device: torch.device, params: Iterable[torch.Tensor] = ()
-) -> dict[str, float | None]:
+class StepMemory(TypedDict):
+    saved_mb: float
+    peak_mb: float | None
+
+
+def step_memory(step: Callable[[], object], device: torch.device, params: Iterable[torch.Tensor] = ()) -> StepMemory:
     """Run ``step`` (forward + backward) once; return ``saved_mb`` (activations saved for the backward,
     ``params`` excluded) and ``peak_mb`` (CUDA only, else None)."""
     storages: dict[int, int] = {}

@@ -105,7 +105,7 @@ def _batch(cfg: ModelConfig, model: nn.Module, batch_size: int, size: int, devic
         ctx, vocab = model.context_length, model.vocab_size
         return (
             torch.randn(batch_size, 3, size, size, generator=g).to(device),
-            torch.randint(0, vocab, (batch_size, ctx), generator=g).to(device),
+            torch.randint(0, vocab, (batch_size, ctx), generator=g).to(device),  # type: ignore[call-overload]  # open_clip's ints, see _loss
         )
     return (
         torch.randn(batch_size, 1, size, size, size, generator=g).to(device),
@@ -117,9 +117,10 @@ def _loss(cfg: ModelConfig, model: nn.Module, batch: tuple) -> torch.Tensor:
     if cfg.inputs == "image":
         return F.cross_entropy(model(batch[0]).float(), batch[1])
     if cfg.inputs == "clip":
-        img = model.encode_image(batch[0], normalize=True).float()
-        txt = model.encode_text(batch[1], normalize=True).float()
-        logits = model.logit_scale.exp() * img @ txt.T
+        # open_clip's CLIP methods: nn.Module.__getattr__ types them as Tensor | Module
+        img = model.encode_image(batch[0], normalize=True).float()  # type: ignore[operator]
+        txt = model.encode_text(batch[1], normalize=True).float()  # type: ignore[operator]
+        logits = model.logit_scale.exp() * img @ txt.T  # type: ignore[operator]
         labels = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     return F.mse_loss(model(batch[0]).squeeze(-1).float(), batch[1])
@@ -197,14 +198,7 @@ def bench_model(
         for m in models.values():
             compile_blocks(m)
     steps = {k: _train_step(cfg, m, torch.optim.AdamW(m.parameters(), lr=1e-4), batch, dev) for k, m in models.items()}
-    for _ in range(warmup):  # also the compile, when on
-        for s in steps.values():
-            s()
-    memory = {k: step_memory(s, dev, models[k].parameters()) for k, s in steps.items()}
-    samples: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(repeats):
-        for k, s in steps.items():
-            samples[k].append(_timed(s, dev))
+    memory, samples = _measure(steps, models, dev, warmup, repeats)
     row: dict = {
         "config": name,
         "router": router,
@@ -215,19 +209,37 @@ def bench_model(
         "compile": compile,
         "tokens_per_sample": tokens,
     }
-    for k in steps:
+    _add_measurements(row, samples, memory, batch_size, tokens)
+    return row
+
+
+def _measure(steps: dict, models: dict, dev: torch.device, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """Warm up, then the memory of one step and ``repeats`` timings of each model's step, interleaved."""
+    for _ in range(warmup):  # also the compile, when on
+        for s in steps.values():
+            s()
+    memory = {k: step_memory(s, dev, models[k].parameters()) for k, s in steps.items()}
+    samples: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, s in steps.items():
+            samples[k].append(_timed(s, dev))
+    return memory, samples
+
+
+def _add_measurements(row: dict, samples: dict, memory: dict, batch_size: int, tokens: float | None) -> None:
+    """Median time, throughput and memory of each model, then MoE over dense."""
+    for k in samples:
         sec = statistics.median(samples[k])
         row[f"{k}_ms"] = round(sec * 1e3, 2)
         row[f"{k}_samples_per_s"] = round(batch_size / sec, 2)
         row[f"{k}_tokens_per_s"] = None if tokens is None else round(batch_size * tokens / sec, 1)
         row[f"{k}_saved_mb"] = round(memory[k]["saved_mb"], 1)
-        row[f"{k}_peak_mb"] = None if memory[k]["peak_mb"] is None else round(memory[k]["peak_mb"], 1)
+        row[f"{k}_peak_mb"] = None if memory[k]["peak_mb"] is None else round(memory[k]["peak_mb"], 1)  # type: ignore[arg-type]  # mypy does not narrow memory[k]
     row["time_ratio"] = round(row["moe_ms"] / row["dense_ms"], 3)
     row["saved_mem_ratio"] = round(row["moe_saved_mb"] / row["dense_saved_mb"], 3)
     row["peak_mem_ratio"] = (
         None if row["dense_peak_mb"] is None else round(row["moe_peak_mb"] / row["dense_peak_mb"], 3)
     )
-    return row
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -21,6 +21,11 @@ def add_parser(sub) -> None:
     bench_sub = bench.add_subparsers(
         dest="bench", required=True, metavar="BENCHMARK", help="layer: one MoE layer per router against a dense FFN"
     )
+    _add_layer_parser(bench_sub)
+    _add_model_parser(bench_sub)
+
+
+def _add_layer_parser(bench_sub) -> None:
     layer = command(
         bench_sub,
         "layer",
@@ -51,6 +56,8 @@ def add_parser(sub) -> None:
         + " (sets --d-model, --d-hidden, --tokens; bf16 on cuda, float32 on cpu)",
     )
 
+
+def _add_model_parser(bench_sub) -> None:
     model = command(
         bench_sub,
         "model",

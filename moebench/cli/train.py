@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from moebench.cli._help import command
+
+if TYPE_CHECKING:
+    from moebench.training.spec import RunSpec
 
 SIZES = ("tiny", "quick")
 
@@ -44,7 +48,7 @@ def add_parser(sub) -> None:
     )
 
 
-def spec_from_args(args) -> dict:
+def spec_from_args(args) -> RunSpec:
     """The spec ``moebench train`` runs (`moebench.training.single.single_spec` from the flags)."""
     import yaml
 
@@ -76,14 +80,14 @@ def run(args) -> int:
     from moebench.training.records import UnsafeRecordError
     from moebench.training.rundir import run_path
     from moebench.training.single import train_single
-    from moebench.training.spec import SpecError, run_id
+    from moebench.training.spec import SpecError
 
     try:
         spec = spec_from_args(args)
     except (SpecError, ValueError, KeyError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_dir = run_path(args.results, spec["grid"], run_id(spec))
+    run_dir = run_path(args.results, spec.grid, spec.run_id)
     try:
         result = train_single(spec, args.results)
     except UnsafeRecordError as err:

@@ -16,6 +16,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+#: the constructor arguments the MoE layer fills in (from the model and ``moe.num_experts``): a grid's or a
+#: caller's router args never set them (the layer, the grid validator and the options list all use this)
+LAYER_FILLED_ARGS = ("d_model", "num_experts")
+
+
 _NUMERIC_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators both take it; larger overflows inside torch
 MAX_EXPERTS = 4096
@@ -46,24 +51,31 @@ def option(
     minimum=None,
     maximum=None,
     strict: bool = False,
+    strict_max: bool = False,
     nullable: bool = False,
     choices: tuple = (),
     doc: str = "",
     flat: bool = False,
+    finite: bool = False,
+    fix: str = "",
 ):
     """A config field: ``kind`` is int | float | bool | str | dict | blocks | choice | list (of distinct
-    ``choices``); ``strict`` makes
-    ``minimum`` exclusive; ``nullable`` admits null; ``choices`` lists the admitted values; ``flat``
-    (dicts) admits only one level of plain string / number keys and values (they become shell lines)."""
+    ``choices``) | indices (distinct integers >= 0); ``strict`` / ``strict_max`` make ``minimum`` / ``maximum`` exclusive; ``nullable``
+    admits null; ``choices`` lists the admitted values; ``flat`` (dicts) admits only one level of plain
+    string / number keys and values (they become shell lines); ``finite`` (numbers) refuses +-inf;
+    ``fix`` is the advice appended to an error about the field."""
     meta = {
         "kind": kind,
         "minimum": minimum,
         "maximum": maximum,
         "strict": strict,
+        "strict_max": strict_max,
         "nullable": nullable,
         "choices": tuple(choices),
         "doc": doc,
         "flat": flat,
+        "finite": finite,
+        "fix": fix,
     }
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -291,114 +303,166 @@ def expected(f: dataclasses.Field) -> str:
     """What a field admits, in words (used in every error about it)."""
     m = f.metadata
     kind = m["kind"]
-    if kind == "choice":
-        words = ", ".join("true" if c is True else "false" if c is False else str(c) for c in m["choices"])
-        text = f"one of {words}"
+    if kind in ("int", "float"):
+        text = _expected_number(m)
+    elif kind == "choice":
+        text = "one of " + ", ".join("true" if c is True else "false" if c is False else str(c) for c in m["choices"])
     elif kind == "list":
         text = "a list of distinct values from " + ", ".join(map(str, m["choices"]))
-    elif kind == "blocks":
-        text = "'all', 'last-N', 'every-N', a block index or a list of block indices"
-    elif kind == "dict":
-        text = "a mapping"
-    elif kind == "bool":
-        text = "true or false"
-    elif kind == "str":
-        text = "a string"
     else:
-        text = "an integer" if kind == "int" else "a number"
-        lo, hi = m["minimum"], m["maximum"]
-        if lo is not None:
-            text += f" {'>' if m['strict'] else '>='} {_num(lo)}"
-        if hi is not None:
-            text += f" {'and ' if lo is not None else ''}<= {_num(hi)}"
+        text = _EXPECTED[kind]
     return text + (" or null" if m["nullable"] else "")
+
+
+_EXPECTED = {
+    "blocks": "'all', 'last-N', 'every-N', a block index or a list of block indices",
+    "dict": "a mapping",
+    "bool": "true or false",
+    "str": "a string",
+    "indices": "a list of distinct integers >= 0",
+}
+
+
+def _expected_number(m) -> str:
+    text = "an integer" if m["kind"] == "int" else "a finite number" if m.get("finite") else "a number"
+    lo, hi = m["minimum"], m["maximum"]
+    if lo is not None:
+        text += f" {'>' if m['strict'] else '>='} {_num(lo)}"
+    if hi is not None:
+        text += f" {'and ' if lo is not None else ''}{'<' if m.get('strict_max') else '<='} {_num(hi)}"
+    return text
 
 
 def _num(x) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
+class _Bad(Exception):
+    """Raised by a ``_coerce_<kind>`` step: the value does not fit; `coerce` words the error."""
+
+
 def coerce(f: dataclasses.Field, value, path: str):
     """``value`` checked against field ``f`` and normalised (YAML 1.1's "3e-4" strings -> numbers,
-    integral floats -> ints); raises `ConfigError` naming ``path``."""
+    integral floats -> ints); raises `ConfigError` naming ``path`` (and the field's ``fix``, if any)."""
     m = f.metadata
-    kind = m["kind"]
-    bad = ConfigError(path, expected(f), value)
-    if value is None:
-        if m["nullable"]:
-            return None
-        raise bad
-    if kind in ("int", "float"):
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, str):
-            if not _NUMERIC_TEXT.fullmatch(value.strip()):
-                raise bad
-            value = float(value)
-        if not isinstance(value, (int, float)) or value != value:  # NaN
-            raise bad
-        if kind == "int":
-            if isinstance(value, float):
-                if not value.is_integer():
-                    raise bad
-                value = int(value)
-        else:
-            value = float(value)
-        lo, hi = m["minimum"], m["maximum"]
-        if lo is not None and (value <= lo if m["strict"] else value < lo):
-            raise bad
-        if hi is not None and value > hi:
-            raise bad
+    try:
+        if value is None:
+            if m["nullable"]:
+                return None
+            raise _Bad
+        return _COERCE[m["kind"]](m, value, path)
+    except _Bad:
+        fix = m.get("fix")
+        raise ConfigError(path, expected(f), value, f"; {fix}" if fix else "") from None
+
+
+def _coerce_number(m, value, path: str):
+    if isinstance(value, bool):
+        raise _Bad
+    if isinstance(value, str):
+        if not _NUMERIC_TEXT.fullmatch(value.strip()):
+            raise _Bad
+        value = float(value)
+    if not isinstance(value, (int, float)) or value != value:  # NaN
+        raise _Bad
+    if m.get("finite") and value in (float("inf"), float("-inf")):
+        raise _Bad
+    if m["kind"] == "int":
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise _Bad
+            value = int(value)
+    else:
+        value = float(value)
+    lo, hi = m["minimum"], m["maximum"]
+    if lo is not None and (value <= lo if m["strict"] else value < lo):
+        raise _Bad
+    if hi is not None and (value >= hi if m.get("strict_max") else value > hi):
+        raise _Bad
+    return value
+
+
+def _coerce_bool(m, value, path: str):
+    if isinstance(value, bool):
         return value
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-            return value.lower() in ("true", "yes")
-        raise bad
-    if kind == "choice":
-        if isinstance(value, str) and value.lower() in ("true", "false") and True in m["choices"]:
-            value = value.lower() == "true"
-        if any(
-            value is c or (not isinstance(c, bool) and not isinstance(value, bool) and value == c) for c in m["choices"]
-        ):
-            return value
-        raise bad
-    if kind == "list":
-        if (
-            not isinstance(value, list)
-            or len(set(map(str, value))) != len(value)
-            or any(not isinstance(v, str) or v not in m["choices"] for v in value)
-        ):
-            raise bad
-        return list(value)
-    if kind == "str":
-        if isinstance(value, str) and value:
-            return _no_control(value, path)
-        raise bad
-    if kind == "dict":
-        if not isinstance(value, dict):
-            raise bad
-        if m.get("flat"):
-            for k, v in value.items():
-                where = f"{path}.{k}"
-                if not isinstance(k, str) or not k:
-                    raise ConfigError(where, "a non-empty string key", k)
-                _no_control(k, where)
-                if not isinstance(v, (str, int, float)) or isinstance(v, bool):
-                    raise ConfigError(where, "a string or a number", v)
-                _no_control(str(v), where)
-        return dict(value)
-    if kind == "blocks":
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if (
-            isinstance(value, str)
-            or is_int
-            or (isinstance(value, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in value))
-        ):
-            return value
-        raise bad
-    raise AssertionError(f"unknown field kind {kind!r}")
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+        return value.lower() in ("true", "yes")
+    raise _Bad
+
+
+def _coerce_choice(m, value, path: str):
+    if isinstance(value, str) and value.lower() in ("true", "false") and True in m["choices"]:
+        value = value.lower() == "true"
+    if any(
+        value is c or (not isinstance(c, bool) and not isinstance(value, bool) and value == c) for c in m["choices"]
+    ):
+        return value
+    raise _Bad
+
+
+def _coerce_list(m, value, path: str):
+    if (
+        not isinstance(value, list)
+        or len(set(map(str, value))) != len(value)
+        or any(not isinstance(v, str) or v not in m["choices"] for v in value)
+    ):
+        raise _Bad
+    return list(value)
+
+
+def _coerce_indices(m, value, path: str):
+    if (
+        not isinstance(value, (list, tuple))
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value)
+        or len(set(value)) != len(value)
+    ):
+        raise _Bad
+    return list(value)
+
+
+def _coerce_str(m, value, path: str):
+    if isinstance(value, str) and value:
+        return _no_control(value, path)
+    raise _Bad
+
+
+def _coerce_dict(m, value, path: str):
+    if not isinstance(value, dict):
+        raise _Bad
+    if m.get("flat"):
+        for k, v in value.items():
+            where = f"{path}.{k}"
+            if not isinstance(k, str) or not k:
+                raise ConfigError(where, "a non-empty string key", k)
+            _no_control(k, where)
+            if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                raise ConfigError(where, "a string or a number", v)
+            _no_control(str(v), where)
+    return dict(value)
+
+
+def _coerce_blocks(m, value, path: str):
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if (
+        isinstance(value, str)
+        or is_int
+        or (isinstance(value, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in value))
+    ):
+        return value
+    raise _Bad
+
+
+_COERCE = {
+    "int": _coerce_number,
+    "float": _coerce_number,
+    "bool": _coerce_bool,
+    "choice": _coerce_choice,
+    "list": _coerce_list,
+    "indices": _coerce_indices,
+    "str": _coerce_str,
+    "dict": _coerce_dict,
+    "blocks": _coerce_blocks,
+}
 
 
 def _no_control(text: str, path: str) -> str:
@@ -419,6 +483,36 @@ def check_section(cls, mapping: dict, path: str) -> dict:
     known = fields_of(cls)
     check_keys(mapping, known, path)
     return {k: coerce(known[k], v, f"{path}.{k}" if path else k) for k, v in mapping.items()}
+
+
+class OptionError(ConfigError):
+    """A bad option of a named component (a router), worded like a grid file's errors: ``<owner>:
+    <path>: expected ..., got ... (<type>)[; fix]`` (a grid says ``<file>: routers[2].args.top_k: ...``)."""
+
+    def __init__(self, owner: str, err: ConfigError):
+        self.owner = owner
+        super().__init__(err.path, err.expected, err.value, err.hint, err.unknown)
+
+    def __str__(self) -> str:
+        return f"{self.owner}: {self.path}: {self.describe()}"
+
+
+def check_options(declared: dict[str, dataclasses.Field], values: dict, path: str) -> dict:
+    """The declared options among ``values`` (a router's args), each checked against its declaration
+    (`option`) and normalised; keys not declared are left out (the caller decides about them). Raises
+    `ConfigError` naming ``path.<option>``. The grid validator and `Router`'s constructors both call it."""
+    return {k: coerce(declared[k], v, f"{path}.{k}" if path else k) for k, v in values.items() if k in declared}
+
+
+def describe_options(declared: dict[str, dataclasses.Field]) -> list[tuple[str, str, str, str]]:
+    """(name, default, what it admits, doc) per declared option, for ``moebench routers --options``."""
+    rows = []
+    for name, f in declared.items():
+        factory: Any = f.default_factory
+        default = f.default if factory is dataclasses.MISSING else factory()
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        rows.append((name, shown, expected(f), f.metadata.get("doc", "")))
+    return rows
 
 
 def resolve_section(cls, mapping: dict | None, path: str) -> dict:

@@ -6,11 +6,13 @@ capacity (k-major slot priority, never above the token count) is applied here, o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
+from moebench.core.config import LAYER_FILLED_ARGS
 from moebench.core.dense_dispatch import dense_dispatch
 from moebench.core.experts import Experts
 from moebench.core.null_experts import NullExperts
@@ -26,6 +28,31 @@ from moebench.core.routing import (
 from moebench.core.shared_experts import SharedExperts
 
 ROUTING_UNITS = ("token", "sequence")
+
+
+def _check_layer_args(
+    d_model: int, d_hidden: int, num_experts: int, capacity_factor: float | None, capacity_policy: str
+) -> None:
+    for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"MoELayer {name} must be a positive integer, got {value!r}")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"MoELayer capacity_factor must be > 0, or None for dropless routing; got {capacity_factor!r}")
+    if capacity_policy not in CAPACITY_POLICIES:
+        raise ValueError(f"MoELayer capacity_policy must be one of {list(CAPACITY_POLICIES)}, got {capacity_policy!r}")
+
+
+def _check_routing_unit(routing_unit: str, router: nn.Module, name: str) -> None:
+    """``routing_unit`` is known, and "sequence" only with a router that can route by sequence."""
+    if routing_unit not in ROUTING_UNITS:
+        raise ValueError(f"MoELayer routing_unit must be one of {list(ROUTING_UNITS)}, got {routing_unit!r}")
+    if routing_unit == "sequence" and not getattr(router, "sequence_routing", False):
+        raise ValueError(
+            f"router {name!r} cannot route by sequence (moe.routing_unit: sequence): "
+            f"{router.sequence_refusal}; use routing_unit: token, or a router with a "
+            f"linear gate (softmax-topk, switch, top-p, loss-free, deepseek-v3, remoe, sinkhorn, "
+            f"base, expert-choice) or the random / collapse / oracle controls"
+        )
 
 
 class MoELayer(nn.Module):
@@ -51,39 +78,21 @@ class MoELayer(nn.Module):
         routing_unit: str = "token",
     ):
         super().__init__()
-        for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MoELayer {name} must be a positive integer, got {value!r}")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(
-                f"MoELayer capacity_factor must be > 0, or None for dropless routing; got {capacity_factor!r}"
-            )
+        _check_layer_args(d_model, d_hidden, num_experts, capacity_factor, capacity_policy)
         self.d_model, self.d_hidden, self.num_experts = d_model, d_hidden, num_experts
         self.capacity_factor = capacity_factor
-        if capacity_policy not in CAPACITY_POLICIES:
-            raise ValueError(
-                f"MoELayer capacity_policy must be one of {list(CAPACITY_POLICIES)}, got {capacity_policy!r}"
-            )
         self.capacity_policy = capacity_policy
         self.router_name = router
         router_cls = ROUTERS.get(router)
         args = dict(router_args or {})
-        for reserved in ("d_model", "num_experts"):
+        for reserved in LAYER_FILLED_ARGS:
             if reserved in args:
                 raise ValueError(f"router_args must not set {reserved!r}: the layer fills it in")
         try:
             self.router = router_cls(d_model=d_model, num_experts=num_experts + null_experts, **args)
         except TypeError as err:
             raise TypeError(f"bad router_args for router {router!r}: {err}") from err
-        if routing_unit not in ROUTING_UNITS:
-            raise ValueError(f"MoELayer routing_unit must be one of {list(ROUTING_UNITS)}, got {routing_unit!r}")
-        if routing_unit == "sequence" and not getattr(self.router, "sequence_routing", False):
-            raise ValueError(
-                f"router {router!r} cannot route by sequence (moe.routing_unit: sequence): "
-                f"{self.router.sequence_refusal}; use routing_unit: token, or a router with a "
-                f"linear gate (softmax-topk, switch, top-p, loss-free, deepseek-v3, remoe, sinkhorn, "
-                f"base, expert-choice) or the random / collapse / oracle controls"
-            )
+        _check_routing_unit(routing_unit, self.router, router)
         self.routing_unit = routing_unit
         self.experts = self.router.wrap_experts(Experts(num_experts, d_model, d_hidden, activation))
         self.null = NullExperts(null_experts, num_experts, d_model) if null_experts else None
@@ -95,7 +104,7 @@ class MoELayer(nn.Module):
         self.stats: dict = {}
         self.pending_context: Tensor | None = None  # set by a hook on the block's attention (moefy)
         self.pending_group: Tensor | None = None  # (..., ) true group per token, set by a task that knows it
-        self.intervention = None  # Routing -> Routing after capacity (moebench.training.interventions)
+        self.intervention: Callable[[Routing], Routing] | None = None  # after capacity (training.interventions)
         if router_init_std is not None:  # last: every other weight is drawn as without the option
             init_router_gate(self.router, router_init_std, router)
 
@@ -127,26 +136,7 @@ class MoELayer(nn.Module):
         shape = x.shape
         num_tokens = math.prod(shape[:-1])
         flat = x.reshape(num_tokens, self.d_model)
-        if context is None:
-            context = self.pending_context
-            self.pending_context = None
-        if self.router.needs_context and context is None:
-            raise ValueError(
-                f"router {self.router_name!r} needs the attention context: call the layer as "
-                f"layer(x, context=attn_out), or build the model with moebench.core.moefy which hooks it in"
-            )
-        if context is not None and context.shape != shape:
-            raise ValueError(f"context shape {tuple(context.shape)} must equal input shape {tuple(shape)}")
-        seq_len = shape[-2] if x.dim() >= 3 else num_tokens
-        group, self.pending_group = self.pending_group, None
-        ctx = RoutingContext(
-            positions=torch.arange(seq_len, device=x.device).repeat(num_tokens // seq_len),
-            token_ids=None if token_ids is None else token_ids.reshape(num_tokens),
-            context=None if context is None else context.reshape(num_tokens, self.d_model).float(),
-            training=self.training,
-            seq_len=seq_len,
-            group=None if group is None else group.reshape(num_tokens).to(x.device),
-        )
+        ctx, seq_len = self._routing_context(x, num_tokens, context, token_ids)
         capacity = (
             self.capacity_factor
             if self.capacity_factor is not None
@@ -169,16 +159,7 @@ class MoELayer(nn.Module):
             torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else flat.dtype
         )
 
-        if routing.is_dense:
-            out, counts = dense_dispatch(self.experts, flat, routing, compute_dtype)
-        else:
-            order = torch.argsort(routing.expert, stable=True)
-            token_sorted = routing.token[order]
-            counts = expert_counts(routing.expert, self.num_experts)
-            y_sorted = self.experts(flat[token_sorted].to(compute_dtype), counts)
-            y_sorted = y_sorted * routing.weight[order].to(y_sorted.dtype).unsqueeze(1)
-            out = torch.zeros(num_tokens, self.d_model, dtype=y_sorted.dtype, device=x.device)
-            out = out.index_add(0, token_sorted, y_sorted)
+        out, counts = self._dispatch(flat, routing, compute_dtype)
         if self.shared is not None:
             out = out + self.shared(flat.to(compute_dtype)).to(out.dtype)
         if null_out is not None:
@@ -189,6 +170,48 @@ class MoELayer(nn.Module):
         self.aux_loss = torch.stack(losses).sum() if losses else flat.new_zeros((), dtype=torch.float32)
         self._record_stats(routing, counts, num_tokens)
         return out.to(x.dtype).reshape(shape)
+
+    def _routing_context(
+        self, x: Tensor, num_tokens: int, context: Tensor | None, token_ids: Tensor | None
+    ) -> tuple[RoutingContext, int]:
+        """What the router sees besides the tokens: positions, token ids, the attention context (given or
+        hooked in), the pending group ids; and the sequence length."""
+        shape = x.shape
+        if context is None:
+            context = self.pending_context
+            self.pending_context = None
+        if self.router.needs_context and context is None:
+            raise ValueError(
+                f"router {self.router_name!r} needs the attention context: call the layer as "
+                f"layer(x, context=attn_out), or build the model with moebench.core.moefy which hooks it in"
+            )
+        if context is not None and context.shape != shape:
+            raise ValueError(f"context shape {tuple(context.shape)} must equal input shape {tuple(shape)}")
+        seq_len = shape[-2] if x.dim() >= 3 else num_tokens
+        group, self.pending_group = self.pending_group, None
+        ctx = RoutingContext(
+            positions=torch.arange(seq_len, device=x.device).repeat(num_tokens // seq_len),
+            token_ids=None if token_ids is None else token_ids.reshape(num_tokens),
+            context=None if context is None else context.reshape(num_tokens, self.d_model).float(),
+            training=self.training,
+            seq_len=seq_len,
+            group=None if group is None else group.reshape(num_tokens).to(x.device),
+        )
+        return ctx, seq_len
+
+    def _dispatch(self, flat: Tensor, routing: Routing, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The experts' weighted outputs summed per token, and the tokens per expert."""
+        if routing.is_dense:
+            out, counts = dense_dispatch(self.experts, flat, routing, compute_dtype)
+        else:
+            order = torch.argsort(routing.expert, stable=True)
+            token_sorted = routing.token[order]
+            counts = expert_counts(routing.expert, self.num_experts)
+            y_sorted = self.experts(flat[token_sorted].to(compute_dtype), counts)
+            y_sorted = y_sorted * routing.weight[order].to(y_sorted.dtype).unsqueeze(1)
+            out = torch.zeros(flat.shape[0], self.d_model, dtype=y_sorted.dtype, device=flat.device)
+            out = out.index_add(0, token_sorted, y_sorted)
+        return out, counts
 
     def _route_sequences(self, flat: Tensor, ctx: RoutingContext, seq_len: int, capacity) -> Routing:
         """One decision per sequence (Chen et al. 2022 sum the gate logits over patches): the router sees

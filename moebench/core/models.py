@@ -160,34 +160,12 @@ def _dataclass_cfg(cls, value, key: str):
 
 def _open_clip(cfg: dict, pretrained) -> tuple[nn.Module, str | None]:
     import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
     common, kwargs = _split(cfg)
     name = common.get("name")
     custom = name in (None, "custom", "clip-custom")
     if custom:
-        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in kwargs]
-        if missing:
-            raise ValueError(
-                f"custom open_clip model config lacks {missing}: give 'embed_dim', 'vision_cfg' and "
-                f"'text_cfg', or 'name' of an open_clip model (e.g. 'ViT-B-32')"
-            )
-        if pretrained is True:
-            raise ValueError("a custom open_clip model has no hub weights; set 'pretrained' to a local checkpoint path")
-        vision = _dataclass_cfg(CLIPVisionCfg, kwargs.pop("vision_cfg"), "vision_cfg")
-        text = _dataclass_cfg(CLIPTextCfg, kwargs.pop("text_cfg"), "text_cfg")
-        for tower, c in (("vision_cfg", vision), ("text_cfg", text)):
-            hw = getattr(c, "head_width", None)
-            heads = c.width // hw if hw else getattr(c, "heads", 1)
-            if heads < 1:
-                raise ValueError(
-                    f"open_clip {tower}: width {c.width} < head_width {hw} gives 0 heads; set "
-                    f"head_width to a divisor of width"
-                )
-        try:
-            return open_clip.CLIP(kwargs.pop("embed_dim"), vision, text, **kwargs), pretrained
-        except TypeError as err:
-            raise TypeError(f"open_clip model config has a key open_clip.CLIP rejects: {err}") from err
+        return _custom_clip(kwargs, pretrained), pretrained
     if "vision_cfg" in kwargs or "text_cfg" in kwargs:
         raise ValueError(
             f"open_clip model config gives both name {name!r} and vision_cfg/text_cfg: use a named "
@@ -218,6 +196,35 @@ def _open_clip(cfg: dict, pretrained) -> tuple[nn.Module, str | None]:
     return model, (None if tag else pretrained)
 
 
+def _custom_clip(kwargs: dict, pretrained) -> nn.Module:
+    """open_clip.CLIP from embed_dim, vision_cfg and text_cfg (checked: known fields, at least one head)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in kwargs]
+    if missing:
+        raise ValueError(
+            f"custom open_clip model config lacks {missing}: give 'embed_dim', 'vision_cfg' and "
+            f"'text_cfg', or 'name' of an open_clip model (e.g. 'ViT-B-32')"
+        )
+    if pretrained is True:
+        raise ValueError("a custom open_clip model has no hub weights; set 'pretrained' to a local checkpoint path")
+    vision = _dataclass_cfg(CLIPVisionCfg, kwargs.pop("vision_cfg"), "vision_cfg")
+    text = _dataclass_cfg(CLIPTextCfg, kwargs.pop("text_cfg"), "text_cfg")
+    for tower, c in (("vision_cfg", vision), ("text_cfg", text)):
+        hw = getattr(c, "head_width", None)
+        heads = c.width // hw if hw else getattr(c, "heads", 1)
+        if heads < 1:
+            raise ValueError(
+                f"open_clip {tower}: width {c.width} < head_width {hw} gives 0 heads; set "
+                f"head_width to a divisor of width"
+            )
+    try:
+        return open_clip.CLIP(kwargs.pop("embed_dim"), vision, text, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"open_clip model config has a key open_clip.CLIP rejects: {err}") from err
+
+
 # --- 3D ViT -------------------------------------------------------------------------------------------
 def _triple(value, key: str) -> tuple[int, int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
@@ -225,6 +232,35 @@ def _triple(value, key: str) -> tuple[int, int, int]:
     if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) and v > 0 for v in value)):
         raise ValueError(f"vit3d {key} must be a positive int or three positive ints (D, H, W), got {value!r}")
     return tuple(value)
+
+
+def _vit3d_sizes(
+    img_size, patch_size, global_pool: str, embed_dim: int, depth: int, num_heads: int, in_chans: int, num_outputs: int
+) -> tuple[tuple, tuple]:
+    """ViT3D's arguments checked; the volume and patch sizes as (D, H, W)."""
+    if global_pool not in ("token", "avg"):
+        raise ValueError(
+            f"vit3d global_pool must be 'token' (cls token) or 'avg' (mean of patch tokens), got {global_pool!r}"
+        )
+    sizes, patches = _triple(img_size, "img_size"), _triple(patch_size, "patch_size")
+    for d, (s, p) in enumerate(zip(sizes, patches)):
+        if s % p:
+            raise ValueError(
+                f"vit3d img_size {sizes} is not divisible by patch_size {patches} "
+                f"(axis {d}); choose a patch size that divides the volume"
+            )
+    for key, v in (
+        ("embed_dim", embed_dim),
+        ("depth", depth),
+        ("num_heads", num_heads),
+        ("in_chans", in_chans),
+        ("num_outputs", num_outputs),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"vit3d {key} must be a positive integer, got {v!r}")
+    if embed_dim % num_heads:
+        raise ValueError(f"vit3d embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+    return sizes, patches
 
 
 class ViT3D(nn.Module):
@@ -246,31 +282,12 @@ class ViT3D(nn.Module):
         global_pool: str = "token",
     ):
         super().__init__()
-        if global_pool not in ("token", "avg"):
-            raise ValueError(
-                f"vit3d global_pool must be 'token' (cls token) or 'avg' (mean of patch tokens), got {global_pool!r}"
-            )
+        self.img_size, self.patch_size = _vit3d_sizes(
+            img_size, patch_size, global_pool, embed_dim, depth, num_heads, in_chans, num_outputs
+        )
         self.global_pool = global_pool
         from timm.models.vision_transformer import Block
 
-        self.img_size, self.patch_size = _triple(img_size, "img_size"), _triple(patch_size, "patch_size")
-        for d, (s, p) in enumerate(zip(self.img_size, self.patch_size)):
-            if s % p:
-                raise ValueError(
-                    f"vit3d img_size {self.img_size} is not divisible by patch_size {self.patch_size} "
-                    f"(axis {d}); choose a patch size that divides the volume"
-                )
-        for key, v in (
-            ("embed_dim", embed_dim),
-            ("depth", depth),
-            ("num_heads", num_heads),
-            ("in_chans", in_chans),
-            ("num_outputs", num_outputs),
-        ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"vit3d {key} must be a positive integer, got {v!r}")
-        if embed_dim % num_heads:
-            raise ValueError(f"vit3d embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         self.in_chans, self.embed_dim = in_chans, embed_dim
         self.grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
         self.num_patches = self.grid[0] * self.grid[1] * self.grid[2]
@@ -286,8 +303,8 @@ class ViT3D(nn.Module):
                     mlp_ratio,
                     qkv_bias=qkv_bias,
                     drop_path=dpr[i],
-                    norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                )  # type: ignore[arg-type]  # timm takes any callable
+                    norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]  # timm takes any callable
+                )
                 for i in range(depth)
             ]
         )

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -67,35 +69,45 @@ def select_blocks(spec, num_blocks: int, where: str = "model") -> list[int]:
         )
 
     if isinstance(spec, str):
-        s = spec.strip().lower()
-        if s == "all":
-            return list(range(num_blocks))
-        m = re.fullmatch(r"(last|first|every)-(\d+)", s)
-        if not m:
-            raise bad("unknown form")
-        kind, n = m.group(1), int(m.group(2))
-        if n < 1:
-            raise bad("N must be >= 1")
-        if kind == "every":
-            out = [i for i in range(num_blocks) if i % n == n - 1]
-            if not out:
-                raise bad(f"no block is selected (every-{n} needs at least {n} blocks)")
-            return out
-        if n > num_blocks:
-            raise bad(f"{kind}-{n} asks for more blocks than there are")
-        return list(range(num_blocks - n, num_blocks)) if kind == "last" else list(range(n))
+        return _named_blocks(spec, num_blocks, bad)
     if isinstance(spec, (list, tuple)):
-        if not spec:
-            raise bad("the list is empty (for a dense model leave the moe section out instead)")
-        picked: set[int] = set()
-        for i in spec:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise bad(f"{i!r} is not an integer index")
-            if not -num_blocks <= i < num_blocks:
-                raise bad(f"index {i} is out of range")
-            picked.add(i % num_blocks)
-        return sorted(picked)
+        return _listed_blocks(spec, num_blocks, bad)
     raise bad(f"a {type(spec).__name__} is not accepted")
+
+
+def _named_blocks(spec: str, num_blocks: int, bad: Callable[[str], ValueError]) -> list[int]:
+    """'all', 'last-N', 'first-N' or 'every-N'."""
+    s = spec.strip().lower()
+    if s == "all":
+        return list(range(num_blocks))
+    m = re.fullmatch(r"(last|first|every)-(\d+)", s)
+    if not m:
+        raise bad("unknown form")
+    kind, n = m.group(1), int(m.group(2))
+    if n < 1:
+        raise bad("N must be >= 1")
+    if kind == "every":
+        out = [i for i in range(num_blocks) if i % n == n - 1]
+        if not out:
+            raise bad(f"no block is selected (every-{n} needs at least {n} blocks)")
+        return out
+    if n > num_blocks:
+        raise bad(f"{kind}-{n} asks for more blocks than there are")
+    return list(range(num_blocks - n, num_blocks)) if kind == "last" else list(range(n))
+
+
+def _listed_blocks(spec: list | tuple, num_blocks: int, bad: Callable[[str], ValueError]) -> list[int]:
+    """A list of block indices (negative counts from the end)."""
+    if not spec:
+        raise bad("the list is empty (for a dense model leave the moe section out instead)")
+    picked: set[int] = set()
+    for i in spec:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise bad(f"{i!r} is not an integer index")
+        if not -num_blocks <= i < num_blocks:
+            raise bad(f"index {i} is out of range")
+        picked.add(i % num_blocks)
+    return sorted(picked)
 
 
 # --- finding blocks -----------------------------------------------------------------------------------
@@ -323,7 +335,44 @@ class _WeightDtype:
 
 
 # --- moefy --------------------------------------------------------------------------------------------
-def moefy(
+@dataclass(frozen=True)
+class MoefyOptions:
+    """moefy's keyword arguments as one object (MegaBlocks' ``Arguments`` passed whole): the steps of
+    ``moefy`` take it instead of a dozen positional parameters. Fields and defaults are moefy's."""
+
+    blocks: object = _MOE_DEFAULTS["blocks"]
+    num_experts: int = _MOE_DEFAULTS["num_experts"]
+    router: str = _MOE_DEFAULTS["router"]
+    router_args: dict | None = None
+    d_hidden: int | None = _MOE_DEFAULTS["d_hidden"]
+    capacity_factor: float | None = _MOE_DEFAULTS["capacity_factor"]
+    upcycle: bool | str = _MOE_DEFAULTS["upcycle"]
+    upcycle_drop: float | None = _MOE_DEFAULTS["upcycle_drop"]
+    activation: str | None = None
+    tower: str = "both"
+    shared_experts: int = _MOE_DEFAULTS["shared_experts"]
+    shared_expert_gate: bool = _MOE_DEFAULTS["shared_expert_gate"]
+    null_experts: int = _MOE_DEFAULTS["null_experts"]
+    capacity_policy: str = _MOE_DEFAULTS["capacity_policy"]
+    routing_unit: str = _MOE_DEFAULTS["routing_unit"]
+    mode: str = _MOE_DEFAULTS["mode"]
+    patches_only: bool = _MOE_DEFAULTS["patches_only"]
+    freeze_backbone: bool = _MOE_DEFAULTS["freeze_backbone"]
+    train_norms: bool = _MOE_DEFAULTS["train_norms"]
+    router_init_std: float | None = _MOE_DEFAULTS["router_init_std"]
+
+    def layer_options(self) -> dict:
+        """The MoELayer keyword arguments that replace and adapter mode share."""
+        return {
+            "shared_experts": self.shared_experts,
+            "shared_expert_gate": self.shared_expert_gate,
+            "null_experts": self.null_experts,
+            "capacity_policy": self.capacity_policy,
+            "router_init_std": self.router_init_std,
+        }
+
+
+def moefy(  # noqa: PLR0913  # the public keyword signature: a spec's moe section, spelled out
     model: nn.Module,
     blocks=_MOE_DEFAULTS["blocks"],
     num_experts: int = _MOE_DEFAULTS["num_experts"],
@@ -356,32 +405,46 @@ def moefy(
     ``mode="adapter"`` keeps the MLPs and adds a residual MoE branch after each chosen block instead
     (``moebench.core.adapter``; the names returned are then ``<block>.moe_adapter.moe``);
     ``freeze_backbone`` leaves only the MoE layers and the head trainable."""
-    if mode not in MODES:
-        raise ValueError(f"moefy mode must be one of {MODES}, got {mode!r}")
-    if mode == "adapter" and routing_unit != "token":
+    args = {k: v for k, v in locals().items() if k != "model"}  # every keyword argument, by its name
+    return _moefy(model, MoefyOptions(**args))
+
+
+def _moefy(model: nn.Module, opts: MoefyOptions) -> MoefyResult:
+    """``moefy`` with its options as one object: check them, then replace (or add adapters)."""
+    if opts.mode not in MODES:
+        raise ValueError(f"moefy mode must be one of {MODES}, got {opts.mode!r}")
+    if opts.mode == "adapter" and opts.routing_unit != "token":
         raise ValueError("moefy routing_unit='sequence' applies to mode='replace' only; set routing_unit: token")
-    if mode == "adapter":
-        return _moefy_adapter(
-            model,
-            blocks,
-            num_experts,
-            router,
-            router_args,
-            d_hidden,
-            capacity_factor,
-            upcycle,
-            activation,
-            tower,
-            patches_only,
-            freeze_backbone,
-            train_norms,
-            shared_experts=shared_experts,
-            shared_expert_gate=shared_expert_gate,
-            null_experts=null_experts,
-            capacity_policy=capacity_policy,
-            router_init_std=router_init_std,
-        )
-    if patches_only:
+    if opts.mode == "adapter":
+        return _moefy_adapter(model, opts)
+    _check_replace_options(opts)
+    # Plan and build everything first, so a bad argument leaves the model untouched.
+    notes: dict[str, list[str]] = {}
+    built = []
+    for s, i, block, name, mlp, dense in _plan_replace(model, opts):
+        layer, layer_notes = _build_layer(dense, name, opts)
+        for note in layer_notes:
+            notes.setdefault(note, []).append(f"{name}.mlp")
+        _place_like(layer, dense, mlp)
+        built.append((s, i, block, name, layer))
+    names = MoefyResult()
+    for s, i, block, name, layer in built:
+        _install(s, i, block, name, layer)
+        names.append(f"{name}.mlp")
+    for note, places in notes.items():
+        shown = ", ".join(places[:4]) + (f" and {len(places) - 4} more" if len(places) > 4 else "")
+        names.notes.append(f"{note} ({shown})")
+    for note in names.notes:
+        log.warning("moefy: %s", note)
+    if opts.freeze_backbone:
+        _freeze(model, opts.train_norms)
+    return names
+
+
+def _check_replace_options(opts: MoefyOptions) -> None:
+    """The options replace mode refuses (before anything is built)."""
+    d_hidden, upcycle, upcycle_drop, activation = opts.d_hidden, opts.upcycle, opts.upcycle_drop, opts.activation
+    if opts.patches_only:
         raise ValueError(
             "moefy patches_only=True applies to mode='adapter' only (a replaced MLP must process "
             "every token); set mode: adapter or patches_only: false"
@@ -395,114 +458,104 @@ def moefy(
             f"moefy upcycle_drop={upcycle_drop!r} applies only with upcycle='drop' (got "
             f"upcycle={upcycle!r}); set moe.upcycle: drop or remove moe.upcycle_drop"
         )
-    drop_ratio = (0.5 if upcycle_drop is None else upcycle_drop) if upcycle == "drop" else 0.0
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(
             f"moefy activation must be None (detect from the MLP) or one of {sorted(ACTIVATIONS)}, got {activation!r}"
         )
 
-    # Plan and build everything first, so a bad argument leaves the model untouched.
+
+def _plan_replace(model: nn.Module, opts: MoefyOptions) -> list:
+    """(stack, index, block, name, mlp, dense view) of every block to replace; refuses a block without an MLP."""
     plan = []
-    for s in _select_stacks(model, tower):
+    for s in _select_stacks(model, opts.tower):
         where = f"the {s.tower} tower" if s.tower != "model" else type(model).__name__
-        for i in select_blocks(blocks, len(s.blocks), where=where):
+        for i in select_blocks(opts.blocks, len(s.blocks), where=where):
             block, name = s.blocks[i], f"{s.prefix}.{i}"
             mlp = getattr(block, "mlp", None)
             if not isinstance(mlp, nn.Module):
                 raise ValueError(f"block {name} ({type(block).__name__}) has no 'mlp' module to replace")
-            dense = _dense_mlp(mlp, f"{name}.mlp")
-            plan.append((s, i, block, name, mlp, dense))
+            plan.append((s, i, block, name, mlp, _dense_mlp(mlp, f"{name}.mlp")))
+    return plan
 
-    notes: dict[str, list[str]] = {}
-    built = []
-    for s, i, block, name, mlp, dense in plan:
-        width, d_model = dense.fc1.out_features, dense.fc1.in_features
-        hidden = width if d_hidden is None else d_hidden
-        layer_notes = []
-        if activation is None:
-            act_name, act_note = detect_activation(dense.act)
-            if act_note:
-                layer_notes.append(act_note)
-        else:
-            act_name = activation
-        layer = MoELayer(
-            d_model,
-            hidden,
-            num_experts,
-            router=router,
-            router_args=router_args,
-            capacity_factor=capacity_factor,
-            activation=act_name,
-            shared_experts=shared_experts,
-            shared_expert_gate=shared_expert_gate,
-            null_experts=null_experts,
-            capacity_policy=capacity_policy,
-            router_init_std=router_init_std,
-            routing_unit=routing_unit,
-        )
-        if upcycle:
-            if getattr(layer.experts, "gated", False):
-                layer_notes.append(
-                    f"upcycle skipped: {act_name} experts are gated and the dense MLP is not, "
-                    f"so experts start from fresh init"
-                )
-            elif hidden != width:
-                layer_notes.append(
-                    f"upcycle skipped: d_hidden={hidden} differs from the dense MLP width {width}, "
-                    f"so experts start from fresh init"
-                )
-            elif not hasattr(layer.experts, "load_dense"):
-                layer_notes.append(
-                    f"upcycle skipped: {type(layer.experts).__name__} has no load_dense, so "
-                    f"experts start from fresh init"
-                )
-            elif upcycle == "drop":
-                _drop_upcycle(layer, dense, drop_ratio, name)
-            else:
-                layer.experts.load_dense(*_dense_weights(dense))
-                if activation is not None and dense.act is not None and activation != detect_activation(dense.act)[0]:
-                    layer_notes.append(
-                        f"upcycled experts use activation {activation!r}, not the dense MLP's "
-                        f"{type(dense.act).__name__}"
-                    )
-                layer_notes += [f"upcycled experts omit the {extra}" for extra in dense.extras]
-        for note in layer_notes:
-            notes.setdefault(note, []).append(f"{name}.mlp")
-        device, dtype = dense.fc1.weight.device, dense.fc1.weight.dtype
-        layer.to(device)
-        if dtype != torch.float32 and dtype.is_floating_point:
-            layer.experts.to(dtype)  # the router stays float32: it computes in float32 by contract
-        layer.train(mlp.training)
-        built.append((s, i, block, name, layer))
 
-    names = MoefyResult()
-    for s, i, block, name, layer in built:
-        block.mlp = layer
-        layer.tower, layer.block_index = s.tower, i  # type: ignore[assignment]  # for adapters: which tower / block a layer sits in
-        if not s.batch_first:
-            layer.register_forward_pre_hook(_SeqFirstIn(), with_kwargs=True)
-            layer.register_forward_hook(_SeqFirstOut())
-        if layer.router.needs_context:
-            _attention(block, name).register_forward_hook(_ContextHook(layer, seq_first=not s.batch_first))
-        if s.token_embedding is not None:
-            source = getattr(s.token_embedding, "_moefy_token_ids", None)
-            if source is None:
-                source = _TokenIds()
-                s.token_embedding.register_forward_hook(source)
-                s.token_embedding._moefy_token_ids = source  # type: ignore[assignment]
-            layer.register_forward_pre_hook(_InjectTokenIds(source), with_kwargs=True)
-        if callable(getattr(block, "get_weight_dtype", None)):
-            block.get_weight_dtype = _WeightDtype(layer)  # type: ignore[assignment]
-        names.append(f"{name}.mlp")
+def _build_layer(dense: _Dense, name: str, opts: MoefyOptions) -> tuple[MoELayer, list[str]]:
+    """The MoELayer taking ``dense``'s place (upcycled when asked and possible), with its notes."""
+    width, d_model = dense.fc1.out_features, dense.fc1.in_features
+    hidden = width if opts.d_hidden is None else opts.d_hidden
+    layer_notes = []
+    if opts.activation is None:
+        act_name, act_note = detect_activation(dense.act)
+        if act_note:
+            layer_notes.append(act_note)
+    else:
+        act_name = opts.activation
+    layer = MoELayer(
+        d_model,
+        hidden,
+        opts.num_experts,
+        router=opts.router,
+        router_args=opts.router_args,
+        capacity_factor=opts.capacity_factor,
+        activation=act_name,
+        routing_unit=opts.routing_unit,
+        **opts.layer_options(),
+    )
+    if opts.upcycle:
+        layer_notes += _upcycle(layer, dense, name, act_name, hidden, opts)
+    return layer, layer_notes
 
-    for note, places in notes.items():
-        shown = ", ".join(places[:4]) + (f" and {len(places) - 4} more" if len(places) > 4 else "")
-        names.notes.append(f"{note} ({shown})")
-    for note in names.notes:
-        log.warning("moefy: %s", note)
-    if freeze_backbone:
-        _freeze(model, train_norms)
-    return names
+
+def _upcycle(layer: MoELayer, dense: _Dense, name: str, act_name: str, hidden: int, opts: MoefyOptions) -> list[str]:
+    """Copy the dense MLP into the experts (or Drop-Upcycle it); the notes where it cannot be exact."""
+    width, activation = dense.fc1.out_features, opts.activation
+    if getattr(layer.experts, "gated", False):
+        return [
+            f"upcycle skipped: {act_name} experts are gated and the dense MLP is not, so experts start from fresh init"
+        ]
+    if hidden != width:
+        return [
+            f"upcycle skipped: d_hidden={hidden} differs from the dense MLP width {width}, "
+            f"so experts start from fresh init"
+        ]
+    if not hasattr(layer.experts, "load_dense"):
+        return [f"upcycle skipped: {type(layer.experts).__name__} has no load_dense, so experts start from fresh init"]
+    if opts.upcycle == "drop":
+        _drop_upcycle(layer, dense, 0.5 if opts.upcycle_drop is None else opts.upcycle_drop, name)
+        return []
+    layer.experts.load_dense(*_dense_weights(dense))
+    notes = []
+    if activation is not None and dense.act is not None and activation != detect_activation(dense.act)[0]:
+        notes.append(f"upcycled experts use activation {activation!r}, not the dense MLP's {type(dense.act).__name__}")
+    return notes + [f"upcycled experts omit the {extra}" for extra in dense.extras]
+
+
+def _place_like(layer: MoELayer, dense: _Dense, mlp: nn.Module) -> None:
+    """The layer on the dense MLP's device, its experts in its dtype, in its train/eval mode."""
+    device, dtype = dense.fc1.weight.device, dense.fc1.weight.dtype
+    layer.to(device)
+    if dtype != torch.float32 and dtype.is_floating_point:
+        layer.experts.to(dtype)  # the router stays float32: it computes in float32 by contract
+    layer.train(mlp.training)
+
+
+def _install(s: _Stack, i: int, block: nn.Module, name: str, layer: MoELayer) -> None:
+    """Put ``layer`` in the block's MLP slot and hook in what it needs (layout, context, token ids)."""
+    block.mlp = layer
+    layer.tower, layer.block_index = s.tower, i  # type: ignore[assignment]  # for adapters: which tower / block a layer sits in
+    if not s.batch_first:
+        layer.register_forward_pre_hook(_SeqFirstIn(), with_kwargs=True)
+        layer.register_forward_hook(_SeqFirstOut())
+    if layer.router.needs_context:
+        _attention(block, name).register_forward_hook(_ContextHook(layer, seq_first=not s.batch_first))
+    if s.token_embedding is not None:
+        source = getattr(s.token_embedding, "_moefy_token_ids", None)
+        if source is None:
+            source = _TokenIds()
+            s.token_embedding.register_forward_hook(source)
+            s.token_embedding._moefy_token_ids = source  # type: ignore[assignment]
+        layer.register_forward_pre_hook(_InjectTokenIds(source), with_kwargs=True)
+    if callable(getattr(block, "get_weight_dtype", None)):
+        block.get_weight_dtype = _WeightDtype(layer)  # type: ignore[assignment]
 
 
 def _dense_weights(dense: _Dense) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
@@ -531,43 +584,34 @@ def _drop_upcycle(layer: MoELayer, dense: _Dense, ratio: float, name: str) -> No
     layer.experts.load_experts(w1, b1e, w2, b2e)
 
 
-def _moefy_adapter(
-    model,
-    blocks,
-    num_experts,
-    router,
-    router_args,
-    d_hidden,
-    capacity_factor,
-    upcycle,
-    activation,
-    tower,
-    patches_only,
-    freeze,
-    train_norms,
-    **layer_options,
-) -> MoefyResult:
+def _moefy_adapter(model: nn.Module, opts: MoefyOptions) -> MoefyResult:
     """Adapter mode: a residual MoE branch (``moe_adapter``) after each chosen block, hooked in."""
-    if upcycle:
+    if opts.upcycle:
         raise ValueError(
             "moefy upcycle=True needs mode='replace': an adapter branch has no dense MLP to copy "
             "(it starts fresh; with alpha = 1 and a frozen backbone that is EMoE's setting)"
         )
-    if activation is not None and activation != ADAPTER_ACTIVATION:
+    if opts.activation is not None and opts.activation != ADAPTER_ACTIVATION:
         raise ValueError(
-            f"adapter experts use {ADAPTER_ACTIVATION!r} (EMoE's bottleneck); got activation={activation!r}"
+            f"adapter experts use {ADAPTER_ACTIVATION!r} (EMoE's bottleneck); got activation={opts.activation!r}"
         )
     plan = []
-    for s in _select_stacks(model, tower):
+    for s in _select_stacks(model, opts.tower):
         where = f"the {s.tower} tower" if s.tower != "model" else type(model).__name__
-        prefix = prefix_tokens(model, s.tower) if patches_only else 0
-        for i in select_blocks(blocks, len(s.blocks), where=where):
+        prefix = prefix_tokens(model, s.tower) if opts.patches_only else 0
+        for i in select_blocks(opts.blocks, len(s.blocks), where=where):
             block, name = s.blocks[i], f"{s.prefix}.{i}"
             if hasattr(block, "moe_adapter"):
                 raise ValueError(f"{name} already has a moe_adapter: moefy a model only once")
             d_model = _block_width(block, name)
             layer = build_adapter_layer(
-                d_model, d_hidden, num_experts, router, router_args, capacity_factor, **layer_options
+                d_model,
+                opts.d_hidden,
+                opts.num_experts,
+                opts.router,
+                opts.router_args,
+                opts.capacity_factor,
+                **opts.layer_options(),
             )
             plan.append((s, i, block, name, AdapterMoE(layer, prefix, seq_first=not s.batch_first)))
     names = MoefyResult()
@@ -583,8 +627,8 @@ def _moefy_adapter(
         if layer.router.needs_context:
             _attention(block, name).register_forward_hook(_ContextHook(layer, seq_first=False))
         names.append(f"{name}.moe_adapter.moe")
-    if freeze:
-        _freeze(model, train_norms)
+    if opts.freeze_backbone:
+        _freeze(model, opts.train_norms)
     return names
 
 

@@ -10,11 +10,17 @@ handles exactly these two forms, so it needs no per-router code.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from moebench.core.config import ConfigError, OptionError, check_options
 
 
 @dataclass
@@ -208,6 +214,19 @@ class Router(nn.Module):
     image_level: bool = False
     #: bump when a change alters this router's numbers: it enters the run id, so exactly its runs rerun
     version: int = 1
+    #: the router's options (its constructor's keyword arguments after d_model and num_experts), declared
+    #: once as ``name: moebench.core.config.option(default, kind, minimum=..., choices=..., doc=...)``.
+    #: Every constructor call checks the declared ones before its body runs (a bad value raises
+    #: ``OptionError``, worded like a grid file's errors: ``router 'NAME': args.OPTION: expected ...,
+    #: got ...``); the grid validator checks a grid's router args against the same declaration, and
+    #: ``moebench routers --options NAME`` prints it. Only checks that relate an option to another
+    #: value (``top_k <= num_experts``, ``rank < d_model``) stay in the constructor.
+    options: ClassVar[dict[str, dataclasses.Field]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__ and cls.__dict__.get("options"):
+            cls.__init__ = _checks_options(cls.__dict__["__init__"], cls)  # type: ignore[method-assign]
 
     @classmethod
     def build_model(cls, backbone: nn.Module, moe: dict) -> nn.Module:
@@ -251,6 +270,28 @@ class Router(nn.Module):
         named ``gate`` by default; a router with another gate overrides this, one with none returns []."""
         gate = getattr(self, "gate", None)
         return [gate.weight] if isinstance(gate, nn.Linear) else []
+
+
+def _checks_options(init: Any, owner: Any) -> Any:
+    """``owner.__init__`` that first checks its declared options (`Router.options`) and passes them on
+    normalised (``2.0`` -> ``2`` for an integer option); arguments it cannot bind go to ``init`` as given,
+    so Python's own TypeError names them."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def checked(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return init(self, *args, **kwargs)
+        try:
+            bound.arguments.update(check_options(owner.options, bound.arguments, "args"))
+        except ConfigError as err:
+            name = getattr(owner, "registry_name", None) or owner.__name__
+            raise OptionError(f"router {name!r}", err) from None
+        return init(*bound.args, **bound.kwargs)
+
+    return checked
 
 
 def init_router_gate(router: Router, std: float, name: str) -> None:

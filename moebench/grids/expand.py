@@ -8,9 +8,10 @@ import itertools
 import json
 import os
 
-from moebench.grids.matching import match_runs
+from moebench.grids.matching import Draft, match_runs
 from moebench.grids.pretrain import dependent_model, pretrain_spec, reference
 from moebench.grids.schema import DENSE, MOE_KEYS, GridContext, load
+from moebench.training.spec import RunSpec
 
 
 def _set_path(d: dict, dotted: list[str], value) -> None:
@@ -28,14 +29,14 @@ def _merged_train(grid: dict, block: dict) -> dict:
     return {**copy.deepcopy(DEFAULT_TRAIN), **block["preset_train"], **grid["train"], **block["train"]}
 
 
-def expand(grid: str | os.PathLike | dict) -> list[dict]:
-    """The grid's runs as resolved, matched spec dicts, in a fixed order: task block, sweep point
+def expand(grid: str | os.PathLike | dict) -> list[RunSpec]:
+    """The grid's runs as resolved, matched `RunSpec`s, in a fixed order: task block, sweep point
     (axes in file order), router entry, seed. Deterministic: the same file gives the same list, wherever
     the results go (a run that starts from a pretrain names it by run id, not by path)."""
     return expand_with_pretrain(grid)[0]
 
 
-def expand_with_pretrain(grid: str | os.PathLike | dict) -> tuple[list[dict], list[dict]]:
+def expand_with_pretrain(grid: str | os.PathLike | dict) -> tuple[list[RunSpec], list[dict]]:
     """``expand``'s runs, plus the dense pretraining runs they depend on, as ``[{"spec", "ref"}]`` where
     ``ref`` is what the dependants' ``model.pretrained`` says (one per task block, sweep point of
     task_args / model, and seed; see ``moebench.grids.pretrain``)."""
@@ -43,7 +44,7 @@ def expand_with_pretrain(grid: str | os.PathLike | dict) -> tuple[list[dict], li
     ctx = GridContext(g["file"])
     axes = g["sweep"]
     points = list(itertools.product(*[[(a, v) for v in vals] for a, vals in axes])) if axes else [()]
-    specs: list[dict] = []
+    drafts: list[Draft] = []
     seen: set[str] = set()
     pretrains: dict[str, dict] = {}
     for block in g["tasks"]:
@@ -56,25 +57,23 @@ def expand_with_pretrain(grid: str | os.PathLike | dict) -> tuple[list[dict], li
                     if key in seen:
                         continue  # the dense baseline under a moe/router_args axis: one run, not one per value
                     seen.add(key)
-                    specs.append({**_matching_keys(g, block, router), **spec})
-    match_runs(g, specs, ctx)
-    out = [_finalise({k: v for k, v in spec.items() if k not in MATCHING_KEYS}, ctx) for spec in specs]
+                    drafts.append(_draft(g, block, router, spec))
+    match_runs(g, drafts, ctx)
+    out = [_finalise(d.spec, ctx) for d in drafts]
     _check_unique_ids(out, ctx)
     return out, list(pretrains.values())
 
 
-# what matching reads besides the spec (where the entry is, its match mode, the reference num_experts)
-MATCHING_KEYS = ("_where", "_router_path", "_ref_e", "_match_mode")
-
-
-def _matching_keys(g: dict, block: dict, router: dict) -> dict:
+def _draft(g: dict, block: dict, router: dict, spec: dict) -> Draft:
+    """The unresolved ``spec`` with what matching reads about its grid entry."""
     where = router["path"] if block["path"] == "(top level)" else f"{block['path']}, {router['path']}"
-    return {
-        "_where": where,
-        "_router_path": router["path"],
-        "_match_mode": router.get("match"),
-        "_ref_e": {**block["preset_moe"], **g["moe"], **block["moe"]}.get("num_experts"),
-    }
+    return Draft(
+        spec=spec,
+        where=where,
+        router_path=router["path"],
+        match_mode=router.get("match"),
+        ref_num_experts={**block["preset_moe"], **g["moe"], **block["moe"]}.get("num_experts"),
+    )
 
 
 def _sections(g: dict, block: dict, router: dict, point: tuple, ctx: GridContext) -> dict:
@@ -157,19 +156,17 @@ def _seed_spec(
     }
 
 
-def _check_unique_ids(specs: list[dict], ctx: GridContext) -> None:
-    from moebench.training.spec import run_id
-
+def _check_unique_ids(specs: list[RunSpec], ctx: GridContext) -> None:
     ids: dict[str, str] = {}
     for spec in specs:
-        rid = run_id(spec)
+        rid = spec.run_id
         if rid in ids:
             raise ctx.error(
                 "routers",
                 f"two runs resolve to the same spec (run id {rid}): labels "
-                f"{ids[rid]!r} and {spec['label']!r}; make the entries differ",
+                f"{ids[rid]!r} and {spec.label!r}; make the entries differ",
             )
-        ids[rid] = spec["label"]
+        ids[rid] = str(spec.label)
 
 
 def _pretrain_for(
@@ -187,12 +184,12 @@ def _pretrain_for(
     return ref
 
 
-def _finalise(spec: dict, ctx: GridContext) -> dict:
-    """Apply the spec module's defaults / validation, naming the grid file in any error."""
-    from moebench.training.spec import SpecError, resolve_spec
+def _finalise(spec: dict, ctx: GridContext) -> RunSpec:
+    """The run's `RunSpec` (the spec module's defaults and validation), naming the grid file in any error."""
+    from moebench.training.spec import SpecError
 
     try:
-        return resolve_spec(spec)
+        return RunSpec.from_dict(spec)
     except SpecError as err:
         raise ctx.error(f"run {spec['label']!r} seed {spec['seed']}", str(err)) from None
 

@@ -33,6 +33,7 @@ from submitit.helpers import Checkpointable
 
 from moebench.training import records
 from moebench.training.rundir import JOBS_LOG, check_inside, inspect, run_lock, run_path, set_aside
+from moebench.training.spec import RunSpec
 
 
 def _prepare(run_dir: Path) -> str | None:
@@ -57,7 +58,7 @@ def _prepare(run_dir: Path) -> str | None:
 
 
 # -- the submitted callable --------------------------------------------------------------------------
-def _execute(spec: dict, results) -> dict:
+def _execute(spec: RunSpec, results) -> dict:
     from moebench.training.runner import execute
 
     return execute(spec, results)
@@ -135,14 +136,13 @@ def _execute_recording_errors(spec, results, run_dir, execute) -> None:
             )
 
 
-def run_one(spec: dict, results, threads: int | None = None, lock_wait_s: float = 5.0, execute=None) -> dict:
+def run_one(spec: RunSpec | dict, results, threads: int | None = None, lock_wait_s: float = 5.0, execute=None) -> dict:
     """Run one spec as its owner: lock, re-check, tidy the record, log the attempt, execute.
     Returns {"run_id", "state", "reason"}; state "skipped" when done already or running elsewhere."""
-    from moebench.training.spec import run_id
-
     execute = execute or _execute
-    rid = run_id(spec)
-    run_dir = run_path(results, spec["grid"], rid)
+    spec = RunSpec.from_dict(spec)
+    rid = spec.run_id
+    run_dir = run_path(results, spec.grid, rid)
     try:
         check_inside(results, run_dir)
     except records.UnsafeRecordError as err:  # a planted link: write nothing through it
@@ -178,7 +178,7 @@ class RunJob(Checkpointable):
     def __init__(self, threads: int | None = None):
         self.threads = threads
 
-    def __call__(self, spec: dict, results: str) -> dict:
+    def __call__(self, spec: RunSpec, results: str) -> dict:
         return run_one(spec, results, threads=self.threads)
 
 
@@ -192,11 +192,11 @@ class ChunkJob(Checkpointable):
     def __init__(self, threads: int | None = None):
         self.threads = threads
 
-    def __call__(self, specs: list[dict], results: str) -> list[dict]:
+    def __call__(self, specs: list[RunSpec], results: str) -> list[dict]:
         return run_chunk(specs, results, threads=self.threads)
 
 
-def run_chunk(specs: list[dict], results, threads: int | None = None, execute=None) -> list[dict]:
+def run_chunk(specs: list[RunSpec] | list[dict], results, threads: int | None = None, execute=None) -> list[dict]:
     """`run_one` for each spec in order; one outcome per spec. A run that fails is recorded as failed
     (by `run_one`) and the chunk goes on; a stop signal (``moebench cancel``, a signalled launcher)
     stops the chunk after the run it interrupted: the runs not started stay queued for a rerun."""

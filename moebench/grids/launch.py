@@ -15,7 +15,8 @@ from pathlib import Path
 
 from moebench.grids.jobs import RunJob, make_executor, max_workers, run_one, squeue_ids
 from moebench.grids.phase import Executor, Phase, log_plan, plan, queue, run_phase
-from moebench.grids.status import count_states, format_table, plan_rows
+from moebench.grids.planned import PlannedRun
+from moebench.grids.status import count_planned, format_table, plan_rows
 from moebench.training import records
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "squeue_ids",
     "log_plan",
     "plan",
+    "PlannedRun",
     "queue",
     "choose_cluster",
     "explain_cluster",
@@ -103,21 +105,21 @@ def run_grid(
     ex = Executor(cluster, section, poll_s if poll_s is not None else (5.0 if cluster == "slurm" else 1.0), log)
     runs = plan(specs, results, retry_failed, section.get("max_retries", 2))
     # phase 1: the dense pretraining runs that the runs still to do start from (moebench.grids.pretrain)
-    hold_back(runs, pretrain_phase(needed(pretrains, runs), results, ex, g["name"], retry_failed, dry_run))
+    runs = hold_back(runs, pretrain_phase(needed(pretrains, runs), results, ex, g["name"], retry_failed, dry_run))
     # phase 2: the grid's runs
-    todo = [r for r in runs if r["action"] == "run"]
+    todo = [r for r in runs if r.action == "run"]
     log(
         f"grid {g['name']}: {len(runs)} runs -> {grid_dir} ({cluster}); "
-        f"{sum(r['why'] == 'done' for r in runs)} done already, {len(todo)} to run"
+        f"{sum(r.why == 'done' for r in runs)} done already, {len(todo)} to run"
     )
     if not dry_run:
         write_expected(grid_dir, runs)
         write_grid_source(grid_dir, g)
-    run_phase(runs, Phase(g["name"], grid_dir, results.resolve()), ex, dry_run)
+    runs = run_phase(runs, Phase(g["name"], grid_dir, results.resolve()), ex, dry_run)
     rows = plan_rows(runs)
     if not dry_run:
         log(format_table(rows, title=f"grid {g['name']} summary"))
-    return {"grid": g["name"], "results": str(grid_dir), "runs": rows, "counts": count_states(runs)}
+    return {"grid": g["name"], "results": str(grid_dir), "runs": rows, "counts": count_planned(runs)}
 
 
 def write_grid_source(grid_dir: Path, g: dict) -> None:
@@ -141,17 +143,17 @@ def write_grid_source(grid_dir: Path, g: dict) -> None:
     )
 
 
-def write_expected(grid_dir: Path, runs: list[dict]) -> None:
+def write_expected(grid_dir: Path, runs: list[PlannedRun]) -> None:
     """``<grid>/expected.json``: every run the grid expands to, so the report can list missing ones."""
     records.atomic_write_json(
         grid_dir / "expected.json",
         [
             {
-                "run_id": r["run_id"],
-                "label": r["spec"]["label"],
-                "task": r["spec"]["task"],
-                "seed": r["spec"]["seed"],
-                "sweep": r["spec"]["sweep"],
+                "run_id": r.run_id,
+                "label": r.spec.label,
+                "task": r.spec.task,
+                "seed": r.spec.seed,
+                "sweep": r.spec["sweep"],
             }
             for r in runs
         ],

@@ -7,6 +7,7 @@ import copy
 import functools
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -111,7 +112,7 @@ def _measure(build, moe: dict, cfg: dict, notes: list) -> dict:
     }
 
 
-def _dense_width(spec: dict, ctx: GridContext) -> int:
+def _dense_width(spec: Mapping, ctx: GridContext) -> int:
     """The dense MLP width in the MoE blocks: what ``moe.d_hidden: null`` means (adapter mode: d / 4)."""
     if spec["moe"].get("mode") == "adapter":
         from moebench.core.adapter import adapter_width
@@ -135,7 +136,7 @@ def _dense_width(spec: dict, ctx: GridContext) -> int:
     return widths.pop()
 
 
-def probe(spec: dict, blocks=None, ctx: GridContext | None = None) -> dict:
+def probe(spec: Mapping, blocks=None, ctx: GridContext | None = None) -> dict:
     """What the model around the MoE layers looks like: d_model of each MoE layer, parameters outside
     them, and the dense model's parameters and MLP FLOPs in the same blocks. Built once per
     (task, task_args, model, blocks) and cached, with a tiny expert width so it is cheap. ``blocks``
@@ -180,7 +181,7 @@ def _image_level(name: str) -> bool:
     return bool(ROUTERS.get(name).image_level)
 
 
-def _image_level_costs(spec: dict) -> dict:
+def _image_level_costs(spec: Mapping) -> dict:
     """An image-level model (ermoe-released): built for real (its parameters are E backbones, all of
     which run per image). mlp_flops/tok: every expert's MLPs in every block; router: the score."""
     from moebench.core.registry import TASKS
@@ -227,6 +228,18 @@ def _width_fix(ref_width: int, ratios) -> str:
 
 
 @dataclass
+class Draft:
+    """One run of the grid before it is resolved: its spec dict (matching sets its ``moe.d_hidden`` and
+    ``match``) and what matching needs to know about the grid entry it comes from."""
+
+    spec: dict
+    where: str  # the task block and router entry, for messages: "tasks[0], routers[2]"
+    router_path: str  # the router entry ("routers[2]"): an option it refuses names its key
+    match_mode: str | None  # the router entry's own ``match``; None: the grid's
+    ref_num_experts: int | None  # the block's num_experts, the reference of params matching
+
+
+@dataclass
 class _Plan:
     """One MoE run's matching, decided before any width is set (the fix names widths for every run)."""
 
@@ -241,20 +254,21 @@ class _Plan:
     mode: str
 
 
-def match_runs(g: dict, specs: list[dict], ctx: GridContext) -> None:
+def match_runs(g: dict, drafts: list[Draft], ctx: GridContext) -> None:
     """Set every MoE run's ``moe.d_hidden`` by the grid's (or its router entry's) match mode and record
     how in ``match``; dense and image-level runs get a note. Errors name the grid key to change."""
-    plans = [p for spec in specs if (p := _plan(g, spec, ctx)) is not None]
+    plans = [p for d in drafts if (p := _plan(g, d, ctx)) is not None]
     all_ratios = {p.ratio for p in plans}
     for p in plans:
         _apply(p, all_ratios, ctx)
-    _check_upcycled_widths(g, specs, ctx)
+    _check_upcycled_widths(g, [d.spec for d in drafts], ctx)
 
 
-def _plan(g: dict, spec: dict, ctx: GridContext) -> _Plan | None:
-    where = f"run {spec['label']!r} ({spec['_where']}, sweep {spec['sweep'] or '{}'})"
+def _plan(g: dict, draft: Draft, ctx: GridContext) -> _Plan | None:
+    spec = draft.spec
+    where = f"run {spec['label']!r} ({draft.where}, sweep {spec['sweep'] or '{}'})"
     moe = spec["moe"]
-    mode = spec.get("_match_mode") or g["match"]["mode"]  # a router entry's own match: overrides the grid's
+    mode = draft.match_mode or g["match"]["mode"]  # a router entry's own match: overrides the grid's
     if moe is None:
         spec["match"] = {"mode": mode, "dense": "keeps the model's own MLP width (not rescaled)"}
         return None
@@ -268,14 +282,14 @@ def _plan(g: dict, spec: dict, ctx: GridContext) -> _Plan | None:
     pr = probe(spec, ctx=ctx)
     if moe["d_hidden"] is None:
         moe["d_hidden"] = _dense_width(spec, ctx)
-    routers = _probe_routers(spec, pr, ctx)
+    routers = _probe_routers(spec, pr, ctx, draft.router_path)
     a = Fraction(routers[0].active_experts_per_token).limit_denominator(1000)
     a += moe.get("shared_experts", 0)  # always-on experts cost as much as routed ones
-    ratio, reference, why = _ratio(g, spec, mode, a)
+    ratio, reference, why = _ratio(g, spec, mode, a, draft.ref_num_experts)
     return _Plan(spec, ratio, a, routers, pr, reference, why, where, mode)
 
 
-def _probe_routers(spec: dict, pr: dict, ctx: GridContext) -> list:
+def _probe_routers(spec: dict, pr: dict, ctx: GridContext, router_path: str) -> list:
     """The run's router at each MoE layer's width; an option the router refuses names its grid key."""
     moe = spec["moe"]
     try:
@@ -286,10 +300,10 @@ def _probe_routers(spec: dict, pr: dict, ctx: GridContext) -> list:
     except (TypeError, ValueError) as err:
         named = [k for k in moe["router_args"] if re.search(rf"\b{re.escape(str(k))}\b", str(err))]
         origin = {
-            k: (f"sweep.router_args.{k}" if f"router_args.{k}" in spec["sweep"] else f"{spec['_router_path']}.args.{k}")
+            k: (f"sweep.router_args.{k}" if f"router_args.{k}" in spec["sweep"] else f"{router_path}.args.{k}")
             for k in moe["router_args"]
         }
-        path = origin[named[0]] if named else f"{spec['_router_path']}.args"
+        path = origin[named[0]] if named else f"{router_path}.args"
         raise ctx.error(
             path,
             f"router {moe['router']!r} rejects its options {moe['router_args']} "
@@ -297,8 +311,11 @@ def _probe_routers(spec: dict, pr: dict, ctx: GridContext) -> list:
         ) from None
 
 
-def _ratio(g: dict, spec: dict, mode: str, a: Fraction) -> tuple[Fraction, dict | None, str]:
-    """(expert width / reference width, the reference, why in words) for ``mode``."""
+def _ratio(
+    g: dict, spec: dict, mode: str, a: Fraction, ref_num_experts: int | None
+) -> tuple[Fraction, dict | None, str]:
+    """(expert width / reference width, the reference, why in words) for ``mode``; params matching
+    compares with ``ref_num_experts`` (the block's num_experts; default: the run's own)."""
     moe = spec["moe"]
     ref_width = moe["d_hidden"]
     if mode == "active_flops":
@@ -315,7 +332,7 @@ def _ratio(g: dict, spec: dict, mode: str, a: Fraction) -> tuple[Fraction, dict 
             ),
         )
     if mode == "params":
-        ref_e = spec["_ref_e"] or moe["num_experts"]
+        ref_e = ref_num_experts or moe["num_experts"]
         ratio = Fraction(ref_e, moe["num_experts"])
         return (
             ratio,
@@ -401,7 +418,7 @@ def _gated_why(moe: dict) -> str:
 
 
 # -- costs for `grid show` ---------------------------------------------------------------------------
-def costs(spec: dict, blocks=None) -> dict:
+def costs(spec: Mapping, blocks=None) -> dict:
     """Parameters and FLOPs per token of the MoE sub-layers of one run, building only its MoE layers
     (the rest of the model is identical across a grid's runs and comes from the cached probe).
     For the dense baseline, ``blocks`` says which blocks' MLPs to count (those the MoE runs replace)."""

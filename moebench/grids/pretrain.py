@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from moebench.grids.phase import Executor, Phase, plan, run_phase
+from moebench.grids.planned import PlannedRun
 from moebench.training.pretrained import PRETRAIN_DIR, PRETRAIN_GRID, WEIGHTS, pretrain_ref, pretrain_root
 from moebench.training.rundir import inspect, run_lock, run_path, set_aside
-from moebench.training.spec import resolve_spec, run_id
+from moebench.training.spec import RunSpec
 
 __all__ = ["PRETRAIN_DIR", "PRETRAIN_GRID", "WEIGHTS", "pretrain_root"]  # re-exported: the stage's layout
 
@@ -46,13 +47,13 @@ PRETRAIN_LABEL = "pretrain"
 CHECKPOINT = "checkpoint.pt"
 
 
-def pretrain_spec(task: str, task_args: dict, model: dict, seed: int, train: dict, overrides: dict) -> dict:
-    """The resolved spec of the dense pretraining run for one (task, task_args, model, seed):
+def pretrain_spec(task: str, task_args: dict, model: dict, seed: int, train: dict, overrides: dict) -> RunSpec:
+    """The `RunSpec` of the dense pretraining run for one (task, task_args, model, seed):
     ``train`` (the block's) with ``overrides`` (its ``pretrain:`` section) on top; it keeps its checkpoint
     so the weights can be extracted. The code version goes into ``match`` (hashed like the rest)."""
     from moebench.version import __version__
 
-    return resolve_spec(
+    return RunSpec.from_dict(
         {
             "grid": PRETRAIN_GRID,
             "task": task,
@@ -68,13 +69,13 @@ def pretrain_spec(task: str, task_args: dict, model: dict, seed: int, train: dic
     )
 
 
-def pretrain_dir(results, spec: dict) -> Path:
-    return run_path(pretrain_root(results), spec["grid"], run_id(spec))
+def pretrain_dir(results, spec: RunSpec) -> Path:
+    return run_path(pretrain_root(results), spec.grid, spec.run_id)
 
 
-def reference(spec: dict) -> str:
+def reference(spec: RunSpec) -> str:
     """What a dependent run's ``model.pretrained`` says: ``pretrain:<this pretraining run's id>``."""
-    return pretrain_ref(run_id(spec))
+    return pretrain_ref(spec.run_id)
 
 
 def dependent_model(model: dict, ref: str) -> dict:
@@ -138,7 +139,7 @@ def pretrain_phase(
     root = pretrain_root(results)
     specs = [p["spec"] for p in pretrains]
     for spec in specs:  # done but without weights (deleted, or the launcher died before extracting): redo
-        d = run_path(root, spec["grid"], run_id(spec))
+        d = pretrain_dir(results, spec)
         if inspect(d)["state"] == "done" and not extract_weights(d) and not dry_run:
             with run_lock(d) as got:
                 if got:
@@ -146,8 +147,8 @@ def pretrain_phase(
     runs = plan(specs, root, retry_failed, ex.section.get("max_retries", 2))
     ex.log(
         f"pretrain: {len(runs)} dense runs (one per task block and seed) -> {root / PRETRAIN_GRID}; "
-        f"{sum(r['why'] == 'done' for r in runs)} done already, "
-        f"{sum(r['action'] == 'run' for r in runs)} to run first"
+        f"{sum(r.why == 'done' for r in runs)} done already, "
+        f"{sum(r.action == 'run' for r in runs)} to run first"
     )
     run_phase(runs, Phase(f"{grid_name}-pretrain", root / PRETRAIN_GRID, root.resolve(), verb="pretrain"), ex, dry_run)
     if dry_run:
@@ -155,26 +156,28 @@ def pretrain_phase(
     blocked = {}
     by_ref = {p["ref"]: p for p in pretrains}
     for ref, p in by_ref.items():
-        d = run_path(root, p["spec"]["grid"], run_id(p["spec"]))
+        d = pretrain_dir(results, p["spec"])
         st = inspect(d)
         if st["state"] == "done" and extract_weights(d):
             continue
         why = f"{st['state']}" + (f": {st['reason']}" if st["reason"] else "")
         if st["state"] == "failed" and not retry_failed:
             why += "; fix it and rerun with --retry-failed"
-        blocked[ref] = f"its dense pretrain {run_id(p['spec'])} is {why}"
+        blocked[ref] = f"its dense pretrain {p['spec'].run_id} is {why}"
     return blocked
 
 
-def hold_back(runs: list[dict], blocked: dict) -> None:
-    """Skip (with the reason) every planned run whose pretrained weights are not there."""
-    for r in runs:
-        ref = (r["spec"].get("model") or {}).get("pretrained")
-        if r["action"] == "run" and isinstance(ref, str) and ref in blocked:
-            r["action"], r["why"] = "skip", f"waits: {blocked[ref]}"
+def hold_back(runs: list[PlannedRun], blocked: dict) -> list[PlannedRun]:
+    """``runs``, with every planned run whose pretrained weights are not there a skip (with the reason)."""
+    return [
+        r.replace(action="skip", why=f"waits: {blocked[r.pretrain]}")
+        if r.action == "run" and r.pretrain in blocked
+        else r
+        for r in runs
+    ]
 
 
-def needed(pretrains: list[dict], runs: list[dict]) -> list[dict]:
+def needed(pretrains: list[dict], runs: list[PlannedRun]) -> list[dict]:
     """The pretrains that a planned run still to run starts from; a finished grid needs none."""
-    refs = {(r["spec"].get("model") or {}).get("pretrained") for r in runs if r["action"] == "run"}
+    refs = {r.pretrain for r in runs if r.action == "run"}
     return [p for p in pretrains if p["ref"] in refs]

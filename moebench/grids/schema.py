@@ -97,10 +97,12 @@ from typing import Any
 import yaml
 
 from moebench.core.config import (
+    LAYER_FILLED_ARGS,
     ConfigError,
     ExecutorConfig,
     MoEConfig,
     TrainConfig,
+    check_options,
     check_pretrain,
     check_section,
     check_seed,
@@ -363,7 +365,28 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
     if not isinstance(raw, dict):
         raise ctx.error("(top level)", f"expected a mapping of grid keys, got {_tname(raw)}")
     ctx.keys(raw, TOP_KEYS, "")
-    name = raw.get("name", default_name)
+    grid = {
+        "name": _check_name(ctx, raw.get("name", default_name)),
+        "description": raw.get("description", ""),
+        "file": file,
+    }
+    blocks = _task_blocks(ctx, raw)
+    grid["moe"] = _check_moe(ctx, raw.get("moe"), "moe")
+    grid["train"] = _check_train(ctx, raw.get("train"), "train")
+    grid["pretrain"] = _check_pretrain(ctx, raw.get("pretrain"), "pretrain")
+    grid["tasks"] = [_check_block(ctx, path, block, grid["pretrain"]) for path, block in blocks]
+    grid["seeds"] = _check_seeds(ctx, raw.get("seeds", [0]))
+    grid["routers"] = _check_routers(ctx, raw.get("routers"))
+    grid["sweep"] = _check_sweep(ctx, raw.get("sweep"))
+    grid["match"] = _check_match(ctx, raw.get("match", "active_flops"))
+    _check_swept_router_args(ctx, grid)
+    _check_matched_widths(ctx, grid)
+    grid["executor"] = {**defaults(ExecutorConfig), **ctx.section(ExecutorConfig, raw.get("executor"), "executor")}
+    _check_tasks(ctx, grid)
+    return grid
+
+
+def _check_name(ctx: GridContext, name) -> str:
     ctx.check(
         name,
         (
@@ -372,9 +395,11 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
         ),
         "name",
     )
-    grid = {"name": name, "description": raw.get("description", ""), "file": file}
+    return name
 
-    # task blocks
+
+def _task_blocks(ctx: GridContext, raw: dict) -> list[tuple[str, Any]]:
+    """(path, block) per task block: the ``tasks:`` list, or the top level's task keys as one block."""
     if "tasks" in raw:
         for key in ("task", "preset", "task_args", "model"):
             if key in raw:
@@ -386,48 +411,45 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
         ctx.check(
             raw["tasks"], ("a non-empty list of task blocks", lambda v: isinstance(v, list) and len(v) > 0), "tasks"
         )
-        blocks = [(f"tasks[{i}]", b) for i, b in enumerate(raw["tasks"])]
-    else:
-        if "task" not in raw:
-            raise ctx.error(
-                "task", "missing: name a registered task (see `moebench tasks`), or give a `tasks:` list of blocks"
-            )
-        blocks = [("", {k: raw[k] for k in ("task", "preset", "task_args", "model") if k in raw})]
-    grid["moe"] = _check_moe(ctx, raw.get("moe"), "moe")
-    grid["train"] = _check_train(ctx, raw.get("train"), "train")
-    grid["pretrain"] = _check_pretrain(ctx, raw.get("pretrain"), "pretrain")
-    grid["tasks"] = []
-    for path, block in blocks:
-        p = (lambda k, path=path: f"{path}.{k}") if path else (lambda k: k)
-        ctx.check(block, _MAP, path or "(top level)")
-        ctx.keys(block, BLOCK_KEYS, path)
-        if "task" not in block:
-            raise ctx.error(p("task"), "missing: name a registered task (see `moebench tasks`)")
-        ctx.check(block["task"], _STR, p("task"))
-        _check_task(ctx, block["task"], p("task"))
-        model = block.get("model")
-        if model is not None:
-            ctx.check(model, _MAP, p("model"))
-        pre = _preset(ctx, block["task"], block.get("preset"), p("preset"))
-        grid["tasks"].append(
-            {
-                "task": block["task"],
-                "preset": block.get("preset"),
-                "task_args": {**pre["task_args"], **copy.deepcopy(ctx.mapping(block.get("task_args"), p("task_args")))},
-                "model": None if model is None and not pre["model"] else {**pre["model"], **copy.deepcopy(model or {})},
-                "preset_moe": pre["moe"],
-                "preset_train": pre["train"],
-                "moe": _check_moe(ctx, block.get("moe") if path else None, p("moe")),
-                "train": _check_train(ctx, block.get("train") if path else None, p("train")),
-                # a block's own `pretrain:` (null included) replaces the grid's
-                "pretrain": _check_pretrain(ctx, block["pretrain"], p("pretrain"))
-                if path and "pretrain" in block
-                else grid["pretrain"],
-                "path": path or "(top level)",
-            }
+        return [(f"tasks[{i}]", b) for i, b in enumerate(raw["tasks"])]
+    if "task" not in raw:
+        raise ctx.error(
+            "task", "missing: name a registered task (see `moebench tasks`), or give a `tasks:` list of blocks"
         )
+    return [("", {k: raw[k] for k in ("task", "preset", "task_args", "model") if k in raw})]
 
-    seeds = raw.get("seeds", [0])
+
+def _check_block(ctx: GridContext, path: str, block, grid_pretrain) -> dict:
+    """One task block, normalised (its preset filled in under what the block sets)."""
+    p = (lambda k: f"{path}.{k}") if path else (lambda k: k)
+    ctx.check(block, _MAP, path or "(top level)")
+    ctx.keys(block, BLOCK_KEYS, path)
+    if "task" not in block:
+        raise ctx.error(p("task"), "missing: name a registered task (see `moebench tasks`)")
+    ctx.check(block["task"], _STR, p("task"))
+    _check_task(ctx, block["task"], p("task"))
+    model = block.get("model")
+    if model is not None:
+        ctx.check(model, _MAP, p("model"))
+    pre = _preset(ctx, block["task"], block.get("preset"), p("preset"))
+    return {
+        "task": block["task"],
+        "preset": block.get("preset"),
+        "task_args": {**pre["task_args"], **copy.deepcopy(ctx.mapping(block.get("task_args"), p("task_args")))},
+        "model": None if model is None and not pre["model"] else {**pre["model"], **copy.deepcopy(model or {})},
+        "preset_moe": pre["moe"],
+        "preset_train": pre["train"],
+        "moe": _check_moe(ctx, block.get("moe") if path else None, p("moe")),
+        "train": _check_train(ctx, block.get("train") if path else None, p("train")),
+        # a block's own `pretrain:` (null included) replaces the grid's
+        "pretrain": _check_pretrain(ctx, block["pretrain"], p("pretrain"))
+        if path and "pretrain" in block
+        else grid_pretrain,
+        "path": path or "(top level)",
+    }
+
+
+def _check_seeds(ctx: GridContext, seeds) -> list[int]:
     ctx.check(
         seeds,
         (
@@ -441,23 +463,42 @@ def validate(raw, file: str, default_name: str = "grid") -> dict:
             check_seed(seed, f"seeds[{i}]")
         except ConfigError as err:
             raise ctx.error(err.path, err.describe()) from None
-    grid["seeds"] = list(seeds)
-    grid["routers"] = _check_routers(ctx, raw.get("routers"))
-    grid["sweep"] = _check_sweep(ctx, raw.get("sweep"))
-    grid["match"] = _check_match(ctx, raw.get("match", "active_flops"))
+    return list(seeds)
+
+
+def _check_swept_router_args(ctx: GridContext, grid: dict) -> None:
+    """A ``router_args.<key>`` axis's values against each router entry that declares ``key`` (the same
+    check as an entry's own args; `Router.options`)."""
+    from moebench.core.registry import ROUTERS
+
+    for axis, values in grid["sweep"]:
+        head, _, key = axis.partition(".")
+        if head != "router_args":
+            continue
+        for r in grid["routers"]:
+            declared = {} if r["name"] == DENSE else ROUTERS.get(r["name"]).options
+            if key not in declared:
+                continue
+            for j, v in enumerate(values):
+                try:
+                    check_options(declared, {key: copy.deepcopy(v)}, "")
+                except ConfigError as err:
+                    raise ctx.error(
+                        f"sweep.{axis}[{j}]", f"{err.describe()} (router {r['name']!r}, {r['path']})"
+                    ) from None
+
+
+def _check_matched_widths(ctx: GridContext, grid: dict) -> None:
+    """A router entry sets ``moe.d_hidden`` only with ``match: none``: matching sets the width."""
     for r in grid["routers"]:
         mode = r["match"] or grid["match"]["mode"]
-        if mode != "none":
-            if "d_hidden" in r["moe"]:
-                raise ctx.error(
-                    f"{r['path']}.moe.d_hidden",
-                    f"with match: {mode} the width is set "
-                    f"by matching; remove it (or use match: none to set "
-                    f"widths by hand)",
-                )
-    grid["executor"] = {**defaults(ExecutorConfig), **ctx.section(ExecutorConfig, raw.get("executor"), "executor")}
-    _check_tasks(ctx, grid)
-    return grid
+        if mode != "none" and "d_hidden" in r["moe"]:
+            raise ctx.error(
+                f"{r['path']}.moe.d_hidden",
+                f"with match: {mode} the width is set "
+                f"by matching; remove it (or use match: none to set "
+                f"widths by hand)",
+            )
 
 
 def tasks_per_node(ex: dict) -> int:
@@ -587,42 +628,15 @@ def _check_routers(ctx: GridContext, value) -> list[dict]:
         if entry["name"] == DENSE and (args or moe):
             raise ctx.error(path, "`dense` takes no args or moe overrides (it is the model without MoE); remove them")
         _check_router_args(ctx, entry["name"], args, f"{path}.args")
-        for key in ("d_model", "num_experts"):
+        for key in LAYER_FILLED_ARGS:
             if key in args:
                 raise ctx.error(
                     f"{path}.args.{key}",
                     f"set by the layer, not the router; use {path}.moe.num_experts / the model section instead",
                 )
-        label = entry.get("label") or _default_label(entry["name"], args)
-        ctx.check(
-            label,
-            (
-                "a folder-safe name (letters, digits and . _ + = -, starting with a letter or digit)",
-                lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", v),
-            ),
-            f"{path}.label",
-        )
-        if label in labels:
-            raise ctx.error(
-                f"{path}.label",
-                f"label {label!r} is already used by routers[{labels[label]}]; "
-                f"labels name a row of the report, give this entry its own `label:`",
-            )
+        label = _check_label(ctx, entry.get("label") or _default_label(entry["name"], args), labels, path)
         labels[label] = i
-        match = entry.get("match")
-        if match is not None:
-            if entry["name"] == DENSE:
-                raise ctx.error(
-                    f"{path}.match", "`dense` is not matched (it keeps the model's own MLP width); remove it"
-                )
-            if match not in MATCH_MODES:
-                close = difflib.get_close_matches(str(match), MATCH_MODES, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ctx.error(
-                    f"{path}.match",
-                    f"expected one of {', '.join(MATCH_MODES)} (this entry's matching, "
-                    f"overriding the grid's match), got {match!r}{hint}",
-                )
+        match = _check_entry_match(ctx, entry, path)
         out.append(
             {
                 "name": entry["name"],
@@ -636,29 +650,77 @@ def _check_routers(ctx: GridContext, value) -> list[dict]:
     return out
 
 
+def _check_label(ctx: GridContext, label, labels: dict[str, Any], path: str) -> str:
+    ctx.check(
+        label,
+        (
+            "a folder-safe name (letters, digits and . _ + = -, starting with a letter or digit)",
+            lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", v),
+        ),
+        f"{path}.label",
+    )
+    if label in labels:
+        raise ctx.error(
+            f"{path}.label",
+            f"label {label!r} is already used by routers[{labels[label]}]; "
+            f"labels name a row of the report, give this entry its own `label:`",
+        )
+    return label
+
+
+def _check_entry_match(ctx: GridContext, entry: dict, path: str):
+    """A router entry's own ``match:`` (None: the grid's)."""
+    match = entry.get("match")
+    if match is not None:
+        if entry["name"] == DENSE:
+            raise ctx.error(f"{path}.match", "`dense` is not matched (it keeps the model's own MLP width); remove it")
+        if match not in MATCH_MODES:
+            close = difflib.get_close_matches(str(match), MATCH_MODES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ctx.error(
+                f"{path}.match",
+                f"expected one of {', '.join(MATCH_MODES)} (this entry's matching, "
+                f"overriding the grid's match), got {match!r}{hint}",
+            )
+    return match
+
+
 def _router_options(name: str) -> list[str] | None:
-    """The keyword options a router's constructor takes (None if it takes any: ``**kwargs``)."""
+    """The keyword options a router takes: its declared ``options`` (`Router.options`), else its
+    constructor's keyword parameters (None if it takes any: ``**kwargs``)."""
     import inspect
 
     from moebench.core.registry import ROUTERS
 
-    params = inspect.signature(ROUTERS.get(name).__init__).parameters
+    cls = ROUTERS.get(name)
+    if cls.options:
+        return list(cls.options)
+    params = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
-    return [n for n in params if n not in ("self", "d_model", "num_experts")]
+    return [n for n in params if n != "self" and n not in LAYER_FILLED_ARGS]
 
 
 def _check_router_args(ctx: GridContext, name: str, args: dict, path: str) -> None:
+    """A router entry's args: known options (closest one named), each value checked against the router's
+    declaration (`moebench.core.config.check_options`, the check its constructor runs too). The args
+    stay as written: the run spec (and its id) records them, not the normalised values."""
     if name == DENSE:
         return
+    from moebench.core.registry import ROUTERS
+
     known = _router_options(name)
     if known is None:
         return
-    found = first_unknown({k: v for k, v in args.items() if k not in ("d_model", "num_experts")}, known)
+    found = first_unknown({k: v for k, v in args.items() if k not in LAYER_FILLED_ARGS}, known)
     if found:
         key, close = found
         hint = f"; did you mean {close!r}?" if close else ""
         raise ctx.error(f"{path}.{key}", f"router {name!r} has no option {key!r}{hint} Its options: {', '.join(known)}")
+    try:
+        check_options(ROUTERS.get(name).options, copy.deepcopy(args), path)
+    except ConfigError as err:
+        raise ctx.error(err.path, err.describe()) from None
 
 
 def _default_label(name: str, args: dict) -> str:

@@ -19,34 +19,49 @@ def _human(n: float) -> str:
     return f"{n:.3g}"
 
 
+_COST_COLUMNS = ["d_hidden", "flops/tok", "mlp_flops/tok", "router_flops/tok", "params", "active_params"]
+
+
+def _title(g: dict, n_runs: int) -> str:
+    """The grid, its file, how many runs and how they are matched."""
+    return f"grid {g['name']} ({g['file']}): {n_runs} runs, match: {g['match']['mode']}" + (
+        f" (reference: {REFERENCE_ROUTER} top-{g['match']['reference_active_experts']:g} at the grid's d_hidden)"
+        if g["match"]["mode"] == "active_flops"
+        else ""
+    )
+
+
+def _footer(g: dict) -> list[str]:
+    """What the cost columns measure."""
+    lines: list[str] = []
+    lines.append(
+        "flops/tok: the whole model's estimated forward FLOPs per token, the report's FLOPs/token: "
+        "2 x the weights of every linear layer outside the MoE layers, plus the experts a token "
+        "visits and the router (attention scores, convolutions and elementwise ops not counted)."
+    )
+    lines.append(
+        "mlp_flops/tok: the part of flops/tok in the MoE blocks' MLP sub-layers (experts + router; the "
+        "dense MLP for dense), where runs differ; router_flops/tok: the router's share of it."
+    )
+    if g["match"]["mode"] == "active_flops":
+        lines.append("Router FLOPs are reported, not matched. The dense baseline keeps the model's own MLP width.")
+    return lines
+
+
 def show(grid: str | os.PathLike | dict) -> str:
     """The table `moebench grid show` prints: one row per run with its matched width and costs."""
     g = load(grid) if not (isinstance(grid, dict) and "file" in grid) else grid
     specs, pretrains = expand_with_pretrain(g)
-    from moebench.training.spec import run_id
-
     axes = [a for a, _ in g["sweep"]]
-    head = [
-        "run_id",
-        "task",
-        "label",
-        "seed",
-        *axes,
-        "d_hidden",
-        "flops/tok",
-        "mlp_flops/tok",
-        "router_flops/tok",
-        "params",
-        "active_params",
-    ]
+    head = ["run_id", "task", "label", "seed", *axes, *_COST_COLUMNS]
     rows = []
     bar = Progress(len(specs), f"grid {g['name']}: costing runs", every_s=5, unit="run")
     for spec in specs:
-        same = [s for s in specs if s["moe"] and all(s[k] == spec[k] for k in ("task", "task_args", "model"))]
+        same = [s for s in specs if s.moe and (s.task, s.task_args, s.model) == (spec.task, spec.task_args, spec.model)]
         c = costs(spec, blocks=same[0]["moe"]["blocks"] if same else None)
         rows.append(
             [
-                run_id(spec),
+                spec.run_id,
                 spec["task"],
                 spec["label"],
                 str(spec["seed"]),
@@ -63,12 +78,7 @@ def show(grid: str | os.PathLike | dict) -> str:
     bar.close()
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     lines = [
-        f"grid {g['name']} ({g['file']}): {len(specs)} runs, match: {g['match']['mode']}"
-        + (
-            f" (reference: {REFERENCE_ROUTER} top-{g['match']['reference_active_experts']:g} at the grid's d_hidden)"
-            if g["match"]["mode"] == "active_flops"
-            else ""
-        ),
+        _title(g, len(specs)),
         "  ".join(h.ljust(w) for h, w in zip(head, widths)),
         "  ".join("-" * w for w in widths),
     ]
@@ -82,20 +92,10 @@ def show(grid: str | os.PathLike | dict) -> str:
         for p in pretrains:
             ps = p["spec"]
             lines.append(
-                f"  {run_id(ps)}  {ps['task']}  seed {ps['seed']}  {ps['train']['steps']} steps  "
+                f"  {ps.run_id}  {ps['task']}  seed {ps['seed']}  {ps['train']['steps']} steps  "
                 f"-> {weights_of(DEFAULT_RESULTS, p['ref'])}"
             )
     notes = sorted({n for spec in specs if spec["moe"] for n in probe(spec, ctx=GridContext(g["file"]))["notes"]})
     lines += [f"note: {n}" for n in notes]
-    lines.append(
-        "flops/tok: the whole model's estimated forward FLOPs per token, the report's FLOPs/token: "
-        "2 x the weights of every linear layer outside the MoE layers, plus the experts a token "
-        "visits and the router (attention scores, convolutions and elementwise ops not counted)."
-    )
-    lines.append(
-        "mlp_flops/tok: the part of flops/tok in the MoE blocks' MLP sub-layers (experts + router; the "
-        "dense MLP for dense), where runs differ; router_flops/tok: the router's share of it."
-    )
-    if g["match"]["mode"] == "active_flops":
-        lines.append("Router FLOPs are reported, not matched. The dense baseline keeps the model's own MLP width.")
+    lines += _footer(g)
     return "\n".join(lines)

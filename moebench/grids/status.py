@@ -3,35 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moebench.training import records
 from moebench.training.rundir import inspect, verdict_text
+
+if TYPE_CHECKING:
+    from moebench.grids.planned import PlannedRun
 
 SUMMARY_STATES = ("done", "running", "failed", "queued")
 
 
 def _reason(st: dict) -> str:
-    """The state's reason: `rundir.verdict_text`, the words the launcher and the report use too."""
-    return str(st["why"] or "") if "why" in st else verdict_text(st)
+    """The state's reason (`rundir.inspect`'s ``why``: `rundir.verdict_text`, the words the launcher and
+    the report use too)."""
+    return str(st["why"] or "")
 
 
-def plan_rows(runs: list[dict]) -> list[dict]:
+def plan_rows(runs: list[PlannedRun]) -> list[dict]:
     """One row per planned run of the launcher (run id, label, seed, state, reason), read from its folder."""
     rows = []
     for r in runs:
-        st = inspect(r["run_dir"])
+        st = inspect(r.run_dir)
         state = st["state"]
-        if r.get("outcome") == "elsewhere" and state not in ("done", "failed"):
+        if r.outcome == "elsewhere" and state not in ("done", "failed"):
             state = "running"
         rows.append(
             {
-                "run_id": r["run_id"],
-                "label": r["spec"]["label"],
-                "seed": r["spec"]["seed"],
+                "run_id": r.run_id,
+                "label": r.spec.label,
+                "seed": r.spec.seed,
                 "state": state,
                 "attempts": st["attempts"],
-                "reason": _reason(st)
-                or ("running elsewhere" if r.get("outcome") == "elsewhere" else _resumed(r["run_dir"], st)),
+                "reason": _reason(st) or ("running elsewhere" if r.outcome == "elsewhere" else _resumed(r.run_dir, st)),
             }
         )
     return rows
@@ -53,10 +57,19 @@ def _bucket(state: str) -> str:
     return state if state in SUMMARY_STATES else "queued"
 
 
-def count_states(runs_or_rows) -> dict:
+def count_states(rows: list[dict]) -> dict:
+    """How many rows (`plan_rows`, `status_rows`) are done / running / failed / queued."""
+    return _count(r["state"] for r in rows)
+
+
+def count_planned(runs: list[PlannedRun]) -> dict:
+    """How many planned runs' folders are done / running / failed / queued now."""
+    return _count(inspect(r.run_dir)["state"] for r in runs)
+
+
+def _count(states) -> dict:
     counts = {s: 0 for s in SUMMARY_STATES}
-    for r in runs_or_rows:
-        state = r["state"] if "spec" not in r else inspect(r["run_dir"])["state"]
+    for state in states:
         counts[_bucket(state)] += 1
     return counts
 

@@ -1,11 +1,14 @@
 """`moebench report`: run records -> leaderboards (Markdown, CSV, LaTeX), plots (PNG, PDF) and one
 self-contained report.html.
 
-Pieces (``moebench.report.*``): ``load`` reads records, ``tables`` aggregates and lays out tables (its
-``COLUMNS`` is the one catalogue of column labels), ``stats`` computes intervals and rank groups,
-``summary`` writes the key findings, ``render`` writes tables per format, ``plots`` draws, ``items``
-reads per-item evaluations, ``html`` assembles the page. Missing runs are detected from
-``<results>/<grid>/expected.json`` written by the launcher (see ``load``)."""
+Pieces (``moebench.report.*``): ``load`` reads records, ``items`` reads per-item evaluations,
+``tables`` aggregates and lays out tables (its ``COLUMNS`` is the one catalogue of column labels),
+``stats`` computes intervals, Holm correction and rank groups, ``equivalence`` the TOST and
+P(improve), ``agreement`` cross-seed routing agreement, ``aggregate`` the summary across tasks,
+``claims`` the claims audit, ``cost_table`` the cost table, ``structure`` the structure-recovery
+section, ``summary`` writes the key findings, ``render`` writes tables per format, ``plots`` draws,
+``html`` assembles the page. Missing runs are detected from ``<results>/<grid>/expected.json``
+written by the launcher (see ``load``)."""
 
 from __future__ import annotations
 
@@ -81,35 +84,12 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
         cost = cost_table(bench, lb[lb["bench"] == bench])
         if cost is not None:
             tables.append(cost)
-    overall = []
-    if not ranks.empty:
-        overall.append(rank_table(ranks, lb))
-    if not lb.empty:
-        if not paired.empty:
-            overall.append(paired_table(paired, baseline))
-        elif baseline not in set(lb["label"]):
-            rs.problems.append(f"no runs labelled {baseline!r}: the paired comparison against it is skipped")
-        else:
-            rs.problems.append(
-                f"no task has finished seeds of both {baseline} and another router at the same "
-                f"sweep point: the paired comparison is skipped"
-            )
+    overall = _overall_tables(rs, lb, ranks, paired, baseline)
     from moebench.report.structure import structure_section
 
     structure_tables, structure_lines = structure_section(rs, lb, items) if not lb.empty else ([], [])
     overall += structure_tables
-    states = rs.runs["state"].value_counts()
-    summary = [
-        f"Results folder: {rs.root}",
-        f"{len(rs.runs)} runs: " + ", ".join(f"{n} {s}" for s, n in states.sort_index().items()),
-        "Missing runs: "
-        + (
-            f"{int(states.get('missing', 0))} (checked against the expected.json of grid(s) "
-            f"{', '.join(sorted(rs.grids_with_expected))})"
-            if rs.grids_with_expected
-            else "no expected.json found, so only seeds that other routers of the same task have are detected"
-        ),
-    ]
+    summary = _summary_lines(rs)
     refs = {baseline: paired}
     for ref in sorted(set(rs.runs.loc[rs.runs["router"].isin(REFERENCE_ROUTERS), "label"].dropna()) - {baseline}):
         refs[ref] = paired_frame(rs, lb, ref, items=items) if not lb.empty else pd.DataFrame()
@@ -135,6 +115,40 @@ def build_report(results_dir, baseline: str = BASELINE) -> Report:
         headline_tables,
         task_notes,
     )
+
+
+def _overall_tables(rs: RecordSet, lb: pd.DataFrame, ranks: pd.DataFrame, paired: pd.DataFrame, baseline: str):
+    """The tables across tasks: average ranks and the paired comparison (or a problem saying why not)."""
+    overall = []
+    if not ranks.empty:
+        overall.append(rank_table(ranks, lb))
+    if not lb.empty:
+        if not paired.empty:
+            overall.append(paired_table(paired, baseline))
+        elif baseline not in set(lb["label"]):
+            rs.problems.append(f"no runs labelled {baseline!r}: the paired comparison against it is skipped")
+        else:
+            rs.problems.append(
+                f"no task has finished seeds of both {baseline} and another router at the same "
+                f"sweep point: the paired comparison is skipped"
+            )
+    return overall
+
+
+def _summary_lines(rs: RecordSet) -> list[str]:
+    """The report's opening lines: the folder, runs per state, how missing runs were found."""
+    states = rs.runs["state"].value_counts()
+    return [
+        f"Results folder: {rs.root}",
+        f"{len(rs.runs)} runs: " + ", ".join(f"{n} {s}" for s, n in states.sort_index().items()),
+        "Missing runs: "
+        + (
+            f"{int(states.get('missing', 0))} (checked against the expected.json of grid(s) "
+            f"{', '.join(sorted(rs.grids_with_expected))})"
+            if rs.grids_with_expected
+            else "no expected.json found, so only seeds that other routers of the same task have are detected"
+        ),
+    ]
 
 
 def write_report(results_dir, out_dir=None, formats=FORMATS, baseline: str = BASELINE, plots: bool = True) -> Path:

@@ -75,7 +75,31 @@ def render_page(
         + [f"Task: {b}" for b, _ in per_bench]
         + [t.title for t in extra]
     )
-    out = [
+    out = _page_head(title, summary, sections)
+    for t in top:
+        kind = " claims" if t.label == "tab:claims" else ""
+        out.append(f'<div class="wrap top{kind}" id="{_anchor(t.title)}">{to_html(t, level=2)}</div>')
+    out += [_figure(p) for p in plots if p.kind == "profile"]
+    out += _text_sections(findings, repro, problems)
+    if overall:
+        out.append(f'<h2 id="{_anchor("Across tasks")}">Across tasks</h2>')
+        out += [f'<div class="wrap">{to_html(t)}</div>' for t in overall]
+    if task_notes:
+        out.append(
+            f'<h2 id="{_anchor("Per task, in words")}">Per task, in words</h2>'
+            + "".join(f"<p>{html.escape(f)}</p>" for f in task_notes)
+        )
+    for bench, tables in per_bench:
+        out += _bench_section(bench, tables, [p for p in plots if p.bench == bench])
+    for t in extra:
+        out.append(f'<div class="wrap" id="{_anchor(t.title)}">{to_html(t, level=2)}</div>')
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _page_head(title: str, summary: list[str], sections: list[str]) -> list[str]:
+    """Doctype, title, the summary lines with the time of generation, and the contents."""
+    return [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
@@ -86,10 +110,11 @@ def render_page(
         + "".join(f'<li><a href="#{_anchor(s)}">{html.escape(s)}</a></li>' for s in sections)
         + "</ul></nav>",
     ]
-    for t in top:
-        kind = " claims" if t.label == "tab:claims" else ""
-        out.append(f'<div class="wrap top{kind}" id="{_anchor(t.title)}">{to_html(t, level=2)}</div>')
-    out += [_figure(p) for p in plots if p.kind == "profile"]
+
+
+def _text_sections(findings: list[str] | None, repro: list[tuple[str, str]] | None, problems: list[str]) -> list[str]:
+    """Key findings, reproducibility and problems with records (each only when there is any)."""
+    out = []
     if findings:
         out.append(
             f'<h2 id="{_anchor("Key findings")}">Key findings</h2><div class="findings"><ul>'
@@ -111,28 +136,20 @@ def render_page(
             + "".join(f"<li>{html.escape(p)}</li>" for p in problems)
             + "</ul></div>"
         )
-    if overall:
-        out.append(f'<h2 id="{_anchor("Across tasks")}">Across tasks</h2>')
-        out += [f'<div class="wrap">{to_html(t)}</div>' for t in overall]
-    if task_notes:
+    return out
+
+
+def _bench_section(bench: str, tables: list[Table], mine: list[Plot]) -> list[str]:
+    """One task: its tables, its figures, and the per-expert heatmaps folded away."""
+    out = [f'<h2 id="{_anchor("Task: " + bench)}">Task: {html.escape(bench)}</h2>']
+    out += [f'<div class="wrap">{to_html(t)}</div>' for t in tables]
+    out += [_figure(p) for p in mine if p.kind not in ("specialisation", "load")]
+    folded = [p for p in mine if p.kind in ("specialisation", "load")]
+    if folded:
         out.append(
-            f'<h2 id="{_anchor("Per task, in words")}">Per task, in words</h2>'
-            + "".join(f"<p>{html.escape(f)}</p>" for f in task_notes)
+            "<details><summary>Per-expert load and specialisation heatmaps "
+            f"({len(folded)} figure{'s' if len(folded) > 1 else ''})</summary>"
+            + "".join(_figure(p) for p in folded)
+            + "</details>"
         )
-    for bench, tables in per_bench:
-        out.append(f'<h2 id="{_anchor("Task: " + bench)}">Task: {html.escape(bench)}</h2>')
-        out += [f'<div class="wrap">{to_html(t)}</div>' for t in tables]
-        mine = [p for p in plots if p.bench == bench]
-        out += [_figure(p) for p in mine if p.kind not in ("specialisation", "load")]
-        folded = [p for p in mine if p.kind in ("specialisation", "load")]
-        if folded:
-            out.append(
-                "<details><summary>Per-expert load and specialisation heatmaps "
-                f"({len(folded)} figure{'s' if len(folded) > 1 else ''})</summary>"
-                + "".join(_figure(p) for p in folded)
-                + "</details>"
-            )
-    for t in extra:
-        out.append(f'<div class="wrap" id="{_anchor(t.title)}">{to_html(t, level=2)}</div>')
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+    return out

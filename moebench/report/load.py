@@ -137,8 +137,37 @@ def _name(value):
     return value
 
 
+_LAYER_RAW = (
+    "counts",
+    "label_by_expert",
+    "label_unrouted",
+    "top1_counts",
+    "labels",
+    "final_switch",
+    "overlap_with_final",
+)
+
+
 def _read_run(run_dir: Path):
     problems: list[str] = []
+    spec_ok, final_ok, metrics, state, reason = _read_records(run_dir, problems)
+    row = _run_row(run_dir, spec_ok, final_ok, state, reason)
+    routing = final_ok.get("routing") or {}
+    _add_routing_columns(row, routing)
+    for key, value in (final_ok.get("cost") or {}).items():
+        row[key] = _num(value)
+    row["device"] = device_name(final_ok.get("env"))
+    for key, value in (final_ok.get("metrics") or {}).items():
+        row[f"metric.{key}"] = _num(value)
+    if row["label"] is None and state != "missing":
+        problems.append(f"{run_dir}: no readable spec.yaml or final.json, so its router and task are unknown")
+    layers = _layer_entries(run_dir, row, routing, problems)
+    evals = _eval_entries(row["run_id"], metrics)
+    return row, layers, evals, problems
+
+
+def _read_records(run_dir: Path, problems: list[str]):
+    """spec.yaml, final.json (only a done run's) and metrics.jsonl as read, with the run's state and why."""
     seen: list[str] = []  # what is wrong with spec / status / final, the verdict below says once
     spec = _safe(read_spec, run_dir, seen)
     final = _safe(read_json, run_dir / "final.json", seen)
@@ -154,11 +183,15 @@ def _read_run(run_dir: Path):
         problems.append(f"{run_dir}: {reason}")
     elif state != "done":
         final_ok = {}
+    return spec_ok, final_ok, metrics, state, reason
 
+
+def _run_row(run_dir: Path, spec_ok: dict, final_ok: dict, state: str, reason: str | None) -> dict:
+    """A run's identity, state and headline: the first columns of its row."""
     sweep = final_ok.get("sweep") or spec_ok.get("sweep") or {}
     moe = spec_ok.get("moe")
     headline = final_ok.get("headline") or {}
-    row = {
+    return {
         "grid": run_dir.parent.name,
         "run_id": final_ok.get("run_id") or run_dir.name,
         "run_dir": str(run_dir),
@@ -179,7 +212,10 @@ def _read_run(run_dir: Path):
         "moe_mode": (moe.get("mode") or "replace") if isinstance(moe, dict) else None,
         "data": _data_name(spec_ok.get("task_args")),
     }
-    routing = final_ok.get("routing") or {}
+
+
+def _add_routing_columns(row: dict, routing: dict) -> None:
+    """The routing means, the final-switch mean, per-layer route columns and the probe points."""
     for key, value in (routing.get("mean") or {}).items():
         row[key] = _num(value)
     row["final_switch"] = _final_switch(routing.get("final_switch"))
@@ -192,14 +228,10 @@ def _read_run(run_dir: Path):
         {"run_id": row["run_id"], "step": st, "switch_rate": _num(sw)}
         for st, sw in zip(probe.get("steps") or [], probe.get("switch_rate") or [])
     ]
-    for key, value in (final_ok.get("cost") or {}).items():
-        row[key] = _num(value)
-    row["device"] = device_name(final_ok.get("env"))
-    for key, value in (final_ok.get("metrics") or {}).items():
-        row[f"metric.{key}"] = _num(value)
-    if row["label"] is None and state != "missing":
-        problems.append(f"{run_dir}: no readable spec.yaml or final.json, so its router and task are unknown")
 
+
+def _layer_entries(run_dir: Path, row: dict, routing: dict, problems: list[str]) -> list[dict]:
+    """One entry per MoE layer (its per-layer columns also go into ``row``); a malformed one is skipped."""
     layers = []
     for i, layer in enumerate(routing.get("per_layer") or []):
         if not isinstance(layer, dict):
@@ -208,23 +240,20 @@ def _read_run(run_dir: Path):
         row.update(per_layer_columns(layer, i))
         entry = {"run_id": row["run_id"], "layer_idx": i, "layer": str(layer.get("layer", f"layer{i}"))}
         for key, value in layer.items():
-            if key in (
-                "counts",
-                "label_by_expert",
-                "label_unrouted",
-                "top1_counts",
-                "labels",
-                "final_switch",
-                "overlap_with_final",
-            ):
+            if key in _LAYER_RAW:
                 entry[key] = value
             elif key != "layer":
                 entry[key] = _num(value)
         layers.append(entry)
+    return layers
+
+
+def _eval_entries(run_id: str, metrics) -> list[dict]:
+    """One entry per evaluation line of metrics.jsonl."""
     evals = []
     for line in metrics if isinstance(metrics, list) else []:
         entry = {
-            "run_id": row["run_id"],
+            "run_id": run_id,
             "step": line.get("step"),
             "train_loss": _num(line.get("train_loss")),
             "lr": _num(line.get("lr")),
@@ -234,7 +263,7 @@ def _read_run(run_dir: Path):
         for key, value in ((line.get("routing") or {}).get("mean") or {}).items():
             entry[key] = _num(value)
         evals.append(entry)
-    return row, layers, evals, problems
+    return evals
 
 
 def device_name(env) -> str | None:

@@ -458,19 +458,7 @@ class Plotter:
         fig = _figure((WIDE, 0.6 + rows * (0.6 + 0.16 * n_labels)))
         axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
         for k, (ax, (entry, _seed, r)) in enumerate(zip(axes, panels)):
-            mat = np.asarray(r["label_by_expert"], dtype=float)
-            unrouted = r.get("label_unrouted")
-            extra = isinstance(unrouted, list) and len(unrouted) == len(mat) and sum(unrouted) > 0
-            if extra:  # unrouted tokens are their own column
-                mat = np.hstack([mat, np.asarray(unrouted, dtype=float)[:, None]])
-            names = r.get("labels")
-            if not isinstance(names, list) or len(names) != len(mat):
-                names = [str(i) for i in range(len(mat))]
-            names = [n if len(str(n)) <= 12 else str(n)[:11] + "…" for n in names]
-            keep = np.sort(np.argsort(-mat.sum(1))[:20]) if len(mat) > 20 else np.arange(len(mat))
-            mat, names = mat[keep], [names[i] for i in keep]
-            share = 100 * mat / np.maximum(mat.sum(1, keepdims=True), 1)
-            columns = [str(i) for i in range(share.shape[1] - extra)] + (["none"] if extra else [])
+            share, names, columns, extra = _label_shares(r)
             sns.heatmap(
                 pd.DataFrame(share, index=names, columns=columns),
                 ax=ax,
@@ -503,6 +491,25 @@ class Plotter:
                 f"expert is each expert (rows sum to 100%; 'none' = unrouted), last MoE layer, lowest seed.",
             )
         ]
+
+
+def _label_shares(r) -> tuple[np.ndarray, list[str], list[str], bool]:
+    """A layer's label-by-expert counts as row shares (%) for the heatmap: at most 20 labels (the
+    largest), short names, unrouted tokens as a last column 'none' when there are any."""
+    mat = np.asarray(r["label_by_expert"], dtype=float)
+    unrouted = r.get("label_unrouted")
+    extra = isinstance(unrouted, list) and len(unrouted) == len(mat) and sum(unrouted) > 0
+    if extra:  # unrouted tokens are their own column
+        mat = np.hstack([mat, np.asarray(unrouted, dtype=float)[:, None]])
+    names = r.get("labels")
+    if not isinstance(names, list) or len(names) != len(mat):
+        names = [str(i) for i in range(len(mat))]
+    names = [n if len(str(n)) <= 12 else str(n)[:11] + "…" for n in names]
+    keep = np.sort(np.argsort(-mat.sum(1))[:20]) if len(mat) > 20 else np.arange(len(mat))
+    mat, names = mat[keep], [names[i] for i in keep]
+    share = 100 * mat / np.maximum(mat.sum(1, keepdims=True), 1)
+    columns = [str(i) for i in range(share.shape[1] - extra)] + (["none"] if extra else [])
+    return share, names, columns, extra
 
 
 PER_LAYER_PANELS = [("load_cv", "Load CV ↓"), ("switch_rate", "Switch rate (%) ↓"), ("mutual_info", "MI (nats) ↑")]

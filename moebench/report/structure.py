@@ -55,6 +55,18 @@ def _roles(run_dir) -> dict:
         return {}
 
 
+NOTE = (
+    "Mean and 95 % t interval over seeds; recovery metrics from the dispatched top-1 expert of held-out "
+    "tokens that have a group (noise tokens excluded), unrouted tokens as their own category; per-role "
+    "NMI over that role's tokens only. H in nats."
+)
+ANGLE_NOTE = (
+    " Principal angle: mean over experts of the principal angles (degrees) between an "
+    "eigenbasis router's per-expert routing basis and its matched group's (Hungarian) top-rank "
+    "principal subspace of the MoE layer's input (0: the group's subspace lies in the basis)."
+)
+
+
 def structure_section(rs, lb: pd.DataFrame, items: dict) -> tuple[list[Table], list[str]]:
     """Tables and plain sentences for every (task, sweep point) with ground truth: runs that carry ``nmi``
     and per-role recovery (a task that knows each token's true group and role)."""
@@ -72,46 +84,9 @@ def structure_section(rs, lb: pd.DataFrame, items: dict) -> tuple[list[Table], l
     tables: list[Table] = []
     lines: list[str] = []
     for (bench, variant), g in done[done["bench"].isin(gt_benches)].groupby(["bench", "variant"], sort=False):
-        name = g["headline_name"].dropna().iloc[0] if g["headline_name"].notna().any() else "headline"
-        cols = ["Router", f"{name} (95 % CI)", "NMI", "ARI", "H(group|expert)", "H(expert|group)", "Routing acc."]
-        angles = "principal_angle_mean_deg" in g and g["principal_angle_mean_deg"].notna().any()
-        cols += ["Principal angle (°)"] if angles else []
-        cols += [f"NMI {r}" for r in ROLE_ORDER]
-        rows, nmi_mean, score_mean = [], {}, {}
-        for label, r in g.groupby("label", sort=True):
-            roles = [_roles(d) for d in r["run_dir"]]
-            row = [str(label), _text(r["headline_value"])]
-            for key in ("nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy"):
-                row.append(_text(r[key]) if key in r else "–")
-            if angles:
-                row.append(_text(r["principal_angle_mean_deg"]))
-            for role in ROLE_ORDER:
-                row.append(_text([x.get(role, {}).get("nmi") for x in roles]))
-            rows.append(row)
-            nmi_mean[label] = _ci(r["nmi"])[0] if "nmi" in r else math.nan
-            score_mean[label] = _ci(r["headline_value"])
         where = entry_name(bench, variant)
-        tables.append(
-            Table(
-                title=f"Structure recovery: {where}",
-                columns=cols,
-                rows=rows,
-                notes=[
-                    "Mean and 95 % t interval over seeds; recovery metrics from the dispatched top-1 expert of held-out "
-                    "tokens that have a group (noise tokens excluded), unrouted tokens as their own category; per-role "
-                    "NMI over that role's tokens only. H in nats."
-                    + (
-                        " Principal angle: mean over experts of the principal angles (degrees) between an "
-                        "eigenbasis router's per-expert routing basis and its matched group's (Hungarian) top-rank "
-                        "principal subspace of the MoE layer's input (0: the group's subspace lies in the basis)."
-                        if angles
-                        else ""
-                    )
-                ],
-                label=f"tab:structure-{len(tables)}",
-                left=1,
-            )
-        )
+        table, nmi_mean, score_mean = _table(g, where, len(tables))
+        tables.append(table)
         hib = (
             bool(g["higher_is_better"].dropna().iloc[0])
             if "higher_is_better" in g and g["higher_is_better"].notna().any()
@@ -120,6 +95,38 @@ def structure_section(rs, lb: pd.DataFrame, items: dict) -> tuple[list[Table], l
         here = paired[(paired["bench"] == bench) & (paired["variant"] == variant)] if not paired.empty else paired
         lines.append(f"{where}: " + _controls(nmi_mean, score_mean, here, hib) + _versus_dense(paired, bench, variant))
     return tables, lines
+
+
+def _table(g: pd.DataFrame, where: str, index: int) -> tuple[Table, dict, dict]:
+    """One task and sweep point's table, with each router's mean NMI and headline (mean, low, high)."""
+    name = g["headline_name"].dropna().iloc[0] if g["headline_name"].notna().any() else "headline"
+    cols = ["Router", f"{name} (95 % CI)", "NMI", "ARI", "H(group|expert)", "H(expert|group)", "Routing acc."]
+    angles = "principal_angle_mean_deg" in g and g["principal_angle_mean_deg"].notna().any()
+    cols += ["Principal angle (°)"] if angles else []
+    cols += [f"NMI {r}" for r in ROLE_ORDER]
+    rows, nmi_mean, score_mean = [], {}, {}
+    for label, r in g.groupby("label", sort=True):
+        roles = [_roles(d) for d in r["run_dir"]]
+        row = [str(label), _text(r["headline_value"])]
+        for key in ("nmi", "ari", "h_group_given_expert", "h_expert_given_group", "routing_accuracy"):
+            row.append(_text(r[key]) if key in r else "–")
+        if angles:
+            row.append(_text(r["principal_angle_mean_deg"]))
+        for role in ROLE_ORDER:
+            row.append(_text([x.get(role, {}).get("nmi") for x in roles]))
+        rows.append(row)
+        nmi_mean[label] = _ci(r["nmi"])[0] if "nmi" in r else math.nan
+        score_mean[label] = _ci(r["headline_value"])
+    notes = [NOTE + (ANGLE_NOTE if angles else "")]
+    table = Table(
+        title=f"Structure recovery: {where}",
+        columns=cols,
+        rows=rows,
+        notes=notes,
+        label=f"tab:structure-{index}",
+        left=1,
+    )
+    return table, nmi_mean, score_mean
 
 
 def _controls(
@@ -138,52 +145,13 @@ def _controls(
     ``versus_dense``: the rows of ``paired_frame(baseline="dense")`` for this task and sweep point."""
     checks: list[str] = []
     failed: list[str] = []
-    info: list[str] = []
     score = {k: v[0] for k, v in score_ci.items()}
-    if "oracle" in nmi:
-        (checks if nmi["oracle"] >= ORACLE_MIN else failed).append(
-            f"oracle NMI {nmi['oracle']:.3f} (must be >= {ORACLE_MIN})"
-        )
-    for c in ("random", "collapse"):
-        if c in nmi:
-            (checks if nmi[c] <= CHANCE_MAX else failed).append(f"{c} NMI {nmi[c]:.3f} (must be <= {CHANCE_MAX})")
-    verdict = {}
-    if versus_dense is not None and not versus_dense.empty:
-        verdict = dict(zip(versus_dense["label"], versus_dense["verdict"], strict=True))
-    if "collapse" in verdict:
-        v = verdict["collapse"]
-        (checks if v != "better" else failed).append(
-            f"collapse not better than FLOP-matched dense (paired, Holm: {v})"
-            if v != "better"
-            else "collapse is BETTER than FLOP-matched dense (paired, Holm), which it computes"
-        )
-    if verdict.get("oracle") == "better" and "collapse" in score and "oracle" in score:
-        below = score["collapse"] < score["oracle"] if higher_is_better else score["collapse"] > score["oracle"]
-        (checks if below else failed).append(
-            f"oracle beats dense and collapse is below the oracle ({score['collapse']:.3f} vs {score['oracle']:.3f})"
-            if below
-            else f"oracle beats dense but collapse is NOT below it ({score['collapse']:.3f} vs {score['oracle']:.3f})"
-        )
-    if "collapse" in score and len(score) > 1:
-        worse = [
-            k
-            for k in sorted(score, key=lambda k: score[k], reverse=not higher_is_better)
-            if k != "collapse" and (score[k] < score["collapse"] if higher_is_better else score[k] > score["collapse"])
-        ]
-        rank = 1 + sum(
-            1
-            for k in score
-            if k != "collapse" and (score[k] > score["collapse"] if higher_is_better else score[k] < score["collapse"])
-        )
-        note = f"collapse ranks {rank} of {len(score)} on the headline ({score['collapse']:.3f})"
-        if worse:
-            note += "; below it: " + ", ".join(f"{k} {score[k]:.3f}" for k in worse)
-            if "hash" in worse:
-                note += " (hash: an arbitrary split gives each expert a quarter of the data)"
-        info.append(note)
+    _nmi_checks(nmi, checks, failed)
+    _collapse_checks(score, versus_dense, higher_is_better, checks, failed)
+    info = _collapse_rank(score, higher_is_better)
     if not checks and not failed:
         return "no controls ran. "
-    tail = " For information: " + "; ".join(info) + "." if info else ""
+    tail = " For information: " + info + "." if info else ""
     if failed:
         return (
             "controls did NOT come out as they must: "
@@ -195,6 +163,59 @@ def _controls(
             + " "
         )
     return "controls came out as they must (" + "; ".join(checks) + ")." + tail + " "
+
+
+def _nmi_checks(nmi: dict, checks: list[str], failed: list[str]) -> None:
+    if "oracle" in nmi:
+        (checks if nmi["oracle"] >= ORACLE_MIN else failed).append(
+            f"oracle NMI {nmi['oracle']:.3f} (must be >= {ORACLE_MIN})"
+        )
+    for c in ("random", "collapse"):
+        if c in nmi:
+            (checks if nmi[c] <= CHANCE_MAX else failed).append(f"{c} NMI {nmi[c]:.3f} (must be <= {CHANCE_MAX})")
+
+
+def _collapse_checks(score: dict, versus_dense, higher_is_better: bool, checks: list[str], failed: list[str]) -> None:
+    """Collapse not better than dense (paired verdict); below the oracle where the oracle beats dense."""
+    verdict = {}
+    if versus_dense is not None and not versus_dense.empty:
+        verdict = dict(zip(versus_dense["label"], versus_dense["verdict"], strict=True))
+    if "collapse" in verdict:
+        v = verdict["collapse"]
+        if v != "better":
+            checks.append(f"collapse not better than FLOP-matched dense (paired, Holm: {v})")
+        else:
+            failed.append("collapse is BETTER than FLOP-matched dense (paired, Holm), which it computes")
+    if verdict.get("oracle") == "better" and "collapse" in score and "oracle" in score:
+        c, o = score["collapse"], score["oracle"]
+        if (c < o) if higher_is_better else (c > o):
+            checks.append(f"oracle beats dense and collapse is below the oracle ({c:.3f} vs {o:.3f})")
+        else:
+            failed.append(f"oracle beats dense but collapse is NOT below it ({c:.3f} vs {o:.3f})")
+
+
+def _collapse_rank(score: dict, higher_is_better: bool) -> str:
+    """Collapse's rank on the headline and the routers below it (information, not a check)."""
+    if "collapse" not in score or len(score) < 2:
+        return ""
+    c = score["collapse"]
+
+    def above(k):
+        return score[k] > c if higher_is_better else score[k] < c
+
+    def below(k):
+        return score[k] < c if higher_is_better else score[k] > c
+
+    worse = [
+        k for k in sorted(score, key=lambda k: score[k], reverse=not higher_is_better) if k != "collapse" and below(k)
+    ]
+    rank = 1 + sum(1 for k in score if k != "collapse" and above(k))
+    note = f"collapse ranks {rank} of {len(score)} on the headline ({c:.3f})"
+    if worse:
+        note += "; below it: " + ", ".join(f"{k} {score[k]:.3f}" for k in worse)
+        if "hash" in worse:
+            note += " (hash: an arbitrary split gives each expert a quarter of the data)"
+    return note
 
 
 def _versus_dense(paired: pd.DataFrame, bench, variant) -> str:

@@ -35,65 +35,77 @@ def key_findings(lb: pd.DataFrame, paired: pd.DataFrame, baseline: str) -> list[
         name = b["headline_name"].dropna().iloc[0] if b["headline_name"].notna().any() else "headline"
         parts = []
         for variant, v in b.groupby("variant", sort=False):
-            where = f" ({variant})" if variant else ""
-            best = v[v.get("rank_group", pd.Series(dtype=float)) == 1] if "rank_group" in v else v.iloc[:0]
-            if len(best):
-                members = ", ".join(f"{r['label']} {_fmt(r['headline_mean'])}" for _, r in best.iterrows())
-                parts.append(
-                    f"Best group on {name}{where}: {members} (intervals overlap the best's; "
-                    f"{len(best)} of {len(v)} routers)."
-                )
-            else:
-                parts.append(
-                    f"No confidence intervals on {name}{where}: too few seeds and no per-example outputs, "
-                    f"so no rank groups."
-                )
-            pv = paired[(paired["bench"] == bench) & (paired["variant"] == variant)] if not paired.empty else paired
-            if len(pv):
-                better = pv[pv["verdict"] == "better"]
-                worse = pv[pv["verdict"] == "worse"]
-                say = lambda f: ", ".join(f"{r['label']} ({r['diff_mean']:+.3g})" for _, r in f.iterrows())  # noqa: E731
-                parts.append(
-                    f"Beats {baseline} after Holm correction: {say(better) or 'none'}; "
-                    f"worse than {baseline}: {say(worse) or 'none'}."
-                )
-                mde = pv["mde"].dropna()
-                if len(mde):
-                    seeds = int(pv["n_pairs"].max())
-                    items = pv["n_items"].dropna()
-                    n_items = f" × {int(items.max())} eval items" if len(items) else ""
-                    parts.append(
-                        f"With {seeds} seed(s){n_items}, differences below about {_fmt(mde.median())} "
-                        f"{name} are unlikely to be detected (median minimum detectable effect, 80 % power)."
-                    )
+            parts += _variant_findings(v, variant, paired, bench, name, baseline)
         parts.append(_routing_sentence(b))
-        conf = []
-        for _, r in b.iterrows():
-            fo, pr = r.get("flops_overhead", math.nan), r.get("params_ratio", math.nan)
-            un, dr = r.get("unrouted_rate", math.nan), r.get("drop_rate", math.nan)
-            bits = []
-            if not pd.isna(fo) and abs(fo) > FLOPS_TOLERANCE_PCT:
-                bits.append(f"{fo:+.1f} % active FLOPs vs dense")
-            if not pd.isna(pr) and pr > PARAMS_TOLERANCE:
-                bits.append(f"{pr:.2f}× the reference's parameters")
-            if not pd.isna(un) and un > 0:
-                bits.append(f"{100 * un:.1f} % tokens unrouted")
-            if not pd.isna(dr) and dr > 0:
-                bits.append(f"{100 * dr:.1f} % assignments dropped")
-            if bits:
-                conf.append(f"{r['label']}{' (' + r['variant'] + ')' if r['variant'] else ''}: {', '.join(bits)}")
-        parts.append(
-            "Confounds: "
-            + (
-                "; ".join(conf)
-                if conf
-                else "none (all routers matched within "
-                f"{FLOPS_TOLERANCE_PCT:g} % FLOPs and {PARAMS_TOLERANCE:g}× parameters, no token left out)"
-            )
-            + "."
-        )
+        parts.append(_confounds_sentence(b))
         out.append(f"{bench}: " + " ".join(parts))
     return out
+
+
+def _variant_findings(
+    v: pd.DataFrame, variant: str, paired: pd.DataFrame, bench, name: str, baseline: str
+) -> list[str]:
+    """The best rank group of one sweep point, who beats / loses to the baseline, the detectable effect."""
+    parts = []
+    where = f" ({variant})" if variant else ""
+    best = v[v.get("rank_group", pd.Series(dtype=float)) == 1] if "rank_group" in v else v.iloc[:0]
+    if len(best):
+        members = ", ".join(f"{r['label']} {_fmt(r['headline_mean'])}" for _, r in best.iterrows())
+        parts.append(
+            f"Best group on {name}{where}: {members} (intervals overlap the best's; {len(best)} of {len(v)} routers)."
+        )
+    else:
+        parts.append(
+            f"No confidence intervals on {name}{where}: too few seeds and no per-example outputs, so no rank groups."
+        )
+    pv = paired[(paired["bench"] == bench) & (paired["variant"] == variant)] if not paired.empty else paired
+    if len(pv):
+        better = pv[pv["verdict"] == "better"]
+        worse = pv[pv["verdict"] == "worse"]
+        say = lambda f: ", ".join(f"{r['label']} ({r['diff_mean']:+.3g})" for _, r in f.iterrows())  # noqa: E731
+        parts.append(
+            f"Beats {baseline} after Holm correction: {say(better) or 'none'}; "
+            f"worse than {baseline}: {say(worse) or 'none'}."
+        )
+        mde = pv["mde"].dropna()
+        if len(mde):
+            seeds = int(pv["n_pairs"].max())
+            items = pv["n_items"].dropna()
+            n_items = f" × {int(items.max())} eval items" if len(items) else ""
+            parts.append(
+                f"With {seeds} seed(s){n_items}, differences below about {_fmt(mde.median())} "
+                f"{name} are unlikely to be detected (median minimum detectable effect, 80 % power)."
+            )
+    return parts
+
+
+def _confounds_sentence(b: pd.DataFrame) -> str:
+    """Routers off the dense FLOPs or the reference's parameters, or leaving tokens out."""
+    conf = []
+    for _, r in b.iterrows():
+        fo, pr = r.get("flops_overhead", math.nan), r.get("params_ratio", math.nan)
+        un, dr = r.get("unrouted_rate", math.nan), r.get("drop_rate", math.nan)
+        bits = []
+        if not pd.isna(fo) and abs(fo) > FLOPS_TOLERANCE_PCT:
+            bits.append(f"{fo:+.1f} % active FLOPs vs dense")
+        if not pd.isna(pr) and pr > PARAMS_TOLERANCE:
+            bits.append(f"{pr:.2f}× the reference's parameters")
+        if not pd.isna(un) and un > 0:
+            bits.append(f"{100 * un:.1f} % tokens unrouted")
+        if not pd.isna(dr) and dr > 0:
+            bits.append(f"{100 * dr:.1f} % assignments dropped")
+        if bits:
+            conf.append(f"{r['label']}{' (' + r['variant'] + ')' if r['variant'] else ''}: {', '.join(bits)}")
+    return (
+        "Confounds: "
+        + (
+            "; ".join(conf)
+            if conf
+            else "none (all routers matched within "
+            f"{FLOPS_TOLERANCE_PCT:g} % FLOPs and {PARAMS_TOLERANCE:g}× parameters, no token left out)"
+        )
+        + "."
+    )
 
 
 def collapse_findings(lb: pd.DataFrame) -> list[str]:

@@ -284,82 +284,90 @@ def paired_frame(
     per_seed = runs.groupby(GROUP + ["seed"])["headline_value"].mean()
     rows = []
     for _, r in lb.iterrows():
-        if r["label"] == baseline:
-            continue
-        key_base = (r["bench"], baseline, r["variant"])
-        try:
-            a = per_seed.loc[(r["bench"], r["label"], r["variant"])]
-            b = per_seed.loc[key_base]
-        except KeyError:
-            continue
-        seeds = sorted(set(a.index) & set(b.index))
-        if not seeds:
-            continue
-        ga = runs[(runs["bench"] == r["bench"]) & (runs["label"] == r["label"]) & (runs["variant"] == r["variant"])]
-        gb = runs[(runs["bench"] == r["bench"]) & (runs["label"] == baseline) & (runs["variant"] == r["variant"])]
-        sa, ma = seed_matrix(ga, items, set(seeds))
-        sb, mb = seed_matrix(gb, items, set(seeds))
-        margin = _margin(runs, r["bench"])
-        if ma is not None and mb is not None and sa == sb == seeds and ma.shape == mb.shape:
-            iv = paired_bootstrap(ma, mb, level)
-            method, n_items = "bootstrap", ma.shape[1]
-            mean, sd, lo, hi, p, se = iv.mean, math.nan, iv.ci_low, iv.ci_high, iv.p_value, iv.se
-            tost = tost_bootstrap(paired_bootstrap_means(ma, mb), margin)
-        else:
-            res = paired_difference(a.loc[seeds].to_numpy(), b.loc[seeds].to_numpy(), level)
-            method, n_items = "t", math.nan
-            mean, sd, lo, hi, p = res.mean, res.sd, res.ci_low, res.ci_high, res.p_value
-            se = res.sd / math.sqrt(res.n) if res.n >= 2 else math.nan
-            tost = tost_t(mean, se, res.n - 1, margin)
-        hib = bool(r["higher_is_better"]) if r["higher_is_better"] is not None else True
-        pi, pi_lo, pi_hi = p_improve_interval(a.loc[seeds].to_numpy(), b.loc[seeds].to_numpy(), hib, level)
-        rows.append(
-            {
-                "bench": r["bench"],
-                "label": r["label"],
-                "variant": r["variant"],
-                "baseline": baseline,
-                "headline_name": r["headline_name"],
-                "higher_is_better": hib,
-                "n_pairs": len(seeds),
-                "n_items": n_items,
-                "method": method,
-                "seeds": " ".join(_seed(s) for s in seeds),
-                "diff_mean": mean,
-                "diff_sd": sd,
-                "diff_se": se,
-                "ci_low": lo,
-                "ci_high": hi,
-                "level": level,
-                "p_value": p,
-                "mde": minimum_detectable_effect(se, 1 - level) if not math.isnan(se) else math.nan,
-                "margin": margin,
-                "tost_p": tost.p,
-                "tost_p_lower": tost.p_lower,
-                "tost_p_upper": tost.p_upper,
-                "tost_equivalent": tost.equivalent,
-                "p_improve": pi,
-                "p_improve_low": pi_lo,
-                "p_improve_high": pi_hi,
-            }
-        )
+        row = None if r["label"] == baseline else _paired_row(runs, per_seed, r, baseline, level, items)
+        if row is not None:
+            rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
     frame["p_holm"] = math.nan
     for _, g in frame.groupby(["bench", "variant"], sort=False):
         frame.loc[g.index, "p_holm"] = holm(g["p_value"].tolist())
-    verdicts = []
-    for _, r in frame.iterrows():
-        if r["method"] == "t" and (r["n_pairs"] < 2 or math.isnan(r["ci_low"])):
-            verdicts.append("n<2")
-        elif r["p_holm"] < 1 - level and (r["ci_low"] > 0 or r["ci_high"] < 0):
-            verdicts.append("better" if (r["diff_mean"] > 0) == r["higher_is_better"] else "worse")
-        else:
-            verdicts.append("n.s.")
-    frame["verdict"] = verdicts
+    frame["verdict"] = [_verdict(r, level) for _, r in frame.iterrows()]
     frame["tost"] = [_tost_label(r) for _, r in frame.iterrows()]
     return frame
+
+
+def _paired_row(runs: pd.DataFrame, per_seed: pd.Series, r, baseline: str, level: float, items: dict) -> dict | None:
+    """Leaderboard row ``r`` against ``baseline`` over their common seeds (None when there are none)."""
+    try:
+        a = per_seed.loc[(r["bench"], r["label"], r["variant"])]
+        b = per_seed.loc[(r["bench"], baseline, r["variant"])]
+    except KeyError:
+        return None
+    seeds = sorted(set(a.index) & set(b.index))
+    if not seeds:
+        return None
+    ga = runs[(runs["bench"] == r["bench"]) & (runs["label"] == r["label"]) & (runs["variant"] == r["variant"])]
+    gb = runs[(runs["bench"] == r["bench"]) & (runs["label"] == baseline) & (runs["variant"] == r["variant"])]
+    sa, ma = seed_matrix(ga, items, set(seeds))
+    sb, mb = seed_matrix(gb, items, set(seeds))
+    margin = _margin(runs, r["bench"])
+    if ma is not None and mb is not None and sa == sb == seeds and ma.shape == mb.shape:
+        method, n_items = "bootstrap", ma.shape[1]
+        (mean, sd, lo, hi, p, se), tost = _bootstrap_test(ma, mb, level, margin)
+    else:
+        res = paired_difference(a.loc[seeds].to_numpy(), b.loc[seeds].to_numpy(), level)
+        method, n_items = "t", math.nan
+        mean, sd, lo, hi, p = res.mean, res.sd, res.ci_low, res.ci_high, res.p_value
+        se = res.sd / math.sqrt(res.n) if res.n >= 2 else math.nan
+        tost = tost_t(mean, se, res.n - 1, margin)
+    hib = bool(r["higher_is_better"]) if r["higher_is_better"] is not None else True
+    pi, pi_lo, pi_hi = p_improve_interval(a.loc[seeds].to_numpy(), b.loc[seeds].to_numpy(), hib, level)
+    return {
+        "bench": r["bench"],
+        "label": r["label"],
+        "variant": r["variant"],
+        "baseline": baseline,
+        "headline_name": r["headline_name"],
+        "higher_is_better": hib,
+        "n_pairs": len(seeds),
+        "n_items": n_items,
+        "method": method,
+        "seeds": " ".join(_seed(s) for s in seeds),
+        "diff_mean": mean,
+        "diff_sd": sd,
+        "diff_se": se,
+        "ci_low": lo,
+        "ci_high": hi,
+        "level": level,
+        "p_value": p,
+        "mde": minimum_detectable_effect(se, 1 - level) if not math.isnan(se) else math.nan,
+        "margin": margin,
+        "tost_p": tost.p,
+        "tost_p_lower": tost.p_lower,
+        "tost_p_upper": tost.p_upper,
+        "tost_equivalent": tost.equivalent,
+        "p_improve": pi,
+        "p_improve_low": pi_lo,
+        "p_improve_high": pi_hi,
+    }
+
+
+def _bootstrap_test(ma, mb, level: float, margin: float):
+    """Paired bootstrap over seeds and items: (mean, sd (nan), ci low, ci high, p, se) and the TOST."""
+    iv = paired_bootstrap(ma, mb, level)
+    tost = tost_bootstrap(paired_bootstrap_means(ma, mb), margin)
+    return (iv.mean, math.nan, iv.ci_low, iv.ci_high, iv.p_value, iv.se), tost
+
+
+def _verdict(r, level: float) -> str:
+    """better / worse (Holm-corrected p below 1 - level and the interval clear of 0), n.s., or n<2."""
+    if r["method"] == "t" and (r["n_pairs"] < 2 or math.isnan(r["ci_low"])):
+        return "n<2"
+    if r["p_holm"] < 1 - level and (r["ci_low"] > 0 or r["ci_high"] < 0):
+        return "better" if (r["diff_mean"] > 0) == r["higher_is_better"] else "worse"
+    return "n.s."
 
 
 def _tost_label(r) -> str:
@@ -502,31 +510,45 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
                 f"{r['n_done']}/{r['n_expected']} seeds averaged; {r['problems'] or 'incomplete'}."
             )
             seeds += f" [{len(notes)}]"
-        head = (
-            _ci_text(r["headline_mean"], r.get("ci_low", math.nan), r.get("ci_high", math.nan))
-            if r["n_done"]
-            else _no_value(r)
-        )
+        cells.append([r["label"]] + ([r["variant"]] if show_variant else []) + [seeds] + _leaderboard_cells(r, pscale))
         group = r.get("rank_group", math.nan)
-        fo = r.get("flops_overhead", math.nan)
-        cells.append(
-            [r["label"]]
-            + ([r["variant"]] if show_variant else [])
-            + [
-                seeds,
-                head,
-                "–" if pd.isna(group) else str(int(group)),
-                "–" if pd.isna(r.get("eval_n", math.nan)) else str(int(r["eval_n"])),
-                fmt_value(r.get("eval_se", math.nan), "auto"),
-                "–" if pd.isna(fo) else f"{fo:+.1f}",
-                fmt_value(r.get("params_total", math.nan), "si", pscale),
-                "–" if pd.isna(r.get("params_ratio", math.nan)) else f"{r['params_ratio']:.2f}",
-                fmt_value(r.get("unrouted_rate", math.nan), "pct"),
-                fmt_value(r.get("drop_rate", math.nan), "pct"),
-            ]
-        )
         if group == 1 and r["complete"] and (column_or_nan(b, "rank_group") > 1).any():  # bold only if it singles out
             bold |= {(i, len(columns) - 9), (i, len(columns) - 8)}
+    return Table(
+        title=f"Leaderboard: {bench}",
+        columns=columns,
+        rows=cells,
+        bold=bold,
+        notes=[_leaderboard_note(b, name)] + notes,
+        label=f"tab:leaderboard-{slug(bench)}",
+        left=1 + show_variant,
+    )
+
+
+def _leaderboard_cells(r, pscale: float) -> list[str]:
+    """A leaderboard row from its headline on (after router, sweep and seeds)."""
+    head = (
+        _ci_text(r["headline_mean"], r.get("ci_low", math.nan), r.get("ci_high", math.nan))
+        if r["n_done"]
+        else _no_value(r)
+    )
+    group = r.get("rank_group", math.nan)
+    fo = r.get("flops_overhead", math.nan)
+    return [
+        head,
+        "–" if pd.isna(group) else str(int(group)),
+        "–" if pd.isna(r.get("eval_n", math.nan)) else str(int(r["eval_n"])),
+        fmt_value(r.get("eval_se", math.nan), "auto"),
+        "–" if pd.isna(fo) else f"{fo:+.1f}",
+        fmt_value(r.get("params_total", math.nan), "si", pscale),
+        "–" if pd.isna(r.get("params_ratio", math.nan)) else f"{r['params_ratio']:.2f}",
+        fmt_value(r.get("unrouted_rate", math.nan), "pct"),
+        fmt_value(r.get("drop_rate", math.nan), "pct"),
+    ]
+
+
+def _leaderboard_note(b: pd.DataFrame, name: str) -> str:
+    """The leaderboard's general note: how the intervals were made, what each column means, the margin."""
     methods = set(column_or_nan(b, "ci_method").dropna()) if "ci_method" in b else set()
     how = []
     if "bootstrap" in methods:
@@ -545,15 +567,7 @@ def _leaderboard_table(bench: str, b: pd.DataFrame) -> Table:
     margin, reason = _first(b, "equivalence_margin"), _first(b, "equivalence_margin_reason")
     if not pd.isna(margin):
         general += f" Equivalence margin δ = {margin:g} {name}" + (f": {reason}." if isinstance(reason, str) else ".")
-    return Table(
-        title=f"Leaderboard: {bench}",
-        columns=columns,
-        rows=cells,
-        bold=bold,
-        notes=[general] + notes,
-        label=f"tab:leaderboard-{slug(bench)}",
-        left=1 + show_variant,
-    )
+    return general
 
 
 # the diagnostics table's columns, in order (headers from COLUMNS); tokens/s is in the cost table
@@ -597,6 +611,31 @@ def layers_text(r, key: str) -> str:
     cols = sorted((c for c in r.index if c.startswith(f"{key}.layer")), key=lambda c: int(c.rsplit("layer", 1)[1]))
     vals = [r[c] for c in cols if not pd.isna(r[c])] or ([r[key]] if key in r and not pd.isna(r[key]) else [])
     return " / ".join(f"{100 * float(v):.0f}" for v in vals) if vals else "–"
+
+
+_DIAG_NOTE = (
+    "Means over seeds and MoE layers, from the experts tokens were actually dispatched to. Load = "
+    "routed (token, expert) pairs per expert: CV = std/mean; MaxVio = max/mean − 1; min / max "
+    "load = the least / most loaded expert's share (uniform = 100/E %); near-dead = experts "
+    "under 1 % of the uniform share. 1st-choice max = share of the dispatched first choices "
+    "(top-1) taken by the most popular expert, per MoE layer, at step 0 (before training) and at "
+    "the end (uniform = 100/E %); collapsed = one expert takes more than 50 % of them in some "
+    "layer (seeds where it did); moved from init = probe tokens whose top-1 differs from step 0's "
+    "(0: the router never left its initial routing). Switch = probe tokens whose top-1 expert "
+    "changed since the previous probe point (the probe samples are routed every "
+    "train.probe_every steps); overlap w/ final = probe tokens whose top-1 equals the final "
+    "checkpoint's, averaged over probe points (LibMoE); last fluctuation = the last probe step at "
+    "which any probe token changed expert (StableMoE). A collapsed router is trivially stable: its "
+    "stability values are marked (collapsed) and never bold. MI = mutual information between the "
+    "token's label and its top-1 expert, unrouted tokens as their own category. Seed agreement = "
+    "probe tokens whose top-1 expert is the same in two seeds after matching expert indices "
+    "(Hungarian method on co-assignment counts), mean over seed pairs; seed load JSD = "
+    "Jensen-Shannon divergence (base 2) between two seeds' matched load distributions. NMI (arithmetic "
+    "normaliser), ARI, H(group|expert), H(expert|group) (nats) and the Hungarian-matched routing "
+    "accuracy (E = number of labels only) read the label-by-expert table. Bold = best "
+    "among complete groups; a row with unrouted or dropped tokens is never bold in a balance "
+    "column."
+)
 
 
 def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
@@ -645,29 +684,7 @@ def _diagnostics_table(bench: str, b: pd.DataFrame) -> Table:
             if key in _BALANCE_KEYS or key in _STABILITY_KEYS:  # never bold: tokens left out / collapsed
                 eligible = [e for e in eligible if e[2]]
             bold |= {(i, len(columns) - 1) for i in _bold_best(eligible, texts, direction)}
-    notes = [
-        "Means over seeds and MoE layers, from the experts tokens were actually dispatched to. Load = "
-        "routed (token, expert) pairs per expert: CV = std/mean; MaxVio = max/mean − 1; min / max "
-        "load = the least / most loaded expert's share (uniform = 100/E %); near-dead = experts "
-        "under 1 % of the uniform share. 1st-choice max = share of the dispatched first choices "
-        "(top-1) taken by the most popular expert, per MoE layer, at step 0 (before training) and at "
-        "the end (uniform = 100/E %); collapsed = one expert takes more than 50 % of them in some "
-        "layer (seeds where it did); moved from init = probe tokens whose top-1 differs from step 0's "
-        "(0: the router never left its initial routing). Switch = probe tokens whose top-1 expert "
-        "changed since the previous probe point (the probe samples are routed every "
-        "train.probe_every steps); overlap w/ final = probe tokens whose top-1 equals the final "
-        "checkpoint's, averaged over probe points (LibMoE); last fluctuation = the last probe step at "
-        "which any probe token changed expert (StableMoE). A collapsed router is trivially stable: its "
-        "stability values are marked (collapsed) and never bold. MI = mutual information between the "
-        "token's label and its top-1 expert, unrouted tokens as their own category. Seed agreement = "
-        "probe tokens whose top-1 expert is the same in two seeds after matching expert indices "
-        "(Hungarian method on co-assignment counts), mean over seed pairs; seed load JSD = "
-        "Jensen-Shannon divergence (base 2) between two seeds' matched load distributions. NMI (arithmetic "
-        "normaliser), ARI, H(group|expert), H(expert|group) (nats) and the Hungarian-matched routing "
-        "accuracy (E = number of labels only) read the label-by-expert table. Bold = best "
-        "among complete groups; a row with unrouted or dropped tokens is never bold in a balance "
-        "column."
-    ]
+    notes = [_DIAG_NOTE]
     return Table(
         title=f"Routing diagnostics: {bench}",
         columns=columns,
@@ -738,33 +755,45 @@ def paired_table(paired: pd.DataFrame, baseline: str) -> Table:
     )
     rows, bold = [], set()
     for i, (_, r) in enumerate(paired.iterrows()):
-        d = _decimals(r["diff_mean"]) + 1 if r["diff_mean"] != 0 else 3
-        ci = "–" if math.isnan(r["ci_low"]) else f"[{r['ci_low']:+.{d}f}, {r['ci_high']:+.{d}f}]"
-        p = "–" if math.isnan(r["p_value"]) else f"{r['p_value']:.3f}"
-        ph = "–" if math.isnan(r["p_holm"]) else f"{r['p_holm']:.3f}"
-        mde = "–" if math.isnan(r["mde"]) else f"{r['mde']:.{d}f}"
-        n_items = "–" if pd.isna(r["n_items"]) else str(int(r["n_items"]))
-        rows.append(
-            [r["bench"], r["label"]]
-            + ([r["variant"]] if show_variant else [])
-            + [
-                f"{r['diff_mean']:+.{d}f}",
-                ci,
-                str(r["n_pairs"]),
-                n_items,
-                r["method"],
-                p,
-                ph,
-                mde,
-                r["verdict"],
-                "–" if math.isnan(r["margin"]) else f"{r['margin']:g}",
-                r["tost"],
-                _p_improve_text(r),
-            ]
-        )
+        rows.append(_paired_cells(r, show_variant))
         if r["verdict"] == "better":
             bold |= {(i, len(columns) - 12), (i, len(columns) - 4)}
-    notes = [
+    notes = _paired_notes(baseline)
+    return Table(
+        f"Paired comparison against {baseline}", columns, rows, bold, notes, "tab:paired", left=2 + show_variant
+    )
+
+
+def _paired_cells(r, show_variant: bool) -> list[str]:
+    """One row of the paired table."""
+    d = _decimals(r["diff_mean"]) + 1 if r["diff_mean"] != 0 else 3
+    ci = "–" if math.isnan(r["ci_low"]) else f"[{r['ci_low']:+.{d}f}, {r['ci_high']:+.{d}f}]"
+    p = "–" if math.isnan(r["p_value"]) else f"{r['p_value']:.3f}"
+    ph = "–" if math.isnan(r["p_holm"]) else f"{r['p_holm']:.3f}"
+    mde = "–" if math.isnan(r["mde"]) else f"{r['mde']:.{d}f}"
+    n_items = "–" if pd.isna(r["n_items"]) else str(int(r["n_items"]))
+    return (
+        [r["bench"], r["label"]]
+        + ([r["variant"]] if show_variant else [])
+        + [
+            f"{r['diff_mean']:+.{d}f}",
+            ci,
+            str(r["n_pairs"]),
+            n_items,
+            r["method"],
+            p,
+            ph,
+            mde,
+            r["verdict"],
+            "–" if math.isnan(r["margin"]) else f"{r['margin']:g}",
+            r["tost"],
+            _p_improve_text(r),
+        ]
+    )
+
+
+def _paired_notes(baseline: str) -> list[str]:
+    return [
         f"Δ = router − {baseline} on the task's headline metric, over the seeds both finished. Method "
         f"bootstrap: 2000 paired resamples of seeds and eval items (the same items for both routers), "
         f"percentile 95% CI and two-sided p; t: paired t test over seeds (runs without per-example "
@@ -779,9 +808,6 @@ def paired_table(paired: pd.DataFrame, baseline: str) -> Table:
         "headline (rliable; ties count half; 'beats' follows the metric's direction), with a 95% "
         "bootstrap interval over seeds.",
     ]
-    return Table(
-        f"Paired comparison against {baseline}", columns, rows, bold, notes, "tab:paired", left=2 + show_variant
-    )
 
 
 def _p_improve_text(r) -> str:

@@ -20,7 +20,7 @@ def probe_due(step: int, total: int, eval_every: int, probe_every: int | None = 
     spec has ``train.probe_every``, every such step."""
     if step == total or (eval_every > 0 and step % eval_every == 0):
         return True
-    return bool(probe_every) and probe_every > 0 and step % probe_every == 0
+    return probe_every is not None and probe_every > 0 and step % probe_every == 0
 
 
 def grad_cosine(task_loss: torch.Tensor, layers) -> dict | None:

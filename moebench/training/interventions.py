@@ -110,7 +110,7 @@ def measure(
         return base - value if higher_is_better else value - base
 
     base = headline()
-    per_layer = []
+    per_layer: list[dict] = []
     for name, layer in named_layers:
         drops = []
         for e in range(layer.num_experts):

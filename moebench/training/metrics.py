@@ -562,6 +562,7 @@ class RoutingStatsAccumulator:
             a.label_by_expert = np.zeros((num_labels, a.e), dtype=np.int64)
             a.label_unrouted = np.zeros(num_labels, dtype=np.int64)
         elif a.label_by_expert.shape[0] < num_labels:
+            assert a.label_unrouted is not None  # allocated together with label_by_expert
             grown = np.zeros((num_labels, a.e), dtype=np.int64)
             grown[: a.label_by_expert.shape[0]] = a.label_by_expert
             a.label_by_expert = grown
@@ -570,6 +571,7 @@ class RoutingStatsAccumulator:
             a.label_unrouted = grown_u
         if x is not None and x.shape[0] == tokens:
             self._fold_moments(a, x.numpy().astype(np.float64), lab, keep, num_labels)
+        assert a.label_unrouted is not None
         routed = keep & (top1 >= 0)
         np.add.at(a.label_by_expert, (lab[routed], top1[routed]), 1)
         np.add.at(a.label_unrouted, lab[keep & (top1 < 0)], 1)
@@ -645,7 +647,11 @@ class RoutingStatsAccumulator:
             d["fallback_rate"] = a.extra_sums["fallback"] / fb_w if fb_w else None
             d["unrouted_rate"] = unrouted_rate(a.unrouted, a.tokens)
             # unrouted tokens are their own category: MI over (label, expert or "unrouted")
-            lbe = None if a.label_by_expert is None else np.hstack([a.label_by_expert, a.label_unrouted[:, None]])
+            lbe = (
+                None
+                if a.label_by_expert is None or a.label_unrouted is None
+                else np.hstack([a.label_by_expert, a.label_unrouted[:, None]])
+            )
             d["mutual_info"] = mutual_information(lbe) if lbe is not None else None
             d["mutual_info_norm"] = normalized_mutual_information(lbe) if lbe is not None else None
             d["switch_rate"] = None  # filled by the trainer from the probe history
@@ -671,6 +677,7 @@ class RoutingStatsAccumulator:
             d["top1_counts"] = a.top1_counts.tolist()  # dispatched top-1 per expert (unrouted excluded)
             d["unrouted_tokens"] = a.unrouted
             if lbe is not None:
+                assert a.label_by_expert is not None and a.label_unrouted is not None  # lbe is built from them
                 d["label_by_expert"] = a.label_by_expert.tolist()
                 d["label_unrouted"] = a.label_unrouted.tolist()
                 n = lbe.shape[0]

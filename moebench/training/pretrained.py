@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from moebench.training.rundir import run_path
@@ -41,18 +42,19 @@ def weights_of(results, ref: str) -> str:
     return os.fspath(run_path(pretrain_root(results), PRETRAIN_GRID, ref[len(REF_PREFIX) :]) / WEIGHTS)
 
 
-def with_weights_path(spec: dict, results) -> dict:
-    """``spec`` with a ``pretrain:<run id>`` model.pretrained replaced by its weights file under
-    ``results`` (a copy; ``spec`` itself, and so its run id, is unchanged). Other specs come back as is."""
+def with_weights_path(spec: Mapping, results) -> dict:
+    """``spec`` (a dict or a `RunSpec`) with a ``pretrain:<run id>`` model.pretrained replaced by its
+    weights file under ``results`` (a copy; ``spec`` itself, and so its run id, is unchanged). Other
+    specs come back as they are (a `RunSpec` as its plain dict)."""
     model = spec.get("model") or {}
     if not is_pretrain_ref(model.get("pretrained")):
-        return spec
+        return spec if isinstance(spec, dict) else dict(spec)
     if results is None:
         raise ValueError(
             f"model.pretrained is {model['pretrained']!r} (a grid's dense pretrain), which is found "
             f"under a results folder; run the spec through moebench.training.runner.execute or "
             f"`moebench train --results RESULTS`"
         )
-    out = copy.deepcopy(spec)
+    out = {k: copy.deepcopy(v) for k, v in spec.items()}  # a plain dict, from a dict or a RunSpec
     out["model"]["pretrained"] = weights_of(results, model["pretrained"])
     return out

@@ -121,11 +121,12 @@ def ask_to_stop(run_dir) -> int | None:
 
 
 # -- reading a run's state ---------------------------------------------------------------------------
-def run_dir_of(spec: dict, results) -> Path:
-    """The folder of ``spec``'s run under ``results``."""
-    from moebench.training.spec import run_id
+def run_dir_of(spec, results) -> Path:
+    """The folder of ``spec``'s run (a `RunSpec` or a spec dict) under ``results``."""
+    from moebench.training.spec import RunSpec
 
-    return run_path(results, spec["grid"], run_id(spec))
+    spec = RunSpec.from_dict(spec)
+    return run_path(results, spec.grid, spec.run_id)
 
 
 # -- the one validator of a run folder (launcher, `moebench status`, report) --------------------------

@@ -23,7 +23,7 @@ from moebench.training.records import (
     write_status,
 )
 from moebench.training.rundir import check_inside, record_problem, run_path
-from moebench.training.spec import SpecError, resolve_spec, run_id
+from moebench.training.spec import RunSpec, SpecError
 from moebench.training.stop import Stopped
 
 MIN_FREE_MB = 100  # below this a run does not start: a checkpoint or record write would fail half-way
@@ -88,11 +88,11 @@ def _finished(run_dir: Path) -> dict | None:
         return None
 
 
-def execute(spec: dict, results_dir="results", device=None, progress: bool | None = None) -> dict:
+def execute(spec: RunSpec | dict, results_dir="results", device=None, progress: bool | None = None) -> dict:
     """Run ``spec`` into ``results_dir/<grid>/<run_id>/``. Returns ``{"state": done|failed, "run_id",
     "run_dir", "reason", "skipped", "final"}``; never raises for a failing run."""
     try:
-        spec = resolve_spec(spec)
+        run = RunSpec.from_dict(spec)
     except SpecError as err:
         return {
             "state": "failed",
@@ -102,8 +102,8 @@ def execute(spec: dict, results_dir="results", device=None, progress: bool | Non
             "skipped": False,
             "final": None,
         }
-    rid = run_id(spec)
-    run_dir = run_path(results_dir, spec["grid"], rid)
+    rid = run.run_id
+    run_dir = run_path(results_dir, run.grid, rid)
     out = {"state": None, "run_id": rid, "run_dir": str(run_dir), "reason": None, "skipped": False, "final": None}
     try:
         check_inside(results_dir, run_dir)
@@ -115,17 +115,7 @@ def execute(spec: dict, results_dir="results", device=None, progress: bool | Non
     from moebench.training.train import data_parallel
 
     if data_parallel()[0] != 0:  # a data-parallel worker trains in step with rank 0 and writes nothing
-        from moebench.core.registry import TASKS
-        from moebench.training.train import train
-
-        result = train(
-            TASKS.get(spec["task"])(**spec["task_args"]),
-            spec,
-            run_dir,
-            device=device,
-            progress=False,
-            results=results_dir,
-        )
+        result = _train(run, run_dir, device, False, results_dir)
         return {**out, "state": result.get("state", "done"), "reason": result.get("reason"), "final": None}
     disk = disk_problem(run_dir)
     if disk:
@@ -133,24 +123,8 @@ def execute(spec: dict, results_dir="results", device=None, progress: bool | Non
             write_status(run_dir, "failed", disk, retryable=True)
         return {**out, "state": "failed", "reason": disk}
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_yaml(run_dir / "spec.yaml", spec)
-        status = read_status_safe(run_dir) or {}
-        attempts = int(status.get("attempts", 0) or 0) + 1
-        write_status(
-            run_dir,
-            "running",
-            None,
-            owner=f"{socket.gethostname()}:{os.getpid()}",
-            attempts=attempts,
-            retryable=False,
-            resumed_from=None,
-        )  # train() sets resumed_from when this attempt resumes
-        from moebench.core.registry import TASKS
-        from moebench.training.train import train
-
-        task = TASKS.get(spec["task"])(**spec["task_args"])
-        result = train(task, spec, run_dir, device=device, progress=progress, results=results_dir)
+        _mark_running(run_dir, run)
+        result = _train(run, run_dir, device, progress, results_dir)
     except Stopped as err:  # status stays "running": with the lock gone it reads as interrupted
         return {**out, "state": "stopped", "reason": str(err)}
     except Exception as err:  # a failing run must not stop the grid
@@ -162,3 +136,29 @@ def execute(spec: dict, results_dir="results", device=None, progress: bool | Non
         return {**out, "state": "failed", "reason": result.get("reason")}
     write_status(run_dir, "done", None)
     return {**out, "state": "done", "final": result}
+
+
+def _mark_running(run_dir: Path, spec: RunSpec) -> None:
+    """The run folder with its spec.yaml, and status.json saying this process runs it (one attempt more)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_yaml(run_dir / "spec.yaml", spec.to_dict())
+    status = read_status_safe(run_dir) or {}
+    attempts = int(status.get("attempts", 0) or 0) + 1
+    write_status(
+        run_dir,
+        "running",
+        None,
+        owner=f"{socket.gethostname()}:{os.getpid()}",
+        attempts=attempts,
+        retryable=False,
+        resumed_from=None,
+    )  # train() sets resumed_from when this attempt resumes
+
+
+def _train(spec: RunSpec, run_dir: Path, device, progress: bool | None, results_dir) -> dict:
+    """Build the spec's task and train it (`moebench.training.train.train`), the spec passed whole."""
+    from moebench.core.registry import TASKS
+    from moebench.training.train import train
+
+    task = TASKS.get(spec.task)(**spec["task_args"])
+    return train(task, spec, run_dir, device=device, progress=progress, results=results_dir)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from moebench.training.rundir import check_inside, run_lock, run_path
 from moebench.training.runner import execute
-from moebench.training.spec import SpecError, apply_override, resolve_spec, run_id
+from moebench.training.spec import RunSpec, SpecError, apply_override
 
 
 def single_spec(
@@ -19,7 +19,7 @@ def single_spec(
     size: str | None = "quick",
     steps: int | None = None,
     overrides: Sequence[str] = (),
-) -> dict:
+) -> RunSpec:
     """The spec of one run: the task's preset for ``size``, then ``router`` ("dense": no MoE) with
     ``router_args``, ``seed``, ``steps``, then every ``key.path=value`` override. Unknown names fail
     here, before any record."""
@@ -56,13 +56,14 @@ def single_spec(
     }
     for assignment in overrides:
         apply_override(spec, assignment)
-    return resolve_spec(spec)
+    return RunSpec.from_dict(spec)
 
 
-def train_single(spec: dict, results) -> dict | None:
+def train_single(spec: RunSpec | dict, results) -> dict | None:
     """Train ``spec`` into ``results/single/<run_id>/`` under its lock (`runner.execute`'s result), or
     None when another process holds the lock. Raises ``UnsafeRecordError`` for a planted link."""
-    run_dir = run_path(results, spec["grid"], run_id(spec))
+    spec = RunSpec.from_dict(spec)
+    run_dir = run_path(results, spec.grid, spec.run_id)
     check_inside(results, run_dir)
     with run_lock(run_dir) as got:
         if not got:

@@ -1,7 +1,9 @@
-"""The run spec: one plain dict per run (written as ``spec.yaml``), its defaults, validation and id.
+"""The run spec: one `RunSpec` per run (written as ``spec.yaml``), its defaults, validation and id.
 
-The grid produces specs, the runner consumes them; both go through `resolve_spec`, so a spec spelled
-with or without its defaults names the same run and gets the same `run_id`.
+The grid produces `RunSpec`s, the launcher and the runner consume them. A `RunSpec` is resolved once,
+when it is made (`RunSpec.from_dict`, through `resolve_spec`), so a spec spelled with or without its
+defaults names the same run and gets the same `run_id` (computed once, then cached). Records on disk
+stay plain dicts (``RunSpec.to_dict()``); `run_id` and `resolve_spec` take either.
 
 Schema (all keys; missing ones take the defaults below)::
 
@@ -27,9 +29,13 @@ Schema (all keys; missing ones take the defaults below)::
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -135,8 +141,11 @@ def resolve_train(train) -> dict:
     return t
 
 
-def resolve_spec(spec: dict) -> dict:
-    """A validated copy of ``spec`` with every default filled in (raises `SpecError` naming the field)."""
+def resolve_spec(spec: dict | RunSpec) -> dict:
+    """A validated copy of ``spec`` with every default filled in (raises `SpecError` naming the field);
+    a `RunSpec` is resolved already: its plain dict."""
+    if isinstance(spec, RunSpec):
+        return spec.to_dict()
     if not isinstance(spec, dict):
         raise SpecError(f"a run spec must be a mapping, got {type(spec).__name__}")
     _unknown(spec, TOP_LEVEL, "top-level spec")
@@ -196,7 +205,7 @@ def resolve_versions(value, task: str, router: str | None) -> dict:
 
 
 # Keys added after 0.1.0: left out of the run id while at their default, so every earlier run keeps its id.
-ID_OPTIONAL = {
+ID_OPTIONAL: dict[str, dict[str, Any]] = {
     "moe": {
         "activation": None,
         "shared_experts": 0,
@@ -230,12 +239,122 @@ def canonical_json(spec: dict) -> str:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def run_id(spec: dict) -> str:
-    """``{label}-s{seed}-{hash}``: hash = first 10 hex digits of sha256 of the canonical JSON of the
-    resolved spec minus ``grid`` (so the same run in two grids has the same id)."""
-    s = resolve_spec(spec)
+def _run_id_of(s: dict) -> str:
     digest = hashlib.sha256(canonical_json(s).encode("utf-8")).hexdigest()[:10]
     return f"{s['label']}-s{s['seed']}-{digest}"
+
+
+def run_id(spec: dict | RunSpec) -> str:
+    """``{label}-s{seed}-{hash}``: hash = first 10 hex digits of sha256 of the canonical JSON of the
+    resolved spec minus ``grid`` (so the same run in two grids has the same id). A `RunSpec`'s is cached."""
+    if isinstance(spec, RunSpec):
+        return spec.run_id
+    return _run_id_of(resolve_spec(spec))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the typed spec
+
+
+def _freeze(value: Any) -> Any:
+    """A read-only deep view: mappings become ``MappingProxyType``, lists tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """`_freeze` undone: plain dicts and lists (what YAML and JSON hold), a fresh copy."""
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, eq=True)
+class RunSpec(Mapping[str, Any]):
+    """One run, resolved once: every field validated and defaulted (`resolve_spec`) when it is made,
+    frozen (the sections are read-only views), its `run_id` computed once and cached. Passed whole from
+    the grid's expansion through the launcher and the job to the runner.
+
+    ``RunSpec(task=..., ...)`` and ``RunSpec.from_dict(d)`` both validate (`SpecError` names the field);
+    ``to_dict()`` is the plain dict written to ``spec.yaml`` (and hashed into the run id). It also reads
+    like that dict (``spec["moe"]`` is a fresh plain copy of the section), for the code that reads specs
+    from records."""
+
+    task: str
+    grid: str = "single"
+    task_args: Mapping[str, Any] = field(default_factory=dict)
+    model: Mapping[str, Any] = field(default_factory=dict)
+    moe: Mapping[str, Any] | None = None
+    label: str | None = None  # resolved: the router name, or "dense"
+    seed: int = 0
+    train: Mapping[str, Any] | None = None  # resolved: every train option
+    sweep: Mapping[str, Any] = field(default_factory=dict)
+    match: Mapping[str, Any] | None = None  # resolved: a mapping
+    versions: Mapping[str, Any] | None = None  # resolved: {suite, task, router}
+
+    def __post_init__(self) -> None:
+        raw = {f.name: _thaw(getattr(self, f.name)) for f in fields(self)}
+        resolved = resolve_spec({k: v for k, v in raw.items() if v is not None or k == "moe"})
+        for key in TOP_LEVEL:
+            object.__setattr__(self, key, _freeze(resolved[key]))
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> RunSpec:
+        """The `RunSpec` of a spec dict (from YAML, a record or a grid); raises `SpecError` naming the
+        field for an unknown key or a bad value."""
+        if isinstance(spec, RunSpec):
+            return spec
+        if not isinstance(spec, Mapping):
+            return cls(**resolve_spec(spec))  # raises: not a mapping
+        _unknown(spec, TOP_LEVEL, "top-level spec")
+        if "task" not in spec:
+            return cls(**resolve_spec(dict(spec)))  # raises: the task is required
+        return cls(**spec)  # resolved once, in __post_init__
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain, resolved dict (a fresh copy): what ``spec.yaml`` holds and the run id hashes."""
+        return {key: _thaw(getattr(self, key)) for key in TOP_LEVEL}
+
+    @functools.cached_property
+    def run_id(self) -> str:
+        """``{label}-s{seed}-{hash}`` (see the module function `run_id`), computed once."""
+        return _run_id_of(self.to_dict())
+
+    @property
+    def router(self) -> str | None:
+        """The router's registered name; None for the dense baseline."""
+        return None if self.moe is None else self.moe["router"]
+
+    # the Mapping interface: a RunSpec reads like its dict
+    def __getitem__(self, key: str) -> Any:
+        if key not in TOP_LEVEL:
+            raise KeyError(key)
+        return _thaw(getattr(self, key))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(TOP_LEVEL)
+
+    def __len__(self) -> int:
+        return len(TOP_LEVEL)
+
+    def __hash__(self) -> int:
+        return hash(self.run_id)
+
+    def __reduce__(self):  # pickled for submitit's jobs: as the plain dict, resolved again on arrival
+        return (_runspec_from_dict, (self.to_dict(),))
+
+
+def _runspec_from_dict(spec: dict) -> RunSpec:
+    """Unpickling: the fields as they were resolved (a pickle is trusted input: it runs code anyway)."""
+    out = object.__new__(RunSpec)
+    for key in TOP_LEVEL:
+        object.__setattr__(out, key, _freeze(spec[key]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

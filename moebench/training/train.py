@@ -29,7 +29,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +63,7 @@ from moebench.training.records import (
     write_status,
 )
 from moebench.training.rundir import set_aside
-from moebench.training.spec import resolve_spec
-from moebench.training.spec import run_id as spec_run_id
+from moebench.training.spec import RunSpec
 from moebench.training.stop import STOP_REQUESTED, Stopped, stop_on_signals
 from moebench.training.trackers import Trackers
 
@@ -134,7 +133,7 @@ def train_batches(
 ):
     """Infinite iterator over training batches; batch number ``s`` (0-based) depends only on (seed, s)
     (with ``world`` > 1: this rank's share of it)."""
-    n = len(dataset)
+    n = len(dataset)  # type: ignore[arg-type]  # map-style datasets have __len__; torch's Dataset type does not say so
     per_epoch = n // batch_size
     if per_epoch == 0:
         raise ValueError(
@@ -172,7 +171,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None)
     the model lists in ``no_weight_decay()`` (timm's convention, e.g. pos_embed). Parameters carrying
     an ``lr_scale`` attribute (e.g. ERMoE's ``eigen_lr_scale``) get groups of their own at lr * scale,
     after the two base groups."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()  # type: ignore[operator]
     groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -187,6 +186,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None)
             continue
         group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
         if scale != 1.0:
+            assert lr is not None  # scale is 1.0 unless lr is given
             group["lr"] = lr * scale
         out.append(group)
     return out
@@ -275,7 +275,7 @@ class _TokenCounter:
 
     def __init__(self, model: nn.Module):
         self.per_sample: float | None = None
-        self.module = next((m for m in model.modules() if isinstance(m, MoELayer)), None)
+        self.module: nn.Module | None = next((m for m in model.modules() if isinstance(m, MoELayer)), None)
         if self.module is None:  # dense baseline: the first transformer block moefy would see (timm, CLIP, 3D)
             try:
                 from moebench.core.moefy import find_blocks
@@ -283,7 +283,7 @@ class _TokenCounter:
                 self.module = find_blocks(model)[0].block
             except (ValueError, IndexError):
                 self.module = None
-        self.batch_size = None
+        self.batch_size: int | None = None
         self.handle = self.module.register_forward_hook(self._hook) if self.module is not None else None
 
     def _hook(self, module, inputs, output):
@@ -308,7 +308,7 @@ def _rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "numpy": {
             "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(keys.astype(np.int64)),  # type: ignore[attr-defined]  # numpy stub: may be a dict
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "gauss": float(gauss),
@@ -353,7 +353,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def train(
     task,
-    spec: dict,
+    spec: RunSpec | dict,
     run_dir,
     device=None,
     progress: bool | None = None,
@@ -366,9 +366,9 @@ def train(
     interrupt a run). ``progress``: None = a bar on a TTY, a line every 30 s in a log
     (`moebench.core.progress`); True = always the bar; False = silent. ``results``: the results root a
     ``model.pretrained: "pretrain:<run id>"`` reference resolves under (`moebench.training.pretrained`)."""
-    spec = resolve_spec(spec)
-    rid = spec_run_id(spec)
-    spec = with_weights_path(spec, results)  # after the id: the id names the pretrain, not a path
+    run = RunSpec.from_dict(spec)  # a RunSpec passes through: resolved once, where it was made
+    rid = run.run_id
+    spec = with_weights_path(run, results)  # a plain dict, after the id: the id names the pretrain, not a path
     run_dir = Path(run_dir)
     if data_parallel()[0] == 0:  # other data-parallel ranks write nothing
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -559,7 +559,7 @@ class _Trainer:
         try:
             with self.autocast():
                 metrics = task.evaluate(model, self.eval_loader, self.device)
-                routing = {"mean": {}, "per_layer": []}
+                routing: dict = {"mean": {}, "per_layer": []}
                 if self.layers:
                     acc = M.RoutingStatsAccumulator(model, task)
                     with acc:
@@ -672,15 +672,34 @@ class _Trainer:
             self.trackers.close()
 
     def _run(self) -> dict:
-        t = self.t
-        steps, eval_every, ckpt_every = t["steps"], t["eval_every"], t["checkpoint_every"]
+        steps = self.t["steps"]
         self.last_lr = self.opt.param_groups[0]["lr"]
-        counter = _TokenCounter(self.model) if self.tokens_per_sample is None else None
+        self._token_counter = _TokenCounter(self.model) if self.tokens_per_sample is None else None
         self.last_headline = ""
         bar = None
         if self.progress is not False:
             bar = Progress(steps, self.rid, initial=self.step, tty=True if self.progress else None, unit="step")
-        batches = train_batches(
+        batches = self._batches()
+        self.model.train()
+        if self.step == 0 and (self.layers or self.t.get("eval_at_start")):
+            self.evaluate()  # the routing before any learning: first_choice_max_share_init, moved_from_init
+        try:
+            while self.step < steps:
+                self._train_step(batches, bar)
+        except Diverged as err:
+            return self._diverged(str(err))
+        finally:
+            if bar is not None:
+                bar.close("finished" if self.step >= steps else "stopped")
+            if self._token_counter is not None:
+                self._token_counter.close()
+            batches.close()
+        return self._finish()
+
+    def _batches(self) -> Generator:
+        """The training batches from the current step on (`train_batches`)."""
+        t = self.t
+        return train_batches(
             self.train_ds,
             t["batch_size"],
             self.spec["seed"],
@@ -691,93 +710,112 @@ class _Trainer:
             self.rank,
             self.world,
         )
-        self.model.train()
-        if self.step == 0 and (self.layers or t.get("eval_at_start")):
-            self.evaluate()  # the routing before any learning: first_choice_max_share_init, moved_from_init
-        try:
-            while self.step < steps:
-                tic = time.perf_counter()
-                batch = to_device(next(batches), self.device, non_blocking=True)
-                bs = self.task.batch_size(batch)
-                if counter is not None:
-                    counter.batch_size = bs
-                # the token counter's one-off hook would break the compiled graph: that step runs eager
-                first = force_eager() if counter is not None and t["compile"] else None
-                with self.autocast(), first or contextlib.nullcontext():
-                    outputs = self.task.forward(self.model, batch)
-                    task_loss = self.task.loss(outputs, batch).float()
-                aux = sum((m.aux_loss.float() for _, m in self.layers), torch.zeros((), device=self.device))
-                loss = task_loss + aux
-                losses = torch.stack([task_loss.detach(), aux.detach()])
-                if self.world > 1:  # the global batch's mean, the same on every rank (so is a divergence)
-                    torch.distributed.all_reduce(losses)
-                    losses /= self.world
-                loss_value = float(losses.sum())
-                step = self.step + 1
-                max_loss = t["max_loss"]
-                if not math.isfinite(loss_value) or (max_loss is not None and loss_value > max_loss):
-                    what = f"loss={loss_value:.6g}" if math.isfinite(loss_value) else f"loss={loss_value}"
-                    limit = f" > max_loss={max_loss:g}" if math.isfinite(loss_value) else ""
-                    raise Diverged(f"diverged at step {step}: {what}{limit}")
-                if self.layers and probe_due(step, steps, eval_every, t.get("probe_every")):
-                    probe = grad_cosine(task_loss, self.layers)
-                    if probe is not None:
-                        self.grad_probes.append({"step": step, **probe})
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.world > 1:
-                    average_gradients(self.model, self.world)
-                if t["grad_clip"] and t["grad_clip"] > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["grad_clip"])
-                self.last_lr = self.opt.param_groups[0]["lr"]
-                self.opt.step()
-                self.sched.step()
-                for _, m in self.layers:
-                    m.after_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                self.step = step
-                self.train_time += time.perf_counter() - tic
-                if counter is not None and counter.per_sample is not None:
-                    self.tokens_per_sample, counter = counter.per_sample, None
-                self.samples_seen += bs * self.world
-                self.tokens_seen += bs * self.world * (self.tokens_per_sample or 1.0)
-                self.interval["loss_sum"] += float(losses[0])
-                self.interval["aux_sum"] += float(losses[1])
-                self.interval["n"] += 1
-                is_eval = step == steps or (eval_every > 0 and step % eval_every == 0)
-                if not is_eval and self.probe_every > 0 and step % self.probe_every == 0:
-                    self.probe()
-                if is_eval:
-                    line = self.evaluate()
-                    if bar is not None:
-                        self.last_headline = f"{self.task.headline} {line['metrics'][self.task.headline]:.4g}"
-                if is_eval or (ckpt_every > 0 and step % ckpt_every == 0):
-                    self.save()
-                if bar is not None:
-                    if step % 10 == 0 or step == steps or is_eval:
-                        bar.note(f"loss {loss_value:.4f}" + (f", {self.last_headline}" if self.last_headline else ""))
-                    bar.update(1)
-                if self.on_step is not None:
-                    self.on_step(step)
-                if STOP_REQUESTED.is_set() and step < steps:
-                    self.save()
-                    why = f"stopped by a signal at step {step} of {steps}; checkpointed, a rerun resumes it"
-                    print(f"moebench: run {self.rid} {why}", file=sys.stderr, flush=True)
-                    raise Stopped(why)
-        except Diverged as err:
-            reason = str(err)
-            if self.writer:
-                write_status(self.run_dir, "failed", reason)
-            if self.writer and not t["keep_checkpoint"] and self.ckpt_path.exists():
-                self.ckpt_path.unlink()
-            return {"state": "failed", "reason": reason, "run_id": self.rid, "step": self.step + 1}
-        finally:
+
+    def _train_step(self, batches: Iterator, bar: Progress | None) -> None:
+        """One optimiser step: forward, divergence check, backward and update, bookkeeping, then what
+        the step is due for (probe, evaluation, checkpoint, progress, a requested stop)."""
+        tic = time.perf_counter()
+        batch = to_device(next(batches), self.device, non_blocking=True)
+        bs = self.task.batch_size(batch)
+        task_loss, loss, losses = self._forward(batch, bs)
+        loss_value = float(losses.sum())
+        step = self.step + 1
+        self._check_loss(loss_value, step)
+        self._optimise(task_loss, loss, step)
+        self.step = step
+        self.train_time += time.perf_counter() - tic
+        counter = self._token_counter
+        if counter is not None and counter.per_sample is not None:
+            self.tokens_per_sample, self._token_counter = counter.per_sample, None
+        self.samples_seen += bs * self.world
+        self.tokens_seen += bs * self.world * (self.tokens_per_sample or 1.0)
+        self.interval["loss_sum"] += float(losses[0])
+        self.interval["aux_sum"] += float(losses[1])
+        self.interval["n"] += 1
+        self._after_step(step, loss_value, bar)
+
+    def _forward(self, batch, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Task loss, total loss (task + routers' aux) and the detached pair averaged over ranks."""
+        counter = self._token_counter
+        if counter is not None:
+            counter.batch_size = bs
+        # the token counter's one-off hook would break the compiled graph: that step runs eager
+        first = force_eager() if counter is not None and self.t["compile"] else None
+        with self.autocast(), first or contextlib.nullcontext():
+            outputs = self.task.forward(self.model, batch)
+            task_loss = self.task.loss(outputs, batch).float()
+        aux = sum((m.aux_loss.float() for _, m in self.layers), torch.zeros((), device=self.device))
+        loss = task_loss + aux
+        losses = torch.stack([task_loss.detach(), aux.detach()])
+        if self.world > 1:  # the global batch's mean, the same on every rank (so is a divergence)
+            torch.distributed.all_reduce(losses)
+            losses /= self.world
+        return task_loss, loss, losses
+
+    def _check_loss(self, loss_value: float, step: int) -> None:
+        """Raise Diverged on a non-finite loss or one above train.max_loss."""
+        max_loss = self.t["max_loss"]
+        if not math.isfinite(loss_value) or (max_loss is not None and loss_value > max_loss):
+            what = f"loss={loss_value:.6g}" if math.isfinite(loss_value) else f"loss={loss_value}"
+            limit = f" > max_loss={max_loss:g}" if math.isfinite(loss_value) else ""
+            raise Diverged(f"diverged at step {step}: {what}{limit}")
+
+    def _optimise(self, task_loss: torch.Tensor, loss: torch.Tensor, step: int) -> None:
+        """Gradient probe when due, backward, gradient averaging and clipping, optimiser and schedule
+        steps, the routers' per-step updates."""
+        t = self.t
+        if self.layers and probe_due(step, t["steps"], t["eval_every"], t.get("probe_every")):
+            probe = grad_cosine(task_loss, self.layers)
+            if probe is not None:
+                self.grad_probes.append({"step": step, **probe})
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.world > 1:
+            average_gradients(self.model, self.world)
+        if t["grad_clip"] and t["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["grad_clip"])
+        self.last_lr = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.sched.step()
+        for _, m in self.layers:
+            m.after_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _after_step(self, step: int, loss_value: float, bar: Progress | None) -> None:
+        """Probe, evaluate, checkpoint and report as the step is due; stop (checkpointed) on a signal."""
+        steps, eval_every, ckpt_every = self.t["steps"], self.t["eval_every"], self.t["checkpoint_every"]
+        is_eval = step == steps or (eval_every > 0 and step % eval_every == 0)
+        if not is_eval and self.probe_every > 0 and step % self.probe_every == 0:
+            self.probe()
+        if is_eval:
+            line = self.evaluate()
             if bar is not None:
-                bar.close("finished" if self.step >= steps else "stopped")
-            if counter is not None:
-                counter.close()
-            batches.close()
+                self.last_headline = f"{self.task.headline} {line['metrics'][self.task.headline]:.4g}"
+        if is_eval or (ckpt_every > 0 and step % ckpt_every == 0):
+            self.save()
+        if bar is not None:
+            if step % 10 == 0 or step == steps or is_eval:
+                bar.note(f"loss {loss_value:.4f}" + (f", {self.last_headline}" if self.last_headline else ""))
+            bar.update(1)
+        if self.on_step is not None:
+            self.on_step(step)
+        if STOP_REQUESTED.is_set() and step < steps:
+            self.save()
+            why = f"stopped by a signal at step {step} of {steps}; checkpointed, a rerun resumes it"
+            print(f"moebench: run {self.rid} {why}", file=sys.stderr, flush=True)
+            raise Stopped(why)
+
+    def _diverged(self, reason: str) -> dict:
+        """Record a divergence (status.json; the checkpoint goes unless kept) and return the failed record."""
+        if self.writer:
+            write_status(self.run_dir, "failed", reason)
+        if self.writer and not self.t["keep_checkpoint"] and self.ckpt_path.exists():
+            self.ckpt_path.unlink()
+        return {"state": "failed", "reason": reason, "run_id": self.rid, "step": self.step + 1}
+
+    def _finish(self) -> dict:
+        """The final record after the last step (evaluating first if that step has none), written out."""
         if self.last_eval is None or self.last_eval["step"] != self.step:
             self.evaluate()  # resumed exactly at the end without a recorded evaluation
         final = self.final_record()
@@ -786,7 +824,7 @@ class _Trainer:
         if self.probe_history:
             write_probe_top1(self.run_dir / PROBE_TOP1_FILE, self.probe_history[-1])
         atomic_write_json(self.run_dir / "final.json", final)
-        if not t["keep_checkpoint"] and self.ckpt_path.exists():
+        if not self.t["keep_checkpoint"] and self.ckpt_path.exists():
             self.ckpt_path.unlink()
         return final
 
@@ -807,60 +845,8 @@ class _Trainer:
 
     def final_record(self) -> dict:
         spec, task = self.spec, self.task
-        ev = self.last_eval
-        metrics = ev["metrics"]
-        per_layer = [dict(d) for d in ev["routing"]["per_layer"]]
-        for d in per_layer:
-            hist = [h[d["layer"]] for h in self.probe_history if d["layer"] in h]
-            if hist and len(hist) == len(self.probe_steps) and all(h.size == hist[-1].size for h in hist):
-                d["final_switch"] = M.final_switch(hist)
-                d["final_switch_mean"] = float(np.mean(d["final_switch"][:-1])) if len(hist) > 1 else None
-                d["settle_fraction"] = M.settle_fraction(hist, self.probe_steps, spec["train"]["steps"])
-                d["overlap_with_final"] = M.overlap_with_final(hist)
-                d["last_fluctuation_step"] = M.last_fluctuation_step(hist, self.probe_steps)
-                d["probe_switch"] = [None] + [M.switch_rate(a, b) for a, b in zip(hist[:-1], hist[1:])]
-                d["moved_from_init"] = M.moved_from_init(hist[0], hist[-1]) if self.probe_steps[0] == 0 else None
-            d["first_choice_max_share_init"] = self.init_shares.get(d["layer"])
-        curves = [d["final_switch"] for d in per_layer if "final_switch" in d]
-        per_eval = [float(np.mean(col)) for col in zip(*curves)] if curves else []
-        switches = [d["probe_switch"] for d in per_layer if "probe_switch" in d]
-        per_probe = [None if None in col else float(np.mean(col)) for col in zip(*switches)] if switches else []
-        routing = {
-            "mean": M.mean_over_layers(per_layer),
-            "per_layer": per_layer,
-            "recovery_by_role": M.mean_recovery_by_role(per_layer),
-            # StableMoE's curve averaged over layers; `mean` excludes the last evaluation (0 by definition)
-            "final_switch": {
-                "steps": list(self.probe_steps),
-                "per_eval": per_eval,
-                "mean": float(np.mean(per_eval[:-1])) if len(per_eval) > 1 else None,
-            },
-            # the probe points: switch rate since the previous one, averaged over layers (the stability plot)
-            "probe": {"steps": list(self.probe_steps), "switch_rate": per_probe},
-        }
-        if self.grad_probes:  # gradient purity: the mean over probe steps, and every probe
-            routing["mean"]["grad_cos_task_balance"] = mean_cos(self.grad_probes)
-            routing["grad_probe"] = _plain(self.grad_probes)
-        cost = model_cost(self.model)
-        elapsed = self.elapsed + (time.perf_counter() - self.t0)
-        cost.update(
-            {
-                "wall_time_s": elapsed,
-                "train_time_s": self.train_time,
-                "ms_per_step": 1000.0 * self.train_time / self.step if self.step else None,
-                "tokens_per_s": self.tokens_seen / self.train_time if self.train_time > 0 else None,
-                "samples_per_s": self.samples_seen / self.train_time if self.train_time > 0 else None,
-                "tokens_per_sample": self.tokens_per_sample,
-                "peak_memory_mb": max(self.peak_mb, peak_memory_mb(self.device)),
-            }
-        )
-        env = environment_info()
-        env.update(
-            {
-                "train_device": str(self.device),
-                "amp": None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", ""),
-            }
-        )
+        assert self.last_eval is not None  # run() evaluates the last step before the final record
+        metrics = self.last_eval["metrics"]
         moe = spec["moe"]
         return {
             "run_id": self.rid,
@@ -881,8 +867,77 @@ class _Trainer:
                 "margin_reason": getattr(task, "margin_reason", ""),
             },
             "metrics": metrics,
-            "routing": routing,
-            "cost": cost,
-            "env": env,
+            "routing": self._routing_record(),
+            "cost": self._cost_record(),
+            "env": self._env_record(),
             **({"interventions": self.interventions()} if spec["train"].get("interventions") and self.layers else {}),
         }
+
+    def _per_layer_record(self) -> list[dict]:
+        """The last evaluation's per-layer routing with the probe history's stability measures added."""
+        assert self.last_eval is not None  # as in final_record
+        per_layer = [dict(d) for d in self.last_eval["routing"]["per_layer"]]
+        for d in per_layer:
+            hist = [h[d["layer"]] for h in self.probe_history if d["layer"] in h]
+            if hist and len(hist) == len(self.probe_steps) and all(h.size == hist[-1].size for h in hist):
+                d["final_switch"] = M.final_switch(hist)
+                d["final_switch_mean"] = float(np.mean(d["final_switch"][:-1])) if len(hist) > 1 else None
+                d["settle_fraction"] = M.settle_fraction(hist, self.probe_steps, self.spec["train"]["steps"])
+                d["overlap_with_final"] = M.overlap_with_final(hist)
+                d["last_fluctuation_step"] = M.last_fluctuation_step(hist, self.probe_steps)
+                d["probe_switch"] = [None] + [M.switch_rate(a, b) for a, b in zip(hist[:-1], hist[1:])]
+                d["moved_from_init"] = M.moved_from_init(hist[0], hist[-1]) if self.probe_steps[0] == 0 else None
+            d["first_choice_max_share_init"] = self.init_shares.get(d["layer"])
+        return per_layer
+
+    def _routing_record(self) -> dict:
+        """The final record's ``routing``: per layer, their mean, the switch curves, gradient purity."""
+        per_layer = self._per_layer_record()
+        curves = [d["final_switch"] for d in per_layer if "final_switch" in d]
+        per_eval = [float(np.mean(col)) for col in zip(*curves)] if curves else []
+        switches = [d["probe_switch"] for d in per_layer if "probe_switch" in d]
+        per_probe = [None if None in col else float(np.mean(col)) for col in zip(*switches)] if switches else []
+        routing: dict = {
+            "mean": M.mean_over_layers(per_layer),
+            "per_layer": per_layer,
+            "recovery_by_role": M.mean_recovery_by_role(per_layer),
+            # StableMoE's curve averaged over layers; `mean` excludes the last evaluation (0 by definition)
+            "final_switch": {
+                "steps": list(self.probe_steps),
+                "per_eval": per_eval,
+                "mean": float(np.mean(per_eval[:-1])) if len(per_eval) > 1 else None,
+            },
+            # the probe points: switch rate since the previous one, averaged over layers (the stability plot)
+            "probe": {"steps": list(self.probe_steps), "switch_rate": per_probe},
+        }
+        if self.grad_probes:  # gradient purity: the mean over probe steps, and every probe
+            routing["mean"]["grad_cos_task_balance"] = mean_cos(self.grad_probes)
+            routing["grad_probe"] = _plain(self.grad_probes)
+        return routing
+
+    def _cost_record(self) -> dict:
+        """The model's cost (parameters, FLOPs) and the run's time, throughput and memory."""
+        cost = model_cost(self.model)
+        elapsed = self.elapsed + (time.perf_counter() - self.t0)
+        cost.update(
+            {
+                "wall_time_s": elapsed,
+                "train_time_s": self.train_time,
+                "ms_per_step": 1000.0 * self.train_time / self.step if self.step else None,
+                "tokens_per_s": self.tokens_seen / self.train_time if self.train_time > 0 else None,
+                "samples_per_s": self.samples_seen / self.train_time if self.train_time > 0 else None,
+                "tokens_per_sample": self.tokens_per_sample,
+                "peak_memory_mb": max(self.peak_mb, peak_memory_mb(self.device)),
+            }
+        )
+        return cost
+
+    def _env_record(self) -> dict:
+        env = environment_info()
+        env.update(
+            {
+                "train_device": str(self.device),
+                "amp": None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", ""),
+            }
+        )
+        return env

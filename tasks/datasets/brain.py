@@ -228,7 +228,7 @@ def load_t1w(path: Path, affine: np.ndarray | None, shape: int) -> np.ndarray:
 
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.get_fdata(), dtype=np.float32)
+        data = np.asarray(img.get_fdata(), dtype=np.float32)  # type: ignore[attr-defined]  # nibabel: a NIfTI image
     except Exception as e:  # noqa: BLE001 - nibabel/gzip/zlib raise many types for a bad file
         raise ValueError(
             f"cannot read NIfTI file {path}: {type(e).__name__}: {e}. Re-download or re-export "
@@ -240,7 +240,7 @@ def load_t1w(path: Path, affine: np.ndarray | None, shape: int) -> np.ndarray:
         raise ValueError(f"{path}: expected a 3D T1w volume, got shape {data.shape}")
     if not np.isfinite(data).all():
         data = np.nan_to_num(data)
-    img = nib.Nifti1Image(data, img.affine)
+    img = nib.Nifti1Image(data, img.affine)  # type: ignore[attr-defined]  # as above
     if affine is None:
         img = nib.as_closest_canonical(img)
         d = np.asarray(img.dataobj)
@@ -260,24 +260,8 @@ def load_t1w(path: Path, affine: np.ndarray | None, shape: int) -> np.ndarray:
     return _resample(img, affine, shape)
 
 
-def bids_brain_age_dataset(
-    root, shape: int = 32, space: str = "mni", cache: str | os.PathLike | None = None, use_cache: bool = True
-) -> BrainAgeDataset:
-    """All participants of a BIDS folder with an age and a T1w image: ``participants.tsv``
-    (participant_id, age) and ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]`` (first in sorted order when there
-    are several). Volumes are resampled to ``shape``^3 and intensity-normalised.
-
-    ``space="mni"`` (default; for MNI-registered images, the usual brain-age preprocessing) resamples
-    onto ``mni_grid(shape)`` and attaches the template's tissue labels; ``space="native"`` resamples a
-    cube around each image's own foreground and gives tissue -1 (unknown). Participants without an
-    image or without a numeric age, and images of unlisted subjects, are left out with a warning and
-    listed in ``dataset.skipped``. Resampled volumes are cached, keyed by the files' sizes and times."""
-    root = Path(root)
-    if space not in ("mni", "native"):
-        raise ValueError(f"space must be 'mni' or 'native', got {space!r}")
-    if not root.is_dir():
-        raise FileNotFoundError(f"BIDS root {root} does not exist")
-    df = read_participants(root / "participants.tsv")
+def _choose_participants(root: Path, df) -> tuple[list[tuple[str, float, Path]], dict[str, str]]:
+    """(participant, age, first T1w image) of everyone with both; the others with the reason, warned."""
     skipped: dict[str, str] = {}
     chosen: list[tuple[str, float, Path]] = []
     for pid, age in zip(df["participant_id"], df["age"]):
@@ -296,8 +280,29 @@ def bids_brain_age_dataset(
         warnings.warn(
             f"{root}: {len(skipped)} participant(s) left out: "
             + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5]),
-            stacklevel=2,
+            stacklevel=3,
         )
+    return chosen, skipped
+
+
+def bids_brain_age_dataset(
+    root, shape: int = 32, space: str = "mni", cache: str | os.PathLike | None = None, use_cache: bool = True
+) -> BrainAgeDataset:
+    """All participants of a BIDS folder with an age and a T1w image: ``participants.tsv``
+    (participant_id, age) and ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]`` (first in sorted order when there
+    are several). Volumes are resampled to ``shape``^3 and intensity-normalised.
+
+    ``space="mni"`` (default; for MNI-registered images, the usual brain-age preprocessing) resamples
+    onto ``mni_grid(shape)`` and attaches the template's tissue labels; ``space="native"`` resamples a
+    cube around each image's own foreground and gives tissue -1 (unknown). Participants without an
+    image or without a numeric age, and images of unlisted subjects, are left out with a warning and
+    listed in ``dataset.skipped``. Resampled volumes are cached, keyed by the files' sizes and times."""
+    root = Path(root)
+    if space not in ("mni", "native"):
+        raise ValueError(f"space must be 'mni' or 'native', got {space!r}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"BIDS root {root} does not exist")
+    chosen, skipped = _choose_participants(root, read_participants(root / "participants.tsv"))
     if not chosen:
         raise ValueError(f"{root}: no participant has both an age and a T1w image ({len(skipped)} left out)")
 
@@ -417,50 +422,64 @@ def synthetic_brain_cohort(
         sl = slice(start, min(start + 64, n))
         b = sl.stop - sl.start
         tt = torch.tensor(t[sl], dtype=torch.float32).view(b, 1, 1, 1)
-        s = 2 * tt
-        gm_loss = 0.4 * tt * c["d_gm"]
-        gain = 0.6 * (s.clamp(max=1) * c["d_csf1"] + (s - 1).clamp(min=0) * c["d_csf2"])
-        gm = (c["gm"] - gm_loss - gain * c["gm_share"]).clamp_min(0)
-        wm = (c["wm"] - gain * (1 - c["gm_share"])).clamp_min(0)
-        csf = c["csf"] + gm_loss + gain
-        maps = torch.stack([gm, wm, csf], 1)  # (b, 3, S, S, S)
-        # individual anatomy: affine + smooth displacement, in grid_sample's normalised coordinates
-        theta = torch.zeros(b, 3, 4)
-        for k in range(b):
-            ang = np.deg2rad(rng.uniform(-4, 4, size=3))
-            cx, cy, cz = np.cos(ang)
-            sx, sy, sz = np.sin(ang)
-            rot = (
-                np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-                @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-                @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-            )
-            theta[k, :, :3] = torch.tensor(rot / rng.uniform(0.96, 1.04, size=3), dtype=torch.float32)
-            theta[k, :, 3] = torch.tensor(rng.uniform(-1, 1, size=3) * 2 / S, dtype=torch.float32)
-        grid = F.affine_grid(theta, (b, 3, S, S, S), align_corners=True)
-        disp = torch.randn(b, 3, 5, 5, 5, generator=gen) * (2.0 / S)
-        grid = grid + F.interpolate(disp, size=(S, S, S), mode="trilinear", align_corners=True).permute(0, 2, 3, 4, 1)
-        maps = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        gm, wm, csf = maps[:, 0], maps[:, 1], maps[:, 2]
-        mu = torch.tensor(rng.normal(0, 0.01, size=(b, 3)), dtype=torch.float32).view(b, 3, 1, 1, 1)
-        t5 = tt.view(b, 1, 1, 1)
-        img = gm * (0.58 + 0.10 * t5 + mu[:, 0]) + wm * (0.88 - 0.04 * t5 + mu[:, 1]) + csf * (0.18 + mu[:, 2])
-        bias = F.interpolate(
-            torch.randn(b, 1, 3, 3, 3, generator=gen) * 0.1, size=(S, S, S), mode="trilinear", align_corners=True
-        )[:, 0].exp()
-        img = img * bias
-        img = torch.sqrt(
-            (img + 0.02 * torch.randn(img.shape, generator=gen)) ** 2
-            + (0.02 * torch.randn(img.shape, generator=gen)) ** 2
-        )
-        brain = maps.sum(1)
-        mask = brain > 0.5
-        img = img * mask
+        grid = _random_warp(rng, gen, b, S)  # individual anatomy
+        maps = F.grid_sample(_atrophied_maps(c, tt), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        img, mask = _scanner_image(maps, tt, rng, gen)
         # per-subject 99th percentile of the brain voxels (as normalise_intensity, batched)
         p99 = torch.nanquantile(img.masked_fill(~mask, float("nan")).view(b, -1), 0.99, dim=1)
         out_v[sl, 0] = (img / p99.view(b, 1, 1, 1)).half()
         out_t[sl] = _labels(maps, mask)
     return {"volumes": out_v, "ages": torch.tensor(ages, dtype=torch.float32), "tissue": out_t}
+
+
+def _atrophied_maps(c: dict[str, Tensor], tt: Tensor) -> Tensor:
+    """GM / WM / CSF maps (b, 3, S, S, S) after grey-matter thinning and CSF growth at atrophy ``tt``."""
+    s = 2 * tt
+    gm_loss = 0.4 * tt * c["d_gm"]
+    gain = 0.6 * (s.clamp(max=1) * c["d_csf1"] + (s - 1).clamp(min=0) * c["d_csf2"])
+    gm = (c["gm"] - gm_loss - gain * c["gm_share"]).clamp_min(0)
+    wm = (c["wm"] - gain * (1 - c["gm_share"])).clamp_min(0)
+    csf = c["csf"] + gm_loss + gain
+    return torch.stack([gm, wm, csf], 1)
+
+
+def _random_warp(rng: np.random.Generator, gen: torch.Generator, b: int, S: int) -> Tensor:
+    """Per subject a random affine plus a smooth displacement, as a grid in grid_sample's normalised
+    coordinates (b, S, S, S, 3)."""
+    theta = torch.zeros(b, 3, 4)
+    for k in range(b):
+        ang = np.deg2rad(rng.uniform(-4, 4, size=3))
+        cx, cy, cz = np.cos(ang)
+        sx, sy, sz = np.sin(ang)
+        rot = (
+            np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+            @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+            @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+        )
+        theta[k, :, :3] = torch.tensor(rot / rng.uniform(0.96, 1.04, size=3), dtype=torch.float32)
+        theta[k, :, 3] = torch.tensor(rng.uniform(-1, 1, size=3) * 2 / S, dtype=torch.float32)
+    grid = F.affine_grid(theta, [b, 3, S, S, S], align_corners=True)
+    disp = torch.randn(b, 3, 5, 5, 5, generator=gen) * (2.0 / S)
+    return grid + F.interpolate(disp, size=(S, S, S), mode="trilinear", align_corners=True).permute(0, 2, 3, 4, 1)
+
+
+def _scanner_image(maps: Tensor, tt: Tensor, rng: np.random.Generator, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The T1 intensity of the warped maps with jittered tissue means, bias field and Rician noise,
+    skull-stripped; and the brain mask."""
+    b, S = maps.shape[0], maps.shape[-1]
+    gm, wm, csf = maps[:, 0], maps[:, 1], maps[:, 2]
+    mu = torch.tensor(rng.normal(0, 0.01, size=(b, 3)), dtype=torch.float32).view(b, 3, 1, 1, 1)
+    t5 = tt.view(b, 1, 1, 1)
+    img = gm * (0.58 + 0.10 * t5 + mu[:, 0]) + wm * (0.88 - 0.04 * t5 + mu[:, 1]) + csf * (0.18 + mu[:, 2])
+    bias = F.interpolate(
+        torch.randn(b, 1, 3, 3, 3, generator=gen) * 0.1, size=(S, S, S), mode="trilinear", align_corners=True
+    )[:, 0].exp()
+    img = img * bias
+    img = torch.sqrt(
+        (img + 0.02 * torch.randn(img.shape, generator=gen)) ** 2 + (0.02 * torch.randn(img.shape, generator=gen)) ** 2
+    )
+    mask = maps.sum(1) > 0.5
+    return img * mask, mask
 
 
 def synthetic_brain_age_datasets(
@@ -484,7 +503,7 @@ def synthetic_brain_age_datasets(
         }
 
     data = cached("brain-synthetic", params, build, BRAIN_VERSION, root=cache, enabled=use_cache)
-    return tuple(
+    return tuple(  # type: ignore[return-value]  # (train, eval)
         BrainAgeDataset(d["volumes"], d["ages"], d["tissue"], [f"synth-{split}-{i:04d}" for i in range(len(d["ages"]))])
         for split, d in (("train", data["train"]), ("eval", data["eval"]))
     )

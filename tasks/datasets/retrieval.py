@@ -382,6 +382,7 @@ def _generate_canvases(
         occupied = [int(w) for w in where]
         orders = [occupied] + [list(p) for p in itertools.permutations(occupied) if list(p) != occupied]
         first, rest = orders[0], orders[1:]
+        pick: np.ndarray | list[int]
         pick = rng.choice(len(rest), size=captions_per_image - 1, replace=False) if captions_per_image > 1 else []
         captions.append([caption_for(flat, first)] + [caption_for(flat, rest[j]) for j in pick])
         i += 1
@@ -394,6 +395,21 @@ def _generate_canvases(
         "cells": torch.from_numpy(cells.reshape(n, grid, grid)),
         "captions": captions,
     }
+
+
+def _canvas_grid(canvas: int, min_items: int, max_items: int, captions_per_image: int) -> int:
+    """The grid side (2 or 3 cells) of a ``canvas`` px canvas, refusing item and caption counts it cannot hold."""
+    if canvas % CELL or canvas // CELL not in POSITION_NAMES:
+        raise ValueError(f"canvas must be 56 (2x2 grid) or 84 (3x3 grid) pixels, got {canvas}")
+    grid = canvas // CELL
+    if not 1 <= min_items <= max_items <= grid * grid:
+        raise ValueError(f"need 1 <= min_items <= max_items <= {grid * grid}, got {min_items}, {max_items}")
+    if not 1 <= captions_per_image <= math.factorial(min_items):
+        raise ValueError(
+            f"captions_per_image must be in 1..{math.factorial(min_items)} "
+            f"(distinct item orders of a {min_items}-item canvas), got {captions_per_image}"
+        )
+    return grid
 
 
 def compositional_datasets(
@@ -420,16 +436,7 @@ def compositional_datasets(
     split; eval canvases are all distinct configurations, so every caption has exactly one correct
     image. ``tokenizer="word"`` uses a ``WordTokenizer`` for the grammar (``dataset.tokenizer``), None
     keeps strings. Built once per parameter set and cached (see ``cache.cached``)."""
-    if canvas % CELL or canvas // CELL not in POSITION_NAMES:
-        raise ValueError(f"canvas must be 56 (2x2 grid) or 84 (3x3 grid) pixels, got {canvas}")
-    grid = canvas // CELL
-    if not 1 <= min_items <= max_items <= grid * grid:
-        raise ValueError(f"need 1 <= min_items <= max_items <= {grid * grid}, got {min_items}, {max_items}")
-    if not 1 <= captions_per_image <= math.factorial(min_items):
-        raise ValueError(
-            f"captions_per_image must be in 1..{math.factorial(min_items)} "
-            f"(distinct item orders of a {min_items}-item canvas), got {captions_per_image}"
-        )
+    grid = _canvas_grid(canvas, min_items, max_items, captions_per_image)
     params = dict(
         n_train=n_train,
         n_eval=n_eval,
@@ -454,7 +461,7 @@ def compositional_datasets(
     data = cached("compositional", params, build, COMPOSITIONAL_VERSION, root=cache, enabled=use_cache)
     if tokenizer == "word":
         tokenizer = WordTokenizer.for_grammar(grid, max_items)
-    return tuple(
+    return tuple(  # type: ignore[return-value]  # (train, eval)
         CanvasTextDataset(
             d["canvases"],
             d["cells"],
