@@ -611,6 +611,7 @@ class RoutingStatsAccumulator:
         are nonlinear; the group's top-rank principal subspace of the layer input is what the router sees)."""
         if name not in self._angle_layers or a.group_moments is None:
             return None
+        assert self.subspace_rank is not None  # set whenever _angle_layers is
         rank = int(self.subspace_rank)
         true = group_subspaces(*a.group_moments, rank=rank)
         layer = dict(self.layers)[name]
