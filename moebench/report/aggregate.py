@@ -104,7 +104,7 @@ def task_sweeps_as_tasks(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty or "variant" not in frame:
         return frame
     variant = frame["variant"].fillna("").astype(str)
-    is_task = variant.map(lambda v: bool(v) and all(p.strip().startswith("task_args.") for p in v.split(", ")))
+    is_task = _data_sweeps(frame)
     if not is_task.any():
         return frame
     out = frame.copy()
@@ -218,3 +218,19 @@ def summary_table(summary: Summary) -> Table | None:
 
 def _score(x) -> str:
     return "–" if pd.isna(x) else f"{x + 0.0:.1f}".replace("-0.0", "0.0")
+
+
+def _data_sweeps(frame: pd.DataFrame) -> pd.Series:
+    """Rows whose sweep point changes only the task's data (every part of ``variant`` is ``task_args.*``)."""
+    variant = frame["variant"].fillna("").astype(str)
+    return variant.map(lambda v: bool(v) and all(p.strip().startswith("task_args.") for p in v.split(", ")))
+
+
+def without_data_sweep_variant(frame: pd.DataFrame) -> pd.DataFrame:
+    """The per-layer / per-evaluation frames' side of `task_sweeps_as_tasks` (they carry no ``bench``): a
+    data-sweep row's ``variant`` is emptied, since its task already says which data it is."""
+    if frame.empty or "variant" not in frame:
+        return frame
+    out = frame.copy()
+    out.loc[_data_sweeps(frame), "variant"] = ""
+    return out

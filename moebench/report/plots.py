@@ -5,6 +5,7 @@ backend or global figure state."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from moebench.report.aggregate import task_sweeps_as_tasks, without_data_sweep_variant
 from moebench.report.load import RecordSet
 from moebench.report.render import slug
 from moebench.report.tables import entry_name
@@ -50,7 +52,18 @@ class Plotter:
     """Draws every figure for a record set into ``out_dir`` with one colour and marker per router."""
 
     def __init__(self, rs: RecordSet, lb: pd.DataFrame, out_dir: Path):
-        self.rs, self.lb, self.out = rs, lb, Path(out_dir)
+        # a sweep over the task's data (the structure track's generators) is a task of its own here too,
+        # as in the rank and normalised-score tables: one figure per generator, placed in its task's
+        # section (`home`), each legend naming routers only
+        self.home = dict(zip(task_sweeps_as_tasks(rs.runs)["bench"], rs.runs["bench"])) if not rs.runs.empty else {}
+        rs = dataclasses.replace(
+            rs,
+            runs=task_sweeps_as_tasks(rs.runs),
+            layers=without_data_sweep_variant(rs.layers),
+            evals=without_data_sweep_variant(rs.evals),
+            probes=without_data_sweep_variant(rs.probes),
+        )
+        self.rs, self.lb, self.out = rs, task_sweeps_as_tasks(lb), Path(out_dir)
         labels = sorted(set(rs.runs["label"].dropna()))
         pal = sns.color_palette("colorblind" if len(labels) <= 10 else "husl", max(len(labels), 1))
         self.color = {lab: pal[i] for i, lab in enumerate(labels)}
@@ -78,7 +91,9 @@ class Plotter:
                     self.load,
                     self.specialisation,
                 ):
-                    plots += make(bench, lb_b, runs_b)
+                    plots += [
+                        dataclasses.replace(p, bench=self.home.get(bench, bench)) for p in make(bench, lb_b, runs_b)
+                    ]
         return plots
 
     def profile(self, totals) -> Plot:
@@ -351,7 +366,7 @@ class Plotter:
             m, sd = e.mean(), e.std(ddof=1).fillna(0)
             ax.fill_between(m.index, (m - sd).clip(lower=0), m + sd, color=colour[entry], alpha=0.2, lw=0)
             ax.plot(m.index, m.to_numpy(), marker="o", ms=2.5, color=colour[entry])
-            ax.set_title(entry + (" (collapsed)" if entry in collapsed else ""))  # trivially stable
+            ax.set_title(entry + (" (collapsed)" if entry in collapsed else ""), fontsize="small")  # trivially stable
             ax.set_ylim(-0.03 * max(top, 1.0), max(top * 1.05, 1.0))  # a 0 line stays visible
         for ax in axes[len(order) :]:
             ax.set_visible(False)
