@@ -345,3 +345,24 @@ def test_cli_writes_requested_formats(tmp_path, capsys):
     assert not (tmp_path / "o" / "report.html").exists() and not (tmp_path / "o" / "plots").exists()
     assert "leaderboard.tex" in capsys.readouterr().out
     assert json.loads(json.dumps(load_records(grid)["seed"].tolist())) == [0, 1]
+
+
+def test_a_data_sweep_gets_one_figure_per_data_value_in_its_task_section(tmp_path):
+    """The structure track sweeps its generator (task_args.data): its plots are one figure per generator
+    (as its rank tables are), placed in the task's own section, legends naming routers only."""
+    from moebench.report.plots import Plotter
+
+    grid = tmp_path / "g"
+    for data in ("clusters", "subspaces"):
+        for seed in range(2):
+            for label, base in (("softmax-topk", 0.6), ("dense", 0.5)):
+                run = write_run(grid, f"{label}-{data}-{seed}", "structure", label, seed, base + seed / 100)
+                rec = json.loads((run / "final.json").read_text())
+                rec["sweep"] = {"task_args.data": data}
+                atomic_write_json(run / "final.json", rec)
+    rep = build_report(grid)
+    assert set(rep.leaderboard["variant"]) == {"task_args.data=clusters", "task_args.data=subspaces"}
+    plots = [p for p in Plotter(rep.rs, rep.leaderboard, tmp_path / "plots").all() if p.kind == "headline"]
+    assert sorted(p.png.name for p in plots) == ["headline_structure_clusters.png", "headline_structure_subspaces.png"]
+    assert {p.bench for p in plots} == {"structure"}  # the html places them in the task's section
+    assert all("task_args" not in p.caption for p in plots)
