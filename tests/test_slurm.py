@@ -48,7 +48,9 @@ def _toy_spec(grid: str, steps: int, eval_every: int, checkpoint_every: int) -> 
     )
 
 
-def test_a_grid_runs_as_a_slurm_job_array(tmp_path):
+@pytest.mark.parametrize("runs_per_job", [1, 2])
+def test_a_grid_runs_as_a_slurm_job_array(tmp_path, runs_per_job):
+    """One array task per run, or (executor.runs_per_job) several runs one after another in one task."""
     import yaml
 
     grid = {
@@ -59,7 +61,13 @@ def test_a_grid_runs_as_a_slurm_job_array(tmp_path):
         "train": {"steps": 20, "batch_size": 16, "eval_every": 10, "checkpoint_every": 10, "probe_size": 16},
         "seeds": [0],
         "routers": ["dense", "switch"],
-        "executor": {"cluster": "slurm", "time_min": 10, "cpus_per_task": 1, "array_parallelism": 2},
+        "executor": {
+            "cluster": "slurm",
+            "time_min": 10,
+            "cpus_per_task": 1,
+            "array_parallelism": 2,
+            "runs_per_job": runs_per_job,
+        },
     }
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(grid))
@@ -67,14 +75,19 @@ def test_a_grid_runs_as_a_slurm_job_array(tmp_path):
     lines: list[str] = []
     out = launch.run_grid(path, results=results, log=lines.append, poll_s=1.0)
     assert out["counts"] == {"done": 2, "running": 0, "failed": 0, "queued": 0}, "\n".join(lines)
-    assert any("submitted 2 runs as SLURM array" in line for line in lines)
+    jobs = "2 jobs" if runs_per_job == 1 else "1 job"
+    assert any(f"submitted 2 runs in {jobs} as SLURM array" in line for line in lines), "\n".join(lines)
+    ids = set()
     for row in out["runs"]:
         d = results / "slurm-e2e" / row["run_id"]
         (job,) = records.read_jsonl(d / rundir.JOBS_LOG)
-        assert job["cluster"] == "slurm" and job["slurm_job_id"] and job["slurm_array_task_id"] is not None
+        assert job["cluster"] == "slurm" and job["slurm_job_id"]
+        assert job["slurm_array_task_id"] is not None or runs_per_job == 2  # submitit sends an array of 1 as a job
+        ids.add(job["slurm_job_id"])
         steps = [m["step"] for m in records.read_jsonl(d / "metrics.jsonl")]
         assert steps == ([0, 10, 20] if row["label"] != "dense" else [10, 20])  # MoE runs evaluate at step 0
         assert records.read_json(d / "final.json")["run_id"] == row["run_id"]
+    assert len(ids) == (2 if runs_per_job == 1 else 1)  # both runs in one array task when chunked
 
 
 def test_a_preempted_job_requeues_and_resumes_from_its_checkpoint(tmp_path):

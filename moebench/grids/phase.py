@@ -276,7 +276,7 @@ def _wait(jobs: _Jobs, phase: Phase, ex: Executor, progress: Progress) -> None:
         running = list(zip(pending, array))
         pending = []
         log(
-            f"[{_now()}] submitted {len(jobs.todo)} runs in {len(array)} jobs as SLURM array "
+            f"[{_now()}] submitted {len(jobs.todo)} runs in {len(array)} job{'s' if len(array) != 1 else ''} as SLURM array "
             f"{array[0].job_id.split('_')[0]} (at most {ex.section.get('array_parallelism')} at once); logs in "
             f"{jobs.folder}"
         )
