@@ -12,6 +12,7 @@ import yaml
 from moebench.cli import main
 from moebench.grids import expand as expand_mod
 from moebench.grids import schema
+from moebench.grids.pretrain import reference
 from moebench.grids.schema import GridError
 from moebench.training.spec import run_id
 
@@ -313,16 +314,16 @@ def test_quick_is_the_pretrained_regime_with_three_seeds_on_the_three_tasks():
         mine = [s for s in specs if s["task"] == task]
         assert {s["label"] for s in mine} == CLOSING_ROUTERS | ADAPTER_TRACK, task
         assert {s["seed"] for s in mine} == {0, 1, 2}
-        pre = {p["spec"]["seed"]: p for p in pretrains if p["spec"]["task"] == task}
+        pre = {p["seed"]: p for p in pretrains if p["task"] == task}
         assert sorted(pre) == [0, 1, 2]  # one dense pretrain per seed, shared by every router
         for s in mine:  # dense too: the pretrained model fine-tuned for the same budget
-            assert s["model"]["pretrained"] == pre[s["seed"]]["ref"] == f"pretrain:{run_id(pre[s['seed']]['spec'])}"
+            assert s["model"]["pretrained"] == reference(pre[s["seed"]]) == f"pretrain:{run_id(pre[s['seed']])}"
             if s["label"] in ADAPTER_TRACK:  # frozen backbone + top-1 adapters of one width
                 assert s["moe"]["mode"] == "adapter" and s["moe"]["freeze_backbone"] and s["moe"]["d_hidden"] == 64
             else:
                 assert s["moe"] is None or (s["moe"]["upcycle"] and s["moe"]["d_hidden"] == 256)
         assert len({s["train"]["steps"] for s in mine}) == 1
-        assert all(p["spec"]["moe"] is None for p in pre.values())
+        assert all(p["moe"] is None for p in pre.values())
 
 
 def test_quick_all_has_every_router_and_shares_quicks_pretraining():
@@ -337,7 +338,7 @@ def test_quick_all_has_every_router_and_shares_quicks_pretraining():
     )  # quick-all.yaml's footnote
     assert {s["moe"]["router"] if s["moe"] else "dense" for s in specs} == layer_routers | {"dense"}
     _, quick = expand_mod.expand_with_pretrain("quick")
-    assert sorted(run_id(p["spec"]) for p in pretrains) == sorted(run_id(p["spec"]) for p in quick)
+    assert sorted(run_id(p) for p in pretrains) == sorted(run_id(p) for p in quick)
     thr = next(s for s in specs if s["label"] == "ermoe-ext-threshold")
     assert thr["moe"]["router_args"]["free_experts"] and thr["moe"]["router_args"]["threshold"] > 0
 

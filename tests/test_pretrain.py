@@ -13,7 +13,7 @@ import yaml
 from moebench.core.registry import TASKS
 from moebench.grids import launch
 from moebench.grids.expand import expand, expand_with_pretrain
-from moebench.grids.pretrain import CHECKPOINT, WEIGHTS, extract_weights, pretrain_dir
+from moebench.grids.pretrain import CHECKPOINT, WEIGHTS, extract_weights, pretrain_dir, reference
 from moebench.grids.schema import GridError, load
 from moebench.training import records, rundir
 from moebench.training.pretrained import with_weights_path
@@ -68,7 +68,7 @@ def test_a_block_can_switch_the_grids_pretrain_off(tmp_path):
         {"task": "toy", "task_args": {"num_train": 96, "num_eval": 64}, "pretrain": None},
     ]
     specs, pretrains = expand_with_pretrain(g)
-    assert {p["spec"]["task_args"]["num_train"] for p in pretrains} == {128}
+    assert {p["task_args"]["num_train"] for p in pretrains} == {128}
     assert all("pretrained" not in s["model"] for s in specs if s["task_args"]["num_train"] == 96)
     assert all("pretrained" in s["model"] for s in specs if s["task_args"]["num_train"] == 128)
 
@@ -76,22 +76,22 @@ def test_a_block_can_switch_the_grids_pretrain_off(tmp_path):
 def test_one_pretrain_per_seed_shared_by_every_router_and_named_in_every_spec(tmp_path):
     g = grid(tmp_path)
     specs, pretrains = expand_with_pretrain(g)
-    assert sorted(p["spec"]["seed"] for p in pretrains) == [0, 1]
-    by_seed = {p["spec"]["seed"]: p for p in pretrains}
+    assert sorted(p["seed"] for p in pretrains) == [0, 1]
+    by_seed = {p["seed"]: p for p in pretrains}
     for spec in specs:  # the dense row too: the pretrained model fine-tuned for the same budget
-        assert spec["model"]["pretrained"] == by_seed[spec["seed"]]["ref"]
-        assert spec["model"]["pretrained"] == f"pretrain:{run_id(by_seed[spec['seed']]['spec'])}"  # an id, no path
-    pre = by_seed[0]["spec"]
+        assert spec["model"]["pretrained"] == reference(by_seed[spec["seed"]])
+        assert spec["model"]["pretrained"] == f"pretrain:{run_id(by_seed[spec['seed']])}"  # an id, no path
+    pre = by_seed[0]
     assert pre["moe"] is None and pre["train"]["steps"] == 8 and pre["train"]["lr"] == 3e-3
     assert pre["train"]["batch_size"] == 16  # the block's train section under the overrides
     # the same grid from scratch has other run ids; other routers keep the same pretraining runs
     scratch = {run_id(s) for s in expand({**g, "pretrain": None})}
     assert not scratch & {run_id(s) for s in specs}
     _, fewer = expand_with_pretrain(grid(tmp_path, routers=("switch",)))
-    assert [run_id(p["spec"]) for p in fewer] == [run_id(p["spec"]) for p in pretrains]
+    assert [run_id(p) for p in fewer] == [run_id(p) for p in pretrains]
     # a different pretraining budget is a different cache entry, and different dependants
     _, longer = expand_with_pretrain(grid(tmp_path, pretrain={"steps": 9}))
-    assert not {run_id(p["spec"]) for p in longer} & {run_id(p["spec"]) for p in pretrains}
+    assert not {run_id(p) for p in longer} & {run_id(p) for p in pretrains}
 
 
 def test_the_launcher_pretrains_once_per_seed_and_runs_start_from_its_weights(tmp_path):
@@ -102,7 +102,7 @@ def test_the_launcher_pretrains_once_per_seed_and_runs_start_from_its_weights(tm
     assert out["counts"]["done"] == 6
     specs, pretrains = expand_with_pretrain(path)
     for p in pretrains:
-        d = pretrain_dir(results, p["spec"])
+        d = pretrain_dir(results, p)
         assert (d / WEIGHTS).is_file() and not (d / CHECKPOINT).exists()
         assert len(records.read_jsonl(d / rundir.JOBS_LOG)) == 1
     # the dependent dense model is the pretrained one, before fine-tuning
@@ -128,7 +128,7 @@ def test_the_launcher_pretrains_once_per_seed_and_runs_start_from_its_weights(tm
     launch.run_grid(path, cluster="debug", results=results, log=lines.append)
     assert not any(line.startswith("pretrain:") for line in lines)  # every dependant is done: no pretrain phase
     for p in pretrains:
-        assert len(records.read_jsonl(pretrain_dir(results, p["spec"]) / rundir.JOBS_LOG)) == 1
+        assert len(records.read_jsonl(pretrain_dir(results, p) / rundir.JOBS_LOG)) == 1
 
 
 def test_a_failed_pretrain_holds_back_its_dependants_with_the_reason(tmp_path):
@@ -150,7 +150,7 @@ def test_done_pretrain_without_weights_is_trained_again(tmp_path):
     results = tmp_path / "results"
     launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
     ([spec], [p]) = expand_with_pretrain(path)
-    d = pretrain_dir(results, p["spec"])
+    d = pretrain_dir(results, p)
     (d / WEIGHTS).unlink()
     launch.run_grid(path, cluster="debug", results=results, log=lambda s: None)
     assert not (d / WEIGHTS).is_file()  # its dependant is done: the pretrain is not needed
@@ -190,9 +190,9 @@ def test_an_interrupted_pretrain_is_resumed_from_its_checkpoint(tmp_path):
     path = write(tmp_path, grid(tmp_path, routers=("softmax-topk",), seeds=[0]))
     results = tmp_path / "results"
     (_, [p]) = expand_with_pretrain(path)
-    d = pretrain_dir(results, p["spec"])
+    d = pretrain_dir(results, p)
     d.mkdir(parents=True)
-    records.atomic_write_yaml(d / "spec.yaml", p["spec"])
+    records.atomic_write_yaml(d / "spec.yaml", p)
     records.write_status(d, "running")
 
     def die(step):
@@ -200,7 +200,7 @@ def test_an_interrupted_pretrain_is_resumed_from_its_checkpoint(tmp_path):
             raise _Killed
 
     with pytest.raises(_Killed):  # killed after step 4; its last checkpoint is at step 3
-        train(TASKS.get("toy")(num_train=128, num_eval=64), p["spec"], d, on_step=die)
+        train(TASKS.get("toy")(num_train=128, num_eval=64), p, d, on_step=die)
     assert rundir.inspect(d)["state"] == "interrupted"
     lines: list[str] = []
     out = launch.run_grid(path, cluster="debug", results=results, log=lines.append)

@@ -75,7 +75,7 @@ def test_expansion_gives_run_specs_without_hidden_keys():
     from moebench.grids.expand import expand_with_pretrain
 
     specs, pretrains = expand_with_pretrain("quick")
-    assert all(isinstance(s, RunSpec) for s in specs) and all(isinstance(p["spec"], RunSpec) for p in pretrains)
+    assert all(isinstance(s, RunSpec) for s in specs) and all(isinstance(p, RunSpec) for p in pretrains)
     assert not [k for s in specs for k in s.to_dict() if k.startswith("_")]
     assert len({s.run_id for s in specs}) == len(specs)
 

@@ -36,17 +36,17 @@ def expand(grid: str | os.PathLike | dict) -> list[RunSpec]:
     return expand_with_pretrain(grid)[0]
 
 
-def expand_with_pretrain(grid: str | os.PathLike | dict) -> tuple[list[RunSpec], list[dict]]:
-    """``expand``'s runs, plus the dense pretraining runs they depend on, as ``[{"spec", "ref"}]`` where
-    ``ref`` is what the dependants' ``model.pretrained`` says (one per task block, sweep point of
-    task_args / model, and seed; see ``moebench.grids.pretrain``)."""
+def expand_with_pretrain(grid: str | os.PathLike | dict) -> tuple[list[RunSpec], list[RunSpec]]:
+    """``expand``'s runs, plus the dense pretraining runs they depend on (one per task block, sweep point
+    of task_args / model, and seed); a dependant's ``model.pretrained`` is ``pretrain.reference(spec)`` of
+    its pretrain (see ``moebench.grids.pretrain``)."""
     g = grid if isinstance(grid, dict) and "tasks" in grid and "file" in grid else load(grid)
     ctx = GridContext(g["file"])
     axes = g["sweep"]
     points = list(itertools.product(*[[(a, v) for v in vals] for a, vals in axes])) if axes else [()]
     drafts: list[Draft] = []
     seen: set[str] = set()
-    pretrains: dict[str, dict] = {}
+    pretrains: dict[str, RunSpec] = {}  # reference -> the dense pretraining run
     for block in g["tasks"]:
         for point in points:
             for router in g["routers"]:
@@ -180,7 +180,7 @@ def _pretrain_for(
     except SpecError as err:
         raise ctx.error(f"{block['path']}: pretrain (seed {seed})", str(err)) from None
     ref = reference(spec)
-    pretrains.setdefault(ref, {"spec": spec, "ref": ref})
+    pretrains.setdefault(ref, spec)
     return ref
 
 

@@ -129,7 +129,7 @@ def extract_weights(run_dir) -> bool:
 
 # -- the launcher's phase -----------------------------------------------------------------------------
 def pretrain_phase(
-    pretrains: list[dict], results, ex: Executor, grid_name: str, retry_failed: bool = False, dry_run: bool = False
+    pretrains: list[RunSpec], results, ex: Executor, grid_name: str, retry_failed: bool = False, dry_run: bool = False
 ) -> dict:
     """Run the dense pretraining runs that are not done yet (through the grid's executor) and wait.
     Returns ``{reference: why its weights are not available}`` for each one that did not finish, so the
@@ -137,7 +137,7 @@ def pretrain_phase(
     if not pretrains:
         return {}
     root = pretrain_root(results)
-    specs = [p["spec"] for p in pretrains]
+    specs = list(pretrains)
     for spec in specs:  # done but without weights (deleted, or the launcher died before extracting): redo
         d = pretrain_dir(results, spec)
         if inspect(d)["state"] == "done" and not extract_weights(d) and not dry_run:
@@ -154,16 +154,16 @@ def pretrain_phase(
     if dry_run:
         return {}
     blocked = {}
-    by_ref = {p["ref"]: p for p in pretrains}
-    for ref, p in by_ref.items():
-        d = pretrain_dir(results, p["spec"])
+    for p in pretrains:
+        ref = reference(p)
+        d = pretrain_dir(results, p)
         st = inspect(d)
         if st["state"] == "done" and extract_weights(d):
             continue
         why = f"{st['state']}" + (f": {st['reason']}" if st["reason"] else "")
         if st["state"] == "failed" and not retry_failed:
             why += "; fix it and rerun with --retry-failed"
-        blocked[ref] = f"its dense pretrain {p['spec'].run_id} is {why}"
+        blocked[ref] = f"its dense pretrain {p.run_id} is {why}"
     return blocked
 
 
@@ -177,7 +177,7 @@ def hold_back(runs: list[PlannedRun], blocked: dict) -> list[PlannedRun]:
     ]
 
 
-def needed(pretrains: list[dict], runs: list[PlannedRun]) -> list[dict]:
+def needed(pretrains: list[RunSpec], runs: list[PlannedRun]) -> list[RunSpec]:
     """The pretrains that a planned run still to run starts from; a finished grid needs none."""
     refs = {r.pretrain for r in runs if r.action == "run"}
-    return [p for p in pretrains if p["ref"] in refs]
+    return [p for p in pretrains if reference(p) in refs]

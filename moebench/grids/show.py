@@ -7,7 +7,7 @@ import os
 from moebench.core.progress import Progress
 from moebench.grids.expand import expand_with_pretrain
 from moebench.grids.matching import costs, probe
-from moebench.grids.pretrain import DEFAULT_RESULTS
+from moebench.grids.pretrain import DEFAULT_RESULTS, reference
 from moebench.grids.schema import REFERENCE_ROUTER, GridContext, format_value, load
 from moebench.training.pretrained import weights_of
 
@@ -90,10 +90,9 @@ def show(grid: str | os.PathLike | dict) -> str:
             f"`moebench run --results {DEFAULT_RESULTS}` (run ids do not depend on the results folder)"
         )
         for p in pretrains:
-            ps = p["spec"]
             lines.append(
-                f"  {ps.run_id}  {ps['task']}  seed {ps['seed']}  {ps['train']['steps']} steps  "
-                f"-> {weights_of(DEFAULT_RESULTS, p['ref'])}"
+                f"  {p.run_id}  {p['task']}  seed {p['seed']}  {p['train']['steps']} steps  "
+                f"-> {weights_of(DEFAULT_RESULTS, reference(p))}"
             )
     notes = sorted({n for spec in specs if spec["moe"] for n in probe(spec, ctx=GridContext(g["file"]))["notes"]})
     lines += [f"note: {n}" for n in notes]
