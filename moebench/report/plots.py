@@ -103,7 +103,7 @@ class Plotter:
 
         sc = totals.run_scores.dropna(subset=["score"])
         taus = np.linspace(min(0.0, sc["score"].min()), max(100.0, sc["score"].max()), 201)
-        fig = _figure((WIDTH, 2.6))
+        fig = _figure((WIDTH, 3.2))  # room for the two-line x label and the legend below
         ax = fig.add_subplot()
         for (label, variant), g in sc.groupby(["label", "variant"], sort=True):
             ax.plot(
@@ -113,8 +113,8 @@ class Plotter:
                 color=self.color.get(label),
                 drawstyle="steps-post",
             )
-        ax.set_xlabel(f"normalised score τ (0 = {totals.zero_label}, 100 = best per task)")
-        ax.set_ylabel("share of runs with score > τ")
+        ax.set_xlabel(f"normalised score τ\n(0 = {totals.zero_label}, 100 = best per task)")
+        ax.set_ylabel("share of runs > τ")
         ax.set_ylim(-0.02, 1.02)
         self._legend_below(ax, fig, sc["label"].nunique())
         self.out.mkdir(parents=True, exist_ok=True)
