@@ -366,3 +366,25 @@ def test_a_data_sweep_gets_one_figure_per_data_value_in_its_task_section(tmp_pat
     assert sorted(p.png.name for p in plots) == ["headline_structure_clusters.png", "headline_structure_subspaces.png"]
     assert {p.bench for p in plots} == {"structure"}  # the html places them in the task's section
     assert all("task_args" not in p.caption for p in plots)
+
+
+def test_a_data_sweep_is_ranked_within_each_data_value_never_across(tmp_path):
+    """Generators of the structure track have their own headline scales (accuracy, R²): the average-rank
+    table ranks routers within each generator, as separate tasks."""
+    from moebench.report.tables import rank_frame
+
+    grid = tmp_path / "g"
+    for data, scale in (("clusters", 0.9), ("latent-regression", 0.1)):
+        for seed in range(2):
+            for label, gain in (("softmax-topk", 0.0), ("switch", 0.05)):
+                run = write_run(grid, f"{label}-{data}-{seed}", "structure", label, seed, scale + gain + seed / 100)
+                rec = json.loads((run / "final.json").read_text())
+                rec["sweep"] = {"task_args.data": data}
+                atomic_write_json(run / "final.json", rec)
+    ranks = rank_frame(build_report(grid).leaderboard).set_index("label")
+    assert sorted(c for c in ranks.columns if c.startswith("rank:")) == [
+        "rank:structure: clusters",
+        "rank:structure: latent-regression",
+    ]
+    assert ranks.loc["switch", "avg_rank"] == 1.0 and ranks.loc["softmax-topk", "avg_rank"] == 2.0
+    assert (ranks["n_tasks"] == 2).all()

@@ -63,3 +63,27 @@ def test_a_record_keeps_the_versions_it_ran_with(monkeypatch):
 def test_bad_versions_field_names_it():
     with pytest.raises(SpecError, match="versions"):
         resolve_spec({"task": "toy", "versions": {"suite": "1"}})
+
+
+def test_the_commit_is_dirty_for_code_changes_not_for_results(tmp_path):
+    """A committed sample regenerated in place changes only results/: its records must not call the code
+    they ran "dirty"; an edited source file must."""
+    import subprocess
+
+    from moebench.training.records import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "r.json").write_text("{}\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = git_commit(tmp_path)
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "results" / "r.json").unlink()
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "-dirty"

@@ -18,9 +18,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from moebench.report.aggregate import task_sweeps_as_tasks, without_data_sweep_variant
 from moebench.report.load import RecordSet
 from moebench.report.render import slug
+from moebench.report.sweeps import task_sweeps_as_tasks, without_data_sweep_variant
 from moebench.report.tables import entry_name
 
 BASELINE = "softmax-topk"  # the reference router the headline plot marks

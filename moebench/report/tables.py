@@ -29,6 +29,7 @@ from moebench.report.stats import (
     rank_groups,
     t_quantile,
 )
+from moebench.report.sweeps import task_sweeps_as_tasks
 
 GROUP = ["bench", "label", "variant"]
 # The one catalogue of the report's per-router columns: key -> (header, better direction or None,
@@ -192,6 +193,7 @@ def rank_frame(lb: pd.DataFrame) -> pd.DataFrame:
     no rank."""
     if lb.empty:
         return pd.DataFrame()
+    lb = task_sweeps_as_tasks(lb)  # a data sweep's points are tasks: never ranked against each other
     parts = []
     for _bench, b in lb.groupby("bench", sort=True):
         b = b[b["headline_mean"].notna()].copy()

@@ -266,15 +266,17 @@ def _cpu_model() -> str | None:
     return None
 
 
-def git_commit() -> str | None:
-    """The commit of the moebench source tree (with '-dirty' when it has uncommitted changes)."""
-    root = Path(__file__).resolve().parent.parent
+def git_commit(root: Path | None = None) -> str | None:
+    """The commit of the moebench source tree (with '-dirty' when it has uncommitted changes outside
+    results/); ``root``: another checkout (tests)."""
+    root = root or Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
             return None
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # results/ is the output, not the code: a sample regenerated in place is not "dirty" code
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results"],
             cwd=root,
             capture_output=True,
             text=True,
