@@ -55,10 +55,11 @@ class Plotter:
         # a sweep over the task's data (the structure track's generators) is a task of its own here too,
         # as in the rank and normalised-score tables: one figure per generator, placed in its task's
         # section (`home`), each legend naming routers only
-        self.home = dict(zip(task_sweeps_as_tasks(rs.runs)["bench"], rs.runs["bench"])) if not rs.runs.empty else {}
+        runs = task_sweeps_as_tasks(rs.runs)
+        self.home = dict(zip(runs["bench"], rs.runs["bench"])) if not rs.runs.empty else {}
         rs = dataclasses.replace(
             rs,
-            runs=task_sweeps_as_tasks(rs.runs),
+            runs=runs,
             layers=without_data_sweep_variant(rs.layers),
             evals=without_data_sweep_variant(rs.evals),
             probes=without_data_sweep_variant(rs.probes),
